@@ -1,0 +1,66 @@
+"""The public entry points, orchestration only: trace → solve → Plan, and Plan → ParallelModel.
+
+Example:
+    >>> import torch, autoplan
+    >>> model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
+    >>> plan = autoplan.plan(model, (torch.randn(32, 64),), cluster=autoplan.Cluster.preset("a100-80gb"))
+    >>> plan.mesh.world_size
+    8
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .cluster import Cluster
+from .execute import parallelize
+from .options import PlanOptions
+from .plan import Plan
+from .trace import trace
+
+__all__ = ["plan", "parallelize"]
+
+
+def plan(
+    model: torch.nn.Module,
+    example_inputs: Any = None,
+    *,
+    cluster: Cluster | None = None,
+    global_batch_size: int | None = None,
+    precision: str = "bf16",
+    optimizer: str = "adamw",
+    mesh: dict[str, int] | None = None,
+    microbatch_size: int | None = None,
+    recompute: str = "auto",
+    data_parallel: str = "auto",
+    schedule: str = "auto",
+    time_limit_s: float | None = None,
+    tp_across_nodes: bool = False,
+) -> Plan:
+    """Trace ``model`` on ``example_inputs`` and return the fastest layout that fits ``cluster``.
+
+    ``example_inputs`` is a tensor, a tuple of positional inputs, or a dict of keyword inputs; dim 0 of every
+    input is the batch. Raises :class:`autoplan.InfeasiblePlanError` when no layout fits.
+
+    Example:
+        >>> import torch, autoplan
+        >>> m = torch.nn.Linear(32, 32)
+        >>> autoplan.plan(m, torch.randn(8, 32), cluster=autoplan.Cluster.preset("cpu", devices_per_node=2),
+        ...               precision="fp32").mesh.world_size
+        2
+    """
+    from .solve import search
+
+    options = PlanOptions(
+        global_batch_size=global_batch_size, precision=precision, optimizer=optimizer, mesh=mesh or {},
+        microbatch_size=microbatch_size, recompute=recompute, data_parallel=data_parallel, schedule=schedule,
+        time_limit_s=time_limit_s, tp_across_nodes=tp_across_nodes,
+    )
+    if cluster is None:
+        cluster = Cluster.detect()
+    if not isinstance(cluster, Cluster):
+        raise ValueError(f"cluster must be an autoplan.Cluster, got {type(cluster).__name__}")
+    graph = trace(model, example_inputs)
+    return search(graph, cluster, options)

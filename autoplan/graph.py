@@ -1,0 +1,136 @@
+"""ModelGraph: what tracing learned about a model, as plain data.
+
+A ``ModelGraph`` holds the op-level graph (a networkx DiGraph) and, above it, the ordered chain of
+*layers* (module boundaries) that pipeline cuts may fall between. Every byte and FLOP figure is for
+the example batch the model was traced with (``graph.batch_size`` samples); the cost model scales
+them linearly to a microbatch.
+
+Example:
+    >>> import torch, autoplan
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    >>> graph = autoplan.trace(model, (torch.randn(2, 8),))
+    >>> [layer.name for layer in graph.layers]
+    ['0', '1', '2']
+    >>> graph.num_params
+    212
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    import networkx
+
+__all__ = ["TensorParallelGroup", "RecomputeOption", "Layer", "ModelGraph"]
+
+#: Tensor-parallel styles a plan may assign to a module FQN (see docs/concepts.md).
+TP_STYLES = ("colwise", "rowwise", "vocab_embedding", "vocab_head")
+
+
+@dataclass(frozen=True)
+class TensorParallelGroup:
+    """Modules inside one layer that are sharded together by tensor parallelism.
+
+    ``styles`` maps module FQN → style (``"colwise"``, ``"rowwise"``, ``"vocab_embedding"``,
+    ``"vocab_head"``). A colwise/rowwise pair (Megatron-LM SC'21 §3) needs one all-reduce of
+    ``allreduce_bytes`` in forward and one in backward; a vocabulary-parallel embedding one all-reduce in
+    forward; a vocabulary-parallel head one all-gather of its logits in forward and one all-reduce in backward.
+    A degree ``t`` is legal only when ``divisor % t == 0`` (heads, features or vocabulary).
+    """
+
+    styles: dict[str, str]
+    divisor: int
+    num_params: int  # parameters sharded by this group (divided by t)
+    forward_flops: int  # FLOPs of the sharded modules (divided by t)
+    activation_bytes: int  # saved-for-backward bytes that become sharded (divided by t)
+    allreduce_bytes: int  # bytes of the tensor all-reduced/all-gathered at the group's output, example batch
+
+
+@dataclass(frozen=True)
+class RecomputeOption:
+    """Recomputing ``module`` (the layer itself = full, a child = selective) in backward.
+
+    Saves ``saved_activation_bytes`` of the layer's activations (only the module's input stays alive)
+    and costs one more forward of the module, ``forward_flops``.
+    """
+
+    module: str
+    saved_activation_bytes: int
+    forward_flops: int
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One link of the layer chain: a module (or a run of ops) between two possible pipeline cuts.
+
+    ``kind`` is a structural signature: two layers with equal ``kind`` have identical costs (the
+    transformer blocks of one model), which lets the planner solve them once.
+    """
+
+    name: str
+    index: int
+    kind: str
+    flops: int  # forward FLOPs over the example batch
+    backward_flops: int
+    num_params: int  # parameters first owned by this layer (a tied weight counts at its first owner only)
+    param_bytes: int
+    activation_bytes: int  # saved for backward over the example batch, each storage counted once
+    output_bytes: int  # bytes that cross the boundary after this layer (what a cut here sends)
+    param_names: tuple[str, ...] = ()
+    tp_groups: tuple[TensorParallelGroup, ...] = ()
+    recompute_options: tuple[RecomputeOption, ...] = ()
+
+    @property
+    def tp_divisor(self) -> int:
+        """Largest integer every legal tensor-parallel degree of this layer divides (0: no TP possible)."""
+        from math import gcd
+
+        d = 0
+        for group in self.tp_groups:
+            d = gcd(d, group.divisor)
+        return d
+
+
+@dataclass
+class ModelGraph:
+    """The traced model: op graph, layer chain and totals. Built by :func:`autoplan.trace`."""
+
+    model_name: str
+    layers: list[Layer]
+    nx_graph: "networkx.DiGraph"
+    batch_size: int  # samples in the example batch the figures are for
+    dtype_bytes: int  # bytes per element of the parameters as traced (4 for fp32)
+    num_params: int
+    forward_flops: int
+    backward_flops: int
+    input_bytes: int  # bytes of the example inputs
+    fingerprint: str
+    tied_parameters: list[tuple[str, ...]] = field(default_factory=list)  # groups of FQNs sharing one tensor
+    method: str = "fx"  # "fx" (symbolic_trace) or "export" (torch.export, non-strict)
+    trace_s: float = 0.0
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(layer.param_bytes for layer in self.layers)
+
+    @property
+    def activation_bytes(self) -> int:
+        return sum(layer.activation_bytes for layer in self.layers)
+
+    def layer(self, name: str) -> Layer:
+        """The layer called ``name``; ``KeyError`` listing the known names otherwise."""
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no layer named {name!r}; layers are: {[l.name for l in self.layers]}")
+
+    def summary(self) -> str:
+        """A readable table: layer, params, FLOPs, activation bytes, boundary bytes, with totals."""
+        from .explain import format_graph_summary
+
+        return format_graph_summary(self)
+
+    def __str__(self) -> str:
+        return self.summary()

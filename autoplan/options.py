@@ -1,0 +1,59 @@
+"""PlanOptions: the user's planning arguments, validated once, before any work is done.
+
+Example:
+    >>> from autoplan.options import PlanOptions
+    >>> PlanOptions(mesh={"tp": 2}, recompute="full").mesh
+    {'tp': 2}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["PlanOptions"]
+
+_CHOICES = {
+    "precision": ("fp32", "bf16", "fp16"),
+    "optimizer": ("adamw", "sgd"),
+    "recompute": ("auto", "none", "full", "selective"),
+    "data_parallel": ("auto", "ddp", "fsdp"),
+    "schedule": ("auto", "gpipe", "1f1b", "interleaved"),
+}
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """What :func:`autoplan.plan` was asked for. ``None`` / ``"auto"`` means "search it"."""
+
+    global_batch_size: int | None = None  # None: the batch dim of the example inputs
+    precision: str = "bf16"
+    optimizer: str = "adamw"
+    mesh: dict[str, int] = field(default_factory=dict)  # pinned degrees among "pp", "dp", "tp"
+    microbatch_size: int | None = None
+    recompute: str = "auto"
+    data_parallel: str = "auto"
+    schedule: str = "auto"
+    time_limit_s: float | None = None
+    tp_across_nodes: bool = False  # allow tensor-parallel groups that span nodes
+
+    def __post_init__(self) -> None:
+        for name, choices in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"{name}={value!r} is not one of {choices}")
+        mesh = self.mesh if self.mesh is not None else {}
+        if not isinstance(mesh, dict):
+            raise ValueError(f"mesh must be a dict like {{'dp': 2, 'tp': 2}}, got {type(mesh).__name__}")
+        unknown = set(mesh) - {"pp", "dp", "tp"}
+        if unknown:
+            raise ValueError(f"mesh has unknown axes {sorted(unknown)}; axes are 'pp', 'dp', 'tp'")
+        for axis, degree in mesh.items():
+            if not isinstance(degree, int) or degree < 1:
+                raise ValueError(f"mesh[{axis!r}] must be a positive int, got {degree!r}")
+        object.__setattr__(self, "mesh", dict(mesh))
+        for name in ("global_batch_size", "microbatch_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if self.time_limit_s is not None and self.time_limit_s <= 0:
+            raise ValueError(f"time_limit_s must be positive, got {self.time_limit_s}")

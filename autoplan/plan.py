@@ -1,0 +1,331 @@
+"""Plan: the layout autoplan chose, as frozen plain data with a versioned JSON form.
+
+The executor reads nothing else. Pipeline stage ``k`` (in model order) runs on pipeline rank
+``k % mesh.pp``; with ``virtual_stages > 1`` (interleaved schedule) each rank holds that many stages.
+
+Example:
+    >>> import autoplan
+    >>> plan = autoplan.Plan.from_dict(autoplan.Plan.example().to_dict())
+    >>> plan.mesh.world_size
+    1
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .cluster import Cluster
+from .graph import TP_STYLES
+
+__all__ = ["Mesh", "Stage", "Predicted", "SearchInfo", "Alternative", "ModelInfo", "Plan", "PLAN_VERSION"]
+
+PLAN_VERSION = 1
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+DATA_PARALLEL = ("ddp", "fsdp")
+PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """Degrees of the device mesh, outermost first: pipeline × data × tensor."""
+
+    pp: int = 1
+    dp: int = 1
+    tp: int = 1
+
+    def __post_init__(self) -> None:
+        for axis in ("pp", "dp", "tp"):
+            value = getattr(self, axis)
+            _check(isinstance(value, int) and value >= 1, f"mesh.{axis} must be a positive int, got {value!r}")
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp * self.tp
+
+    def to_dict(self) -> dict[str, int]:
+        return {"pp": self.pp, "dp": self.dp, "tp": self.tp}
+
+    def __str__(self) -> str:
+        return f"pp{self.pp}×dp{self.dp}×tp{self.tp}"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage: the layers it runs (in order) and the modules it recomputes in backward."""
+
+    layers: tuple[str, ...]
+    recompute: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"layers": list(self.layers), "recompute": list(self.recompute)}
+
+
+@dataclass(frozen=True)
+class Predicted:
+    """What the cost model predicts for one training iteration over the global batch."""
+
+    step_time_s: float
+    peak_memory_bytes: tuple[int, ...]  # one per pipeline stage (its worst device)
+    compute_s: float = 0.0
+    comm_s: float = 0.0  # communication left exposed (not overlapped)
+    bubble_s: float = 0.0
+    recompute_s: float = 0.0
+    optimizer_s: float = 0.0
+    samples_per_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["peak_memory_bytes"] = list(self.peak_memory_bytes)
+        return d
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """A layout the search considered and did not choose, with why."""
+
+    description: str  # e.g. "pp1×dp8×tp1, 1f1b, mb=2, ddp"
+    step_time_s: float | None  # None when it does not fit
+    reason: str  # e.g. "needs 91.2 GiB > 78.0 GiB" or "+12% step time: tp=16 crosses nodes"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SearchInfo:
+    """How the plan was found."""
+
+    solver: str = "cp-sat"
+    status: str = "OPTIMAL"  # OPTIMAL | FEASIBLE | PINNED (user-given layout, only evaluated)
+    wall_s: float = 0.0
+    candidates: int = 0
+    gap: float = 0.0  # relative optimality gap when FEASIBLE
+    alternatives: tuple[Alternative, ...] = ()
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["alternatives"] = [a.to_dict() for a in self.alternatives]
+        return d
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    fingerprint: str
+    num_params: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A complete parallel layout. Build with :func:`autoplan.plan`; save, load, edit, apply."""
+
+    model: ModelInfo
+    cluster: Cluster
+    global_batch_size: int
+    microbatch_size: int
+    microbatches: int
+    mesh: Mesh
+    schedule: str
+    data_parallel: str
+    stages: tuple[Stage, ...]
+    tensor_parallel: dict[str, str] = field(default_factory=dict)
+    precision: str = "fp32"
+    optimizer: str = "adamw"
+    virtual_stages: int = 1  # stages per pipeline rank (interleaved schedule)
+    predicted: Predicted | None = None
+    search: SearchInfo = field(default_factory=SearchInfo)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- validation -------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Check internal consistency; ``ValueError`` naming the field and the arithmetic otherwise."""
+        m = self.mesh
+        _check(
+            m.world_size == self.cluster.world_size,
+            f"plan mesh {m} has {m.pp}×{m.dp}×{m.tp} = {m.world_size} devices but the cluster has "
+            f"{self.cluster.world_size}",
+        )
+        _check(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        _check(
+            self.data_parallel in DATA_PARALLEL,
+            f"data_parallel must be one of {DATA_PARALLEL}, got {self.data_parallel!r}",
+        )
+        _check(self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        _check(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        _check(self.microbatch_size >= 1 and self.microbatches >= 1, "microbatch_size and microbatches must be ≥ 1")
+        _check(
+            self.microbatch_size * self.microbatches * m.dp == self.global_batch_size,
+            f"microbatch_size × microbatches × dp = {self.microbatch_size}×{self.microbatches}×{m.dp} = "
+            f"{self.microbatch_size * self.microbatches * m.dp} must equal global_batch_size {self.global_batch_size}",
+        )
+        _check(self.virtual_stages >= 1, f"virtual_stages must be ≥ 1, got {self.virtual_stages}")
+        _check(
+            len(self.stages) == m.pp * self.virtual_stages,
+            f"{len(self.stages)} stages listed but pp × virtual_stages = {m.pp}×{self.virtual_stages} = "
+            f"{m.pp * self.virtual_stages}",
+        )
+        _check(
+            self.virtual_stages == 1 or self.schedule == "interleaved",
+            f"virtual_stages={self.virtual_stages} needs schedule='interleaved', got {self.schedule!r}",
+        )
+        if m.pp > 1:
+            _check(
+                self.microbatches >= m.pp or self.schedule == "gpipe",
+                f"schedule {self.schedule!r} needs microbatches ≥ pp ({self.microbatches} < {m.pp})",
+            )
+        if self.schedule == "interleaved":
+            _check(
+                self.microbatches % m.pp == 0,
+                f"interleaved schedule needs microbatches ({self.microbatches}) divisible by pp ({m.pp})",
+            )
+        seen: set[str] = set()
+        for i, stage in enumerate(self.stages):
+            _check(len(stage.layers) > 0, f"stage {i} has no layers")
+            for layer in stage.layers:
+                _check(layer not in seen, f"layer {layer!r} appears in two stages")
+                seen.add(layer)
+        for fqn, style in self.tensor_parallel.items():
+            _check(style in TP_STYLES, f"tensor_parallel[{fqn!r}] = {style!r}; styles are {TP_STYLES}")
+        _check(m.tp > 1 or not self.tensor_parallel, "tensor_parallel styles given but mesh.tp is 1")
+
+    # -- derived ----------------------------------------------------------------------------------------------
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return tuple(layer for stage in self.stages for layer in stage.layers)
+
+    @property
+    def recompute(self) -> tuple[str, ...]:
+        return tuple(module for stage in self.stages for module in stage.recompute)
+
+    def replace(self, **changes: Any) -> "Plan":
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    # -- JSON -------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """The v1 JSON form (see DESIGN: "Plan JSON")."""
+        return {
+            "autoplan_plan": PLAN_VERSION,
+            "model": asdict(self.model),
+            "cluster": self.cluster.to_dict(),
+            "global_batch_size": self.global_batch_size,
+            "microbatch_size": self.microbatch_size,
+            "microbatches": self.microbatches,
+            "mesh": self.mesh.to_dict(),
+            "schedule": self.schedule,
+            "virtual_stages": self.virtual_stages,
+            "data_parallel": self.data_parallel,
+            "precision": self.precision,
+            "optimizer": self.optimizer,
+            "stages": [s.to_dict() for s in self.stages],
+            "tensor_parallel": dict(self.tensor_parallel),
+            "predicted": self.predicted.to_dict() if self.predicted else None,
+            "search": self.search.to_dict(),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plan":
+        """Rebuild a plan from :meth:`to_dict` output; ``PlanMismatchError`` for another version,
+        ``ValueError`` naming the bad field otherwise."""
+        from .errors import PlanMismatchError
+
+        if not isinstance(data, dict) or "autoplan_plan" not in data:
+            raise ValueError("not an autoplan plan: the JSON object has no 'autoplan_plan' version key")
+        version = data["autoplan_plan"]
+        if version != PLAN_VERSION:
+            raise PlanMismatchError(
+                f"plan format version {version!r} is not supported by this autoplan (reads version "
+                f"{PLAN_VERSION}); re-plan with autoplan.plan(...) or upgrade autoplan"
+            )
+        required = ("model", "cluster", "global_batch_size", "microbatch_size", "microbatches", "mesh",
+                    "schedule", "data_parallel", "stages")
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise ValueError(f"plan JSON is missing keys {missing}")
+        try:
+            predicted = data.get("predicted")
+            search = dict(data.get("search") or {})
+            search["alternatives"] = tuple(Alternative(**a) for a in search.get("alternatives", ()))
+            return cls(
+                model=ModelInfo(**data["model"]),
+                cluster=Cluster.from_dict(data["cluster"]),
+                global_batch_size=int(data["global_batch_size"]),
+                microbatch_size=int(data["microbatch_size"]),
+                microbatches=int(data["microbatches"]),
+                mesh=Mesh(**data["mesh"]),
+                schedule=data["schedule"],
+                data_parallel=data["data_parallel"],
+                stages=tuple(
+                    Stage(tuple(s["layers"]), tuple(s.get("recompute", ()))) for s in data["stages"]
+                ),
+                tensor_parallel=dict(data.get("tensor_parallel") or {}),
+                precision=data.get("precision", "fp32"),
+                optimizer=data.get("optimizer", "adamw"),
+                virtual_stages=int(data.get("virtual_stages", 1)),
+                predicted=(
+                    Predicted(**{**predicted, "peak_memory_bytes": tuple(predicted["peak_memory_bytes"])})
+                    if predicted else None
+                ),
+                search=SearchInfo(**search),
+            )
+        except (TypeError, KeyError) as exc:
+            raise ValueError(f"malformed plan JSON: {exc}") from exc
+
+    def save(self, path: str | Path) -> None:
+        """Write the plan as JSON (never pickle).
+
+        Example:
+            >>> import tempfile, os, autoplan
+            >>> p = os.path.join(tempfile.mkdtemp(), "plan.json")
+            >>> autoplan.Plan.example().save(p); autoplan.Plan.load(p) == autoplan.Plan.example()
+            True
+        """
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Plan":
+        """Read a plan written by :meth:`save`, validating it."""
+        text = Path(path).read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+        return cls.from_dict(data)
+
+    @classmethod
+    def example(cls) -> "Plan":
+        """A tiny valid plan (one device, one stage), for docs and tests."""
+        return cls(
+            model=ModelInfo("Example", "0" * 16, 0),
+            cluster=Cluster.preset("cpu", nodes=1, devices_per_node=1),
+            global_batch_size=1,
+            microbatch_size=1,
+            microbatches=1,
+            mesh=Mesh(),
+            schedule="1f1b",
+            data_parallel="ddp",
+            stages=(Stage(("layer",)),),
+        )
+
+    # -- presentation -----------------------------------------------------------------------------------------
+    def __str__(self) -> str:
+        from .explain import format_plan
+
+        return format_plan(self)
+
+    def explain(self) -> str:
+        """Cost split and the best alternatives with why each lost."""
+        from .explain import explain_plan
+
+        return explain_plan(self)
