@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GPTConfig", "GPT", "Block", "MLP", "gpt_forward_flops"]
+__all__ = ["GPTConfig", "GPT", "Block", "MLP", "gpt_forward_flops", "gpt", "gpt3_175b", "gpt_1_3b", "gpt_debug"]
 
 
 @dataclass(frozen=True)
@@ -164,3 +164,44 @@ def gpt_forward_flops(cfg: GPTConfig, batch: int, seq: int | None = None) -> flo
     s = cfg.seq_len if seq is None else seq
     h, L, V = cfg.hidden, cfg.layers, cfg.vocab_size
     return 24 * batch * s * h * h * L * (1 + s / (6 * h)) + 2 * batch * s * h * V
+
+
+def gpt(preset: str = "debug", batch_size: int = 8, device: str | torch.device | None = None, **overrides):
+    """A GPT of a named size and example token ids for it: ``(model, (tokens,))``.
+
+    Large presets are best built with ``device="meta"`` (no memory is allocated), which is how the planner and
+    the command line use them.
+
+    Example:
+        >>> model, (tokens,) = gpt("debug", batch_size=2)
+        >>> tokens.shape
+        torch.Size([2, 16])
+    """
+    cfg = GPTConfig.preset(preset, **overrides)
+    with torch.device(device) if device is not None else _nullcontext():
+        model = GPT(cfg)
+        tokens = torch.randint(0, cfg.vocab_size, (batch_size, cfg.seq_len))
+    return model, (tokens,)
+
+
+def gpt3_175b():
+    """GPT-3 175B on the meta device with one example sequence (for ``autoplan plan autoplan.models:gpt3_175b``)."""
+    return gpt("gpt3-175b", batch_size=1, device="meta")
+
+
+def gpt_1_3b():
+    """A 1.3B GPT on the meta device with one example sequence."""
+    return gpt("gpt-1.3b", batch_size=1, device="meta")
+
+
+def gpt_debug():
+    """The debug GPT (34K parameters) on the CPU with a batch of 8."""
+    return gpt("debug", batch_size=8)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
