@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
@@ -178,7 +179,7 @@ def gpt(preset: str = "debug", batch_size: int = 8, device: str | torch.device |
         torch.Size([2, 16])
     """
     cfg = GPTConfig.preset(preset, **overrides)
-    with torch.device(device) if device is not None else _nullcontext():
+    with torch.device(device) if device is not None else nullcontext():
         model = GPT(cfg)
         tokens = torch.randint(0, cfg.vocab_size, (batch_size, cfg.seq_len))
     return model, (tokens,)
@@ -197,11 +198,3 @@ def gpt_1_3b():
 def gpt_debug():
     """The debug GPT (34K parameters) on the CPU with a batch of 8."""
     return gpt("debug", batch_size=8)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
