@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .cluster import Cluster
-from .graph import Layer, RecomputeOption
+from .graph import Layer, RecomputeOption, TensorParallelGroup
 
 __all__ = [
     "StateBytes",
@@ -33,6 +33,7 @@ __all__ = [
     "layer_cost",
     "data_parallel_sync_s",
     "optimizer_step_s",
+    "optimizer_step_bytes_per_param",
     "in_flight_microbatches",
     "bubble_microbatches",
 ]
@@ -72,59 +73,300 @@ class LayerCost:
         return self.forward_s + self.backward_s + self.recompute_s + self.tp_comm_s
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Argument checks: one place, one sentence each, so every public function fails the same way on bad input.
+# ---------------------------------------------------------------------------------------------------------------
+
+OPTIMIZERS = ("adamw", "sgd")
+DATA_PARALLEL_KINDS = ("ddp", "fsdp")
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+
+
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISION_BYTES:
+        raise ValueError(f"unknown precision {precision!r}; use one of {tuple(PRECISION_BYTES)}")
+
+
+def _check_positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_non_negative(name: str, value: float) -> None:
+    if value < 0:
+        raise ValueError(f"{name} must be ≥ 0, got {value!r}")
+
+
+def _check_link(bandwidth_Bps: float, latency_s: float) -> None:
+    if bandwidth_Bps <= 0:
+        raise ValueError(f"bandwidth_Bps must be positive, got {bandwidth_Bps!r}")
+    if latency_s < 0:
+        raise ValueError(f"latency_s must be ≥ 0, got {latency_s!r}")
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model states (weights, gradients, optimizer states)
+# ---------------------------------------------------------------------------------------------------------------
+
+
 def state_bytes_per_param(precision: str, optimizer: str) -> StateBytes:
-    """Bytes per parameter for weights, gradients and optimizer states (ZeRO, Rajbhandari et al. 2020, §3.1)."""
-    raise NotImplementedError
+    """Bytes per parameter for weights, gradients and optimizer states (ZeRO, Rajbhandari et al. 2020, §3.1).
 
+    fp32 + AdamW: 4 (weight) + 4 (grad) + 8 (m, v). Mixed precision (bf16/fp16) + AdamW: 2 + 2 + 12 (fp32 master
+    copy, m, v) — the paper's "16Ψ" with K = 12. SGD with momentum keeps one state: fp32 4 + 4 + 4; mixed
+    2 + 2 + 8 (fp32 master, momentum).
 
-def model_state_bytes(num_params: int, precision: str, optimizer: str, dp: int, data_parallel: str) -> int:
-    """Weights + gradients + optimizer states of ``num_params`` on one device; FSDP shards all three by ``dp``."""
-    raise NotImplementedError
+    Example:
+        >>> state_bytes_per_param("bf16", "adamw")
+        StateBytes(params=2, grads=2, optimizer=12)
+        >>> state_bytes_per_param("fp32", "sgd").total
+        12
+    """
+    _check_precision(precision)
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; use one of {OPTIMIZERS}")
+    element = PRECISION_BYTES[precision]
+    mixed = precision != "fp32"
+    # Optimizer states are fp32 (4 bytes each); mixed precision adds the fp32 master weights (ZeRO §3.1).
+    states = 2 if optimizer == "adamw" else 1
+    return StateBytes(params=element, grads=element, optimizer=4 * (states + (1 if mixed else 0)))
 
 
 def zero_model_state_bytes(num_params: int, dp: int, stage: int, precision: str = "bf16",
                            optimizer: str = "adamw") -> int:
-    """ZeRO stage 0/1/2/3 model-state bytes per device (ZeRO §5, Figure 1)."""
-    raise NotImplementedError
+    """ZeRO stage 0/1/2/3 model-state bytes per device (ZeRO §5, Figure 1).
+
+    With p, g, k the bytes per parameter of weights, gradients and optimizer states and Ψ parameters over
+    N_d data-parallel ranks: stage 0 (p + g + k)Ψ; stage 1 (P_os) (p + g)Ψ + kΨ/N_d; stage 2 (P_os+g)
+    pΨ + (g + k)Ψ/N_d; stage 3 (P_os+g+p) (p + g + k)Ψ/N_d. A shard holds ⌈Ψ/N_d⌉ parameters.
+
+    Example (the paper's Figure 1: 7.5B parameters, 64-way DP, K = 12):
+        >>> [round(zero_model_state_bytes(7_500_000_000, 64, s) / 1e9, 1) for s in (0, 1, 2, 3)]
+        [120.0, 31.4, 16.6, 1.9]
+    """
+    if isinstance(num_params, bool) or not isinstance(num_params, int) or num_params < 0:
+        raise ValueError(f"num_params must be an int ≥ 0, got {num_params!r}")
+    _check_positive_int("dp", dp)
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage!r}")
+    b = state_bytes_per_param(precision, optimizer)
+    shard = _ceil_div(num_params, dp)
+    replicated_bytes = {0: b.total, 1: b.params + b.grads, 2: b.params, 3: 0}[stage]
+    sharded_bytes = b.total - replicated_bytes
+    return num_params * replicated_bytes + shard * sharded_bytes
+
+
+def model_state_bytes(num_params: int, precision: str, optimizer: str, dp: int, data_parallel: str) -> int:
+    """Weights + gradients + optimizer states of ``num_params`` on one device; FSDP shards all three by ``dp``.
+
+    DDP keeps a full replica (ZeRO stage 0); FSDP (FSDP2 ``fully_shard``) shards parameters, gradients and
+    optimizer states (ZeRO stage 3). The unsharded parameters FSDP gathers for one layer at a time are
+    transient and belong to the caller's activation/transient accounting.
+
+    Example:
+        >>> model_state_bytes(1_000_000, "bf16", "adamw", dp=4, data_parallel="ddp")
+        16000000
+        >>> model_state_bytes(1_000_000, "bf16", "adamw", dp=4, data_parallel="fsdp")
+        4000000
+    """
+    if data_parallel not in DATA_PARALLEL_KINDS:
+        raise ValueError(f"unknown data_parallel {data_parallel!r}; use one of {DATA_PARALLEL_KINDS}")
+    stage = 3 if data_parallel == "fsdp" else 0
+    return zero_model_state_bytes(num_params, dp, stage, precision, optimizer)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Collectives: the alpha-beta (latency-bandwidth) model of ring algorithms, Thakur, Rabenseifner & Gropp,
+# "Optimization of Collective Communication Operations in MPICH" (IJHPCA 2005), §4; the same step counts give
+# NCCL's "bus bandwidth" factors (NCCL tests, doc/PERFORMANCE.md: all-reduce 2(n−1)/n, all-gather and
+# reduce-scatter (n−1)/n). ``bandwidth_Bps`` is one direction of one rank's link.
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def allreduce_s(nbytes: float, n: int, *, bandwidth_Bps: float, latency_s: float) -> float:
-    """Ring all-reduce: 2(n−1) steps of nbytes/n (Thakur et al. 2005; NCCL performance docs)."""
-    raise NotImplementedError
+    """Ring all-reduce: 2(n−1) steps of nbytes/n (Thakur et al. 2005; NCCL performance docs).
+
+    Time = 2(n−1)/n · nbytes / bandwidth + 2(n−1) · latency; 0 for n == 1.
+
+    Example:
+        >>> round(allreduce_s(1e9, 8, bandwidth_Bps=100e9, latency_s=1e-6) * 1e3, 3)   # 17.5 ms + 14 µs
+        17.514
+    """
+    _check_positive_int("n", n)
+    _check_non_negative("nbytes", nbytes)
+    _check_link(bandwidth_Bps, latency_s)
+    if n == 1:
+        return 0.0
+    return 2 * (n - 1) / n * nbytes / bandwidth_Bps + 2 * (n - 1) * latency_s
 
 
 def allgather_s(nbytes: float, n: int, *, bandwidth_Bps: float, latency_s: float) -> float:
-    """Ring all-gather of a result of ``nbytes`` in total: (n−1) steps of nbytes/n."""
-    raise NotImplementedError
+    """Ring all-gather of a result of ``nbytes`` in total: (n−1) steps of nbytes/n.
+
+    Time = (n−1)/n · nbytes / bandwidth + (n−1) · latency; 0 for n == 1.
+
+    Example:
+        >>> round(allgather_s(1e9, 4, bandwidth_Bps=100e9, latency_s=0.0), 4)   # 3/4 GB / 100 GB/s
+        0.0075
+    """
+    _check_positive_int("n", n)
+    _check_non_negative("nbytes", nbytes)
+    _check_link(bandwidth_Bps, latency_s)
+    if n == 1:
+        return 0.0
+    return (n - 1) / n * nbytes / bandwidth_Bps + (n - 1) * latency_s
 
 
 def reduce_scatter_s(nbytes: float, n: int, *, bandwidth_Bps: float, latency_s: float) -> float:
-    """Ring reduce-scatter of an input of ``nbytes``: (n−1) steps of nbytes/n."""
-    raise NotImplementedError
+    """Ring reduce-scatter of an input of ``nbytes``: (n−1) steps of nbytes/n.
+
+    Time = (n−1)/n · nbytes / bandwidth + (n−1) · latency; 0 for n == 1 (the mirror of all-gather).
+
+    Example:
+        >>> round(reduce_scatter_s(1e9, 4, bandwidth_Bps=100e9, latency_s=0.0), 4)
+        0.0075
+    """
+    return allgather_s(nbytes, n, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
 
 
 def p2p_s(nbytes: float, *, bandwidth_Bps: float, latency_s: float) -> float:
-    """One point-to-point send: latency + nbytes / bandwidth."""
-    raise NotImplementedError
+    """One point-to-point send: latency + nbytes / bandwidth.
+
+    Example:
+        >>> round(p2p_s(50e6, bandwidth_Bps=25e9, latency_s=10e-6) * 1e3, 3)   # 2 ms + 10 µs
+        2.01
+    """
+    _check_non_negative("nbytes", nbytes)
+    _check_link(bandwidth_Bps, latency_s)
+    return latency_s + nbytes / bandwidth_Bps
+
+
+def _check_group(cluster: Cluster, group_size: int, stride: int) -> None:
+    _check_positive_int("group_size", group_size)
+    _check_positive_int("stride", stride)
+    if group_size * stride > cluster.world_size:
+        raise ValueError(
+            f"a group of {group_size} ranks {stride} apart spans {group_size * stride} ranks, more than the "
+            f"cluster's world size {cluster.world_size}; use a smaller group or stride"
+        )
 
 
 def group_link(cluster: Cluster, group_size: int, stride: int) -> tuple[float, float]:
     """(bandwidth_Bps, latency_s) of a group of ``group_size`` ranks ``stride`` apart in the flat rank order.
 
     The group stays in one node when ``group_size × stride ≤ devices_per_node``; otherwise it crosses nodes.
+    Ranks are laid out pp-major, then dp, then tp innermost, so a tp group has stride 1 and a dp group stride tp.
+    A ring that crosses nodes runs at the speed of its slowest hop, one rank's inter-node NIC.
+
+    Example:
+        >>> c = Cluster.preset("a100-80gb", nodes=2)
+        >>> group_link(c, 8, 1)          # NVLink inside one DGX
+        (300000000000.0, 5e-06)
+        >>> group_link(c, 2, 8)          # one rank on each node: InfiniBand
+        (25000000000.0, 1e-05)
     """
-    raise NotImplementedError
+    _check_group(cluster, group_size, stride)
+    if group_size * stride <= cluster.devices_per_node:
+        return cluster.intra_node_bandwidth_Bps, cluster.intra_node_latency_s
+    return cluster.inter_node_bandwidth_Bps, cluster.inter_node_latency_s
 
 
 def group_allreduce_s(nbytes: float, cluster: Cluster, group_size: int, stride: int) -> float:
     """All-reduce over a group laid out as in :func:`group_link`; hierarchical (intra-node reduce-scatter,
-    inter-node all-reduce, intra-node all-gather) when it spans nodes."""
-    raise NotImplementedError
+    inter-node all-reduce, intra-node all-gather) when it spans nodes.
+
+    With k members of the group per node (k = devices_per_node / stride) and m = group_size / k nodes:
+    RS(nbytes, k, NVLink) + AR(nbytes / k, m, NIC) + AG(nbytes, k, NVLink). The k inter-node all-reduces run
+    at once, each on its own rank's NIC. This is the 2D/hierarchical all-reduce of Horovod
+    (HOROVOD_HIERARCHICAL_ALLREDUCE) and of Mikami et al., "Massively Distributed SGD: ImageNet/ResNet-50
+    Training in a Flash" (2018, 2D-torus all-reduce), and what NCCL's intra-node-then-inter-node rings
+    achieve. When each node holds one member (k = 1) it is a flat ring over the NICs.
+
+    Example:
+        >>> c = Cluster.preset("a100-80gb", nodes=2)   # 300 GB/s NVLink, 25 GB/s NIC per GPU
+        >>> flat_ib = allreduce_s(1e9, 16, bandwidth_Bps=25e9, latency_s=10e-6)
+        >>> group_allreduce_s(1e9, c, 16, 1) < flat_ib
+        True
+    """
+    _check_group(cluster, group_size, stride)
+    _check_non_negative("nbytes", nbytes)
+    if group_size == 1:
+        return 0.0
+    bandwidth_Bps, latency_s = group_link(cluster, group_size, stride)
+    if group_size * stride <= cluster.devices_per_node:
+        return allreduce_s(nbytes, group_size, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
+    per_node = max(1, cluster.devices_per_node // stride)
+    if per_node == 1 or group_size % per_node:
+        # One member per node, or a layout that does not tile the nodes evenly: one flat ring over the NICs.
+        return allreduce_s(nbytes, group_size, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
+    nodes = group_size // per_node
+    intra = dict(bandwidth_Bps=cluster.intra_node_bandwidth_Bps, latency_s=cluster.intra_node_latency_s)
+    return (
+        reduce_scatter_s(nbytes, per_node, **intra)
+        + allreduce_s(nbytes / per_node, nodes, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
+        + allgather_s(nbytes, per_node, **intra)
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compute
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def compute_s(flops: float, cluster: Cluster, precision: str) -> float:
-    """FLOPs at the device's achievable rate for ``precision``."""
-    raise NotImplementedError
+    """FLOPs at the device's achievable rate for ``precision``: flops / (peak_flops[precision] × fraction).
+
+    Example:
+        >>> c = Cluster.preset("a100-80gb")            # 312 TFLOP/s bf16 peak × 0.5
+        >>> compute_s(156e12, c, "bf16")
+        1.0
+    """
+    _check_precision(precision)
+    _check_non_negative("flops", flops)
+    return flops / cluster.device.achievable_flops(precision)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One layer, one microbatch, one device
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _group_kind(group: TensorParallelGroup) -> str:
+    styles = set(group.styles.values())
+    if "vocab_head" in styles:
+        return "vocab_head"
+    if "vocab_embedding" in styles:
+        return "vocab_embedding"
+    return "pair"  # colwise feeding rowwise (a lone colwise/rowwise is costed as a pair: the conservative case)
+
+
+def _in_module(fqn: str, module: str) -> bool:
+    return fqn == module or fqn.startswith(module + ".")
+
+
+def _tp_collectives_s(group: TensorParallelGroup, nbytes: float, cluster: Cluster, tp: int,
+                      tp_stride: int, input_bytes: float) -> tuple[float, float]:
+    """(forward_s, backward_s) of one tensor-parallel group's collectives.
+
+    Megatron-LM (Shoeybi et al. 2019 §3; Narayanan et al. SC'21 §3, the "f" and "g" operators): a colwise →
+    rowwise pair all-reduces its output in forward (g) and its input gradient in backward (f). A
+    vocabulary-parallel embedding (rows sharded, masked lookup) all-reduces its output in forward; its input
+    is token ids, so backward has nothing to reduce. A vocabulary-parallel head whose logits are gathered
+    (DTensor ColwiseParallel(output_layouts=Replicate())) all-gathers the logits in forward and all-reduces the
+    gradient of its (replicated) input in backward.
+    """
+    if _group_kind(group) == "vocab_head":
+        bandwidth_Bps, latency_s = group_link(cluster, tp, tp_stride)
+        gather_s = allgather_s(nbytes, tp, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
+        return gather_s, group_allreduce_s(input_bytes, cluster, tp, tp_stride)
+    forward_s = group_allreduce_s(nbytes, cluster, tp, tp_stride)
+    if _group_kind(group) == "vocab_embedding":
+        return forward_s, 0.0
+    return forward_s, forward_s
 
 
 def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int, cluster: Cluster, tp: int,
@@ -137,29 +379,224 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
     collectives over a group of ``tp`` ranks ``tp_stride`` apart (Megatron-LM SC'21 §3; activations as in
     Korthikanti et al. 2022, Eq. 2 without sequence parallelism). ``tp`` must divide ``layer.tp_divisor``
     or the layer stays replicated.
+
+    Scaling: FLOPs × microbatch_size / traced_batch_size; bytes of activations, outputs and collectives also
+    × bytes(precision) / traced_dtype_bytes (a bf16 run of an fp32 trace halves them). Backward FLOPs are
+    TP-sharded in the same proportion as forward FLOPs. A recompute option frees its saved activations (TP-sharded
+    in the layer's proportion; full recompute — ``recompute.module == layer.name`` — keeps only the layer input,
+    which TP replicates), costs one more forward of its module (``recompute_s``) and re-runs the forward
+    collectives of the TP groups inside that module (added to ``tp_comm_s``); the rematerialised bytes are
+    alive only while the layer's backward runs (``transient_bytes``).
+
+    Example:
+        >>> from autoplan.graph import Layer
+        >>> layer = Layer("fc", 0, "linear", flops=2_000_000, backward_flops=4_000_000, num_params=1000,
+        ...               param_bytes=4000, activation_bytes=8000, output_bytes=4000)
+        >>> cost = layer_cost(layer, traced_batch_size=2, traced_dtype_bytes=4, tp=1, microbatch_size=4,
+        ...                   precision="bf16", cluster=Cluster.preset("a100-80gb"))
+        >>> cost.activation_bytes, cost.boundary_bytes       # 2× the samples at half the element size
+        (8000, 4000)
     """
-    raise NotImplementedError
+    _check_positive_int("traced_batch_size", traced_batch_size)
+    _check_positive_int("traced_dtype_bytes", traced_dtype_bytes)
+    _check_positive_int("tp", tp)
+    _check_positive_int("tp_stride", tp_stride)
+    _check_positive_int("microbatch_size", microbatch_size)
+    _check_precision(precision)
+    if recompute is not None and not _in_module(recompute.module, layer.name):
+        raise ValueError(
+            f"recompute option for module {recompute.module!r} does not belong to layer {layer.name!r}; "
+            f"pass one of layer.recompute_options"
+        )
+    batch_scale = microbatch_size / traced_batch_size
+    bytes_scale = batch_scale * PRECISION_BYTES[precision] / traced_dtype_bytes
+
+    divisor = layer.tp_divisor
+    sharded = tp > 1 and divisor > 0 and divisor % tp == 0
+    groups = layer.tp_groups if sharded else ()
+    if sharded:
+        _check_group(cluster, tp, tp_stride)
+    group_params = sum(g.num_params for g in groups)
+    group_flops = sum(g.forward_flops for g in groups)
+    group_activation = sum(g.activation_bytes for g in groups)
+    num_params = layer.num_params - group_params + sum(_ceil_div(g.num_params, tp) for g in groups)
+    forward_flops = layer.flops - group_flops + group_flops / tp
+    flops_ratio = forward_flops / layer.flops if layer.flops > 0 else 1.0
+    activation = layer.activation_bytes - group_activation + group_activation / tp
+    activation_ratio = activation / layer.activation_bytes if layer.activation_bytes > 0 else 1.0
+
+    recompute_s = 0.0
+    kept_activation = activation
+    recompute_groups: tuple[TensorParallelGroup, ...] = ()
+    if recompute is not None:
+        saved = min(recompute.saved_activation_bytes, layer.activation_bytes)
+        if recompute.module == layer.name:
+            # Full recompute keeps the checkpoint input, which TP does not shard (Korthikanti et al. 2022 §5).
+            kept_activation = min(activation, layer.activation_bytes - saved)
+        else:
+            kept_activation = activation - saved * activation_ratio
+        kept_activation = max(0.0, kept_activation)
+        recompute_s = compute_s(recompute.forward_flops * batch_scale * flops_ratio, cluster, precision)
+        recompute_groups = tuple(g for g in groups if all(_in_module(m, recompute.module) for m in g.styles))
+
+    tp_forward_s = tp_backward_s = tp_recompute_s = 0.0
+    for group in groups:
+        nbytes = group.allreduce_bytes * bytes_scale
+        # The head's input gradient has the size of its input: a linear's input elements = FLOPs / (2 × out
+        # features), and the vocabulary (out features) is the group's divisor.
+        input_bytes = group.forward_flops * traced_dtype_bytes / (2 * group.divisor) * bytes_scale
+        fwd_s, bwd_s = _tp_collectives_s(group, nbytes, cluster, tp, tp_stride, min(input_bytes, nbytes))
+        tp_forward_s += fwd_s
+        tp_backward_s += bwd_s
+        if group in recompute_groups:
+            tp_recompute_s += fwd_s
+
+    return LayerCost(
+        forward_s=compute_s(forward_flops * batch_scale, cluster, precision),
+        backward_s=compute_s(layer.backward_flops * flops_ratio * batch_scale, cluster, precision),
+        recompute_s=recompute_s,
+        tp_comm_s=tp_forward_s + tp_backward_s + tp_recompute_s,
+        num_params=num_params,
+        activation_bytes=int(round(kept_activation * bytes_scale)),
+        transient_bytes=int(round((activation - kept_activation) * bytes_scale)),
+        boundary_bytes=int(round(layer.output_bytes * bytes_scale)),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data parallelism and the optimizer step
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def data_parallel_sync_s(num_params: int, cluster: Cluster, *, dp: int, stride: int, data_parallel: str,
                          precision: str) -> float:
     """Gradient synchronisation of one device's ``num_params`` per step: DDP all-reduce of gradients; FSDP
-    all-gather of weights in forward and backward plus reduce-scatter of gradients (ZeRO §7)."""
-    raise NotImplementedError
+    all-gather of weights in forward and backward plus reduce-scatter of gradients (ZeRO §7).
+
+    ``num_params`` is what the device's stage holds after tensor parallelism and before FSDP sharding; the
+    data-parallel group is ``dp`` ranks ``stride`` (= tp) apart. Gradients and gathered weights travel at the
+    precision's element size (bf16 gradients for mixed precision, as ZeRO counts them). DDP: one (hierarchical)
+    all-reduce of 2(n−1)/n·Ψ·g bytes; FSDP: 2 all-gathers + 1 reduce-scatter of (n−1)/n·Ψ·p bytes each, 1.5×
+    the DDP volume (ZeRO §7.2.2). The caller decides how much of it overlaps compute.
+
+    Example:
+        >>> c = Cluster.preset("a100-80gb")               # 8 GPUs, 300 GB/s NVLink
+        >>> round(data_parallel_sync_s(1_000_000_000, c, dp=8, stride=1, data_parallel="ddp",
+        ...                            precision="bf16"), 4)        # 2·7/8·2 GB / 300 GB/s + 14·5 µs
+        0.0117
+    """
+    if isinstance(num_params, bool) or not isinstance(num_params, int) or num_params < 0:
+        raise ValueError(f"num_params must be an int ≥ 0, got {num_params!r}")
+    _check_positive_int("dp", dp)
+    if data_parallel not in DATA_PARALLEL_KINDS:
+        raise ValueError(f"unknown data_parallel {data_parallel!r}; use one of {DATA_PARALLEL_KINDS}")
+    _check_precision(precision)
+    _check_group(cluster, dp, stride)
+    if dp == 1:
+        return 0.0
+    element = PRECISION_BYTES[precision]
+    nbytes = num_params * element
+    if data_parallel == "ddp":
+        return group_allreduce_s(nbytes, cluster, dp, stride)
+    bandwidth_Bps, latency_s = group_link(cluster, dp, stride)
+    link = dict(bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
+    return 2 * allgather_s(nbytes, dp, **link) + reduce_scatter_s(nbytes, dp, **link)
+
+
+def optimizer_step_bytes_per_param(precision: str, optimizer: str) -> int:
+    """Bytes read + written per parameter by one fused optimizer update.
+
+    AdamW (Loshchilov & Hutter 2019, Algorithm 2; torch.optim.AdamW(fused=True) touches each element once):
+    fp32 reads w, g, m, v (16) and writes w, m, v (12) = 28; mixed precision reads the fp32 master, m, v and a
+    bf16 gradient (14) and writes master, m, v and the bf16 working copy (14) = 28. SGD with momentum: fp32
+    reads w, g, buf (12), writes w, buf (8) = 20; mixed reads master, buf, g (10), writes master, buf, bf16
+    copy (10) = 20.
+
+    Example:
+        >>> optimizer_step_bytes_per_param("bf16", "adamw")
+        28
+    """
+    b = state_bytes_per_param(precision, optimizer)
+    if precision == "fp32":
+        # read weights, grads, states; write weights, states
+        return b.params + b.grads + b.optimizer + b.params + b.optimizer
+    # read fp32 master + states (b.optimizer), low-precision grads; write master + states and the working copy
+    return b.optimizer + b.grads + b.optimizer + b.params
 
 
 def optimizer_step_s(num_params: int, cluster: Cluster, precision: str, optimizer: str) -> float:
-    """The optimizer update of ``num_params`` on one device, memory-bandwidth bound."""
-    raise NotImplementedError
+    """The optimizer update of ``num_params`` on one device, memory-bandwidth bound.
+
+    Time = num_params × :func:`optimizer_step_bytes_per_param` / device.memory_bandwidth_Bps (an elementwise
+    update does ~1 FLOP per byte, far below any GPU's FLOP/byte ridge point: roofline, Williams et al. 2009).
+
+    Example:
+        >>> c = Cluster.preset("h100-80gb")               # 3.35 TB/s HBM3
+        >>> round(optimizer_step_s(1_000_000_000, c, "bf16", "adamw") * 1e3, 2)   # 28 GB / 3.35 TB/s
+        8.36
+    """
+    if isinstance(num_params, bool) or not isinstance(num_params, int) or num_params < 0:
+        raise ValueError(f"num_params must be an int ≥ 0, got {num_params!r}")
+    return num_params * optimizer_step_bytes_per_param(precision, optimizer) / cluster.device.memory_bandwidth_Bps
 
 
-def in_flight_microbatches(schedule: str, stage: int, pp: int, microbatches: int, virtual_stages: int = 1) -> int:
+# ---------------------------------------------------------------------------------------------------------------
+# Pipeline schedules
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_schedule(schedule: str, pp: int, virtual_stages: int) -> None:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; use one of {SCHEDULES}")
+    _check_positive_int("pp", pp)
+    _check_positive_int("virtual_stages", virtual_stages)
+    if schedule != "interleaved" and virtual_stages != 1:
+        raise ValueError(f"schedule {schedule!r} has one stage per rank; virtual_stages must be 1, "
+                         f"got {virtual_stages} (use schedule='interleaved')")
+
+
+def in_flight_microbatches(schedule: str, stage: int, pp: int, microbatches: int, virtual_stages: int = 1) -> float:
     """Microbatches whose activations a pipeline rank holds at its peak (GPipe: all; 1F1B: pp − stage,
-    Narayanan et al. SC'21 §2.2)."""
-    raise NotImplementedError
+    Narayanan et al. SC'21 §2.2).
+
+    The unit is one microbatch's activations of *all* the rank's layers, so memory = this × Σ activation_bytes
+    of the rank's layers. GPipe (Huang et al. 2019) runs every forward first: ``microbatches``. 1F1B
+    (PipeDream-Flush, Narayanan et al. SC'21 §2.2.1): rank s warms up with pp − s forwards, min(pp − s, m).
+    Interleaved 1F1B with v chunks per rank (SC'21 §2.2.2): rank s runs w = 2(pp − 1 − s) + (v − 1)·pp warm-up
+    chunk forwards (Megatron-LM ``get_forward_backward_func``; torch ``ScheduleInterleaved1F1B`` warmup_ops),
+    so w + 1 chunk activations — each 1/v of the rank's layers — are alive: (min(w + 1, m·v)) / v. On rank 0
+    that is pp + (pp − 1)/v, Korthikanti et al. 2022 §4.2.3's factor (1 + (pp − 1)/(pp·v)) on pp microbatches.
+    An "interleaved" schedule with v = 1 is plain 1F1B.
+
+    Example:
+        >>> in_flight_microbatches("1f1b", stage=0, pp=4, microbatches=8)
+        4
+        >>> in_flight_microbatches("interleaved", stage=0, pp=4, microbatches=8, virtual_stages=2)
+        5.5
+    """
+    _check_schedule(schedule, pp, virtual_stages)
+    _check_positive_int("microbatches", microbatches)
+    if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < pp:
+        raise ValueError(f"stage must be an int in [0, pp={pp}), got {stage!r}")
+    if schedule == "gpipe":
+        return microbatches
+    if schedule == "1f1b" or virtual_stages == 1:
+        return min(pp - stage, microbatches)
+    warmup_chunks = 2 * (pp - 1 - stage) + (virtual_stages - 1) * pp
+    return min(warmup_chunks + 1, microbatches * virtual_stages) / virtual_stages
 
 
 def bubble_microbatches(schedule: str, pp: int, virtual_stages: int = 1) -> float:
     """Idle time of a pipeline in units of one stage's per-microbatch time: (pp − 1) / virtual_stages
-    (GPipe, 1F1B: Huang et al. 2019; interleaved: Narayanan et al. SC'21 §2.2.2)."""
-    raise NotImplementedError
+    (GPipe, 1F1B: Huang et al. 2019; interleaved: Narayanan et al. SC'21 §2.2.2).
+
+    Step time of the pipeline = (microbatches + this) × the slowest rank's forward + backward per microbatch.
+
+    Example:
+        >>> bubble_microbatches("1f1b", pp=8), bubble_microbatches("interleaved", pp=8, virtual_stages=4)
+        (7, 1.75)
+    """
+    _check_schedule(schedule, pp, virtual_stages)
+    if schedule == "interleaved":
+        return (pp - 1) / virtual_stages
+    return pp - 1
