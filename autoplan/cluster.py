@@ -10,12 +10,13 @@ Example:
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, fields
 
 __all__ = ["Device", "Cluster", "PRESETS"]
 
 GiB = 2**30
 PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICE_KINDS = ("cuda", "cpu")
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,11 @@ class Device:
         memory_headroom_bytes: memory the runtime keeps for itself (CUDA context, allocator slack), in bytes.
         memory_bandwidth_Bps: device memory bandwidth in bytes/s.
         kind: ``"cuda"`` or ``"cpu"``: the torch device type and backend the executor uses.
+
+    Example:
+        >>> d = Device("toy", 16 * GiB, {"fp32": 1e12, "bf16": 4e12, "fp16": 4e12}, achievable_flops_fraction=0.5)
+        >>> d.achievable_flops("bf16")
+        2000000000000.0
     """
 
     name: str
@@ -43,13 +49,33 @@ class Device:
     def __post_init__(self) -> None:
         if self.memory_bytes <= 0:
             raise ValueError(f"Device.memory_bytes must be positive, got {self.memory_bytes}")
+        if not isinstance(self.peak_flops, dict):
+            raise ValueError(f"Device.peak_flops must be a dict precision → FLOP/s, got {self.peak_flops!r}")
         missing = [p for p in PRECISIONS if p not in self.peak_flops]
         if missing:
             raise ValueError(f"Device.peak_flops needs an entry for each of {PRECISIONS}; missing {missing}")
+        bad = {p: f for p, f in self.peak_flops.items() if not f > 0}
+        if bad:
+            raise ValueError(f"Device.peak_flops must be positive FLOP/s; got {bad}")
         if not 0 < self.achievable_flops_fraction <= 1:
             raise ValueError(
                 f"Device.achievable_flops_fraction must be in (0, 1], got {self.achievable_flops_fraction}"
             )
+        if not 0 <= self.memory_headroom_bytes < self.memory_bytes:
+            raise ValueError(
+                f"Device.memory_headroom_bytes must be in [0, memory_bytes={self.memory_bytes}), "
+                f"got {self.memory_headroom_bytes}"
+            )
+        if not self.memory_bandwidth_Bps > 0:
+            raise ValueError(f"Device.memory_bandwidth_Bps must be positive, got {self.memory_bandwidth_Bps}")
+        if self.kind not in DEVICE_KINDS:
+            raise ValueError(f"Device.kind must be one of {DEVICE_KINDS}, got {self.kind!r}")
+
+    def __hash__(self) -> int:
+        # peak_flops is a dict: hash its items so clusters can key caches.
+        return hash((self.name, self.memory_bytes, tuple(sorted(self.peak_flops.items())),
+                     self.achievable_flops_fraction, self.memory_headroom_bytes, self.memory_bandwidth_Bps,
+                     self.kind))
 
     @property
     def usable_memory_bytes(self) -> int:
@@ -62,12 +88,22 @@ class Device:
         return self.peak_flops[precision] * self.achievable_flops_fraction
 
 
-# Vendor figures. A100: NVIDIA A100 Tensor Core GPU datasheet (312 TFLOP/s dense BF16/FP16, 19.5 FP32,
-# NVLink 3 600 GB/s bidirectional = 300 GB/s each way). H100 SXM: NVIDIA H100 datasheet (989 TFLOP/s dense
-# BF16/FP16, 67 FP32, NVLink 4 900 GB/s bidirectional = 450 GB/s each way). Inter-node: DGX A100 has one
-# 200 Gb/s HDR InfiniBand NIC per GPU (25 GB/s), DGX H100 one 400 Gb/s NDR NIC per GPU (50 GB/s).
-# Memory bandwidth: 1,555 / 2,039 GB/s (A100 40/80 GB), 3,350 GB/s (H100 SXM).
-# Achievable fraction: Megatron-LM reaches 52% of A100 peak on GPT-3 175B (Narayanan et al., SC'21, Table 1).
+# Vendor figures (dense, no sparsity), per GPU:
+# - A100 SXM4: NVIDIA A100 Tensor Core GPU datasheet: 312 TFLOP/s BF16/FP16 Tensor Core, 19.5 TFLOP/s FP32
+#   (PyTorch keeps TF32 off for matmuls by default, so fp32 runs at the FP32 rate); HBM2 1,555 GB/s (40 GB),
+#   HBM2e 2,039 GB/s (80 GB); NVLink 3: 600 GB/s total = 300 GB/s each way.
+# - H100 SXM5: NVIDIA H100 Tensor Core GPU datasheet: 989 TFLOP/s BF16/FP16 Tensor Core, 67 TFLOP/s FP32;
+#   HBM3 3.35 TB/s; NVLink 4: 900 GB/s total = 450 GB/s each way.
+# - H200 SXM: NVIDIA H200 datasheet: the H100's compute, 141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s.
+# Inter-node: DGX A100 has one 200 Gb/s HDR InfiniBand ConnectX-6 per GPU (25 GB/s); DGX H100/H200 one 400 Gb/s
+# NDR ConnectX-7 per GPU (50 GB/s) (DGX A100 / DGX H100 user guides).
+# Latency (alpha): a few µs per NVLink step and ~10 µs per InfiniBand step, the order of NCCL's small-message
+# all-reduce times (nccl-tests); only small messages feel them.
+# Achievable fraction of peak: Megatron-LM reaches 52% of A100 peak on GPT-3 175B (Narayanan et al., SC'21,
+# Table 1, whole step incl. communication); on H100 large runs report 38–43% MFU for the whole step (Llama 3,
+# Dubey et al. 2024, Table 4), so 0.45 for the compute alone. benchmarks/gpu_memory_check.py measures a large
+# matmul's fraction on the machine at hand.
+# Headroom: the CUDA context, cuBLAS/NCCL workspaces and allocator fragmentation, ~2 GiB in practice.
 _A100_FLOPS = {"fp32": 19.5e12, "bf16": 312e12, "fp16": 312e12}
 _H100_FLOPS = {"fp32": 67e12, "bf16": 989e12, "fp16": 989e12}
 
@@ -111,6 +147,14 @@ PRESETS: dict[str, dict] = {
         intra_node_latency_s=5e-6,
         inter_node_latency_s=10e-6,
     ),
+    "h200-141gb": dict(
+        device=Device("H200-SXM-141GB", 141 * 10**9, _H100_FLOPS, 0.45, 2 * GiB, 4.8e12),
+        devices_per_node=8,
+        intra_node_bandwidth_Bps=450e9,
+        inter_node_bandwidth_Bps=50e9,
+        intra_node_latency_s=5e-6,
+        inter_node_latency_s=10e-6,
+    ),
     # gloo ranks sharing this machine's memory bus: loopback TCP, a few GB/s.
     "cpu": dict(
         device=None,  # built at call time from this machine's memory
@@ -121,6 +165,18 @@ PRESETS: dict[str, dict] = {
         inter_node_latency_s=100e-6,
     ),
 }
+
+
+def _preset_for_gpu(name: str, total_memory_bytes: int) -> str | None:
+    """The preset whose figures describe a CUDA device called ``name``; ``None`` when none does."""
+    upper = name.upper()
+    if "H200" in upper:
+        return "h200-141gb"
+    if "H100" in upper:
+        return "h100-80gb"
+    if "A100" in upper:
+        return "a100-40gb" if total_memory_bytes < 60 * GiB else "a100-80gb"
+    return None
 
 
 @dataclass(frozen=True)
@@ -147,11 +203,16 @@ class Cluster:
     def __post_init__(self) -> None:
         for attr in ("nodes", "devices_per_node"):
             value = getattr(self, attr)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Cluster.{attr} must be a positive int, got {value!r}")
+        if not isinstance(self.device, Device):
+            raise ValueError(f"Cluster.device must be an autoplan.Device, got {type(self.device).__name__}")
         for attr in ("intra_node_bandwidth_Bps", "inter_node_bandwidth_Bps"):
-            if getattr(self, attr) <= 0:
+            if not getattr(self, attr) > 0:
                 raise ValueError(f"Cluster.{attr} must be positive, got {getattr(self, attr)}")
+        for attr in ("intra_node_latency_s", "inter_node_latency_s"):
+            if not getattr(self, attr) >= 0:
+                raise ValueError(f"Cluster.{attr} must be ≥ 0, got {getattr(self, attr)}")
 
     @property
     def world_size(self) -> int:
@@ -159,7 +220,8 @@ class Cluster:
 
     @classmethod
     def preset(cls, name: str, nodes: int = 1, devices_per_node: int | None = None) -> "Cluster":
-        """A cluster of ``nodes`` nodes of a named kind: "a100-40gb", "a100-80gb", "h100-80gb" or "cpu".
+        """A cluster of ``nodes`` nodes of a named kind: "a100-40gb", "a100-80gb", "h100-80gb", "h200-141gb"
+        or "cpu".
 
         Example:
             >>> Cluster.preset("h100-80gb", nodes=4).world_size
@@ -178,7 +240,8 @@ class Cluster:
     def detect(cls) -> "Cluster":
         """This job's cluster under torchrun (WORLD_SIZE, LOCAL_WORLD_SIZE, device type and memory).
 
-        Outside torchrun it describes a world of one on this machine.
+        Outside torchrun it describes a world of one on this machine. A GPU with no matching preset gets the
+        A100-80GB preset's rates with its own name and memory (the cluster's name says so).
 
         Example:
             >>> Cluster.detect().world_size >= 1
@@ -186,23 +249,25 @@ class Cluster:
         """
         import torch
 
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        world = _env_int("WORLD_SIZE", 1)
+        local = _env_int("LOCAL_WORLD_SIZE", world)
         if world % local:
-            raise ValueError(f"WORLD_SIZE={world} is not a multiple of LOCAL_WORLD_SIZE={local}")
+            raise ValueError(
+                f"WORLD_SIZE={world} is not a multiple of LOCAL_WORLD_SIZE={local}; launch with torchrun "
+                f"--nnodes N --nproc-per-node {local} so every node runs the same number of ranks"
+            )
         if torch.cuda.is_available():
             props = torch.cuda.get_device_properties(0)
-            base = "h100-80gb" if "H100" in props.name else "a100-80gb"
-            if "A100" in props.name and props.total_memory < 60 * GiB:
-                base = "a100-40gb"
-            spec = dict(PRESETS[base])
+            base = _preset_for_gpu(props.name, props.total_memory)
+            name = f"detected-{base}" if base else f"detected-{props.name} (a100-80gb rates)"
+            spec = dict(PRESETS[base or "a100-80gb"])
             device = spec.pop("device")
             spec["device"] = Device(
                 props.name, props.total_memory, device.peak_flops, device.achievable_flops_fraction,
                 device.memory_headroom_bytes, device.memory_bandwidth_Bps,
             )
             spec["devices_per_node"] = local
-            return cls(nodes=world // local, name=f"detected-{base}", **spec)
+            return cls(nodes=world // local, name=name, **spec)
         spec = dict(PRESETS["cpu"])
         cpu = _cpu_device()
         spec["device"] = Device(
@@ -213,10 +278,50 @@ class Cluster:
         return cls(nodes=world // local, name="detected-cpu", **spec)
 
     def to_dict(self) -> dict:
+        """Plain JSON-able data; :meth:`from_dict` reads it back.
+
+        Example:
+            >>> c = Cluster.preset("a100-40gb", nodes=2)
+            >>> Cluster.from_dict(c.to_dict()) == c
+            True
+        """
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Cluster":
+        """Rebuild a cluster from :meth:`to_dict` output; ``ValueError`` naming missing or unknown keys.
+
+        Example:
+            >>> Cluster.from_dict(Cluster.preset("h100-80gb").to_dict()).device.name
+            'H100-SXM5-80GB'
+        """
+        if not isinstance(data, dict) or not isinstance(data.get("device"), dict):
+            raise ValueError("a cluster dict needs a 'device' dict (write it with Cluster.to_dict())")
+        _check_keys("Cluster", data, cls)
+        _check_keys("Device", data["device"], Device)
         data = dict(data)
         data["device"] = Device(**data["device"])
         return cls(**data)
+
+
+def _check_keys(what: str, data: dict, kind: type) -> None:
+    known = {f.name for f in fields(kind)}
+    required = {f.name for f in fields(kind) if f.default is MISSING and f.default_factory is MISSING}
+    unknown = sorted(set(data) - known)
+    missing = sorted(required - set(data))
+    if unknown or missing:
+        raise ValueError(f"{what} dict has unknown keys {unknown} and lacks required keys {missing}; "
+                         f"expected keys are {sorted(known)}")
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={raw!r} is not an integer; torchrun sets it") from None
+    if value < 1:
+        raise ValueError(f"environment variable {name}={value} must be ≥ 1")
+    return value

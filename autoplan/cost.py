@@ -270,7 +270,7 @@ def group_link(cluster: Cluster, group_size: int, stride: int) -> tuple[float, f
         (25000000000.0, 1e-05)
     """
     _check_group(cluster, group_size, stride)
-    if group_size * stride <= cluster.devices_per_node:
+    if group_size == 1 or group_size * stride <= cluster.devices_per_node:
         return cluster.intra_node_bandwidth_Bps, cluster.intra_node_latency_s
     return cluster.inter_node_bandwidth_Bps, cluster.inter_node_latency_s
 
