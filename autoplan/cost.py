@@ -555,24 +555,25 @@ def _check_schedule(schedule: str, pp: int, virtual_stages: int) -> None:
                          f"got {virtual_stages} (use schedule='interleaved')")
 
 
-def in_flight_microbatches(schedule: str, stage: int, pp: int, microbatches: int, virtual_stages: int = 1) -> float:
+def in_flight_microbatches(schedule: str, stage: int, pp: int, microbatches: int, virtual_stages: int = 1) -> int:
     """Microbatches whose activations a pipeline rank holds at its peak (GPipe: all; 1F1B: pp − stage,
     Narayanan et al. SC'21 §2.2).
 
-    The unit is one microbatch's activations of *all* the rank's layers, so memory = this × Σ activation_bytes
-    of the rank's layers. GPipe (Huang et al. 2019) runs every forward first: ``microbatches``. 1F1B
-    (PipeDream-Flush, Narayanan et al. SC'21 §2.2.1): rank s warms up with pp − s forwards, min(pp − s, m).
-    Interleaved 1F1B with v chunks per rank (SC'21 §2.2.2): rank s runs w = 2(pp − 1 − s) + (v − 1)·pp warm-up
-    chunk forwards (Megatron-LM ``get_forward_backward_func``; torch ``ScheduleInterleaved1F1B`` warmup_ops),
-    so w + 1 chunk activations — each 1/v of the rank's layers — are alive: (min(w + 1, m·v)) / v. On rank 0
-    that is pp + (pp − 1)/v, Korthikanti et al. 2022 §4.2.3's factor (1 + (pp − 1)/(pp·v)) on pp microbatches.
+    The unit is one microbatch through one of the rank's chunks: with ``virtual_stages`` = v chunks per rank
+    a chunk holds 1/v of the rank's layers, so memory = this × Σ activation_bytes of the rank's layers / v
+    (v = 1: the rank's whole layers). GPipe (Huang et al. 2019) runs every forward first: ``microbatches``.
+    1F1B (PipeDream-Flush, SC'21 §2.2.1): rank s warms up with pp − s forwards, min(pp − s, m). Interleaved
+    1F1B (SC'21 §2.2.2): rank s runs w = 2(pp − 1 − s) + (v − 1)·pp warm-up chunk forwards (Megatron-LM
+    ``forward_backward_pipelining_with_interleaving``; torch ``ScheduleInterleaved1F1B`` warmup_ops), so
+    min(w + 1, m·v) chunk activations are alive. On rank 0 that is (pp + (pp − 1)/v) whole-rank
+    microbatches, Korthikanti et al. 2022 §4.2.3's factor (1 + (pp − 1)/(pp·v)) on pp microbatches.
     An "interleaved" schedule with v = 1 is plain 1F1B.
 
     Example:
         >>> in_flight_microbatches("1f1b", stage=0, pp=4, microbatches=8)
         4
-        >>> in_flight_microbatches("interleaved", stage=0, pp=4, microbatches=8, virtual_stages=2)
-        5.5
+        >>> in_flight_microbatches("interleaved", stage=0, pp=4, microbatches=8, virtual_stages=2)   # chunks
+        11
     """
     _check_schedule(schedule, pp, virtual_stages)
     _check_positive_int("microbatches", microbatches)
@@ -583,7 +584,7 @@ def in_flight_microbatches(schedule: str, stage: int, pp: int, microbatches: int
     if schedule == "1f1b" or virtual_stages == 1:
         return min(pp - stage, microbatches)
     warmup_chunks = 2 * (pp - 1 - stage) + (virtual_stages - 1) * pp
-    return min(warmup_chunks + 1, microbatches * virtual_stages) / virtual_stages
+    return min(warmup_chunks + 1, microbatches * virtual_stages)
 
 
 def bubble_microbatches(schedule: str, pp: int, virtual_stages: int = 1) -> float:

@@ -18,12 +18,12 @@ def test_1f1b_stage_s_holds_pp_minus_s():
 def test_interleaved_follows_megatron_warmup():
     # rank s: 2(pp − 1 − s) + (v − 1)·pp warm-up chunks + 1, each chunk 1/v of the rank's layers.
     got = [in_flight_microbatches("interleaved", s, 4, 8, virtual_stages=2) for s in range(4)]
-    assert got == [5.5, 4.5, 3.5, 2.5]
-    # Rank 0 holds pp + (pp − 1)/v microbatches (Korthikanti et al. 2022: pp · (1 + (pp − 1)/(pp·v))).
+    assert got == [11, 9, 7, 5]
+    # Rank 0 holds pp + (pp − 1)/v whole-rank microbatches (Korthikanti et al. 2022: pp · (1 + (pp − 1)/(pp·v))).
     for pp, v in ((4, 2), (8, 4), (16, 3)):
-        assert in_flight_microbatches("interleaved", 0, pp, 4 * pp, v) == pytest.approx(pp + (pp - 1) / v)
+        assert in_flight_microbatches("interleaved", 0, pp, 4 * pp, v) / v == pytest.approx(pp + (pp - 1) / v)
     # Never more than all chunks of all microbatches.
-    assert in_flight_microbatches("interleaved", 0, 4, 4, virtual_stages=2) == 4.0
+    assert in_flight_microbatches("interleaved", 0, 4, 4, virtual_stages=2) == 8
     assert in_flight_microbatches("interleaved", 1, 4, 8, virtual_stages=1) == 3
 
 
@@ -48,3 +48,17 @@ def test_bubble():
 def test_bad_arguments_name_the_cause(call, words):
     with pytest.raises(ValueError, match=words):
         call()
+
+
+def test_interleaved_warmup_agrees_with_torch_schedule():
+    # torch's ScheduleInterleaved1F1B computes its warm-up forwards with _get_warmup_ops (a private helper:
+    # skip if a later torch renames it); after warm-up each step runs one more forward before a backward.
+    schedules = pytest.importorskip("torch.distributed.pipelining.schedules")
+    warmup_ops = getattr(schedules, "_get_warmup_ops", None)
+    if warmup_ops is None:
+        pytest.skip("this torch has no _get_warmup_ops")
+    for pp, v, rounds in ((2, 2, 1), (4, 2, 2), (4, 3, 1), (8, 4, 3)):
+        m = pp * rounds
+        for rank in range(pp):
+            torch_peak = min(warmup_ops(rank, v, pp, pp, m) + 1, m * v)
+            assert in_flight_microbatches("interleaved", rank, pp, m, v) == torch_peak, (pp, v, m, rank)
