@@ -8,7 +8,7 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["format_bytes", "format_flops", "format_seconds", "format_count"]
+__all__ = ["format_bytes", "format_flops", "format_seconds", "format_count", "format_graph_summary"]
 
 
 def format_bytes(n: float) -> str:
@@ -43,3 +43,49 @@ def format_seconds(s: float) -> str:
     if s >= 1e-3:
         return f"{s * 1e3:.1f} ms"
     return f"{s * 1e6:.1f} µs"
+
+
+def format_graph_summary(graph) -> str:
+    """A traced model as a table: layer, kind, params, forward FLOPs, activation bytes, boundary bytes, totals.
+
+    Figures are for the example batch the model was traced with.
+
+    Example:
+        >>> import torch, autoplan
+        >>> g = autoplan.trace(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU()), torch.randn(4, 8))
+        >>> format_graph_summary(g).splitlines()[0].split(",")[:2]
+        ['Sequential: 144 params', ' 2 layers']
+    """
+    header = ("#", "layer", "kind", "params", "fwd FLOPs", "activations", "boundary")
+    rows = [
+        (
+            str(layer.index),
+            layer.name or "(root)",
+            layer.kind.split(":")[0],
+            format_count(layer.num_params),
+            format_flops(layer.flops),
+            format_bytes(layer.activation_bytes),
+            format_bytes(layer.output_bytes),
+        )
+        for layer in graph.layers
+    ]
+    totals = (
+        "",
+        "total",
+        "",
+        format_count(graph.num_params),
+        format_flops(graph.forward_flops),
+        format_bytes(sum(layer.activation_bytes for layer in graph.layers)),
+        "",
+    )
+    widths = [max(len(r[i]) for r in [header, *rows, totals]) for i in range(len(header))]
+
+    def line(cells) -> str:
+        return "  ".join(c.ljust(w) if i in (1, 2) else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    rule = "-" * len(line(header))
+    title = (
+        f"{graph.model_name}: {format_count(graph.num_params)} params, {len(graph.layers)} layers, "
+        f"batch {graph.batch_size}, traced by {graph.method} in {format_seconds(graph.trace_s)}"
+    )
+    return "\n".join([title, line(header), rule, *(line(r) for r in rows), rule, line(totals)])

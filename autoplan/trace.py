@@ -1,3 +1,251 @@
-"""Tracing (being written)."""
-def trace(model, example_inputs=None):
-    raise NotImplementedError
+"""``autoplan.trace``: an unmodified ``nn.Module`` and example inputs → :class:`~autoplan.graph.ModelGraph`.
+
+Three passes, none of which runs the model's real compute or changes the model:
+
+1. the op graph (:mod:`autoplan.trace_graph`): ``torch.fx.symbolic_trace``, else ``torch.export`` (non-strict);
+2. one forward and backward on fake tensors (:mod:`autoplan.trace_measure`): FLOPs per op by
+   ``torch.utils.flop_counter``, saved-for-backward storages, module call windows;
+3. the layer chain and its figures (:mod:`autoplan.layers`), tensor-parallel groups (:mod:`autoplan.tp_detect`).
+
+Example:
+    >>> import torch, autoplan
+    >>> from autoplan.models import GPT, GPTConfig
+    >>> graph = autoplan.trace(GPT(GPTConfig()), torch.randint(0, 256, (2, 16)))
+    >>> [layer.name for layer in graph.layers]
+    ['tok', 'pos', 'blocks.0', 'blocks.1', 'ln_f', 'head']
+    >>> graph.num_params, graph.tied_parameters
+    (34176, [('tok.weight', 'head.weight')])
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from .fingerprint import model_fingerprint
+from .graph import Layer, ModelGraph, RecomputeOption, TensorParallelGroup
+from .layers import (
+    LayerLocator,
+    choose_layer_names,
+    layer_kind,
+    layer_output_bytes,
+    module_params,
+    param_dtype_bytes,
+)
+from .tp_detect import DetectedGroup, detect_tp_groups
+from .trace_graph import build_op_graph
+from .trace_measure import Measurement, measure
+
+__all__ = ["trace", "normalize_inputs"]
+
+#: a child of a layer is offered for selective recompute when it saves at least this share of the layer's bytes
+SELECTIVE_MIN_SHARE = 0.25
+
+
+def normalize_inputs(example_inputs: Any) -> tuple[tuple, dict, int]:
+    """``(args, kwargs, batch_size)`` from a tensor, a tuple/list of positional inputs or a dict of keywords.
+
+    Example:
+        >>> import torch
+        >>> args, kwargs, batch = normalize_inputs({"x": torch.zeros(3, 2)})
+        >>> (args, list(kwargs), batch)
+        ((), ['x'], 3)
+    """
+    if example_inputs is None:
+        raise ValueError(
+            "example inputs are needed to trace a model: pass one batch as a tensor, a tuple of positional "
+            "inputs or a dict of keyword inputs, e.g. autoplan.trace(model, torch.randint(0, vocab, (8, 1024))); "
+            "tensors on the meta device work and allocate nothing"
+        )
+    if isinstance(example_inputs, torch.Tensor):
+        args, kwargs = (example_inputs,), {}
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs = tuple(example_inputs), {}
+    elif isinstance(example_inputs, Mapping):
+        args, kwargs = (), dict(example_inputs)
+    else:
+        raise ValueError(
+            f"example inputs must be a tensor, a tuple/list or a dict of keyword inputs, not "
+            f"{type(example_inputs).__name__}"
+        )
+    tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    if not tensors:
+        raise ValueError("example inputs hold no tensor: pass at least one input tensor whose dim 0 is the batch")
+    batches = {tuple(t.shape[:1]) for t in tensors}
+    if () in batches:
+        raise ValueError("every example input needs a batch dim (dim 0); a 0-dim tensor was passed")
+    if len(batches) > 1:
+        raise ValueError(f"dim 0 of every example input is the batch, but they differ: {sorted(b[0] for b in batches)}")
+    return args, kwargs, int(tensors[0].shape[0])
+
+
+def trace(model: torch.nn.Module, example_inputs: Any = None) -> ModelGraph:
+    """Trace ``model`` on ``example_inputs`` into a :class:`ModelGraph` without running its real compute.
+
+    ``example_inputs``: a tensor, a tuple/list of positional inputs or a dict of keyword inputs; dim 0 of every
+    input is the batch. The model may live on the meta device (a 175B model traces without its weights).
+    Raises ``ValueError`` for missing or malformed inputs and :class:`autoplan.TraceError` when neither
+    ``torch.fx`` nor ``torch.export`` can follow the model.
+
+    Example:
+        >>> import torch, autoplan
+        >>> g = autoplan.trace(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU()), torch.randn(4, 8))
+        >>> g.method, g.batch_size, g.forward_flops
+        ('fx', 4, 1024)
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"trace expects a torch.nn.Module, got {type(model).__name__}")
+    args, kwargs, batch_size = normalize_inputs(example_inputs)
+    started = time.perf_counter()
+    export_args, export_kwargs = _on_model_device(model, args, kwargs)
+    op_graph = build_op_graph(model, export_args, export_kwargs)
+    m = measure(model, args, kwargs)
+
+    call_order = {name: call.order for name, call in m.calls.items()}
+    names = choose_layer_names(model, call_order)
+    locator = LayerLocator(names, m.calls)
+    n = len(names)
+
+    fwd, bwd, act = [0] * n, [0] * n, [0] * n
+    for op in m.forward_ops:
+        fwd[locator.of_op(op.module, op.position)] += op.flops
+    for op in m.backward_ops:
+        bwd[locator.of_op(op.module, op.position)] += op.flops
+    for rec in m.saved:
+        act[locator.of_op(rec.module, rec.position)] += rec.nbytes
+    boundary = layer_output_bytes(op_graph, locator)
+
+    first_names = dict(model.named_parameters())  # each tensor once, under its first name
+    layer_param_names: list[list[str]] = [[] for _ in range(n)]
+    for pname in first_names:
+        owner = locator.of_module(pname.rpartition(".")[0])
+        # a parameter outside every layer (a root-level token such as ViT's cls) is used by the first layer
+        layer_param_names[owner if owner is not None else 0].append(pname)
+
+    groups_by_layer = _tp_groups_by_layer(detect_tp_groups(op_graph, model), model, m, op_graph, locator)
+    module_fwd, module_act = _per_module(m)
+
+    layers = []
+    for i, name in enumerate(names):
+        num_params = sum(first_names[p].numel() for p in layer_param_names[i])
+        param_bytes = sum(first_names[p].numel() * first_names[p].element_size() for p in layer_param_names[i])
+        figures = (fwd[i], bwd[i], num_params, param_bytes, act[i], boundary[i])
+        layers.append(
+            Layer(
+                name=name,
+                index=i,
+                kind=layer_kind(model, name, figures[:5]),
+                flops=fwd[i],
+                backward_flops=bwd[i],
+                num_params=num_params,
+                param_bytes=param_bytes,
+                activation_bytes=act[i],
+                output_bytes=boundary[i],
+                param_names=tuple(layer_param_names[i]),
+                tp_groups=tuple(groups_by_layer.get(i, ())),
+                recompute_options=_recompute_options(model, name, act[i], fwd[i], m, module_fwd, module_act),
+            )
+        )
+
+    tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    return ModelGraph(
+        model_name=type(model).__name__,
+        layers=layers,
+        nx_graph=op_graph.nx,
+        batch_size=batch_size,
+        dtype_bytes=param_dtype_bytes(model),
+        num_params=sum(p.numel() for p in first_names.values()),
+        forward_flops=sum(fwd),
+        backward_flops=sum(bwd),
+        input_bytes=sum(t.numel() * t.element_size() for t in tensors),
+        fingerprint=model_fingerprint(model),
+        tied_parameters=_tied_groups(model),
+        method=op_graph.method,
+        trace_s=time.perf_counter() - started,
+    )
+
+
+def _on_model_device(model, args, kwargs):
+    """Inputs moved to the meta device when the model lives there (export needs one device)."""
+    first = next(iter(model.parameters()), None)
+    if first is None or first.device.type != "meta":
+        return args, kwargs
+
+    def to_meta(x):
+        return x.to("meta") if isinstance(x, torch.Tensor) else x
+
+    return pytree.tree_map(to_meta, args), pytree.tree_map(to_meta, kwargs)
+
+
+def _tied_groups(model: torch.nn.Module) -> list[tuple[str, ...]]:
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return [tuple(v) for v in names.values() if len(v) > 1]
+
+
+def _per_module(m: Measurement) -> tuple[dict[str, int], dict[str, int]]:
+    """Forward FLOPs and saved bytes of each module including its children."""
+    fwd: dict[str, int] = {}
+    act: dict[str, int] = {}
+    for table, records, attr in ((fwd, m.forward_ops, "flops"), (act, m.saved, "nbytes")):
+        for rec in records:
+            value = getattr(rec, attr)
+            if not value:
+                continue
+            probe = rec.module
+            while True:
+                table[probe] = table.get(probe, 0) + value
+                if probe == "":
+                    break
+                probe = probe.rpartition(".")[0]
+    return fwd, act
+
+
+def _recompute_options(model, name, layer_act, layer_fwd, m, module_fwd, module_act) -> tuple[RecomputeOption, ...]:
+    if layer_act <= 0:
+        return ()
+    call = m.calls.get(name)
+    kept = call.input_bytes if call is not None else 0
+    options = [RecomputeOption(name, layer_act - kept, layer_fwd)] if layer_act > kept else []
+    module = model.get_submodule(name) if name else model
+    for child_name, _ in module.named_children():
+        fqn = f"{name}.{child_name}" if name else child_name
+        child_act = module_act.get(fqn, 0)
+        if fqn not in m.calls or child_act < SELECTIVE_MIN_SHARE * layer_act:
+            continue
+        saved = max(0, child_act - m.calls[fqn].input_bytes)
+        if saved > 0:
+            options.append(RecomputeOption(fqn, saved, module_fwd.get(fqn, 0)))
+    return tuple(options)
+
+
+def _tp_groups_by_layer(groups: list[DetectedGroup], model, m: Measurement, op_graph, locator: LayerLocator):
+    module_fwd, _ = _per_module(m)
+    out: dict[int, list[TensorParallelGroup]] = {}
+    for group in groups:
+        first, last = group.window
+        if first not in m.calls:
+            continue
+        start = m.calls[first].start
+        stop = m.calls[last].start if last is not None and last in m.calls else m.calls[first].end
+        sharded = sum(rec.nbytes for rec in m.saved if start <= rec.producer < stop)
+        layers = {locator.of_module(fqn) for fqn in group.styles}
+        if len(layers) != 1 or None in layers:
+            continue  # a group split across two links of the chain cannot be sharded inside one stage
+        layer = layers.pop()
+        out.setdefault(layer, []).append(
+            TensorParallelGroup(
+                styles=dict(group.styles),
+                divisor=group.divisor,
+                num_params=sum(module_params(model, fqn) for fqn in group.styles),
+                forward_flops=sum(module_fwd.get(fqn, 0) for fqn in group.styles),
+                activation_bytes=sharded,
+                allreduce_bytes=op_graph.nx.nodes[group.output_node]["bytes"],
+            )
+        )
+    return out

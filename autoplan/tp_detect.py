@@ -1,0 +1,165 @@
+"""Find Megatron-style tensor-parallel groups in an op graph (Shoeybi et al. 2019, §3; SC'21 §2.3).
+
+* colwise: the ``nn.Linear`` modules of one parent module that read the same tensor (attention q/k/v or a fused
+  qkv; MLP fc, or gate and up);
+* rowwise: the single ``nn.Linear`` of the same parent reached from the colwise outputs through other ops
+  (activation, attention, reshapes) without another linear, and whose output feeds a residual add or the
+  model output; then one all-reduce of its output per forward makes the pair exact;
+* vocab_embedding: an ``nn.Embedding`` looked up with a model input (token ids);
+* vocab_head: an ``nn.Linear`` whose output is the model output and whose features are a vocabulary size.
+
+Only ``nn.Linear`` counts (HF GPT-2's ``Conv1D`` is left alone: no group is the safe answer). The divisor is the
+number of heads when a colwise output is viewed into heads (the dim that follows the dims the view keeps), else
+the gcd of the output features.
+
+Example:
+    >>> import torch, autoplan
+    >>> from autoplan.models import GPT, GPTConfig
+    >>> g = autoplan.trace(GPT(GPTConfig()), torch.randint(0, 256, (2, 16)))
+    >>> [sorted(group.styles.items()) for group in g.layer("blocks.0").tp_groups][0]
+    [('blocks.0.attn.proj', 'rowwise'), ('blocks.0.attn.qkv', 'colwise')]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import gcd
+
+from torch import nn
+
+from .trace_graph import OpGraph
+
+__all__ = ["DetectedGroup", "detect_tp_groups"]
+
+_PASS_THROUGH = {"view", "reshape", "_unsafe_view", "getitem", "float", "to", "contiguous", "clone", "_to_copy",
+                 "dropout", "type_as", "flatten", "identity"}
+
+
+@dataclass(frozen=True)
+class DetectedGroup:
+    styles: dict[str, str]  # module FQN → style
+    divisor: int
+    output_node: str  # graph node whose tensor is all-reduced / all-gathered
+    window: tuple[str, str | None]  # (first module, module whose start ends the sharded region; None = its end)
+
+
+def _base_target(target: str) -> str:
+    return target.split(".")[0]
+
+
+def _parent(fqn: str) -> str:
+    return fqn.rpartition(".")[0]
+
+
+def _reaches_output(g, start: str, depth: int = 4) -> bool:
+    frontier = [start]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for s in g.successors(n):
+                if g.nodes[s]["op"] == "output":
+                    return True
+                if _base_target(g.nodes[s]["target"]) in _PASS_THROUGH:
+                    nxt.append(s)
+        frontier = nxt
+    return False
+
+
+def _feeds_residual(g, start: str, depth: int = 4) -> bool:
+    frontier = [start]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            for s in g.successors(n):
+                target = _base_target(g.nodes[s]["target"])
+                if g.nodes[s]["op"] == "output" or target in ("add", "add_", "iadd"):
+                    return True
+                if target in _PASS_THROUGH or target in ("mul",):
+                    nxt.append(s)
+        frontier = nxt
+    return False
+
+
+def _heads_or_features(g, node: str, out_features: int) -> int:
+    """Heads when the linear's output is viewed into (…, heads, …, head_dim), else its output features."""
+    shape = g.nodes[node]["shape"] or ()
+    for s in g.successors(node):
+        attrs = g.nodes[s]
+        if _base_target(attrs["target"]) in ("view", "reshape", "_unsafe_view") and attrs["shape"]:
+            view = attrs["shape"]
+            keep = 0
+            while keep < min(len(shape), len(view)) - 1 and shape[keep] == view[keep]:
+                keep += 1
+            if len(view) > len(shape) and keep < len(view):
+                return int(view[keep])
+    return out_features
+
+
+def detect_tp_groups(op_graph: OpGraph, model: nn.Module) -> list[DetectedGroup]:
+    """Every tensor-parallel group found in ``op_graph`` (see the module docstring for the rules)."""
+    g = op_graph.nx
+    modules = dict(model.named_modules())
+    linear_nodes = op_graph.linear_of
+    groups: list[DetectedGroup] = []
+
+    vocab_sizes: set[int] = set()
+    placeholders = {n for n in op_graph.order if g.nodes[n]["op"] == "placeholder"}
+    for node, fqn in op_graph.embedding_of.items():
+        indices = [a for a in g.nodes[node]["args"] if a in placeholders]
+        if indices:
+            vocab = modules[fqn].num_embeddings
+            vocab_sizes.add(vocab)
+            groups.append(DetectedGroup({fqn: "vocab_embedding"}, vocab, node, (fqn, None)))
+
+    by_input: dict[tuple[str, str], list[str]] = {}
+    for node, fqn in linear_nodes.items():
+        args = g.nodes[node]["args"]
+        if args:
+            by_input.setdefault((args[0], _parent(fqn)), []).append(node)
+
+    used: set[str] = set()
+    for (_, parent), col_nodes in by_input.items():
+        row = _find_rowwise(g, col_nodes, parent, op_graph)
+        if row is None or row in used or any(c in used for c in col_nodes):
+            continue
+        if not _feeds_residual(g, row):
+            continue
+        divisor = 0
+        for c in col_nodes:
+            divisor = gcd(divisor, _heads_or_features(g, c, modules[linear_nodes[c]].out_features))
+        divisor = gcd(divisor, modules[linear_nodes[row]].in_features)
+        styles = {linear_nodes[c]: "colwise" for c in col_nodes}
+        styles[linear_nodes[row]] = "rowwise"
+        used.update(col_nodes)
+        used.add(row)
+        groups.append(DetectedGroup(styles, divisor, row, (linear_nodes[col_nodes[0]], linear_nodes[row])))
+
+    for node, fqn in linear_nodes.items():
+        out_features = modules[fqn].out_features
+        if node not in used and out_features in vocab_sizes and _reaches_output(g, node):
+            groups.append(DetectedGroup({fqn: "vocab_head"}, out_features, node, (fqn, None)))
+    return groups
+
+
+def _find_rowwise(g, col_nodes: list[str], parent: str, op_graph: OpGraph) -> str | None:
+    """The one linear of ``parent`` that the colwise outputs flow into, or None when there is not exactly one."""
+    found: set[str] = set()
+    seen = set(col_nodes)
+    todo = list(col_nodes)
+    while todo:
+        node = todo.pop()
+        for s in g.successors(node):
+            if s in seen:
+                continue
+            seen.add(s)
+            attrs = g.nodes[s]
+            if attrs["op"] == "output":
+                return None
+            module = attrs["module"]
+            if not (module == parent or module.startswith(parent + ".")) or (parent == "" and module == ""):
+                continue  # left the parent module (the residual stream): not part of the region
+            if s in op_graph.linear_of:
+                found.add(s)
+                continue
+            todo.append(s)
+    return found.pop() if len(found) == 1 else None

@@ -1,0 +1,288 @@
+"""Measure a model without running its real compute: one forward and one backward on fake tensors.
+
+The model runs eagerly under ``FakeTensorMode`` with fake copies of its parameters swapped in by
+``torch.func.functional_call`` (the user's tensors are never touched). Three recorders watch that run:
+
+* a dispatch mode counts FLOPs of every ATen op with the formulas of ``torch.utils.flop_counter``;
+* ``torch.autograd.graph.saved_tensors_hooks`` records every storage autograd keeps for backward (each storage
+  once, parameters and buffers excluded), with the module active when it was first saved and the op that
+  produced it;
+* a torch-function mode tags every autograd node with the module and position of the forward op that made
+  it, so that the backward ops (run under node pre-hooks) are charged to the same place as their forward.
+
+Positions are indices into the stream of forward ATen ops; module call windows are ranges of positions. The
+figures come back per innermost module FQN so that any grouping of modules into layers can be derived later.
+
+Example:
+    >>> import torch
+    >>> from autoplan.trace_measure import measure
+    >>> m = measure(torch.nn.Linear(8, 4), (torch.randn(2, 8),), {})
+    >>> sum(e.flops for e in m.forward_ops)   # 2·B·in·out for the addmm
+    128
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["OpRecord", "SavedRecord", "ModuleCall", "Measurement", "measure", "storage_key"]
+
+aten = torch.ops.aten
+
+
+def _cpu_flash_forward_flops(query, key, value, *args, **kwargs) -> int:
+    return sdpa_flop_count(tuple(query.shape), tuple(key.shape), tuple(value.shape))
+
+
+def _cpu_flash_backward_flops(grad_out, query, key, value, *args, **kwargs) -> int:
+    return sdpa_backward_flop_count(tuple(grad_out.shape), tuple(query.shape), tuple(key.shape), tuple(value.shape))
+
+
+# torch.utils.flop_counter has no entry for the CPU flash-attention kernel that fake CPU tensors dispatch to;
+# its FLOPs are those of every other SDPA kernel, so reuse flop_counter's own sdpa formulas.
+_EXTRA_FLOP_FORMULAS = {
+    aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_forward_flops,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward_flops,
+}
+
+
+def op_flops(func, args, kwargs, out) -> int:
+    """FLOPs of one ATen op call by ``torch.utils.flop_counter``'s formulas (0 for ops it does not count)."""
+    packet = func._overloadpacket
+    if packet in flop_registry:
+        return int(flop_registry[packet](*args, **kwargs, out_val=out))
+    if packet in _EXTRA_FLOP_FORMULAS:
+        return int(_EXTRA_FLOP_FORMULAS[packet](*args, **kwargs))
+    return 0
+
+
+def storage_key(t: torch.Tensor) -> int:
+    """Identity of the storage behind ``t`` (views share it); valid while the storage is alive."""
+    return t.untyped_storage()._cdata
+
+
+@dataclass(frozen=True)
+class OpRecord:
+    module: str  # innermost module FQN active in forward ("" = the root / outside every submodule)
+    position: int  # index of the forward op (for backward ops: of the forward op that made its autograd node)
+    flops: int
+
+
+@dataclass(frozen=True)
+class SavedRecord:
+    module: str  # innermost module active when autograd first saved the storage
+    position: int  # forward position at the time of saving
+    producer: int  # forward position of the op that created the storage (-1: an input of the model)
+    nbytes: int
+
+
+@dataclass
+class ModuleCall:
+    start: int  # first forward position inside the module's first call
+    end: int  # one past the last
+    input_bytes: int  # distinct storages of the tensors passed in (what recompute keeps alive)
+    order: int  # rank of the first call among all module calls
+
+
+@dataclass
+class Measurement:
+    forward_ops: list[OpRecord] = field(default_factory=list)
+    backward_ops: list[OpRecord] = field(default_factory=list)
+    saved: list[SavedRecord] = field(default_factory=list)
+    calls: dict[str, ModuleCall] = field(default_factory=dict)  # module FQN → its first call
+    num_forward_ops: int = 0
+
+
+class _State:
+    """Shared, mutable state of the three recorders."""
+
+    def __init__(self, names: dict[int, str]):
+        self.names = names  # id(module) → FQN
+        self.stack: list[str] = [""]
+        self.position = 0
+        self.backward_tag: tuple[str, int] | None = None
+        self.in_backward = False
+        self.producer: dict[int, int] = {}
+        self.seen_saved: set[int] = set()
+        self.excluded: set[int] = set()  # parameter and buffer storages
+        self.result = Measurement()
+
+
+class _DispatchRecorder(TorchDispatchMode):
+    def __init__(self, state: _State):
+        super().__init__()
+        self.s = state
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        s = self.s
+        flops = op_flops(func, args, kwargs, out)
+        if s.in_backward:
+            module, position = s.backward_tag or ("", s.position)
+            s.result.backward_ops.append(OpRecord(module, position, flops))
+            return out
+        s.result.forward_ops.append(OpRecord(s.stack[-1], s.position, flops))
+        inputs = {storage_key(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                key = storage_key(t)
+                if key not in inputs:  # views and in-place ops make no new storage
+                    s.producer[key] = s.position
+        s.position += 1
+        return out
+
+
+class _AutogradTagger(TorchFunctionMode):
+    """Tags each new autograd node with (module, position) and hooks it to set the backward attribution."""
+
+    def __init__(self, state: _State):
+        super().__init__()
+        self.s = state
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tag = (self.s.stack[-1], max(self.s.position - 1, 0))
+        todo = [t.grad_fn for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        while todo:
+            node = todo.pop()
+            if node is None or "autoplan" in node.metadata:
+                continue
+            node.metadata["autoplan"] = tag
+            node.register_prehook(self._make_prehook(tag))
+            todo.extend(nxt for nxt, _ in node.next_functions)
+        return out
+
+    def _make_prehook(self, tag):
+        state = self.s
+
+        def prehook(grad_outputs):
+            state.backward_tag = tag
+
+        return prehook
+
+
+def _fake_like(t: torch.Tensor) -> torch.Tensor:
+    # Built inside FakeTensorMode, so no memory is allocated. Everything runs as CPU: the autograd engine runs
+    # CPU backward on the calling thread, where the recorders are active, and meta inputs would pick SDPA's
+    # math kernel, whose saved tensors differ from the fused kernels used in training.
+    fake = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="cpu")
+    if t.requires_grad:
+        fake.requires_grad_(True)
+    return fake
+
+
+def _distinct_bytes(tree: Any) -> int:
+    seen: dict[int, int] = {}
+    for t in pytree.tree_leaves(tree):
+        if isinstance(t, torch.Tensor):
+            seen[storage_key(t)] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def fake_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Fake copies of every parameter and buffer under all of its names (tied tensors stay tied).
+
+    Must be called inside an active ``FakeTensorMode``.
+    """
+    fakes: dict[int, torch.Tensor] = {}
+    state: dict[str, torch.Tensor] = {}
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, t in named:
+        if id(t) not in fakes:
+            fakes[id(t)] = _fake_like(t)
+        state[name] = fakes[id(t)]
+    return state
+
+
+def fake_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Fake copies of the example inputs (same shapes, dtypes, strides); call inside ``FakeTensorMode``."""
+    def conv(x):
+        return _fake_like(x) if isinstance(x, torch.Tensor) else x
+
+    return pytree.tree_map(conv, args), pytree.tree_map(conv, kwargs)
+
+
+def measure(model: torch.nn.Module, args: tuple, kwargs: dict) -> Measurement:
+    """Run ``model(*args, **kwargs)`` and its backward on fake tensors, recording FLOPs and saved storages."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.nn.modules import module as module_mod
+
+    names: dict[int, str] = {}
+    for name, mod in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(mod), name)
+    s = _State(names)
+
+    def pre_hook(mod, inputs):
+        name = s.names.get(id(mod))
+        if name is None:
+            return
+        s.stack.append(name)
+        if name not in s.result.calls:
+            s.result.calls[name] = ModuleCall(s.position, s.position, _distinct_bytes(inputs), len(s.result.calls))
+
+    def post_hook(mod, inputs, output):
+        name = s.names.get(id(mod))
+        if name is None:
+            return
+        if s.stack[-1] == name:
+            s.stack.pop()
+        call = s.result.calls[name]
+        if call.end == call.start:
+            call.end = s.position
+
+    def pack(t: torch.Tensor):
+        key = storage_key(t)
+        if key not in s.seen_saved and key not in s.excluded:
+            s.seen_saved.add(key)
+            s.result.saved.append(
+                SavedRecord(s.stack[-1], s.position, s.producer.get(key, -1), t.untyped_storage().nbytes())
+            )
+        return t
+
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    handles = []
+    try:
+        with fake_mode:
+            state = fake_state(model)
+            f_args, f_kwargs = fake_inputs(args, kwargs)
+        s.excluded = {storage_key(t) for t in state.values()}
+        handles = [
+            module_mod.register_module_forward_pre_hook(pre_hook),
+            module_mod.register_module_forward_hook(post_hook),
+        ]
+        with fake_mode, _DispatchRecorder(s), _AutogradTagger(s):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = torch.func.functional_call(model, state, f_args, f_kwargs, strict=False)
+        for h in handles:
+            h.remove()
+        handles = []
+        s.result.num_forward_ops = s.position
+        leaves = [
+            t for t in _output_leaves(out)
+            if isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point()
+        ]
+        if leaves:
+            s.in_backward = True
+            with fake_mode, _DispatchRecorder(s):
+                grads = [torch.ones_like(t) for t in leaves]
+                torch.autograd.backward(leaves, grads)
+    finally:
+        for h in handles:
+            h.remove()
+    return s.result
+
+
+def _output_leaves(out: Any) -> list:
+    if hasattr(out, "to_tuple"):  # transformers ModelOutput
+        out = out.to_tuple()
+    elif isinstance(out, dict):
+        out = list(out.values())
+    return pytree.tree_leaves(out)
