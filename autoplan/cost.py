@@ -419,7 +419,10 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
     group_params = sum(g.num_params for g in groups)
     group_flops = sum(g.forward_flops for g in groups)
     group_activation = sum(g.activation_bytes for g in groups)
-    num_params = layer.num_params - group_params + sum(_ceil_div(g.num_params, tp) for g in groups)
+    # A group may name a weight another layer owns (a head tied to the embedding): shard only what this
+    # layer owns.
+    sharded_params = min(group_params, layer.num_params)
+    num_params = layer.num_params - sharded_params + _ceil_div(sharded_params, tp)
     forward_flops = layer.flops - group_flops + group_flops / tp
     flops_ratio = forward_flops / layer.flops if layer.flops > 0 else 1.0
     activation = layer.activation_bytes - group_activation + group_activation / tp

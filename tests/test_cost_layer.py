@@ -127,6 +127,7 @@ def test_vocab_parallel_head_gathers_logits_and_allreduces_input_gradient():
                                 activation_bytes=0, allreduce_bytes=800)
     head = Layer("head", 3, "linear", 4000, 8000, 1000, 4000, 80, 800, tp_groups=(group,))
     c = cost(head, tp=2)
+    assert c.num_params == 500
     assert c.forward_s == pytest.approx(2.0)
     # all-gather of 800 B logits: 1/2·800/1000; all-reduce of the 80 B input gradient: 2·1/2·80/1000
     assert c.tp_comm_s == pytest.approx(0.4 + 0.08)
@@ -145,3 +146,12 @@ def test_vocab_parallel_head_gathers_logits_and_allreduces_input_gradient():
 def test_bad_arguments_name_the_cause(kwargs, words):
     with pytest.raises(ValueError, match=words):
         cost(**kwargs)
+
+
+def test_tied_head_owns_no_parameters_to_shard():
+    # The head's weight is the embedding's (counted there): its group names 1000 parameters, the layer owns 0.
+    group = TensorParallelGroup({"head": "vocab_head"}, divisor=100, num_params=1000, forward_flops=4000,
+                                activation_bytes=0, allreduce_bytes=800)
+    head = Layer("head", 3, "linear", 4000, 8000, 0, 0, 80, 800, tp_groups=(group,))
+    assert cost(head, tp=2).num_params == 0
+    assert cost(head, tp=2).tp_comm_s == pytest.approx(0.48)
