@@ -1,0 +1,104 @@
+"""The layer chain of a traced model: names, kinds, boundary bytes, tensor-parallel groups, recompute options."""
+
+from __future__ import annotations
+
+import torch
+
+import autoplan
+from autoplan.models import GPT, MLP, GPTConfig
+
+CFG = GPTConfig(vocab_size=512, seq_len=32, hidden=64, layers=3, heads=4)
+BATCH = 2
+
+
+def _gpt_graph():
+    return autoplan.trace(GPT(CFG), torch.randint(0, CFG.vocab_size, (BATCH, CFG.seq_len)))
+
+
+def test_gpt_layer_chain_names_and_kinds():
+    graph = _gpt_graph()
+    assert [layer.name for layer in graph.layers] == ["tok", "pos", "blocks.0", "blocks.1", "blocks.2", "ln_f", "head"]
+    assert [layer.index for layer in graph.layers] == list(range(7))
+    kinds = [layer.kind for layer in graph.layers]
+    assert kinds[2] == kinds[3] == kinds[4]
+    assert len({kinds[0], kinds[1], kinds[2], kinds[5], kinds[6]}) == 5
+    names = dict(GPT(CFG).named_modules())
+    assert all(layer.name in names for layer in graph.layers)
+
+
+def test_gpt_boundary_bytes():
+    graph = _gpt_graph()
+    hidden_bytes = BATCH * CFG.seq_len * CFG.hidden * 4
+    for name in ("pos", "blocks.0", "blocks.1", "blocks.2", "ln_f"):
+        assert graph.layer(name).output_bytes == hidden_bytes, name
+    # after tok, the positions (int64) still have to reach pos
+    assert graph.layer("tok").output_bytes == hidden_bytes + CFG.seq_len * 8
+    assert graph.layer("head").output_bytes == BATCH * CFG.seq_len * CFG.vocab_size * 4
+
+
+def test_gpt_tensor_parallel_groups():
+    graph = _gpt_graph()
+    attn, mlp = graph.layer("blocks.1").tp_groups
+    assert attn.styles == {"blocks.1.attn.qkv": "colwise", "blocks.1.attn.proj": "rowwise"}
+    assert attn.divisor == CFG.heads
+    assert attn.num_params == 4 * CFG.hidden * CFG.hidden + 4 * CFG.hidden
+    assert attn.allreduce_bytes == BATCH * CFG.seq_len * CFG.hidden * 4
+    assert mlp.styles == {"blocks.1.mlp.fc": "colwise", "blocks.1.mlp.proj": "rowwise"}
+    assert mlp.divisor == 4 * CFG.hidden
+    # fc output (saved by gelu) and gelu output (saved by proj) are sharded
+    assert mlp.activation_bytes == 2 * BATCH * CFG.seq_len * 4 * CFG.hidden * 4
+    assert 0 < attn.activation_bytes < graph.layer("blocks.1").activation_bytes
+    (emb,) = graph.layer("tok").tp_groups
+    assert emb.styles == {"tok": "vocab_embedding"} and emb.divisor == CFG.vocab_size
+    (head,) = graph.layer("head").tp_groups
+    assert head.styles == {"head": "vocab_head"} and head.divisor == CFG.vocab_size
+    assert head.allreduce_bytes == graph.layer("head").output_bytes
+    assert graph.layer("pos").tp_groups == () and graph.layer("ln_f").tp_groups == ()
+    assert graph.layer("blocks.0").tp_divisor == CFG.heads
+
+
+def test_recompute_options_full_and_selective():
+    graph = _gpt_graph()
+    block = graph.layer("blocks.0")
+    full, *selective = block.recompute_options
+    input_bytes = BATCH * CFG.seq_len * CFG.hidden * 4
+    assert full.module == "blocks.0" and full.forward_flops == block.flops
+    assert full.saved_activation_bytes == block.activation_bytes - input_bytes
+    assert [o.module for o in selective] == ["blocks.0.attn", "blocks.0.mlp"]
+    assert all(0 < o.saved_activation_bytes < full.saved_activation_bytes for o in selective)
+    assert all(0 < o.forward_flops < block.flops for o in selective)
+
+
+def test_containers_are_opened_and_wrappers_split():
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = MLP(16, 32, depth=2)
+            self.out = torch.nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.out(self.body(x))
+
+    graph = autoplan.trace(Wrapper(), torch.randn(4, 16))
+    assert [layer.name for layer in graph.layers] == [f"body.layers.{i}" for i in range(5)] + ["out"]
+
+
+def test_summary_table_lists_every_layer_with_totals():
+    graph = _gpt_graph()
+    text = graph.summary()
+    lines = text.splitlines()
+    assert lines[0].startswith("GPT: ") and "traced by fx" in lines[0]
+    assert len(lines) == 1 + 1 + 1 + len(graph.layers) + 1 + 1
+    assert lines[-1].split()[0] == "total" and "KiB" in lines[-1]
+    assert "blocks.2" in text and str(graph) == text
+
+
+def test_op_graph_nodes_carry_shapes_and_modules():
+    graph = _gpt_graph()
+    g = graph.nx_graph
+    qkv = [n for n, a in g.nodes(data=True) if a["module"] == "blocks.0.attn.qkv"]
+    assert len(qkv) == 1
+    attrs = g.nodes[qkv[0]]
+    assert attrs["shape"] == (BATCH, CFG.seq_len, 3 * CFG.hidden)
+    assert attrs["bytes"] == BATCH * CFG.seq_len * 3 * CFG.hidden * 4
+    assert {"op", "target", "shape", "bytes", "module"} <= set(attrs)
