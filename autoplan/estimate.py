@@ -1,0 +1,336 @@
+"""The cost of a whole plan: step time and per-device memory, composed from :mod:`autoplan.cost`.
+
+This is THE cost the planner minimises; :mod:`autoplan.solve` builds its CP-SAT objective from the same
+pieces, and every plan it returns carries ``estimate(graph, plan)`` as ``plan.predicted``.
+
+Ranks are laid out pp-major, then dp, then tp innermost: a tensor-parallel group is ``tp`` consecutive ranks
+(stride 1), a data-parallel group ``dp`` ranks ``tp`` apart, and neighbouring pipeline ranks are ``dp·tp``
+apart. Pipeline stage ``k`` runs on pipeline rank ``k mod pp``.
+
+For one microbatch, stage ``k`` takes
+
+    T_k = Σ_{layers i in k} (forward + backward + recompute + tensor-parallel comm)_i + 2·p2p(boundary_k)
+
+where the p2p term (activation sent forward, its gradient sent back) is paid by every stage but the last. A
+pipeline rank's time per microbatch is the sum over its stages, ``T_r = Σ_{k ≡ r} T_k``, and one step is
+
+    step_time_s = (microbatches + bubble) · max_r T_r  +  max_r (dp_sync_r + optimizer_r)
+
+with ``bubble = (pp − 1) / virtual_stages`` microbatch-times (Huang et al. 2019; Narayanan et al. SC'21
+§2.2). What overlaps: nothing across these terms. Tensor-parallel collectives and pipeline sends sit on the
+critical path of each microbatch (Megatron-LM runs them synchronously); the data-parallel gradient
+synchronisation and the optimizer step follow the last backward and are counted in full, which is
+conservative for DDP's bucketed all-reduce (it partly hides behind the last backward).
+
+Memory of pipeline rank ``r`` (its worst device; all dp × tp devices of a rank hold the same):
+
+    model_state_bytes(P_r) + in_flight_r · A_r + max_i transient_i + p2p buffers
+
+``P_r`` are the rank's parameters after tensor parallelism, ``A_r`` the bytes all its layers keep for one
+microbatch's backward, ``in_flight_r`` in those units (interleaved chunks count 1/v each, see
+:func:`autoplan.cost.in_flight_microbatches`),
+``transient_i`` what only exists while layer ``i`` runs backward (rematerialised activations, and under FSDP
+the layer's gathered weights and unsharded gradients), and the p2p buffers one microbatch's received input
+and sent output per stage.
+
+Example:
+    >>> import autoplan
+    >>> from autoplan.estimate import estimate
+    >>> callable(estimate)
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Sequence
+
+from . import cost
+from .cluster import Cluster
+from .graph import Layer, ModelGraph, RecomputeOption
+from .plan import Plan, Predicted
+
+__all__ = ["Strategy", "RankCost", "PlanCost", "estimate", "estimate_breakdown", "compose", "layer_choice_cost",
+           "rank_tail_s", "rank_state_bytes"]
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """The discrete choices of a layout, without its stage cuts: what one solver configuration fixes."""
+
+    pp: int
+    dp: int
+    tp: int
+    microbatch_size: int
+    microbatches: int
+    schedule: str
+    data_parallel: str
+    virtual_stages: int = 1
+    precision: str = "bf16"
+    optimizer: str = "adamw"
+
+    @property
+    def num_stages(self) -> int:
+        return self.pp * self.virtual_stages
+
+    @property
+    def bubble_microbatches(self) -> Fraction:
+        """Bubble length in per-microbatch rank times, as an exact fraction."""
+        value = cost.bubble_microbatches(self.schedule, self.pp, self.virtual_stages)
+        return Fraction(value).limit_denominator(1000)
+
+    def describe(self) -> str:
+        """``pp2×dp4×tp1 1f1b mb=2×8 ddp`` (with ``v=2`` for interleaved)."""
+        v = f" v={self.virtual_stages}" if self.virtual_stages > 1 else ""
+        return (f"pp{self.pp}×dp{self.dp}×tp{self.tp} {self.schedule}{v} mb={self.microbatch_size}×"
+                f"{self.microbatches} {self.data_parallel}")
+
+    @classmethod
+    def of(cls, plan: Plan) -> "Strategy":
+        return cls(plan.mesh.pp, plan.mesh.dp, plan.mesh.tp, plan.microbatch_size, plan.microbatches,
+                   plan.schedule, plan.data_parallel, plan.virtual_stages, plan.precision, plan.optimizer)
+
+
+@dataclass(frozen=True)
+class RankCost:
+    """One pipeline rank: per-microbatch time parts, per-step tail, and memory parts (bytes)."""
+
+    rank: int
+    stages: tuple[int, ...]
+    layers: int
+    compute_s: float  # forward + backward, one microbatch
+    recompute_s: float
+    tp_comm_s: float
+    p2p_s: float
+    num_params: int  # after tensor parallelism
+    dp_sync_s: float
+    optimizer_s: float
+    model_state_bytes: int
+    in_flight: float  # microbatches whose activations are held at the peak
+    activation_bytes: int  # in flight, all of them
+    transient_bytes: int
+    p2p_buffer_bytes: int
+
+    @property
+    def microbatch_s(self) -> float:
+        return self.compute_s + self.recompute_s + self.tp_comm_s + self.p2p_s
+
+    @property
+    def tail_s(self) -> float:
+        return self.dp_sync_s + self.optimizer_s
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.model_state_bytes + self.activation_bytes + self.transient_bytes + self.p2p_buffer_bytes
+
+
+@dataclass(frozen=True)
+class PlanCost:
+    """Everything :func:`estimate` computed, for explanations; ``predicted`` is the summary."""
+
+    strategy: Strategy
+    ranks: tuple[RankCost, ...]
+    capacity_bytes: int
+    step_time_s: float
+    compute_s: float
+    recompute_s: float
+    comm_s: float
+    bubble_s: float
+    optimizer_s: float
+    samples_per_s: float
+    global_batch_size: int
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def slowest_rank(self) -> RankCost:
+        return max(self.ranks, key=lambda r: (r.microbatch_s, -r.rank))
+
+    @property
+    def peak_memory_bytes(self) -> tuple[int, ...]:
+        return tuple(r.peak_bytes for r in self.ranks)
+
+    @property
+    def fits(self) -> bool:
+        return max(self.peak_memory_bytes) <= self.capacity_bytes
+
+    @property
+    def predicted(self) -> Predicted:
+        return Predicted(
+            step_time_s=self.step_time_s, peak_memory_bytes=self.peak_memory_bytes, compute_s=self.compute_s,
+            comm_s=self.comm_s, bubble_s=self.bubble_s, recompute_s=self.recompute_s,
+            optimizer_s=self.optimizer_s, samples_per_s=self.samples_per_s,
+        )
+
+
+def layer_choice_cost(graph: ModelGraph, layer: Layer, cluster: Cluster, strategy: Strategy, tp_on: bool,
+                      recompute: RecomputeOption | None) -> cost.LayerCost:
+    """:func:`autoplan.cost.layer_cost` of ``layer`` under ``strategy``, sharded by ``tp`` iff ``tp_on``.
+
+    Example:
+        >>> from autoplan.estimate import layer_choice_cost
+        >>> callable(layer_choice_cost)
+        True
+    """
+    return cost.layer_cost(
+        layer, traced_batch_size=graph.batch_size, traced_dtype_bytes=graph.dtype_bytes, cluster=cluster,
+        tp=strategy.tp if tp_on else 1, microbatch_size=strategy.microbatch_size, precision=strategy.precision,
+        recompute=recompute, tp_stride=1,
+    )
+
+
+def rank_tail_s(strategy: Strategy, cluster: Cluster, num_params: float) -> tuple[float, float]:
+    """(data-parallel sync, optimizer step) seconds of a pipeline rank holding ``num_params`` after TP.
+
+    FSDP runs the optimizer on its 1/dp shard only (ZeRO-3, Rajbhandari et al. 2020 §5.3).
+
+    Example:
+        >>> from autoplan.estimate import rank_tail_s
+        >>> callable(rank_tail_s)
+        True
+    """
+    sync = cost.data_parallel_sync_s(int(num_params), cluster, dp=strategy.dp, stride=strategy.tp,
+                                     data_parallel=strategy.data_parallel, precision=strategy.precision)
+    shard = num_params / strategy.dp if strategy.data_parallel == "fsdp" else num_params
+    opt = cost.optimizer_step_s(int(-(-shard // 1)), cluster, strategy.precision, strategy.optimizer)
+    return sync, opt
+
+
+def rank_state_bytes(strategy: Strategy, num_params: int) -> int:
+    """Weights, gradients and optimizer states of a rank's ``num_params`` on one of its devices."""
+    return cost.model_state_bytes(int(num_params), strategy.precision, strategy.optimizer, strategy.dp,
+                                  strategy.data_parallel)
+
+
+def fsdp_gather_bytes(strategy: Strategy, num_params: int) -> int:
+    """FSDP's per-layer transient: the layer's all-gathered weights plus its unsharded gradients before the
+    reduce-scatter (FSDP2 frees both once the layer is done; Zhao et al. 2023, PyTorch FSDP §3.2)."""
+    if strategy.data_parallel != "fsdp" or strategy.dp == 1:
+        return 0
+    sb = cost.state_bytes_per_param(strategy.precision, strategy.optimizer)
+    return int(num_params) * (sb.params + sb.grads)
+
+
+def p2p_link(strategy: Strategy, cluster: Cluster) -> tuple[float, float]:
+    """(bandwidth_Bps, latency_s) between neighbouring pipeline ranks, ``dp·tp`` ranks apart: the pipeline's
+    slowest hop, inter-node as soon as the pp ranks of one (dp, tp) coordinate span more than a node."""
+    return cost.group_link(cluster, strategy.pp, strategy.dp * strategy.tp)
+
+
+def stage_p2p_s(strategy: Strategy, cluster: Cluster, boundary_bytes: int) -> float:
+    """Send the stage's output forward and receive its gradient back, for one microbatch."""
+    bandwidth, latency = p2p_link(strategy, cluster)
+    return 2 * cost.p2p_s(boundary_bytes, bandwidth_Bps=bandwidth, latency_s=latency)
+
+
+def in_flight(strategy: Strategy, rank: int) -> float:
+    """Microbatches (whole-rank equivalents) whose activations pipeline rank ``rank`` holds at its peak."""
+    return cost.in_flight_microbatches(strategy.schedule, rank, strategy.pp, strategy.microbatches,
+                                       strategy.virtual_stages)
+
+
+def compose(strategy: Strategy, cluster: Cluster, stages: Sequence[Sequence[cost.LayerCost]],
+            global_batch_size: int) -> PlanCost:
+    """The step time and memory of ``stages`` (per stage, the costs of its layers in order).
+
+    Example:
+        >>> from autoplan.estimate import compose
+        >>> callable(compose)
+        True
+    """
+    if len(stages) != strategy.num_stages:
+        raise ValueError(f"{len(stages)} stages given for pp × virtual_stages = {strategy.num_stages}")
+    last = len(stages) - 1
+    boundary = [s[-1].boundary_bytes for s in stages]
+    ranks = []
+    for r in range(strategy.pp):
+        own = [k for k in range(len(stages)) if k % strategy.pp == r]
+        layers = [c for k in own for c in stages[k]]
+        params = sum(c.num_params for c in layers)
+        sync, opt = rank_tail_s(strategy, cluster, params)
+        flight = in_flight(strategy, r)
+        buffers = sum((boundary[k - 1] if k > 0 else 0) + (boundary[k] if k < last else 0) for k in own)
+        ranks.append(RankCost(
+            rank=r, stages=tuple(own), layers=len(layers),
+            compute_s=sum(c.forward_s + c.backward_s for c in layers),
+            recompute_s=sum(c.recompute_s for c in layers),
+            tp_comm_s=sum(c.tp_comm_s for c in layers),
+            p2p_s=sum(stage_p2p_s(strategy, cluster, boundary[k]) for k in own if k < last),
+            num_params=params, dp_sync_s=sync, optimizer_s=opt,
+            model_state_bytes=rank_state_bytes(strategy, params),
+            in_flight=flight,
+            activation_bytes=int(flight * sum(c.activation_bytes for c in layers)),
+            transient_bytes=max(c.transient_bytes + fsdp_gather_bytes(strategy, c.num_params) for c in layers),
+            p2p_buffer_bytes=buffers,
+        ))
+    slow = max(ranks, key=lambda r: (r.microbatch_s, -r.rank))
+    tail = max(ranks, key=lambda r: (r.tail_s, -r.rank))
+    m = strategy.microbatches
+    bubble = float(strategy.bubble_microbatches) * slow.microbatch_s
+    step = m * slow.microbatch_s + bubble + tail.tail_s
+    return PlanCost(
+        strategy=strategy, ranks=tuple(ranks), capacity_bytes=cluster.device.usable_memory_bytes,
+        step_time_s=step, compute_s=m * slow.compute_s, recompute_s=m * slow.recompute_s,
+        comm_s=m * (slow.tp_comm_s + slow.p2p_s) + tail.dp_sync_s, bubble_s=bubble, optimizer_s=tail.optimizer_s,
+        samples_per_s=global_batch_size / step if step > 0 else 0.0, global_batch_size=global_batch_size,
+    )
+
+
+def _layer_choices(graph: ModelGraph, plan: Plan) -> list[list[tuple[Layer, bool, RecomputeOption | None]]]:
+    """Each stage's layers with their tensor-parallel flag and recompute option, as the plan states them."""
+    by_name = {layer.name: layer for layer in graph.layers}
+    unknown = [name for name in plan.layers if name not in by_name]
+    if unknown:
+        raise ValueError(f"plan names layers {unknown[:5]} that the model graph does not have; "
+                         f"re-plan for this model")
+    missing = [layer.name for layer in graph.layers if layer.name not in set(plan.layers)]
+    if missing:
+        raise ValueError(f"plan leaves out layers {missing[:5]}; every layer must be in exactly one stage")
+    order = [by_name[name].index for name in plan.layers]
+    if order != sorted(order):
+        raise ValueError("plan stages must list layers in model order (pipeline stages are contiguous)")
+    stages = []
+    for stage in plan.stages:
+        wanted = set(stage.recompute)
+        rows = []
+        for name in stage.layers:
+            layer = by_name[name]
+            tp_on = plan.mesh.tp > 1 and any(fqn in plan.tensor_parallel for g in layer.tp_groups for fqn in g.styles)
+            option = next((o for o in layer.recompute_options if o.module in wanted), None)
+            rows.append((layer, tp_on, option))
+        stages.append(rows)
+    return stages
+
+
+def estimate_breakdown(graph: ModelGraph, plan: Plan) -> PlanCost:
+    """Everything :func:`estimate` computes, per pipeline rank, for explanations and tests.
+
+    Example:
+        >>> from autoplan.estimate import estimate_breakdown
+        >>> callable(estimate_breakdown)
+        True
+    """
+    strategy = Strategy.of(plan)
+    stages = [
+        [layer_choice_cost(graph, layer, plan.cluster, strategy, tp_on, option) for layer, tp_on, option in rows]
+        for rows in _layer_choices(graph, plan)
+    ]
+    return compose(strategy, plan.cluster, stages, plan.global_batch_size)
+
+
+def estimate(graph: ModelGraph, plan: Plan) -> Predicted:
+    """Predicted step time (one iteration over the global batch) and peak memory per pipeline rank of ``plan``.
+
+    Example:
+        >>> import sys; sys.path.insert(0, "tests")
+        >>> from graphs import gpt_like_graph
+        >>> import autoplan
+        >>> from autoplan.estimate import estimate
+        >>> from autoplan.solve import search
+        >>> from autoplan.options import PlanOptions
+        >>> graph = gpt_like_graph(layers=2, hidden=256, seq=128, vocab=1000)
+        >>> plan = search(graph, autoplan.Cluster.preset("a100-80gb"), PlanOptions(global_batch_size=8))
+        >>> abs(estimate(graph, plan).step_time_s - plan.predicted.step_time_s) < 1e-12
+        True
+    """
+    return estimate_breakdown(graph, plan).predicted

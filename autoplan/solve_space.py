@@ -1,0 +1,174 @@
+"""The discrete search space: every strategy (mesh, microbatching, schedule, DP kind) the pins allow.
+
+A :class:`~autoplan.estimate.Strategy` fixes everything but the stage cuts and the per-layer choices
+(tensor parallel on/off, recompute option); :mod:`autoplan.solve_model` finds those for one strategy.
+
+Example:
+    >>> from autoplan.solve_space import divisors
+    >>> divisors(12)
+    [1, 2, 3, 4, 6, 12]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .cluster import Cluster
+from .estimate import Strategy
+from .graph import Layer, ModelGraph, RecomputeOption
+from .options import PlanOptions
+
+__all__ = ["divisors", "LayerChoice", "layer_choices", "enumerate_strategies", "global_batch_size",
+           "MAX_VIRTUAL_STAGES"]
+
+#: Interleaved schedules are searched with 2..MAX_VIRTUAL_STAGES model chunks per pipeline rank.
+MAX_VIRTUAL_STAGES = 4
+
+
+def divisors(n: int) -> list[int]:
+    """The positive divisors of ``n`` in increasing order."""
+    small = [d for d in range(1, int(n**0.5) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """How one layer runs: sharded by tensor parallelism or not, and which recompute option (index or -1)."""
+
+    tp_on: bool
+    recompute: int  # index into Layer.recompute_options, -1 for none
+
+    def option(self, layer: Layer) -> RecomputeOption | None:
+        return None if self.recompute < 0 else layer.recompute_options[self.recompute]
+
+
+def _recompute_allowed(layer: Layer, mode: str) -> list[int]:
+    options = list(enumerate(layer.recompute_options))
+    if mode == "none":
+        return [-1]
+    if mode == "full":
+        full = [i for i, o in options if o.module == layer.name]
+        return full[:1] or [-1]
+    if mode == "selective":
+        selective = [i for i, o in options if o.module != layer.name]
+        return selective or [-1]
+    return [-1] + [i for i, _ in options]
+
+
+def layer_choices(layer: Layer, tp: int, recompute: str) -> list[LayerChoice]:
+    """The choices the options allow for ``layer`` under a tensor-parallel degree ``tp``.
+
+    ``recompute`` pinned to "full" / "selective" forces that kind wherever the layer offers it (a layer
+    without such an option runs without recompute); "none" forbids recompute.
+
+    Example:
+        >>> from autoplan.graph import Layer
+        >>> layer = Layer("fc", 0, "linear", 1, 2, 3, 12, 4, 4)
+        >>> layer_choices(layer, tp=1, recompute="auto")
+        [LayerChoice(tp_on=False, recompute=-1)]
+    """
+    tp_options = [False]
+    if tp > 1 and layer.tp_divisor and layer.tp_divisor % tp == 0:
+        tp_options.append(True)
+    return [LayerChoice(t, r) for t in tp_options for r in _recompute_allowed(layer, recompute)]
+
+
+def global_batch_size(graph: ModelGraph, options: PlanOptions) -> int:
+    return options.global_batch_size if options.global_batch_size is not None else graph.batch_size
+
+
+def _tp_degrees(graph: ModelGraph, cluster: Cluster, options: PlanOptions) -> list[int]:
+    if "tp" in options.mesh:
+        return [options.mesh["tp"]]
+    out = []
+    for tp in divisors(cluster.world_size):
+        if tp > 1 and not any(layer.tp_divisor and layer.tp_divisor % tp == 0 for layer in graph.layers):
+            continue  # no layer can shard: tp would only replicate work
+        within_node = cluster.devices_per_node % tp == 0
+        if not within_node and not options.tp_across_nodes:
+            continue
+        out.append(tp)
+    return out
+
+
+def enumerate_strategies(graph: ModelGraph, cluster: Cluster, options: PlanOptions) -> list[Strategy]:
+    """Every strategy allowed by the world size, the global batch and the pins, in a fixed order.
+
+    Raises ``ValueError`` naming the arithmetic when the pins leave nothing (e.g. a mesh whose product is not
+    the world size, or a data-parallel degree that does not divide the global batch).
+
+    Example:
+        >>> import sys; sys.path.insert(0, "tests")
+        >>> from graphs import gpt_like_graph
+        >>> from autoplan import Cluster
+        >>> s = enumerate_strategies(gpt_like_graph(layers=2), Cluster.preset("a100-80gb"),
+        ...                          PlanOptions(global_batch_size=8, mesh={"pp": 1, "tp": 1}))
+        >>> sorted({x.microbatch_size for x in s})
+        [1]
+    """
+    world = cluster.world_size
+    batch = global_batch_size(graph, options)
+    num_layers = len(graph.layers)
+    pins = options.mesh
+    pinned_product = 1
+    for degree in pins.values():
+        pinned_product *= degree
+    if world % pinned_product or (len(pins) == 3 and pinned_product != world):
+        raise ValueError(
+            f"mesh pins {pins} multiply to {pinned_product}, which does not fit a world of {world} devices "
+            f"({cluster.nodes} nodes × {cluster.devices_per_node}); pin degrees whose product divides {world}"
+        )
+    if "pp" in pins and pins["pp"] > num_layers:
+        raise ValueError(f"mesh pp={pins['pp']} needs at least that many layers; the model has {num_layers}")
+    strategies: list[Strategy] = []
+    for tp in _tp_degrees(graph, cluster, options):
+        for pp in divisors(world // tp):
+            if pp > num_layers or pins.get("pp", pp) != pp:
+                continue
+            dp = world // (tp * pp)
+            if pins.get("dp", dp) != dp or batch % dp:
+                continue
+            per_replica = batch // dp
+            sizes = [options.microbatch_size] if options.microbatch_size else divisors(per_replica)
+            for mb in sizes:
+                if per_replica % mb:
+                    continue
+                m = per_replica // mb
+                for schedule, v in _schedules(pp, m, num_layers, options.schedule):
+                    for kind in _dp_kinds(dp, options.data_parallel):
+                        strategies.append(Strategy(pp, dp, tp, mb, m, schedule, kind, v, options.precision,
+                                                   options.optimizer))
+    if not strategies:
+        raise ValueError(_no_strategy_message(graph, cluster, options, batch))
+    return strategies
+
+
+def _schedules(pp: int, microbatches: int, num_layers: int, pinned: str) -> list[tuple[str, int]]:
+    if pp == 1:
+        # One stage: the schedules coincide (gradient accumulation, one microbatch alive).
+        return [(pinned if pinned != "auto" else "1f1b", 1)]
+    out = []
+    if pinned in ("auto", "gpipe"):
+        out.append(("gpipe", 1))
+    if pinned in ("auto", "1f1b") and microbatches >= pp:
+        out.append(("1f1b", 1))
+    if pinned in ("auto", "interleaved") and microbatches >= pp and microbatches % pp == 0:
+        out += [("interleaved", v) for v in range(2, MAX_VIRTUAL_STAGES + 1) if pp * v <= num_layers]
+    return out
+
+
+def _dp_kinds(dp: int, pinned: str) -> list[str]:
+    if pinned != "auto":
+        return [pinned]
+    return ["ddp", "fsdp"] if dp > 1 else ["ddp"]  # FSDP over one rank shards nothing
+
+
+def _no_strategy_message(graph: ModelGraph, cluster: Cluster, options: PlanOptions, batch: int) -> str:
+    pins = {k: v for k, v in (("mesh", options.mesh), ("microbatch_size", options.microbatch_size),
+                               ("schedule", options.schedule)) if v not in ({}, None, "auto")}
+    return (
+        f"no parallel layout of {cluster.world_size} devices matches global batch {batch} and the pins {pins}: "
+        f"dp must divide the global batch, microbatch_size must divide batch/dp, 1f1b/interleaved need "
+        f"microbatches ≥ pp, and tp must divide the {cluster.devices_per_node} devices of a node "
+        f"(tp_across_nodes=True lifts that); change the global batch or drop a pin"
+    )

@@ -1,0 +1,288 @@
+"""Per-strategy cost tables, the exact lower bound and the greedy layout that the CP-SAT search starts from.
+
+Identical neighbouring layers (same structure and figures, e.g. the transformer blocks) form one *segment*:
+they have identical costs, so the solver only decides how many of a segment's layers each stage takes and
+how many of those use each choice. Choices dominated in every cost term (slower, more parameters, more
+activations, more transient memory) are dropped: keeping the dominating one never costs anything.
+
+Example:
+    >>> from autoplan.solve_tables import segments_of
+    >>> callable(segments_of)
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Sequence
+
+from . import cost
+from .cluster import Cluster
+from .estimate import (PlanCost, Strategy, compose, fsdp_gather_bytes, in_flight, layer_choice_cost,
+                       rank_state_bytes, rank_tail_s, stage_p2p_s)
+from .graph import Layer, ModelGraph
+from .solve_space import LayerChoice, layer_choices
+
+__all__ = ["Segment", "segments_of", "LayerCostCache", "StrategyTables", "Assignment"]
+
+#: Per stage, the (layer index, choice) pairs it runs, in model order.
+Assignment = list[list[tuple[int, LayerChoice]]]
+
+
+def _signature(layer: Layer) -> tuple:
+    return (layer.kind, layer.flops, layer.backward_flops, layer.num_params, layer.param_bytes,
+            layer.activation_bytes, layer.output_bytes, layer.tp_groups and tuple(
+                (g.divisor, g.num_params, g.forward_flops, g.activation_bytes, g.allreduce_bytes,
+                 tuple(sorted(g.styles.values()))) for g in layer.tp_groups),
+            tuple((o.module == layer.name, o.saved_activation_bytes, o.forward_flops)
+                  for o in layer.recompute_options))
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Layers ``start..stop-1`` of the chain, all with the same signature."""
+
+    start: int
+    stop: int
+    signature: tuple
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+def segments_of(layers: Sequence[Layer]) -> list[Segment]:
+    """Maximal runs of neighbouring layers with equal signatures."""
+    out: list[Segment] = []
+    for i, layer in enumerate(layers):
+        sig = _signature(layer)
+        if out and out[-1].signature == sig:
+            out[-1] = Segment(out[-1].start, i + 1, sig)
+        else:
+            out.append(Segment(i, i + 1, sig))
+    return out
+
+
+class LayerCostCache:
+    """``layer_choice_cost`` memoised by (layer signature, strategy fields it reads, choice)."""
+
+    def __init__(self, graph: ModelGraph, cluster: Cluster):
+        self.graph, self.cluster = graph, cluster
+        self._memo: dict[tuple, cost.LayerCost] = {}
+
+    def get(self, layer: Layer, signature: tuple, strategy: Strategy, choice: LayerChoice) -> cost.LayerCost:
+        key = (signature, strategy.tp if choice.tp_on else 1, strategy.microbatch_size, strategy.precision,
+               choice.recompute)
+        hit = self._memo.get(key)
+        if hit is None:
+            hit = layer_choice_cost(self.graph, layer, self.cluster, strategy, choice.tp_on, choice.option(layer))
+            self._memo[key] = hit
+        return hit
+
+
+@dataclass(frozen=True)
+class ChoiceCost:
+    """One segment choice under one strategy: the figures the solver's constraints read."""
+
+    choice: LayerChoice
+    layer_cost: cost.LayerCost
+    time_s: float
+    num_params: int
+    activation_bytes: int
+    transient_bytes: int
+
+
+class StrategyTables:
+    """Everything the search needs about one strategy, computed once."""
+
+    def __init__(self, graph: ModelGraph, cluster: Cluster, strategy: Strategy, segments: list[Segment],
+                 cache: LayerCostCache, recompute: str, global_batch_size: int):
+        """Cost every allowed choice of every segment under ``strategy`` (memoised across strategies)."""
+        self.graph, self.cluster, self.strategy, self.segments = graph, cluster, strategy, segments
+        self.cache, self.global_batch_size = cache, global_batch_size
+        self.capacity_bytes = cluster.device.usable_memory_bytes
+        self.num_layers = len(graph.layers)
+        self.choices: list[list[ChoiceCost]] = []
+        for seg in segments:
+            layer = graph.layers[seg.start]
+            rows = []
+            for choice in layer_choices(layer, strategy.tp, recompute):
+                lc = cache.get(layer, seg.signature, strategy, choice)
+                rows.append(ChoiceCost(choice, lc, lc.total_s, lc.num_params, lc.activation_bytes,
+                                       lc.transient_bytes + fsdp_gather_bytes(strategy, lc.num_params)))
+            self.choices.append(_non_dominated(rows))
+        self.segment_of = [g for g, seg in enumerate(segments) for _ in range(seg.size)]
+        self.bubble = strategy.bubble_microbatches
+
+    @cached_property
+    def boundary_bytes(self) -> list[int]:
+        """Bytes a cut after layer i sends (the same for every choice of a layer)."""
+        per_segment = [rows[0].layer_cost.boundary_bytes for rows in self.choices]
+        return [per_segment[g] for g in self.segment_of]
+
+    @cached_property
+    def p2p_s(self) -> list[float]:
+        """Send time of a cut after layer i, for one microbatch (forward activation + backward gradient)."""
+        per_segment = [stage_p2p_s(self.strategy, self.cluster, rows[0].layer_cost.boundary_bytes)
+                       for rows in self.choices]
+        return [per_segment[g] for g in self.segment_of]
+
+    @cached_property
+    def in_flight(self) -> list[float]:
+        return [in_flight(self.strategy, r) for r in range(self.strategy.pp)]
+
+    # -- bounds ---------------------------------------------------------------------------------------------
+    def lower_bound_s(self) -> float:
+        """No layout of this strategy is faster: stages perfectly balanced at each layer's fastest choice,
+        no pipeline sends, no memory limit; the tail (DP sync + optimizer) is affine and increasing in a
+        rank's parameters, so its maximum over ranks is at least its value at the mean."""
+        s = self.strategy
+        fastest = [min(c.time_s for c in rows) for rows in self.choices]
+        total = sum(t * seg.size for t, seg in zip(fastest, self.segments))
+        per_mb = max(total / s.pp, max(fastest))
+        params = sum(min(c.num_params for c in rows) * seg.size
+                     for rows, seg in zip(self.choices, self.segments)) / s.pp
+        sync, opt = rank_tail_s(s, self.cluster, params)
+        return (s.microbatches + float(self.bubble)) * per_mb + sync + opt
+
+    def memory_lower_bound_bytes(self) -> float:
+        """No layout of this strategy needs less memory on its fullest device (leanest choices, perfectly
+        balanced parameters and activations, the smallest in-flight count)."""
+        params = sum(min(c.num_params for c in rows) * seg.size for rows, seg in zip(self.choices, self.segments))
+        act = sum(min(c.activation_bytes for c in rows) * seg.size for rows, seg in zip(self.choices, self.segments))
+        state = rank_state_bytes(self.strategy, int(params // self.strategy.pp))
+        flight = min(in_flight(self.strategy, r) for r in (0, self.strategy.pp - 1))
+        return state + flight * act / self.strategy.pp
+
+    # -- evaluation -----------------------------------------------------------------------------------------
+    def evaluate(self, assignment: Assignment) -> PlanCost:
+        """The exact cost (:func:`autoplan.estimate.compose`) of an assignment."""
+        stages = [[self._cost(i, choice) for i, choice in stage] for stage in assignment]
+        return compose(self.strategy, self.cluster, stages, self.global_batch_size)
+
+    def _cost(self, i: int, choice: LayerChoice) -> cost.LayerCost:
+        for c in self.choices[self.segment_of[i]]:
+            if c.choice == choice:
+                return c.layer_cost
+        raise ValueError(f"choice {choice} is not available for layer {i}")
+
+    # -- greedy ---------------------------------------------------------------------------------------------
+    def greedy(self) -> tuple[Assignment, PlanCost] | None:
+        """The best feasible layout among a few simple ones, or None.
+
+        For each "level" ℓ, every layer takes its ℓ-th fastest non-dominated choice (ℓ = 0: fastest, the last:
+        leanest); stages are then cut by binary search on the per-stage time limit, filling each stage while
+        its device memory still fits (one stage per rank) or by balancing time (interleaved).
+        """
+        best: tuple[Assignment, PlanCost] | None = None
+        levels = max(len(c) for c in self.choices)
+        for level in range(levels):
+            picks = [self.choices[g][min(level, len(self.choices[g]) - 1)] for g in self.segment_of]
+            for assignment in self._partitions(picks):
+                result = self.evaluate(assignment)
+                if result.fits and (best is None or result.step_time_s < best[1].step_time_s):
+                    best = (assignment, result)
+        return best
+
+    def leanest(self) -> tuple[Assignment, PlanCost]:
+        """A layout built for least memory (leanest choices, stages cut to balance memory); for error messages."""
+        picks = [min(self.choices[g], key=lambda c: (c.activation_bytes + c.num_params, c.time_s))
+                 for g in self.segment_of]
+        results = [(a, self.evaluate(a)) for a in self._partitions(picks, memory_first=True)]
+        return min(results, key=lambda ar: (max(ar[1].peak_memory_bytes), ar[1].step_time_s))
+
+    def _partitions(self, picks: list[ChoiceCost], memory_first: bool = False) -> list[Assignment]:
+        stages = self.strategy.num_stages
+        times = [p.time_s + self.p2p_s[i] for i, p in enumerate(picks)]
+        state_per_param = rank_state_bytes(self.strategy, 10**9) / 10**9
+        mem = [[state_per_param * p.num_params + self.in_flight[k % self.strategy.pp] * p.activation_bytes
+                for p in picks] for k in range(stages)]
+        out = [self._balanced(picks, mem[0] if memory_first else times)]
+        if self.strategy.virtual_stages == 1 and stages > 1:
+            cap = float("inf") if memory_first else self.capacity_bytes
+            cut = self._threshold_cuts(times, mem, picks, mem if memory_first else None, cap)
+            if cut is not None:
+                out.append(cut)
+        return out
+
+    def _balanced(self, picks: list[ChoiceCost], weights: list[float]) -> Assignment:
+        """Cut where the running sum of ``weights`` crosses multiples of total / stages."""
+        n, stages = self.num_layers, self.strategy.num_stages
+        total = sum(weights) or 1.0
+        cuts, acc, k = [0], 0.0, 1
+        for i, w in enumerate(weights):
+            acc += w
+            remaining_layers, remaining_stages = n - (i + 1), stages - k
+            if k < stages and (acc >= total * k / stages or remaining_layers == remaining_stages):
+                if remaining_layers >= remaining_stages:
+                    cuts.append(i + 1)
+                    k += 1
+        cuts.append(n)
+        return self._assign(cuts, picks)
+
+    def _threshold_cuts(self, times: list[float], mem: list[list[float]], picks: list[ChoiceCost],
+                        weights: list[list[float]] | None, cap: float) -> Assignment | None:
+        """Binary search on a per-stage limit of time (or memory when ``weights``) under the memory cap."""
+        n, stages = self.num_layers, self.strategy.num_stages
+        margin = 2 * max(self.boundary_bytes) + max(p.transient_bytes for p in picks)
+
+        def fill(limit: float) -> list[int] | None:
+            cuts, k, t, m = [0], 0, 0.0, 0.0
+            for i in range(n):
+                w = weights[k][i] if weights else times[i]
+                over = (t + w > limit) or (m + mem[k][i] + margin > cap)
+                if over and i > cuts[-1]:
+                    cuts.append(i)
+                    k += 1
+                    if k >= stages:
+                        return None
+                    t, m = 0.0, 0.0
+                t += weights[k][i] if weights else times[i]
+                m += mem[k][i]
+                if m + margin > cap:
+                    return None
+            cuts.append(n)
+            while len(cuts) - 1 < stages:  # split the longest stage until there are enough
+                j = max(range(len(cuts) - 1), key=lambda s: (cuts[s + 1] - cuts[s], -s))
+                if cuts[j + 1] - cuts[j] < 2:
+                    return None
+                cuts.insert(j + 1, (cuts[j] + cuts[j + 1]) // 2)
+            return cuts
+
+        lo = 0.0
+        hi = sum(weights[0]) if weights else sum(times)
+        best = fill(hi)
+        if best is None:
+            return None
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            cuts = fill(mid)
+            if cuts is None:
+                lo = mid
+            else:
+                hi, best = mid, cuts
+        return self._assign(best, picks)
+
+    def _assign(self, cuts: list[int], picks: list[ChoiceCost]) -> Assignment:
+        return [[(i, picks[i].choice) for i in range(a, b)] for a, b in zip(cuts, cuts[1:])]
+
+
+def _non_dominated(rows: list[ChoiceCost]) -> list[ChoiceCost]:
+    """Rows no other row beats or ties in every term, sorted fastest first (ties: first listed wins)."""
+    def key(c: ChoiceCost) -> tuple:
+        return (c.time_s, c.num_params, c.activation_bytes, c.transient_bytes)
+
+    kept: list[ChoiceCost] = []
+    for i, row in enumerate(rows):
+        dominated = False
+        for j, other in enumerate(rows):
+            if j == i:
+                continue
+            ko, kr = key(other), key(row)
+            if all(a <= b for a, b in zip(ko, kr)) and (ko != kr or j < i):
+                dominated = True
+                break
+        if not dominated:
+            kept.append(row)
+    return sorted(kept, key=lambda c: key(c) + (c.choice.recompute, c.choice.tp_on))

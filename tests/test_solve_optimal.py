@@ -1,0 +1,91 @@
+"""The search returns the brute-force optimum of estimate() on small cases."""
+
+import itertools
+
+import pytest
+
+from autoplan.cluster import Cluster, Device
+from autoplan.errors import InfeasiblePlanError
+from autoplan.estimate import compose, estimate, layer_choice_cost
+from autoplan.options import PlanOptions
+from autoplan.solve import search
+from autoplan.solve_space import enumerate_strategies, layer_choices
+
+from graphs import gpt_like_graph, mlp_graph
+
+GiB = 2**30
+
+
+def small_cluster(memory_gib: float, nodes: int = 1, per_node: int = 4) -> Cluster:
+    device = Device("test-gpu", int(memory_gib * GiB), {"fp32": 20e12, "bf16": 300e12, "fp16": 300e12}, 0.5,
+                    0, 2e12)
+    return Cluster(nodes=nodes, devices_per_node=per_node, device=device, intra_node_bandwidth_Bps=100e9,
+                   inter_node_bandwidth_Bps=10e9, intra_node_latency_s=5e-6, inter_node_latency_s=20e-6)
+
+
+def brute_force(graph, cluster, options):
+    """min over every strategy, contiguous cut and per-layer choice of compose(); None when nothing fits."""
+    best = None
+    n = len(graph.layers)
+    batch = options.global_batch_size
+    for s in enumerate_strategies(graph, cluster, options):
+        per_layer = []
+        for layer in graph.layers:
+            per_layer.append([layer_choice_cost(graph, layer, cluster, s, c.tp_on, c.option(layer))
+                              for c in layer_choices(layer, s.tp, options.recompute)])
+        for inner in itertools.combinations(range(1, n), s.num_stages - 1):
+            cuts = (0, *inner, n)
+            for combo in itertools.product(*per_layer):
+                stages = [list(combo[a:b]) for a, b in zip(cuts, cuts[1:])]
+                result = compose(s, cluster, stages, batch)
+                if result.fits and (best is None or result.step_time_s < best):
+                    best = result.step_time_s
+    return best
+
+
+def gpt_small():
+    return gpt_like_graph(layers=2, hidden=512, seq=512, heads=8, vocab=8192)
+
+
+def gpt_tiny():
+    return gpt_like_graph(layers=2, hidden=256, seq=256, heads=4, vocab=4096)
+
+
+def mlp():
+    return mlp_graph((512, 2048, 2048, 2048, 512), batch=64)
+
+
+# (graph, device memory GiB, cluster shape, options). Each memory is tight: the unconstrained optimum does not
+# fit, so recompute, FSDP, TP or PP must be weighed (checked below).
+CASES = [
+    (gpt_small, 0.1, {}, PlanOptions(global_batch_size=8)),
+    (gpt_small, 0.07, {}, PlanOptions(global_batch_size=8)),
+    (gpt_tiny, 0.025, {"nodes": 2, "per_node": 2}, PlanOptions(global_batch_size=8, data_parallel="ddp")),
+    (mlp, 0.04, {}, PlanOptions(global_batch_size=64, precision="fp32")),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_search_matches_brute_force(case):
+    make_graph, memory_gib, shape, options = CASES[case]
+    graph, cluster = make_graph(), small_cluster(memory_gib, **shape)
+    expected = brute_force(graph, cluster, options)
+    assert expected is not None
+    assert brute_force(graph, small_cluster(100.0, **shape), options) < expected * (1 - 1e-3)  # memory binds
+    plan = search(graph, cluster, options)
+    assert plan.search.status == "OPTIMAL"
+    assert plan.predicted.step_time_s == pytest.approx(expected, rel=1e-6)
+    assert estimate(graph, plan).step_time_s == pytest.approx(plan.predicted.step_time_s, rel=1e-12)
+    assert max(plan.predicted.peak_memory_bytes) <= cluster.device.usable_memory_bytes
+
+
+@pytest.mark.parametrize("make_graph, memory_gib, options", [
+    (gpt_small, 0.05, PlanOptions(global_batch_size=8)),
+    (mlp, 0.037, PlanOptions(global_batch_size=64, precision="fp32")),
+])
+def test_brute_force_and_search_agree_on_infeasible(make_graph, memory_gib, options):
+    graph, cluster = make_graph(), small_cluster(memory_gib)
+    assert brute_force(graph, cluster, options) is None
+    with pytest.raises(InfeasiblePlanError) as info:
+        search(graph, cluster, options)
+    assert info.value.min_memory_bytes > cluster.device.usable_memory_bytes == info.value.capacity_bytes
