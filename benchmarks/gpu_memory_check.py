@@ -1,0 +1,247 @@
+"""Check the cost model on one CUDA device: predicted vs measured peak memory and time of a training step,
+and the fraction of peak a large bf16 matmul reaches.
+
+What it does, for each precision asked (fp32, and bf16 = torch.autocast(bfloat16) over fp32 weights):
+
+1. builds ``autoplan.models.GPT`` of a named size on the GPU, and a copy on the meta device that it traces
+   with ``autoplan.trace`` (no real memory);
+2. predicts the peak memory of one step from :mod:`autoplan.cost` alone: model states (weights, gradients,
+   AdamW m and v: :func:`~autoplan.cost.model_state_bytes`) + the activations every layer keeps for backward
+   + the largest transient (:func:`~autoplan.cost.layer_cost`) + the loss's buffers (cross-entropy over the
+   logits runs in fp32: its log-probabilities, their gradient and the logits' gradient, 3 × logits × 4 bytes);
+3. runs one warm-up step (creating the optimizer states) and then measures the peak of a second step with
+   ``torch.cuda.max_memory_allocated``; gradients are zeroed, not freed (``zero_grad(set_to_none=False)``), as
+   under DDP, so weights, gradients and states are all alive, which is what the model-state formula counts;
+   AdamW is ``fused=True``: no per-step temporaries (what :func:`~autoplan.cost.optimizer_step_s` assumes);
+4. times a few steps and compares with the predicted compute + optimizer time on the detected cluster;
+5. times an 8192³ bf16 matmul and reports the achieved fraction of the h100-80gb preset's peak.
+
+Usage (one GPU, < 2 minutes)::
+
+    python benchmarks/gpu_memory_check.py --out gpu_check.json
+    python benchmarks/gpu_memory_check.py --model gpt2-125m --batch 4 --precision bf16
+
+Without CUDA it prints why and exits with status 0 without measuring (``--out`` then records
+``"status": "skipped"``). TF32 stays off (PyTorch's default), so fp32 runs at the fp32 peak the presets list.
+
+Example (the prediction alone runs anywhere):
+    >>> import torch, autoplan
+    >>> from autoplan.models import GPT, GPTConfig
+    >>> graph = autoplan.trace(GPT(GPTConfig()), torch.randint(0, 256, (2, 16)))
+    >>> parts = predict_step_memory(graph, microbatch_size=4, precision="fp32")
+    >>> parts["total_bytes"] == sum(v for k, v in parts.items() if k != "total_bytes")
+    True
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import autoplan  # noqa: E402
+from autoplan.cluster import Cluster  # noqa: E402
+from autoplan.cost import layer_cost, model_state_bytes, optimizer_step_s  # noqa: E402
+from autoplan.explain import format_bytes, format_seconds  # noqa: E402
+from autoplan.graph import ModelGraph  # noqa: E402
+from autoplan.models import GPT, GPTConfig  # noqa: E402
+
+GOAL_RELATIVE_ERROR = 0.10
+LOSS_ELEMENT_BYTES = 4  # cross-entropy runs in fp32 (autocast lists log_softmax/nll_loss as fp32 ops)
+
+
+def predict_step_memory(graph: ModelGraph, *, microbatch_size: int, precision: str,
+                        optimizer: str = "adamw") -> dict[str, int]:
+    """Peak bytes of one training step of ``graph`` on one device, by part, from :mod:`autoplan.cost`.
+
+    The loss is outside the traced model: cross-entropy over the last layer's output keeps fp32
+    log-probabilities for backward and, at the start of backward, holds their gradient and the logits'
+    gradient too (3 × logits elements × 4 bytes).
+
+    Example:
+        >>> import torch, autoplan
+        >>> from autoplan.models import GPT, GPTConfig
+        >>> g = autoplan.trace(GPT(GPTConfig()), torch.randint(0, 256, (2, 16)))
+        >>> predict_step_memory(g, microbatch_size=2, precision="fp32")["model_states_bytes"]
+        546816
+    """
+    cluster = Cluster.preset("h100-80gb")  # memory does not depend on the cluster's rates
+    costs = [
+        layer_cost(layer, traced_batch_size=graph.batch_size, traced_dtype_bytes=graph.dtype_bytes, cluster=cluster,
+                   tp=1, microbatch_size=microbatch_size, precision=precision)
+        for layer in graph.layers
+    ]
+    logits_elements = graph.layers[-1].output_bytes / graph.dtype_bytes * microbatch_size / graph.batch_size
+    parts = {
+        "model_states_bytes": model_state_bytes(graph.num_params, precision, optimizer, dp=1, data_parallel="ddp"),
+        "activations_bytes": sum(c.activation_bytes for c in costs),
+        "transient_bytes": max((c.transient_bytes for c in costs), default=0),
+        "loss_bytes": int(3 * logits_elements * LOSS_ELEMENT_BYTES),
+    }
+    parts["total_bytes"] = sum(parts.values())
+    return parts
+
+
+def predict_step_time_s(graph: ModelGraph, cluster: Cluster, *, microbatch_size: int, precision: str) -> float:
+    """Forward + backward of every layer plus the AdamW update, on one device of ``cluster``."""
+    compute = sum(
+        layer_cost(layer, traced_batch_size=graph.batch_size, traced_dtype_bytes=graph.dtype_bytes,
+                   cluster=cluster, tp=1, microbatch_size=microbatch_size, precision=precision).total_s
+        for layer in graph.layers
+    )
+    return compute + optimizer_step_s(graph.num_params, cluster, precision, "adamw")
+
+
+def train_step(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor,
+               optimizer: torch.optim.Optimizer, precision: str) -> None:
+    """One step; the logits are not kept alive outside the loss (as in a training loop's single expression)."""
+    autocast = (torch.autocast(tokens.device.type, dtype=torch.bfloat16) if precision == "bf16"
+                else nullcontext())
+    with autocast:
+        loss = F.cross_entropy(model(tokens).flatten(0, 1), targets.flatten())
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)
+
+
+def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, foreach=False if not fused else None)
+
+
+def measure_step(cfg: GPTConfig, batch: int, precision: str, timed_steps: int = 3) -> dict[str, float]:
+    """Peak allocated bytes of one step (after a warm-up step) and the mean time of ``timed_steps`` steps."""
+    torch.manual_seed(0)
+    model = GPT(cfg).cuda()
+    tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), device="cuda")
+    targets = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), device="cuda")
+    optimizer = make_optimizer(model)
+    train_step(model, tokens, targets, optimizer, precision)  # creates AdamW states and gradients
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    train_step(model, tokens, targets, optimizer, precision)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    reserved = torch.cuda.max_memory_reserved()
+    start = time.perf_counter()
+    for _ in range(timed_steps):
+        train_step(model, tokens, targets, optimizer, precision)
+    torch.cuda.synchronize()
+    step_s = (time.perf_counter() - start) / timed_steps
+    del model, optimizer, tokens, targets
+    torch.cuda.empty_cache()
+    return {"peak_allocated_bytes": peak, "peak_reserved_bytes": reserved, "step_s": step_s}
+
+
+def matmul_fraction(n: int = 8192, iters: int = 20) -> dict[str, float]:
+    """Achieved bf16 FLOP/s of an n×n×n matmul and its fraction of the h100-80gb preset's peak."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1e3 / iters
+    achieved = 2 * n**3 / seconds
+    peak = Cluster.preset("h100-80gb").device.peak_flops["bf16"]
+    return {"n": n, "seconds": seconds, "achieved_flops": achieved, "h100_peak_flops": peak,
+            "fraction_of_h100_peak": achieved / peak}
+
+
+def check(model_name: str, batch: int, precisions: list[str]) -> dict:
+    """Predict and measure every precision; the whole result as plain data."""
+    cfg = GPTConfig.preset(model_name)
+    with torch.device("meta"):
+        meta_model = GPT(cfg)
+    start = time.perf_counter()
+    graph = autoplan.trace(meta_model, torch.randint(0, cfg.vocab_size, (1, cfg.seq_len), device="meta"))
+    trace_s = time.perf_counter() - start
+    cluster = Cluster.detect()
+    rows = []
+    for precision in precisions:
+        predicted = predict_step_memory(graph, microbatch_size=batch, precision=precision)
+        measured = measure_step(cfg, batch, precision)
+        predicted_s = predict_step_time_s(graph, cluster, microbatch_size=batch, precision=precision)
+        rows.append({
+            "precision": precision,
+            "predicted": predicted,
+            "measured": measured,
+            "memory_relative_error": predicted["total_bytes"] / measured["peak_allocated_bytes"] - 1,
+            "predicted_step_s": predicted_s,
+            "time_relative_error": predicted_s / measured["step_s"] - 1,
+        })
+    return {
+        "status": "measured",
+        "device": torch.cuda.get_device_name(0),
+        "cluster": cluster.name,
+        "torch": torch.__version__,
+        "model": model_name,
+        "num_params": graph.num_params,
+        "batch": batch,
+        "seq_len": cfg.seq_len,
+        "trace_s": trace_s,
+        "goal_memory_relative_error": GOAL_RELATIVE_ERROR,
+        "steps": rows,
+        "matmul": matmul_fraction(),
+    }
+
+
+def format_result(result: dict) -> str:
+    """A readable table of :func:`check`'s result."""
+    lines = [f"{result['device']} ({result['cluster']}), torch {result['torch']}; {result['model']} "
+             f"({result['num_params'] / 1e6:.0f}M params), batch {result['batch']} × {result['seq_len']} tokens; "
+             f"trace {result['trace_s']:.1f} s",
+             f"{'precision':<10}{'states':>12}{'activations':>14}{'transient':>12}{'loss':>12}{'predicted':>12}"
+             f"{'measured':>12}{'error':>8}{'pred step':>11}{'meas step':>11}{'error':>8}"]
+    for row in result["steps"]:
+        p, m = row["predicted"], row["measured"]
+        lines.append(
+            f"{row['precision']:<10}{format_bytes(p['model_states_bytes']):>12}"
+            f"{format_bytes(p['activations_bytes']):>14}{format_bytes(p['transient_bytes']):>12}"
+            f"{format_bytes(p['loss_bytes']):>12}{format_bytes(p['total_bytes']):>12}"
+            f"{format_bytes(m['peak_allocated_bytes']):>12}{row['memory_relative_error']:>+8.1%}"
+            f"{format_seconds(row['predicted_step_s']):>11}{format_seconds(m['step_s']):>11}"
+            f"{row['time_relative_error']:>+8.1%}"
+        )
+    mm = result["matmul"]
+    lines.append(f"bf16 matmul {mm['n']}³: {mm['achieved_flops'] / 1e12:.0f} TFLOP/s = "
+                 f"{mm['fraction_of_h100_peak']:.1%} of the h100-80gb preset's {mm['h100_peak_flops'] / 1e12:.0f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="gpt-350m", help="a GPTConfig preset (default gpt-350m)")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
+    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--out", type=Path, help="write the result as JSON here")
+    args = parser.parse_args(argv)
+    if args.batch < 1:
+        parser.error(f"--batch must be ≥ 1, got {args.batch}")
+    if not torch.cuda.is_available():
+        print("gpu_memory_check: no CUDA device is available, so nothing was measured; run it on a machine "
+              "with a GPU (python benchmarks/gpu_memory_check.py --out result.json).")
+        if args.out:
+            args.out.write_text(json.dumps({"status": "skipped", "reason": "no CUDA device"}, indent=2))
+        return 0
+    result = check(args.model, args.batch, args.precision)
+    print(format_result(result))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
