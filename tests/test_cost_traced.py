@@ -1,0 +1,52 @@
+"""layer_cost on a traced GPT: the linear batch scaling it relies on, and TP sharding of real layers."""
+
+import pytest
+import torch
+
+import autoplan
+from autoplan.cluster import Cluster
+from autoplan.cost import layer_cost
+from autoplan.models import GPT, GPTConfig, gpt_forward_flops
+
+CFG = GPTConfig(vocab_size=256, seq_len=32, hidden=64, layers=2, heads=4)
+CLUSTER = Cluster.preset("a100-80gb")
+
+
+def traced(batch: int):
+    with torch.device("meta"):
+        return autoplan.trace(GPT(CFG), torch.randint(0, CFG.vocab_size, (batch, CFG.seq_len), device="meta"))
+
+
+def costs(graph, microbatch_size: int, tp: int = 1, precision: str = "fp32"):
+    return [layer_cost(layer, traced_batch_size=graph.batch_size, traced_dtype_bytes=graph.dtype_bytes,
+                       cluster=CLUSTER, tp=tp, microbatch_size=microbatch_size, precision=precision)
+            for layer in graph.layers]
+
+
+def test_scaling_a_batch_of_one_matches_tracing_the_batch():
+    from_one, from_four = costs(traced(1), 4), costs(traced(4), 4)
+    # The position ids (seq_len int64s) do not grow with the batch; scaling a batch of one counts them 4×.
+    batch_free_bytes = 3 * CFG.seq_len * 8
+    for a, b in zip(from_one, from_four):
+        assert a.forward_s == pytest.approx(b.forward_s, rel=1e-6)
+        assert a.backward_s == pytest.approx(b.backward_s, rel=1e-6)
+        assert abs(a.activation_bytes - b.activation_bytes) <= batch_free_bytes
+        assert abs(a.boundary_bytes - b.boundary_bytes) <= batch_free_bytes
+
+
+def test_forward_time_is_the_closed_form_flops_at_the_achievable_rate():
+    total_s = sum(c.forward_s for c in costs(traced(2), 2))
+    expected_s = gpt_forward_flops(CFG, batch=2) / CLUSTER.device.achievable_flops("fp32")
+    assert total_s == pytest.approx(expected_s, rel=0.05)
+
+
+def test_tensor_parallel_shrinks_blocks_and_keeps_the_parameter_total():
+    graph = traced(2)
+    assert sum(c.num_params for c in costs(graph, 2)) == graph.num_params
+    one, two = costs(graph, 2), costs(graph, 2, tp=2)
+    for layer, a, b in zip(graph.layers, one, two):
+        if layer.name.startswith("blocks."):
+            assert b.num_params < 0.6 * a.num_params
+            assert b.activation_bytes < a.activation_bytes
+            assert b.tp_comm_s > 0
+            assert b.boundary_bytes == a.boundary_bytes
