@@ -1,5 +1,7 @@
 """layer_cost on a traced GPT: the linear batch scaling it relies on, and TP sharding of real layers."""
 
+from functools import lru_cache
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ CFG = GPTConfig(vocab_size=256, seq_len=32, hidden=64, layers=2, heads=4)
 CLUSTER = Cluster.preset("a100-80gb")
 
 
+@lru_cache(maxsize=None)
 def traced(batch: int):
     with torch.device("meta"):
         return autoplan.trace(GPT(CFG), torch.randint(0, CFG.vocab_size, (batch, CFG.seq_len), device="meta"))
