@@ -34,6 +34,7 @@ __all__ = [
     "data_parallel_sync_s",
     "optimizer_step_s",
     "optimizer_step_bytes_per_param",
+    "cross_entropy_bytes",
     "in_flight_microbatches",
     "bubble_microbatches",
 ]
@@ -464,6 +465,22 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
         transient_bytes=int(round((activation - kept_activation) * bytes_scale)),
         boundary_bytes=int(round(layer.output_bytes * bytes_scale)),
     )
+
+
+def cross_entropy_bytes(logits_elements: float) -> int:
+    """Peak bytes a cross-entropy loss over ``logits_elements`` logits adds at the start of backward.
+
+    ``F.cross_entropy`` is log_softmax + nll_loss and runs in fp32 (also under autocast, whose fp32 op list
+    holds both): it keeps the fp32 log-probabilities for backward, and backward briefly holds their gradient
+    and the logits' gradient beside them: 3 × 4 bytes per logit. The traced model ends at the logits, so this
+    is not in any layer's figures; for a GPT with a 50k vocabulary it rivals the activations of several blocks.
+
+    Example:
+        >>> cross_entropy_bytes(8 * 1024 * 50304) / 2**30       # GPT-2 vocabulary, 8 × 1024 tokens
+        4.60546875
+    """
+    _check_non_negative("logits_elements", logits_elements)
+    return int(3 * 4 * logits_elements)
 
 
 # ---------------------------------------------------------------------------------------------------------------

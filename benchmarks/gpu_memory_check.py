@@ -49,22 +49,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import autoplan  # noqa: E402
 from autoplan.cluster import Cluster  # noqa: E402
-from autoplan.cost import layer_cost, model_state_bytes, optimizer_step_s  # noqa: E402
+from autoplan.cost import cross_entropy_bytes, layer_cost, model_state_bytes, optimizer_step_s  # noqa: E402
 from autoplan.explain import format_bytes, format_seconds  # noqa: E402
 from autoplan.graph import ModelGraph  # noqa: E402
 from autoplan.models import GPT, GPTConfig  # noqa: E402
 
 GOAL_RELATIVE_ERROR = 0.10
-LOSS_ELEMENT_BYTES = 4  # cross-entropy runs in fp32 (autocast lists log_softmax/nll_loss as fp32 ops)
 
 
 def predict_step_memory(graph: ModelGraph, *, microbatch_size: int, precision: str,
                         optimizer: str = "adamw") -> dict[str, int]:
     """Peak bytes of one training step of ``graph`` on one device, by part, from :mod:`autoplan.cost`.
 
-    The loss is outside the traced model: cross-entropy over the last layer's output keeps fp32
-    log-probabilities for backward and, at the start of backward, holds their gradient and the logits'
-    gradient too (3 × logits elements × 4 bytes).
+    The loss is outside the traced model: :func:`~autoplan.cost.cross_entropy_bytes` of the last layer's
+    output.
 
     Example:
         >>> import torch, autoplan
@@ -84,7 +82,7 @@ def predict_step_memory(graph: ModelGraph, *, microbatch_size: int, precision: s
         "model_states_bytes": model_state_bytes(graph.num_params, precision, optimizer, dp=1, data_parallel="ddp"),
         "activations_bytes": sum(c.activation_bytes for c in costs),
         "transient_bytes": max((c.transient_bytes for c in costs), default=0),
-        "loss_bytes": int(3 * logits_elements * LOSS_ELEMENT_BYTES),
+        "loss_bytes": cross_entropy_bytes(logits_elements),
     }
     parts["total_bytes"] = sum(parts.values())
     return parts

@@ -67,3 +67,12 @@ def test_model_state_bytes_ddp_and_fsdp():
 def test_bad_arguments_name_the_cause(call, words):
     with pytest.raises(ValueError, match=words):
         call()
+
+
+def test_cross_entropy_keeps_three_fp32_logit_tensors():
+    from autoplan.cost import cross_entropy_bytes
+
+    assert cross_entropy_bytes(1000) == 12_000
+    assert cross_entropy_bytes(0) == 0
+    with pytest.raises(ValueError, match="logits_elements"):
+        cross_entropy_bytes(-1)
