@@ -37,7 +37,7 @@ from .layers import (
     param_dtype_bytes,
 )
 from .tp_detect import DetectedGroup, detect_tp_groups
-from .trace_graph import build_op_graph
+from .trace_graph import build_op_graph, measure_error
 from .trace_measure import Measurement, measure
 
 __all__ = ["trace", "normalize_inputs"]
@@ -103,7 +103,10 @@ def trace(model: torch.nn.Module, example_inputs: Any = None) -> ModelGraph:
     started = time.perf_counter()
     export_args, export_kwargs = _on_model_device(model, args, kwargs)
     op_graph = build_op_graph(model, export_args, export_kwargs)
-    m = measure(model, args, kwargs)
+    try:
+        m = measure(model, args, kwargs)
+    except Exception as error:  # noqa: BLE001 - reworded with the module and line, chained
+        raise measure_error(model, error) from error
 
     call_order = {name: call.order for name, call in m.calls.items()}
     names = choose_layer_names(model, call_order)

@@ -27,7 +27,7 @@ from torch.utils import _pytree as pytree
 from .errors import TraceError
 from .trace_measure import fake_inputs, fake_state
 
-__all__ = ["OpGraph", "build_op_graph"]
+__all__ = ["OpGraph", "build_op_graph", "measure_error"]
 
 
 @dataclass
@@ -187,6 +187,21 @@ def _trace_error(model: torch.nn.Module, fx_error: Exception, export_error: Exce
         "torch.export.export(strict=False). Ways out: make that module a leaf (trace around it), pass example "
         "inputs with other shapes or types, or replace data-dependent control flow (Python `if` on tensor values) "
         "with tensor ops such as torch.where or torch.cond."
+    )
+
+
+def measure_error(model: torch.nn.Module, error: Exception) -> TraceError:
+    """The error for a model whose graph traced but whose forward/backward on fake tensors failed."""
+    where = _user_frame(model, error)
+    location = ""
+    if where is not None:
+        module_name, filename, lineno = where
+        location = f" in module {module_name!r} at {filename}:{lineno} (`{linecache.getline(filename, lineno).strip()}`)"
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return TraceError(
+        f"could not run {type(model).__name__} on fake tensors{location}: {first}. Ways out: pass example inputs "
+        "of the shapes and dtypes the model expects, and avoid reading tensor values in forward (.item(), "
+        "Python `if` on tensors); such ops need real data and cannot be measured without running the model."
     )
 
 

@@ -114,3 +114,8 @@ def test_export_route_when_fx_fails():
     assert graph.method == "export"
     assert graph.forward_flops == 2 * 2 * 8 * 4
     assert [layer.name for layer in graph.layers] == ["proj"]
+
+
+def test_wrong_example_inputs_raise_trace_error():
+    with pytest.raises(autoplan.TraceError, match="example inputs"):
+        autoplan.trace(MLP(16, 32, depth=1), torch.randn(4, 7))
