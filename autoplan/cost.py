@@ -29,6 +29,8 @@ __all__ = [
     "p2p_s",
     "group_link",
     "group_allreduce_s",
+    "group_allgather_s",
+    "group_reduce_scatter_s",
     "compute_s",
     "layer_cost",
     "data_parallel_sync_s",
@@ -276,6 +278,17 @@ def group_link(cluster: Cluster, group_size: int, stride: int) -> tuple[float, f
     return cluster.inter_node_bandwidth_Bps, cluster.inter_node_latency_s
 
 
+def _nodes_of_group(cluster: Cluster, group_size: int, stride: int) -> tuple[int, int] | None:
+    """(members per node k, nodes m) of a group that spans nodes with several members on each; ``None`` when
+    it fits in one node, has one member per node, or does not tile the nodes evenly (then: a flat ring)."""
+    if group_size * stride <= cluster.devices_per_node:
+        return None
+    per_node = max(1, cluster.devices_per_node // stride)
+    if per_node == 1 or group_size % per_node:
+        return None
+    return per_node, group_size // per_node
+
+
 def group_allreduce_s(nbytes: float, cluster: Cluster, group_size: int, stride: int) -> float:
     """All-reduce over a group laid out as in :func:`group_link`; hierarchical (intra-node reduce-scatter,
     inter-node all-reduce, intra-node all-gather) when it spans nodes.
@@ -295,22 +308,56 @@ def group_allreduce_s(nbytes: float, cluster: Cluster, group_size: int, stride: 
     """
     _check_group(cluster, group_size, stride)
     _check_non_negative("nbytes", nbytes)
-    if group_size == 1:
-        return 0.0
     bandwidth_Bps, latency_s = group_link(cluster, group_size, stride)
-    if group_size * stride <= cluster.devices_per_node:
+    split = _nodes_of_group(cluster, group_size, stride)
+    if split is None:
         return allreduce_s(nbytes, group_size, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
-    per_node = max(1, cluster.devices_per_node // stride)
-    if per_node == 1 or group_size % per_node:
-        # One member per node, or a layout that does not tile the nodes evenly: one flat ring over the NICs.
-        return allreduce_s(nbytes, group_size, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
-    nodes = group_size // per_node
+    per_node, nodes = split
     intra = dict(bandwidth_Bps=cluster.intra_node_bandwidth_Bps, latency_s=cluster.intra_node_latency_s)
     return (
         reduce_scatter_s(nbytes, per_node, **intra)
         + allreduce_s(nbytes / per_node, nodes, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
         + allgather_s(nbytes, per_node, **intra)
     )
+
+
+def group_allgather_s(nbytes: float, cluster: Cluster, group_size: int, stride: int) -> float:
+    """All-gather of a result of ``nbytes`` over a group laid out as in :func:`group_link`; two-level when it
+    spans nodes.
+
+    Across nodes (k members per node, m nodes): the k inter-node all-gathers of the members with the same
+    local index run at once, one per NIC, each gathering nbytes / k; then an intra-node all-gather assembles
+    the whole: AG(nbytes / k, m, NIC) + AG(nbytes, k, NVLink). This is the 2D all-gather that ZeRO++'s
+    hierarchical partitioning and FSDP's hybrid sharding build on (Wang et al. 2023, ZeRO++ §3.2); NCCL reaches
+    the same NIC parallelism with one ring per NIC.
+
+    Example:
+        >>> c = Cluster.preset("a100-80gb", nodes=2)
+        >>> round(group_allgather_s(1.6e9, c, 16, 1) * 1e3, 2)   # 0.2 GB over IB, then 1.6 GB over NVLink
+        8.71
+    """
+    _check_group(cluster, group_size, stride)
+    _check_non_negative("nbytes", nbytes)
+    bandwidth_Bps, latency_s = group_link(cluster, group_size, stride)
+    split = _nodes_of_group(cluster, group_size, stride)
+    if split is None:
+        return allgather_s(nbytes, group_size, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
+    per_node, nodes = split
+    return (allgather_s(nbytes / per_node, nodes, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
+            + allgather_s(nbytes, per_node, bandwidth_Bps=cluster.intra_node_bandwidth_Bps,
+                          latency_s=cluster.intra_node_latency_s))
+
+
+def group_reduce_scatter_s(nbytes: float, cluster: Cluster, group_size: int, stride: int) -> float:
+    """Reduce-scatter of an input of ``nbytes`` over a group laid out as in :func:`group_link`: the mirror
+    of :func:`group_allgather_s` (intra-node reduce-scatter, then inter-node reduce-scatter of nbytes / k).
+
+    Example:
+        >>> c = Cluster.preset("a100-80gb", nodes=2)
+        >>> group_reduce_scatter_s(1.6e9, c, 16, 1) == group_allgather_s(1.6e9, c, 16, 1)
+        True
+    """
+    return group_allgather_s(nbytes, cluster, group_size, stride)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -361,9 +408,8 @@ def _tp_collectives_s(group: TensorParallelGroup, nbytes: float, cluster: Cluste
     gradient of its (replicated) input in backward.
     """
     if _group_kind(group) == "vocab_head":
-        bandwidth_Bps, latency_s = group_link(cluster, tp, tp_stride)
-        gather_s = allgather_s(nbytes, tp, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
-        return gather_s, group_allreduce_s(input_bytes, cluster, tp, tp_stride)
+        return (group_allgather_s(nbytes, cluster, tp, tp_stride),
+                group_allreduce_s(input_bytes, cluster, tp, tp_stride))
     forward_s = group_allreduce_s(nbytes, cluster, tp, tp_stride)
     if _group_kind(group) == "vocab_embedding":
         return forward_s, 0.0
@@ -497,7 +543,8 @@ def data_parallel_sync_s(num_params: int, cluster: Cluster, *, dp: int, stride: 
     data-parallel group is ``dp`` ranks ``stride`` (= tp) apart. Gradients and gathered weights travel at the
     precision's element size (bf16 gradients for mixed precision, as ZeRO counts them). DDP: one (hierarchical)
     all-reduce of 2(n−1)/n·Ψ·g bytes; FSDP: 2 all-gathers + 1 reduce-scatter of (n−1)/n·Ψ·p bytes each, 1.5×
-    the DDP volume (ZeRO §7.2.2). The caller decides how much of it overlaps compute.
+    the DDP volume (ZeRO §7.2.2), two-level across nodes (:func:`group_allgather_s`). The caller decides how
+    much of it overlaps compute.
 
     Example:
         >>> c = Cluster.preset("a100-80gb")               # 8 GPUs, 300 GB/s NVLink
@@ -518,9 +565,7 @@ def data_parallel_sync_s(num_params: int, cluster: Cluster, *, dp: int, stride: 
     nbytes = num_params * element
     if data_parallel == "ddp":
         return group_allreduce_s(nbytes, cluster, dp, stride)
-    bandwidth_Bps, latency_s = group_link(cluster, dp, stride)
-    link = dict(bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
-    return 2 * allgather_s(nbytes, dp, **link) + reduce_scatter_s(nbytes, dp, **link)
+    return 2 * group_allgather_s(nbytes, cluster, dp, stride) + group_reduce_scatter_s(nbytes, cluster, dp, stride)
 
 
 def optimizer_step_bytes_per_param(precision: str, optimizer: str) -> int:

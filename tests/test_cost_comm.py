@@ -7,7 +7,9 @@ from autoplan.cost import (
     allgather_s,
     allreduce_s,
     data_parallel_sync_s,
+    group_allgather_s,
     group_allreduce_s,
+    group_reduce_scatter_s,
     group_link,
     optimizer_step_bytes_per_param,
     optimizer_step_s,
@@ -91,6 +93,18 @@ def test_one_rank_per_node_is_a_flat_ring_over_the_nics():
     assert group_allreduce_s(1e9, c, 2, 8) == pytest.approx(1e9 / 25e9 + 2 * 10e-6)
 
 
+def test_two_level_allgather_and_reduce_scatter_across_nodes():
+    # 16 ranks on 2 nodes: an all-gather of 0.2 GB between the 2 nodes on each NIC, then 1.6 GB over NVLink.
+    c = two_dgx_a100()
+    expected = (1 / 2 * 0.2e9 / 25e9 + 10e-6) + (7 / 8 * 1.6e9 / 300e9 + 7 * 5e-6)
+    assert group_allgather_s(1.6e9, c, 16, 1) == pytest.approx(expected)
+    assert group_reduce_scatter_s(1.6e9, c, 16, 1) == pytest.approx(expected)
+    # inside a node and with one member per node: plain rings
+    assert group_allgather_s(1e9, c, 8, 1) == pytest.approx(allgather_s(1e9, 8, bandwidth_Bps=300e9, latency_s=5e-6))
+    assert group_allgather_s(1e9, c, 2, 8) == pytest.approx(allgather_s(1e9, 2, bandwidth_Bps=25e9, latency_s=1e-5))
+    assert group_reduce_scatter_s(1e9, c, 1, 8) == 0
+
+
 def test_ddp_sync_is_one_gradient_allreduce():
     c = Cluster.preset("a100-80gb")
     got = data_parallel_sync_s(1_000_000_000, c, dp=8, stride=1, data_parallel="ddp", precision="bf16")
@@ -116,6 +130,9 @@ def test_dp_across_nodes_uses_the_nics():
     got = data_parallel_sync_s(1_000_000_000, c, dp=2, stride=8, data_parallel="ddp", precision="bf16")
     assert got == pytest.approx(2e9 / 25e9 + 2 * 10e-6)
     assert data_parallel_sync_s(1_000_000_000, c, dp=1, stride=8, data_parallel="fsdp", precision="bf16") == 0
+    # FSDP over all 16 ranks: each gather and scatter is two-level.
+    fsdp = data_parallel_sync_s(1_000_000_000, c, dp=16, stride=1, data_parallel="fsdp", precision="bf16")
+    assert fsdp == pytest.approx(3 * group_allgather_s(2e9, c, 16, 1))
 
 
 def test_optimizer_step_is_memory_bound():
