@@ -14,7 +14,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import linecache
+import logging
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -124,7 +126,8 @@ def _from_fx(model, args, kwargs) -> OpGraph:
 def _from_export(model, args, kwargs) -> OpGraph:
     from torch.export.graph_signature import InputKind
 
-    ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+    with _quiet_torch_logs():
+        ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
     weights = {
         spec.arg.name
         for spec in ep.graph_signature.input_specs
@@ -151,6 +154,22 @@ def _from_export(model, args, kwargs) -> OpGraph:
 
 
 # ------------------------------------------------------------------------------------------------------ shared
+
+_NOISY_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export", "torch._dynamo")
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """Export logs a graph dump as a warning when it fails; the TraceError we raise says what matters."""
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _add_node(graph: nx.DiGraph, n: torch.fx.Node, value: Any, module: str) -> None:
