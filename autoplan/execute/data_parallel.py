@@ -1,0 +1,100 @@
+"""Data parallelism over the mesh's "dp" axis: DDP or FSDP2 (``fully_shard``), composing with TP and PP.
+
+- ``fsdp``: ``fully_shard`` on every plan layer of the stage that owns no tied weight, then on the stage root
+  (which takes the rest, tied weights included), as torchtitan does. Parameters become DTensors sharded on dim 0
+  over "dp" (2-D with tensor parallelism).
+- ``ddp`` without tensor parallelism: ``torch.nn.parallel.DistributedDataParallel`` over the dp process group.
+- ``ddp`` with tensor parallelism: torch's FSDP2-based ``replicate`` (all-reduce, no sharding), which accepts
+  DTensor parameters and keeps ``parameters()`` stable, where classic DDP would need parameters swapped around
+  each forward.
+
+Mixed precision (bf16/fp16 plans): FSDP2 and ``replicate`` compute in the low precision with fp32 parameters and
+fp32 gradient reduction (``MixedPrecisionPolicy``); classic DDP runs under ``torch.autocast`` (see
+:mod:`autoplan.execute.parallel_model`).
+
+Example:
+    >>> from autoplan.execute.data_parallel import shardable_layers
+    >>> from autoplan.models import GPT, GPTConfig
+    >>> shardable_layers(GPT(GPTConfig()), ["tok", "pos", "blocks.0", "blocks.1", "ln_f", "head"])
+    ['pos', 'blocks.0', 'blocks.1', 'ln_f']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from .tensor_parallel import tied_parameter_names
+
+__all__ = ["shardable_layers", "apply_data_parallel", "low_precision_dtype"]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def low_precision_dtype(precision: str) -> torch.dtype | None:
+    """The compute dtype of a mixed-precision plan, ``None`` for fp32.
+
+    Example:
+        >>> low_precision_dtype("bf16")
+        torch.bfloat16
+    """
+    return _DTYPES.get(precision)
+
+
+def shardable_layers(root: nn.Module, layers: Sequence[str]) -> list[str]:
+    """The layers of ``root`` that may be FSDP units of their own: present, with parameters, none of them tied.
+
+    Example:
+        >>> import torch
+        >>> shardable_layers(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU()), ["0", "1"])
+        ['0']
+    """
+    tied = {name for names in tied_parameter_names(root) for name in names}
+    result = []
+    for fqn in layers:
+        try:
+            module = root.get_submodule(fqn)
+        except AttributeError:
+            continue
+        names = [f"{fqn}.{n}" for n, _ in module.named_parameters(remove_duplicate=False)]
+        if names and not tied.intersection(names):
+            result.append(fqn)
+    return result
+
+
+def _mp_policy(precision: str) -> MixedPrecisionPolicy:
+    dtype = low_precision_dtype(precision)
+    if dtype is None:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+
+
+def apply_data_parallel(root: nn.Module, kind: str, dp_mesh: DeviceMesh, layers: Sequence[str], precision: str,
+                        tensor_parallel: bool) -> nn.Module:
+    """Wrap ``root`` for data parallelism of ``kind`` ("ddp" or "fsdp"); returns the module to call (the DDP wrapper,
+    or ``root`` itself, changed in place by ``fully_shard``/``replicate``).
+
+    Example (under torchrun, 2 ranks): ``apply_data_parallel(model, "fsdp", mesh["dp"], ["0", "2"], "fp32", False)``
+    """
+    if kind == "fsdp":
+        policy = _mp_policy(precision)
+        for fqn in shardable_layers(root, layers):
+            fully_shard(root.get_submodule(fqn), mesh=dp_mesh, mp_policy=policy)
+        fully_shard(root, mesh=dp_mesh, mp_policy=policy)
+        return root
+    if kind != "ddp":
+        raise ValueError(f"data_parallel must be 'ddp' or 'fsdp', got {kind!r}")
+    if tensor_parallel:
+        from torch.distributed._composable.replicate_with_fsdp import replicate
+
+        replicate(root, mesh=dp_mesh, mp_policy=_mp_policy(precision))
+        return root
+    device = next(root.parameters()).device
+    return DistributedDataParallel(
+        root, process_group=dp_mesh.get_group(), device_ids=[device.index] if device.type == "cuda" else None,
+    )

@@ -1,0 +1,252 @@
+"""ParallelModel: a model with a plan applied, trained one global batch at a time on every rank.
+
+- ``train_step(inputs, targets)``: ``inputs`` (a tensor or tuple of tensors) and ``targets`` are the GLOBAL batch,
+  identical on every rank. Each data-parallel rank takes its contiguous 1/dp slice, splits it into the plan's
+  microbatches, runs forward and backward (pipelined when pp > 1) and leaves in ``parameters()`` the gradient of the
+  single-device mean loss over the global batch. Returns that mean loss as a float on every rank.
+- ``evaluate(inputs, targets)``: the same mean loss, forward only, no gradients.
+- ``pm(inputs)``: the model's outputs for ``inputs`` on this rank (pp = 1 only; with pipelining use ``evaluate``).
+- ``parameters()``: this rank's parameters (shards under TP/FSDP) for the optimizer.
+- ``full_state_dict()``: the unsharded state dict under the original FQNs (tied weights under each name, as
+  ``model.state_dict()``), on rank 0; other ranks get ``{}``. Every rank must call it.
+
+``loss_fn(outputs, targets)`` returns the scalar mean over its (micro)batch; the default is cross-entropy over the
+last dim for integer targets and mean squared error otherwise. Mixed-precision plans (bf16/fp16) compute in the low
+precision with fp32 parameters; fp16 runs without a loss scaler.
+
+Made by :func:`autoplan.parallelize`; when it was given no example inputs and no plan, the first ``train_step``,
+``evaluate`` or call plans with that call's inputs as the example (global) batch and applies the plan then.
+
+Example (a world of one):
+    >>> import torch, autoplan
+    >>> from autoplan.models import MLP
+    >>> from autoplan.execute.manual import manual_plan
+    >>> model = MLP(8, 16, depth=2)
+    >>> pm = autoplan.parallelize(model, plan=manual_plan(model, [[""]], global_batch_size=4, microbatches=2))
+    >>> loss = pm.train_step(torch.randn(4, 8), torch.randn(4, 8))
+    >>> isinstance(loss, float), sorted(pm.full_state_dict()) == sorted(MLP(8, 16, depth=2).state_dict())
+    (True, True)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.nn.parallel import DistributedDataParallel
+
+from ..plan import Plan
+from .apply import AppliedPlan
+from .batch import as_args, batch_size_of, default_loss, dp_slice, microbatches
+from .mesh import rank_at
+from .pipeline import sync_tied_gradients
+
+__all__ = ["ParallelModel"]
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+
+
+class ParallelModel:
+    """See the module docstring. Build with :func:`autoplan.parallelize`."""
+
+    def __init__(self, loss_fn: Callable | None, applied: AppliedPlan | None = None,
+                 pending: Callable[[tuple], AppliedPlan] | None = None):
+        self.loss_fn = loss_fn or default_loss
+        self._applied = applied
+        self._pending = pending
+
+    # -- lazy application ----------------------------------------------------------------------------------
+    def _ready(self, inputs: Any = None) -> AppliedPlan:
+        if self._applied is None:
+            if inputs is None:
+                raise ValueError(
+                    "this ParallelModel plans at its first train_step/evaluate/call (no example inputs were given "
+                    "to autoplan.parallelize); call one of those first, or pass example_inputs or plan"
+                )
+            self._applied = self._pending(as_args(inputs))
+            self._pending = None
+        return self._applied
+
+    @property
+    def plan(self) -> Plan:
+        """The plan in force (planned on rank 0 and broadcast, or the one given)."""
+        return self._ready().plan
+
+    @property
+    def applied(self) -> bool:
+        """Whether the plan has been applied (``False`` until the first call when planning is deferred)."""
+        return self._applied is not None
+
+    # -- parameters -------------------------------------------------------------------------------------------
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """This rank's parameters under their original FQNs (each tensor once).
+
+        Example: ``dict(pm.named_parameters())["blocks.0.attn.qkv.weight"]``
+        """
+        seen: set[int] = set()
+        for stage in self._ready().stages:
+            for name, param in stage.module.named_parameters():
+                if id(param) not in seen:
+                    seen.add(id(param))
+                    yield name, param
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """This rank's parameters, for the optimizer: ``torch.optim.AdamW(pm.parameters())``.
+
+        Example: ``opt = torch.optim.AdamW(pm.parameters(), lr=3e-4)``
+        """
+        for _, param in self.named_parameters():
+            yield param
+
+    @property
+    def modules_on_rank(self) -> list[nn.Module]:
+        """The stage modules this rank holds (the whole model when pp = 1), with the original FQNs."""
+        return [stage.module for stage in self._ready().stages]
+
+    # -- running ----------------------------------------------------------------------------------------------
+    def _autocast(self, a: AppliedPlan):
+        if a.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(a.device.type, dtype=a.autocast_dtype)
+
+    def _local_batch(self, a: AppliedPlan, inputs: Any, targets: Any) -> tuple[tuple, Any]:
+        args = as_args(inputs)
+        size = batch_size_of(args)
+        if size != a.plan.global_batch_size:
+            raise ValueError(
+                f"got a batch of {size} samples but the plan is for global_batch_size {a.plan.global_batch_size}; "
+                f"pass batches of {a.plan.global_batch_size} (the global batch, identical on every rank) or re-plan "
+                f"with global_batch_size={size}"
+            )
+        if targets is not None and targets.shape[0] != size:
+            raise ValueError(f"targets have {targets.shape[0]} samples but inputs have {size}")
+        dp, dp_rank = a.plan.mesh.dp, a.coords["dp"]
+        args = tuple(_to(v, a.device) for v in dp_slice(args, dp, dp_rank))
+        if targets is not None:
+            targets = _to(dp_slice((targets,), dp, dp_rank)[0], a.device)
+        return args, targets
+
+    def train_step(self, inputs: Any, targets: torch.Tensor) -> float:
+        """Forward and backward over the global batch; returns its mean loss on every rank. Call the optimizer's
+        ``step()`` and ``zero_grad()`` after it.
+
+        Example: ``loss = pm.train_step(tokens, next_tokens); opt.step(); opt.zero_grad()``
+        """
+        a = self._ready(inputs)
+        args, targets = self._local_batch(a, inputs, targets)
+        if a.schedule is None:
+            loss = self._accumulate(a, args, targets, backward=True)
+        else:
+            loss = self._pipeline(a, args, targets, backward=True)
+        sync_tied_gradients(a.tied_groups, dict(self.named_parameters()))
+        return self._global_mean(a, loss)
+
+    @torch.no_grad()
+    def evaluate(self, inputs: Any, targets: torch.Tensor) -> float:
+        """The global batch's mean loss, forward only; on every rank.
+
+        Example: ``val_loss = pm.evaluate(tokens, next_tokens)``
+        """
+        a = self._ready(inputs)
+        args, targets = self._local_batch(a, inputs, targets)
+        if a.schedule is None:
+            loss = self._accumulate(a, args, targets, backward=False)
+        else:
+            loss = self._pipeline(a, args, targets, backward=False)
+        return self._global_mean(a, loss)
+
+    def __call__(self, *inputs: Any) -> Any:
+        """The model's outputs for ``inputs`` on this rank (with TP, every rank of a TP group gets the same).
+        Needs pp = 1: a pipelined model has no single rank holding the whole forward.
+
+        Example: ``logits = pm(tokens)``
+        """
+        a = self._ready(inputs)
+        if a.schedule is not None:
+            raise ValueError(
+                "pm(inputs) needs a plan without pipeline parallelism (pp = 1), this one has "
+                f"pp = {a.plan.mesh.pp}; use pm.evaluate(inputs, targets) for a loss"
+            )
+        stage = a.stages[0]
+        runner = stage.runner.module if isinstance(stage.runner, DistributedDataParallel) else stage.runner
+        with self._autocast(a):
+            return runner(*(_to(v, a.device) for v in inputs))
+
+    forward = __call__
+
+    def _accumulate(self, a: AppliedPlan, args: tuple, targets: torch.Tensor, backward: bool) -> torch.Tensor:
+        count = a.plan.microbatches
+        runner = a.stages[0].runner
+        total = torch.zeros((), device=a.device)
+        pairs = zip(microbatches(args, count), microbatches((targets,), count))
+        for i, (mb_args, (mb_targets,)) in enumerate(pairs):
+            last = i == count - 1
+            sync = nullcontext()
+            if backward and isinstance(runner, DistributedDataParallel) and not last:
+                sync = runner.no_sync()
+            if backward and isinstance(runner, FSDPModule):
+                runner.set_requires_gradient_sync(last)
+            with sync:
+                with self._autocast(a):
+                    loss = self.loss_fn(runner(*mb_args), mb_targets)
+                if backward:
+                    (loss / count).backward()
+            total += loss.detach().float()
+        return total / count
+
+    def _pipeline(self, a: AppliedPlan, args: tuple, targets: torch.Tensor, backward: bool) -> torch.Tensor:
+        indices = [s.index for s in a.stages]
+        first, last = 0 in indices, len(a.plan.stages) - 1 in indices
+        losses: list[torch.Tensor] = []
+        step = a.schedule.step if backward else a.schedule.eval
+        with self._autocast(a):
+            kwargs = {"return_outputs": False} if backward else {}
+            step(*(args if first else ()), target=targets if last else None, losses=losses, **kwargs)
+        loss = torch.stack([l.detach().float() for l in losses]).mean() if last else torch.zeros((), device=a.device)
+        pp = a.plan.mesh.pp
+        src = rank_at(a.plan.mesh, (len(a.plan.stages) - 1) % pp, a.coords["dp"], a.coords["tp"])
+        dist.broadcast(loss, src=src, group=a.mesh["pp"].get_group())
+        return loss
+
+    def _global_mean(self, a: AppliedPlan, loss: torch.Tensor) -> float:
+        if a.plan.mesh.dp > 1:
+            dist.all_reduce(loss, group=a.mesh["dp"].get_group())
+            loss = loss / a.plan.mesh.dp
+        return float(loss)
+
+    # -- state ------------------------------------------------------------------------------------------------
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Unsharded CPU tensors under the model's original state-dict keys on rank 0; ``{}`` on other ranks.
+        Collective: every rank must call it.
+
+        Example: ``sd = pm.full_state_dict(); if rank == 0: torch.save(sd, "model.pt")``
+        """
+        a = self._ready()
+        local: dict[str, torch.Tensor] = {}
+        for stage in a.stages:
+            for name, tensor in stage.module.state_dict(keep_vars=True).items():
+                if name in local:
+                    continue
+                full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+                local[name] = full.detach().cpu().clone()
+        if not a.world.distributed:
+            return {k: local[k] for k in a.state_keys if k in local}
+        gathered: list[dict] | None = [None] * a.world.size if a.world.rank == 0 else None
+        dist.gather_object(local, gathered, dst=0)
+        if a.world.rank != 0:
+            return {}
+        merged: dict[str, torch.Tensor] = {}
+        for part in gathered:
+            for name, tensor in part.items():
+                merged.setdefault(name, tensor)
+        missing = [k for k in a.state_keys if k not in merged]
+        if missing:
+            raise RuntimeError(f"full_state_dict: no rank holds {missing}; the plan's stages do not cover them")
+        return {k: merged[k] for k in a.state_keys}

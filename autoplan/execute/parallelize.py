@@ -1,0 +1,112 @@
+"""``autoplan.parallelize``: plan (on rank 0, broadcast) or load a plan, check it against the model and the job,
+and apply it.
+
+Example (a world of one; under torchrun the same call runs on every rank):
+    >>> import torch, autoplan
+    >>> from autoplan.models import MLP
+    >>> from autoplan.execute.manual import manual_plan
+    >>> model = MLP(8, 16, depth=2)
+    >>> pm = autoplan.parallelize(model, plan=manual_plan(model, [[""]], global_batch_size=4))
+    >>> pm.plan.mesh.world_size
+    1
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from torch import nn
+
+from .. import errors
+from ..cluster import Cluster
+from ..plan import Plan
+from .apply import AppliedPlan, apply_plan
+from .batch import as_args
+from .parallel_model import ParallelModel
+from .world import World
+
+__all__ = ["parallelize"]
+
+
+def _plan_everywhere(model: nn.Module, example_inputs: tuple, cluster: Cluster | None, plan_kwargs: dict) -> Plan:
+    """Plan on rank 0 and broadcast the JSON; an error on rank 0 is raised on every rank (no rank hangs)."""
+    from ..api import plan as make_plan
+
+    cluster = cluster or Cluster.detect()
+    if cluster.device.kind == "cpu":
+        plan_kwargs = {"precision": "fp32", **plan_kwargs}
+    world = World.current()
+    world.init_process_group(cluster.device.kind)
+    world = World.current()
+    payload: dict[str, Any] = {}
+    if world.rank == 0:
+        try:
+            inputs = example_inputs[0] if len(example_inputs) == 1 else example_inputs
+            payload["plan"] = json.dumps(make_plan(model, inputs, cluster=cluster, **plan_kwargs).to_dict())
+        except Exception as exc:
+            if not world.distributed:
+                raise
+            payload["error"] = (type(exc).__name__, str(exc))
+    if world.distributed:
+        box = [payload]
+        dist.broadcast_object_list(box, src=0)
+        payload = box[0]
+    if "error" in payload:
+        name, message = payload["error"]
+        kind = getattr(errors, name, None)
+        if not (isinstance(kind, type) and issubclass(kind, Exception)):
+            kind = ValueError if name == "ValueError" else RuntimeError
+        raise kind(f"planning on rank 0 failed: {message}")
+    return Plan.from_dict(json.loads(payload["plan"]))
+
+
+def parallelize(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    loss_fn: Callable | None = None,
+    plan: Plan | str | Path | None = None,
+    cluster: Cluster | None = None,
+    **plan_kwargs: Any,
+) -> ParallelModel:
+    """Apply a plan to ``model`` on this rank and return a :class:`ParallelModel`. Call it on every rank.
+
+    - ``plan`` (a Plan or the path of its JSON) is applied as is. Otherwise rank 0 runs
+      ``autoplan.plan(model, example_inputs, cluster=cluster or Cluster.detect(), **plan_kwargs)`` and broadcasts
+      the plan; on a CPU cluster ``precision`` defaults to ``"fp32"``.
+    - ``example_inputs`` is the GLOBAL batch the model trains on (dim 0 of every input is the batch). When it is
+      ``None`` and no plan is given, planning and applying wait for the first ``train_step``/``evaluate``/call,
+      whose inputs serve as the example.
+    - Under torchrun the default process group is created if needed (gloo for CPU plans, nccl for CUDA plans);
+      a single process without torchrun is a world of one and needs none.
+    - The plan is checked first: another model's fingerprint, another world size, or modules the model lacks raise
+      :class:`autoplan.PlanMismatchError` before anything is changed. The model is then changed in place (tensor
+      parallel shards, FSDP, recompute); use the returned ParallelModel, not the model.
+
+    Example: see the module docstring; under torchrun ``autoplan.parallelize(model, (tokens,), mesh={"tp": 2})``.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if plan is not None:
+        if plan_kwargs or cluster is not None:
+            given = sorted(plan_kwargs) + (["cluster"] if cluster is not None else [])
+            raise ValueError(
+                f"planning arguments {given} were given along with plan=; they would be ignored. Pass either a plan "
+                f"or the arguments to plan with"
+            )
+        if isinstance(plan, (str, Path)):
+            plan = Plan.load(plan)
+        if not isinstance(plan, Plan):
+            raise ValueError(f"plan must be an autoplan.Plan or the path of a plan JSON, got {type(plan).__name__}")
+        return ParallelModel(loss_fn, applied=apply_plan(model, plan, loss_fn))
+
+    def plan_and_apply(inputs: tuple) -> AppliedPlan:
+        return apply_plan(model, _plan_everywhere(model, inputs, cluster, dict(plan_kwargs)), loss_fn)
+
+    if example_inputs is None:
+        return ParallelModel(loss_fn, pending=plan_and_apply)
+    return ParallelModel(loss_fn, applied=plan_and_apply(as_args(example_inputs)))

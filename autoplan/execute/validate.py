@@ -1,0 +1,99 @@
+"""Check a plan against a model and a world before anything is changed, so that nothing is half-applied.
+
+Example:
+    >>> import torch, autoplan
+    >>> from autoplan.execute.validate import check_plan_fits
+    >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    >>> plan = autoplan.Plan.example()
+    >>> try:
+    ...     check_plan_fits(plan, model, world_size=1)
+    ... except autoplan.PlanMismatchError as e:
+    ...     print("mismatch")
+    mismatch
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import PlanMismatchError
+from ..fingerprint import model_fingerprint
+from ..plan import Plan
+
+__all__ = ["check_plan_fits", "owning_layer"]
+
+_STYLE_MODULES = {
+    "colwise": nn.Linear,
+    "rowwise": nn.Linear,
+    "vocab_embedding": nn.Embedding,
+    "vocab_head": nn.Linear,
+}
+
+_REPLAN = "re-plan for this model and job with autoplan.plan(model, example_inputs, cluster=...) or pass plan=None"
+
+
+def owning_layer(fqn: str, layers: tuple[str, ...]) -> str | None:
+    """The plan layer that contains module ``fqn`` (itself or an ancestor), or ``None``.
+
+    Example:
+        >>> owning_layer("blocks.0.attn.qkv", ("tok", "blocks.0"))
+        'blocks.0'
+    """
+    for layer in layers:
+        if fqn == layer or fqn.startswith(layer + "."):
+            return layer
+    return None
+
+
+def check_plan_fits(plan: Plan, model: nn.Module, world_size: int) -> None:
+    """Raise :class:`autoplan.PlanMismatchError` when ``plan`` was made for another model or world size, or names
+    modules the model does not have (or of the wrong kind for their tensor-parallel style).
+
+    Example:
+        >>> import torch, autoplan
+        >>> from autoplan.fingerprint import model_fingerprint
+        >>> from autoplan.plan import ModelInfo
+        >>> m = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        >>> p = autoplan.Plan.example().replace(model=ModelInfo("Sequential", model_fingerprint(m), 20),
+        ...                                     stages=(autoplan.Stage(("0",)),))
+        >>> check_plan_fits(p, m, world_size=1)
+    """
+    fingerprint = model_fingerprint(model)
+    if plan.model.fingerprint != fingerprint:
+        raise PlanMismatchError(
+            f"the plan was made for model {plan.model.name!r} (fingerprint {plan.model.fingerprint}) but this is "
+            f"{type(model).__name__!r} (fingerprint {fingerprint}); {_REPLAN}"
+        )
+    if plan.mesh.world_size != world_size:
+        raise PlanMismatchError(
+            f"the plan's mesh {plan.mesh} needs {plan.mesh.world_size} ranks but this job has {world_size}; "
+            f"launch with torchrun --nproc_per_node/--nnodes totalling {plan.mesh.world_size} ranks, or {_REPLAN}"
+        )
+    modules = dict(model.named_modules())
+    layers = plan.layers
+    missing = [fqn for fqn in layers if fqn not in modules]
+    if missing:
+        raise PlanMismatchError(f"the plan's stages name modules {missing} that this model does not have; {_REPLAN}")
+    for index, stage in enumerate(plan.stages):
+        for fqn in stage.recompute:
+            if fqn not in modules:
+                raise PlanMismatchError(f"the plan recomputes module {fqn!r}, which this model lacks; {_REPLAN}")
+            if owning_layer(fqn, stage.layers) is None:
+                raise PlanMismatchError(
+                    f"stage {index} recomputes {fqn!r}, which is not inside its layers {list(stage.layers)}; {_REPLAN}"
+                )
+    for fqn, style in plan.tensor_parallel.items():
+        if fqn not in modules:
+            raise PlanMismatchError(
+                f"the plan shards module {fqn!r} ({style}) but this model has no such module; {_REPLAN}"
+            )
+        kind = _STYLE_MODULES[style]
+        if not isinstance(modules[fqn], kind):
+            raise PlanMismatchError(
+                f"tensor_parallel[{fqn!r}] = {style!r} needs an nn.{kind.__name__} but the module is "
+                f"{type(modules[fqn]).__name__}; {_REPLAN}"
+            )
+        if owning_layer(fqn, layers) is None and plan.mesh.pp > 1:
+            raise PlanMismatchError(
+                f"the plan shards {fqn!r}, which lies outside every pipeline stage's layers; {_REPLAN}"
+            )

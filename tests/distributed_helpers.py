@@ -1,0 +1,127 @@
+"""Executor test support: the layouts checked for numerics, a torchrun launcher for one world that runs many
+layouts, and the single-process reference they are compared with."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from autoplan.models import GPT, MLP, GPTConfig
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("execute_worker.py")
+GLOBAL_BATCH = 16
+STEPS = 3
+LR = 1e-3
+
+GPT_CONFIG = GPTConfig(vocab_size=64, seq_len=8, hidden=32, layers=6, heads=4)
+GPT_LAYERS = ["tok", "pos"] + [f"blocks.{i}" for i in range(6)] + ["ln_f", "head"]
+MLP_LAYERS = [f"layers.{i}" for i in range(9)]
+
+
+def build_model(kind: str) -> torch.nn.Module:
+    torch.manual_seed(1234)
+    return GPT(GPT_CONFIG) if kind == "gpt" else MLP(16, 32, depth=4)
+
+
+def batches(kind: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The same global batches on every rank and in the reference."""
+    g = torch.Generator().manual_seed(99)
+    out = []
+    for _ in range(STEPS):
+        if kind == "gpt":
+            tokens = torch.randint(0, GPT_CONFIG.vocab_size, (GLOBAL_BATCH, GPT_CONFIG.seq_len + 1), generator=g)
+            out.append((tokens[:, :-1], tokens[:, 1:]))
+        else:
+            out.append((torch.randn(GLOBAL_BATCH, 16, generator=g), torch.randn(GLOBAL_BATCH, 16, generator=g)))
+    return out
+
+
+def _stages(kind: str, count: int) -> list[list[str]]:
+    if kind == "gpt":
+        units = [["tok", "pos"]] + [[f"blocks.{i}"] for i in range(6)] + [["ln_f", "head"]]
+    else:
+        units = [[f"layers.{i}"] for i in range(7)] + [["layers.7", "layers.8"]]
+    per = len(units) // count
+    return [sum(units[i * per:(i + 1) * per], []) for i in range(count)]
+
+
+def tp_styles(kind: str) -> dict[str, str]:
+    if kind == "mlp":
+        return {"layers.0": "colwise", "layers.2": "rowwise", "layers.4": "colwise", "layers.6": "rowwise"}
+    styles = {"tok": "vocab_embedding", "head": "vocab_head"}
+    for i in range(GPT_CONFIG.layers):
+        styles.update({f"blocks.{i}.attn.qkv": "colwise", f"blocks.{i}.attn.proj": "rowwise",
+                       f"blocks.{i}.mlp.fc": "colwise", f"blocks.{i}.mlp.proj": "rowwise"})
+    return styles
+
+
+def layout(kind: str, name: str, *, pp=1, dp=1, tp=1, data_parallel="ddp", schedule="1f1b",
+           recompute=False) -> dict:
+    """A case for the worker: manual_plan arguments (JSON-able) under a readable name."""
+    virtual = 2 if schedule == "interleaved" else 1
+    stages = _stages(kind, pp * virtual) if pp > 1 else [GPT_LAYERS if kind == "gpt" else MLP_LAYERS]
+    rc = ([f"blocks.{i}" for i in range(6)] if kind == "gpt" else ["layers.0", "layers.2", "layers.4"])
+    return {
+        "name": f"{kind}:{name}{':recompute' if recompute else ''}",
+        "kind": kind,
+        "plan": dict(stages=stages, pp=pp, dp=dp, tp=tp, global_batch_size=GLOBAL_BATCH,
+                     microbatches=4 if pp > 1 else 2, schedule=schedule, data_parallel=data_parallel,
+                     tensor_parallel=tp_styles(kind) if tp > 1 else {}, recompute=rc if recompute else []),
+    }
+
+
+def all_layouts(kind: str) -> list[dict]:
+    """Every layout of the brief, each schedule where pp > 1, with and without recompute."""
+    base = [("dp4", dict(dp=4)), ("fsdp4", dict(dp=4, data_parallel="fsdp")), ("tp4", dict(tp=4)),
+            ("dp2xtp2", dict(dp=2, tp=2)), ("fsdp2xtp2", dict(dp=2, tp=2, data_parallel="fsdp")),
+            ("fsdp2xpp2-1f1b", dict(pp=2, dp=2, data_parallel="fsdp"))]
+    for schedule in ("gpipe", "1f1b", "interleaved"):
+        base += [(f"pp4-{schedule}", dict(pp=4, schedule=schedule)),
+                 (f"dp2xpp2-{schedule}", dict(pp=2, dp=2, schedule=schedule)),
+                 (f"pp2xtp2-{schedule}", dict(pp=2, tp=2, schedule=schedule))]
+    return [layout(kind, name, recompute=rc, **kw) for name, kw in base for rc in (False, True)]
+
+
+def run_world(cases: list[dict], tmp_path: Path, nproc: int = 4, timeout_s: int = 240) -> dict:
+    """Run every case in one torchrun world of ``nproc`` CPU ranks; returns {name: result} from rank 0."""
+    spec = tmp_path / "cases.json"
+    out = tmp_path / "results.pt"
+    spec.write_text(json.dumps(cases))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "0",
+           str(WORKER), str(spec), str(out)]
+    # A new session so that a hung world is killed whole (torchrun and its ranks) on timeout.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"torchrun world timed out after {timeout_s} s:\n{stderr[-8000:]}") from None
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{stdout[-4000:]}\n{stderr[-8000:]}")
+    return torch.load(out, weights_only=False)
+
+
+def reference(kind: str) -> dict:
+    """Losses and final state of three AdamW steps on one process over the whole global batch."""
+    from autoplan.execute.batch import default_loss
+
+    model = build_model(kind)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    losses = []
+    for inputs, targets in batches(kind):
+        loss = default_loss(model(inputs), targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return {"losses": losses, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
