@@ -20,9 +20,10 @@ Usage (one GPU, < 2 minutes)::
 
     python benchmarks/gpu_memory_check.py --out gpu_check.json
     python benchmarks/gpu_memory_check.py --model gpt2-125m --batch 4 --precision bf16
+    python benchmarks/gpu_memory_check.py --model debug --batch 4 --device cpu   # dry run, no GPU
 
-Without CUDA it prints why and exits with status 0 without measuring (``--out`` then records
-``"status": "skipped"``). TF32 stays off (PyTorch's default), so fp32 runs at the fp32 peak the presets list.
+Without CUDA (and without ``--device cpu``) it prints why and exits with status 0 without measuring (``--out``
+then records ``"status": "skipped"``). TF32 stays off (PyTorch's default), so fp32 runs at the fp32 peak the presets list.
 
 Example (the prediction alone runs anywhere):
     >>> import torch, autoplan
@@ -115,27 +116,50 @@ def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused, foreach=False if not fused else None)
 
 
-def measure_step(cfg: GPTConfig, batch: int, precision: str, timed_steps: int = 3) -> dict[str, float]:
+def _cpu_step_peak_bytes(model, tokens, targets, optimizer, precision: str) -> int:
+    """Peak bytes of one CPU step by torch's MemTracker, which follows every storage as the CUDA allocator's
+    counter does (a private torch tool: this path is only the dry run)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    tracker.track_external(model, optimizer, tokens, targets)
+    with tracker:
+        train_step(model, tokens, targets, optimizer, precision)
+    return max(snapshot["Total"] for snapshot in tracker.get_tracker_snapshot("peak").values())
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_step(cfg: GPTConfig, batch: int, precision: str, device: str = "cuda",
+                 timed_steps: int = 3) -> dict[str, float]:
     """Peak allocated bytes of one step (after a warm-up step) and the mean time of ``timed_steps`` steps."""
     torch.manual_seed(0)
-    model = GPT(cfg).cuda()
-    tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), device="cuda")
-    targets = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), device="cuda")
+    model = GPT(cfg).to(device)
+    tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), device=device)
+    targets = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), device=device)
     optimizer = make_optimizer(model)
     train_step(model, tokens, targets, optimizer, precision)  # creates AdamW states and gradients
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    train_step(model, tokens, targets, optimizer, precision)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    reserved = torch.cuda.max_memory_reserved()
+    reserved = None
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        train_step(model, tokens, targets, optimizer, precision)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        reserved = torch.cuda.max_memory_reserved()
+    else:
+        peak = _cpu_step_peak_bytes(model, tokens, targets, optimizer, precision)
     start = time.perf_counter()
     for _ in range(timed_steps):
         train_step(model, tokens, targets, optimizer, precision)
-    torch.cuda.synchronize()
+    _synchronize(device)
     step_s = (time.perf_counter() - start) / timed_steps
     del model, optimizer, tokens, targets
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return {"peak_allocated_bytes": peak, "peak_reserved_bytes": reserved, "step_s": step_s}
 
 
@@ -158,8 +182,9 @@ def matmul_fraction(n: int = 8192, iters: int = 20) -> dict[str, float]:
             "fraction_of_h100_peak": achieved / peak}
 
 
-def check(model_name: str, batch: int, precisions: list[str]) -> dict:
-    """Predict and measure every precision; the whole result as plain data."""
+def check(model_name: str, batch: int, precisions: list[str], device: str = "cuda") -> dict:
+    """Predict and measure every precision; the whole result as plain data. ``device="cpu"`` is a dry run of
+    the same path (memory by MemTracker, no matmul timing)."""
     cfg = GPTConfig.preset(model_name)
     with torch.device("meta"):
         meta_model = GPT(cfg)
@@ -170,7 +195,7 @@ def check(model_name: str, batch: int, precisions: list[str]) -> dict:
     rows = []
     for precision in precisions:
         predicted = predict_step_memory(graph, microbatch_size=batch, precision=precision)
-        measured = measure_step(cfg, batch, precision)
+        measured = measure_step(cfg, batch, precision, device)
         predicted_s = predict_step_time_s(graph, cluster, microbatch_size=batch, precision=precision)
         rows.append({
             "precision": precision,
@@ -182,7 +207,7 @@ def check(model_name: str, batch: int, precisions: list[str]) -> dict:
         })
     return {
         "status": "measured",
-        "device": torch.cuda.get_device_name(0),
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         "cluster": cluster.name,
         "torch": torch.__version__,
         "model": model_name,
@@ -192,7 +217,7 @@ def check(model_name: str, batch: int, precisions: list[str]) -> dict:
         "trace_s": trace_s,
         "goal_memory_relative_error": GOAL_RELATIVE_ERROR,
         "steps": rows,
-        "matmul": matmul_fraction(),
+        "matmul": matmul_fraction() if device == "cuda" else None,
     }
 
 
@@ -214,6 +239,8 @@ def format_result(result: dict) -> str:
             f"{row['time_relative_error']:>+8.1%}"
         )
     mm = result["matmul"]
+    if mm is None:
+        return "\n".join(lines)
     lines.append(f"bf16 matmul {mm['n']}³: {mm['achieved_flops'] / 1e12:.0f} TFLOP/s = "
                  f"{mm['fraction_of_h100_peak']:.1%} of the h100-80gb preset's {mm['h100_peak_flops'] / 1e12:.0f}")
     return "\n".join(lines)
@@ -225,16 +252,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: a dry run of the whole script on this machine (use a small --model)")
     args = parser.parse_args(argv)
     if args.batch < 1:
         parser.error(f"--batch must be ≥ 1, got {args.batch}")
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_memory_check: no CUDA device is available, so nothing was measured; run it on a machine "
               "with a GPU (python benchmarks/gpu_memory_check.py --out result.json).")
         if args.out:
             args.out.write_text(json.dumps({"status": "skipped", "reason": "no CUDA device"}, indent=2))
         return 0
-    result = check(args.model, args.batch, args.precision)
+    result = check(args.model, args.batch, args.precision, args.device)
     print(format_result(result))
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

@@ -24,21 +24,6 @@ def load_script():
     return module
 
 
-def measured_peak_bytes(check, cfg: GPTConfig, batch: int, precision: str) -> int:
-    mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker", reason="needs torch's MemTracker")
-    torch.manual_seed(0)
-    model = GPT(cfg)
-    tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len))
-    targets = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len))
-    optimizer = check.make_optimizer(model)
-    check.train_step(model, tokens, targets, optimizer, precision)  # creates the AdamW states
-    tracker = mem_tracker.MemTracker()
-    tracker.track_external(model, optimizer, tokens, targets)
-    with tracker:
-        check.train_step(model, tokens, targets, optimizer, precision)
-    return max(snapshot["Total"] for snapshot in tracker.get_tracker_snapshot("peak").values())
-
-
 @pytest.mark.parametrize("precision, tolerance", [("fp32", 0.01), ("bf16", 0.10)])
 def test_predicted_step_peak_matches_a_real_step(precision, tolerance):
     check = load_script()
@@ -46,7 +31,8 @@ def test_predicted_step_peak_matches_a_real_step(precision, tolerance):
     with torch.device("meta"):
         graph = autoplan.trace(GPT(cfg), torch.randint(0, cfg.vocab_size, (1, cfg.seq_len), device="meta"))
     predicted = check.predict_step_memory(graph, microbatch_size=8, precision=precision)["total_bytes"]
-    measured = measured_peak_bytes(check, cfg, 8, precision)
+    pytest.importorskip("torch.distributed._tools.mem_tracker", reason="needs torch's MemTracker")
+    measured = check.measure_step(cfg, 8, precision, device="cpu", timed_steps=1)["peak_allocated_bytes"]
     # fp32: exact to the byte but for allocator-free bookkeeping. bf16 autocast keeps LayerNorm inputs and the
     # residual stream in fp32 and caches bf16 weight copies, which the element-size scaling does not see.
     assert abs(predicted / measured - 1) <= tolerance, (predicted, measured)
@@ -59,6 +45,19 @@ def test_check_script_without_cuda_says_so_and_records_skip(tmp_path, capsys, mo
     assert check.main(["--out", str(out)]) == 0
     assert "no CUDA device" in capsys.readouterr().out
     assert json.loads(out.read_text()) == {"status": "skipped", "reason": "no CUDA device"}
+
+
+def test_check_script_dry_run_on_cpu(tmp_path, capsys):
+    pytest.importorskip("torch.distributed._tools.mem_tracker", reason="needs torch's MemTracker")
+    out = tmp_path / "result.json"
+    assert load_script().main(["--model", "debug", "--batch", "2", "--precision", "fp32", "--device", "cpu",
+                               "--out", str(out)]) == 0
+    assert "fp32" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert (result["status"], result["device"], result["matmul"]) == ("measured", "cpu", None)
+    (row,) = result["steps"]
+    assert abs(row["memory_relative_error"]) < 0.01
+    assert row["predicted"]["total_bytes"] == sum(v for k, v in row["predicted"].items() if k != "total_bytes")
 
 
 def test_check_script_rejects_bad_batch():
