@@ -534,38 +534,47 @@ def cross_entropy_bytes(logits_elements: float) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+#: Bytes per element of gradient reductions. Mixed precision still reduces gradients in fp32: under autocast the
+#: parameters, hence their gradients, are fp32; FSDP2 is given ``MixedPrecisionPolicy(reduce_dtype=float32)``;
+#: Megatron-LM accumulates and all-reduces bf16 gradients in fp32 (``--accumulate-allreduce-grads-in-fp32``).
+GRAD_REDUCE_BYTES = 4
+
+
 def data_parallel_sync_s(num_params: int, cluster: Cluster, *, dp: int, stride: int, data_parallel: str,
-                         precision: str) -> float:
+                         precision: str, grad_reduce_bytes: int = GRAD_REDUCE_BYTES) -> float:
     """Gradient synchronisation of one device's ``num_params`` per step: DDP all-reduce of gradients; FSDP
     all-gather of weights in forward and backward plus reduce-scatter of gradients (ZeRO §7).
 
     ``num_params`` is what the device's stage holds after tensor parallelism and before FSDP sharding; the
-    data-parallel group is ``dp`` ranks ``stride`` (= tp) apart. Gradients and gathered weights travel at the
-    precision's element size (bf16 gradients for mixed precision, as ZeRO counts them). DDP: one (hierarchical)
-    all-reduce of 2(n−1)/n·Ψ·g bytes; FSDP: 2 all-gathers + 1 reduce-scatter of (n−1)/n·Ψ·p bytes each, 1.5×
-    the DDP volume (ZeRO §7.2.2), two-level across nodes (:func:`group_allgather_s`). The caller decides how
-    much of it overlaps compute.
+    data-parallel group is ``dp`` ranks ``stride`` (= tp) apart. Gradients travel at ``grad_reduce_bytes`` per
+    element (fp32 by default, see :data:`GRAD_REDUCE_BYTES`; pass ``state_bytes_per_param(...).grads`` for
+    ZeRO's bf16 accounting), gathered weights at the precision's element size. DDP: one (hierarchical)
+    all-reduce of 2(n−1)/n·Ψ·g bytes; FSDP: 2 all-gathers of (n−1)/n·Ψ·p bytes and 1 reduce-scatter of
+    (n−1)/n·Ψ·g bytes, 1.5× the DDP volume when p = g (ZeRO §7.2.2), two-level across nodes
+    (:func:`group_allgather_s`). The caller decides how much of it overlaps compute.
 
     Example:
         >>> c = Cluster.preset("a100-80gb")               # 8 GPUs, 300 GB/s NVLink
         >>> round(data_parallel_sync_s(1_000_000_000, c, dp=8, stride=1, data_parallel="ddp",
-        ...                            precision="bf16"), 4)        # 2·7/8·2 GB / 300 GB/s + 14·5 µs
-        0.0117
+        ...                            precision="bf16"), 4)        # 2·7/8·4 GB / 300 GB/s + 14·5 µs
+        0.0234
     """
     if isinstance(num_params, bool) or not isinstance(num_params, int) or num_params < 0:
         raise ValueError(f"num_params must be an int ≥ 0, got {num_params!r}")
     _check_positive_int("dp", dp)
+    _check_positive_int("grad_reduce_bytes", grad_reduce_bytes)
     if data_parallel not in DATA_PARALLEL_KINDS:
         raise ValueError(f"unknown data_parallel {data_parallel!r}; use one of {DATA_PARALLEL_KINDS}")
     _check_precision(precision)
     _check_group(cluster, dp, stride)
     if dp == 1:
         return 0.0
-    element = PRECISION_BYTES[precision]
-    nbytes = num_params * element
+    grad_bytes = num_params * grad_reduce_bytes
     if data_parallel == "ddp":
-        return group_allreduce_s(nbytes, cluster, dp, stride)
-    return 2 * group_allgather_s(nbytes, cluster, dp, stride) + group_reduce_scatter_s(nbytes, cluster, dp, stride)
+        return group_allreduce_s(grad_bytes, cluster, dp, stride)
+    weight_bytes = num_params * PRECISION_BYTES[precision]
+    return (2 * group_allgather_s(weight_bytes, cluster, dp, stride)
+            + group_reduce_scatter_s(grad_bytes, cluster, dp, stride))
 
 
 def optimizer_step_bytes_per_param(precision: str, optimizer: str) -> int:
@@ -573,7 +582,8 @@ def optimizer_step_bytes_per_param(precision: str, optimizer: str) -> int:
 
     AdamW (Loshchilov & Hutter 2019, Algorithm 2; torch.optim.AdamW(fused=True) touches each element once):
     fp32 reads w, g, m, v (16) and writes w, m, v (12) = 28; mixed precision reads the fp32 master, m, v and a
-    bf16 gradient (14) and writes master, m, v and the bf16 working copy (14) = 28. SGD with momentum: fp32
+    bf16 gradient (14) and writes master, m, v and the bf16 working copy (14) = 28 (autocast and FSDP2 mixed
+    precision update fp32 weights from fp32 gradients: the fp32 count, also 28). SGD with momentum: fp32
     reads w, g, buf (12), writes w, buf (8) = 20; mixed reads master, buf, g (10), writes master, buf, bf16
     copy (10) = 20.
 

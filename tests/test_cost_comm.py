@@ -105,34 +105,39 @@ def test_two_level_allgather_and_reduce_scatter_across_nodes():
     assert group_reduce_scatter_s(1e9, c, 1, 8) == 0
 
 
-def test_ddp_sync_is_one_gradient_allreduce():
+def test_ddp_sync_is_one_gradient_allreduce_in_fp32():
     c = Cluster.preset("a100-80gb")
     got = data_parallel_sync_s(1_000_000_000, c, dp=8, stride=1, data_parallel="ddp", precision="bf16")
-    assert got == pytest.approx(2 * 7 / 8 * 2e9 / 300e9 + 14 * 5e-6)
+    assert got == pytest.approx(2 * 7 / 8 * 4e9 / 300e9 + 14 * 5e-6)
     fp32 = data_parallel_sync_s(1_000_000_000, c, dp=8, stride=1, data_parallel="ddp", precision="fp32")
-    assert fp32 == pytest.approx(2 * 7 / 8 * 4e9 / 300e9 + 14 * 5e-6)
+    assert fp32 == pytest.approx(got)
+    # ZeRO's accounting reduces bf16 gradients: half the bytes.
+    bf16 = data_parallel_sync_s(1_000_000_000, c, dp=8, stride=1, data_parallel="ddp", precision="bf16",
+                                grad_reduce_bytes=2)
+    assert bf16 == pytest.approx(2 * 7 / 8 * 2e9 / 300e9 + 14 * 5e-6)
 
 
-def test_fsdp_sync_is_one_and_a_half_ddp_volume():
-    # ZeRO §7: two all-gathers of weights and one reduce-scatter of gradients.
+def test_fsdp_sync_gathers_weights_twice_and_scatters_gradients():
+    # ZeRO §7: two all-gathers of weights (bf16 here) and one reduce-scatter of gradients (fp32).
     c = Cluster.preset("a100-80gb")
     fsdp = data_parallel_sync_s(1_000_000_000, c, dp=8, stride=1, data_parallel="fsdp", precision="bf16")
-    assert fsdp == pytest.approx(3 * (7 / 8 * 2e9 / 300e9 + 7 * 5e-6))
+    assert fsdp == pytest.approx(2 * (7 / 8 * 2e9 / 300e9 + 7 * 5e-6) + (7 / 8 * 4e9 / 300e9 + 7 * 5e-6))
+    # With equal element sizes it is 1.5× the DDP volume.
     zero_latency = Cluster(nodes=1, devices_per_node=8, device=c.device, intra_node_latency_s=0.0)
-    ratio = (data_parallel_sync_s(10**9, zero_latency, dp=8, stride=1, data_parallel="fsdp", precision="bf16")
-             / data_parallel_sync_s(10**9, zero_latency, dp=8, stride=1, data_parallel="ddp", precision="bf16"))
+    ratio = (data_parallel_sync_s(10**9, zero_latency, dp=8, stride=1, data_parallel="fsdp", precision="fp32")
+             / data_parallel_sync_s(10**9, zero_latency, dp=8, stride=1, data_parallel="ddp", precision="fp32"))
     assert ratio == pytest.approx(1.5)
 
 
 def test_dp_across_nodes_uses_the_nics():
     c = two_dgx_a100()
     # dp = 2 with tp = 8 innermost: one rank per node, a flat ring over InfiniBand.
-    got = data_parallel_sync_s(1_000_000_000, c, dp=2, stride=8, data_parallel="ddp", precision="bf16")
-    assert got == pytest.approx(2e9 / 25e9 + 2 * 10e-6)
+    got = data_parallel_sync_s(1_000_000_000, c, dp=2, stride=8, data_parallel="ddp", precision="fp32")
+    assert got == pytest.approx(4e9 / 25e9 + 2 * 10e-6)
     assert data_parallel_sync_s(1_000_000_000, c, dp=1, stride=8, data_parallel="fsdp", precision="bf16") == 0
     # FSDP over all 16 ranks: each gather and scatter is two-level.
-    fsdp = data_parallel_sync_s(1_000_000_000, c, dp=16, stride=1, data_parallel="fsdp", precision="bf16")
-    assert fsdp == pytest.approx(3 * group_allgather_s(2e9, c, 16, 1))
+    fsdp = data_parallel_sync_s(1_000_000_000, c, dp=16, stride=1, data_parallel="fsdp", precision="fp32")
+    assert fsdp == pytest.approx(3 * group_allgather_s(4e9, c, 16, 1))
 
 
 def test_optimizer_step_is_memory_bound():
@@ -157,6 +162,8 @@ def test_optimizer_step_is_memory_bound():
         (lambda: data_parallel_sync_s(10, two_dgx_a100(), dp=2, stride=1, data_parallel="zero",
                                       precision="bf16"), "data_parallel"),
         (lambda: optimizer_step_s(10, two_dgx_a100(), "bf16", "adam"), "optimizer"),
+        (lambda: data_parallel_sync_s(10, two_dgx_a100(), dp=2, stride=1, data_parallel="ddp", precision="bf16",
+                                      grad_reduce_bytes=0), "grad_reduce_bytes"),
     ],
 )
 def test_bad_arguments_name_the_cause(call, words):
