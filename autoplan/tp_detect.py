@@ -34,13 +34,16 @@ __all__ = ["DetectedGroup", "detect_tp_groups"]
 _PASS_THROUGH = {"view", "reshape", "_unsafe_view", "getitem", "float", "to", "contiguous", "clone", "_to_copy",
                  "dropout", "type_as", "flatten", "identity"}
 
+_FEATURE_REDUCTIONS = {"layer_norm", "native_layer_norm", "rms_norm", "group_norm", "batch_norm", "mean",
+                       "var_mean", "norm"}
+
 
 @dataclass(frozen=True)
 class DetectedGroup:
     styles: dict[str, str]  # module FQN → style
     divisor: int
     output_node: str  # graph node whose tensor is all-reduced / all-gathered
-    window: tuple[str, str | None]  # (first module, module whose start ends the sharded region; None = its end)
+    window: tuple[str, str | None]  # (first colwise module, the rowwise one): saved bytes made between are sharded
 
 
 def _base_target(target: str) -> str:
@@ -119,10 +122,14 @@ def detect_tp_groups(op_graph: OpGraph, model: nn.Module) -> list[DetectedGroup]
 
     used: set[str] = set()
     for (_, parent), col_nodes in by_input.items():
-        row = _find_rowwise(g, col_nodes, parent, op_graph)
-        if row is None or row in used or any(c in used for c in col_nodes):
+        if any(c in used for c in col_nodes):
             continue
-        if not _feeds_residual(g, row):
+        # The pair usually shares a parent (attn.qkv / attn.proj); BERT-style models put the projections in
+        # sibling modules (attention.self.query / attention.output.dense), so try one level up as well.
+        row = _find_rowwise(g, col_nodes, parent, op_graph, modules)
+        if row is None and "." in parent:
+            row = _find_rowwise(g, col_nodes, _parent(parent), op_graph, modules)
+        if row is None or row in used or not _feeds_residual(g, row):
             continue
         divisor = 0
         for c in col_nodes:
@@ -141,8 +148,15 @@ def detect_tp_groups(op_graph: OpGraph, model: nn.Module) -> list[DetectedGroup]
     return groups
 
 
-def _find_rowwise(g, col_nodes: list[str], parent: str, op_graph: OpGraph) -> str | None:
-    """The one linear of ``parent`` that the colwise outputs flow into, or None when there is not exactly one."""
+def _is_feature_reduction(attrs: dict, modules: dict) -> bool:
+    """Norms reduce over the features that tensor parallelism shards: a colwise/rowwise region cannot hold one."""
+    if attrs["op"] == "call_module":
+        return "Norm" in type(modules.get(attrs["target"])).__name__
+    return _base_target(attrs["target"]) in _FEATURE_REDUCTIONS
+
+
+def _find_rowwise(g, col_nodes: list[str], parent: str, op_graph: OpGraph, modules: dict) -> str | None:
+    """The one linear under ``parent`` that the colwise outputs flow into, or None when there is not exactly one."""
     found: set[str] = set()
     seen = set(col_nodes)
     todo = list(col_nodes)
@@ -161,5 +175,7 @@ def _find_rowwise(g, col_nodes: list[str], parent: str, op_graph: OpGraph) -> st
             if s in op_graph.linear_of:
                 found.add(s)
                 continue
+            if _is_feature_reduction(attrs, modules):
+                return None
             todo.append(s)
     return found.pop() if len(found) == 1 else None

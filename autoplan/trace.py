@@ -235,9 +235,12 @@ def _tp_groups_by_layer(groups: list[DetectedGroup], model, m: Measurement, op_g
         first, last = group.window
         if first not in m.calls:
             continue
-        start = m.calls[first].start
-        stop = m.calls[last].start if last is not None and last in m.calls else m.calls[first].end
-        sharded = sum(rec.nbytes for rec in m.saved if start <= rec.producer < stop)
+        sharded = 0
+        if last is not None and last in m.calls:
+            # everything made from the first colwise op up to the rowwise op: colwise outputs and what derives
+            # from them; vocabulary groups shard no saved tensor (the embedding output is all-reduced first)
+            start, stop = m.calls[first].start, m.calls[last].start
+            sharded = sum(rec.nbytes for rec in m.saved if start <= rec.producer < stop)
         layers = {locator.of_module(fqn) for fqn in group.styles}
         if len(layers) != 1 or None in layers:
             continue  # a group split across two links of the chain cannot be sharded inside one stage

@@ -83,6 +83,12 @@ def test_more_families_trace_with_exact_params_and_activations(builder):
     if builder == "hf_bert":
         assert _close(graph.activation_bytes, real_saved_bytes(model, **inputs), 0.05)
         assert graph.layer("bert.encoder.layer.0").kind == graph.layer("bert.encoder.layer.1").kind
+        # q/k/v and the output projection sit in sibling modules (attention.self / attention.output)
+        attn, mlp = graph.layer("bert.encoder.layer.0").tp_groups
+        p = "bert.encoder.layer.0"
+        assert attn.styles[f"{p}.attention.self.query"] == "colwise" and attn.divisor == 4
+        assert attn.styles[f"{p}.attention.output.dense"] == "rowwise"
+        assert mlp.styles == {f"{p}.intermediate.dense": "colwise", f"{p}.output.dense": "rowwise"}
 
 
 def test_llama_7b_shaped_model_on_meta_traces():

@@ -50,6 +50,7 @@ def test_gpt_tensor_parallel_groups():
     assert 0 < attn.activation_bytes < graph.layer("blocks.1").activation_bytes
     (emb,) = graph.layer("tok").tp_groups
     assert emb.styles == {"tok": "vocab_embedding"} and emb.divisor == CFG.vocab_size
+    assert emb.activation_bytes == 0 and emb.allreduce_bytes == BATCH * CFG.seq_len * CFG.hidden * 4
     (head,) = graph.layer("head").tp_groups
     assert head.styles == {"head": "vocab_head"} and head.divisor == CFG.vocab_size
     assert head.allreduce_bytes == graph.layer("head").output_bytes
@@ -102,3 +103,29 @@ def test_op_graph_nodes_carry_shapes_and_modules():
     assert attrs["shape"] == (BATCH, CFG.seq_len, 3 * CFG.hidden)
     assert attrs["bytes"] == BATCH * CFG.seq_len * 3 * CFG.hidden * 4
     assert {"op", "target", "shape", "bytes", "module"} <= set(attrs)
+
+
+def test_no_tensor_parallel_group_across_a_norm():
+    class NormBetween(torch.nn.Module):
+        """fc → LayerNorm → proj: the norm reduces over the features a colwise shard splits."""
+
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(16, 32)
+            self.norm = torch.nn.LayerNorm(32)
+            self.proj = torch.nn.Linear(32, 16)
+
+        def forward(self, x):
+            return x + self.proj(self.norm(self.fc(x)))
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = NormBetween()
+            self.out = torch.nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.out(self.block(x))
+
+    graph = autoplan.trace(Net(), torch.randn(4, 16))
+    assert all(layer.tp_groups == () for layer in graph.layers)
