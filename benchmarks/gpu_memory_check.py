@@ -23,7 +23,8 @@ Usage (one GPU, < 2 minutes)::
     python benchmarks/gpu_memory_check.py --model debug --batch 4 --device cpu   # dry run, no GPU
 
 Without CUDA (and without ``--device cpu``) it prints why and exits with status 0 without measuring (``--out``
-then records ``"status": "skipped"``). TF32 stays off (PyTorch's default), so fp32 runs at the fp32 peak the presets list.
+then records ``"status": "skipped"``). TF32 stays off (PyTorch's default), so fp32 runs at the fp32 peak
+the presets list.
 
 Example (the prediction alone runs anywhere):
     >>> import torch, autoplan

@@ -19,7 +19,8 @@ def test_interleaved_follows_megatron_warmup():
     # rank s: 2(pp − 1 − s) + (v − 1)·pp warm-up chunks + 1, each chunk 1/v of the rank's layers.
     got = [in_flight_microbatches("interleaved", s, 4, 8, virtual_stages=2) for s in range(4)]
     assert got == [11, 9, 7, 5]
-    # Rank 0 holds pp + (pp − 1)/v whole-rank microbatches (Korthikanti et al. 2022: pp · (1 + (pp − 1)/(pp·v))).
+    # Rank 0 holds pp + (pp − 1)/v whole-rank microbatches
+    # (Korthikanti et al. 2022: pp · (1 + (pp − 1)/(pp·v))).
     for pp, v in ((4, 2), (8, 4), (16, 3)):
         assert in_flight_microbatches("interleaved", 0, pp, 4 * pp, v) / v == pytest.approx(pp + (pp - 1) / v)
     # Never more than all chunks of all microbatches.
