@@ -78,3 +78,32 @@ def hf_bert(device=None):
                      intermediate_size=64, max_position_embeddings=SEQ, hidden_dropout_prob=0.0,
                      attention_probs_dropout_prob=0.0)
     return _build(BertForMaskedLM, cfg, device), _ids()
+
+
+def hf_mistral(device=None):
+    """Mistral causal LM (grouped key/value heads), 2 layers."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ, use_cache=False)
+    return _build(MistralForCausalLM, cfg, device), _ids()
+
+
+def hf_t5(device=None):
+    """T5 encoder-decoder with its LM head, 2 + 2 layers, no dropout; decoder ids given explicitly."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
+                   use_cache=False, decoder_start_token_id=0)
+    inputs = _ids()
+    inputs["decoder_input_ids"] = torch.randint(0, VOCAB, (BATCH, SEQ))
+    return _build(T5ForConditionalGeneration, cfg, device), inputs
+
+
+def hf_vit(device=None):
+    """ViT image classifier on 32×32 images in 8×8 patches, 2 layers."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=64, num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return _build(ViTForImageClassification, cfg, device), {"pixel_values": torch.randn(BATCH, 3, 32, 32)}
