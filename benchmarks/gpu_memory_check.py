@@ -21,6 +21,7 @@ Usage (one GPU, < 2 minutes)::
     python benchmarks/gpu_memory_check.py --out gpu_check.json
     python benchmarks/gpu_memory_check.py --model gpt2-125m --batch 4 --precision bf16
     python benchmarks/gpu_memory_check.py --model debug --batch 4 --device cpu   # dry run, no GPU
+    python benchmarks/gpu_memory_check.py --device fake    # memory only, full size, fake tensors, no GPU
 
 Without CUDA (and without ``--device cpu``) it prints why and exits with status 0 without measuring (``--out``
 then records ``"status": "skipped"``). TF32 stays off (PyTorch's default), so fp32 runs at the fp32 peak
@@ -135,8 +136,24 @@ def _synchronize(device: str) -> None:
 
 
 def measure_step(cfg: GPTConfig, batch: int, precision: str, device: str = "cuda",
-                 timed_steps: int = 3) -> dict[str, float]:
-    """Peak allocated bytes of one step (after a warm-up step) and the mean time of ``timed_steps`` steps."""
+                 timed_steps: int = 3) -> dict[str, float | None]:
+    """Peak allocated bytes of one step (after a warm-up step) and the mean time of ``timed_steps`` steps.
+
+    ``device`` "cuda" measures with the CUDA allocator; "cpu" runs the step for real under MemTracker; "fake"
+    runs it on fake tensors under MemTracker (full-size models on any machine, CPU kernels' saved tensors,
+    no time).
+    """
+    if device == "fake":
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode():
+            model = GPT(cfg)
+            tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len))
+            targets = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len))
+            optimizer = make_optimizer(model)
+            train_step(model, tokens, targets, optimizer, precision)  # creates AdamW states and gradients
+            peak = _cpu_step_peak_bytes(model, tokens, targets, optimizer, precision)
+        return {"peak_allocated_bytes": peak, "peak_reserved_bytes": None, "step_s": None}
     torch.manual_seed(0)
     model = GPT(cfg).to(device)
     tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), device=device)
@@ -185,7 +202,8 @@ def matmul_fraction(n: int = 8192, iters: int = 20) -> dict[str, float]:
 
 def check(model_name: str, batch: int, precisions: list[str], device: str = "cuda") -> dict:
     """Predict and measure every precision; the whole result as plain data. ``device="cpu"`` is a dry run of
-    the same path (memory by MemTracker, no matmul timing)."""
+    the same path (memory by MemTracker, no matmul timing); ``"fake"`` measures memory only (see
+    :func:`measure_step`)."""
     cfg = GPTConfig.preset(model_name)
     with torch.device("meta"):
         meta_model = GPT(cfg)
@@ -204,11 +222,11 @@ def check(model_name: str, batch: int, precisions: list[str], device: str = "cud
             "measured": measured,
             "memory_relative_error": predicted["total_bytes"] / measured["peak_allocated_bytes"] - 1,
             "predicted_step_s": predicted_s,
-            "time_relative_error": predicted_s / measured["step_s"] - 1,
+            "time_relative_error": predicted_s / measured["step_s"] - 1 if measured["step_s"] else None,
         })
     return {
         "status": "measured",
-        "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name(0) if device == "cuda" else device,
         "cluster": cluster.name,
         "torch": torch.__version__,
         "model": model_name,
@@ -236,8 +254,8 @@ def format_result(result: dict) -> str:
             f"{format_bytes(p['activations_bytes']):>14}{format_bytes(p['transient_bytes']):>12}"
             f"{format_bytes(p['loss_bytes']):>12}{format_bytes(p['total_bytes']):>12}"
             f"{format_bytes(m['peak_allocated_bytes']):>12}{row['memory_relative_error']:>+8.1%}"
-            f"{format_seconds(row['predicted_step_s']):>11}{format_seconds(m['step_s']):>11}"
-            f"{row['time_relative_error']:>+8.1%}"
+            + (f"{format_seconds(row['predicted_step_s']):>11}{format_seconds(m['step_s']):>11}"
+               f"{row['time_relative_error']:>+8.1%}" if m["step_s"] else f"{'-':>11}{'-':>11}{'-':>8}")
         )
     mm = result["matmul"]
     if mm is None:
@@ -253,8 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--out", type=Path, help="write the result as JSON here")
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
-                        help="cpu: a dry run of the whole script on this machine (use a small --model)")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu", "fake"],
+                        help="cpu: a dry run on this machine (use a small --model); fake: memory only, any size, "
+                             "on fake tensors")
     args = parser.parse_args(argv)
     if args.batch < 1:
         parser.error(f"--batch must be ≥ 1, got {args.batch}")

@@ -60,6 +60,16 @@ def test_check_script_dry_run_on_cpu(tmp_path, capsys):
     assert row["predicted"]["total_bytes"] == sum(v for k, v in row["predicted"].items() if k != "total_bytes")
 
 
+def test_check_script_fake_tensors_measure_memory_only():
+    pytest.importorskip("torch.distributed._tools.mem_tracker", reason="needs torch's MemTracker")
+    check = load_script()
+    cfg = GPTConfig.preset("debug")
+    fake = check.measure_step(cfg, 4, "fp32", device="fake")
+    real = check.measure_step(cfg, 4, "fp32", device="cpu", timed_steps=1)
+    assert fake["step_s"] is None
+    assert fake["peak_allocated_bytes"] == real["peak_allocated_bytes"]
+
+
 def test_check_script_rejects_bad_batch():
     with pytest.raises(SystemExit):
         load_script().main(["--batch", "0"])
