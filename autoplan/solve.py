@@ -47,7 +47,7 @@ from .solve_tables import Assignment, LayerCostCache, StrategyTables, segments_o
 __all__ = ["search", "DEFAULT_TIME_LIMIT_S"]
 
 DEFAULT_TIME_LIMIT_S = 10.0
-ALTERNATIVE_TIME_LIMIT_S = 0.5
+ALTERNATIVE_TIME_LIMIT_S = 0.25
 
 
 @dataclass
@@ -56,6 +56,7 @@ class _Record:
 
     lower_bound_s: float
     memory_lower_bound_bytes: float
+    refined_lower_bound_s: float | None = None
     assignment: Assignment | None = None
     cost: PlanCost | None = None
     exact: bool = False  # CP-SAT proved this the strategy's optimum
@@ -71,6 +72,16 @@ class _Search:
     tables: list[StrategyTables] = field(default_factory=list)
     records: list[_Record] = field(default_factory=list)
     best: int | None = None
+    frozen: bool = False  # once the plan is chosen, judging alternatives must not change it
+
+    def refined(self, i: int) -> float:
+        """The strategy's memory-aware lower bound (computed once)."""
+        rec = self.records[i]
+        if rec.refined_lower_bound_s is None:
+            rec.refined_lower_bound_s = self.tables[i].refined_lower_bound_s()
+            if rec.refined_lower_bound_s == float("inf"):
+                rec.status = "memory"
+        return rec.refined_lower_bound_s
 
     def best_s(self) -> float:
         return self.records[self.best].cost.step_time_s if self.best is not None else float("inf")
@@ -81,13 +92,17 @@ class _Search:
             rec.assignment, rec.cost = assignment, result
         rec.exact = rec.exact or exact
         rec.status = status
-        if result.fits and result.step_time_s < self.best_s() - 1e-15:
+        if result.fits and not self.frozen and result.step_time_s < self.best_s() - 1e-15:
             self.best = i
 
-    def solve_exact(self, i: int, time_limit_s: float, cutoff: bool = True) -> str:
+    def solve_exact(self, i: int, time_limit_s: float, cutoff: bool = True,
+                    wall_limit_s: float | None = None) -> str:
+        """CP-SAT on strategy ``i``: ``time_limit_s`` of deterministic time (the same on every machine and
+        run), and at most ``wall_limit_s`` of wall time (the overall deadline; only that can differ)."""
         rec = self.records[i]
         result = solve_strategy(self.tables[i], cutoff_s=self.best_s() if cutoff and self.best is not None
-                                else None, hint=rec.assignment, time_limit_s=time_limit_s)
+                                else None, hint=rec.assignment, time_limit_s=time_limit_s,
+                                wall_limit_s=wall_limit_s, lower_bound_s=self.refined(i))
         if result.assignment is not None:
             self.offer(i, result.assignment, self.tables[i].evaluate(result.assignment),
                        result.status == "OPTIMAL", result.status)
@@ -133,31 +148,35 @@ def search(graph: ModelGraph, cluster: Cluster, options: PlanOptions) -> Plan:
     for i in order:
         if state.records[i].lower_bound_s >= state.best_s() or time.perf_counter() > state.deadline:
             break
+        if state.refined(i) >= state.best_s():
+            continue
         found = state.tables[i].greedy()
         state.records[i].status = "greedy"
         if found is not None:
             state.offer(i, found[0], found[1], exact=False, status="greedy")
 
-    # Exact: CP-SAT on every strategy whose bound beats the incumbent.
+    # Exact: CP-SAT on every strategy whose refined bound beats the incumbent, most promising first.
+    candidates = [i for i in order if state.records[i].lower_bound_s < state.best_s()]
+    candidates.sort(key=lambda i: (state.refined(i), i))
     unresolved: list[float] = []
-    for i in order:
-        rec = state.records[i]
-        if rec.lower_bound_s >= state.best_s():
+    for i in candidates:
+        if state.refined(i) >= state.best_s():
             break
         remaining = state.deadline - time.perf_counter()
         if remaining <= 0:
-            rec.status = "timeout"
-            unresolved.append(rec.lower_bound_s)
+            state.records[i].status = "timeout"
+            unresolved.append(state.refined(i))
             continue
-        status = state.solve_exact(i, remaining)
+        status = state.solve_exact(i, max(1.0, limit_s / 4), wall_limit_s=remaining)
         if status not in ("OPTIMAL", "INFEASIBLE"):
-            unresolved.append(rec.lower_bound_s)
+            unresolved.append(state.refined(i))
 
     if state.best is None:
         raise _infeasible(state, strategies)
     best_s = state.best_s()
     still_open = [lb for lb in unresolved if lb < best_s]
     gap = (best_s - min(still_open)) / best_s if still_open else 0.0
+    state.frozen = True
     alternatives = _alternatives(state)
     wall = time.perf_counter() - start
     info = SearchInfo(solver="cp-sat", status="OPTIMAL" if not still_open else "FEASIBLE", wall_s=wall,
@@ -233,7 +252,10 @@ def _alternatives(state: _Search) -> list[Alternative]:
                 and state.tables[i].strategy.schedule == chosen.schedule]
     if other_dp:
         groups.append(("dp", other_dp))
-    out = [_judge(state, members, best) for _, members in groups]
+    judged = [(kind, _judge(state, members, best)) for kind, members in groups]
+    meshes = sorted((a for kind, a in judged if kind == "mesh" and a is not None),
+                    key=lambda a: (a.step_time_s is None, a.step_time_s or 0.0))
+    out = meshes + [a for kind, a in judged if kind != "mesh"]
     uses_recompute = any(choice.recompute >= 0 for stage in state.records[chosen_i].assignment
                          for _, choice in stage)
     if uses_recompute and state.options.recompute == "auto":
@@ -249,14 +271,24 @@ def _known_s(state: _Search, i: int) -> float:
 def _judge(state: _Search, members: list[int], best: PlanCost) -> Alternative | None:
     """Solve the most promising strategy of ``members`` and say how it compares with the chosen plan."""
     fits = [i for i in members if state.records[i].status != "memory"]
-    if fits:
-        i = min(fits, key=lambda j: (_known_s(state, j), j))
-        rec = state.records[i]
+    known = [i for i in fits if state.records[i].cost is not None]
+    if known:
+        pick = min(known, key=lambda j: (state.records[j].cost.step_time_s, j))
+    else:
+        few = sorted(fits, key=lambda j: (state.records[j].lower_bound_s, j))[:8]
+        finite = [j for j in few if state.refined(j) < float("inf")]
+        pick = min(finite, key=lambda j: (state.refined(j), j)) if finite else None
+    if pick is not None:
+        rec = state.records[pick]
+        if rec.cost is None:
+            found = state.tables[pick].greedy()
+            if found is not None:
+                state.offer(pick, found[0], found[1], exact=False, status="greedy")
         if not rec.exact:
-            state.solve_exact(i, ALTERNATIVE_TIME_LIMIT_S, cutoff=False)
+            state.solve_exact(pick, ALTERNATIVE_TIME_LIMIT_S, cutoff=False)
         if rec.cost is not None:
-            return Alternative(state.tables[i].strategy.describe(), rec.cost.step_time_s,
-                               _why_slower(rec.cost, best, state.tables[i].strategy, state.cluster))
+            return Alternative(state.tables[pick].strategy.describe(), rec.cost.step_time_s,
+                               _why_slower(rec.cost, best, state.tables[pick].strategy, state.cluster))
     i = min(members, key=lambda j: (state.records[j].memory_lower_bound_bytes, j))
     return Alternative(state.tables[i].strategy.describe(), None, _why_no_fit(state.tables[i]))
 

@@ -79,7 +79,8 @@ class ModelResult:
 
 
 def solve_strategy(tables: StrategyTables, *, cutoff_s: float | None, hint: Assignment | None,
-                   time_limit_s: float, seed: int = 0) -> ModelResult:
+                   time_limit_s: float, wall_limit_s: float | None = None, lower_bound_s: float | None = None,
+                   seed: int = 0) -> ModelResult:
     """Solve one strategy exactly (up to the integer scaling) within ``time_limit_s``.
 
     ``cutoff_s``: only layouts strictly faster than this are wanted (INFEASIBLE then means "none faster").
@@ -196,6 +197,9 @@ def solve_strategy(tables: StrategyTables, *, cutoff_s: float | None, hint: Assi
     to_seconds = scale.time_unit_s / bubble.denominator
     if cutoff_s is not None:
         model.add(objective <= int(math.floor(cutoff_s / to_seconds)))
+    if lower_bound_s is not None and math.isfinite(lower_bound_s):
+        # A proven bound (StrategyTables.refined_lower_bound_s), less a margin for the integer rounding.
+        model.add(objective >= int(math.floor(lower_bound_s * (1 - 1e-5) / to_seconds)))
 
     if hint is not None:
         _add_hint(model, tables, hint, cut, m)
@@ -204,7 +208,7 @@ def solve_strategy(tables: StrategyTables, *, cutoff_s: float | None, hint: Assi
     solver.parameters.num_workers = 1
     solver.parameters.random_seed = seed
     solver.parameters.max_deterministic_time = max(time_limit_s, 0.01)
-    solver.parameters.max_time_in_seconds = max(2 * time_limit_s, 0.02)
+    solver.parameters.max_time_in_seconds = max(min(2 * time_limit_s, wall_limit_s or float("inf")), 0.02)
     code = solver.solve(model)
     status = solver.status_name(code)
     bound = solver.best_objective_bound * to_seconds if code in (cp_model.OPTIMAL, cp_model.FEASIBLE) else 0.0

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from bisect import bisect_right
 from functools import cached_property
 from typing import Sequence
 
@@ -145,6 +146,85 @@ class StrategyTables:
                      for rows, seg in zip(self.choices, self.segments)) / s.pp
         sync, opt = rank_tail_s(s, self.cluster, params)
         return (s.microbatches + float(self.bubble)) * per_mb + sync + opt
+
+    def refined_lower_bound_s(self) -> float:
+        """A tighter bound that sees memory and whole layers; ``inf`` when the strategy cannot fit.
+
+        Relaxation: keep the segment with the most work (N identical layers) and, of the other layers, only
+        the first (on rank 0) and the last (on the last stage's rank) at their fastest and leanest; let each
+        of the N layers mix its choices fractionally. Rank r, with in-flight count f_r, capacity C less its
+        fixed bytes, and fixed seconds τ_r (its fixed layers, and one cheapest send per stage that is not the
+        last), running n of the layers needs at least τ_r + n·φ_r(C_r/n) seconds per microbatch, where φ_r is
+        the lower convex hull of the choices' (bytes σ·P_c + f_r·A_c, seconds t_c) points (σ = model-state
+        bytes per parameter). Ranks hold whole layers, so the per-microbatch bound is the least t with
+        Σ_r max{n : τ_r + n·φ_r(C_r/n) ≤ t} ≥ N, found by bisection. Every dropped term is ≥ 0.
+        """
+        s = self.strategy
+        sized = [g for g, seg in enumerate(self.segments) if seg.size > 1]
+        base = self.lower_bound_s()
+        if not sized:
+            return base
+        g = max(sized, key=lambda j: (self.segments[j].size * min(c.time_s for c in self.choices[j]), -j))
+        n_layers, rows = self.segments[g].size, self.choices[g]
+        sigma = rank_state_bytes(s, 10**9) / 10**9
+        stages, last_rank = s.num_stages, (s.num_stages - 1) % s.pp
+        min_send = min(self.p2p_s) if stages > 1 else 0.0
+
+        def fixed(r: int) -> tuple[float, float]:
+            """(seconds, bytes) rank r pays outside the N layers, at least."""
+            f = in_flight(s, r)
+            t = min_send * (s.virtual_stages - (1 if r == last_rank else 0))
+            m = 0.0
+            ends = []
+            if r == 0 and g != 0:
+                ends.append(0)
+            if r == last_rank and g != len(self.segments) - 1:
+                ends.append(len(self.segments) - 1)
+            for e in ends:
+                t += min(c.time_s for c in self.choices[e])
+                m += min(sigma * c.num_params + f * c.activation_bytes for c in self.choices[e])
+            return t, m
+
+        groups: dict[tuple, int] = {}
+        for r in range(s.pp):
+            key = (in_flight(s, r),) + fixed(r)
+            groups[key] = groups.get(key, 0) + 1
+        cap = float(self.capacity_bytes)
+        # need[key][n]: least seconds a rank of this kind needs to run n of the layers (inf: does not fit)
+        need: dict[tuple, list[float]] = {}
+        for key in groups:
+            f, fixed_s, fixed_bytes = key
+            phi = _LowerHull([(sigma * c.num_params + f * c.activation_bytes, c.time_s) for c in rows])
+            budget = cap - fixed_bytes
+            row = [fixed_s if budget >= 0 else float("inf")]
+            for n in range(1, n_layers + 1):
+                row.append(fixed_s + n * phi(budget / n) if budget >= 0 else float("inf"))
+            need[key] = row
+        values = sorted({v for row in need.values() for v in row[1:] if v != float("inf")})
+
+        def enough(limit_s: float) -> bool:
+            total = 0
+            for key, count in groups.items():
+                most = bisect_right(need[key], limit_s) - 1  # rows are non-decreasing in n
+                if most < 0:
+                    return False  # this rank's fixed layers alone take longer
+                total += count * most
+            return total >= n_layers
+
+        if not values or not enough(values[-1]):
+            return float("inf")
+        lo_i, hi_i = 0, len(values) - 1  # the least value that is enough
+        while lo_i < hi_i:
+            mid = (lo_i + hi_i) // 2
+            if enough(values[mid]):
+                hi_i = mid
+            else:
+                lo_i = mid + 1
+        lo = values[lo_i]
+        per_mb = lo * (1 - 1e-9)
+        params = sum(min(c.num_params for c in r) * seg.size for r, seg in zip(self.choices, self.segments))
+        tail_s = sum(rank_tail_s(s, self.cluster, params / s.pp))
+        return max(base, (s.microbatches + float(self.bubble)) * per_mb + tail_s)
 
     def memory_lower_bound_bytes(self) -> float:
         """No layout of this strategy needs less memory on its fullest device (leanest choices, perfectly
@@ -286,3 +366,34 @@ def _non_dominated(rows: list[ChoiceCost]) -> list[ChoiceCost]:
         if not dominated:
             kept.append(row)
     return sorted(kept, key=lambda c: key(c) + (c.choice.recompute, c.choice.tp_on))
+
+
+class _LowerHull:
+    """φ(x): the least average seconds of a fractional mix of (bytes, seconds) choices whose average bytes are
+    at most x (the lower convex hull of the points, non-increasing; inf below the leanest point)."""
+
+    def __init__(self, points: list[tuple[float, float]]):
+        pareto: list[tuple[float, float]] = []
+        for m, t in sorted(points):
+            if not pareto or t < pareto[-1][1]:
+                pareto.append((m, t))
+        hull: list[tuple[float, float]] = []
+        for p in pareto:
+            while len(hull) >= 2:
+                (m1, t1), (m2, t2) = hull[-2], hull[-1]
+                # drop hull[-1] when it lies on or above the chord from hull[-2] to p
+                if (t2 - t1) * (p[0] - m1) >= (p[1] - t1) * (m2 - m1):
+                    hull.pop()
+                else:
+                    break
+            hull.append(p)
+        self.hull = hull
+
+    def __call__(self, x: float) -> float:
+        hull = self.hull
+        if x < hull[0][0]:
+            return float("inf")
+        for (m1, t1), (m2, t2) in zip(hull, hull[1:]):
+            if x < m2:
+                return t1 + (t2 - t1) * (x - m1) / (m2 - m1)
+        return hull[-1][1]
