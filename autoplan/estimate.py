@@ -14,13 +14,15 @@ For one microbatch, stage ``k`` takes
 where the p2p term (activation sent forward, its gradient sent back) is paid by every stage but the last. A
 pipeline rank's time per microbatch is the sum over its stages, ``T_r = Σ_{k ≡ r} T_k``, and one step is
 
-    step_time_s = (microbatches + bubble) · max_r T_r  +  max_r (dp_sync_r + optimizer_r)
+    step_time_s = microbatches · max_r T_r  +  b · max_k T_k  +  max_r (dp_sync_r + optimizer_r)
 
-with ``bubble = (pp − 1) / virtual_stages`` microbatch-times (Huang et al. 2019; Narayanan et al. SC'21
-§2.2). What overlaps: nothing across these terms. Tensor-parallel collectives and pipeline sends sit on the
-critical path of each microbatch (Megatron-LM runs them synchronously); the data-parallel gradient
-synchronisation and the optimizer step follow the last backward and are counted in full, which is
-conservative for DDP's bucketed all-reduce (it partly hides behind the last backward).
+with ``b = pp − 1`` stage-times of pipeline bubble (fill and drain: Huang et al. 2019 for GPipe, Narayanan et
+al. SC'21 §2.2.1 for 1F1B). With v virtual stages per rank (interleaved, SC'21 §2.2.2) a stage is 1/v of a
+rank, which gives the paper's (pp − 1)/v rank-times when the stages are balanced and charges an unbalanced
+interleaving for its largest stage. What overlaps: nothing across these terms. Tensor-parallel collectives
+and pipeline sends sit on the critical path of each microbatch (Megatron-LM runs them synchronously); the
+data-parallel gradient synchronisation and the optimizer step follow the last backward and are counted in
+full, which is conservative for DDP's bucketed all-reduce (it partly hides behind the last backward).
 
 Memory of pipeline rank ``r`` (its worst device; all dp × tp devices of a rank hold the same):
 
@@ -43,7 +45,6 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from fractions import Fraction
 from typing import Sequence
 
 from . import cost
@@ -75,10 +76,10 @@ class Strategy:
         return self.pp * self.virtual_stages
 
     @property
-    def bubble_microbatches(self) -> Fraction:
-        """Bubble length in per-microbatch rank times, as an exact fraction."""
-        value = cost.bubble_microbatches(self.schedule, self.pp, self.virtual_stages)
-        return Fraction(value).limit_denominator(1000)
+    def bubble_stage_times(self) -> int:
+        """Pipeline bubble in units of the slowest stage's per-microbatch time: (pp − 1) for every schedule
+        (:func:`autoplan.cost.bubble_microbatches` counts it in rank-times of v stages each)."""
+        return round(cost.bubble_microbatches(self.schedule, self.pp, self.virtual_stages) * self.virtual_stages)
 
     def describe(self) -> str:
         """``pp2×dp4×tp1 1f1b mb=2×8 ddp`` (with ``v=2`` for interleaved)."""
@@ -266,7 +267,9 @@ def compose(strategy: Strategy, cluster: Cluster, stages: Sequence[Sequence[cost
     slow = max(ranks, key=lambda r: (r.microbatch_s, -r.rank))
     tail = max(ranks, key=lambda r: (r.tail_s, -r.rank))
     m = strategy.microbatches
-    bubble = float(strategy.bubble_microbatches) * slow.microbatch_s
+    stage_s = [sum(c.total_s for c in stage) + (stage_p2p_s(strategy, cluster, boundary[k]) if k < last else 0.0)
+               for k, stage in enumerate(stages)]
+    bubble = strategy.bubble_stage_times * max(stage_s)
     step = m * slow.microbatch_s + bubble + tail.tail_s
     return PlanCost(
         strategy=strategy, ranks=tuple(ranks), capacity_bytes=cluster.device.usable_memory_bytes,

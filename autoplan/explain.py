@@ -8,7 +8,8 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["format_bytes", "format_flops", "format_seconds", "format_count", "format_graph_summary"]
+__all__ = ["format_bytes", "format_flops", "format_seconds", "format_count", "format_graph_summary", "compress_names",
+           "format_plan", "explain_plan"]
 
 
 def format_bytes(n: float) -> str:
@@ -89,3 +90,162 @@ def format_graph_summary(graph) -> str:
         f"batch {graph.batch_size}, traced by {graph.method} in {format_seconds(graph.trace_s)}"
     )
     return "\n".join([title, line(header), rule, *(line(r) for r in rows), rule, line(totals)])
+
+
+# -- plans ------------------------------------------------------------------------------------------------------
+
+_MAX_STAGE_ROWS = 12
+
+
+def _split_index(name: str) -> tuple[str, int] | None:
+    head, _, tail = name.rpartition(".")
+    return (head, int(tail)) if head and tail.isdigit() else None
+
+
+def compress_names(names) -> str:
+    """Module names with consecutive numbered runs folded: ``tok, blocks.0–blocks.23, head``.
+
+    Example:
+        >>> compress_names(["tok", "blocks.0", "blocks.1", "blocks.2", "head"])
+        'tok, blocks.0–blocks.2, head'
+    """
+    out: list[str] = []
+    run: list[str] = []
+
+    def flush() -> None:
+        if len(run) > 2:
+            out.append(f"{run[0]}–{run[-1]}")
+        else:
+            out.extend(run)
+        run.clear()
+
+    for name in names:
+        if run:
+            prev, cur = _split_index(run[-1]), _split_index(name)
+            if prev and cur and prev[0] == cur[0] and cur[1] == prev[1] + 1:
+                run.append(name)
+                continue
+            flush()
+        run.append(name)
+    flush()
+    return ", ".join(out)
+
+
+def _bar(fraction: float, width: int = 20) -> str:
+    filled = max(0, min(width, round(fraction * width)))
+    return "█" * filled + "·" * (width - filled)
+
+
+def _table(rows: list[tuple[str, ...]], right: tuple[int, ...] = ()) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+            for r in rows]
+
+
+def _stage_rows(plan) -> list[tuple[str, ...]]:
+    rows = [("stage", "rank", "layers", "recompute")]
+    stages = list(enumerate(plan.stages))
+    shown = stages if len(stages) <= _MAX_STAGE_ROWS else stages[:8] + [None] + stages[-3:]
+    for item in shown:
+        if item is None:
+            rows.append(("…", "", f"{len(stages) - 11} more stages", ""))
+            continue
+        k, stage = item
+        recompute = compress_names(stage.recompute) if stage.recompute else "—"
+        rows.append((str(k), str(k % plan.mesh.pp), f"{compress_names(stage.layers)} ({len(stage.layers)})",
+                     recompute))
+    return rows
+
+
+def format_plan(plan) -> str:
+    """A plan as a table readable in ten seconds: model, cluster, mesh, schedule, stages, memory, time.
+
+    Example:
+        >>> import autoplan
+        >>> print(format_plan(autoplan.Plan.example()).splitlines()[0])
+        Example (0 params) on 1 × cpu (1 node × 1)
+    """
+    c, m, p = plan.cluster, plan.mesh, plan.predicted
+    nodes = f"{c.nodes} node{'s' if c.nodes != 1 else ''} × {c.devices_per_node}"
+    lines = [f"{plan.model.name} ({format_count(plan.model.num_params)} params) on {c.world_size} × "
+             f"{c.device.name} ({nodes})"]
+    schedule = plan.schedule + (f", {plan.virtual_stages} virtual stages per rank" if plan.virtual_stages > 1 else "")
+    tp_styles: dict[str, int] = {}
+    for style in plan.tensor_parallel.values():
+        tp_styles[style] = tp_styles.get(style, 0) + 1
+    tp_text = ", ".join(f"{n} {style}" for style, n in sorted(tp_styles.items())) or "none"
+    lines += _table([
+        ("mesh", f"pp{m.pp} × dp{m.dp} × tp{m.tp}  (pipeline × data × tensor)"),
+        ("schedule", f"{schedule}; {plan.microbatches} microbatches of {plan.microbatch_size} "
+                     f"(global batch {plan.global_batch_size})"),
+        ("data parallel", f"{plan.data_parallel.upper()}, {plan.precision}, {plan.optimizer}"),
+        ("tensor parallel", f"{len(plan.tensor_parallel)} modules ({tp_text})" if plan.tensor_parallel else "none"),
+    ])
+    lines.append("")
+    lines += _table(_stage_rows(plan))
+    if p is not None:
+        capacity = c.device.usable_memory_bytes
+        lines.append("")
+        lines.append(f"memory per device (usable {format_bytes(capacity)})")
+        mem_rows = [(f"rank {r}", format_bytes(b), _bar(b / capacity), f"{100 * b / capacity:.0f}%")
+                    for r, b in enumerate(p.peak_memory_bytes)]
+        if len(mem_rows) > _MAX_STAGE_ROWS:
+            worst = max(range(len(mem_rows)), key=lambda r: (p.peak_memory_bytes[r], -r))
+            mem_rows = mem_rows[:4] + [("…", "", "", "")] + mem_rows[-2:] + [(f"worst: rank {worst}",) +
+                                                                             mem_rows[worst][1:]]
+        lines += ["  " + x for x in _table(mem_rows, right=(1, 3))]
+        lines.append("")
+        lines.append(f"predicted step  {format_seconds(p.step_time_s)} = compute {format_seconds(p.compute_s)} + "
+                     f"comm {format_seconds(p.comm_s)} + bubble {format_seconds(p.bubble_s)} + recompute "
+                     f"{format_seconds(p.recompute_s)} + optimizer {format_seconds(p.optimizer_s)}")
+        throughput = f"{p.samples_per_s:,.1f} samples/s ({p.samples_per_s / c.world_size:,.3g} per device)"
+        tokens = getattr(plan.model, "tokens_per_sample", None)
+        if tokens:
+            throughput += f", {p.samples_per_s * tokens:,.0f} tokens/s"
+        lines.append(f"throughput      {throughput}")
+    s = plan.search
+    gap = f", gap {100 * s.gap:.2f}%" if s.status == "FEASIBLE" and s.gap else ""
+    if s.candidates == 0:
+        lines.append("search          none (a plan written by hand)")
+        return "\n".join(lines)
+    lines.append(f"search          {s.solver} {s.status}{gap} in {format_seconds(s.wall_s)} over {s.candidates:,} "
+                 f"candidate strategies")
+    return "\n".join(lines)
+
+
+def explain_plan(plan) -> str:
+    """Why this plan: its cost split, then the best alternatives the search weighed and why each lost.
+
+    Example:
+        >>> import autoplan
+        >>> "no prediction" in explain_plan(autoplan.Plan.example())
+        True
+    """
+    m, p = plan.mesh, plan.predicted
+    v = f" v={plan.virtual_stages}" if plan.virtual_stages > 1 else ""
+    label = (f"pp{m.pp}×dp{m.dp}×tp{m.tp} {plan.schedule}{v} mb={plan.microbatch_size}×{plan.microbatches} "
+             f"{plan.data_parallel}")
+    if p is None:
+        return f"{label}: no prediction recorded (plan made by hand); run autoplan.plan() to compare layouts"
+    lines = [f"Chosen: {label}, predicted {format_seconds(p.step_time_s)} per step "
+             f"({p.samples_per_s:,.1f} samples/s)"]
+    parts = [("compute", p.compute_s, "forward + backward on the slowest pipeline rank, all microbatches"),
+             ("comm", p.comm_s, "tensor-parallel collectives, pipeline sends, data-parallel gradient sync"),
+             ("bubble", p.bubble_s, f"pipeline fill and drain: pp − 1 = {m.pp - 1} times the slowest stage's "
+                                    f"microbatch"),
+             ("recompute", p.recompute_s, f"extra forwards on the slowest rank ({len(plan.recompute)} modules "
+                                          f"recompute in all)"),
+             ("optimizer", p.optimizer_s, "the optimizer step after the last backward")]
+    rows = [(f"  {name}", format_seconds(sec), f"{100 * sec / p.step_time_s:5.1f}%" if p.step_time_s else "",
+             why) for name, sec, why in parts]
+    lines.append("Cost split (nothing overlaps; the parts add up to the step):")
+    lines += _table(rows, right=(1, 2))
+    alts = plan.search.alternatives
+    if alts:
+        lines.append("")
+        lines.append("Alternatives (the best layout found of each, and why it lost):")
+        rows = [(f"  {a.description}", format_seconds(a.step_time_s) if a.step_time_s is not None else "does not fit",
+                 a.reason) for a in alts]
+        lines += _table(rows, right=(1,))
+    return "\n".join(lines)
+

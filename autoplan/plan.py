@@ -122,6 +122,7 @@ class ModelInfo:
     name: str
     fingerprint: str
     num_params: int
+    tokens_per_sample: int | None = None  # sequence length when the inputs are token ids (for tokens/s)
 
 
 @dataclass(frozen=True)

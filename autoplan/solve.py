@@ -296,11 +296,15 @@ def _judge(state: _Search, members: list[int], best: PlanCost) -> Alternative | 
 def _without_recompute(state: _Search, i: int, best: PlanCost) -> Alternative | None:
     t = state.tables[i]
     tables = StrategyTables(t.graph, t.cluster, t.strategy, t.segments, t.cache, "none", t.global_batch_size)
-    result = solve_strategy(tables, cutoff_s=None, hint=None, time_limit_s=ALTERNATIVE_TIME_LIMIT_S)
+    greedy = tables.greedy()
+    result = solve_strategy(tables, cutoff_s=None, hint=greedy[0] if greedy else None,
+                            time_limit_s=ALTERNATIVE_TIME_LIMIT_S)
     label = t.strategy.describe() + ", no recompute"
-    if result.assignment is None:
+    found = [tables.evaluate(result.assignment)] if result.assignment is not None else []
+    found += [greedy[1]] if greedy else []
+    if not found:
         return Alternative(label, None, _why_no_fit(tables))
-    cost = tables.evaluate(result.assignment)
+    cost = min(found, key=lambda c: c.step_time_s)
     return Alternative(label, cost.step_time_s, _why_slower(cost, best, t.strategy, t.cluster))
 
 

@@ -114,7 +114,7 @@ class StrategyTables:
                                        lc.transient_bytes + fsdp_gather_bytes(strategy, lc.num_params)))
             self.choices.append(_non_dominated(rows))
         self.segment_of = [g for g, seg in enumerate(segments) for _ in range(seg.size)]
-        self.bubble = strategy.bubble_microbatches
+        self.bubble = strategy.bubble_stage_times / strategy.virtual_stages  # rank-times, balanced stages
 
     @cached_property
     def boundary_bytes(self) -> list[int]:
@@ -145,7 +145,7 @@ class StrategyTables:
         params = sum(min(c.num_params for c in rows) * seg.size
                      for rows, seg in zip(self.choices, self.segments)) / s.pp
         sync, opt = rank_tail_s(s, self.cluster, params)
-        return (s.microbatches + float(self.bubble)) * per_mb + sync + opt
+        return (s.microbatches + self.bubble) * per_mb + sync + opt
 
     def refined_lower_bound_s(self) -> float:
         """A tighter bound that sees memory and whole layers; ``inf`` when the strategy cannot fit.
@@ -224,7 +224,7 @@ class StrategyTables:
         per_mb = lo * (1 - 1e-9)
         params = sum(min(c.num_params for c in r) * seg.size for r, seg in zip(self.choices, self.segments))
         tail_s = sum(rank_tail_s(s, self.cluster, params / s.pp))
-        return max(base, (s.microbatches + float(self.bubble)) * per_mb + tail_s)
+        return max(base, (s.microbatches + self.bubble) * per_mb + tail_s)
 
     def memory_lower_bound_bytes(self) -> float:
         """No layout of this strategy needs less memory on its fullest device (leanest choices, perfectly
