@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -63,4 +64,27 @@ def plan(
     if not isinstance(cluster, Cluster):
         raise ValueError(f"cluster must be an autoplan.Cluster, got {type(cluster).__name__}")
     graph = trace(model, example_inputs)
-    return search(graph, cluster, options)
+    result = search(graph, cluster, options)
+    tokens = tokens_per_sample(example_inputs)
+    if tokens is not None:
+        result = result.replace(model=replace(result.model, tokens_per_sample=tokens))
+    return result
+
+
+def tokens_per_sample(example_inputs: Any) -> int | None:
+    """The sequence length when the first input is a (batch, sequence) tensor of token ids, else None.
+
+    Example:
+        >>> import torch
+        >>> tokens_per_sample((torch.zeros(4, 128, dtype=torch.long),)), tokens_per_sample(torch.randn(4, 8))
+        (128, None)
+    """
+    first = example_inputs
+    if isinstance(first, dict):
+        first = next(iter(first.values()), None)
+    elif isinstance(first, (tuple, list)):
+        first = first[0] if first else None
+    if isinstance(first, torch.Tensor) and first.dim() == 2 and not first.dtype.is_floating_point \
+            and first.dtype != torch.bool:
+        return int(first.shape[1])
+    return None

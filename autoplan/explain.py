@@ -231,10 +231,10 @@ def explain_plan(plan) -> str:
              f"({p.samples_per_s:,.1f} samples/s)"]
     parts = [("compute", p.compute_s, "forward + backward on the slowest pipeline rank, all microbatches"),
              ("comm", p.comm_s, "tensor-parallel collectives, pipeline sends, data-parallel gradient sync"),
-             ("bubble", p.bubble_s, f"pipeline fill and drain: pp − 1 = {m.pp - 1} times the slowest stage's "
+             ("bubble", p.bubble_s, f"pipeline fill and drain: pp − 1 = {m.pp - 1} × the slowest stage's "
                                     f"microbatch"),
-             ("recompute", p.recompute_s, f"extra forwards on the slowest rank ({len(plan.recompute)} modules "
-                                          f"recompute in all)"),
+             ("recompute", p.recompute_s, f"extra forwards on the slowest rank ({len(plan.recompute)} recomputed "
+                                          f"module{'' if len(plan.recompute) == 1 else 's'} in all)"),
              ("optimizer", p.optimizer_s, "the optimizer step after the last backward")]
     rows = [(f"  {name}", format_seconds(sec), f"{100 * sec / p.step_time_s:5.1f}%" if p.step_time_s else "",
              why) for name, sec, why in parts]

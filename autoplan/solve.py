@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from .cluster import Cluster
 from .errors import InfeasiblePlanError
 from .estimate import PlanCost, Strategy, estimate_breakdown
-from .explain import format_bytes
+from .explain import format_bytes, format_seconds
 from .graph import ModelGraph
 from .options import PlanOptions
 from .plan import Alternative, Mesh, ModelInfo, Plan, SearchInfo, Stage
@@ -176,6 +176,9 @@ def search(graph: ModelGraph, cluster: Cluster, options: PlanOptions) -> Plan:
     best_s = state.best_s()
     still_open = [lb for lb in unresolved if lb < best_s]
     gap = (best_s - min(still_open)) / best_s if still_open else 0.0
+    rec = state.records[state.best]
+    if options.recompute == "auto":  # a pinned recompute stays everywhere it was asked for
+        rec.assignment, rec.cost = state.tables[state.best].without_needless_recompute(rec.assignment, rec.cost)
     state.frozen = True
     alternatives = _alternatives(state)
     wall = time.perf_counter() - start
@@ -317,7 +320,7 @@ def _why_slower(alt: PlanCost, best: PlanCost, strategy: Strategy, cluster: Clus
     crosses = f"; tp={strategy.tp} crosses nodes" if strategy.tp > cluster.devices_per_node else ""
     if pct <= 1e-6:
         return "ties the chosen plan (first in the search order wins)"
-    return f"+{pct:.1f}% step time ({name} {delta:+.3g} s){crosses}"
+    return f"+{pct:.1f}% step time ({name} +{format_seconds(delta)}){crosses}"
 
 
 def _why_no_fit(tables: StrategyTables) -> str:

@@ -245,7 +245,25 @@ class StrategyTables:
         for c in self.choices[self.segment_of[i]]:
             if c.choice == choice:
                 return c.layer_cost
-        raise ValueError(f"choice {choice} is not available for layer {i}")
+        seg = self.segments[self.segment_of[i]]  # a dominated choice: cost it directly
+        return self.cache.get(self.graph.layers[i], seg.signature, self.strategy, choice)
+
+    def without_needless_recompute(self, assignment: Assignment, result: PlanCost) -> tuple[Assignment, PlanCost]:
+        """Drop recompute, layer by layer in model order, wherever that keeps the step time and still fits:
+        recompute that buys nothing (off the slowest rank, or of a layer the cost model finds free) only
+        costs real kernels."""
+        best = [list(stage) for stage in assignment]
+        for k, stage in enumerate(best):
+            for j, (i, choice) in enumerate(stage):
+                if choice.recompute < 0:
+                    continue
+                stage[j] = (i, LayerChoice(choice.tp_on, -1))
+                trial = self.evaluate(best)
+                if trial.fits and trial.step_time_s <= result.step_time_s:
+                    result = trial
+                else:
+                    stage[j] = (i, choice)
+        return best, result
 
     # -- greedy ---------------------------------------------------------------------------------------------
     def greedy(self) -> tuple[Assignment, PlanCost] | None:

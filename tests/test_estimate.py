@@ -1,0 +1,93 @@
+"""estimate(): the step time and memory of a plan, term by term from the cost model."""
+
+import pytest
+
+from autoplan import cost
+from autoplan.cluster import Cluster
+from autoplan.estimate import Strategy, estimate, estimate_breakdown, layer_choice_cost
+from autoplan.plan import Mesh, ModelInfo, Plan, Stage
+
+from graphs import gpt_like_graph
+
+GRAPH = gpt_like_graph(layers=4, hidden=512, seq=256, heads=8, vocab=8192)
+CLUSTER = Cluster.preset("a100-80gb", nodes=2)  # 16 devices
+
+
+def make_plan(**changes) -> Plan:
+    names = [l.name for l in GRAPH.layers]
+    base = dict(
+        model=ModelInfo(GRAPH.model_name, GRAPH.fingerprint, GRAPH.num_params), cluster=CLUSTER,
+        global_batch_size=32, microbatch_size=2, microbatches=4, mesh=Mesh(pp=2, dp=4, tp=2), schedule="1f1b",
+        data_parallel="ddp", precision="bf16",
+        stages=(Stage(tuple(names[:4]), ("blocks.1",)), Stage(tuple(names[4:]))),
+        tensor_parallel={"blocks.0.attn.qkv": "colwise", "blocks.0.attn.proj": "rowwise",
+                         "blocks.0.mlp.fc": "colwise", "blocks.0.mlp.proj": "rowwise"},
+    )
+    base.update(changes)
+    return Plan(**base)
+
+
+def test_step_time_is_microbatches_times_slowest_rank_plus_bubble_plus_tail():
+    plan = make_plan()
+    s = Strategy.of(plan)
+    by_name = {l.name: l for l in GRAPH.layers}
+    stage_s, params = [], []
+    for k, stage in enumerate(plan.stages):
+        costs = []
+        for name in stage.layers:
+            layer = by_name[name]
+            tp_on = name == "blocks.0"
+            option = layer.recompute_options[0] if name == "blocks.1" else None
+            costs.append(layer_choice_cost(GRAPH, layer, CLUSTER, s, tp_on, option))
+        bw, lat = cost.group_link(CLUSTER, 2, 8)  # neighbouring pipeline ranks are dp·tp = 8 apart
+        send = 2 * cost.p2p_s(costs[-1].boundary_bytes, bandwidth_Bps=bw, latency_s=lat) if k == 0 else 0.0
+        stage_s.append(sum(c.total_s for c in costs) + send)
+        params.append(sum(c.num_params for c in costs))
+    tails = [cost.data_parallel_sync_s(p, CLUSTER, dp=4, stride=2, data_parallel="ddp", precision="bf16")
+             + cost.optimizer_step_s(p, CLUSTER, "bf16", "adamw") for p in params]
+    expected = 4 * max(stage_s) + 1 * max(stage_s) + max(tails)
+    predicted = estimate(GRAPH, plan)
+    assert predicted.step_time_s == pytest.approx(expected, rel=1e-12)
+    parts = predicted.compute_s + predicted.comm_s + predicted.bubble_s + predicted.recompute_s + predicted.optimizer_s
+    assert parts == pytest.approx(predicted.step_time_s, rel=1e-12)
+    assert predicted.samples_per_s == pytest.approx(32 / expected)
+
+
+def test_memory_counts_states_in_flight_activations_and_transients():
+    plan = make_plan()
+    b = estimate_breakdown(GRAPH, plan)
+    assert len(b.predicted.peak_memory_bytes) == plan.mesh.pp
+    rank0, rank1 = b.ranks
+    assert rank0.in_flight == 2 and rank1.in_flight == 1  # 1F1B: pp − rank (Narayanan et al. SC'21)
+    assert rank0.model_state_bytes == cost.model_state_bytes(rank0.num_params, "bf16", "adamw", 4, "ddp")
+    assert rank0.transient_bytes > 0  # blocks.1 rematerialises its activations in backward
+    fsdp = estimate_breakdown(GRAPH, make_plan(data_parallel="fsdp"))
+    assert fsdp.ranks[0].model_state_bytes < rank0.model_state_bytes
+    assert fsdp.ranks[0].transient_bytes > rank0.transient_bytes  # gathered weights of one layer
+
+
+def test_recompute_trades_time_for_memory():
+    with_rc = estimate_breakdown(GRAPH, make_plan())
+    without = estimate_breakdown(GRAPH, make_plan(stages=tuple(Stage(s.layers) for s in make_plan().stages)))
+    assert with_rc.ranks[0].activation_bytes < without.ranks[0].activation_bytes
+    assert with_rc.ranks[0].recompute_s > 0 == without.ranks[0].recompute_s
+
+
+def test_interleaved_bubble_is_charged_per_slowest_stage():
+    names = [l.name for l in GRAPH.layers]
+    balanced = make_plan(schedule="interleaved", virtual_stages=2, tensor_parallel={}, stages=(
+        Stage(tuple(names[:3])), Stage(tuple(names[3:4])), Stage(tuple(names[4:5])), Stage(tuple(names[5:]))))
+    b = estimate_breakdown(GRAPH, balanced)
+    assert len(b.predicted.peak_memory_bytes) == 2 and b.ranks[0].stages == (0, 2)
+    assert b.bubble_s == pytest.approx(b.step_time_s - 4 * b.slowest_rank.microbatch_s
+                                       - max(r.tail_s for r in b.ranks))
+
+
+def test_plan_for_another_model_is_rejected():
+    plan = make_plan(stages=(Stage(("tok", "pos", "blocks.0", "nope")), Stage(("blocks.2", "blocks.3", "ln_f",
+                                                                              "head"))))
+    with pytest.raises(ValueError, match="does not have"):
+        estimate(GRAPH, plan)
+    names = [l.name for l in GRAPH.layers]
+    with pytest.raises(ValueError, match="model order"):
+        estimate(GRAPH, make_plan(stages=(Stage(tuple(names[4:])), Stage(tuple(names[:4])))))

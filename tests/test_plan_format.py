@@ -1,0 +1,49 @@
+"""print(plan) and plan.explain(): readable, complete, pure strings."""
+
+from autoplan.cluster import Cluster
+from autoplan.explain import compress_names, explain_plan, format_plan
+from autoplan.options import PlanOptions
+from autoplan.solve import search
+
+from graphs import gpt_like_graph
+from test_plan_json import golden_plan
+
+
+def test_compress_names_folds_numbered_runs():
+    assert compress_names(["tok", "pos", "blocks.0", "blocks.1", "blocks.2", "ln_f"]) == "tok, pos, blocks.0–blocks.2, ln_f"
+    assert compress_names(["blocks.0", "blocks.1"]) == "blocks.0, blocks.1"
+    assert compress_names(["blocks.3.attn", "blocks.4.attn"]) == "blocks.3.attn, blocks.4.attn"
+    assert compress_names([]) == ""
+
+
+def test_format_plan_shows_mesh_stages_memory_time_and_search():
+    text = format_plan(golden_plan())
+    assert text == str(golden_plan())
+    lines = text.splitlines()
+    assert lines[0] == "GPT (151.00M params) on 16 × A100-SXM4-80GB (2 nodes × 8)"
+    assert "pp2 × dp4 × tp2" in text and "1f1b; 8 microbatches of 2 (global batch 64)" in text
+    assert "FSDP, bf16, adamw" in text and "8 modules (4 colwise, 4 rowwise)" in text
+    assert any(l.split()[:2] == ["0", "0"] and "tok, pos, blocks.0, blocks.1 (4)" in l and l.endswith("blocks.0")
+               for l in lines)
+    assert any("rank 0" in l and "40.00 GiB" in l and "51%" in l for l in lines)
+    assert "predicted step  1.25 s = compute 1.00 s + comm 100.0 ms + bubble 125.0 ms" in text
+    assert "51.2 samples/s" in text and "52,429 tokens/s" in text
+    assert lines[-1] == "search          cp-sat OPTIMAL in 500.0 ms over 120 candidate strategies"
+
+
+def test_explain_lists_cost_split_and_alternatives():
+    text = explain_plan(golden_plan())
+    assert text.splitlines()[0] == "Chosen: pp2×dp4×tp2 1f1b mb=2×8 fsdp, predicted 1.25 s per step (51.2 samples/s)"
+    rows = {line.split()[0]: line.split()[1:4] for line in text.splitlines()[2:7]}
+    assert rows["compute"] == ["1.00", "s", "80.0%"] and rows["bubble"] == ["125.0", "ms", "10.0%"]
+    assert "pp1×dp8×tp2 1f1b mb=1×8 ddp" in text and "does not fit" in text and "91.20 GiB > 78.00 GiB" in text
+    assert text.splitlines()[-1].split()[-8:] == ["1.40", "s", "+12.0%", "step", "time", "(bubble", "+150.0", "ms)"]
+
+
+def test_long_pipelines_are_elided_and_real_plans_format():
+    graph = gpt_like_graph(layers=24, hidden=256, seq=128, heads=4, vocab=1000)
+    plan = search(graph, Cluster.preset("a100-80gb", nodes=2), PlanOptions(global_batch_size=32, mesh={"pp": 16}))
+    text = str(plan)
+    assert "more stages" in text and len(text.splitlines()) < 45
+    assert "worst: rank" in text
+    assert "Alternatives" in plan.explain()
