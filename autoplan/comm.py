@@ -1,0 +1,205 @@
+"""Collectives under the alpha-beta model, flat and across nodes.
+
+Example:
+    >>> from autoplan.comm import allreduce_s
+    >>> round(allreduce_s(1e9, 8, bandwidth_Bps=100e9, latency_s=0.0), 4)   # 2·7/8·1 GB / 100 GB/s
+    0.0175
+"""
+
+from __future__ import annotations
+
+from ._checks import check_link as _check_link
+from ._checks import check_non_negative as _check_non_negative
+from ._checks import check_positive_int as _check_positive_int
+from .cluster import Cluster
+
+__all__ = [
+    "allreduce_s",
+    "allgather_s",
+    "reduce_scatter_s",
+    "p2p_s",
+    "group_link",
+    "group_allreduce_s",
+    "group_allgather_s",
+    "group_reduce_scatter_s",
+    "check_group",
+]
+
+# ---------------------------------------------------------------------------------------------------------------
+# Collectives: the alpha-beta (latency-bandwidth) model of ring algorithms, Thakur, Rabenseifner & Gropp,
+# "Optimization of Collective Communication Operations in MPICH" (IJHPCA 2005), §4; the same step counts give
+# NCCL's "bus bandwidth" factors (NCCL tests, doc/PERFORMANCE.md: all-reduce 2(n−1)/n, all-gather and
+# reduce-scatter (n−1)/n). ``bandwidth_Bps`` is one direction of one rank's link.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def allreduce_s(nbytes: float, n: int, *, bandwidth_Bps: float, latency_s: float) -> float:
+    """Ring all-reduce: 2(n−1) steps of nbytes/n (Thakur et al. 2005; NCCL performance docs).
+
+    Time = 2(n−1)/n · nbytes / bandwidth + 2(n−1) · latency; 0 for n == 1.
+
+    Example:
+        >>> round(allreduce_s(1e9, 8, bandwidth_Bps=100e9, latency_s=1e-6) * 1e3, 3)   # 17.5 ms + 14 µs
+        17.514
+    """
+    _check_positive_int("n", n)
+    _check_non_negative("nbytes", nbytes)
+    _check_link(bandwidth_Bps, latency_s)
+    if n == 1:
+        return 0.0
+    return 2 * (n - 1) / n * nbytes / bandwidth_Bps + 2 * (n - 1) * latency_s
+
+
+def allgather_s(nbytes: float, n: int, *, bandwidth_Bps: float, latency_s: float) -> float:
+    """Ring all-gather of a result of ``nbytes`` in total: (n−1) steps of nbytes/n.
+
+    Time = (n−1)/n · nbytes / bandwidth + (n−1) · latency; 0 for n == 1.
+
+    Example:
+        >>> round(allgather_s(1e9, 4, bandwidth_Bps=100e9, latency_s=0.0), 4)   # 3/4 GB / 100 GB/s
+        0.0075
+    """
+    _check_positive_int("n", n)
+    _check_non_negative("nbytes", nbytes)
+    _check_link(bandwidth_Bps, latency_s)
+    if n == 1:
+        return 0.0
+    return (n - 1) / n * nbytes / bandwidth_Bps + (n - 1) * latency_s
+
+
+def reduce_scatter_s(nbytes: float, n: int, *, bandwidth_Bps: float, latency_s: float) -> float:
+    """Ring reduce-scatter of an input of ``nbytes``: (n−1) steps of nbytes/n.
+
+    Time = (n−1)/n · nbytes / bandwidth + (n−1) · latency; 0 for n == 1 (the mirror of all-gather).
+
+    Example:
+        >>> round(reduce_scatter_s(1e9, 4, bandwidth_Bps=100e9, latency_s=0.0), 4)
+        0.0075
+    """
+    return allgather_s(nbytes, n, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
+
+
+def p2p_s(nbytes: float, *, bandwidth_Bps: float, latency_s: float) -> float:
+    """One point-to-point send: latency + nbytes / bandwidth.
+
+    Example:
+        >>> round(p2p_s(50e6, bandwidth_Bps=25e9, latency_s=10e-6) * 1e3, 3)   # 2 ms + 10 µs
+        2.01
+    """
+    _check_non_negative("nbytes", nbytes)
+    _check_link(bandwidth_Bps, latency_s)
+    return latency_s + nbytes / bandwidth_Bps
+
+
+def check_group(cluster: Cluster, group_size: int, stride: int) -> None:
+    _check_positive_int("group_size", group_size)
+    _check_positive_int("stride", stride)
+    if group_size * stride > cluster.world_size:
+        raise ValueError(
+            f"a group of {group_size} ranks {stride} apart spans {group_size * stride} ranks, more than the "
+            f"cluster's world size {cluster.world_size}; use a smaller group or stride"
+        )
+
+
+def group_link(cluster: Cluster, group_size: int, stride: int) -> tuple[float, float]:
+    """(bandwidth_Bps, latency_s) of a group of ``group_size`` ranks ``stride`` apart in the flat rank order.
+
+    The group stays in one node when ``group_size × stride ≤ devices_per_node``; otherwise it crosses nodes.
+    Ranks are laid out pp-major, then dp, then tp innermost, so a tp group has stride 1 and a dp group stride tp.
+    A ring that crosses nodes runs at the speed of its slowest hop, one rank's inter-node NIC.
+
+    Example:
+        >>> c = Cluster.preset("a100-80gb", nodes=2)
+        >>> group_link(c, 8, 1)          # NVLink inside one DGX
+        (300000000000.0, 5e-06)
+        >>> group_link(c, 2, 8)          # one rank on each node: InfiniBand
+        (25000000000.0, 1e-05)
+    """
+    check_group(cluster, group_size, stride)
+    if group_size == 1 or group_size * stride <= cluster.devices_per_node:
+        return cluster.intra_node_bandwidth_Bps, cluster.intra_node_latency_s
+    return cluster.inter_node_bandwidth_Bps, cluster.inter_node_latency_s
+
+
+def _nodes_of_group(cluster: Cluster, group_size: int, stride: int) -> tuple[int, int] | None:
+    """(members per node k, nodes m) of a group that spans nodes with several members on each; ``None`` when
+    it fits in one node, has one member per node, or does not tile the nodes evenly (then: a flat ring)."""
+    if group_size * stride <= cluster.devices_per_node:
+        return None
+    per_node = max(1, cluster.devices_per_node // stride)
+    if per_node == 1 or group_size % per_node:
+        return None
+    return per_node, group_size // per_node
+
+
+def group_allreduce_s(nbytes: float, cluster: Cluster, group_size: int, stride: int) -> float:
+    """All-reduce over a group laid out as in :func:`group_link`; hierarchical (intra-node reduce-scatter,
+    inter-node all-reduce, intra-node all-gather) when it spans nodes.
+
+    With k members of the group per node (k = devices_per_node / stride) and m = group_size / k nodes:
+    RS(nbytes, k, NVLink) + AR(nbytes / k, m, NIC) + AG(nbytes, k, NVLink). The k inter-node all-reduces run
+    at once, each on its own rank's NIC. This is the 2D/hierarchical all-reduce of Horovod
+    (HOROVOD_HIERARCHICAL_ALLREDUCE) and of Mikami et al., "Massively Distributed SGD: ImageNet/ResNet-50
+    Training in a Flash" (2018, 2D-torus all-reduce), and what NCCL's intra-node-then-inter-node rings
+    achieve. When each node holds one member (k = 1) it is a flat ring over the NICs.
+
+    Example:
+        >>> c = Cluster.preset("a100-80gb", nodes=2)   # 300 GB/s NVLink, 25 GB/s NIC per GPU
+        >>> flat_ib = allreduce_s(1e9, 16, bandwidth_Bps=25e9, latency_s=10e-6)
+        >>> group_allreduce_s(1e9, c, 16, 1) < flat_ib
+        True
+    """
+    check_group(cluster, group_size, stride)
+    _check_non_negative("nbytes", nbytes)
+    bandwidth_Bps, latency_s = group_link(cluster, group_size, stride)
+    split = _nodes_of_group(cluster, group_size, stride)
+    if split is None:
+        return allreduce_s(nbytes, group_size, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
+    per_node, nodes = split
+    intra = dict(bandwidth_Bps=cluster.intra_node_bandwidth_Bps, latency_s=cluster.intra_node_latency_s)
+    return (
+        reduce_scatter_s(nbytes, per_node, **intra)
+        + allreduce_s(nbytes / per_node, nodes, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
+        + allgather_s(nbytes, per_node, **intra)
+    )
+
+
+def group_allgather_s(nbytes: float, cluster: Cluster, group_size: int, stride: int) -> float:
+    """All-gather of a result of ``nbytes`` over a group laid out as in :func:`group_link`; two-level when it
+    spans nodes.
+
+    Across nodes (k members per node, m nodes): the k inter-node all-gathers of the members with the same
+    local index run at once, one per NIC, each gathering nbytes / k; then an intra-node all-gather assembles
+    the whole: AG(nbytes / k, m, NIC) + AG(nbytes, k, NVLink). This is the 2D all-gather that ZeRO++'s
+    hierarchical partitioning and FSDP's hybrid sharding build on (Wang et al. 2023, ZeRO++ §3.2); NCCL reaches
+    the same NIC parallelism with one ring per NIC.
+
+    Example:
+        >>> c = Cluster.preset("a100-80gb", nodes=2)
+        >>> round(group_allgather_s(1.6e9, c, 16, 1) * 1e3, 2)   # 0.2 GB over IB, then 1.6 GB over NVLink
+        8.71
+    """
+    check_group(cluster, group_size, stride)
+    _check_non_negative("nbytes", nbytes)
+    bandwidth_Bps, latency_s = group_link(cluster, group_size, stride)
+    split = _nodes_of_group(cluster, group_size, stride)
+    if split is None:
+        return allgather_s(nbytes, group_size, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
+    per_node, nodes = split
+    return (allgather_s(nbytes / per_node, nodes, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
+            + allgather_s(nbytes, per_node, bandwidth_Bps=cluster.intra_node_bandwidth_Bps,
+                          latency_s=cluster.intra_node_latency_s))
+
+
+def group_reduce_scatter_s(nbytes: float, cluster: Cluster, group_size: int, stride: int) -> float:
+    """Reduce-scatter of an input of ``nbytes`` over a group laid out as in :func:`group_link`: the mirror
+    of :func:`group_allgather_s` (intra-node reduce-scatter, then inter-node reduce-scatter of nbytes / k).
+
+    Example:
+        >>> c = Cluster.preset("a100-80gb", nodes=2)
+        >>> group_reduce_scatter_s(1.6e9, c, 16, 1) == group_allgather_s(1.6e9, c, 16, 1)
+        True
+    """
+    return group_allgather_s(nbytes, cluster, group_size, stride)
+
+
