@@ -167,7 +167,7 @@ def search(graph: ModelGraph, cluster: Cluster, options: PlanOptions) -> Plan:
             state.records[i].status = "timeout"
             unresolved.append(state.refined(i))
             continue
-        status = state.solve_exact(i, max(1.0, limit_s / 4), wall_limit_s=remaining)
+        status = state.solve_exact(i, max(0.5, limit_s / 8), wall_limit_s=remaining)
         if status not in ("OPTIMAL", "INFEASIBLE"):
             unresolved.append(state.refined(i))
 

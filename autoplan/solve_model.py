@@ -15,6 +15,7 @@ Variables:
     e_k = q[cut_{k+1}], o_k = o[cut_{k+1}]   (AddElement) the send after stage k
 Constraints:
     cut_{k+1} ≥ cut_k + 1                                             every stage is non-empty
+    Σ_k Σ_{c sharded} m_kgc equal over the segments of a tied weight  one tensor, one TP placement
     T_k = Σ_gc t_gc·m_kgc + e_k [k < S−1] ≤ s_max                     per-microbatch time of stage k
     T_r = Σ_{k≡r} T_k ≤ t_max                                          per-microbatch time of rank r
     α + β·Σ_{k≡r} Σ_gc P_gc·m_kgc ≤ tail_max                          DP sync + optimizer of rank r
@@ -130,6 +131,13 @@ def solve_strategy(tables: StrategyTables, *, cutoff_s: float | None, hint: Assi
                     u[k, g, c] = model.new_bool_var(f"u{k}_{g}_{c}")
                     model.add(var <= seg.size * u[k, g, c])
             model.add(sum(vars_) == y[k + 1][g] - y[k][g])
+
+    # layers sharing a tied weight agree on tensor parallelism (singleton segments: one layer each)
+    for tied in tables.tied_segments:
+        sharded = [sum(m[k, g, c] for k in range(S) for c, ch in enumerate(choices[g]) if ch.choice.tp_on)
+                   for g in tied]
+        for other in sharded[1:]:
+            model.add(other == sharded[0])
 
     # send after stage k (time and bytes), read from tables indexed by the cut position
     q_table = [0] + [scale.ticks(tables.p2p_s[j - 1]) for j in range(1, L + 1)]

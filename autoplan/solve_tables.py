@@ -104,16 +104,31 @@ class StrategyTables:
         self.cache, self.global_batch_size = cache, global_batch_size
         self.capacity_bytes = cluster.device.usable_memory_bytes
         self.num_layers = len(graph.layers)
+        self.segment_of = [g for g, seg in enumerate(segments) for _ in range(seg.size)]
+        # Layers sharing a tied weight must agree on tensor parallelism (one tensor, one placement): a tied
+        # segment keeps all its choices (no dominance pruning) so that either decision stays available, and a
+        # group that cannot shard everywhere is not sharded anywhere.
+        self.tied_segments: list[list[int]] = []
+        no_tp: set[int] = set()
+        for group in tied_layer_groups(graph):
+            segs = sorted({self.segment_of[i] for i in group})
+            shardable = [any(c.tp_on for c in layer_choices(graph.layers[i], strategy.tp, recompute)) for i in group]
+            if not all(shardable) or any(segments[g].size > 1 for g in segs):
+                no_tp.update(segs)
+            elif len(segs) > 1:
+                self.tied_segments.append(segs)
+        tied = {g for segs in self.tied_segments for g in segs}
         self.choices: list[list[ChoiceCost]] = []
-        for seg in segments:
+        for g, seg in enumerate(segments):
             layer = graph.layers[seg.start]
             rows = []
             for choice in layer_choices(layer, strategy.tp, recompute):
+                if choice.tp_on and g in no_tp:
+                    continue
                 lc = cache.get(layer, seg.signature, strategy, choice)
                 rows.append(ChoiceCost(choice, lc, lc.total_s, lc.num_params, lc.activation_bytes,
                                        lc.transient_bytes + fsdp_gather_bytes(strategy, lc.num_params)))
-            self.choices.append(_non_dominated(rows))
-        self.segment_of = [g for g, seg in enumerate(segments) for _ in range(seg.size)]
+            self.choices.append(_sorted(rows) if g in tied else _non_dominated(rows))
         self.bubble = strategy.bubble_stage_times / strategy.virtual_stages  # rank-times, balanced stages
 
     @cached_property
@@ -277,6 +292,7 @@ class StrategyTables:
         levels = max(len(c) for c in self.choices)
         for level in range(levels):
             picks = [self.choices[g][min(level, len(self.choices[g]) - 1)] for g in self.segment_of]
+            picks = self._untie(picks)
             for assignment in self._partitions(picks):
                 result = self.evaluate(assignment)
                 if result.fits and (best is None or result.step_time_s < best[1].step_time_s):
@@ -285,10 +301,24 @@ class StrategyTables:
 
     def leanest(self) -> tuple[Assignment, PlanCost]:
         """A layout built for least memory (leanest choices, stages cut to balance memory); for error messages."""
-        picks = [min(self.choices[g], key=lambda c: (c.activation_bytes + c.num_params, c.time_s))
-                 for g in self.segment_of]
+        picks = self._untie([min(self.choices[g], key=lambda c: (c.activation_bytes + c.num_params, c.time_s))
+                             for g in self.segment_of])
         results = [(a, self.evaluate(a)) for a in self._partitions(picks, memory_first=True)]
         return min(results, key=lambda ar: (max(ar[1].peak_memory_bytes), ar[1].step_time_s))
+
+    def _untie(self, picks: list[ChoiceCost]) -> list[ChoiceCost]:
+        """Make the layers of each tied group agree: all sharded or none, whichever is faster in total."""
+        for segs in self.tied_segments:
+            layers = [i for i, g in enumerate(self.segment_of) if g in segs]
+            if len({picks[i].choice.tp_on for i in layers}) > 1:
+                options = []
+                for tp_on in (True, False):
+                    row = {i: next(c for c in self.choices[self.segment_of[i]]
+                                   if c.choice == LayerChoice(tp_on, picks[i].choice.recompute)) for i in layers}
+                    options.append((sum(c.time_s for c in row.values()), not tp_on, row))
+                for i, c in min(options, key=lambda o: o[:2])[2].items():
+                    picks[i] = c
+        return picks
 
     def _partitions(self, picks: list[ChoiceCost], memory_first: bool = False) -> list[Assignment]:
         stages = self.strategy.num_stages
@@ -364,6 +394,40 @@ class StrategyTables:
 
     def _assign(self, cuts: list[int], picks: list[ChoiceCost]) -> Assignment:
         return [[(i, picks[i].choice) for i in range(a, b)] for a, b in zip(cuts, cuts[1:])]
+
+
+def tied_layer_groups(graph: ModelGraph) -> list[list[int]]:
+    """Indices of the layers that own each group of tied parameters (``graph.tied_parameters``).
+
+    Example:
+        >>> import sys; sys.path.insert(0, "tests")
+        >>> from graphs import gpt_like_graph
+        >>> g = gpt_like_graph(layers=1)
+        >>> g.tied_parameters = [("tok.weight", "head.weight")]
+        >>> tied_layer_groups(g)
+        [[0, 4]]
+    """
+    names = [layer.name for layer in graph.layers]
+
+    def owner(fqn: str) -> int | None:
+        best = None
+        for i, name in enumerate(names):
+            if fqn == name or fqn.startswith(name + ".") or name == "":
+                if best is None or len(name) > len(names[best]):
+                    best = i
+        return best
+
+    groups = []
+    for tied in graph.tied_parameters:
+        owners = sorted({o for o in (owner(fqn) for fqn in tied) if o is not None})
+        if len(owners) > 1:
+            groups.append(owners)
+    return groups
+
+
+def _sorted(rows: list[ChoiceCost]) -> list[ChoiceCost]:
+    return sorted(rows, key=lambda c: (c.time_s, c.num_params, c.activation_bytes, c.transient_bytes,
+                                       c.choice.recompute, c.choice.tp_on))
 
 
 def _non_dominated(rows: list[ChoiceCost]) -> list[ChoiceCost]:

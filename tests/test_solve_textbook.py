@@ -1,5 +1,7 @@
 """The planner gives the textbook answers, honours every pin, and says why when nothing fits."""
 
+import dataclasses
+
 import pytest
 
 from autoplan.cluster import Cluster, PRESETS
@@ -83,3 +85,18 @@ def test_same_plan_every_run():
         d["search"]["wall_s"] = 0.0
     assert a == b
     assert estimate(graph, first) == first.predicted
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_layers_sharing_a_tied_weight_agree_on_tensor_parallelism(tp):
+    def graph(tied: bool):
+        g = gpt_like_graph(layers=2, hidden=1024, seq=512, heads=16, vocab=32768)
+        g.layers[0] = dataclasses.replace(g.layers[0], tp_groups=())  # an embedding that cannot shard
+        g.tied_parameters = [("tok.weight", "head.weight")] if tied else []
+        return g
+
+    options = PlanOptions(global_batch_size=64, mesh={"tp": tp})
+    assert "head" in search(graph(tied=False), A100, options).tensor_parallel  # sharding the head pays
+    tied = search(graph(tied=True), A100, options)
+    assert "head" not in tied.tensor_parallel and "tok" not in tied.tensor_parallel
+    assert any(name.startswith("blocks.") for name in tied.tensor_parallel)
