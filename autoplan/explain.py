@@ -97,9 +97,14 @@ def format_graph_summary(graph) -> str:
 _MAX_STAGE_ROWS = 12
 
 
-def _split_index(name: str) -> tuple[str, int] | None:
-    head, _, tail = name.rpartition(".")
-    return (head, int(tail)) if head and tail.isdigit() else None
+def _split_index(name: str) -> tuple[str, int, str] | None:
+    """``blocks.7.attn`` → ("blocks.", 7, ".attn"): the last numbered component and what surrounds it."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i].isdigit():
+            tail = ".".join(parts[i + 1:])
+            return ".".join(parts[:i]) + ".", int(parts[i]), ("." + tail if tail else "")
+    return None
 
 
 def compress_names(names) -> str:
@@ -108,6 +113,8 @@ def compress_names(names) -> str:
     Example:
         >>> compress_names(["tok", "blocks.0", "blocks.1", "blocks.2", "head"])
         'tok, blocks.0–blocks.2, head'
+        >>> compress_names(["blocks.3.attn", "blocks.4.attn", "blocks.5.attn"])
+        'blocks.3.attn–blocks.5.attn'
     """
     out: list[str] = []
     run: list[str] = []
@@ -122,7 +129,7 @@ def compress_names(names) -> str:
     for name in names:
         if run:
             prev, cur = _split_index(run[-1]), _split_index(name)
-            if prev and cur and prev[0] == cur[0] and cur[1] == prev[1] + 1:
+            if prev and cur and (prev[0], prev[2]) == (cur[0], cur[2]) and cur[1] == prev[1] + 1:
                 run.append(name)
                 continue
             flush()

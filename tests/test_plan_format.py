@@ -13,6 +13,9 @@ def test_compress_names_folds_numbered_runs():
     assert compress_names(["tok", "pos", "blocks.0", "blocks.1", "blocks.2", "ln_f"]) == "tok, pos, blocks.0–blocks.2, ln_f"
     assert compress_names(["blocks.0", "blocks.1"]) == "blocks.0, blocks.1"
     assert compress_names(["blocks.3.attn", "blocks.4.attn"]) == "blocks.3.attn, blocks.4.attn"
+    assert compress_names([f"blocks.{i}.attn" for i in range(3, 9)]) == "blocks.3.attn–blocks.8.attn"
+    assert compress_names(["blocks.1.attn", "blocks.2.mlp", "blocks.3.attn"]) == \
+        "blocks.1.attn, blocks.2.mlp, blocks.3.attn"
     assert compress_names([]) == ""
 
 
