@@ -18,6 +18,9 @@ Constraints:
     Σ_k Σ_{c sharded} m_kgc equal over the segments of a tied weight  one tensor, one TP placement
     T_k = Σ_gc t_gc·m_kgc + e_k [k < S−1] ≤ s_max                     per-microbatch time of stage k
     T_r = Σ_{k≡r} T_k ≤ t_max                                          per-microbatch time of rank r
+    T_r ≥ a_rj + b_rj·Σ_{k≡r} n_kG                                     cuts from the refined bound: rank r
+                                                                      running n layers of the largest
+                                                                      segment G needs ≥ need_r(n), convex
     α + β·Σ_{k≡r} Σ_gc P_gc·m_kgc ≤ tail_max                          DP sync + optimizer of rank r
     Σ_{k≡r} Σ_gc (σ·P_gc + f_r·A_gc)·m_kgc + R_r + Σ_{k≡r}(o_{k−1} + o_k) ≤ C,
         R_r ≥ R_gc·u_kgc for k ≡ r                                    memory of rank r
@@ -170,6 +173,18 @@ def solve_strategy(tables: StrategyTables, *, cutoff_s: float | None, hint: Assi
                                          for g, seg in enumerate(segs))
     tail_max = model.new_int_var(0, tail_hi, "tail_max")
     cap = scale.memory_units_down(tables.capacity_bytes)
+    need = None
+    tables.refined_lower_bound_s()
+    if tables.rank_need is not None:
+        big, rows = tables.rank_need
+        need = [_chords([v / scale.time_unit_s * (1 - 1e-6) for v in row]) for row in rows]
+    need_table = None
+    if need is not None and s.virtual_stages > 1:
+        # The same bound as a table (AddElement) as well: it propagates on the integer counts, which closes
+        # interleaved models (a rank sums several stages) several times faster; with one stage per rank its
+        # presolve costs more than it saves, and the chords suffice.
+        need_table = [[horizon + 1 if v == float("inf") else max(0, int(v / scale.time_unit_s * (1 - 1e-6)) - L)
+                       for v in row] for row in rows]
     for r in range(pp):
         own = [k for k in range(S) if k % pp == r]
         flight = tables.in_flight[r]
@@ -196,6 +211,19 @@ def solve_strategy(tables: StrategyTables, *, cutoff_s: float | None, hint: Assi
             if k > 0:
                 mem_r.append(send_o[k - 1])
         model.add(sum(time_r) <= t_max)
+        if need is not None:
+            # Cuts: a rank running n of the largest segment's layers needs at least need_r(n) seconds (the
+            # refined bound's per-rank relaxation). need_r is convex in n, so every chord through neighbouring
+            # integers lies below it at all integers: T_r ≥ a_j + b_j·n, in ticks rounded down, less a margin
+            # of one tick per layer for the rounding of the terms of T_r; n ≤ the most that fit in memory.
+            count = sum(y[k + 1][big] - y[k][big] for k in own)
+            for intercept, slope in need[r][1]:
+                model.add(sum(time_r) >= math.floor(intercept) - L + math.floor(slope) * count)
+            model.add(count <= need[r][0])
+            if need_table is not None:
+                floor_r = model.new_int_var(0, horizon + 1, f"need{r}")
+                model.add_element(count, need_table[r], floor_r)
+                model.add(sum(time_r) >= floor_r)
         model.add(scale.ticks(alpha_s) + sum(tail_r) <= tail_max)
         if transient:
             r_max = model.new_int_var(0, max(v for v, _ in transient), f"transient{r}")
@@ -218,7 +246,8 @@ def solve_strategy(tables: StrategyTables, *, cutoff_s: float | None, hint: Assi
         model.add(objective >= int(math.floor(lower_bound_s * (1 - 1e-5) / to_seconds)))
 
     if hint is not None:
-        _add_hint(model, tables, hint, cut, m)
+        _add_hint(model, tables, hint, cut=cut, y=y, m=m, u=u, sends=list(zip(send_t, send_o)),
+                  tables_qo=(q_table, o_table))
 
     solver = cp_model.CpSolver()
     solver.parameters.num_workers = 1
@@ -249,16 +278,40 @@ def solve_strategy(tables: StrategyTables, *, cutoff_s: float | None, hint: Assi
     return ModelResult(status, assignment, solver.objective_value * to_seconds, bound, solver.wall_time)
 
 
-def _add_hint(model: cp_model.CpModel, tables: StrategyTables, hint: Assignment, cut: list, m: dict) -> None:
-    """Feed a known layout as the solver's starting point (OR-Tools add_hint)."""
-    starts = [stage[0][0] for stage in hint]
-    for k in range(1, len(starts)):
-        model.add_hint(cut[k], starts[k])
+def _chords(values: list[float]) -> tuple[int, list[tuple[float, float]]]:
+    """(largest n with a finite value, the distinct chords (a, b) of values[j]..values[j+1] as a + b·n)."""
+    finite = [n for n, v in enumerate(values) if v != float("inf")]
+    n_max = finite[-1] if finite else 0
+    chords: list[tuple[float, float]] = []
+    for j in range(n_max):
+        slope = values[j + 1] - values[j]
+        if chords and abs(slope - chords[-1][1]) <= 1e-9 * max(1.0, abs(slope)):
+            continue
+        chords.append((values[j] - slope * j, slope))
+    return n_max, chords
+
+
+def _add_hint(model: cp_model.CpModel, tables: StrategyTables, hint: Assignment, *, cut: list, y: list,
+              m: dict, u: dict, sends: list, tables_qo: tuple[list[int], list[int]]) -> None:
+    """Feed a known layout as the solver's starting point (OR-Tools add_hint), every variable it fixes."""
     counts: dict[tuple[int, int, int], int] = {}
     for k, stage in enumerate(hint):
         for i, choice in stage:
             g = tables.segment_of[i]
-            c = next(j for j, ch in enumerate(tables.choices[g]) if ch.choice == choice)
+            c = next((j for j, ch in enumerate(tables.choices[g]) if ch.choice == choice), None)
+            if c is None:
+                return  # a choice this model does not offer: no hint rather than a wrong one
             counts[k, g, c] = counts.get((k, g, c), 0) + 1
+    starts = [stage[0][0] for stage in hint] + [tables.num_layers]
+    for k in range(1, len(starts) - 1):
+        model.add_hint(cut[k], starts[k])
+        for g, seg in enumerate(tables.segments):
+            model.add_hint(y[k][g], min(max(starts[k], seg.start), seg.stop))
     for key, var in m.items():
         model.add_hint(var, counts.get(key, 0))
+    for key, var in u.items():
+        model.add_hint(var, int(counts.get(key, 0) > 0))
+    q_table, o_table = tables_qo
+    for k, (e, o) in enumerate(sends):
+        model.add_hint(e, q_table[starts[k + 1]])
+        model.add_hint(o, o_table[starts[k + 1]])

@@ -105,6 +105,10 @@ class StrategyTables:
         self.capacity_bytes = cluster.device.usable_memory_bytes
         self.num_layers = len(graph.layers)
         self.segment_of = [g for g, seg in enumerate(segments) for _ in range(seg.size)]
+        # (segment g, per rank: least seconds per microbatch to run n of g's layers), set by
+        # refined_lower_bound_s; the CP-SAT model uses it as a cut.
+        self.rank_need: tuple[int, list[list[float]]] | None = None
+        self._refined: float | None = None
         # Layers sharing a tied weight must agree on tensor parallelism (one tensor, one placement): a tied
         # segment keeps all its choices (no dominance pruning) so that either decision stays available, and a
         # group that cannot shard everywhere is not sharded anywhere.
@@ -179,6 +183,8 @@ class StrategyTables:
         base = self.lower_bound_s()
         if not sized:
             return base
+        if self._refined is not None:
+            return self._refined
         g = max(sized, key=lambda j: (self.segments[j].size * min(c.time_s for c in self.choices[j]), -j))
         n_layers, rows = self.segments[g].size, self.choices[g]
         sigma = rank_state_bytes(s, 10**9) / 10**9
@@ -201,8 +207,10 @@ class StrategyTables:
             return t, m
 
         groups: dict[tuple, int] = {}
+        rank_keys = []
         for r in range(s.pp):
             key = (in_flight(s, r),) + fixed(r)
+            rank_keys.append(key)
             groups[key] = groups.get(key, 0) + 1
         cap = float(self.capacity_bytes)
         # need[key][n]: least seconds a rank of this kind needs to run n of the layers (inf: does not fit)
@@ -215,6 +223,7 @@ class StrategyTables:
             for n in range(1, n_layers + 1):
                 row.append(fixed_s + n * phi(budget / n) if budget >= 0 else float("inf"))
             need[key] = row
+        self.rank_need = (g, [need[key] for key in rank_keys])
         values = sorted({v for row in need.values() for v in row[1:] if v != float("inf")})
 
         def enough(limit_s: float) -> bool:
@@ -239,7 +248,8 @@ class StrategyTables:
         per_mb = lo * (1 - 1e-9)
         params = sum(min(c.num_params for c in r) * seg.size for r, seg in zip(self.choices, self.segments))
         tail_s = sum(rank_tail_s(s, self.cluster, params / s.pp))
-        return max(base, (s.microbatches + self.bubble) * per_mb + tail_s)
+        self._refined = max(base, (s.microbatches + self.bubble) * per_mb + tail_s)
+        return self._refined
 
     def memory_lower_bound_bytes(self) -> float:
         """No layout of this strategy needs less memory on its fullest device (leanest choices, perfectly
