@@ -47,7 +47,7 @@ from .solve_tables import Assignment, LayerCostCache, StrategyTables, segments_o
 __all__ = ["search", "DEFAULT_TIME_LIMIT_S"]
 
 DEFAULT_TIME_LIMIT_S = 10.0
-ALTERNATIVE_TIME_LIMIT_S = 0.25
+ALTERNATIVE_TIME_LIMIT_S = 0.1
 
 
 @dataclass
@@ -349,6 +349,13 @@ def _infeasible(state: _Search, strategies: list[Strategy]) -> InfeasiblePlanErr
             lean_i, lean_cost = i, cost
     need = max(lean_cost.peak_memory_bytes)
     o = state.options
+    if need <= capacity:  # the search ran out of time before it proved or found anything
+        limit = o.time_limit_s or DEFAULT_TIME_LIMIT_S
+        return InfeasiblePlanError(
+            f"no layout of {state.graph.model_name} was found within time_limit_s={limit:g}, although one fits "
+            f"({strategies[lean_i].describe()} needs {format_bytes(need)} of {format_bytes(capacity)} per "
+            f"device); raise time_limit_s or pin more of the layout", min_memory_bytes=int(need),
+            capacity_bytes=int(capacity))
     relax = [f"more devices (the world is {state.cluster.world_size})"]
     if (o.microbatch_size or 1) > 1:
         relax.append(f"a smaller microbatch_size than {o.microbatch_size}")

@@ -147,13 +147,14 @@ def _schedules(pp: int, microbatches: int, num_layers: int, pinned: str) -> list
     if pp == 1:
         # One stage: the schedules coincide (gradient accumulation, one microbatch alive).
         return [(pinned if pinned != "auto" else "1f1b", 1)]
+    # Order breaks ties: 1F1B first (it never holds more activations than GPipe), GPipe last.
     out = []
-    if pinned in ("auto", "gpipe"):
-        out.append(("gpipe", 1))
     if pinned in ("auto", "1f1b") and microbatches >= pp:
         out.append(("1f1b", 1))
     if pinned in ("auto", "interleaved") and microbatches >= pp and microbatches % pp == 0:
         out += [("interleaved", v) for v in range(2, MAX_VIRTUAL_STAGES + 1) if pp * v <= num_layers]
+    if pinned in ("auto", "gpipe"):
+        out.append(("gpipe", 1))
     return out
 
 

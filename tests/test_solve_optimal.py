@@ -10,6 +10,7 @@ from autoplan.estimate import compose, estimate, layer_choice_cost
 from autoplan.options import PlanOptions
 from autoplan.solve import search
 from autoplan.solve_space import enumerate_strategies, layer_choices
+from autoplan.solve_tables import LayerCostCache, StrategyTables, segments_of
 
 from graphs import gpt_like_graph, mlp_graph
 
@@ -25,10 +26,17 @@ def small_cluster(memory_gib: float, nodes: int = 1, per_node: int = 4) -> Clust
 
 def brute_force(graph, cluster, options):
     """min over every strategy, contiguous cut and per-layer choice of compose(); None when nothing fits."""
-    best = None
+    per_strategy = brute_force_per_strategy(graph, cluster, options)
+    return min((v for v in per_strategy.values() if v is not None), default=None)
+
+
+def brute_force_per_strategy(graph, cluster, options):
+    """{strategy: its fastest fitting layout's step time, or None}."""
+    out = {}
     n = len(graph.layers)
     batch = options.global_batch_size
     for s in enumerate_strategies(graph, cluster, options):
+        best = None
         per_layer = []
         for layer in graph.layers:
             per_layer.append([layer_choice_cost(graph, layer, cluster, s, c.tp_on, c.option(layer))
@@ -40,7 +48,8 @@ def brute_force(graph, cluster, options):
                 result = compose(s, cluster, stages, batch)
                 if result.fits and (best is None or result.step_time_s < best):
                     best = result.step_time_s
-    return best
+        out[s] = best
+    return out
 
 
 def gpt_small():
@@ -89,3 +98,23 @@ def test_brute_force_and_search_agree_on_infeasible(make_graph, memory_gib, opti
     with pytest.raises(InfeasiblePlanError) as info:
         search(graph, cluster, options)
     assert info.value.min_memory_bytes > cluster.device.usable_memory_bytes == info.value.capacity_bytes
+
+
+@pytest.mark.parametrize("case, tightens", [(0, True), (3, False)])  # the MLP has no repeated layers
+def test_bounds_never_exceed_a_strategys_optimum(case, tightens):
+    """The pruning is exact: both lower bounds sit at or below every strategy's true optimum (inf: no fit)."""
+    make_graph, memory_gib, shape, options = CASES[case]
+    graph, cluster = make_graph(), small_cluster(memory_gib, **shape)
+    segments = segments_of(graph.layers)
+    cache = LayerCostCache(graph, cluster)
+    tight = 0
+    for strategy, optimum in brute_force_per_strategy(graph, cluster, options).items():
+        tables = StrategyTables(graph, cluster, strategy, segments, cache, options.recompute,
+                                options.global_batch_size)
+        simple, refined = tables.lower_bound_s(), tables.refined_lower_bound_s()
+        assert simple <= refined
+        if optimum is None:
+            continue
+        assert refined <= optimum * (1 + 1e-9)
+        tight += refined > simple
+    assert (tight > 0) == tightens  # the memory-aware bound tightens GPT strategies
