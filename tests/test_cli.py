@@ -61,3 +61,22 @@ def test_python_dash_m_runs_the_same_command_line():
     result = subprocess.run([sys.executable, "-m", "autoplan", "show", "/nonexistent.json"], capture_output=True,
                             text=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
     assert result.returncode == 2 and "no plan file" in result.stderr
+
+
+def test_calibrate_hands_its_arguments_to_autoplan_calibrate(monkeypatch):
+    import types
+
+    seen = []
+    fake = types.ModuleType("autoplan.calibrate")
+    fake.main = lambda argv: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "autoplan.calibrate", fake)
+    assert main(["calibrate", "--out", "x.json"]) == 0
+    assert seen == [["--out", "x.json"]]
+
+
+def test_calibrate_without_an_entry_point_is_a_clear_error(monkeypatch, capsys):
+    import types
+
+    monkeypatch.setitem(sys.modules, "autoplan.calibrate", types.ModuleType("autoplan.calibrate"))
+    assert main(["calibrate"]) == 2
+    assert "calibration is not available" in capsys.readouterr().err
