@@ -61,6 +61,17 @@ class Scale:
     def ticks(self, seconds: float) -> int:
         return int(round(seconds / self.time_unit_s))
 
+    def ticks_real(self, seconds: float) -> float:
+        """Unrounded ticks, for bounds that round down themselves (inf stays inf)."""
+        return seconds / self.time_unit_s
+
+    def ticks_down(self, seconds: float, slack: float = 0.0) -> int:
+        """Ticks rounded down after shrinking by the relative ``slack``: safe for lower bounds and cutoffs."""
+        return int(math.floor(seconds * (1 - slack) / self.time_unit_s))
+
+    def seconds(self, ticks: float) -> float:
+        return ticks * self.time_unit_s
+
     def memory_units_up(self, nbytes: float) -> int:
         return int(math.ceil(nbytes / self.memory_unit_bytes - 1e-9))
 
@@ -177,13 +188,13 @@ def solve_strategy(tables: StrategyTables, *, cutoff_s: float | None, hint: Assi
     tables.refined_lower_bound_s()
     if tables.rank_need is not None:
         big, rows = tables.rank_need
-        need = [_chords([v / scale.time_unit_s * (1 - 1e-6) for v in row]) for row in rows]
+        need = [_chords([scale.ticks_real(v) * (1 - 1e-6) for v in row]) for row in rows]
     need_table = None
     if need is not None and s.virtual_stages > 1:
         # The same bound as a table (AddElement) as well: it propagates on the integer counts, which closes
         # interleaved models (a rank sums several stages) several times faster; with one stage per rank its
         # presolve costs more than it saves, and the chords suffice.
-        need_table = [[horizon + 1 if v == float("inf") else max(0, int(v / scale.time_unit_s * (1 - 1e-6)) - L)
+        need_table = [[horizon + 1 if v == float("inf") else max(0, scale.ticks_down(v, 1e-6) - L)
                        for v in row] for row in rows]
     for r in range(pp):
         own = [k for k in range(S) if k % pp == r]
@@ -238,12 +249,11 @@ def solve_strategy(tables: StrategyTables, *, cutoff_s: float | None, hint: Assi
     else:  # one stage per rank: the slowest stage is the slowest rank
         objective = (s.microbatches + s.bubble_stage_times) * t_max + tail_max
     model.minimize(objective)
-    to_seconds = scale.time_unit_s
     if cutoff_s is not None:
-        model.add(objective <= int(math.floor(cutoff_s / to_seconds)))
+        model.add(objective <= scale.ticks_down(cutoff_s))
     if lower_bound_s is not None and math.isfinite(lower_bound_s):
         # A proven bound (StrategyTables.refined_lower_bound_s), less a margin for the integer rounding.
-        model.add(objective >= int(math.floor(lower_bound_s * (1 - 1e-5) / to_seconds)))
+        model.add(objective >= scale.ticks_down(lower_bound_s, 1e-5))
 
     if hint is not None:
         _add_hint(model, tables, hint, cut=cut, y=y, m=m, u=u, sends=list(zip(send_t, send_o)),
@@ -259,7 +269,7 @@ def solve_strategy(tables: StrategyTables, *, cutoff_s: float | None, hint: Assi
     solver.parameters.max_time_in_seconds = max(min(2 * time_limit_s, wall_limit_s or float("inf")), 0.02)
     code = solver.solve(model)
     status = solver.status_name(code)
-    bound = solver.best_objective_bound * to_seconds if code in (cp_model.OPTIMAL, cp_model.FEASIBLE) else 0.0
+    bound = scale.seconds(solver.best_objective_bound) if code in (cp_model.OPTIMAL, cp_model.FEASIBLE) else 0.0
     if code not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return ModelResult(status if status in ("INFEASIBLE",) else "UNKNOWN", None, None, bound, solver.wall_time)
     cuts = [solver.value(c) for c in cut]
@@ -275,7 +285,7 @@ def solve_strategy(tables: StrategyTables, *, cutoff_s: float | None, hint: Assi
                     stage.append((i, choices[g][c].choice))
                     i += 1
         assignment.append(stage)
-    return ModelResult(status, assignment, solver.objective_value * to_seconds, bound, solver.wall_time)
+    return ModelResult(status, assignment, scale.seconds(solver.objective_value), bound, solver.wall_time)
 
 
 def _chords(values: list[float]) -> tuple[int, list[tuple[float, float]]]:
