@@ -7,10 +7,14 @@
    stages at each layer's fastest choice, no memory limit) and on its memory; strategies whose memory bound
    exceeds the device are dropped.
 3. In increasing lower-bound order, a greedy layout gives an upper bound; the best one found is the incumbent.
-4. In increasing lower-bound order, every strategy whose bound is below the incumbent is solved exactly by
-   CP-SAT (:mod:`autoplan.solve_model`: stage cuts, per-layer recompute and tensor-parallel choices, memory
-   per rank; objective = :func:`autoplan.estimate.compose`), with the greedy layout as hint and the
-   incumbent as cutoff. The first bound at or above the incumbent stops the search: nothing after it can win.
+4. Strategies still below the incumbent get a memory-aware bound
+   (:meth:`StrategyTables.refined_lower_bound_s`); in increasing order of it, each one whose bound is below
+   the incumbent is solved exactly by CP-SAT (:mod:`autoplan.solve_model`: stage cuts, per-layer recompute
+   and tensor-parallel choices, memory per rank; objective = :func:`autoplan.estimate.compose`), with the
+   greedy layout as hint, the incumbent as cutoff and the bound as floor. The first bound at or above the
+   incumbent stops the search: nothing after it can win.
+5. The chosen layout drops recompute that buys nothing; the best layouts of other meshes, schedules, the
+   other DP kind and no recompute are judged for ``plan.explain()``.
 
 Solving the strategies one CP-SAT model at a time, rather than in one model with a selector per strategy,
 keeps each model small (a few hundred variables) and lets the incumbent prune strategies before they are
