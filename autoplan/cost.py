@@ -53,6 +53,7 @@ __all__ = [
     "optimizer_step_s",
     "optimizer_step_bytes_per_param",
     "cross_entropy_bytes",
+    "autocast_weight_copy_bytes",
     "in_flight_microbatches",
     "bubble_microbatches",
 ]
@@ -87,6 +88,9 @@ class LayerCost:
     activation_bytes: int  # kept alive for backward (after TP and recompute)
     transient_bytes: int  # extra bytes alive only while this layer's backward runs (rematerialised activations)
     boundary_bytes: int  # output of the layer: what a pipeline cut after it sends
+    # parameters the layer's matmuls read (its tensor-parallel groups' linears, a tied head's weight included),
+    # after TP: what autocast casts to the low precision (see :func:`autocast_weight_copy_bytes`)
+    matmul_params: int = 0
 
     @property
     def total_s(self) -> float:
@@ -307,6 +311,10 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
         if group in recompute_groups:
             tp_recompute_s += fwd_s
 
+    # The linears of every group but a vocabulary embedding (a lookup, which autocast leaves in fp32); a group may
+    # read a weight another layer owns (the tied head), whose copy this layer's matmul makes all the same.
+    matmul_params = sum(_ceil_div(g.num_params, tp) if sharded else g.num_params
+                        for g in layer.tp_groups if _group_kind(g) != "vocab_embedding")
     return LayerCost(
         forward_s=compute_s(forward_flops * batch_scale, cluster, precision),
         backward_s=compute_s(layer.backward_flops * flops_ratio * batch_scale, cluster, precision),
@@ -316,6 +324,7 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
         activation_bytes=int(round(kept_activation * bytes_scale)),
         transient_bytes=int(round((activation - kept_activation) * bytes_scale)),
         boundary_bytes=int(round(layer.output_bytes * bytes_scale)),
+        matmul_params=matmul_params,
     )
 
 
@@ -333,6 +342,42 @@ def cross_entropy_bytes(logits_elements: float) -> int:
     """
     _check_non_negative("logits_elements", logits_elements)
     return int(3 * 4 * logits_elements)
+
+
+def autocast_weight_copy_bytes(matmul_params: int, precision: str, data_parallel: str, dp: int) -> int:
+    """Low-precision copies of the matmul weights that ``torch.autocast`` keeps for backward, on one device.
+
+    Under autocast (what the executor runs for DDP and for dp = 1) the parameters stay fp32 and each matmul
+    casts its weight to bf16/fp16; the linear saves that copy for its input gradient, so it lives until the
+    backward: 2 bytes × the matmul parameters (after TP). Autocast caches the cast of a leaf tensor for the
+    whole autocast region (``torch.autocast(cache_enabled=True)``, the default; the cache is cleared when the
+    outermost region exits), so every microbatch run inside one region shares one copy: the executor enters a
+    region per microbatch without pipelining (its backward ends before the next forward) and one region around
+    the whole pipeline schedule, so one copy is alive at any time, not one per microbatch in flight (checked:
+    two forwards in one region save the same bf16 weight storage, two regions two). Under FSDP (dp > 1,
+    ``MixedPrecisionPolicy(param_dtype=bf16)``) the all-gathered bf16 parameters take its place: they are the
+    per-layer FSDP transient, freed after each layer and gathered again for its backward (PyTorch FSDP2
+    ``fully_shard`` docs, ``reshard_after_forward``), so there is no separate copy. DDP composed with tensor or
+    pipeline parallelism runs FSDP2's ``replicate`` with the same policy instead of autocast: its bf16
+    unsharded parameters stay from forward to backward (replicate does not reshard), again one copy, of every
+    parameter (norms and embeddings too, which this count leaves out). fp32 casts nothing.
+
+    Example:
+        >>> autocast_weight_copy_bytes(1_000_000, "bf16", "ddp", dp=8)
+        2000000
+        >>> autocast_weight_copy_bytes(1_000_000, "bf16", "fsdp", dp=8), autocast_weight_copy_bytes(1_000_000,
+        ...     "fp32", "ddp", dp=8)
+        (0, 0)
+    """
+    if isinstance(matmul_params, bool) or not isinstance(matmul_params, int) or matmul_params < 0:
+        raise ValueError(f"matmul_params must be an int ≥ 0, got {matmul_params!r}")
+    _check_precision(precision)
+    _check_positive_int("dp", dp)
+    if data_parallel not in DATA_PARALLEL_KINDS:
+        raise ValueError(f"unknown data_parallel {data_parallel!r}; use one of {DATA_PARALLEL_KINDS}")
+    if precision == "fp32" or (data_parallel == "fsdp" and dp > 1):
+        return 0
+    return matmul_params * PRECISION_BYTES[precision]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -26,14 +26,23 @@ full, which is conservative for DDP's bucketed all-reduce (it partly hides behin
 
 Memory of pipeline rank ``r`` (its worst device; all dp × tp devices of a rank hold the same):
 
-    model_state_bytes(P_r) + in_flight_r · A_r + max_i transient_i + p2p buffers
+    model_state_bytes(P_r) + in_flight_r · A_r + max_i transient_i + p2p buffers + W_r + [r = last] · loss
 
 ``P_r`` are the rank's parameters after tensor parallelism, ``A_r`` the bytes all its layers keep for one
 microbatch's backward, ``in_flight_r`` in those units (interleaved chunks count 1/v each, see
 :func:`autoplan.cost.in_flight_microbatches`),
 ``transient_i`` what only exists while layer ``i`` runs backward (rematerialised activations, and under FSDP
 the layer's gathered weights and unsharded gradients), and the p2p buffers one microbatch's received input
-and sent output per stage.
+and sent output per stage. ``W_r`` is the low-precision copy of the rank's matmul weights that autocast keeps
+for backward (mixed precision without FSDP sharding: :func:`autoplan.cost.autocast_weight_copy_bytes`, one
+copy, not one per microbatch, because autocast caches the cast). The last rank, ``(S − 1) mod pp``, runs the
+loss: the executor applies ``loss_fn`` to the model output, the final layer's output, and a cross-entropy
+over it holds fp32 buffers for one microbatch of logits at the end of forward / start of backward
+(:func:`autoplan.cost.cross_entropy_bytes`; the vocabulary-parallel head gathers the logits, so they are not
+divided by tp). It is counted for every model, whatever its output: a constant of that rank.
+
+``peak_memory_bytes`` has one entry per stage (``plan.stages``): stage ``k``'s entry is the peak of the
+devices that run it, pipeline rank ``k mod pp``, so with v virtual stages each rank's figure appears v times.
 
 Example:
     >>> import autoplan
@@ -48,12 +57,13 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from . import cost
+from ._checks import PRECISION_BYTES
 from .cluster import Cluster
 from .graph import Layer, ModelGraph, RecomputeOption
 from .plan import Plan, Predicted
 
 __all__ = ["Strategy", "RankCost", "PlanCost", "estimate", "estimate_breakdown", "compose", "layer_choice_cost",
-           "rank_tail_s", "rank_state_bytes"]
+           "rank_tail_s", "rank_state_bytes", "weight_copy_bytes_per_param", "loss_bytes"]
 
 
 @dataclass(frozen=True)
@@ -112,6 +122,8 @@ class RankCost:
     activation_bytes: int  # in flight, all of them
     transient_bytes: int
     p2p_buffer_bytes: int
+    weight_copy_bytes: int = 0  # autocast's low-precision copy of the rank's matmul weights
+    loss_bytes: int = 0  # the loss's buffers for one microbatch (the last rank only)
 
     @property
     def microbatch_s(self) -> float:
@@ -123,7 +135,8 @@ class RankCost:
 
     @property
     def peak_bytes(self) -> int:
-        return self.model_state_bytes + self.activation_bytes + self.transient_bytes + self.p2p_buffer_bytes
+        return (self.model_state_bytes + self.activation_bytes + self.transient_bytes + self.p2p_buffer_bytes
+                + self.weight_copy_bytes + self.loss_bytes)
 
 
 @dataclass(frozen=True)
@@ -148,8 +161,15 @@ class PlanCost:
         return max(self.ranks, key=lambda r: (r.microbatch_s, -r.rank))
 
     @property
-    def peak_memory_bytes(self) -> tuple[int, ...]:
+    def rank_peak_memory_bytes(self) -> tuple[int, ...]:
+        """Peak bytes of one device of each pipeline rank."""
         return tuple(r.peak_bytes for r in self.ranks)
+
+    @property
+    def peak_memory_bytes(self) -> tuple[int, ...]:
+        """One entry per stage: the peak of the device group that runs stage k (pipeline rank k mod pp)."""
+        pp = len(self.ranks)
+        return tuple(self.ranks[k % pp].peak_bytes for k in range(self.strategy.num_stages))
 
     @property
     def fits(self) -> bool:
@@ -203,6 +223,17 @@ def rank_state_bytes(strategy: Strategy, num_params: int) -> int:
                                   strategy.data_parallel)
 
 
+def weight_copy_bytes_per_param(strategy: Strategy) -> int:
+    """Bytes per matmul parameter of autocast's weight copy under ``strategy`` (0 for fp32 or sharded FSDP)."""
+    return cost.autocast_weight_copy_bytes(1, strategy.precision, strategy.data_parallel, strategy.dp)
+
+
+def loss_bytes(strategy: Strategy, final: cost.LayerCost) -> int:
+    """The loss buffers of one microbatch on the last rank: cross-entropy over the final layer's output
+    (``final.boundary_bytes`` is one microbatch at the plan's precision; the loss runs in fp32)."""
+    return cost.cross_entropy_bytes(final.boundary_bytes / PRECISION_BYTES[strategy.precision])
+
+
 def fsdp_gather_bytes(strategy: Strategy, num_params: int) -> int:
     """FSDP's per-layer transient: the layer's all-gathered weights plus its unsharded gradients before the
     reduce-scatter (FSDP2 frees both once the layer is done; Zhao et al. 2023, PyTorch FSDP §3.2)."""
@@ -242,7 +273,9 @@ def compose(strategy: Strategy, cluster: Cluster, stages: Sequence[Sequence[cost
     if len(stages) != strategy.num_stages:
         raise ValueError(f"{len(stages)} stages given for pp × virtual_stages = {strategy.num_stages}")
     last = len(stages) - 1
+    last_rank = last % strategy.pp
     boundary = [s[-1].boundary_bytes for s in stages]
+    copy_per_param = weight_copy_bytes_per_param(strategy)
     ranks = []
     for r in range(strategy.pp):
         own = [k for k in range(len(stages)) if k % strategy.pp == r]
@@ -263,6 +296,8 @@ def compose(strategy: Strategy, cluster: Cluster, stages: Sequence[Sequence[cost
             activation_bytes=int(flight * sum(c.activation_bytes for c in layers)),
             transient_bytes=max(c.transient_bytes + fsdp_gather_bytes(strategy, c.num_params) for c in layers),
             p2p_buffer_bytes=buffers,
+            weight_copy_bytes=copy_per_param * sum(c.matmul_params for c in layers),
+            loss_bytes=loss_bytes(strategy, stages[last][-1]) if r == last_rank else 0,
         ))
     slow = max(ranks, key=lambda r: (r.microbatch_s, -r.rank))
     tail = max(ranks, key=lambda r: (r.tail_s, -r.rank))
@@ -322,7 +357,7 @@ def estimate_breakdown(graph: ModelGraph, plan: Plan) -> PlanCost:
 
 
 def estimate(graph: ModelGraph, plan: Plan) -> Predicted:
-    """Predicted step time (one iteration over the global batch) and peak memory per pipeline rank of ``plan``.
+    """Predicted step time (one iteration over the global batch) and peak memory per stage of ``plan``.
 
     Example:
         >>> import sys; sys.path.insert(0, "tests")

@@ -3,7 +3,7 @@
 Data (from :class:`~autoplan.solve_tables.StrategyTables`): L layers in G segments of identical layers,
 segment g = layers [a_g, b_g); S = pp·v stages, stage k on pipeline rank k mod pp; for each segment choice
 c (tensor parallel on/off × recompute option): time t_gc, parameters P_gc, activation bytes A_gc, transient
-bytes R_gc; per cut position j (after layer j−1): send time q_j and boundary bytes o_j; per rank r: in-flight
+bytes R_gc, autocast weight-copy bytes W_gc; per cut position j (after layer j−1): send time q_j and boundary bytes o_j; per rank r: in-flight
 microbatches f_r; the tail (DP sync + optimizer) α + β·P, affine in a rank's parameters; model-state bytes
 σ·P; bubble b = pp − 1 stage-times; M microbatches; device capacity C.
 
@@ -22,8 +22,9 @@ Constraints:
                                                                       running n layers of the largest
                                                                       segment G needs ≥ need_r(n), convex
     α + β·Σ_{k≡r} Σ_gc P_gc·m_kgc ≤ tail_max                          DP sync + optimizer of rank r
-    Σ_{k≡r} Σ_gc (σ·P_gc + f_r·A_gc)·m_kgc + R_r + Σ_{k≡r}(o_{k−1} + o_k) ≤ C,
-        R_r ≥ R_gc·u_kgc for k ≡ r                                    memory of rank r
+    Σ_{k≡r} Σ_gc (σ·P_gc + W_gc + f_r·A_gc)·m_kgc + R_r + Σ_{k≡r}(o_{k−1} + o_k)
+        + [r = (S−1) mod pp]·loss ≤ C,  R_r ≥ R_gc·u_kgc for k ≡ r       memory of rank r (the loss buffers
+                                                                      are a constant of the last rank)
 Objective:
     minimise M·t_max + b·s_max + tail_max      (s_max = t_max when v = 1)
 
@@ -209,7 +210,7 @@ def solve_strategy(tables: StrategyTables, *, cutoff_s: float | None, hint: Assi
                 for c, ch in enumerate(choices[g]):
                     stage_time.append(t_ticks[g, c] * m[k, g, c])
                     tail_r.append(tail_ticks[g, c] * m[k, g, c])
-                    per_layer = sigma * ch.num_params + flight * ch.activation_bytes
+                    per_layer = ch.fixed_bytes(sigma) + flight * ch.activation_bytes
                     mem_r.append(scale.memory_units_up(per_layer) * m[k, g, c])
                     if (k, g, c) in u:
                         transient.append((scale.memory_units_up(ch.transient_bytes), u[k, g, c]))
@@ -235,6 +236,8 @@ def solve_strategy(tables: StrategyTables, *, cutoff_s: float | None, hint: Assi
                 floor_r = model.new_int_var(0, horizon + 1, f"need{r}")
                 model.add_element(count, need_table[r], floor_r)
                 model.add(sum(time_r) >= floor_r)
+        if r == tables.last_rank and tables.loss_bytes:
+            mem_r.append(scale.memory_units_up(tables.loss_bytes))
         model.add(scale.ticks(alpha_s) + sum(tail_r) <= tail_max)
         if transient:
             r_max = model.new_int_var(0, max(v for v, _ in transient), f"transient{r}")

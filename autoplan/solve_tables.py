@@ -3,7 +3,8 @@
 Identical neighbouring layers (same structure and figures, e.g. the transformer blocks) form one *segment*:
 they have identical costs, so the solver only decides how many of a segment's layers each stage takes and
 how many of those use each choice. Choices dominated in every cost term (slower, more parameters, more
-activations, more transient memory) are dropped: keeping the dominating one never costs anything.
+activations, more transient memory, a larger weight copy) are dropped: keeping the dominating one never costs
+anything.
 
 Example:
     >>> from autoplan.solve_tables import segments_of
@@ -20,8 +21,8 @@ from typing import Sequence
 
 from . import cost
 from .cluster import Cluster
-from .estimate import (PlanCost, Strategy, compose, fsdp_gather_bytes, in_flight, layer_choice_cost,
-                       rank_state_bytes, rank_tail_s, stage_p2p_s)
+from .estimate import (PlanCost, Strategy, compose, fsdp_gather_bytes, in_flight, layer_choice_cost, loss_bytes,
+                       rank_state_bytes, rank_tail_s, stage_p2p_s, weight_copy_bytes_per_param)
 from .graph import Layer, ModelGraph
 from .solve_space import LayerChoice, layer_choices
 
@@ -92,6 +93,12 @@ class ChoiceCost:
     num_params: int
     activation_bytes: int
     transient_bytes: int
+    copy_bytes: int = 0  # autocast's low-precision copy of the layer's matmul weights (once per rank, not per
+    # microbatch: it sits beside the model states)
+
+    def fixed_bytes(self, sigma: float) -> float:
+        """Bytes the layer adds to its rank whatever the in-flight count: model states and the weight copy."""
+        return sigma * self.num_params + self.copy_bytes
 
 
 class StrategyTables:
@@ -131,9 +138,13 @@ class StrategyTables:
                     continue
                 lc = cache.get(layer, seg.signature, strategy, choice)
                 rows.append(ChoiceCost(choice, lc, lc.total_s, lc.num_params, lc.activation_bytes,
-                                       lc.transient_bytes + fsdp_gather_bytes(strategy, lc.num_params)))
+                                       lc.transient_bytes + fsdp_gather_bytes(strategy, lc.num_params),
+                                       weight_copy_bytes_per_param(strategy) * lc.matmul_params))
             self.choices.append(_sorted(rows) if g in tied else _non_dominated(rows))
         self.bubble = strategy.bubble_stage_times / strategy.virtual_stages  # rank-times, balanced stages
+        # The loss buffers sit on the last stage's rank; the final layer's output is the same for every choice.
+        self.last_rank = (strategy.num_stages - 1) % strategy.pp
+        self.loss_bytes = loss_bytes(strategy, self.choices[-1][0].layer_cost)
 
     @cached_property
     def boundary_bytes(self) -> list[int]:
@@ -203,7 +214,9 @@ class StrategyTables:
                 ends.append(len(self.segments) - 1)
             for e in ends:
                 t += min(c.time_s for c in self.choices[e])
-                m += min(sigma * c.num_params + f * c.activation_bytes for c in self.choices[e])
+                m += min(c.fixed_bytes(sigma) + f * c.activation_bytes for c in self.choices[e])
+            if r == last_rank:
+                m += self.loss_bytes
             return t, m
 
         groups: dict[tuple, int] = {}
@@ -217,7 +230,7 @@ class StrategyTables:
         need: dict[tuple, list[float]] = {}
         for key in groups:
             f, fixed_s, fixed_bytes = key
-            phi = _LowerHull([(sigma * c.num_params + f * c.activation_bytes, c.time_s) for c in rows])
+            phi = _LowerHull([(c.fixed_bytes(sigma) + f * c.activation_bytes, c.time_s) for c in rows])
             budget = cap - fixed_bytes
             row = [fixed_s if budget >= 0 else float("inf")]
             for n in range(1, n_layers + 1):
@@ -256,9 +269,10 @@ class StrategyTables:
         balanced parameters and activations, the smallest in-flight count)."""
         params = sum(min(c.num_params for c in rows) * seg.size for rows, seg in zip(self.choices, self.segments))
         act = sum(min(c.activation_bytes for c in rows) * seg.size for rows, seg in zip(self.choices, self.segments))
+        copies = sum(min(c.copy_bytes for c in rows) * seg.size for rows, seg in zip(self.choices, self.segments))
         state = rank_state_bytes(self.strategy, int(params // self.strategy.pp))
         flight = min(in_flight(self.strategy, r) for r in (0, self.strategy.pp - 1))
-        return state + flight * act / self.strategy.pp
+        return state + (flight * act + copies) / self.strategy.pp
 
     # -- evaluation -----------------------------------------------------------------------------------------
     def evaluate(self, assignment: Assignment) -> PlanCost:
@@ -334,7 +348,7 @@ class StrategyTables:
         stages = self.strategy.num_stages
         times = [p.time_s + self.p2p_s[i] for i, p in enumerate(picks)]
         state_per_param = rank_state_bytes(self.strategy, 10**9) / 10**9
-        mem = [[state_per_param * p.num_params + self.in_flight[k % self.strategy.pp] * p.activation_bytes
+        mem = [[p.fixed_bytes(state_per_param) + self.in_flight[k % self.strategy.pp] * p.activation_bytes
                 for p in picks] for k in range(stages)]
         out = [self._balanced(picks, mem[0] if memory_first else times)]
         if self.strategy.virtual_stages == 1 and stages > 1:
@@ -437,13 +451,13 @@ def tied_layer_groups(graph: ModelGraph) -> list[list[int]]:
 
 def _sorted(rows: list[ChoiceCost]) -> list[ChoiceCost]:
     return sorted(rows, key=lambda c: (c.time_s, c.num_params, c.activation_bytes, c.transient_bytes,
-                                       c.choice.recompute, c.choice.tp_on))
+                                       c.copy_bytes, c.choice.recompute, c.choice.tp_on))
 
 
 def _non_dominated(rows: list[ChoiceCost]) -> list[ChoiceCost]:
     """Rows no other row beats or ties in every term, sorted fastest first (ties: first listed wins)."""
     def key(c: ChoiceCost) -> tuple:
-        return (c.time_s, c.num_params, c.activation_bytes, c.transient_bytes)
+        return (c.time_s, c.num_params, c.activation_bytes, c.transient_bytes, c.copy_bytes)
 
     kept: list[ChoiceCost] = []
     for i, row in enumerate(rows):

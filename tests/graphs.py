@@ -61,7 +61,8 @@ def gpt_like_graph(layers: int = 4, hidden: int = 1024, seq: int = 1024, heads: 
               param_bytes=2 * h * dtype_bytes, activation_bytes=out, output_bytes=out),
         Layer("head", 0, "head", flops=2 * b * s * h * vocab, backward_flops=4 * b * s * h * vocab, num_params=0,
               param_bytes=0, activation_bytes=out + logits, output_bytes=logits,
-              tp_groups=(TensorParallelGroup({"head": "vocab_head"}, vocab, 0, 2 * b * s * h * vocab, logits,
+              # the head is tied to tok: it owns no parameter, but its group names the shared weight (as traced)
+              tp_groups=(TensorParallelGroup({"head": "vocab_head"}, vocab, vocab * h, 2 * b * s * h * vocab, logits,
                                              logits),)),
     ]
     chain = [Layer(**{**layer.__dict__, "index": i}) for i, layer in enumerate(chain)]

@@ -66,6 +66,39 @@ def test_memory_counts_states_in_flight_activations_and_transients():
     assert fsdp.ranks[0].transient_bytes > rank0.transient_bytes  # gathered weights of one layer
 
 
+def test_last_rank_holds_the_loss_buffers_of_one_microbatch_of_gathered_logits():
+    b = estimate_breakdown(GRAPH, make_plan())
+    head = GRAPH.layers[-1]
+    logits_per_microbatch = head.output_bytes / GRAPH.dtype_bytes * 2 / GRAPH.batch_size  # mb = 2, not ÷ tp
+    assert b.ranks[1].loss_bytes == cost.cross_entropy_bytes(logits_per_microbatch) > 0
+    assert b.ranks[0].loss_bytes == 0
+    # interleaved: the final stage (3) runs on rank 1 = (S − 1) mod pp, whatever the layout
+    names = [l.name for l in GRAPH.layers]
+    v2 = estimate_breakdown(GRAPH, make_plan(schedule="interleaved", virtual_stages=2, tensor_parallel={}, stages=(
+        Stage(tuple(names[:3])), Stage(tuple(names[3:4])), Stage(tuple(names[4:5])), Stage(tuple(names[5:])))))
+    assert [r.loss_bytes > 0 for r in v2.ranks] == [False, True]
+    assert v2.ranks[1].loss_bytes == b.ranks[1].loss_bytes
+
+
+def test_autocast_weight_copy_is_one_low_precision_copy_of_the_matmul_weights():
+    plan = make_plan()
+    b = estimate_breakdown(GRAPH, plan)
+    s = Strategy.of(plan)
+    for rank, stage in zip(b.ranks, plan.stages):
+        matmul = sum(layer_choice_cost(GRAPH, GRAPH.layer(n), CLUSTER, s, n == "blocks.0", None).matmul_params
+                     for n in stage.layers)
+        assert rank.weight_copy_bytes == 2 * matmul > 0  # bf16, once per rank, not per microbatch in flight
+    # blocks.0 is tensor-parallel: its linears' copy is sharded; the tied head copies the embedding weight
+    block = GRAPH.layer("blocks.1")
+    assert layer_choice_cost(GRAPH, block, CLUSTER, s, True, None).matmul_params * 2 == \
+        layer_choice_cost(GRAPH, block, CLUSTER, s, False, None).matmul_params == 12 * 512 * 512
+    assert layer_choice_cost(GRAPH, GRAPH.layer("head"), CLUSTER, s, False, None).matmul_params == 8192 * 512
+    assert layer_choice_cost(GRAPH, GRAPH.layer("tok"), CLUSTER, s, False, None).matmul_params == 0  # a lookup
+    fsdp = estimate_breakdown(GRAPH, make_plan(data_parallel="fsdp"))
+    fp32 = estimate_breakdown(GRAPH, make_plan(precision="fp32"))
+    assert [r.weight_copy_bytes for r in fsdp.ranks + fp32.ranks] == [0] * 4  # gathered bf16 weights instead
+
+
 def test_recompute_trades_time_for_memory():
     with_rc = estimate_breakdown(GRAPH, make_plan())
     without = estimate_breakdown(GRAPH, make_plan(stages=tuple(Stage(s.layers) for s in make_plan().stages)))
@@ -78,7 +111,10 @@ def test_interleaved_bubble_is_charged_per_slowest_stage():
     balanced = make_plan(schedule="interleaved", virtual_stages=2, tensor_parallel={}, stages=(
         Stage(tuple(names[:3])), Stage(tuple(names[3:4])), Stage(tuple(names[4:5])), Stage(tuple(names[5:]))))
     b = estimate_breakdown(GRAPH, balanced)
-    assert len(b.predicted.peak_memory_bytes) == 2 and b.ranks[0].stages == (0, 2)
+    assert b.ranks[0].stages == (0, 2)
+    # one entry per stage (DESIGN.md): stage k runs on pipeline rank k mod pp
+    assert b.predicted.peak_memory_bytes == (b.ranks[0].peak_bytes, b.ranks[1].peak_bytes) * 2
+    assert b.rank_peak_memory_bytes == (b.ranks[0].peak_bytes, b.ranks[1].peak_bytes)
     assert b.bubble_s == pytest.approx(b.step_time_s - 4 * b.slowest_rank.microbatch_s
                                        - max(r.tail_s for r in b.ranks))
 
