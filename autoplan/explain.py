@@ -38,7 +38,9 @@ def format_count(n: float) -> str:
 
 
 def format_seconds(s: float) -> str:
-    """``format_seconds(0.0123) == '12.3 ms'``."""
+    """``format_seconds(0.0123) == '12.3 ms'``; an exact zero is ``'0 s'`` (nothing, not a rounded tiny time)."""
+    if s == 0:
+        return "0 s"
     if s >= 1:
         return f"{s:.2f} s"
     if s >= 1e-3:
@@ -164,6 +166,28 @@ def _stage_rows(plan) -> list[tuple[str, ...]]:
     return rows
 
 
+def _rank_peaks(plan) -> list[int]:
+    """Peak bytes per pipeline rank from ``predicted.peak_memory_bytes`` (one entry per stage; stage k runs on
+    rank k mod pp, so a rank's figure is the largest of its stages'; a list of one entry per rank reads the
+    same)."""
+    pp, peaks = plan.mesh.pp, plan.predicted.peak_memory_bytes
+    return [max((b for k, b in enumerate(peaks) if k % pp == r), default=0) for r in range(min(pp, len(peaks)))]
+
+
+def _recompute_why(plan) -> str:
+    """What the recompute line of the cost split stands for, and why it is 0 when modules are recomputed."""
+    n = len(plan.recompute)
+    modules = f"{n} recomputed module{'' if n == 1 else 's'}"
+    if plan.predicted.recompute_s != 0 or n == 0:
+        return f"extra forwards on the slowest rank ({modules} in all)"
+    ranks = sorted({k % plan.mesh.pp for k, stage in enumerate(plan.stages) if stage.recompute})
+    if plan.mesh.pp == 1:
+        return f"the {modules} {'adds' if n == 1 else 'add'} no forward FLOPs the cost model counts"
+    where = f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+    return (f"off the critical path: the {modules} {'runs' if n == 1 else 'run'} on {where}, not the slowest "
+            f"rank (they buy memory there)")
+
+
 def format_plan(plan) -> str:
     """A plan as a table readable in ten seconds: model, cluster, mesh, schedule, stages, memory, time.
 
@@ -194,10 +218,14 @@ def format_plan(plan) -> str:
         capacity = c.device.usable_memory_bytes
         lines.append("")
         lines.append(f"memory per device (usable {format_bytes(capacity)})")
-        mem_rows = [(f"rank {r}", format_bytes(b), _bar(b / capacity), f"{100 * b / capacity:.0f}%")
-                    for r, b in enumerate(p.peak_memory_bytes)]
+        per_rank = _rank_peaks(plan)
+        many = len(plan.stages) > m.pp
+        mem_rows = [(f"rank {r}" + (f" (stages {', '.join(map(str, range(r, len(plan.stages), m.pp)))})"
+                                    if many else ""),
+                     format_bytes(b), _bar(b / capacity), f"{100 * b / capacity:.0f}%")
+                    for r, b in enumerate(per_rank)]
         if len(mem_rows) > _MAX_STAGE_ROWS:
-            worst = max(range(len(mem_rows)), key=lambda r: (p.peak_memory_bytes[r], -r))
+            worst = max(range(len(mem_rows)), key=lambda r: (per_rank[r], -r))
             mem_rows = mem_rows[:4] + [("…", "", "", "")] + mem_rows[-2:] + [(f"worst: rank {worst}",) +
                                                                              mem_rows[worst][1:]]
         lines += ["  " + x for x in _table(mem_rows, right=(1, 3))]
@@ -240,8 +268,7 @@ def explain_plan(plan) -> str:
              ("comm", p.comm_s, "tensor-parallel collectives, pipeline sends, data-parallel gradient sync"),
              ("bubble", p.bubble_s, f"pipeline fill and drain: pp − 1 = {m.pp - 1} × the slowest stage's "
                                     f"microbatch"),
-             ("recompute", p.recompute_s, f"extra forwards on the slowest rank ({len(plan.recompute)} recomputed "
-                                          f"module{'' if len(plan.recompute) == 1 else 's'} in all)"),
+             ("recompute", p.recompute_s, _recompute_why(plan)),
              ("optimizer", p.optimizer_s, "the optimizer step after the last backward")]
     rows = [(f"  {name}", format_seconds(sec), f"{100 * sec / p.step_time_s:5.1f}%" if p.step_time_s else "",
              why) for name, sec, why in parts]

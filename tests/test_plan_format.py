@@ -50,3 +50,37 @@ def test_long_pipelines_are_elided_and_real_plans_format():
     assert "more stages" in text and len(text.splitlines()) < 45
     assert "worst: rank" in text
     assert "Alternatives" in plan.explain()
+
+
+def test_format_seconds_shows_an_exact_zero_as_zero():
+    from autoplan.explain import format_seconds
+
+    assert format_seconds(0.0) == "0 s" and format_seconds(0) == "0 s"
+    assert format_seconds(4e-8) == "0.0 µs"  # a tiny time stays a time: only nothing reads "0 s"
+
+
+def _interleaved_with_recompute_on_rank_0():
+    from autoplan.plan import Predicted, Stage
+
+    base = golden_plan()
+    names = base.layers
+    stages = (Stage(names[:2], (names[1],)), Stage(names[2:3]), Stage(names[3:5]), Stage(names[5:]))
+    predicted = Predicted(step_time_s=1.0, peak_memory_bytes=(70 * 2**30, 50 * 2**30, 70 * 2**30, 50 * 2**30),
+                          compute_s=0.9, bubble_s=0.1, recompute_s=0.0)
+    return base.replace(schedule="interleaved", virtual_stages=2, stages=stages, predicted=predicted)
+
+
+def test_memory_rows_are_per_rank_with_the_stages_each_runs():
+    plan = _interleaved_with_recompute_on_rank_0()
+    assert len(plan.predicted.peak_memory_bytes) == len(plan.stages)  # the JSON: one entry per stage
+    rows = [l for l in str(plan).splitlines() if l.strip().startswith("rank ")]
+    assert [r.split("  ")[1].strip() for r in rows] == ["rank 0 (stages 0, 2)", "rank 1 (stages 1, 3)"]
+    assert "70.00 GiB" in rows[0] and "50.00 GiB" in rows[1]
+    assert "recompute 0 s" in str(plan)
+
+
+def test_explain_says_why_recompute_off_the_slowest_rank_costs_nothing():
+    text = explain_plan(_interleaved_with_recompute_on_rank_0())
+    (line,) = [l for l in text.splitlines() if l.strip().startswith("recompute")]
+    assert line.split()[1:3] == ["0", "s"]
+    assert "off the critical path: the 1 recomputed module runs on rank 0, not the slowest rank" in line
