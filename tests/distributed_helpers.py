@@ -22,12 +22,13 @@ LR = 1e-3
 
 GPT_CONFIG = GPTConfig(vocab_size=64, seq_len=8, hidden=32, layers=6, heads=4)
 GPT_LAYERS = ["tok", "pos"] + [f"blocks.{i}" for i in range(6)] + ["ln_f", "head"]
-MLP_LAYERS = [f"layers.{i}" for i in range(9)]
+MLP_DEPTH = 8  # Linear+ReLU pairs, then a Linear: 17 modules
+MLP_LAYERS = [f"layers.{i}" for i in range(2 * MLP_DEPTH + 1)]
 
 
 def build_model(kind: str) -> torch.nn.Module:
     torch.manual_seed(1234)
-    return GPT(GPT_CONFIG) if kind == "gpt" else MLP(16, 32, depth=4)
+    return GPT(GPT_CONFIG) if kind == "gpt" else MLP(16, 32, depth=MLP_DEPTH)
 
 
 def batches(kind: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -47,14 +48,16 @@ def _stages(kind: str, count: int) -> list[list[str]]:
     if kind == "gpt":
         units = [["tok", "pos"]] + [[f"blocks.{i}"] for i in range(6)] + [["ln_f", "head"]]
     else:
-        units = [[f"layers.{i}"] for i in range(7)] + [["layers.7", "layers.8"]]
+        units = [[f"layers.{2 * i}", f"layers.{2 * i + 1}"] for i in range(MLP_DEPTH)]
+        units[-1].append(f"layers.{2 * MLP_DEPTH}")
     per = len(units) // count
     return [sum(units[i * per:(i + 1) * per], []) for i in range(count)]
 
 
 def tp_styles(kind: str) -> dict[str, str]:
     if kind == "mlp":
-        return {"layers.0": "colwise", "layers.2": "rowwise", "layers.4": "colwise", "layers.6": "rowwise"}
+        return {f"layers.{4 * i + j}": style for i in range(MLP_DEPTH // 2)
+                for j, style in ((0, "colwise"), (2, "rowwise"))}
     styles = {"tok": "vocab_embedding", "head": "vocab_head"}
     for i in range(GPT_CONFIG.layers):
         styles.update({f"blocks.{i}.attn.qkv": "colwise", f"blocks.{i}.attn.proj": "rowwise",
@@ -67,7 +70,7 @@ def layout(kind: str, name: str, *, pp=1, dp=1, tp=1, data_parallel="ddp", sched
     """A case for the worker: manual_plan arguments (JSON-able) under a readable name."""
     virtual = 2 if schedule == "interleaved" else 1
     stages = _stages(kind, pp * virtual) if pp > 1 else [GPT_LAYERS if kind == "gpt" else MLP_LAYERS]
-    rc = ([f"blocks.{i}" for i in range(6)] if kind == "gpt" else ["layers.0", "layers.2", "layers.4"])
+    rc = [f"blocks.{i}" for i in range(6)] if kind == "gpt" else [f"layers.{2 * i}" for i in range(MLP_DEPTH)]
     return {
         "name": f"{kind}:{name}{':recompute' if recompute else ''}",
         "kind": kind,
@@ -95,7 +98,7 @@ def run_world(cases: list[dict], tmp_path: Path, nproc: int = 4, timeout_s: int 
     out = tmp_path / "results.pt"
     spec.write_text(json.dumps(cases))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
            str(WORKER), str(spec), str(out)]
     # A new session so that a hung world is killed whole (torchrun and its ranks) on timeout.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,

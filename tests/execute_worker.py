@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import traceback
 
@@ -19,17 +20,33 @@ from autoplan.execute.manual import manual_plan  # noqa: E402
 from distributed_helpers import LR, batches, build_model  # noqa: E402
 
 
+def parallelize(case: dict, model: torch.nn.Module, first_inputs: torch.Tensor):
+    if "plan" in case:
+        return autoplan.parallelize(model, plan=manual_plan(model, **case["plan"]))
+    cluster = autoplan.Cluster.preset("cpu", devices_per_node=int(os.environ["WORLD_SIZE"]))
+    example = None if case.get("lazy") else first_inputs
+    return autoplan.parallelize(model, example, cluster=cluster, **case["auto"])
+
+
 def run_case(case: dict) -> dict:
     model = build_model(case["kind"])
-    plan = manual_plan(model, **case["plan"])
-    pm = autoplan.parallelize(model, plan=plan)
-    opt = torch.optim.AdamW(pm.parameters(), lr=LR)
+    data = batches(case["kind"])
+    if "expect_error" in case:
+        try:
+            parallelize(case, model, data[0][0])
+        except Exception as exc:  # every rank fails the same way before any collective
+            return {"error_type": type(exc).__name__, "message": str(exc)}
+        return {"error_type": None}
+    pm = parallelize(case, model, data[0][0])
+    # A lazily planned model has its parameters only after the first step: build the optimizer then.
+    opt = None if case.get("lazy") else torch.optim.AdamW(pm.parameters(), lr=LR)
     losses = []
-    for inputs, targets in batches(case["kind"]):
+    for inputs, targets in data:
         losses.append(pm.train_step(inputs, targets))
+        opt = opt or torch.optim.AdamW(pm.parameters(), lr=LR)
         opt.step()
         opt.zero_grad()
-    return {"losses": losses, "state": pm.full_state_dict()}
+    return {"losses": losses, "state": pm.full_state_dict(), "plan": pm.plan.to_dict()}
 
 
 def main(spec: str, out: str) -> None:
@@ -39,9 +56,10 @@ def main(spec: str, out: str) -> None:
         try:
             results[case["name"]] = run_case(case)
         except Exception:
-            results[case["name"]] = {"error": traceback.format_exc()}
-            print(f"rank {dist.get_rank() if dist.is_initialized() else 0}: {case['name']} failed\n"
-                  + results[case["name"]]["error"], file=sys.stderr, flush=True)
+            # One failed rank would leave the others waiting in a collective: stop the whole world now.
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            print(f"rank {rank}: {case['name']} failed\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            os._exit(1)
     if not dist.is_initialized() or dist.get_rank() == 0:
         torch.save(results, out)
     if dist.is_initialized():

@@ -115,7 +115,8 @@ def apply_plan(model: nn.Module, plan: Plan, loss_fn=None) -> AppliedPlan:
         runner = root
         if m.dp > 1 and any(p.requires_grad for p in root.parameters()):
             layers = plan.stages[k].layers if m.pp > 1 else plan.layers
-            runner = apply_data_parallel(root, plan.data_parallel, mesh["dp"], layers, plan.precision, m.tp > 1)
+            runner = apply_data_parallel(root, plan.data_parallel, mesh["dp"], layers, plan.precision,
+                                         composed=m.tp > 1 or m.pp > 1)
         stages.append(LocalStage(k, root, runner))
     if m.tp > 1:
         _info(world, "applied tensor parallel (tp=%d) to %d modules", m.tp, counts["tp"])
@@ -134,7 +135,7 @@ def apply_plan(model: nn.Module, plan: Plan, loss_fn=None) -> AppliedPlan:
         _info(world, "applied pipeline parallel (pp=%d, %s, %d stages, %d microbatches)", m.pp, plan.schedule,
               len(plan.stages), plan.microbatches)
     # FSDP2 and replicate() take a MixedPrecisionPolicy; the rest computes under autocast.
-    uses_autocast = m.dp == 1 or (plan.data_parallel == "ddp" and m.tp == 1)
+    uses_autocast = m.dp == 1 or (plan.data_parallel == "ddp" and m.tp == 1 and m.pp == 1)
     return AppliedPlan(
         plan=plan, world=world, device=device, coords=coords, stages=stages, mesh=mesh, schedule=schedule,
         tied_groups=tied_groups, state_keys=state_keys,

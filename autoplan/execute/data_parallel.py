@@ -3,10 +3,12 @@
 - ``fsdp``: ``fully_shard`` on every plan layer of the stage that owns no tied weight, then on the stage root
   (which takes the rest, tied weights included), as torchtitan does. Parameters become DTensors sharded on dim 0
   over "dp" (2-D with tensor parallelism).
-- ``ddp`` without tensor parallelism: ``torch.nn.parallel.DistributedDataParallel`` over the dp process group.
-- ``ddp`` with tensor parallelism: torch's FSDP2-based ``replicate`` (all-reduce, no sharding), which accepts
-  DTensor parameters and keeps ``parameters()`` stable, where classic DDP would need parameters swapped around
-  each forward.
+- ``ddp`` alone (no tensor or pipeline parallelism): ``torch.nn.parallel.DistributedDataParallel`` over the dp
+  process group.
+- ``ddp`` with tensor or pipeline parallelism: torch's FSDP2-based ``replicate`` (all-reduce, no sharding). It
+  accepts DTensor parameters and keeps ``parameters()`` stable, where classic DDP would need parameters swapped
+  around each forward, and pipelining drives its gradient reduction once per step (classic DDP's reducer fails
+  under the GPipe schedule's all-forwards-then-all-backwards order).
 
 Mixed precision (bf16/fp16 plans): FSDP2 and ``replicate`` compute in the low precision with fp32 parameters and
 fp32 gradient reduction (``MixedPrecisionPolicy``); classic DDP runs under ``torch.autocast`` (see
@@ -75,9 +77,10 @@ def _mp_policy(precision: str) -> MixedPrecisionPolicy:
 
 
 def apply_data_parallel(root: nn.Module, kind: str, dp_mesh: DeviceMesh, layers: Sequence[str], precision: str,
-                        tensor_parallel: bool) -> nn.Module:
+                        composed: bool) -> nn.Module:
     """Wrap ``root`` for data parallelism of ``kind`` ("ddp" or "fsdp"); returns the module to call (the DDP wrapper,
-    or ``root`` itself, changed in place by ``fully_shard``/``replicate``).
+    or ``root`` itself, changed in place by ``fully_shard``/``replicate``). ``composed``: the model is also tensor-
+    or pipeline-parallel.
 
     Example (under torchrun, 2 ranks): ``apply_data_parallel(model, "fsdp", mesh["dp"], ["0", "2"], "fp32", False)``
     """
@@ -89,7 +92,7 @@ def apply_data_parallel(root: nn.Module, kind: str, dp_mesh: DeviceMesh, layers:
         return root
     if kind != "ddp":
         raise ValueError(f"data_parallel must be 'ddp' or 'fsdp', got {kind!r}")
-    if tensor_parallel:
+    if composed:
         from torch.distributed._composable.replicate_with_fsdp import replicate
 
         replicate(root, mesh=dp_mesh, mp_policy=_mp_policy(precision))

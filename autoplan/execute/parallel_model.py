@@ -15,7 +15,15 @@ last dim for integer targets and mean squared error otherwise. Mixed-precision p
 precision with fp32 parameters; fp16 runs without a loss scaler.
 
 Made by :func:`autoplan.parallelize`; when it was given no example inputs and no plan, the first ``train_step``,
-``evaluate`` or call plans with that call's inputs as the example (global) batch and applies the plan then.
+``evaluate`` or call plans with that call's inputs as the example (global) batch and applies the plan then. Until
+then there are no parameters to optimise, so build the optimizer after the first step::
+
+    pm = autoplan.parallelize(model)
+    opt = None
+    for inputs, targets in batches:
+        loss = pm.train_step(inputs, targets)
+        opt = opt or torch.optim.AdamW(pm.parameters(), lr=3e-4)
+        opt.step(); opt.zero_grad()
 
 Example (a world of one):
     >>> import torch, autoplan
@@ -68,7 +76,8 @@ class ParallelModel:
             if inputs is None:
                 raise ValueError(
                     "this ParallelModel plans at its first train_step/evaluate/call (no example inputs were given "
-                    "to autoplan.parallelize); call one of those first, or pass example_inputs or plan"
+                    "to autoplan.parallelize), so it has no parameters or plan yet; call train_step first and build "
+                    "the optimizer after it, or pass example_inputs (or plan) to autoplan.parallelize"
                 )
             self._applied = self._pending(as_args(inputs))
             self._pending = None

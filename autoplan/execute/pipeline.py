@@ -111,5 +111,9 @@ def sync_tied_gradients(groups: Sequence[TiedGradientGroup], params: dict[str, n
         if grad is None:
             grad = torch.zeros_like(param)
             param.grad = grad
+        if hasattr(grad, "placements") and grad.placements != param.placements:
+            # An embedding's gradient may come back replicated while the weight is sharded: match the copies.
+            grad = grad.redistribute(grad.device_mesh, param.placements)
+            param.grad = grad
         local = getattr(grad, "_local_tensor", grad)
         dist.all_reduce(local, group=tied.group)

@@ -1,0 +1,244 @@
+"""Executor tests in one process: pipeline splitting, recompute, plan checks, and the world-of-one path."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import autoplan
+from autoplan.execute.batch import default_loss, dp_slice, microbatches
+from autoplan.execute.manual import manual_plan
+from autoplan.execute.recompute import apply_recompute
+from autoplan.execute.split import split_into_stages
+from autoplan.execute.world import World
+from autoplan.models import GPT, MLP, GPTConfig
+
+CFG = GPTConfig(vocab_size=64, seq_len=8, hidden=32, layers=3, heads=4)
+GPT_LAYERS = ["tok", "pos", "blocks.0", "blocks.1", "blocks.2", "ln_f", "head"]
+
+
+def gpt() -> GPT:
+    torch.manual_seed(0)
+    return GPT(CFG)
+
+
+def tokens(batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    t = torch.randint(0, CFG.vocab_size, (batch, CFG.seq_len + 1), generator=torch.Generator().manual_seed(1))
+    return t[:, :-1], t[:, 1:]
+
+
+def run_stages(parts, x):
+    for part in parts:
+        x = part(*x) if isinstance(x, tuple) else part(x)
+    return x
+
+
+# -- pipeline splitting -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cuts", [[3], [2, 5], [1, 2, 3, 4, 5, 6]])
+def test_split_gpt_reproduces_forward(cuts):
+    model = gpt()
+    bounds = [0, *cuts, len(GPT_LAYERS)]
+    stages = [GPT_LAYERS[a:b] for a, b in zip(bounds, bounds[1:])]
+    parts = split_into_stages(model, stages)
+    x, _ = tokens()
+    assert torch.equal(run_stages(parts, x), model(x))
+    held = [{n for n, _ in part.named_parameters(remove_duplicate=False)} for part in parts]
+    assert "tok.weight" in held[0] and "head.weight" in held[-1]
+    assert set().union(*held) == {n for n, _ in model.named_parameters(remove_duplicate=False)}
+
+
+def test_split_passes_a_value_across_several_stages():
+    model = gpt()
+    # pos is first used after tok but its arange comes from the input tokens: stage 1 needs only tok's output.
+    parts = split_into_stages(model, [["tok"], ["pos", "blocks.0"], ["blocks.1", "blocks.2", "ln_f", "head"]])
+    x, _ = tokens()
+    assert torch.equal(run_stages(parts, x), model(x))
+
+
+def test_split_rejects_stages_out_of_forward_order():
+    with pytest.raises(autoplan.TraceError, match="order"):
+        split_into_stages(gpt(), [["tok", "pos", "blocks.1"], ["blocks.0", "blocks.2", "ln_f", "head"]])
+
+
+def test_split_rejects_untraceable_forward():
+    class Branchy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.b(self.a(x)) if x.sum() > 0 else x
+
+    with pytest.raises(autoplan.TraceError, match="pp': 1"):
+        split_into_stages(Branchy(), [["a"], ["b"]])
+
+
+# -- recompute ----------------------------------------------------------------------------------------------
+def test_recompute_runs_forward_again_in_backward_with_same_gradients():
+    class Counting(torch.nn.Linear):
+        calls = 0
+
+        def forward(self, x):
+            Counting.calls += 1
+            return torch.tanh(super().forward(x))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Counting(8, 8), torch.nn.Linear(8, 2))
+    reference = copy.deepcopy(model)
+    assert apply_recompute(model, ["0"]) == 1
+    assert apply_recompute(model, ["0"]) == 0  # idempotent
+    x = torch.randn(4, 8)
+    Counting.calls = 0
+    model(x).sum().backward()
+    assert Counting.calls == 2  # forward, then again in backward
+    Counting.calls = 0
+    reference(x).sum().backward()
+    assert Counting.calls == 1
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(p.grad, q.grad), name
+    assert list(model.state_dict()) == list(reference.state_dict())
+
+
+# -- batches ------------------------------------------------------------------------------------------------
+def test_slices_and_microbatches_cover_the_batch_in_order():
+    x = torch.arange(16)
+    parts = [mb[0] for r in range(2) for mb in microbatches(dp_slice((x,), 2, r), 4)]
+    assert torch.equal(torch.cat(parts), x)
+
+
+def test_default_loss_cross_entropy_for_integer_targets_and_mse_otherwise():
+    logits, targets = torch.randn(2, 3, 5), torch.randint(0, 5, (2, 3))
+    assert torch.allclose(default_loss(logits, targets), torch.nn.functional.cross_entropy(logits.view(6, 5),
+                                                                                            targets.view(6)))
+    a, b = torch.randn(4, 2), torch.randn(4, 2)
+    assert torch.allclose(default_loss(a, b), torch.nn.functional.mse_loss(a, b))
+
+
+# -- plan checks: errors before anything changes ------------------------------------------------------------
+def _untouched(model, before):
+    after = model.state_dict()
+    return all(torch.equal(before[k], after[k]) for k in before) and "forward" not in vars(model.blocks[0])
+
+
+def test_plan_for_another_model_is_refused_with_both_fingerprints():
+    other = GPT(GPTConfig(vocab_size=64, seq_len=8, hidden=32, layers=2, heads=4))
+    plan = manual_plan(other, [["tok", "pos", "blocks.0", "blocks.1", "ln_f", "head"]], global_batch_size=8)
+    model = gpt()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(autoplan.PlanMismatchError) as err:
+        autoplan.parallelize(model, plan=plan)
+    assert plan.model.fingerprint in str(err.value) and "re-plan" in str(err.value)
+    assert _untouched(model, before)
+
+
+def test_plan_for_another_world_size_is_refused_naming_both_sizes():
+    model = gpt()
+    plan = manual_plan(model, [GPT_LAYERS[:3], GPT_LAYERS[3:]], pp=2, global_batch_size=8, microbatches=2)
+    with pytest.raises(autoplan.PlanMismatchError, match="needs 2 ranks but this job has 1"):
+        autoplan.parallelize(model, plan=plan)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(stages=(autoplan.Stage(("tok", "pos", "blocks.0", "blocks.9", "ln_f", "head")),)), "blocks.9"),
+    (dict(stages=(autoplan.Stage(tuple(GPT_LAYERS), ("blocks.7",)),)), "recomputes module 'blocks.7'"),
+])
+def test_plan_naming_missing_modules_is_refused(change, message):
+    model = gpt()
+    plan = manual_plan(model, [GPT_LAYERS], global_batch_size=8).replace(**change)
+    with pytest.raises(autoplan.PlanMismatchError, match=message):
+        autoplan.parallelize(model, plan=plan)
+
+
+def test_tensor_parallel_style_on_the_wrong_module_kind_is_refused():
+    model = gpt()
+    plan = manual_plan(model, [GPT_LAYERS], global_batch_size=8, tp=1)
+    plan = plan.replace(mesh=autoplan.Mesh(tp=2), cluster=autoplan.Cluster.preset("cpu", devices_per_node=2),
+                        tensor_parallel={"ln_f": "colwise"})
+    with pytest.raises(autoplan.PlanMismatchError, match="needs an nn.Linear but the module is LayerNorm"):
+        from autoplan.execute.validate import check_plan_fits
+        check_plan_fits(plan, model, world_size=2)
+
+
+def test_plan_with_planning_arguments_is_a_value_error(tmp_path):
+    model = gpt()
+    plan = manual_plan(model, [GPT_LAYERS], global_batch_size=8)
+    with pytest.raises(ValueError, match="mesh"):
+        autoplan.parallelize(model, plan=plan, mesh={"dp": 1})
+
+
+# -- a world of one -----------------------------------------------------------------------------------------
+def _reference_losses(model, steps, lr=1e-2):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for inputs, targets in steps:
+        loss = default_loss(model(inputs), targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_world_of_one_with_microbatches_and_recompute_matches_plain_training(tmp_path):
+    steps = [tokens(8) for _ in range(3)]
+    reference = gpt()
+    expected = _reference_losses(reference, steps)
+    model = gpt()
+    plan = manual_plan(model, [GPT_LAYERS], global_batch_size=8, microbatches=4, recompute=["blocks.0", "blocks.2"])
+    plan.save(tmp_path / "plan.json")
+    pm = autoplan.parallelize(model, plan=str(tmp_path / "plan.json"))
+    assert World.current().size == 1 and not torch.distributed.is_initialized()
+    opt = torch.optim.AdamW(pm.parameters(), lr=1e-2)
+    losses = []
+    for inputs, targets in steps:
+        losses.append(pm.train_step(inputs, targets))
+        opt.step()
+        opt.zero_grad()
+    assert losses == pytest.approx(expected, rel=1e-5)
+    state = pm.full_state_dict()
+    assert list(state) == list(reference.state_dict())
+    for key, value in reference.state_dict().items():
+        # Attention's key bias has a true gradient of zero (softmax ignores a shift); AdamW scales the rounding
+        # noise there up to ±lr per step, so the bound is a fraction of one step, not of float precision.
+        assert torch.allclose(state[key], value, atol=1e-4), key
+    x, y = steps[0]
+    assert torch.allclose(pm(x), reference(x), atol=1e-5)
+    assert pm.evaluate(x, y) == pytest.approx(default_loss(reference(x), y).item(), rel=1e-5)
+
+
+def test_wrong_batch_size_names_the_plan_batch():
+    model = gpt()
+    pm = autoplan.parallelize(model, plan=manual_plan(model, [GPT_LAYERS], global_batch_size=8))
+    x, y = tokens(4)
+    with pytest.raises(ValueError, match="global_batch_size 8"):
+        pm.train_step(x, y)
+
+
+def test_automatic_plan_in_a_world_of_one_trains():
+    model = gpt()
+    x, y = tokens(8)
+    pm = autoplan.parallelize(model, x, cluster=autoplan.Cluster.preset("cpu", devices_per_node=1))
+    assert pm.plan.mesh.world_size == 1 and pm.plan.precision == "fp32"
+    opt = torch.optim.AdamW(pm.parameters(), lr=1e-2)
+    first = pm.train_step(x, y)
+    opt.step()
+    opt.zero_grad()
+    for _ in range(4):
+        last = pm.train_step(x, y)
+        opt.step()
+        opt.zero_grad()
+    assert last < first
+
+
+def test_lazy_example_inputs_plan_at_the_first_step():
+    model = MLP(8, 16, depth=2)
+    pm = autoplan.parallelize(model, cluster=autoplan.Cluster.preset("cpu", devices_per_node=1))
+    assert not pm.applied
+    with pytest.raises(ValueError, match="first train_step"):
+        pm.plan
+    x, y = torch.randn(12, 8), torch.randn(12, 8)
+    loss = pm.train_step(x, y)
+    assert pm.applied and pm.plan.global_batch_size == 12 and loss > 0
+    assert pm.plan.model.fingerprint == autoplan.fingerprint.model_fingerprint(MLP(8, 16, depth=2))

@@ -1,0 +1,43 @@
+"""calibrate: formulas, a world of one in-process, and a 2-rank torchrun run writing a loadable cluster JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import autoplan
+from autoplan.calibrate import main, matmul_flops, ring_bandwidth_Bps
+from distributed_helpers import REPO
+
+
+def test_ring_bandwidth_inverts_the_ring_allreduce_time():
+    # 4 ranks, 1 GB at 10 GB/s per rank: 2·3/4·1e9 / 1e10 = 0.15 s, plus 1 ms latency.
+    assert ring_bandwidth_Bps(10**9, ranks=4, time_s=0.151, latency_s=0.001) == pytest.approx(1e10)
+
+
+def test_matmul_rate_is_positive_for_every_precision():
+    assert all(matmul_flops(p, n=32, iters=1) > 0 for p in ("fp32", "bf16", "fp16"))
+
+
+def test_world_of_one_writes_a_cluster_the_planner_reads(tmp_path):
+    out = tmp_path / "cluster.json"
+    assert main(["--out", str(out), "--matmul-n", "128"]) == 0
+    cluster = autoplan.Cluster.from_dict(json.loads(out.read_text()))
+    assert cluster.world_size == 1 and cluster.device.peak_flops["fp32"] > 1e6
+
+
+@pytest.mark.slow
+def test_two_ranks_measure_the_intra_node_link(tmp_path):
+    out = tmp_path / "cluster.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           "-m", "autoplan.calibrate", "--out", str(out), "--size-mb", "4", "--matmul-n", "128"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    cluster = autoplan.Cluster.from_dict(json.loads(out.read_text()))
+    assert cluster.world_size == 2 and cluster.name == "calibrated-cpu"
+    assert 1e6 < cluster.intra_node_bandwidth_Bps < 1e12 and 0 < cluster.intra_node_latency_s < 0.1
