@@ -256,9 +256,19 @@ def stage_p2p_s(strategy: Strategy, cluster: Cluster, boundary_bytes: int) -> fl
 
 
 def in_flight(strategy: Strategy, rank: int) -> float:
-    """Microbatches (whole-rank equivalents) whose activations pipeline rank ``rank`` holds at its peak."""
-    return cost.in_flight_microbatches(strategy.schedule, rank, strategy.pp, strategy.microbatches,
-                                       strategy.virtual_stages)
+    """Microbatches (whole-rank equivalents) whose activations pipeline rank ``rank`` holds at its peak.
+
+    :func:`autoplan.cost.in_flight_microbatches` counts chunk activations, a chunk being 1/v of the rank's
+    layers, so v chunks make one whole-rank microbatch (rank 0 of interleaved 1F1B: pp + (pp − 1)/v,
+    Korthikanti et al. 2022 §4.2.3).
+
+    Example:
+        >>> in_flight(Strategy(4, 1, 1, 1, 8, "interleaved", "ddp", virtual_stages=2), 0)   # 11 chunks
+        5.5
+    """
+    chunks = cost.in_flight_microbatches(strategy.schedule, rank, strategy.pp, strategy.microbatches,
+                                         strategy.virtual_stages)
+    return chunks / strategy.virtual_stages
 
 
 def compose(strategy: Strategy, cluster: Cluster, stages: Sequence[Sequence[cost.LayerCost]],

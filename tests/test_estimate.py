@@ -99,6 +99,21 @@ def test_autocast_weight_copy_is_one_low_precision_copy_of_the_matmul_weights():
     assert [r.weight_copy_bytes for r in fsdp.ranks + fp32.ranks] == [0] * 4  # gathered bf16 weights instead
 
 
+def test_interleaved_ranks_hold_chunk_activations_at_one_vth_of_the_rank_each():
+    names = [l.name for l in GRAPH.layers]
+    plan = make_plan(schedule="interleaved", virtual_stages=2, microbatches=4, tensor_parallel={}, stages=(
+        Stage(tuple(names[:3])), Stage(tuple(names[3:4])), Stage(tuple(names[4:5])), Stage(tuple(names[5:]))))
+    b = estimate_breakdown(GRAPH, plan)
+    s = Strategy.of(plan)
+    for rank in b.ranks:
+        chunks = cost.in_flight_microbatches("interleaved", rank.rank, pp=2, microbatches=4, virtual_stages=2)
+        assert rank.in_flight == chunks / 2  # rank 0: 2(pp − 1) + (v − 1)·pp + 1 = 5 chunks = 2.5 ranks
+        per_mb = sum(layer_choice_cost(GRAPH, GRAPH.layer(n), CLUSTER, s, False, None).activation_bytes
+                     for k in rank.stages for n in plan.stages[k].layers)
+        assert rank.activation_bytes == int(chunks / 2 * per_mb)
+    assert b.ranks[0].in_flight == 2 + (2 - 1) / 2  # Korthikanti et al. 2022 §4.2.3: pp + (pp − 1)/v
+
+
 def test_recompute_trades_time_for_memory():
     with_rc = estimate_breakdown(GRAPH, make_plan())
     without = estimate_breakdown(GRAPH, make_plan(stages=tuple(Stage(s.layers) for s in make_plan().stages)))
