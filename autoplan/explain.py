@@ -178,7 +178,9 @@ def _recompute_why(plan) -> str:
     """What the recompute line of the cost split stands for, and why it is 0 when modules are recomputed."""
     n = len(plan.recompute)
     modules = f"{n} recomputed module{'' if n == 1 else 's'}"
-    if plan.predicted.recompute_s != 0 or n == 0:
+    if n == 0:
+        return "extra forwards on the slowest rank (no module is recomputed)"
+    if plan.predicted.recompute_s != 0:
         return f"extra forwards on the slowest rank ({modules} in all)"
     ranks = sorted({k % plan.mesh.pp for k, stage in enumerate(plan.stages) if stage.recompute})
     if plan.mesh.pp == 1:
