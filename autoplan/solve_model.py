@@ -269,7 +269,10 @@ def solve_strategy(tables: StrategyTables, *, cutoff_s: float | None, hint: Assi
     # GPT-3 175B strategies: 0.6 s to optimality against > 6 s for the default branching).
     solver.parameters.search_branching = cp_model.PORTFOLIO_WITH_QUICK_RESTART_SEARCH
     solver.parameters.max_deterministic_time = max(time_limit_s, 0.01)
-    solver.parameters.max_time_in_seconds = max(min(2 * time_limit_s, wall_limit_s or float("inf")), 0.02)
+    # Wall time only as a backstop, so that a loaded machine (other jobs on the cores) does not cut a solve short
+    # and change the plan: the deterministic limit decides; the caller's overall deadline may stop it earlier.
+    backstop_s = max(20 * time_limit_s, 1.0)
+    solver.parameters.max_time_in_seconds = max(min(backstop_s, wall_limit_s or float("inf")), 0.02)
     code = solver.solve(model)
     status = solver.status_name(code)
     bound = scale.seconds(solver.best_objective_bound) if code in (cp_model.OPTIMAL, cp_model.FEASIBLE) else 0.0
