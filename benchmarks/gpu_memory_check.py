@@ -8,7 +8,9 @@ What it does, for each precision asked (fp32, and bf16 = torch.autocast(bfloat16
 2. predicts the peak memory of one step from :mod:`autoplan.cost` alone: model states (weights, gradients,
    AdamW m and v: :func:`~autoplan.cost.model_state_bytes`) + the activations every layer keeps for backward
    + the largest transient (:func:`~autoplan.cost.layer_cost`) + the loss's buffers (cross-entropy over the
-   logits runs in fp32: its log-probabilities, their gradient and the logits' gradient, 3 × logits × 4 bytes);
+   logits runs in fp32: its log-probabilities, their gradient and the logits' gradient, 3 × logits × 4 bytes)
+   + under bf16 autocast the bf16 copy of the matmul weights saved for backward
+   (:func:`~autoplan.cost.autocast_weight_copy_bytes`);
 3. runs one warm-up step (creating the optimizer states) and then measures the peak of a second step with
    ``torch.cuda.max_memory_allocated``; gradients are zeroed, not freed (``zero_grad(set_to_none=False)``), as
    under DDP, so weights, gradients and states are all alive, which is what the model-state formula counts;
@@ -52,7 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import autoplan  # noqa: E402
 from autoplan.cluster import Cluster  # noqa: E402
-from autoplan.cost import cross_entropy_bytes, layer_cost, model_state_bytes, optimizer_step_s  # noqa: E402
+from autoplan.cost import (autocast_weight_copy_bytes, cross_entropy_bytes, layer_cost,  # noqa: E402
+                           model_state_bytes, optimizer_step_s)
 from autoplan.explain import format_bytes, format_seconds  # noqa: E402
 from autoplan.graph import ModelGraph  # noqa: E402
 from autoplan.models import GPT, GPTConfig  # noqa: E402
@@ -86,6 +89,7 @@ def predict_step_memory(graph: ModelGraph, *, microbatch_size: int, precision: s
         "activations_bytes": sum(c.activation_bytes for c in costs),
         "transient_bytes": max((c.transient_bytes for c in costs), default=0),
         "loss_bytes": cross_entropy_bytes(logits_elements),
+        "weight_copy_bytes": autocast_weight_copy_bytes(sum(c.matmul_params for c in costs), precision, "ddp", dp=1),
     }
     parts["total_bytes"] = sum(parts.values())
     return parts
@@ -245,14 +249,16 @@ def format_result(result: dict) -> str:
     lines = [f"{result['device']} ({result['cluster']}), torch {result['torch']}; {result['model']} "
              f"({result['num_params'] / 1e6:.0f}M params), batch {result['batch']} × {result['seq_len']} tokens; "
              f"trace {result['trace_s']:.1f} s",
-             f"{'precision':<10}{'states':>12}{'activations':>14}{'transient':>12}{'loss':>12}{'predicted':>12}"
+             f"{'precision':<10}{'states':>12}{'activations':>14}{'transient':>12}{'loss':>12}{'w copy':>12}"
+             f"{'predicted':>12}"
              f"{'measured':>12}{'error':>8}{'pred step':>11}{'meas step':>11}{'error':>8}"]
     for row in result["steps"]:
         p, m = row["predicted"], row["measured"]
         lines.append(
             f"{row['precision']:<10}{format_bytes(p['model_states_bytes']):>12}"
             f"{format_bytes(p['activations_bytes']):>14}{format_bytes(p['transient_bytes']):>12}"
-            f"{format_bytes(p['loss_bytes']):>12}{format_bytes(p['total_bytes']):>12}"
+            f"{format_bytes(p['loss_bytes']):>12}{format_bytes(p.get('weight_copy_bytes', 0)):>12}"
+            f"{format_bytes(p['total_bytes']):>12}"
             f"{format_bytes(m['peak_allocated_bytes']):>12}{row['memory_relative_error']:>+8.1%}"
             + (f"{format_seconds(row['predicted_step_s']):>11}{format_seconds(m['step_s']):>11}"
                f"{row['time_relative_error']:>+8.1%}" if m["step_s"] else f"{'-':>11}{'-':>11}{'-':>8}")

@@ -24,7 +24,7 @@ def load_script():
     return module
 
 
-@pytest.mark.parametrize("precision, tolerance", [("fp32", 0.01), ("bf16", 0.10)])
+@pytest.mark.parametrize("precision, tolerance", [("fp32", 0.01), ("bf16", 0.06)])
 def test_predicted_step_peak_matches_a_real_step(precision, tolerance):
     check = load_script()
     cfg = GPTConfig(vocab_size=512, seq_len=64, hidden=64, layers=2, heads=4)
@@ -34,7 +34,8 @@ def test_predicted_step_peak_matches_a_real_step(precision, tolerance):
     pytest.importorskip("torch.distributed._tools.mem_tracker", reason="needs torch's MemTracker")
     measured = check.measure_step(cfg, 8, precision, device="cpu", timed_steps=1)["peak_allocated_bytes"]
     # fp32: exact to the byte but for allocator-free bookkeeping. bf16 autocast keeps LayerNorm inputs and the
-    # residual stream in fp32 and caches bf16 weight copies, which the element-size scaling does not see.
+    # residual stream in fp32, which the element-size scaling does not see (−4.3% here; −7.5% before the bf16
+    # weight copies were counted, which this tolerance would catch).
     assert abs(predicted / measured - 1) <= tolerance, (predicted, measured)
 
 
