@@ -1,4 +1,7 @@
-"""GPT-3 175B on 1,024 A100s: the plan fits, its throughput is a plausible fraction of peak, planning is fast."""
+"""GPT-3 175B on 1,024 A100s: the plan fits and its throughput is a plausible fraction of peak.
+
+Planning speed is measured by benchmarks/planning_time.py, not asserted here: this machine is shared and noisy.
+"""
 
 import pytest
 
@@ -29,5 +32,4 @@ def test_gpt3_175b_on_1024_a100(graph_175b):
     flops = 6 * graph_175b.num_params * tokens + 12 * cfg.layers * cfg.seq_len * cfg.hidden * tokens
     mfu = flops / plan.predicted.step_time_s / (1024 * cluster.device.peak_flops["bf16"])
     assert 0.30 <= mfu <= 0.60, f"MFU {mfu:.2%}"
-    assert plan.search.wall_s < 5.0
     assert estimate(graph_175b, plan) == plan.predicted
