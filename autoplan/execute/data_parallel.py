@@ -1,7 +1,8 @@
 """Data parallelism over the mesh's "dp" axis: DDP or FSDP2 (``fully_shard``), composing with TP and PP.
 
-- ``fsdp``: ``fully_shard`` on every plan layer of the stage that owns no tied weight, then on the stage root
-  (which takes the rest, tied weights included), as torchtitan does. Parameters become DTensors sharded on dim 0
+- ``fsdp``: ``fully_shard`` on every sizeable plan layer of the stage that owns no tied weight, then on the stage
+  root (which takes the rest: tied weights, and small layers such as position embeddings and final norms, each of
+  which would otherwise cost an all-gather and a reduce-scatter of its own), as torchtitan does with its blocks. Parameters become DTensors sharded on dim 0
   over "dp" (2-D with tensor parallelism).
 - ``ddp`` alone (no tensor or pipeline parallelism): ``torch.nn.parallel.DistributedDataParallel`` over the dp
   process group.
@@ -18,7 +19,7 @@ Example:
     >>> from autoplan.execute.data_parallel import shardable_layers
     >>> from autoplan.models import GPT, GPTConfig
     >>> shardable_layers(GPT(GPTConfig()), ["tok", "pos", "blocks.0", "blocks.1", "ln_f", "head"])
-    ['pos', 'blocks.0', 'blocks.1', 'ln_f']
+    ['blocks.0', 'blocks.1']
 """
 
 from __future__ import annotations
@@ -48,8 +49,13 @@ def low_precision_dtype(precision: str) -> torch.dtype | None:
     return _DTYPES.get(precision)
 
 
+#: A layer becomes an FSDP unit of its own when it holds at least this fraction of the largest layer's parameters.
+UNIT_MIN_FRACTION = 1 / 8
+
+
 def shardable_layers(root: nn.Module, layers: Sequence[str]) -> list[str]:
-    """The layers of ``root`` that may be FSDP units of their own: present, with parameters, none of them tied.
+    """The layers of ``root`` that become FSDP units of their own: present, no tied weight, and holding at least
+    :data:`UNIT_MIN_FRACTION` of the largest such layer's parameters.
 
     Example:
         >>> import torch
@@ -57,16 +63,17 @@ def shardable_layers(root: nn.Module, layers: Sequence[str]) -> list[str]:
         ['0']
     """
     tied = {name for names in tied_parameter_names(root) for name in names}
-    result = []
+    sizes: dict[str, int] = {}
     for fqn in layers:
         try:
             module = root.get_submodule(fqn)
         except AttributeError:
             continue
-        names = [f"{fqn}.{n}" for n, _ in module.named_parameters(remove_duplicate=False)]
-        if names and not tied.intersection(names):
-            result.append(fqn)
-    return result
+        named = list(module.named_parameters(remove_duplicate=False))
+        if named and not tied.intersection(f"{fqn}.{n}" for n, _ in named):
+            sizes[fqn] = sum(p.numel() for _, p in named)
+    largest = max(sizes.values(), default=0)
+    return [fqn for fqn, size in sizes.items() if size >= largest * UNIT_MIN_FRACTION]
 
 
 def _mp_policy(precision: str) -> MixedPrecisionPolicy:
