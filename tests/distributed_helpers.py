@@ -115,7 +115,8 @@ def run_world(cases: list[dict], tmp_path: Path, nproc: int = 4, timeout_s: int 
 
 
 def reference(kind: str) -> dict:
-    """Losses and final state of three AdamW steps on one process over the whole global batch."""
+    """Losses and final state of three AdamW steps on one process over the whole global batch, then the loss
+    and outputs of the trained model on the first batch."""
     from autoplan.execute.batch import default_loss
 
     model = build_model(kind)
@@ -127,4 +128,8 @@ def reference(kind: str) -> dict:
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    return {"losses": losses, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    inputs, targets = batches(kind)[0]
+    with torch.no_grad():
+        outputs = model(inputs)
+    return {"losses": losses, "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "eval_loss": default_loss(outputs, targets).item(), "outputs": outputs}

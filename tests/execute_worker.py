@@ -46,7 +46,13 @@ def run_case(case: dict) -> dict:
         opt = opt or torch.optim.AdamW(pm.parameters(), lr=LR)
         opt.step()
         opt.zero_grad()
-    return {"losses": losses, "state": pm.full_state_dict(), "plan": pm.plan.to_dict()}
+    inputs, targets = data[0]
+    result = {"losses": losses, "eval_loss": pm.evaluate(inputs, targets), "state": pm.full_state_dict(),
+              "plan": pm.plan.to_dict()}
+    if pm.plan.mesh.pp == 1:
+        with torch.no_grad():
+            result["outputs"] = pm(inputs).detach().cpu()
+    return result
 
 
 def main(spec: str, out: str) -> None:

@@ -161,7 +161,7 @@ def test_tensor_parallel_style_on_the_wrong_module_kind_is_refused():
         check_plan_fits(plan, model, world_size=2)
 
 
-def test_plan_with_planning_arguments_is_a_value_error(tmp_path):
+def test_plan_with_planning_arguments_is_a_value_error():
     model = gpt()
     plan = manual_plan(model, [GPT_LAYERS], global_batch_size=8)
     with pytest.raises(ValueError, match="mesh"):
@@ -242,3 +242,19 @@ def test_lazy_example_inputs_plan_at_the_first_step():
     loss = pm.train_step(x, y)
     assert pm.applied and pm.plan.global_batch_size == 12 and loss > 0
     assert pm.plan.model.fingerprint == autoplan.fingerprint.model_fingerprint(MLP(8, 16, depth=2))
+
+
+def test_bf16_plan_trains_under_autocast_close_to_fp32():
+    steps = [tokens(8) for _ in range(3)]
+    expected = _reference_losses(gpt(), steps)
+    model = gpt()
+    pm = autoplan.parallelize(model, plan=manual_plan(model, [GPT_LAYERS], global_batch_size=8, precision="bf16"))
+    opt = torch.optim.AdamW(pm.parameters(), lr=1e-2)
+    losses = []
+    for inputs, targets in steps:
+        losses.append(pm.train_step(inputs, targets))
+        opt.step()
+        opt.zero_grad()
+    assert all(p.dtype == torch.float32 for p in pm.parameters())  # fp32 master weights
+    assert pm(steps[0][0]).dtype == torch.bfloat16
+    assert losses == pytest.approx(expected, rel=2e-2) and losses != pytest.approx(expected, rel=1e-6)

@@ -1,4 +1,5 @@
-"""Executor numerics on real gloo process groups: every layout trains like one process.
+"""Executor numerics on real gloo process groups: every layout trains like one process (losses, final state
+dict, then forward-only evaluation and, without a pipeline, the outputs of ``pm(inputs)``).
 
 Each test launches ONE torchrun world of 4 CPU ranks that runs many layouts in turn (a world costs seconds of
 start-up); the parent compares every layout's three AdamW losses and final full state dict with a single process.
@@ -19,6 +20,9 @@ def check_matches_reference(results: dict, cases: list[dict]) -> None:
     for case in cases:
         got, ref = results[case["name"]], refs[case["kind"]]
         assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5), case["name"]
+        assert got["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-4), case["name"]
+        if "outputs" in got:  # pm(inputs) where the plan has no pipeline
+            assert torch.allclose(got["outputs"], ref["outputs"], atol=1e-4), case["name"]
         assert list(got["state"]) == list(ref["state"]), case["name"]
         for key, value in ref["state"].items():
             # Attention's key bias has a true gradient of zero; AdamW scales rounding noise there to a fraction

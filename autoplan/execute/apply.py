@@ -102,6 +102,9 @@ def apply_plan(model: nn.Module, plan: Plan, loss_fn=None) -> AppliedPlan:
     mesh = build_mesh(m, kind) if world.distributed else None
     coords = mesh_coordinates(m, world.rank)
     model.to(device)
+    if m.pp > 1:
+        for part in parts:  # a stage may hold root-level constants of its own (fx get_attr targets)
+            part.to(device)
 
     indices = local_stage_indices(len(plan.stages), m.pp, coords["pp"]) if m.pp > 1 else [0]
     stages: list[LocalStage] = []
