@@ -7,8 +7,7 @@ Layout: a small GPT on 4 gloo CPU ranks, planned with the mesh pinned to dp2 × 
 microbatches and tensor-parallel styles on the "cpu" cluster preset). The hand-written version makes the same
 torch.distributed calls directly, torchtitan style: ``init_device_mesh``, ``parallelize_module`` with the plan's
 styles, the tied head re-tied, ``fully_shard`` per block then on the root, gradient accumulation over the plan's
-microbatches, the global-batch loss all-reduced as ``train_step`` returns it. Both run the same steps (train step + AdamW step) in alternating blocks; medians are compared.
-Goal: autoplan / hand-written ≤ 1.05.
+XX
 """
 
 import argparse
@@ -24,6 +23,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.parallel import parallelize_module
 
 import autoplan
+from autoplan.calibrate import calibrate
 from autoplan.execute.batch import default_loss
 from autoplan.execute.tensor_parallel import parallel_style
 from autoplan.models import GPT, GPTConfig
@@ -105,14 +105,17 @@ def main() -> None:
     torch.set_num_threads(1)
     cluster = autoplan.Cluster.preset("cpu", devices_per_node=dist.get_world_size())
     batches = data(args.steps)
+    calibrated = calibrate(size_bytes=4 * 2**20, matmul_n=512)  # this job's measured FLOP/s and links
+    pins = dict(precision="fp32", mesh={"pp": 1, "dp": 2, "tp": 2}, data_parallel="fsdp", recompute="none")
+    box = [None, None]
     if dist.get_rank() == 0:
-        plan = autoplan.plan(fresh_model(), batches[0][0], cluster=cluster, precision="fp32",
-                             mesh={"pp": 1, "dp": 2, "tp": 2}, data_parallel="fsdp", recompute="none")
-        box = [plan.to_dict()]
-    else:
-        box = [None]
+        plan = autoplan.plan(fresh_model(), batches[0][0], cluster=cluster, **pins)
+        # The same layout priced with the calibrated figures (microbatch size pinned to the preset plan's).
+        recal = autoplan.plan(fresh_model(), batches[0][0], cluster=calibrated, microbatch_size=plan.microbatch_size,
+                              **pins)
+        box = [plan.to_dict(), recal.to_dict()]
     dist.broadcast_object_list(box, src=0)
-    plan = autoplan.Plan.from_dict(box[0])
+    plan, recal = (autoplan.Plan.from_dict(d) for d in box)
     runners = {"autoplan": with_autoplan(plan), "by hand": by_hand(plan)}
     for step in runners.values():  # warm-up: first-step allocations, DTensor dispatch caches
         timed(step, batches[:2])
@@ -122,6 +125,8 @@ def main() -> None:
             times[name] += timed(step, batches)
     median = {name: statistics.median(t) for name, t in times.items()}
     predicted = plan.predicted.step_time_s if plan.predicted else float("nan")
+    predicted_cal = recal.predicted.step_time_s if recal.predicted else float("nan")
+    same_layout = recal.tensor_parallel == plan.tensor_parallel and recal.microbatches == plan.microbatches
     result = {
         "layout": str(plan.mesh), "data_parallel": plan.data_parallel, "microbatches": plan.microbatches,
         "tensor_parallel_modules": len(plan.tensor_parallel), "model_params": plan.model.num_params,
@@ -129,6 +134,11 @@ def main() -> None:
         "step_s_autoplan": median["autoplan"], "step_s_by_hand": median["by hand"],
         "overhead_ratio": median["autoplan"] / median["by hand"],
         "predicted_step_s": predicted, "prediction_error": (predicted - median["autoplan"]) / median["autoplan"],
+        "predicted_step_s_calibrated": predicted_cal,
+        "prediction_error_calibrated": (predicted_cal - median["autoplan"]) / median["autoplan"],
+        "calibrated_plan_same_layout": same_layout,
+        "calibrated_fp32_flops": calibrated.device.peak_flops["fp32"],
+        "calibrated_intra_node_bandwidth_Bps": calibrated.intra_node_bandwidth_Bps,
         "device": "4 gloo ranks on this machine's CPU", "torch": torch.__version__,
     }
     if dist.get_rank() == 0:
@@ -137,9 +147,13 @@ def main() -> None:
         print(f"{'runner':<12}{'median step':>14}")
         for name in runners:
             print(f"{name:<12}{median[name] * 1e3:>11.1f} ms")
-        print(f"{'predicted':<12}{predicted * 1e3:>11.1f} ms")
+        print(f"{'predicted':<12}{predicted * 1e3:>11.1f} ms   (\"cpu\" preset)")
+        print(f"{'predicted':<12}{predicted_cal * 1e3:>11.1f} ms   (calibrated: fp32 "
+              f"{calibrated.device.peak_flops['fp32'] / 1e9:.1f} GFLOP/s per rank, all-reduce "
+              f"{calibrated.intra_node_bandwidth_Bps / 1e9:.2f} GB/s{'' if same_layout else '; layout differs'})")
         print(f"overhead ratio autoplan / by hand: {result['overhead_ratio']:.3f} (goal ≤ 1.05)")
-        print(f"cost model error (predicted − measured) / measured: {result['prediction_error']:+.1%}")
+        print(f"cost model error (predicted − measured) / measured: {result['prediction_error']:+.1%} with the preset, "
+              f"{result['prediction_error_calibrated']:+.1%} calibrated")
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.out}")
