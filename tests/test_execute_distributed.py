@@ -38,14 +38,16 @@ def test_smoke_hybrid_layouts_planned_and_pinned(tmp_path):
         layout("gpt", "dp2xpp2-1f1b", pp=2, dp=2, schedule="1f1b", recompute=True),
         layout("mlp", "pp2xtp2-interleaved", pp=2, tp=2, schedule="interleaved"),
         {"name": "gpt:auto-lazy", "kind": "gpt", "lazy": True, "auto": {"mesh": {"pp": 2, "dp": 2}}},
+        {"name": "gpt:auto-pp2xtp2", "kind": "gpt", "auto": {"mesh": {"pp": 2, "tp": 2}}},
         {"name": "gpt:plan-for-2-ranks", "kind": "gpt", "expect_error": True,
          "plan": dict(stages=[["tok", "pos", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "blocks.4",
                                "blocks.5", "ln_f", "head"]], dp=2, global_batch_size=16)},
     ]
     results = run_world(cases, tmp_path)
-    check_matches_reference(results, cases[:4])
+    check_matches_reference(results, cases[:5])
     auto = results["gpt:auto-lazy"]["plan"]
     assert auto["mesh"]["pp"] == 2 and auto["mesh"]["dp"] == 2 and auto["global_batch_size"] == 16
+    assert results["gpt:auto-pp2xtp2"]["plan"]["mesh"] == {"pp": 2, "dp": 1, "tp": 2}
     mismatch = results["gpt:plan-for-2-ranks"]
     assert mismatch["error_type"] == "PlanMismatchError"
     assert "needs 2 ranks but this job has 4" in mismatch["message"]
