@@ -208,6 +208,15 @@ def test_world_of_one_with_microbatches_and_recompute_matches_plain_training(tmp
     assert pm.evaluate(x, y) == pytest.approx(default_loss(reference(x), y).item(), rel=1e-5)
 
 
+def test_train_and_eval_modes_reach_the_modules():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5))
+    pm = autoplan.parallelize(model, plan=manual_plan(model, [[""]], global_batch_size=2))
+    x = torch.ones(2, 4)
+    assert not pm.eval().modules_on_rank[0][1].training
+    assert torch.equal(pm(x), model[0](x))  # dropout off
+    assert pm.train().modules_on_rank[0][1].training
+
+
 def test_wrong_batch_size_names_the_plan_batch():
     model = gpt()
     pm = autoplan.parallelize(model, plan=manual_plan(model, [GPT_LAYERS], global_batch_size=8))

@@ -6,6 +6,7 @@
   single-device mean loss over the global batch. Returns that mean loss as a float on every rank.
 - ``evaluate(inputs, targets)``: the same mean loss, forward only, no gradients.
 - ``pm(inputs)``: the model's outputs for ``inputs`` on this rank (pp = 1 only; with pipelining use ``evaluate``).
+- ``pm.train()`` / ``pm.eval()``: training or evaluation mode on this rank's modules (dropout and the like).
 - ``parameters()``: this rank's parameters (shards under TP/FSDP) for the optimizer.
 - ``full_state_dict()``: the unsharded state dict under the original FQNs (tied weights under each name, as
   ``model.state_dict()``), on rank 0; other ranks get ``{}``. Every rank must call it.
@@ -118,6 +119,22 @@ class ParallelModel:
     def modules_on_rank(self) -> list[nn.Module]:
         """The stage modules this rank holds (the whole model when pp = 1), with the original FQNs."""
         return [stage.module for stage in self._ready().stages]
+
+    def train(self, mode: bool = True) -> "ParallelModel":
+        """Set training mode (dropout, batch-norm statistics) on this rank's modules, as ``nn.Module.train``.
+
+        Example: ``pm.eval(); loss = pm.evaluate(x, y); pm.train()``
+        """
+        for module in self.modules_on_rank:
+            module.train(mode)
+        return self
+
+    def eval(self) -> "ParallelModel":
+        """Set evaluation mode on this rank's modules (``train(False)``); ``evaluate`` does not switch modes itself.
+
+        Example: ``pm.eval()``
+        """
+        return self.train(False)
 
     # -- running ----------------------------------------------------------------------------------------------
     def _autocast(self, a: AppliedPlan):
