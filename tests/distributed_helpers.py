@@ -66,22 +66,24 @@ def tp_styles(kind: str) -> dict[str, str]:
 
 
 def layout(kind: str, name: str, *, pp=1, dp=1, tp=1, data_parallel="ddp", schedule="1f1b",
-           recompute=False) -> dict:
+           recompute=False, precision="fp32") -> dict:
     """A case for the worker: manual_plan arguments (JSON-able) under a readable name."""
     virtual = 2 if schedule == "interleaved" else 1
     stages = _stages(kind, pp * virtual) if pp > 1 else [GPT_LAYERS if kind == "gpt" else MLP_LAYERS]
     rc = [f"blocks.{i}" for i in range(6)] if kind == "gpt" else [f"layers.{2 * i}" for i in range(MLP_DEPTH)]
     return {
-        "name": f"{kind}:{name}{':recompute' if recompute else ''}",
+        "name": f"{kind}:{name}{':recompute' if recompute else ''}{'' if precision == 'fp32' else ':' + precision}",
         "kind": kind,
         "plan": dict(stages=stages, pp=pp, dp=dp, tp=tp, global_batch_size=GLOBAL_BATCH,
                      microbatches=4 if pp > 1 else 2, schedule=schedule, data_parallel=data_parallel,
-                     tensor_parallel=tp_styles(kind) if tp > 1 else {}, recompute=rc if recompute else []),
+                     tensor_parallel=tp_styles(kind) if tp > 1 else {}, recompute=rc if recompute else [],
+                     precision=precision),
     }
 
 
 def all_layouts(kind: str) -> list[dict]:
-    """Every layout of the brief, each schedule where pp > 1, with and without recompute."""
+    """Every layout, each schedule where pp > 1, with and without recompute; then bf16 mixed precision through
+    each data-parallel wrapper (DDP with autocast, replicate, FSDP2) and the pipeline."""
     base = [("dp4", dict(dp=4)), ("fsdp4", dict(dp=4, data_parallel="fsdp")), ("tp4", dict(tp=4)),
             ("dp2xtp2", dict(dp=2, tp=2)), ("fsdp2xtp2", dict(dp=2, tp=2, data_parallel="fsdp")),
             ("fsdp2xpp2-1f1b", dict(pp=2, dp=2, data_parallel="fsdp"))]
@@ -89,7 +91,11 @@ def all_layouts(kind: str) -> list[dict]:
         base += [(f"pp4-{schedule}", dict(pp=4, schedule=schedule)),
                  (f"dp2xpp2-{schedule}", dict(pp=2, dp=2, schedule=schedule)),
                  (f"pp2xtp2-{schedule}", dict(pp=2, tp=2, schedule=schedule))]
-    return [layout(kind, name, recompute=rc, **kw) for name, kw in base for rc in (False, True)]
+    cases = [layout(kind, name, recompute=rc, **kw) for name, kw in base for rc in (False, True)]
+    mixed = [("dp4", dict(dp=4)), ("dp2xtp2", dict(dp=2, tp=2)),
+             ("fsdp2xpp2-1f1b", dict(pp=2, dp=2, data_parallel="fsdp")),
+             ("pp2xtp2-interleaved", dict(pp=2, tp=2, schedule="interleaved"))]
+    return cases + [layout(kind, name, precision="bf16", **kw) for name, kw in mixed]
 
 
 def run_world(cases: list[dict], tmp_path: Path, nproc: int = 4, timeout_s: int = 240) -> dict:

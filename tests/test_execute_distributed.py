@@ -19,15 +19,19 @@ def check_matches_reference(results: dict, cases: list[dict]) -> None:
     refs = {kind: reference(kind) for kind in {c["kind"] for c in cases}}
     for case in cases:
         got, ref = results[case["name"]], refs[case["kind"]]
-        assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5), case["name"]
-        assert got["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-4), case["name"]
+        # fp32: float rounding only. Attention's key bias has a true gradient of zero and AdamW scales rounding
+        # noise there to a fraction of a step (lr = 1e-3), hence absolute state bounds well under one step.
+        # bf16 (against the fp32 reference): bf16 rounding of activations, the same bounds widened.
+        fp32 = case["plan"].get("precision", "fp32") == "fp32" if "plan" in case else True
+        loss_rel, out_atol, state_atol = (1e-5, 1e-4, 1e-4) if fp32 else (1e-3, 5e-2, 1e-2)
+        assert got["losses"] == pytest.approx(ref["losses"], rel=loss_rel), case["name"]
+        assert got["eval_loss"] == pytest.approx(ref["eval_loss"], rel=10 * loss_rel), case["name"]
         if "outputs" in got:  # pm(inputs) where the plan has no pipeline
-            assert torch.allclose(got["outputs"], ref["outputs"], atol=1e-4), case["name"]
+            assert torch.allclose(got["outputs"].float(), ref["outputs"], atol=out_atol), case["name"]
         assert list(got["state"]) == list(ref["state"]), case["name"]
         for key, value in ref["state"].items():
-            # Attention's key bias has a true gradient of zero; AdamW scales rounding noise there to a fraction
-            # of a step (lr = 1e-3), hence an absolute bound well under one step.
-            assert torch.allclose(got["state"][key], value, atol=1e-4, rtol=1e-4), (case["name"], key)
+            assert got["state"][key].dtype == value.dtype, (case["name"], key)  # fp32 master weights
+            assert torch.allclose(got["state"][key], value, atol=state_atol, rtol=1e-4), (case["name"], key)
 
 
 def test_smoke_hybrid_layouts_planned_and_pinned(tmp_path):
