@@ -264,6 +264,8 @@ class ParallelModel:
                 local[name] = full.detach().cpu().clone()
         if not a.world.distributed:
             return {k: local[k] for k in a.state_keys if k in local}
+        if a.coords["dp"] or a.coords["tp"]:
+            local = {}  # after full_tensor() every dp/tp rank of a stage holds the same tensors: send one copy
         gathered: list[dict] | None = [None] * a.world.size if a.world.rank == 0 else None
         dist.gather_object(local, gathered, dst=0)
         if a.world.rank != 0:
