@@ -161,6 +161,15 @@ def test_tensor_parallel_style_on_the_wrong_module_kind_is_refused():
         check_plan_fits(plan, model, world_size=2)
 
 
+def test_tensor_parallel_degree_that_does_not_divide_the_features_is_refused():
+    from autoplan.execute.validate import check_plan_fits
+
+    model = gpt()
+    plan = manual_plan(model, [GPT_LAYERS], global_batch_size=6, tp=3, tensor_parallel={"blocks.0.mlp.fc": "colwise"})
+    with pytest.raises(autoplan.PlanMismatchError, match="out_features=128 over tp=3"):
+        check_plan_fits(plan, model, world_size=3)
+
+
 def test_plan_with_planning_arguments_is_a_value_error():
     model = gpt()
     plan = manual_plan(model, [GPT_LAYERS], global_batch_size=8)

@@ -93,6 +93,15 @@ def check_plan_fits(plan: Plan, model: nn.Module, world_size: int) -> None:
                 f"tensor_parallel[{fqn!r}] = {style!r} needs an nn.{kind.__name__} but the module is "
                 f"{type(modules[fqn]).__name__}; {_REPLAN}"
             )
+        module = modules[fqn]
+        sharded_dim = {"colwise": "out_features", "vocab_head": "out_features", "rowwise": "in_features",
+                       "vocab_embedding": "num_embeddings"}[style]
+        size = getattr(module, sharded_dim)
+        if size % plan.mesh.tp:
+            raise PlanMismatchError(
+                f"tensor_parallel[{fqn!r}] = {style!r} splits {sharded_dim}={size} over tp={plan.mesh.tp} ranks, "
+                f"which does not divide it; {_REPLAN}"
+            )
         if owning_layer(fqn, layers) is None and plan.mesh.pp > 1:
             raise PlanMismatchError(
                 f"the plan shards {fqn!r}, which lies outside every pipeline stage's layers; {_REPLAN}"
