@@ -2,8 +2,8 @@
 
 - ``fsdp``: ``fully_shard`` on every sizeable plan layer of the stage that owns no tied weight, then on the stage
   root (which takes the rest: tied weights, and small layers such as position embeddings and final norms, each of
-  which would otherwise cost an all-gather and a reduce-scatter of its own), as torchtitan does with its blocks. Parameters become DTensors sharded on dim 0
-  over "dp" (2-D with tensor parallelism).
+  which would otherwise cost an all-gather and a reduce-scatter of its own), as torchtitan does with its blocks.
+  Parameters become DTensors sharded on dim 0 over "dp" (2-D with tensor parallelism).
 - ``ddp`` alone (no tensor or pipeline parallelism): ``torch.nn.parallel.DistributedDataParallel`` over the dp
   process group.
 - ``ddp`` with tensor or pipeline parallelism: torch's FSDP2-based ``replicate`` (all-reduce, no sharding). It
