@@ -66,10 +66,11 @@ def tp_styles(kind: str) -> dict[str, str]:
 
 
 def layout(kind: str, name: str, *, pp=1, dp=1, tp=1, data_parallel="ddp", schedule="1f1b",
-           recompute=False, precision="fp32") -> dict:
+           recompute=False, precision="fp32", stages=None) -> dict:
     """A case for the worker: manual_plan arguments (JSON-able) under a readable name."""
     virtual = 2 if schedule == "interleaved" else 1
-    stages = _stages(kind, pp * virtual) if pp > 1 else [GPT_LAYERS if kind == "gpt" else MLP_LAYERS]
+    if stages is None:
+        stages = _stages(kind, pp * virtual) if pp > 1 else [GPT_LAYERS if kind == "gpt" else MLP_LAYERS]
     rc = [f"blocks.{i}" for i in range(6)] if kind == "gpt" else [f"layers.{2 * i}" for i in range(MLP_DEPTH)]
     return {
         "name": f"{kind}:{name}{':recompute' if recompute else ''}{'' if precision == 'fp32' else ':' + precision}",
@@ -95,7 +96,12 @@ def all_layouts(kind: str) -> list[dict]:
     mixed = [("dp4", dict(dp=4)), ("dp2xtp2", dict(dp=2, tp=2)),
              ("fsdp2xpp2-1f1b", dict(pp=2, dp=2, data_parallel="fsdp")),
              ("pp2xtp2-interleaved", dict(pp=2, tp=2, schedule="interleaved"))]
-    return cases + [layout(kind, name, precision="bf16", **kw) for name, kw in mixed]
+    cases += [layout(kind, name, precision="bf16", **kw) for name, kw in mixed]
+    if kind == "gpt":  # the token ids cross stage 0 (a non-contiguous integer slice) to reach pos's arange
+        stages = [["tok"], ["pos", "blocks.0", "blocks.1"], ["blocks.2", "blocks.3"],
+                  ["blocks.4", "blocks.5", "ln_f", "head"]]
+        cases.append(layout(kind, "pp4-tokens-cross-a-cut", pp=4, stages=stages))
+    return cases
 
 
 def run_world(cases: list[dict], tmp_path: Path, nproc: int = 4, timeout_s: int = 240) -> dict:

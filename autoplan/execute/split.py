@@ -135,15 +135,18 @@ def split_into_stages(model: nn.Module, stages: Sequence[Sequence[str]]) -> list
         if outputs is not None and not outputs:
             raise TraceError(f"pipeline stage {k} passes nothing to stage {k + 1}; check the plan's stage order")
         sub = fx.GraphModule(model, _stage_graph(graph, stage, k, inputs, outputs), class_name=f"Stage{k}")
-        sub.register_forward_hook(_check_tensor_outputs(k, last))
+        sub.register_forward_hook(_boundary_outputs(k, last))
         modules.append(sub)
     return modules
 
 
-def _check_tensor_outputs(k: int, last: int):
+def _boundary_outputs(k: int, last: int):
+    """A forward hook: what stage ``k`` hands on must be tensors, and contiguous (point-to-point sends need it;
+    a slice of the input batch is not)."""
+
     def hook(module, args, output):
         if k == last:
-            return
+            return None
         values = output if isinstance(output, tuple) else (output,)
         bad = [type(v).__name__ for v in values if not isinstance(v, torch.Tensor)]
         if bad:
@@ -151,4 +154,7 @@ def _check_tensor_outputs(k: int, last: int):
                 f"pipeline stage {k} must hand only tensors to stage {k + 1} but hands {bad}; move the cut so that "
                 f"no Python value (a shape, a list) crosses it, or re-plan with mesh={{'pp': 1}}"
             )
+        values = tuple(v.contiguous() for v in values)
+        return values if isinstance(output, tuple) else values[0]
+
     return hook
