@@ -30,6 +30,7 @@ from .comm import (
     p2p_s,
     reduce_scatter_s,
 )
+from .comm import __all__ as _comm_all
 from .comm import check_group as _check_group
 from .graph import Layer, RecomputeOption, TensorParallelGroup
 
@@ -39,14 +40,6 @@ __all__ = [
     "state_bytes_per_param",
     "model_state_bytes",
     "zero_model_state_bytes",
-    "allreduce_s",
-    "allgather_s",
-    "reduce_scatter_s",
-    "p2p_s",
-    "group_link",
-    "group_allreduce_s",
-    "group_allgather_s",
-    "group_reduce_scatter_s",
     "compute_s",
     "layer_cost",
     "data_parallel_sync_s",
@@ -56,7 +49,7 @@ __all__ = [
     "autocast_weight_copy_bytes",
     "in_flight_microbatches",
     "bubble_microbatches",
-]
+] + [name for name in _comm_all if name != "check_group"]
 
 OPTIMIZERS = ("adamw", "sgd")
 DATA_PARALLEL_KINDS = ("ddp", "fsdp")
