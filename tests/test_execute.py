@@ -190,6 +190,16 @@ def _reference_losses(model, steps, lr=1e-2):
     return losses
 
 
+def _parallel_losses(pm, steps, lr=1e-2):
+    opt = torch.optim.AdamW(pm.parameters(), lr=lr)
+    losses = []
+    for inputs, targets in steps:
+        losses.append(pm.train_step(inputs, targets))
+        opt.step()
+        opt.zero_grad()
+    return losses
+
+
 def test_world_of_one_with_microbatches_and_recompute_matches_plain_training(tmp_path):
     steps = [tokens(8) for _ in range(3)]
     reference = gpt()
@@ -199,12 +209,7 @@ def test_world_of_one_with_microbatches_and_recompute_matches_plain_training(tmp
     plan.save(tmp_path / "plan.json")
     pm = autoplan.parallelize(model, plan=str(tmp_path / "plan.json"))
     assert World.current().size == 1 and not torch.distributed.is_initialized()
-    opt = torch.optim.AdamW(pm.parameters(), lr=1e-2)
-    losses = []
-    for inputs, targets in steps:
-        losses.append(pm.train_step(inputs, targets))
-        opt.step()
-        opt.zero_grad()
+    losses = _parallel_losses(pm, steps)
     assert losses == pytest.approx(expected, rel=1e-5)
     state = pm.full_state_dict()
     assert list(state) == list(reference.state_dict())
@@ -267,12 +272,7 @@ def test_bf16_plan_trains_under_autocast_close_to_fp32():
     expected = _reference_losses(gpt(), steps)
     model = gpt()
     pm = autoplan.parallelize(model, plan=manual_plan(model, [GPT_LAYERS], global_batch_size=8, precision="bf16"))
-    opt = torch.optim.AdamW(pm.parameters(), lr=1e-2)
-    losses = []
-    for inputs, targets in steps:
-        losses.append(pm.train_step(inputs, targets))
-        opt.step()
-        opt.zero_grad()
+    losses = _parallel_losses(pm, steps)
     assert all(p.dtype == torch.float32 for p in pm.parameters())  # fp32 master weights
     assert pm(steps[0][0]).dtype == torch.bfloat16
     assert losses == pytest.approx(expected, rel=2e-2) and losses != pytest.approx(expected, rel=1e-6)

@@ -165,12 +165,7 @@ class ParallelModel:
 
         Example: ``loss = pm.train_step(tokens, next_tokens); opt.step(); opt.zero_grad()``
         """
-        a = self._ready(inputs)
-        args, targets = self._local_batch(a, inputs, targets)
-        if a.schedule is None:
-            loss = self._accumulate(a, args, targets, backward=True)
-        else:
-            loss = self._pipeline(a, args, targets, backward=True)
+        a, loss = self._run(inputs, targets, backward=True)
         sync_tied_gradients(a.tied_groups, dict(self.named_parameters()))
         return self._global_mean(a, loss)
 
@@ -180,13 +175,15 @@ class ParallelModel:
 
         Example: ``val_loss = pm.evaluate(tokens, next_tokens)``
         """
+        a, loss = self._run(inputs, targets, backward=False)
+        return self._global_mean(a, loss)
+
+    def _run(self, inputs: Any, targets: torch.Tensor, *, backward: bool):
+        """This rank's part of the global batch through the model (pipelined when pp > 1): (applied, loss)."""
         a = self._ready(inputs)
         args, targets = self._local_batch(a, inputs, targets)
-        if a.schedule is None:
-            loss = self._accumulate(a, args, targets, backward=False)
-        else:
-            loss = self._pipeline(a, args, targets, backward=False)
-        return self._global_mean(a, loss)
+        run = self._accumulate if a.schedule is None else self._pipeline
+        return a, run(a, args, targets, backward=backward)
 
     def __call__(self, *inputs: Any) -> Any:
         """The model's outputs for ``inputs`` on this rank (with TP, every rank of a TP group gets the same).
