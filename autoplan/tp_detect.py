@@ -159,9 +159,9 @@ def _find_rowwise(g, col_nodes: list[str], parent: str, op_graph: OpGraph, modul
     """The one linear under ``parent`` that the colwise outputs flow into, or None when there is not exactly one."""
     found: set[str] = set()
     seen = set(col_nodes)
-    todo = list(col_nodes)
-    while todo:
-        node = todo.pop()
+    pending = list(col_nodes)
+    while pending:
+        node = pending.pop()
         for s in g.successors(node):
             if s in seen:
                 continue
@@ -177,5 +177,5 @@ def _find_rowwise(g, col_nodes: list[str], parent: str, op_graph: OpGraph, modul
                 continue
             if _is_feature_reduction(attrs, modules):
                 return None
-            todo.append(s)
+            pending.append(s)
     return found.pop() if len(found) == 1 else None

@@ -150,14 +150,14 @@ class _AutogradTagger(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         tag = (self.s.stack[-1], max(self.s.position - 1, 0))
-        todo = [t.grad_fn for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
-        while todo:
-            node = todo.pop()
+        pending = [t.grad_fn for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        while pending:
+            node = pending.pop()
             if node is None or "autoplan" in node.metadata:
                 continue
             node.metadata["autoplan"] = tag
             node.register_prehook(self._make_prehook(tag))
-            todo.extend(nxt for nxt, _ in node.next_functions)
+            pending.extend(nxt for nxt, _ in node.next_functions)
         return out
 
     def _make_prehook(self, tag):
