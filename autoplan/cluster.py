@@ -31,6 +31,9 @@ class Device:
         memory_headroom_bytes: memory the runtime keeps for itself (CUDA context, allocator slack), in bytes.
         memory_bandwidth_Bps: device memory bandwidth in bytes/s.
         kind: ``"cuda"`` or ``"cpu"``: the torch device type and backend the executor uses.
+        layer_overhead_s: fixed seconds one layer's forward costs per microbatch whatever its size (kernel
+            launches, Python and autograd dispatch); backward is charged twice this. 0 (the default for a
+            device built by hand, and what a cluster JSON written before the field loads with) charges none.
 
     Example:
         >>> d = Device("toy", 16 * GiB, {"fp32": 1e12, "bf16": 4e12, "fp16": 4e12}, achievable_flops_fraction=0.5)
@@ -45,6 +48,7 @@ class Device:
     memory_headroom_bytes: int = 0
     memory_bandwidth_Bps: float = 2.0e12  # device memory bandwidth (optimizer step, elementwise ops)
     kind: str = "cuda"  # "cuda" or "cpu": which torch device and backend the executor uses
+    layer_overhead_s: float = 0.0  # fixed forward seconds per layer and microbatch (launch + dispatch)
 
     def __post_init__(self) -> None:
         if self.memory_bytes <= 0:
@@ -70,12 +74,14 @@ class Device:
             raise ValueError(f"Device.memory_bandwidth_Bps must be positive, got {self.memory_bandwidth_Bps}")
         if self.kind not in DEVICE_KINDS:
             raise ValueError(f"Device.kind must be one of {DEVICE_KINDS}, got {self.kind!r}")
+        if not self.layer_overhead_s >= 0:
+            raise ValueError(f"Device.layer_overhead_s must be ≥ 0 seconds, got {self.layer_overhead_s}")
 
     def __hash__(self) -> int:
         # peak_flops is a dict: hash its items so clusters can key caches.
         return hash((self.name, self.memory_bytes, tuple(sorted(self.peak_flops.items())),
                      self.achievable_flops_fraction, self.memory_headroom_bytes, self.memory_bandwidth_Bps,
-                     self.kind))
+                     self.kind, self.layer_overhead_s))
 
     @property
     def usable_memory_bytes(self) -> int:
@@ -104,6 +110,14 @@ class Device:
 # Dubey et al. 2024, Table 4), so 0.45 for the compute alone. benchmarks/gpu_memory_check.py measures a large
 # matmul's fraction on the machine at hand.
 # Headroom: the CUDA context, cuBLAS/NCCL workspaces and allocator fragmentation, ~2 GiB in practice.
+# Layer overhead: an eager transformer block's forward launches ~10–20 kernels (two LayerNorms, four linears,
+# attention, activation, residual adds, reshapes). A kernel launch costs a few µs of host time: NVIDIA's
+# "Getting Started with CUDA Graphs" (A. Gray, NVIDIA developer blog, 2019) times a 2.9 µs kernel at 3.8 µs per
+# launch back to back and 9.6 µs when each launch is synchronised; PyTorch's eager dispatch adds its own µs per
+# op on the host. ~15 launches × ~3–5 µs ≈ 50 µs per block forward. Launches are asynchronous, so with long
+# kernels this hides behind the GPU's work: added to the compute time it is an upper bound that only matters
+# for small layers or many small microbatches.
+_GPU_LAYER_OVERHEAD_S = 50e-6
 _A100_FLOPS = {"fp32": 19.5e12, "bf16": 312e12, "fp16": 312e12}
 _H100_FLOPS = {"fp32": 67e12, "bf16": 989e12, "fp16": 989e12}
 
@@ -111,6 +125,9 @@ _H100_FLOPS = {"fp32": 67e12, "bf16": 989e12, "fp16": 989e12}
 def _cpu_device() -> Device:
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 16 * GiB
     # A gloo rank on a laptop-class core: ~50 GFLOP/s fp32 sgemm, no fast low precision.
+    # Layer overhead measured on a 2-core x86 CI machine (torch 2.13 CPU, one thread): forward + backward of a
+    # GPT block at hidden 8, 4 tokens, batch 1 (FLOPs negligible) takes ~610 µs, i.e. ~200 µs per forward-
+    # equivalent (forward 1×, backward 2×); autoplan.calibrate.layer_overhead_time_s measures it anywhere.
     return Device(
         name="cpu",
         memory_bytes=int(total),
@@ -119,12 +136,14 @@ def _cpu_device() -> Device:
         memory_headroom_bytes=300 * 2**20,  # one python + torch process
         memory_bandwidth_Bps=10e9,
         kind="cpu",
+        layer_overhead_s=200e-6,
     )
 
 
 PRESETS: dict[str, dict] = {
     "a100-40gb": dict(
-        device=Device("A100-SXM4-40GB", 40 * GiB, _A100_FLOPS, 0.5, 2 * GiB, 1.555e12),
+        device=Device("A100-SXM4-40GB", 40 * GiB, _A100_FLOPS, 0.5, 2 * GiB, 1.555e12,
+                      layer_overhead_s=_GPU_LAYER_OVERHEAD_S),
         devices_per_node=8,
         intra_node_bandwidth_Bps=300e9,
         inter_node_bandwidth_Bps=25e9,
@@ -132,7 +151,8 @@ PRESETS: dict[str, dict] = {
         inter_node_latency_s=10e-6,
     ),
     "a100-80gb": dict(
-        device=Device("A100-SXM4-80GB", 80 * GiB, _A100_FLOPS, 0.5, 2 * GiB, 2.039e12),
+        device=Device("A100-SXM4-80GB", 80 * GiB, _A100_FLOPS, 0.5, 2 * GiB, 2.039e12,
+                      layer_overhead_s=_GPU_LAYER_OVERHEAD_S),
         devices_per_node=8,
         intra_node_bandwidth_Bps=300e9,
         inter_node_bandwidth_Bps=25e9,
@@ -140,7 +160,8 @@ PRESETS: dict[str, dict] = {
         inter_node_latency_s=10e-6,
     ),
     "h100-80gb": dict(
-        device=Device("H100-SXM5-80GB", 80 * GiB, _H100_FLOPS, 0.45, 2 * GiB, 3.35e12),
+        device=Device("H100-SXM5-80GB", 80 * GiB, _H100_FLOPS, 0.45, 2 * GiB, 3.35e12,
+                      layer_overhead_s=_GPU_LAYER_OVERHEAD_S),
         devices_per_node=8,
         intra_node_bandwidth_Bps=450e9,
         inter_node_bandwidth_Bps=50e9,
@@ -148,7 +169,8 @@ PRESETS: dict[str, dict] = {
         inter_node_latency_s=10e-6,
     ),
     "h200-141gb": dict(
-        device=Device("H200-SXM-141GB", 141 * 10**9, _H100_FLOPS, 0.45, 2 * GiB, 4.8e12),
+        device=Device("H200-SXM-141GB", 141 * 10**9, _H100_FLOPS, 0.45, 2 * GiB, 4.8e12,
+                      layer_overhead_s=_GPU_LAYER_OVERHEAD_S),
         devices_per_node=8,
         intra_node_bandwidth_Bps=450e9,
         inter_node_bandwidth_Bps=50e9,
@@ -264,7 +286,7 @@ class Cluster:
             device = spec.pop("device")
             spec["device"] = Device(
                 props.name, props.total_memory, device.peak_flops, device.achievable_flops_fraction,
-                device.memory_headroom_bytes, device.memory_bandwidth_Bps,
+                device.memory_headroom_bytes, device.memory_bandwidth_Bps, layer_overhead_s=device.layer_overhead_s,
             )
             spec["devices_per_node"] = local
             return cls(nodes=world // local, name=name, **spec)
@@ -272,7 +294,7 @@ class Cluster:
         cpu = _cpu_device()
         spec["device"] = Device(
             "cpu", cpu.memory_bytes // local, cpu.peak_flops, cpu.achievable_flops_fraction,
-            cpu.memory_headroom_bytes, cpu.memory_bandwidth_Bps, kind="cpu",
+            cpu.memory_headroom_bytes, cpu.memory_bandwidth_Bps, kind="cpu", layer_overhead_s=cpu.layer_overhead_s,
         )
         spec["devices_per_node"] = local
         return cls(nodes=world // local, name="detected-cpu", **spec)
@@ -280,12 +302,18 @@ class Cluster:
     def to_dict(self) -> dict:
         """Plain JSON-able data; :meth:`from_dict` reads it back.
 
+        A device's ``layer_overhead_s`` of 0 is left out, so a cluster without it writes the same JSON as before
+        the field existed (plan JSON v1 stays as it was).
+
         Example:
             >>> c = Cluster.preset("a100-40gb", nodes=2)
             >>> Cluster.from_dict(c.to_dict()) == c
             True
         """
-        return asdict(self)
+        data = asdict(self)
+        if data["device"]["layer_overhead_s"] == 0:
+            del data["device"]["layer_overhead_s"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "Cluster":

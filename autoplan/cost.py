@@ -238,6 +238,12 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
     collectives of the TP groups inside that module (added to ``tp_comm_s``); the rematerialised bytes are
     alive only while the layer's backward runs (``transient_bytes``).
 
+    Fixed overhead: each microbatch's forward also costs ``cluster.device.layer_overhead_s`` whatever its size
+    (kernel launches, Python and autograd dispatch), backward twice that — backward runs about two kernels per
+    forward one (the gradient of a linear is two matmuls, Narayanan et al. SC'21 §5.1's 2× backward FLOPs, and
+    autograd adds its own dispatch per node) — and a recompute one more forward's worth. This is what makes many
+    small microbatches cost more than few large ones.
+
     Example:
         >>> from autoplan.graph import Layer
         >>> layer = Layer("fc", 0, "linear", flops=2_000_000, backward_flops=4_000_000, num_params=1000,
@@ -259,6 +265,7 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
             f"pass one of layer.recompute_options"
         )
     batch_scale = microbatch_size / traced_batch_size
+    overhead_s = cluster.device.layer_overhead_s
     bytes_scale = batch_scale * PRECISION_BYTES[precision] / traced_dtype_bytes
 
     divisor = layer.tp_divisor
@@ -289,7 +296,8 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
         else:
             kept_activation = activation - saved * activation_ratio
         kept_activation = max(0.0, kept_activation)
-        recompute_s = compute_s(recompute.forward_flops * batch_scale * flops_ratio, cluster, precision)
+        recompute_s = (compute_s(recompute.forward_flops * batch_scale * flops_ratio, cluster, precision)
+                       + overhead_s)
         recompute_groups = tuple(g for g in groups if all(_in_module(m, recompute.module) for m in g.styles))
 
     tp_forward_s = tp_backward_s = tp_recompute_s = 0.0
@@ -309,8 +317,8 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
     matmul_params = sum(_ceil_div(g.num_params, tp) if sharded else g.num_params
                         for g in layer.tp_groups if _group_kind(g) != "vocab_embedding")
     return LayerCost(
-        forward_s=compute_s(forward_flops * batch_scale, cluster, precision),
-        backward_s=compute_s(layer.backward_flops * flops_ratio * batch_scale, cluster, precision),
+        forward_s=compute_s(forward_flops * batch_scale, cluster, precision) + overhead_s,
+        backward_s=compute_s(layer.backward_flops * flops_ratio * batch_scale, cluster, precision) + 2 * overhead_s,
         recompute_s=recompute_s,
         tp_comm_s=tp_forward_s + tp_backward_s + tp_recompute_s,
         num_params=num_params,

@@ -66,6 +66,7 @@ def test_explicit_construction_and_achievable_flops():
         (dict(memory_headroom_bytes=16 * GiB), "memory_headroom_bytes"),
         (dict(memory_bandwidth_Bps=0), "memory_bandwidth_Bps"),
         (dict(kind="tpu"), "kind"),
+        (dict(layer_overhead_s=-1e-6), "layer_overhead_s"),
     ],
 )
 def test_bad_device_values_name_the_field(kwargs, words):
@@ -95,6 +96,20 @@ def test_bad_cluster_values_name_the_field(kwargs, words):
 def test_dict_and_json_round_trip(name):
     c = Cluster.preset(name, nodes=2)
     assert Cluster.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_presets_charge_a_per_layer_overhead_and_old_dicts_load_without_it():
+    gpu, cpu = Cluster.preset("a100-80gb"), Cluster.preset("cpu")
+    assert 10e-6 <= gpu.device.layer_overhead_s <= 100e-6      # tens of µs per block on a GPU
+    assert cpu.device.layer_overhead_s > gpu.device.layer_overhead_s
+    assert Device("toy", 16 * GiB, FLOPS).layer_overhead_s == 0.0
+    old = gpu.to_dict()
+    del old["device"]["layer_overhead_s"]                        # written before the field existed
+    assert Cluster.from_dict(old).device.layer_overhead_s == 0.0
+    # A device without overhead writes the same keys as before; a round trip keeps a non-zero one.
+    assert "layer_overhead_s" not in Cluster.from_dict(old).to_dict()["device"]
+    assert Cluster.from_dict(json.loads(json.dumps(gpu.to_dict()))).device.layer_overhead_s == 50e-6
+    assert hash(gpu) != hash(Cluster.from_dict(old))
 
 
 def test_from_dict_names_unknown_and_missing_keys():

@@ -1,5 +1,7 @@
 """layer_cost on hand-built layers: microbatch and precision scaling, TP sharding and comm, recompute."""
 
+from dataclasses import replace
+
 import pytest
 
 from autoplan.cluster import Cluster, Device
@@ -41,6 +43,22 @@ def test_as_traced():
     assert (c.forward_s, c.backward_s, c.recompute_s, c.tp_comm_s) == (1.0, 2.0, 0.0, 0.0)
     assert (c.num_params, c.activation_bytes, c.transient_bytes, c.boundary_bytes) == (100, 800, 0, 64)
     assert c.total_s == 3.0
+
+
+def test_layer_overhead_is_fixed_per_microbatch_and_doubled_in_backward():
+    slow = Cluster(nodes=1, devices_per_node=8, device=replace(_DEVICE, layer_overhead_s=0.25),
+                   intra_node_bandwidth_Bps=1000.0, intra_node_latency_s=0.0, inter_node_latency_s=0.0)
+    c = cost(cluster=slow)
+    assert (c.forward_s, c.backward_s, c.recompute_s) == (1.25, 2.5, 0.0)
+    # The same 0.25 s at any microbatch size: four microbatches of 1 cost more than one of 4.
+    one, four = cost(cluster=slow, microbatch_size=1), cost(cluster=slow, microbatch_size=4)
+    assert (one.forward_s, four.forward_s) == (0.75, 2.25)
+    assert 4 * one.total_s == pytest.approx(four.total_s + 3 * 3 * 0.25)
+    # Recompute re-runs one forward, overhead included; TP leaves the overhead unsharded.
+    assert cost(cluster=slow, recompute=FULL).recompute_s == pytest.approx(1.0 + 0.25)
+    assert cost(cluster=slow, tp=4).forward_s == pytest.approx(0.325 + 0.25)
+    # Without overhead (the default for a hand-built device) the figures are the FLOPs alone.
+    assert (cost().forward_s, cost().backward_s) == (1.0, 2.0)
 
 
 def test_microbatch_and_precision_scaling():
