@@ -10,6 +10,10 @@ then ``autoplan.plan(model, inputs, cluster=autoplan.Cluster.from_dict(json.load
 What is measured (every rank at once, the slowest rank's time kept):
 - matmul FLOP/s per precision: a square ``n×n @ n×n`` matmul costs 2n³ FLOPs; the rate is written as the device's
   ``peak_flops`` (the planner still applies ``achievable_flops_fraction`` for whole-model efficiency).
+- per-layer overhead (``layer_overhead_s``): forward + backward of a GPT block so small (hidden 8, 4 tokens,
+  batch 1) that its FLOPs take nanoseconds, so what is timed is the fixed part — kernel launches, Python and
+  autograd dispatch. Backward runs about twice the forward's kernels, so the cost model charges forward 1×,
+  backward 2×, and the fixed forward part is a third of the measured time.
 - all-reduce latency (a 4-byte all-reduce) and bandwidth: a ring all-reduce of B bytes over n ranks moves
   2(n−1)/n·B per rank (the "bus bandwidth" of nccl-tests, docs/PERFORMANCE.md there), so
   ``bandwidth = 2(n−1)/n·B / (t − latency)``. Intra-node over each node's ranks, inter-node over one rank per node.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -34,7 +39,7 @@ import torch.distributed as dist
 from .cluster import Cluster
 from .execute.world import World
 
-__all__ = ["main", "matmul_flops", "allreduce_time_s", "ring_bandwidth_Bps"]
+__all__ = ["main", "matmul_flops", "layer_overhead_time_s", "allreduce_time_s", "ring_bandwidth_Bps"]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -61,6 +66,31 @@ def matmul_flops(precision: str, n: int = 1024, iters: int = 10, device: torch.d
         a @ b
     _sync(device)
     return 2 * n**3 * iters / (time.perf_counter() - start)
+
+
+def layer_overhead_time_s(device: torch.device | None = None, iters: int = 20, repeats: int = 5) -> float:
+    """Fixed forward seconds of one layer per microbatch on ``device``: a third of a tiny GPT block's forward +
+    backward (forward 1×, backward 2×; its FLOPs are negligible), the median of ``repeats`` runs of ``iters``.
+
+    Example:
+        >>> 0 < layer_overhead_time_s(iters=2, repeats=1) < 0.1
+        True
+    """
+    from .models import Block, GPTConfig
+
+    device = device or torch.device("cpu")
+    block = Block(GPTConfig(hidden=8, heads=1, seq_len=4)).to(device)
+    x = torch.randn(1, 4, 8, device=device, requires_grad=True)
+    block(x).sum().backward()  # warm-up: first-call allocations and dispatch caches
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(iters):
+            block(x).sum().backward()
+        _sync(device)
+        times.append((time.perf_counter() - start) / iters)
+    return statistics.median(times) / 3
 
 
 def allreduce_time_s(num_bytes: int, group: dist.ProcessGroup | None, device: torch.device, iters: int = 5) -> float:
@@ -119,7 +149,10 @@ def calibrate(size_bytes: int, matmul_n: int) -> Cluster:
     for precision in ("fp32", "bf16", "fp16"):
         rate = matmul_flops(precision, n=matmul_n, device=device)
         flops[precision] = _slowest(1 / rate, device) ** -1 if world.distributed else rate
-    changes = {"device": replace(cluster.device, peak_flops=flops)}
+    overhead_s = layer_overhead_time_s(device)
+    if world.distributed:
+        overhead_s = _slowest(overhead_s, device)
+    changes = {"device": replace(cluster.device, peak_flops=flops, layer_overhead_s=overhead_s)}
     if world.distributed:
         local, nodes = cluster.devices_per_node, cluster.nodes
         intra = _link(size_bytes, [list(range(n * local, (n + 1) * local)) for n in range(nodes)], world.rank, device)
@@ -152,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         d = cluster.device
         print(f"autoplan calibrate: {cluster.nodes}×{cluster.devices_per_node} {d.name}; matmul "
               + ", ".join(f"{p} {d.peak_flops[p] / 1e9:.1f} GFLOP/s" for p in ("fp32", "bf16", "fp16"))
+              + f"; layer overhead {d.layer_overhead_s * 1e6:.0f} µs"
               + f"; intra-node {cluster.intra_node_bandwidth_Bps / 1e9:.2f} GB/s, "
               f"{cluster.intra_node_latency_s * 1e6:.0f} µs; wrote {args.out}")
     if dist.is_initialized():

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import autoplan
-from autoplan.calibrate import main, matmul_flops, ring_bandwidth_Bps
+from autoplan.calibrate import layer_overhead_time_s, main, matmul_flops, ring_bandwidth_Bps
 from distributed_helpers import REPO
 
 
@@ -23,11 +23,17 @@ def test_matmul_rate_is_positive_for_every_precision():
     assert all(matmul_flops(p, n=32, iters=1) > 0 for p in ("fp32", "bf16", "fp16"))
 
 
+def test_layer_overhead_is_a_fixed_time_per_layer():
+    # A tiny block's forward + backward on CPU: tens of µs to a few ms per forward, nowhere near zero.
+    assert 1e-6 < layer_overhead_time_s(iters=3, repeats=3) < 0.05
+
+
 def test_world_of_one_writes_a_cluster_the_planner_reads(tmp_path):
     out = tmp_path / "cluster.json"
     assert main(["--out", str(out), "--matmul-n", "128"]) == 0
     cluster = autoplan.Cluster.from_dict(json.loads(out.read_text()))
     assert cluster.world_size == 1 and cluster.device.peak_flops["fp32"] > 1e6
+    assert 0 < cluster.device.layer_overhead_s < 0.05
 
 
 @pytest.mark.slow
@@ -41,3 +47,4 @@ def test_two_ranks_measure_the_intra_node_link(tmp_path):
     cluster = autoplan.Cluster.from_dict(json.loads(out.read_text()))
     assert cluster.world_size == 2 and cluster.name == "calibrated-cpu"
     assert 1e6 < cluster.intra_node_bandwidth_Bps < 1e12 and 0 < cluster.intra_node_latency_s < 0.1
+    assert 0 < cluster.device.layer_overhead_s < 0.05
