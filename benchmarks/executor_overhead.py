@@ -12,7 +12,8 @@ microbatches, the global-batch loss all-reduced as ``train_step`` returns it. Bo
 + AdamW step) in alternating blocks after a warm-up; the medians are compared. Goal: autoplan / by hand ≤ 1.05.
 
 The measured step is also compared with the cost model's prediction, once with the "cpu" preset and once with this
-job's figures from :func:`autoplan.calibrate.calibrate` (matmul FLOP/s, all-reduce bandwidth and latency).
+job's figures from :func:`autoplan.calibrate.calibrate` (matmul FLOP/s, per-layer overhead, all-reduce bandwidth
+and latency).
 """
 
 import argparse
@@ -144,6 +145,7 @@ def main() -> None:
         "calibrated_plan_same_layout": same_layout,
         "calibrated_fp32_flops": calibrated.device.peak_flops["fp32"],
         "calibrated_intra_node_bandwidth_Bps": calibrated.intra_node_bandwidth_Bps,
+        "calibrated_layer_overhead_s": calibrated.device.layer_overhead_s,
         "device": "4 gloo ranks on this machine's CPU", "torch": torch.__version__,
     }
     if dist.get_rank() == 0:
@@ -155,7 +157,8 @@ def main() -> None:
         print(f"{'predicted':<12}{predicted * 1e3:>11.1f} ms   (\"cpu\" preset)")
         print(f"{'predicted':<12}{predicted_cal * 1e3:>11.1f} ms   (calibrated: fp32 "
               f"{calibrated.device.peak_flops['fp32'] / 1e9:.1f} GFLOP/s per rank, all-reduce "
-              f"{calibrated.intra_node_bandwidth_Bps / 1e9:.2f} GB/s{'' if same_layout else '; layout differs'})")
+              f"{calibrated.intra_node_bandwidth_Bps / 1e9:.2f} GB/s, layer overhead "
+              f"{calibrated.device.layer_overhead_s * 1e6:.0f} µs{'' if same_layout else '; layout differs'})")
         print(f"overhead ratio autoplan / by hand: {result['overhead_ratio']:.3f} (goal ≤ 1.05)")
         print(f"cost model error (predicted − measured) / measured: {result['prediction_error']:+.1%} with the "
               f"preset, {result['prediction_error_calibrated']:+.1%} calibrated")
