@@ -209,8 +209,8 @@ def format_plan(plan) -> str:
     tp_text = ", ".join(f"{n} {style}" for style, n in sorted(tp_styles.items())) or "none"
     lines += _table([
         ("mesh", f"pp{m.pp} × dp{m.dp} × tp{m.tp}  (pipeline × data × tensor)"),
-        ("schedule", f"{schedule}; {plan.microbatches} microbatches of {plan.microbatch_size} "
-                     f"(global batch {plan.global_batch_size})"),
+        ("schedule", f"{schedule}; {plan.microbatches} microbatch{'' if plan.microbatches == 1 else 'es'} of "
+                     f"{plan.microbatch_size} (global batch {plan.global_batch_size})"),
         ("data parallel", f"{plan.data_parallel.upper()}, {plan.precision}, {plan.optimizer}"),
         ("tensor parallel", f"{len(plan.tensor_parallel)} modules ({tp_text})" if plan.tensor_parallel else "none"),
     ])
