@@ -140,42 +140,38 @@ def _cpu_device() -> Device:
     )
 
 
+def _dgx_node(device: Device, *, nvlink_Bps: float, infiniband_Bps: float) -> dict:
+    """A DGX-style node: 8 GPUs on NVLink/NVSwitch, one InfiniBand NIC per GPU between nodes."""
+    return dict(
+        device=device,
+        devices_per_node=8,
+        intra_node_bandwidth_Bps=nvlink_Bps,
+        inter_node_bandwidth_Bps=infiniband_Bps,
+        intra_node_latency_s=5e-6,
+        inter_node_latency_s=10e-6,
+    )
+
+
 PRESETS: dict[str, dict] = {
-    "a100-40gb": dict(
-        device=Device("A100-SXM4-40GB", 40 * GiB, _A100_FLOPS, 0.5, 2 * GiB, 1.555e12,
-                      layer_overhead_s=_GPU_LAYER_OVERHEAD_S),
-        devices_per_node=8,
-        intra_node_bandwidth_Bps=300e9,
-        inter_node_bandwidth_Bps=25e9,
-        intra_node_latency_s=5e-6,
-        inter_node_latency_s=10e-6,
+    "a100-40gb": _dgx_node(
+        Device("A100-SXM4-40GB", 40 * GiB, _A100_FLOPS, 0.5, 2 * GiB, 1.555e12,
+               layer_overhead_s=_GPU_LAYER_OVERHEAD_S),
+        nvlink_Bps=300e9, infiniband_Bps=25e9,
     ),
-    "a100-80gb": dict(
-        device=Device("A100-SXM4-80GB", 80 * GiB, _A100_FLOPS, 0.5, 2 * GiB, 2.039e12,
-                      layer_overhead_s=_GPU_LAYER_OVERHEAD_S),
-        devices_per_node=8,
-        intra_node_bandwidth_Bps=300e9,
-        inter_node_bandwidth_Bps=25e9,
-        intra_node_latency_s=5e-6,
-        inter_node_latency_s=10e-6,
+    "a100-80gb": _dgx_node(
+        Device("A100-SXM4-80GB", 80 * GiB, _A100_FLOPS, 0.5, 2 * GiB, 2.039e12,
+               layer_overhead_s=_GPU_LAYER_OVERHEAD_S),
+        nvlink_Bps=300e9, infiniband_Bps=25e9,
     ),
-    "h100-80gb": dict(
-        device=Device("H100-SXM5-80GB", 80 * GiB, _H100_FLOPS, 0.45, 2 * GiB, 3.35e12,
-                      layer_overhead_s=_GPU_LAYER_OVERHEAD_S),
-        devices_per_node=8,
-        intra_node_bandwidth_Bps=450e9,
-        inter_node_bandwidth_Bps=50e9,
-        intra_node_latency_s=5e-6,
-        inter_node_latency_s=10e-6,
+    "h100-80gb": _dgx_node(
+        Device("H100-SXM5-80GB", 80 * GiB, _H100_FLOPS, 0.45, 2 * GiB, 3.35e12,
+               layer_overhead_s=_GPU_LAYER_OVERHEAD_S),
+        nvlink_Bps=450e9, infiniband_Bps=50e9,
     ),
-    "h200-141gb": dict(
-        device=Device("H200-SXM-141GB", 141 * 10**9, _H100_FLOPS, 0.45, 2 * GiB, 4.8e12,
-                      layer_overhead_s=_GPU_LAYER_OVERHEAD_S),
-        devices_per_node=8,
-        intra_node_bandwidth_Bps=450e9,
-        inter_node_bandwidth_Bps=50e9,
-        intra_node_latency_s=5e-6,
-        inter_node_latency_s=10e-6,
+    "h200-141gb": _dgx_node(
+        Device("H200-SXM-141GB", 141 * 10**9, _H100_FLOPS, 0.45, 2 * GiB, 4.8e12,
+               layer_overhead_s=_GPU_LAYER_OVERHEAD_S),
+        nvlink_Bps=450e9, infiniband_Bps=50e9,
     ),
     # gloo ranks sharing this machine's memory bus: loopback TCP, a few GB/s.
     "cpu": dict(

@@ -42,12 +42,8 @@ def allreduce_s(nbytes: float, n: int, *, bandwidth_Bps: float, latency_s: float
         >>> round(allreduce_s(1e9, 8, bandwidth_Bps=100e9, latency_s=1e-6) * 1e3, 3)   # 17.5 ms + 14 µs
         17.514
     """
-    _check_positive_int("n", n)
-    _check_non_negative("nbytes", nbytes)
-    _check_link(bandwidth_Bps, latency_s)
-    if n == 1:
-        return 0.0
-    return 2 * (n - 1) / n * nbytes / bandwidth_Bps + 2 * (n - 1) * latency_s
+    # A ring all-reduce is a reduce-scatter followed by an all-gather (Thakur et al. 2005, §4.4).
+    return 2 * allgather_s(nbytes, n, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
 
 
 def allgather_s(nbytes: float, n: int, *, bandwidth_Bps: float, latency_s: float) -> float:
