@@ -276,3 +276,42 @@ def test_bf16_plan_trains_under_autocast_close_to_fp32():
     assert all(p.dtype == torch.float32 for p in pm.parameters())  # fp32 master weights
     assert pm(steps[0][0]).dtype == torch.bfloat16
     assert losses == pytest.approx(expected, rel=2e-2) and losses != pytest.approx(expected, rel=1e-6)
+
+
+class _BranchesOnShape(torch.nn.Module):
+    """Traces with torch.export but not with torch.fx (Python control flow on a traced value's truth)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+        self.b = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.shape[0] > 0 and bool(h.sum() != 0):
+            h = torch.relu(h)
+        return self.b(h)
+
+
+def test_automatic_plans_avoid_pipelines_the_executor_cannot_split(monkeypatch):
+    import importlib
+
+    from autoplan.execute.split import pipeline_split_blocker
+
+    parallelize_module = importlib.import_module("autoplan.execute.parallelize")
+
+    assert pipeline_split_blocker(gpt()) is None
+    assert pipeline_split_blocker(_BranchesOnShape()) is not None
+    seen = []
+
+    def fake_plan(model, inputs, **kwargs):
+        seen.append(kwargs.get("mesh"))
+        raise ValueError("stop after planning arguments")
+
+    monkeypatch.setattr("autoplan.api.plan", fake_plan)
+    cluster = autoplan.Cluster.preset("cpu", devices_per_node=4)
+    for model, pinned in ((_BranchesOnShape(), None), (gpt(), None), (_BranchesOnShape(), {"pp": 2})):
+        kwargs = {"mesh": pinned} if pinned else {}
+        with pytest.raises(ValueError, match="stop after planning"):
+            parallelize_module._plan_everywhere(model, (torch.randn(4, 8),), cluster, kwargs)
+    assert seen == [{"pp": 1}, None, {"pp": 2}]

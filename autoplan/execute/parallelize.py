@@ -14,6 +14,7 @@ Example (a world of one; under torchrun the same call runs on every rank):
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,10 @@ from ..plan import Plan
 from .apply import AppliedPlan, apply_plan
 from .batch import as_args
 from .parallel_model import ParallelModel
+from .split import pipeline_split_blocker
 from .world import World
+
+log = logging.getLogger("autoplan")
 
 __all__ = ["parallelize"]
 
@@ -39,6 +43,14 @@ def _plan_everywhere(model: nn.Module, example_inputs: tuple, cluster: Cluster |
     cluster = cluster or Cluster.detect()
     if cluster.device.kind == "cpu":
         plan_kwargs = {"precision": "fp32", **plan_kwargs}
+    mesh = dict(plan_kwargs.get("mesh") or {})
+    if "pp" not in mesh:
+        blocker = pipeline_split_blocker(model)
+        if blocker is not None:
+            # A plan this executor cannot apply is no plan: search only layouts without pipeline stages.
+            log.info("autoplan: planning without pipeline parallelism (pp=1): %s.forward does not trace with "
+                        "torch.fx around its submodules (%s)", type(model).__name__, blocker)
+            plan_kwargs = {**plan_kwargs, "mesh": {**mesh, "pp": 1}}
     world = World.current()
     world.init_process_group(cluster.device.kind)
     world = World.current()

@@ -26,7 +26,7 @@ from torch import fx, nn
 
 from ..errors import TraceError
 
-__all__ = ["split_into_stages"]
+__all__ = ["split_into_stages", "pipeline_split_blocker"]
 
 _FREE = -1  # computed from model inputs or constants only: placed where first used
 
@@ -38,6 +38,23 @@ class _LayerLeafTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return module_qualified_name in self.leaves or super().is_leaf_module(m, module_qualified_name)
+
+
+def pipeline_split_blocker(model: nn.Module) -> str | None:
+    """Why ``model`` cannot be split into pipeline stages (its forward does not trace with torch.fx around its
+    submodules), or ``None`` when it can.
+
+    Example:
+        >>> from autoplan.models import MLP
+        >>> pipeline_split_blocker(MLP(8, 16, depth=2)) is None
+        True
+    """
+    leaves = {name for name, _ in model.named_modules() if name}
+    try:
+        _trace(model, leaves)
+    except TraceError as exc:
+        return str(exc.__cause__ or exc)
+    return None
 
 
 def _trace(model: nn.Module, leaves: set[str]) -> fx.Graph:
