@@ -145,19 +145,9 @@ def group_allreduce_s(nbytes: float, cluster: Cluster, group_size: int, stride: 
         >>> group_allreduce_s(1e9, c, 16, 1) < flat_ib
         True
     """
-    check_group(cluster, group_size, stride)
-    _check_non_negative("nbytes", nbytes)
-    bandwidth_Bps, latency_s = group_link(cluster, group_size, stride)
-    split = _nodes_of_group(cluster, group_size, stride)
-    if split is None:
-        return allreduce_s(nbytes, group_size, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
-    per_node, nodes = split
-    intra = dict(bandwidth_Bps=cluster.intra_node_bandwidth_Bps, latency_s=cluster.intra_node_latency_s)
-    return (
-        reduce_scatter_s(nbytes, per_node, **intra)
-        + allreduce_s(nbytes / per_node, nodes, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
-        + allgather_s(nbytes, per_node, **intra)
-    )
+    # RS(k) + AR(m) + AG(k) = 2·AG(nbytes, k) + 2·AG(nbytes / k, m), since a ring all-reduce costs two
+    # all-gathers and a reduce-scatter one: twice the two-level all-gather, flat or across nodes.
+    return 2 * group_allgather_s(nbytes, cluster, group_size, stride)
 
 
 def group_allgather_s(nbytes: float, cluster: Cluster, group_size: int, stride: int) -> float:
