@@ -8,12 +8,12 @@ Example:
 
 from __future__ import annotations
 
-PRECISION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+from .vocabulary import PRECISIONS
 
 
 def check_precision(precision: str) -> None:
-    if precision not in PRECISION_BYTES:
-        raise ValueError(f"unknown precision {precision!r}; use one of {tuple(PRECISION_BYTES)}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; use one of {PRECISIONS}")
 
 
 def check_positive_int(name: str, value: int) -> None:

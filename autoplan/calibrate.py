@@ -38,10 +38,10 @@ import torch.distributed as dist
 
 from .cluster import Cluster
 from .execute.world import World
+from .vocabulary import PRECISIONS, torch_dtype
 
 __all__ = ["main", "matmul_flops", "layer_overhead_time_s", "allreduce_time_s", "ring_bandwidth_Bps"]
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _sync(device: torch.device) -> None:
@@ -57,8 +57,8 @@ def matmul_flops(precision: str, n: int = 1024, iters: int = 10, device: torch.d
         True
     """
     device = device or torch.device("cpu")
-    a = torch.randn(n, n, device=device, dtype=_DTYPES[precision])
-    b = torch.randn(n, n, device=device, dtype=_DTYPES[precision])
+    a = torch.randn(n, n, device=device, dtype=torch_dtype(precision))
+    b = torch.randn(n, n, device=device, dtype=torch_dtype(precision))
     a @ b
     _sync(device)
     start = time.perf_counter()
@@ -146,7 +146,7 @@ def calibrate(size_bytes: int, matmul_n: int) -> Cluster:
     device = world.device(cluster.device.kind)
     world.init_process_group(cluster.device.kind)
     flops = {}
-    for precision in ("fp32", "bf16", "fp16"):
+    for precision in PRECISIONS:
         rate = matmul_flops(precision, n=matmul_n, device=device)
         flops[precision] = _slowest(1 / rate, device) ** -1 if world.distributed else rate
     overhead_s = layer_overhead_time_s(device)
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(cluster.to_dict(), f, indent=2)
         d = cluster.device
         print(f"autoplan calibrate: {cluster.nodes}×{cluster.devices_per_node} {d.name}; matmul "
-              + ", ".join(f"{p} {d.peak_flops[p] / 1e9:.1f} GFLOP/s" for p in ("fp32", "bf16", "fp16"))
+              + ", ".join(f"{p} {d.peak_flops[p] / 1e9:.1f} GFLOP/s" for p in PRECISIONS)
               + f"; layer overhead {d.layer_overhead_s * 1e6:.0f} µs"
               + f"; intra-node {cluster.intra_node_bandwidth_Bps / 1e9:.2f} GB/s, "
               f"{cluster.intra_node_latency_s * 1e6:.0f} µs; wrote {args.out}")

@@ -19,6 +19,8 @@ import importlib
 import sys
 from typing import Any, Sequence
 
+from .vocabulary import OPTIMIZERS, PRECISIONS
+
 __all__ = ["main", "parse_mesh", "load_factory"]
 
 EXIT_ERROR = 2
@@ -77,8 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--devices-per-node", type=int, default=None)
     p.add_argument("--global-batch", type=int, default=None, help="default: the batch of the example inputs")
-    p.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--optimizer", default="adamw", choices=("adamw", "sgd"))
+    p.add_argument("--precision", default="bf16", choices=PRECISIONS)
+    p.add_argument("--optimizer", default="adamw", choices=OPTIMIZERS)
     p.add_argument("--mesh", type=parse_mesh, default=None, help="pin degrees, e.g. pp=8,tp=8")
     p.add_argument("--microbatch-size", type=int, default=None)
     p.add_argument("--recompute", default="auto", choices=("auto", "none", "full", "selective"))

@@ -12,10 +12,11 @@ from __future__ import annotations
 import os
 from dataclasses import MISSING, asdict, dataclass, fields
 
+from .vocabulary import PRECISIONS
+
 __all__ = ["Device", "Cluster", "PRESETS"]
 
 GiB = 2**30
-PRECISIONS = ("fp32", "bf16", "fp16")
 DEVICE_KINDS = ("cuda", "cpu")
 
 

@@ -25,9 +25,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["TensorParallelGroup", "RecomputeOption", "Layer", "ModelGraph"]
 
-#: Tensor-parallel styles a plan may assign to a module FQN (see docs/concepts.md).
-TP_STYLES = ("colwise", "rowwise", "vocab_embedding", "vocab_head")
-
 
 @dataclass(frozen=True)
 class TensorParallelGroup:

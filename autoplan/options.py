@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .vocabulary import DATA_PARALLEL_KINDS, MESH_AXES, OPTIMIZERS, PRECISIONS, RECOMPUTE_MODES, SCHEDULES
+
 __all__ = ["PlanOptions"]
 
 _CHOICES = {
-    "precision": ("fp32", "bf16", "fp16"),
-    "optimizer": ("adamw", "sgd"),
-    "recompute": ("auto", "none", "full", "selective"),
-    "data_parallel": ("auto", "ddp", "fsdp"),
-    "schedule": ("auto", "gpipe", "1f1b", "interleaved"),
+    "precision": PRECISIONS,
+    "optimizer": OPTIMIZERS,
+    "recompute": RECOMPUTE_MODES,
+    "data_parallel": ("auto",) + DATA_PARALLEL_KINDS,
+    "schedule": ("auto",) + SCHEDULES,
 }
 
 
@@ -44,7 +46,7 @@ class PlanOptions:
         mesh = self.mesh if self.mesh is not None else {}
         if not isinstance(mesh, dict):
             raise ValueError(f"mesh must be a dict like {{'dp': 2, 'tp': 2}}, got {type(mesh).__name__}")
-        unknown = set(mesh) - {"pp", "dp", "tp"}
+        unknown = set(mesh) - set(MESH_AXES)
         if unknown:
             raise ValueError(f"mesh has unknown axes {sorted(unknown)}; axes are 'pp', 'dp', 'tp'")
         for axis, degree in mesh.items():

@@ -18,15 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from .cluster import Cluster
-from .graph import TP_STYLES
+from .vocabulary import DATA_PARALLEL_KINDS as DATA_PARALLEL
+from .vocabulary import OPTIMIZERS, PRECISIONS, SCHEDULES, TP_STYLES
 
 __all__ = ["Mesh", "Stage", "Predicted", "SearchInfo", "Alternative", "ModelInfo", "Plan", "PLAN_VERSION"]
 
 PLAN_VERSION = 1
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
-DATA_PARALLEL = ("ddp", "fsdp")
-PRECISIONS = ("fp32", "bf16", "fp16")
-OPTIMIZERS = ("adamw", "sgd")
 
 
 def _check(condition: bool, message: str) -> None:

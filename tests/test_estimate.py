@@ -4,7 +4,7 @@ import pytest
 
 from autoplan import cost
 from autoplan.cluster import Cluster
-from autoplan.estimate import Strategy, estimate, estimate_breakdown, layer_choice_cost
+from autoplan.cost.plan_cost import Strategy, estimate, estimate_breakdown, layer_choice_cost
 from autoplan.plan import Mesh, ModelInfo, Plan, Stage
 
 from graphs import gpt_like_graph

@@ -11,7 +11,8 @@ import autoplan
 from autoplan.execute.batch import default_loss, dp_slice, microbatches
 from autoplan.execute.manual import manual_plan
 from autoplan.execute.recompute import apply_recompute
-from autoplan.execute.split import split_into_stages
+from autoplan.trace.stages import split_into_stages
+from autoplan.trace.fingerprint import model_fingerprint
 from autoplan.execute.world import World
 from autoplan.models import GPT, MLP, GPTConfig
 
@@ -264,7 +265,7 @@ def test_lazy_example_inputs_plan_at_the_first_step():
     x, y = torch.randn(12, 8), torch.randn(12, 8)
     loss = pm.train_step(x, y)
     assert pm.applied and pm.plan.global_batch_size == 12 and loss > 0
-    assert pm.plan.model.fingerprint == autoplan.fingerprint.model_fingerprint(MLP(8, 16, depth=2))
+    assert pm.plan.model.fingerprint == model_fingerprint(MLP(8, 16, depth=2))
 
 
 def test_bf16_plan_trains_under_autocast_close_to_fp32():
@@ -296,7 +297,7 @@ class _BranchesOnShape(torch.nn.Module):
 def test_automatic_plans_avoid_pipelines_the_executor_cannot_split(monkeypatch):
     import importlib
 
-    from autoplan.execute.split import pipeline_split_blocker
+    from autoplan.trace.stages import pipeline_split_blocker
 
     parallelize_module = importlib.import_module("autoplan.execute.parallelize")
 

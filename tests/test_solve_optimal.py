@@ -6,11 +6,11 @@ import pytest
 
 from autoplan.cluster import Cluster, Device
 from autoplan.errors import InfeasiblePlanError
-from autoplan.estimate import compose, estimate, layer_choice_cost
+from autoplan.cost.plan_cost import compose, estimate, layer_choice_cost
 from autoplan.options import PlanOptions
 from autoplan.solve import search
-from autoplan.solve_space import enumerate_strategies, layer_choices
-from autoplan.solve_tables import LayerCostCache, StrategyTables, segments_of
+from autoplan.solve.space import enumerate_strategies, layer_choices
+from autoplan.solve.tables import LayerCostCache, StrategyTables, segments_of
 
 from graphs import gpt_like_graph, mlp_graph
 

@@ -6,7 +6,7 @@ Planning speed is measured by benchmarks/planning_time.py, not asserted here: th
 import pytest
 
 import autoplan
-from autoplan.estimate import estimate
+from autoplan.cost.plan_cost import estimate
 from autoplan.models import GPTConfig, gpt3_175b
 from autoplan.options import PlanOptions
 from autoplan.solve import search

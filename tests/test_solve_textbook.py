@@ -6,7 +6,7 @@ import pytest
 
 from autoplan.cluster import Cluster, PRESETS
 from autoplan.errors import InfeasiblePlanError
-from autoplan.estimate import estimate
+from autoplan.cost.plan_cost import estimate
 from autoplan.options import PlanOptions
 from autoplan.solve import search
 

@@ -28,7 +28,7 @@ from .data_parallel import apply_data_parallel, low_precision_dtype
 from .mesh import build_mesh, mesh_coordinates
 from .pipeline import TiedGradientGroup, build_schedule, local_stage_indices, tied_gradient_groups
 from .recompute import apply_recompute
-from .split import split_into_stages
+from ..trace.stages import split_into_stages
 from .tensor_parallel import apply_tensor_parallel, tied_parameter_names
 from .validate import check_plan_fits
 from .world import World

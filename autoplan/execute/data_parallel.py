@@ -32,11 +32,11 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
+from ..vocabulary import LOW_PRECISIONS, torch_dtype
 from .tensor_parallel import tied_parameter_names
 
 __all__ = ["shardable_layers", "apply_data_parallel", "low_precision_dtype"]
 
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def low_precision_dtype(precision: str) -> torch.dtype | None:
@@ -46,7 +46,7 @@ def low_precision_dtype(precision: str) -> torch.dtype | None:
         >>> low_precision_dtype("bf16")
         torch.bfloat16
     """
-    return _DTYPES.get(precision)
+    return torch_dtype(precision) if precision in LOW_PRECISIONS else None
 
 
 #: A layer becomes an FSDP unit of its own when it holds at least this fraction of the largest layer's parameters.

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from ..cluster import Cluster
-from ..fingerprint import model_fingerprint
+from ..trace.fingerprint import model_fingerprint
 from ..plan import Mesh, ModelInfo, Plan, SearchInfo, Stage
 
 __all__ = ["manual_plan"]

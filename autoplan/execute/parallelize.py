@@ -28,7 +28,7 @@ from ..plan import Plan
 from .apply import AppliedPlan, apply_plan
 from .batch import as_args
 from .parallel_model import ParallelModel
-from .split import pipeline_split_blocker
+from ..trace.stages import pipeline_split_blocker
 from .world import World
 
 log = logging.getLogger("autoplan")

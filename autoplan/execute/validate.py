@@ -17,7 +17,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import PlanMismatchError
-from ..fingerprint import model_fingerprint
+from ..trace.fingerprint import model_fingerprint
 from ..plan import Plan
 
 __all__ = ["check_plan_fits", "owning_layer"]
@@ -51,7 +51,7 @@ def check_plan_fits(plan: Plan, model: nn.Module, world_size: int) -> None:
 
     Example:
         >>> import torch, autoplan
-        >>> from autoplan.fingerprint import model_fingerprint
+        >>> from autoplan.trace.fingerprint import model_fingerprint
         >>> from autoplan.plan import ModelInfo
         >>> m = torch.nn.Sequential(torch.nn.Linear(4, 4))
         >>> p = autoplan.Plan.example().replace(model=ModelInfo("Sequential", model_fingerprint(m), 20),

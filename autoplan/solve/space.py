@@ -1,10 +1,10 @@
 """The discrete search space: every strategy (mesh, microbatching, schedule, DP kind) the pins allow.
 
-A :class:`~autoplan.estimate.Strategy` fixes everything but the stage cuts and the per-layer choices
-(tensor parallel on/off, recompute option); :mod:`autoplan.solve_model` finds those for one strategy.
+A :class:`~autoplan.cost.plan_cost.Strategy` fixes everything but the stage cuts and the per-layer choices
+(tensor parallel on/off, recompute option); :mod:`autoplan.solve.cpsat` finds those for one strategy.
 
 Example:
-    >>> from autoplan.solve_space import divisors
+    >>> from autoplan.solve.space import divisors
     >>> divisors(12)
     [1, 2, 3, 4, 6, 12]
 """
@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .cluster import Cluster
-from .estimate import Strategy
-from .graph import Layer, ModelGraph, RecomputeOption
-from .options import PlanOptions
+from ..cluster import Cluster
+from ..cost.plan_cost import Strategy
+from ..graph import Layer, ModelGraph, RecomputeOption
+from ..options import PlanOptions
 
 __all__ = ["divisors", "LayerChoice", "layer_choices", "enumerate_strategies", "global_batch_size",
            "MAX_VIRTUAL_STAGES"]

@@ -7,7 +7,7 @@ activations, more transient memory, a larger weight copy) are dropped: keeping t
 anything.
 
 Example:
-    >>> from autoplan.solve_tables import segments_of
+    >>> from autoplan.solve.tables import segments_of
     >>> callable(segments_of)
     True
 """
@@ -19,12 +19,12 @@ from bisect import bisect_right
 from functools import cached_property
 from typing import Sequence
 
-from . import cost
-from .cluster import Cluster
-from .estimate import (PlanCost, Strategy, compose, fsdp_gather_bytes, in_flight, layer_choice_cost, loss_bytes,
+from .. import cost
+from ..cluster import Cluster
+from ..cost.plan_cost import (PlanCost, Strategy, compose, fsdp_gather_bytes, in_flight, layer_choice_cost, loss_bytes,
                        rank_state_bytes, rank_tail_s, stage_p2p_s, weight_copy_bytes_per_param)
-from .graph import Layer, ModelGraph
-from .solve_space import LayerChoice, layer_choices
+from ..graph import Layer, ModelGraph
+from .space import LayerChoice, layer_choices
 
 __all__ = ["Segment", "segments_of", "LayerCostCache", "StrategyTables", "Assignment"]
 
@@ -276,7 +276,7 @@ class StrategyTables:
 
     # -- evaluation -----------------------------------------------------------------------------------------
     def evaluate(self, assignment: Assignment) -> PlanCost:
-        """The exact cost (:func:`autoplan.estimate.compose`) of an assignment."""
+        """The exact cost (:func:`autoplan.cost.plan_cost.compose`) of an assignment."""
         stages = [[self._cost(i, choice) for i, choice in stage] for stage in assignment]
         return compose(self.strategy, self.cluster, stages, self.global_batch_size)
 

@@ -46,7 +46,7 @@ devices that run it, pipeline rank ``k mod pp``, so with v virtual stages each r
 
 Example:
     >>> import autoplan
-    >>> from autoplan.estimate import estimate
+    >>> from autoplan.cost.plan_cost import estimate
     >>> callable(estimate)
     True
 """
@@ -56,11 +56,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from . import cost
-from ._checks import PRECISION_BYTES
-from .cluster import Cluster
-from .graph import Layer, ModelGraph, RecomputeOption
-from .plan import Plan, Predicted
+from .. import cost
+from ..vocabulary import PRECISION_BYTES
+from ..cluster import Cluster
+from ..graph import Layer, ModelGraph, RecomputeOption
+from ..plan import Plan, Predicted
 
 __all__ = ["Strategy", "RankCost", "PlanCost", "estimate", "estimate_breakdown", "compose", "layer_choice_cost",
            "rank_tail_s", "rank_state_bytes", "weight_copy_bytes_per_param", "loss_bytes"]
@@ -189,7 +189,7 @@ def layer_choice_cost(graph: ModelGraph, layer: Layer, cluster: Cluster, strateg
     """:func:`autoplan.cost.layer_cost` of ``layer`` under ``strategy``, sharded by ``tp`` iff ``tp_on``.
 
     Example:
-        >>> from autoplan.estimate import layer_choice_cost
+        >>> from autoplan.cost.plan_cost import layer_choice_cost
         >>> callable(layer_choice_cost)
         True
     """
@@ -206,7 +206,7 @@ def rank_tail_s(strategy: Strategy, cluster: Cluster, num_params: float) -> tupl
     FSDP runs the optimizer on its 1/dp shard only (ZeRO-3, Rajbhandari et al. 2020 §5.3).
 
     Example:
-        >>> from autoplan.estimate import rank_tail_s
+        >>> from autoplan.cost.plan_cost import rank_tail_s
         >>> callable(rank_tail_s)
         True
     """
@@ -276,7 +276,7 @@ def compose(strategy: Strategy, cluster: Cluster, stages: Sequence[Sequence[cost
     """The step time and memory of ``stages`` (per stage, the costs of its layers in order).
 
     Example:
-        >>> from autoplan.estimate import compose
+        >>> from autoplan.cost.plan_cost import compose
         >>> callable(compose)
         True
     """
@@ -354,7 +354,7 @@ def estimate_breakdown(graph: ModelGraph, plan: Plan) -> PlanCost:
     """Everything :func:`estimate` computes, per pipeline rank, for explanations and tests.
 
     Example:
-        >>> from autoplan.estimate import estimate_breakdown
+        >>> from autoplan.cost.plan_cost import estimate_breakdown
         >>> callable(estimate_breakdown)
         True
     """
@@ -373,7 +373,7 @@ def estimate(graph: ModelGraph, plan: Plan) -> Predicted:
         >>> import sys; sys.path.insert(0, "tests")
         >>> from graphs import gpt_like_graph
         >>> import autoplan
-        >>> from autoplan.estimate import estimate
+        >>> from autoplan.cost.plan_cost import estimate
         >>> from autoplan.solve import search
         >>> from autoplan.options import PlanOptions
         >>> graph = gpt_like_graph(layers=2, hidden=256, seq=128, vocab=1000)

@@ -10,7 +10,7 @@ link when none has run yet.
 
 Example:
     >>> import torch
-    >>> from autoplan.layers import choose_layer_names
+    >>> from autoplan.trace.chain import choose_layer_names
     >>> m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
     >>> choose_layer_names(m, {"": 0, "0": 1, "1": 2})
     ['0', '1']
@@ -24,7 +24,7 @@ import hashlib
 import torch
 from torch import nn
 
-from .trace_measure import ModuleCall
+from .measure import ModuleCall
 
 __all__ = ["choose_layer_names", "LayerLocator", "first_owner_params", "layer_output_bytes"]
 

@@ -15,7 +15,7 @@ figures come back per innermost module FQN so that any grouping of modules into 
 
 Example:
     >>> import torch
-    >>> from autoplan.trace_measure import measure
+    >>> from autoplan.trace.measure import measure
     >>> m = measure(torch.nn.Linear(8, 4), (torch.randn(2, 8),), {})
     >>> sum(e.flops for e in m.forward_ops)   # 2·B·in·out for the addmm
     128

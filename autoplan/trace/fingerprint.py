@@ -2,7 +2,7 @@
 
 Example:
     >>> import torch
-    >>> from autoplan.fingerprint import model_fingerprint
+    >>> from autoplan.trace.fingerprint import model_fingerprint
     >>> a, b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
     >>> model_fingerprint(a) == model_fingerprint(b) != model_fingerprint(torch.nn.Linear(4, 5))
     True

@@ -2,10 +2,10 @@
 
 Three passes, none of which runs the model's real compute or changes the model:
 
-1. the op graph (:mod:`autoplan.trace_graph`): ``torch.fx.symbolic_trace``, else ``torch.export`` (non-strict);
-2. one forward and backward on fake tensors (:mod:`autoplan.trace_measure`): FLOPs per op by
+1. the op graph (:mod:`autoplan.trace.opgraph`): ``torch.fx.symbolic_trace``, else ``torch.export`` (non-strict);
+2. one forward and backward on fake tensors (:mod:`autoplan.trace.measure`): FLOPs per op by
    ``torch.utils.flop_counter``, saved-for-backward storages, module call windows;
-3. the layer chain and its figures (:mod:`autoplan.layers`), tensor-parallel groups (:mod:`autoplan.tp_detect`).
+3. the layer chain and its figures (:mod:`autoplan.trace.chain`), tensor-parallel groups (:mod:`autoplan.trace.tp_groups`).
 
 Example:
     >>> import torch, autoplan
@@ -27,8 +27,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 from .fingerprint import model_fingerprint
-from .graph import Layer, ModelGraph, RecomputeOption, TensorParallelGroup
-from .layers import (
+from ..graph import Layer, ModelGraph, RecomputeOption, TensorParallelGroup
+from .chain import (
     LayerLocator,
     choose_layer_names,
     layer_kind,
@@ -36,9 +36,9 @@ from .layers import (
     module_params,
     param_dtype_bytes,
 )
-from .tp_detect import DetectedGroup, detect_tp_groups
-from .trace_graph import build_op_graph, measure_error
-from .trace_measure import Measurement, measure
+from .tp_groups import DetectedGroup, detect_tp_groups
+from .opgraph import build_op_graph, measure_error
+from .measure import Measurement, measure
 
 __all__ = ["trace", "normalize_inputs"]
 

@@ -1,6 +1,6 @@
 """The planner's search: the fastest layout that fits, by exact branch-and-bound over strategies + CP-SAT.
 
-1. Enumerate every strategy (:mod:`autoplan.solve_space`): pp × dp × tp factorisations of the world size
+1. Enumerate every strategy (:mod:`autoplan.solve.space`): pp × dp × tp factorisations of the world size
    (tp inside a node unless ``tp_across_nodes``; dp divides the global batch), microbatch size (its count
    follows), schedule (GPipe, 1F1B, interleaved with 2–4 virtual stages), DDP or FSDP — all pins honoured.
 2. For each, an exact lower bound on its step time (:meth:`StrategyTables.lower_bound_s`: perfectly balanced
@@ -9,8 +9,8 @@
 3. In increasing lower-bound order, a greedy layout gives an upper bound; the best one found is the incumbent.
 4. Strategies still below the incumbent get a memory-aware bound
    (:meth:`StrategyTables.refined_lower_bound_s`); in increasing order of it, each one whose bound is below
-   the incumbent is solved exactly by CP-SAT (:mod:`autoplan.solve_model`: stage cuts, per-layer recompute
-   and tensor-parallel choices, memory per rank; objective = :func:`autoplan.estimate.compose`), with the
+   the incumbent is solved exactly by CP-SAT (:mod:`autoplan.solve.cpsat`: stage cuts, per-layer recompute
+   and tensor-parallel choices, memory per rank; objective = :func:`autoplan.cost.plan_cost.compose`), with the
    greedy layout as hint, the incumbent as cutoff and the bound as floor. The first bound at or above the
    incumbent stops the search: nothing after it can win.
 5. The chosen layout drops recompute that buys nothing; the best layouts of other meshes, schedules, the
@@ -37,16 +37,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from .cluster import Cluster
-from .errors import InfeasiblePlanError
-from .estimate import PlanCost, Strategy, estimate_breakdown
-from .explain import format_bytes, format_seconds
-from .graph import ModelGraph
-from .options import PlanOptions
-from .plan import Alternative, Mesh, ModelInfo, Plan, SearchInfo, Stage
-from .solve_model import solve_strategy
-from .solve_space import enumerate_strategies, global_batch_size
-from .solve_tables import Assignment, LayerCostCache, StrategyTables, segments_of
+from ..cluster import Cluster
+from ..errors import InfeasiblePlanError
+from ..cost.plan_cost import PlanCost, Strategy, estimate_breakdown
+from ..explain import format_bytes, format_seconds
+from ..graph import ModelGraph
+from ..options import PlanOptions
+from ..vocabulary import SCHEDULES
+from ..plan import Alternative, Mesh, ModelInfo, Plan, SearchInfo, Stage
+from .cpsat import solve_strategy
+from .space import enumerate_strategies, global_batch_size
+from .tables import Assignment, LayerCostCache, StrategyTables, segments_of
 
 __all__ = ["search", "DEFAULT_TIME_LIMIT_S"]
 
@@ -202,7 +203,7 @@ def _memory_possible(state: _Search, i: int, capacity: int) -> bool:
 
 def build_plan(graph: ModelGraph, cluster: Cluster, strategy: Strategy, assignment: Assignment,
                global_batch: int, search_info: SearchInfo) -> Plan:
-    """The :class:`Plan` of an assignment, with ``predicted`` from :func:`autoplan.estimate.estimate`."""
+    """The :class:`Plan` of an assignment, with ``predicted`` from :func:`autoplan.cost.plan_cost.estimate`."""
     layers = graph.layers
     stages = []
     tensor_parallel: dict[str, str] = {}
@@ -250,7 +251,7 @@ def _alternatives(state: _Search) -> list[Alternative]:
     if pure_dp and pure_dp != (chosen.pp, chosen.dp, chosen.tp) and pure_dp not in other_meshes[:3]:
         groups.append(("mesh", by_mesh[pure_dp]))
     same_mesh = by_mesh[(chosen.pp, chosen.dp, chosen.tp)]
-    for schedule in ("gpipe", "1f1b", "interleaved"):
+    for schedule in SCHEDULES:
         if schedule != chosen.schedule:
             members = [i for i in same_mesh if state.tables[i].strategy.schedule == schedule]
             if members:

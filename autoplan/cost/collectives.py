@@ -1,17 +1,17 @@
 """Collectives under the alpha-beta model, flat and across nodes.
 
 Example:
-    >>> from autoplan.comm import allreduce_s
+    >>> from autoplan.cost.collectives import allreduce_s
     >>> round(allreduce_s(1e9, 8, bandwidth_Bps=100e9, latency_s=0.0), 4)   # 2·7/8·1 GB / 100 GB/s
     0.0175
 """
 
 from __future__ import annotations
 
-from ._checks import check_link as _check_link
-from ._checks import check_non_negative as _check_non_negative
-from ._checks import check_positive_int as _check_positive_int
-from .cluster import Cluster
+from .._checks import check_link as _check_link
+from .._checks import check_non_negative as _check_non_negative
+from .._checks import check_positive_int as _check_positive_int
+from ..cluster import Cluster
 
 __all__ = [
     "allreduce_s",

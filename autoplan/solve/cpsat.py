@@ -1,6 +1,6 @@
 """The CP-SAT model of one strategy: stage cuts and per-layer choices that minimise the step time.
 
-Data (from :class:`~autoplan.solve_tables.StrategyTables`): L layers in G segments of identical layers,
+Data (from :class:`~autoplan.solve.tables.StrategyTables`): L layers in G segments of identical layers,
 segment g = layers [a_g, b_g); S = pp·v stages, stage k on pipeline rank k mod pp; for each segment choice
 c (tensor parallel on/off × recompute option): time t_gc, parameters P_gc, activation bytes A_gc, transient
 bytes R_gc, autocast weight-copy bytes W_gc; per cut position j (after layer j−1): send time q_j and boundary bytes o_j; per rank r: in-flight
@@ -28,13 +28,13 @@ Constraints:
 Objective:
     minimise M·t_max + b·s_max + tail_max      (s_max = t_max when v = 1)
 
-This is :func:`autoplan.estimate.compose` term by term. Seconds and bytes become integers in one place,
+This is :func:`autoplan.cost.plan_cost.compose` term by term. Seconds and bytes become integers in one place,
 :class:`Scale`: time in units of 10⁻⁸ of the strategy's lower bound per microbatch (rounded to nearest),
 memory in units of capacity / 2²⁶ (each term rounded up, the capacity down, so that a layout the model accepts
 always fits). Runs are deterministic: one worker, a fixed seed, and a deterministic-time limit.
 
 Example:
-    >>> from autoplan.solve_model import Scale
+    >>> from autoplan.solve.cpsat import Scale
     >>> Scale(time_unit_s=1e-3, memory_unit_bytes=1024).ticks(0.0105)
     10
 """
@@ -46,8 +46,8 @@ from dataclasses import dataclass
 
 from ortools.sat.python import cp_model
 
-from .estimate import rank_state_bytes, rank_tail_s
-from .solve_tables import Assignment, StrategyTables
+from ..cost.plan_cost import rank_state_bytes, rank_tail_s
+from .tables import Assignment, StrategyTables
 
 __all__ = ["Scale", "ModelResult", "solve_strategy"]
 

@@ -9,7 +9,7 @@ outputs to the earliest stage where all its inputs exist, a node computed only f
 
 Example:
     >>> import torch
-    >>> from autoplan.execute.split import split_into_stages
+    >>> from autoplan.trace.stages import split_into_stages
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
     >>> first, second = split_into_stages(model, [["0", "1"], ["2"]])
     >>> x = torch.randn(3, 4)

@@ -6,7 +6,7 @@ ran it. Parameter and buffer nodes are left out: they are weights, not data flow
 
 Example:
     >>> import torch
-    >>> from autoplan.trace_graph import build_op_graph
+    >>> from autoplan.trace.opgraph import build_op_graph
     >>> g = build_op_graph(torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU()), (torch.randn(2, 8),), {})
     >>> g.method, [g.nx.nodes[n]["module"] for n in g.order if g.nx.nodes[n]["op"] != "placeholder"]
     ('fx', ['0', '1', ''])
@@ -26,8 +26,8 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from .errors import TraceError
-from .trace_measure import fake_inputs, fake_state
+from ..errors import TraceError
+from .measure import fake_inputs, fake_state
 
 __all__ = ["OpGraph", "build_op_graph", "measure_error"]
 

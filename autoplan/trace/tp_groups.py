@@ -27,7 +27,7 @@ from math import gcd
 
 from torch import nn
 
-from .trace_graph import OpGraph
+from .opgraph import OpGraph
 
 __all__ = ["DetectedGroup", "detect_tp_groups"]
 

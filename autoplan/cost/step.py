@@ -1,0 +1,170 @@
+"""What a training step adds beyond its layers: pipeline schedule terms (microbatches in flight, bubble),
+the data-parallel gradient synchronisation and the optimizer update.
+
+Example:
+    >>> from autoplan.cost.step import bubble_microbatches
+    >>> bubble_microbatches("1f1b", pp=4)
+    3
+"""
+
+from __future__ import annotations
+
+from .._checks import check_positive_int as _check_positive_int
+from .._checks import check_precision as _check_precision
+from ..cluster import Cluster
+from ..vocabulary import DATA_PARALLEL_KINDS, PRECISION_BYTES, SCHEDULES
+from .collectives import check_group as _check_group
+from .collectives import group_allgather_s, group_allreduce_s, group_reduce_scatter_s
+from .memory import state_bytes_per_param
+
+__all__ = ["GRAD_REDUCE_BYTES", "data_parallel_sync_s", "optimizer_step_bytes_per_param", "optimizer_step_s",
+           "in_flight_microbatches", "bubble_microbatches"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data parallelism and the optimizer step
+# ---------------------------------------------------------------------------------------------------------------
+
+
+#: Bytes per element of gradient reductions. Mixed precision still reduces gradients in fp32: under autocast the
+#: parameters, hence their gradients, are fp32; FSDP2 is given ``MixedPrecisionPolicy(reduce_dtype=float32)``;
+#: Megatron-LM accumulates and all-reduces bf16 gradients in fp32 (``--accumulate-allreduce-grads-in-fp32``).
+GRAD_REDUCE_BYTES = 4
+
+
+def data_parallel_sync_s(num_params: int, cluster: Cluster, *, dp: int, stride: int, data_parallel: str,
+                         precision: str, grad_reduce_bytes: int = GRAD_REDUCE_BYTES) -> float:
+    """Gradient synchronisation of one device's ``num_params`` per step: DDP all-reduce of gradients; FSDP
+    all-gather of weights in forward and backward plus reduce-scatter of gradients (ZeRO §7).
+
+    ``num_params`` is what the device's stage holds after tensor parallelism and before FSDP sharding; the
+    data-parallel group is ``dp`` ranks ``stride`` (= tp) apart. Gradients travel at ``grad_reduce_bytes`` per
+    element (fp32 by default, see :data:`GRAD_REDUCE_BYTES`; pass ``state_bytes_per_param(...).grads`` for
+    ZeRO's bf16 accounting), gathered weights at the precision's element size. DDP: one (hierarchical)
+    all-reduce of 2(n−1)/n·Ψ·g bytes; FSDP: 2 all-gathers of (n−1)/n·Ψ·p bytes and 1 reduce-scatter of
+    (n−1)/n·Ψ·g bytes, 1.5× the DDP volume when p = g (ZeRO §7.2.2), two-level across nodes
+    (:func:`group_allgather_s`). The caller decides how much of it overlaps compute.
+
+    Example:
+        >>> c = Cluster.preset("a100-80gb")               # 8 GPUs, 300 GB/s NVLink
+        >>> round(data_parallel_sync_s(1_000_000_000, c, dp=8, stride=1, data_parallel="ddp",
+        ...                            precision="bf16"), 4)        # 2·7/8·4 GB / 300 GB/s + 14·5 µs
+        0.0234
+    """
+    if isinstance(num_params, bool) or not isinstance(num_params, int) or num_params < 0:
+        raise ValueError(f"num_params must be an int ≥ 0, got {num_params!r}")
+    _check_positive_int("dp", dp)
+    _check_positive_int("grad_reduce_bytes", grad_reduce_bytes)
+    if data_parallel not in DATA_PARALLEL_KINDS:
+        raise ValueError(f"unknown data_parallel {data_parallel!r}; use one of {DATA_PARALLEL_KINDS}")
+    _check_precision(precision)
+    _check_group(cluster, dp, stride)
+    if dp == 1:
+        return 0.0
+    grad_bytes = num_params * grad_reduce_bytes
+    if data_parallel == "ddp":
+        return group_allreduce_s(grad_bytes, cluster, dp, stride)
+    weight_bytes = num_params * PRECISION_BYTES[precision]
+    return (2 * group_allgather_s(weight_bytes, cluster, dp, stride)
+            + group_reduce_scatter_s(grad_bytes, cluster, dp, stride))
+
+
+def optimizer_step_bytes_per_param(precision: str, optimizer: str) -> int:
+    """Bytes read + written per parameter by one fused optimizer update.
+
+    AdamW (Loshchilov & Hutter 2019, Algorithm 2; torch.optim.AdamW(fused=True) touches each element once):
+    fp32 reads w, g, m, v (16) and writes w, m, v (12) = 28; mixed precision reads the fp32 master, m, v and a
+    bf16 gradient (14) and writes master, m, v and the bf16 working copy (14) = 28 (autocast and FSDP2 mixed
+    precision update fp32 weights from fp32 gradients: the fp32 count, also 28). SGD with momentum: fp32
+    reads w, g, buf (12), writes w, buf (8) = 20; mixed reads master, buf, g (10), writes master, buf, bf16
+    copy (10) = 20.
+
+    Example:
+        >>> optimizer_step_bytes_per_param("bf16", "adamw")
+        28
+    """
+    b = state_bytes_per_param(precision, optimizer)
+    if precision == "fp32":
+        # read weights, grads, states; write weights, states
+        return b.params + b.grads + b.optimizer + b.params + b.optimizer
+    # read fp32 master + states (b.optimizer), low-precision grads; write master + states and the working copy
+    return b.optimizer + b.grads + b.optimizer + b.params
+
+
+def optimizer_step_s(num_params: int, cluster: Cluster, precision: str, optimizer: str) -> float:
+    """The optimizer update of ``num_params`` on one device, memory-bandwidth bound.
+
+    Time = num_params × :func:`optimizer_step_bytes_per_param` / device.memory_bandwidth_Bps (an elementwise
+    update does ~1 FLOP per byte, far below any GPU's FLOP/byte ridge point: roofline, Williams et al. 2009).
+
+    Example:
+        >>> c = Cluster.preset("h100-80gb")               # 3.35 TB/s HBM3
+        >>> round(optimizer_step_s(1_000_000_000, c, "bf16", "adamw") * 1e3, 2)   # 28 GB / 3.35 TB/s
+        8.36
+    """
+    if isinstance(num_params, bool) or not isinstance(num_params, int) or num_params < 0:
+        raise ValueError(f"num_params must be an int ≥ 0, got {num_params!r}")
+    return num_params * optimizer_step_bytes_per_param(precision, optimizer) / cluster.device.memory_bandwidth_Bps
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pipeline schedules
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _check_schedule(schedule: str, pp: int, virtual_stages: int) -> None:
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; use one of {SCHEDULES}")
+    _check_positive_int("pp", pp)
+    _check_positive_int("virtual_stages", virtual_stages)
+    if schedule != "interleaved" and virtual_stages != 1:
+        raise ValueError(f"schedule {schedule!r} has one stage per rank; virtual_stages must be 1, "
+                         f"got {virtual_stages} (use schedule='interleaved')")
+
+
+def in_flight_microbatches(schedule: str, stage: int, pp: int, microbatches: int, virtual_stages: int = 1) -> int:
+    """Microbatches whose activations a pipeline rank holds at its peak (GPipe: all; 1F1B: pp − stage,
+    Narayanan et al. SC'21 §2.2).
+
+    The unit is one microbatch through one of the rank's chunks: with ``virtual_stages`` = v chunks per rank
+    a chunk holds 1/v of the rank's layers, so memory = this × Σ activation_bytes of the rank's layers / v
+    (v = 1: the rank's whole layers). GPipe (Huang et al. 2019) runs every forward first: ``microbatches``.
+    1F1B (PipeDream-Flush, SC'21 §2.2.1): rank s warms up with pp − s forwards, min(pp − s, m). Interleaved
+    1F1B (SC'21 §2.2.2): rank s runs w = 2(pp − 1 − s) + (v − 1)·pp warm-up chunk forwards (Megatron-LM
+    ``forward_backward_pipelining_with_interleaving``; torch ``ScheduleInterleaved1F1B`` warmup_ops), so
+    min(w + 1, m·v) chunk activations are alive. On rank 0 that is (pp + (pp − 1)/v) whole-rank
+    microbatches, Korthikanti et al. 2022 §4.2.3's factor (1 + (pp − 1)/(pp·v)) on pp microbatches.
+    An "interleaved" schedule with v = 1 is plain 1F1B.
+
+    Example:
+        >>> in_flight_microbatches("1f1b", stage=0, pp=4, microbatches=8)
+        4
+        >>> in_flight_microbatches("interleaved", stage=0, pp=4, microbatches=8, virtual_stages=2)   # chunks
+        11
+    """
+    _check_schedule(schedule, pp, virtual_stages)
+    _check_positive_int("microbatches", microbatches)
+    if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < pp:
+        raise ValueError(f"stage must be an int in [0, pp={pp}), got {stage!r}")
+    if schedule == "gpipe":
+        return microbatches
+    if schedule == "1f1b" or virtual_stages == 1:
+        return min(pp - stage, microbatches)
+    warmup_chunks = 2 * (pp - 1 - stage) + (virtual_stages - 1) * pp
+    return min(warmup_chunks + 1, microbatches * virtual_stages)
+
+
+def bubble_microbatches(schedule: str, pp: int, virtual_stages: int = 1) -> float:
+    """Idle time of a pipeline in units of one stage's per-microbatch time: (pp − 1) / virtual_stages
+    (GPipe, 1F1B: Huang et al. 2019; interleaved: Narayanan et al. SC'21 §2.2.2).
+
+    Step time of the pipeline = (microbatches + this) × the slowest rank's forward + backward per microbatch.
+
+    Example:
+        >>> bubble_microbatches("1f1b", pp=8), bubble_microbatches("interleaved", pp=8, virtual_stages=4)
+        (7, 1.75)
+    """
+    _check_schedule(schedule, pp, virtual_stages)
+    if schedule == "interleaved":
+        return (pp - 1) / virtual_stages
+    return pp - 1
