@@ -66,7 +66,7 @@ def format_graph_summary(graph) -> str:
             layer.name or "(root)",
             layer.kind.split(":")[0],
             format_count(layer.num_params),
-            format_flops(layer.flops),
+            format_flops(layer.forward_flops),
             format_bytes(layer.activation_bytes),
             format_bytes(layer.output_bytes),
         )

@@ -31,9 +31,10 @@ class TensorParallelGroup:
     """Modules inside one layer that are sharded together by tensor parallelism.
 
     ``styles`` maps module FQN → style (``"colwise"``, ``"rowwise"``, ``"vocab_embedding"``,
-    ``"vocab_head"``). A colwise/rowwise pair (Megatron-LM SC'21 §3) needs one all-reduce of
-    ``allreduce_bytes`` in forward and one in backward; a vocabulary-parallel embedding one all-reduce in
-    forward; a vocabulary-parallel head one all-gather of its logits in forward and one all-reduce in backward.
+    ``"vocab_head"``). A colwise/rowwise pair (Megatron-LM SC'21 §3) needs one all-reduce of its output
+    (``output_bytes``) in forward and one of its input gradient in backward; a vocabulary-parallel embedding one
+    all-reduce of its output in forward; a vocabulary-parallel head one all-gather of its logits
+    (``output_bytes``) in forward and one all-reduce of its input gradient in backward.
     A degree ``t`` is legal only when ``divisor % t == 0`` (heads, features or vocabulary).
     """
 
@@ -42,7 +43,7 @@ class TensorParallelGroup:
     num_params: int  # parameters sharded by this group (divided by t)
     forward_flops: int  # FLOPs of the sharded modules (divided by t)
     activation_bytes: int  # saved-for-backward bytes that become sharded (divided by t)
-    allreduce_bytes: int  # bytes of the tensor all-reduced/all-gathered at the group's output, example batch
+    output_bytes: int  # bytes of the group's output tensor (all-reduced, or all-gathered for a head), example batch
 
 
 @dataclass(frozen=True)
@@ -64,12 +65,15 @@ class Layer:
 
     ``kind`` is a structural signature: two layers with equal ``kind`` have identical costs (the
     transformer blocks of one model), which lets the planner solve them once.
+
+    FLOPs are ``forward_flops`` and ``backward_flops``, as on :class:`ModelGraph`; ``flops`` is the forward
+    figure under its short public name.
     """
 
     name: str
     index: int
     kind: str
-    flops: int  # forward FLOPs over the example batch
+    forward_flops: int  # forward FLOPs over the example batch
     backward_flops: int
     num_params: int  # parameters first owned by this layer (a tied weight counts at its first owner only)
     param_bytes: int
@@ -78,6 +82,11 @@ class Layer:
     param_names: tuple[str, ...] = ()
     tp_groups: tuple[TensorParallelGroup, ...] = ()
     recompute_options: tuple[RecomputeOption, ...] = ()
+
+    @property
+    def flops(self) -> int:
+        """Forward FLOPs over the example batch (the public name of ``forward_flops``)."""
+        return self.forward_flops
 
     @property
     def tp_divisor(self) -> int:

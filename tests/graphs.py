@@ -22,15 +22,15 @@ def _block(i: int, h: int, s: int, a: int, b: int, dtype_bytes: int) -> Layer:
     attn = TensorParallelGroup(
         styles={f"{name}.attn.qkv": "colwise", f"{name}.attn.proj": "rowwise"},
         divisor=a, num_params=4 * h * h, forward_flops=8 * b * s * h * h + 4 * b * s * s * h,
-        activation_bytes=attn_scores + 3 * out, allreduce_bytes=out,
+        activation_bytes=attn_scores + 3 * out, output_bytes=out,
     )
     mlp = TensorParallelGroup(
         styles={f"{name}.mlp.fc": "colwise", f"{name}.mlp.proj": "rowwise"},
         divisor=4 * h, num_params=8 * h * h, forward_flops=16 * b * s * h * h,
-        activation_bytes=8 * out, allreduce_bytes=out,
+        activation_bytes=8 * out, output_bytes=out,
     )
     return Layer(
-        name=name, index=0, kind="block", flops=flops, backward_flops=2 * flops,
+        name=name, index=0, kind="block", forward_flops=flops, backward_flops=2 * flops,
         num_params=12 * h * h + 13 * h, param_bytes=(12 * h * h + 13 * h) * dtype_bytes,
         activation_bytes=activation, output_bytes=out,
         tp_groups=(attn, mlp),
@@ -48,18 +48,18 @@ def gpt_like_graph(layers: int = 4, hidden: int = 1024, seq: int = 1024, heads: 
     h, s, b = hidden, seq, batch
     out = b * s * h * dtype_bytes
     chain: list[Layer] = [
-        Layer("tok", 0, "embedding", flops=0, backward_flops=0, num_params=vocab * h,
+        Layer("tok", 0, "embedding", forward_flops=0, backward_flops=0, num_params=vocab * h,
               param_bytes=vocab * h * dtype_bytes, activation_bytes=b * s * 8, output_bytes=out,
               tp_groups=(TensorParallelGroup({"tok": "vocab_embedding"}, vocab, vocab * h, 0, 0, out),)),
-        Layer("pos", 0, "position", flops=b * s * h, backward_flops=b * s * h, num_params=s * h,
+        Layer("pos", 0, "position", forward_flops=b * s * h, backward_flops=b * s * h, num_params=s * h,
               param_bytes=s * h * dtype_bytes, activation_bytes=0, output_bytes=out),
     ]
     chain += [_block(i, h, s, heads, b, dtype_bytes) for i in range(layers)]
     logits = b * s * vocab * dtype_bytes
     chain += [
-        Layer("ln_f", 0, "norm", flops=5 * b * s * h, backward_flops=10 * b * s * h, num_params=2 * h,
+        Layer("ln_f", 0, "norm", forward_flops=5 * b * s * h, backward_flops=10 * b * s * h, num_params=2 * h,
               param_bytes=2 * h * dtype_bytes, activation_bytes=out, output_bytes=out),
-        Layer("head", 0, "head", flops=2 * b * s * h * vocab, backward_flops=4 * b * s * h * vocab, num_params=0,
+        Layer("head", 0, "head", forward_flops=2 * b * s * h * vocab, backward_flops=4 * b * s * h * vocab, num_params=0,
               param_bytes=0, activation_bytes=out + logits, output_bytes=logits,
               # the head is tied to tok: it owns no parameter, but its group names the shared weight (as traced)
               tp_groups=(TensorParallelGroup({"head": "vocab_head"}, vocab, vocab * h, 2 * b * s * h * vocab, logits,
@@ -72,7 +72,7 @@ def gpt_like_graph(layers: int = 4, hidden: int = 1024, seq: int = 1024, heads: 
     return ModelGraph(
         model_name=name, layers=chain, nx_graph=graph, batch_size=b, dtype_bytes=dtype_bytes,
         num_params=sum(layer.num_params for layer in chain),
-        forward_flops=sum(layer.flops for layer in chain),
+        forward_flops=sum(layer.forward_flops for layer in chain),
         backward_flops=sum(layer.backward_flops for layer in chain),
         input_bytes=b * s * 8, fingerprint=f"{name}-{layers}-{hidden}".ljust(16, "0")[:16],
     )
@@ -85,7 +85,7 @@ def mlp_graph(widths: tuple[int, ...] = (256, 1024, 1024, 256), batch: int = 32,
         params = fan_in * fan_out + fan_out
         flops = 2 * batch * fan_in * fan_out
         chain.append(Layer(
-            name=f"layers.{i}", index=i, kind=f"linear{fan_in}x{fan_out}", flops=flops, backward_flops=2 * flops,
+            name=f"layers.{i}", index=i, kind=f"linear{fan_in}x{fan_out}", forward_flops=flops, backward_flops=2 * flops,
             num_params=params, param_bytes=params * dtype_bytes, activation_bytes=batch * fan_in * dtype_bytes,
             output_bytes=batch * fan_out * dtype_bytes,
             tp_groups=(TensorParallelGroup({f"layers.{i}": "colwise" if i % 2 == 0 else "rowwise"},
@@ -96,7 +96,7 @@ def mlp_graph(widths: tuple[int, ...] = (256, 1024, 1024, 256), batch: int = 32,
     graph.add_nodes_from(layer.name for layer in chain)
     return ModelGraph(
         model_name="MLP", layers=chain, nx_graph=graph, batch_size=batch, dtype_bytes=dtype_bytes,
-        num_params=sum(layer.num_params for layer in chain), forward_flops=sum(layer.flops for layer in chain),
+        num_params=sum(layer.num_params for layer in chain), forward_flops=sum(layer.forward_flops for layer in chain),
         backward_flops=sum(layer.backward_flops for layer in chain), input_bytes=batch * widths[0] * dtype_bytes,
         fingerprint="mlp".ljust(16, "0"),
     )

@@ -15,12 +15,12 @@ UNIT = Cluster(nodes=1, devices_per_node=8, device=_DEVICE, intra_node_bandwidth
                inter_node_bandwidth_Bps=100.0, intra_node_latency_s=0.0, inter_node_latency_s=0.0)
 
 ATTN = TensorParallelGroup({"blocks.0.attn.qkv": "colwise", "blocks.0.attn.proj": "rowwise"}, divisor=4,
-                           num_params=40, forward_flops=400, activation_bytes=200, allreduce_bytes=64)
+                           num_params=40, forward_flops=400, activation_bytes=200, output_bytes=64)
 MLP = TensorParallelGroup({"blocks.0.mlp.fc": "colwise", "blocks.0.mlp.proj": "rowwise"}, divisor=16,
-                          num_params=50, forward_flops=500, activation_bytes=400, allreduce_bytes=64)
+                          num_params=50, forward_flops=500, activation_bytes=400, output_bytes=64)
 FULL = RecomputeOption("blocks.0", saved_activation_bytes=700, forward_flops=1000)
 SELECTIVE = RecomputeOption("blocks.0.attn", saved_activation_bytes=150, forward_flops=300)
-BLOCK = Layer("blocks.0", 1, "block", flops=1000, backward_flops=2000, num_params=100, param_bytes=400,
+BLOCK = Layer("blocks.0", 1, "block", forward_flops=1000, backward_flops=2000, num_params=100, param_bytes=400,
               activation_bytes=800, output_bytes=64, tp_groups=(ATTN, MLP), recompute_options=(FULL, SELECTIVE))
 
 
@@ -132,7 +132,7 @@ def test_recompute_never_goes_negative():
 
 def test_vocab_parallel_embedding_allreduces_its_output_in_forward_only():
     group = TensorParallelGroup({"tok": "vocab_embedding"}, divisor=100, num_params=1000, forward_flops=0,
-                                activation_bytes=0, allreduce_bytes=80)
+                                activation_bytes=0, output_bytes=80)
     tok = Layer("tok", 0, "embedding", 0, 0, 1000, 4000, 0, 80, tp_groups=(group,))
     c = cost(tok, tp=2)
     assert c.num_params == 500
@@ -142,7 +142,7 @@ def test_vocab_parallel_embedding_allreduces_its_output_in_forward_only():
 def test_vocab_parallel_head_gathers_logits_and_allreduces_input_gradient():
     # 2 samples × 1 token, hidden 10, vocabulary 100: input 80 B, logits 800 B, 4000 forward FLOPs.
     group = TensorParallelGroup({"head": "vocab_head"}, divisor=100, num_params=1000, forward_flops=4000,
-                                activation_bytes=0, allreduce_bytes=800)
+                                activation_bytes=0, output_bytes=800)
     head = Layer("head", 3, "linear", 4000, 8000, 1000, 4000, 80, 800, tp_groups=(group,))
     c = cost(head, tp=2)
     assert c.num_params == 500
@@ -169,7 +169,7 @@ def test_bad_arguments_name_the_cause(kwargs, words):
 def test_tied_head_owns_no_parameters_to_shard():
     # The head's weight is the embedding's (counted there): its group names 1000 parameters, the layer owns 0.
     group = TensorParallelGroup({"head": "vocab_head"}, divisor=100, num_params=1000, forward_flops=4000,
-                                activation_bytes=0, allreduce_bytes=800)
+                                activation_bytes=0, output_bytes=800)
     head = Layer("head", 3, "linear", 4000, 8000, 0, 0, 80, 800, tp_groups=(group,))
     assert cost(head, tp=2).num_params == 0
     assert cost(head, tp=2).tp_comm_s == pytest.approx(0.48)

@@ -158,17 +158,17 @@ def test_tensor_parallel_style_on_the_wrong_module_kind_is_refused():
     plan = plan.replace(mesh=autoplan.Mesh(tp=2), cluster=autoplan.Cluster.preset("cpu", devices_per_node=2),
                         tensor_parallel={"ln_f": "colwise"})
     with pytest.raises(autoplan.PlanMismatchError, match="needs an nn.Linear but the module is LayerNorm"):
-        from autoplan.execute.validate import check_plan_fits
-        check_plan_fits(plan, model, world_size=2)
+        from autoplan.execute.validate import check_plan_matches
+        check_plan_matches(plan, model, world_size=2)
 
 
 def test_tensor_parallel_degree_that_does_not_divide_the_features_is_refused():
-    from autoplan.execute.validate import check_plan_fits
+    from autoplan.execute.validate import check_plan_matches
 
     model = gpt()
     plan = manual_plan(model, [GPT_LAYERS], global_batch_size=6, tp=3, tensor_parallel={"blocks.0.mlp.fc": "colwise"})
     with pytest.raises(autoplan.PlanMismatchError, match="out_features=128 over tp=3"):
-        check_plan_fits(plan, model, world_size=3)
+        check_plan_matches(plan, model, world_size=3)
 
 
 def test_plan_with_planning_arguments_is_a_value_error():

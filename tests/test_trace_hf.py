@@ -61,7 +61,7 @@ def test_llama_layers_flops_and_tensor_parallel_groups():
     assert mlp.styles == {f"{p}.mlp.gate_proj": "colwise", f"{p}.mlp.up_proj": "colwise",
                           f"{p}.mlp.down_proj": "rowwise"}
     assert mlp.divisor == 64
-    assert attn.allreduce_bytes == mlp.allreduce_bytes == BATCH * SEQ * 32 * 4
+    assert attn.output_bytes == mlp.output_bytes == BATCH * SEQ * 32 * 4
     assert graph.layer("model.embed_tokens").tp_groups[0].styles == {"model.embed_tokens": "vocab_embedding"}
     assert graph.layer("lm_head").tp_groups[0].styles == {"lm_head": "vocab_head"}
 

@@ -42,7 +42,7 @@ def test_gpt_tensor_parallel_groups():
     assert attn.styles == {"blocks.1.attn.qkv": "colwise", "blocks.1.attn.proj": "rowwise"}
     assert attn.divisor == CFG.heads
     assert attn.num_params == 4 * CFG.hidden * CFG.hidden + 4 * CFG.hidden
-    assert attn.allreduce_bytes == BATCH * CFG.seq_len * CFG.hidden * 4
+    assert attn.output_bytes == BATCH * CFG.seq_len * CFG.hidden * 4
     assert mlp.styles == {"blocks.1.mlp.fc": "colwise", "blocks.1.mlp.proj": "rowwise"}
     assert mlp.divisor == 4 * CFG.hidden
     # fc output (saved by gelu) and gelu output (saved by proj) are sharded
@@ -50,10 +50,10 @@ def test_gpt_tensor_parallel_groups():
     assert 0 < attn.activation_bytes < graph.layer("blocks.1").activation_bytes
     (emb,) = graph.layer("tok").tp_groups
     assert emb.styles == {"tok": "vocab_embedding"} and emb.divisor == CFG.vocab_size
-    assert emb.activation_bytes == 0 and emb.allreduce_bytes == BATCH * CFG.seq_len * CFG.hidden * 4
+    assert emb.activation_bytes == 0 and emb.output_bytes == BATCH * CFG.seq_len * CFG.hidden * 4
     (head,) = graph.layer("head").tp_groups
     assert head.styles == {"head": "vocab_head"} and head.divisor == CFG.vocab_size
-    assert head.allreduce_bytes == graph.layer("head").output_bytes
+    assert head.output_bytes == graph.layer("head").output_bytes
     assert graph.layer("pos").tp_groups == () and graph.layer("ln_f").tp_groups == ()
     assert graph.layer("blocks.0").tp_divisor == CFG.heads
 

@@ -130,7 +130,7 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
 
     Example:
         >>> from autoplan.graph import Layer
-        >>> layer = Layer("fc", 0, "linear", flops=2_000_000, backward_flops=4_000_000, num_params=1000,
+        >>> layer = Layer("fc", 0, "linear", forward_flops=2_000_000, backward_flops=4_000_000, num_params=1000,
         ...               param_bytes=4000, activation_bytes=8000, output_bytes=4000)
         >>> cost = layer_cost(layer, traced_batch_size=2, traced_dtype_bytes=4, tp=1, microbatch_size=4,
         ...                   precision="bf16", cluster=Cluster.preset("a100-80gb"))
@@ -164,8 +164,8 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
     # layer owns.
     sharded_params = min(group_params, layer.num_params)
     num_params = layer.num_params - sharded_params + _ceil_div(sharded_params, tp)
-    forward_flops = layer.flops - group_flops + group_flops / tp
-    flops_ratio = forward_flops / layer.flops if layer.flops > 0 else 1.0
+    forward_flops = layer.forward_flops - group_flops + group_flops / tp
+    flops_ratio = forward_flops / layer.forward_flops if layer.forward_flops > 0 else 1.0
     activation = layer.activation_bytes - group_activation + group_activation / tp
     activation_ratio = activation / layer.activation_bytes if layer.activation_bytes > 0 else 1.0
 
@@ -186,7 +186,7 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
 
     tp_forward_s = tp_backward_s = tp_recompute_s = 0.0
     for group in groups:
-        nbytes = group.allreduce_bytes * bytes_scale
+        nbytes = group.output_bytes * bytes_scale
         # The head's input gradient has the size of its input: a linear's input elements = FLOPs / (2 × out
         # features), and the vocabulary (out features) is the group's divisor.
         input_bytes = group.forward_flops * traced_dtype_bytes / (2 * group.divisor) * bytes_scale

@@ -30,7 +30,7 @@ from .pipeline import TiedGradientGroup, build_schedule, local_stage_indices, ti
 from .recompute import apply_recompute
 from ..trace.stages import split_into_stages
 from .tensor_parallel import apply_tensor_parallel, tied_parameter_names
-from .validate import check_plan_fits
+from .validate import check_plan_matches
 from .world import World
 
 __all__ = ["LocalStage", "AppliedPlan", "apply_plan"]
@@ -89,7 +89,7 @@ def apply_plan(model: nn.Module, plan: Plan, loss_fn=None) -> AppliedPlan:
     from .batch import default_loss
 
     world = World.current()
-    check_plan_fits(plan, model, world.size)
+    check_plan_matches(plan, model, world.size)
     kind = plan.cluster.device.kind
     device = world.device(kind)
     state_keys = list(model.state_dict().keys())

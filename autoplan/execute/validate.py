@@ -2,11 +2,11 @@
 
 Example:
     >>> import torch, autoplan
-    >>> from autoplan.execute.validate import check_plan_fits
+    >>> from autoplan.execute.validate import check_plan_matches
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     >>> plan = autoplan.Plan.example()
     >>> try:
-    ...     check_plan_fits(plan, model, world_size=1)
+    ...     check_plan_matches(plan, model, world_size=1)
     ... except autoplan.PlanMismatchError as e:
     ...     print("mismatch")
     mismatch
@@ -20,7 +20,7 @@ from ..errors import PlanMismatchError
 from ..trace.fingerprint import model_fingerprint
 from ..plan import Plan
 
-__all__ = ["check_plan_fits", "owning_layer"]
+__all__ = ["check_plan_matches", "owning_layer"]
 
 _STYLE_MODULES = {
     "colwise": nn.Linear,
@@ -45,7 +45,7 @@ def owning_layer(fqn: str, layers: tuple[str, ...]) -> str | None:
     return None
 
 
-def check_plan_fits(plan: Plan, model: nn.Module, world_size: int) -> None:
+def check_plan_matches(plan: Plan, model: nn.Module, world_size: int) -> None:
     """Raise :class:`autoplan.PlanMismatchError` when ``plan`` was made for another model or world size, or names
     modules the model does not have (or of the wrong kind for their tensor-parallel style).
 
@@ -56,7 +56,7 @@ def check_plan_fits(plan: Plan, model: nn.Module, world_size: int) -> None:
         >>> m = torch.nn.Sequential(torch.nn.Linear(4, 4))
         >>> p = autoplan.Plan.example().replace(model=ModelInfo("Sequential", model_fingerprint(m), 20),
         ...                                     stages=(autoplan.Stage(("0",)),))
-        >>> check_plan_fits(p, m, world_size=1)
+        >>> check_plan_matches(p, m, world_size=1)
     """
     fingerprint = model_fingerprint(model)
     if plan.model.fingerprint != fingerprint:

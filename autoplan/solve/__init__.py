@@ -264,7 +264,7 @@ def _alternatives(state: _Search) -> list[Alternative]:
     meshes = sorted((a for kind, a in judged if kind == "mesh" and a is not None),
                     key=lambda a: (a.step_time_s is None, a.step_time_s or 0.0))
     out = meshes + [a for kind, a in judged if kind != "mesh"]
-    uses_recompute = any(choice.recompute >= 0 for stage in state.records[chosen_i].assignment
+    uses_recompute = any(choice.recompute is not None for stage in state.records[chosen_i].assignment
                          for _, choice in stage)
     if uses_recompute and state.options.recompute == "auto":
         out.append(_without_recompute(state, chosen_i, best))

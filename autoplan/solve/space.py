@@ -33,26 +33,33 @@ def divisors(n: int) -> list[int]:
 
 @dataclass(frozen=True)
 class LayerChoice:
-    """How one layer runs: sharded by tensor parallelism or not, and which recompute option (index or -1)."""
+    """How one layer runs: sharded by tensor parallelism or not, and which recompute option (an index into
+    ``Layer.recompute_options``, or ``None`` for no recompute)."""
 
     tp_on: bool
-    recompute: int  # index into Layer.recompute_options, -1 for none
+    recompute: int | None
 
     def option(self, layer: Layer) -> RecomputeOption | None:
-        return None if self.recompute < 0 else layer.recompute_options[self.recompute]
+        """The recompute option this choice names on ``layer``, or ``None``."""
+        return None if self.recompute is None else layer.recompute_options[self.recompute]
+
+    @property
+    def order_key(self) -> tuple[int, bool]:
+        """Sorts choices deterministically: no recompute first, then by option index, unsharded first."""
+        return (-1 if self.recompute is None else self.recompute, self.tp_on)
 
 
-def _recompute_allowed(layer: Layer, mode: str) -> list[int]:
+def _recompute_allowed(layer: Layer, mode: str) -> list[int | None]:
     options = list(enumerate(layer.recompute_options))
     if mode == "none":
-        return [-1]
+        return [None]
     if mode == "full":
-        full = [i for i, o in options if o.module == layer.name]
-        return full[:1] or [-1]
+        full: list[int | None] = [i for i, o in options if o.module == layer.name]
+        return full[:1] or [None]
     if mode == "selective":
-        selective = [i for i, o in options if o.module != layer.name]
-        return selective or [-1]
-    return [-1] + [i for i, _ in options]
+        selective: list[int | None] = [i for i, o in options if o.module != layer.name]
+        return selective or [None]
+    return [None] + [i for i, _ in options]
 
 
 def layer_choices(layer: Layer, tp: int, recompute: str) -> list[LayerChoice]:
@@ -65,7 +72,7 @@ def layer_choices(layer: Layer, tp: int, recompute: str) -> list[LayerChoice]:
         >>> from autoplan.graph import Layer
         >>> layer = Layer("fc", 0, "linear", 1, 2, 3, 12, 4, 4)
         >>> layer_choices(layer, tp=1, recompute="auto")
-        [LayerChoice(tp_on=False, recompute=-1)]
+        [LayerChoice(tp_on=False, recompute=None)]
     """
     tp_options = [False]
     if tp > 1 and layer.tp_divisor and layer.tp_divisor % tp == 0:

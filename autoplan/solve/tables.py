@@ -33,9 +33,9 @@ Assignment = list[list[tuple[int, LayerChoice]]]
 
 
 def _signature(layer: Layer) -> tuple:
-    return (layer.kind, layer.flops, layer.backward_flops, layer.num_params, layer.param_bytes,
+    return (layer.kind, layer.forward_flops, layer.backward_flops, layer.num_params, layer.param_bytes,
             layer.activation_bytes, layer.output_bytes, layer.tp_groups and tuple(
-                (g.divisor, g.num_params, g.forward_flops, g.activation_bytes, g.allreduce_bytes,
+                (g.divisor, g.num_params, g.forward_flops, g.activation_bytes, g.output_bytes,
                  tuple(sorted(g.styles.values()))) for g in layer.tp_groups),
             tuple((o.module == layer.name, o.saved_activation_bytes, o.forward_flops)
                   for o in layer.recompute_options))
@@ -294,9 +294,9 @@ class StrategyTables:
         best = [list(stage) for stage in assignment]
         for k, stage in enumerate(best):
             for j, (i, choice) in enumerate(stage):
-                if choice.recompute < 0:
+                if choice.recompute is None:
                     continue
-                stage[j] = (i, LayerChoice(choice.tp_on, -1))
+                stage[j] = (i, LayerChoice(choice.tp_on, None))
                 trial = self.evaluate(best)
                 if trial.fits and trial.step_time_s <= result.step_time_s:
                     result = trial
@@ -451,7 +451,7 @@ def tied_layer_groups(graph: ModelGraph) -> list[list[int]]:
 
 def _sorted(rows: list[ChoiceCost]) -> list[ChoiceCost]:
     return sorted(rows, key=lambda c: (c.time_s, c.num_params, c.activation_bytes, c.transient_bytes,
-                                       c.copy_bytes, c.choice.recompute, c.choice.tp_on))
+                                       c.copy_bytes) + c.choice.order_key)
 
 
 def _non_dominated(rows: list[ChoiceCost]) -> list[ChoiceCost]:
@@ -471,7 +471,7 @@ def _non_dominated(rows: list[ChoiceCost]) -> list[ChoiceCost]:
                 break
         if not dominated:
             kept.append(row)
-    return sorted(kept, key=lambda c: key(c) + (c.choice.recompute, c.choice.tp_on))
+    return sorted(kept, key=lambda c: key(c) + c.choice.order_key)
 
 
 class _LowerHull:

@@ -143,7 +143,7 @@ def trace(model: torch.nn.Module, example_inputs: Any = None) -> ModelGraph:
                 # saved bytes stay out of the kind: a storage shared by all blocks (Llama's rotary cos/sin) is
                 # counted once, at the first block, yet the blocks are the same layer
                 kind=layer_kind(model, name, (fwd[i], bwd[i], num_params)),
-                flops=fwd[i],
+                forward_flops=fwd[i],
                 backward_flops=bwd[i],
                 num_params=num_params,
                 param_bytes=param_bytes,
@@ -252,7 +252,7 @@ def _tp_groups_by_layer(groups: list[DetectedGroup], model, m: Measurement, op_g
                 num_params=sum(module_params(model, fqn) for fqn in group.styles),
                 forward_flops=sum(module_fwd.get(fqn, 0) for fqn in group.styles),
                 activation_bytes=sharded,
-                allreduce_bytes=op_graph.nx.nodes[group.output_node]["bytes"],
+                output_bytes=op_graph.nx.nodes[group.output_node]["bytes"],
             )
         )
     return out
