@@ -1,9 +1,12 @@
-"""Tiny Hugging Face models with random weights, for tracing tests (transformers 5.x, ``use_cache=False``).
+"""Tiny Hugging Face models (transformers 5.x) with random weights and DEFAULT configs apart from their sizes: the
+generation cache stays on (``use_cache=True``), dropout stays as configured; tracing must cope by itself.
 
-Each builder returns ``(model, example_inputs)``; ``device="meta"`` builds the same model without weights.
+``FAMILIES`` maps a family name to a builder ``(device=None) -> (model, example_inputs)``; ``device="meta"`` builds
+the same model without weights. Every family: hidden 32, 4 query heads (2 key/value heads where the family has
+grouped heads), 2 layers (2 + 2 for encoder-decoders), vocabulary 128, batch 2 × 16 tokens.
 
 Example:
-    >>> model, inputs = hf_llama()                                   # doctest: +SKIP
+    >>> model, inputs = FAMILIES["llama"]()                         # doctest: +SKIP
     >>> sorted(inputs)                                               # doctest: +SKIP
     ['input_ids']
 """
@@ -15,10 +18,15 @@ from contextlib import nullcontext
 import torch
 
 BATCH, SEQ, VOCAB = 2, 16, 128
+HIDDEN, HEADS, KV_HEADS, INTER, LAYERS = 32, 4, 2, 64, 2
 
 
 def _ids(batch: int = BATCH, seq: int = SEQ, vocab: int = VOCAB) -> dict:
     return {"input_ids": torch.randint(0, vocab, (batch, seq))}
+
+
+def _seq2seq_ids() -> dict:
+    return {**_ids(), "decoder_input_ids": torch.randint(0, VOCAB, (BATCH, SEQ))}
 
 
 def _build(model_cls, config, device):
@@ -27,83 +35,107 @@ def _build(model_cls, config, device):
     return model.train()
 
 
+def _decoder_kw(**overrides) -> dict:
+    kw = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
+              num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=64)
+    kw.update(overrides)
+    return kw
+
+
+def _causal(config_name: str, model_name: str, **overrides):
+    def build(device=None, **more):
+        import transformers
+
+        config = getattr(transformers, config_name)(**_decoder_kw(**{**overrides, **more}))
+        return _build(getattr(transformers, model_name), config, device), _ids()
+
+    build.__doc__ = f"{model_name} from a default {config_name} at toy size"
+    return build
+
+
 def hf_gpt2(device=None):
-    """GPT-2 LM head model: 2 layers, 4 heads, hidden 32 (its projections are Conv1D, not nn.Linear)."""
+    """GPT-2 LM head model (its projections are Conv1D, q/k/v fused in c_attn)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    cfg = GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32, n_layer=2, n_head=4, use_cache=False,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS)
     return _build(GPT2LMHeadModel, cfg, device), _ids()
 
 
-def llama_config(**overrides):
-    from transformers import LlamaConfig
+def hf_opt(device=None):
+    """OPT causal LM (q/k/v/out projections with bias, learned positions offset by 2)."""
+    from transformers import OPTConfig, OPTForCausalLM
 
-    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=SEQ, use_cache=False)
-    kw.update(overrides)
-    return LlamaConfig(**kw)
+    cfg = OPTConfig(vocab_size=VOCAB, hidden_size=HIDDEN, ffn_dim=INTER, num_hidden_layers=LAYERS,
+                    num_attention_heads=HEADS, max_position_embeddings=64, word_embed_proj_dim=HIDDEN, pad_token_id=1)
+    return _build(OPTForCausalLM, cfg, device), _ids()
 
 
-def hf_llama(device=None, **overrides):
-    """Llama causal LM: 2 layers, 4 query heads over 2 key/value heads, hidden 32."""
-    from transformers import LlamaForCausalLM
+def hf_bloom(device=None):
+    """BLOOM causal LM (fused query_key_value laid out per head, ALiBi)."""
+    from transformers import BloomConfig, BloomForCausalLM
 
-    return _build(LlamaForCausalLM, llama_config(**overrides), device), _ids()
+    return _build(BloomForCausalLM, BloomConfig(vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS),
+                  device), _ids()
+
+
+def hf_bert(device=None):
+    """BERT encoder with its masked-LM head."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                     intermediate_size=INTER, max_position_embeddings=64)
+    return _build(BertForMaskedLM, cfg, device), _ids()
+
+
+def hf_t5(device=None):
+    """T5 encoder-decoder with its LM head (relative position bias); decoder ids given explicitly."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=VOCAB, d_model=HIDDEN, d_kv=HIDDEN // HEADS, d_ff=INTER, num_layers=LAYERS,
+                   num_heads=HEADS, decoder_start_token_id=0)
+    return _build(T5ForConditionalGeneration, cfg, device), _seq2seq_ids()
+
+
+def hf_bart(device=None):
+    """BART encoder-decoder with its LM head; decoder ids given explicitly."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    cfg = BartConfig(vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS,
+                     encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=INTER,
+                     decoder_ffn_dim=INTER, max_position_embeddings=64)
+    return _build(BartForConditionalGeneration, cfg, device), _seq2seq_ids()
+
+
+def hf_vit(device=None):
+    """ViT image classifier on 32×32 images in 8×8 patches."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
+                    num_attention_heads=HEADS, intermediate_size=INTER, num_labels=10)
+    return _build(ViTForImageClassification, cfg, device), {"pixel_values": torch.randn(BATCH, 3, 32, 32)}
+
+
+hf_llama = _causal("LlamaConfig", "LlamaForCausalLM")
+hf_mistral = _causal("MistralConfig", "MistralForCausalLM")
+hf_qwen2 = _causal("Qwen2Config", "Qwen2ForCausalLM")
+hf_qwen3 = _causal("Qwen3Config", "Qwen3ForCausalLM", head_dim=HIDDEN // HEADS)
+hf_gemma = _causal("GemmaConfig", "GemmaForCausalLM", head_dim=HIDDEN // HEADS)
+hf_phi3 = _causal("Phi3Config", "Phi3ForCausalLM", pad_token_id=0)
+hf_mixtral = _causal("MixtralConfig", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2)
+hf_qwen2_moe = _causal("Qwen2MoeConfig", "Qwen2MoeForCausalLM", num_experts=4, num_experts_per_tok=2,
+                       moe_intermediate_size=32, shared_expert_intermediate_size=INTER)
+
+FAMILIES = {
+    "gpt2": hf_gpt2, "llama": hf_llama, "mistral": hf_mistral, "qwen2": hf_qwen2, "qwen3": hf_qwen3,
+    "gemma": hf_gemma, "phi3": hf_phi3, "opt": hf_opt, "bloom": hf_bloom, "bert": hf_bert, "t5": hf_t5,
+    "bart": hf_bart, "vit": hf_vit, "mixtral": hf_mixtral, "qwen2_moe": hf_qwen2_moe,
+}
 
 
 def hf_llama_7b_meta(seq: int = 128):
     """A Llama-7B-shaped model on the meta device (no weights) with one example sequence."""
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = llama_config(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
     return _build(LlamaForCausalLM, cfg, "meta"), _ids(batch=1, seq=seq, vocab=32000)
-
-
-def hf_qwen2(device=None):
-    """Qwen2 causal LM (q/k/v projections with bias), 2 layers."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ, use_cache=False)
-    return _build(Qwen2ForCausalLM, cfg, device), _ids()
-
-
-def hf_bert(device=None):
-    """BERT encoder with its masked-LM head, 2 layers, no dropout."""
-    from transformers import BertConfig, BertForMaskedLM
-
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=SEQ, hidden_dropout_prob=0.0,
-                     attention_probs_dropout_prob=0.0)
-    return _build(BertForMaskedLM, cfg, device), _ids()
-
-
-def hf_mistral(device=None):
-    """Mistral causal LM (grouped key/value heads), 2 layers."""
-    from transformers import MistralConfig, MistralForCausalLM
-
-    cfg = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=SEQ, use_cache=False)
-    return _build(MistralForCausalLM, cfg, device), _ids()
-
-
-def hf_t5(device=None):
-    """T5 encoder-decoder with its LM head, 2 + 2 layers, no dropout; decoder ids given explicitly."""
-    from transformers import T5Config, T5ForConditionalGeneration
-
-    cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
-                   use_cache=False, decoder_start_token_id=0)
-    inputs = _ids()
-    inputs["decoder_input_ids"] = torch.randint(0, VOCAB, (BATCH, SEQ))
-    return _build(T5ForConditionalGeneration, cfg, device), inputs
-
-
-def hf_vit(device=None):
-    """ViT image classifier on 32×32 images in 8×8 patches, 2 layers."""
-    from transformers import ViTConfig, ViTForImageClassification
-
-    cfg = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                    intermediate_size=64, num_labels=10, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    return _build(ViTForImageClassification, cfg, device), {"pixel_values": torch.randn(BATCH, 3, 32, 32)}

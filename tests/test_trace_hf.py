@@ -1,4 +1,5 @@
-"""Hugging Face models (transformers 5.x) traced through torch.export: FLOPs, activations, layers, TP groups."""
+"""Hugging Face models (transformers 5.x) traced through torch.export with their default configs (generation cache
+on): FLOPs, activations, layers, TP groups, mixture-of-experts layers."""
 
 from __future__ import annotations
 
@@ -102,3 +103,40 @@ def test_llama_7b_shaped_model_on_meta_traces():
     assert _close(graph.forward_flops, llama_forward_flops(model.config, 1, 128), 0.02)
     assert len(graph.layers) == 32 + 4
     assert graph.layer("model.layers.7").tp_divisor == 32
+
+
+QUICK_FAMILIES = ("gpt2", "llama", "bart")
+
+
+@pytest.mark.parametrize("family", [
+    f if f in QUICK_FAMILIES else pytest.param(f, marks=pytest.mark.slow) for f in models_hf.FAMILIES
+])
+def test_every_family_traces_with_its_default_config(family):
+    model, inputs = models_hf.FAMILIES[family]()
+    assert getattr(model.config, "use_cache", True) is not False  # the default: a cache object in the output
+    graph = autoplan.trace(model, inputs)
+    assert graph.method == "export"
+    assert graph.num_params == sum(p.numel() for p in model.parameters())
+    assert graph.forward_flops > 0 and graph.backward_flops > graph.forward_flops
+    assert len(graph.layers) >= 4
+
+
+def mixtral_forward_flops(cfg, batch: int, seq: int) -> int:
+    """Llama's attention and head, plus per token: the router (h × experts) and top-k experts of 3·h·inter each."""
+    h, inter, heads = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
+    kv = cfg.num_key_value_heads * (h // heads)
+    tokens = batch * seq
+    attention = 2 * tokens * (2 * h * h + 2 * h * kv) + 4 * batch * seq * seq * h
+    experts = 2 * tokens * (cfg.num_experts_per_tok * 3 * h * inter + h * cfg.num_local_experts)
+    return cfg.num_hidden_layers * (attention + experts) + 2 * tokens * h * cfg.vocab_size
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mixture_of_experts_grouped_matmuls_are_counted_exactly(dtype):
+    # transformers runs the experts as one aten._grouped_mm per projection; its fake kernel takes bf16 only
+    model, inputs = models_hf.hf_mixtral()
+    model = model.to(dtype)
+    graph = autoplan.trace(model, inputs)
+    assert graph.forward_flops == mixtral_forward_flops(model.config, BATCH, SEQ)
+    # backward: about twice the forward (input and weight gradients of every matmul)
+    assert 1.9 < graph.backward_flops / graph.forward_flops < 2.2

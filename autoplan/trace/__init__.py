@@ -39,6 +39,7 @@ from .chain import (
 from .tp_groups import DetectedGroup, detect_tp_groups
 from .opgraph import build_op_graph, measure_error
 from .measure import Measurement, measure
+from .adapters import trace_kwargs
 
 __all__ = ["trace", "normalize_inputs"]
 
@@ -100,6 +101,7 @@ def trace(model: torch.nn.Module, example_inputs: Any = None) -> ModelGraph:
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"trace expects a torch.nn.Module, got {type(model).__name__}")
     args, kwargs, batch_size = normalize_inputs(example_inputs)
+    kwargs = trace_kwargs(model, kwargs)  # e.g. use_cache=False: a generation cache is no training output
     started = time.perf_counter()
     export_args, export_kwargs = _on_model_device(model, args, kwargs)
     op_graph = build_op_graph(model, export_args, export_kwargs)

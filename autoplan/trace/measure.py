@@ -45,17 +45,52 @@ def _cpu_flash_backward_flops(grad_out, query, key, value, *args, **kwargs) -> i
     return sdpa_backward_flop_count(tuple(grad_out.shape), tuple(query.shape), tuple(key.shape), tuple(value.shape))
 
 
+def grouped_mm_flops(mat_a, mat_b, *args, **kwargs) -> int:
+    """FLOPs of a grouped matmul (``torch._grouped_mm``; mixture-of-experts layers): 2 per multiply-add.
+
+    Every row (2-D × 3-D), reduction element (2-D × 2-D) or column (3-D × 2-D) belongs to exactly one group, so
+    the ragged dim counts once in full; 3-D × 3-D is a batched matmul.
+
+    Example:
+        >>> import torch
+        >>> grouped_mm_flops(torch.empty(6, 4), torch.empty(3, 4, 5))   # 6 routed tokens, 3 experts, 4 → 5
+        240
+    """
+    a, b = tuple(mat_a.shape), tuple(mat_b.shape)
+    if len(a) == 2 and len(b) == 3:  # (tokens, K) × (groups, K, N): each token row meets one group
+        return 2 * a[0] * a[1] * b[2]
+    if len(a) == 2 and len(b) == 2:  # (M, K_total) × (K_total, N), ragged K: a weight gradient per group
+        return 2 * a[0] * a[1] * b[1]
+    if len(a) == 3 and len(b) == 2:  # (groups, M, K) × (K, N_total), ragged N
+        return 2 * a[1] * a[2] * b[1]
+    return 2 * a[0] * a[1] * a[2] * b[2]  # (groups, M, K) × (groups, K, N)
+
+
 # torch.utils.flop_counter has no entry for the CPU flash-attention kernel that fake CPU tensors dispatch to;
-# its FLOPs are those of every other SDPA kernel, so reuse flop_counter's own sdpa formulas.
+# its FLOPs are those of every other SDPA kernel, so reuse flop_counter's own sdpa formulas. Nor has it one for
+# grouped matmuls (transformers' mixture-of-experts layers, natively or by its fallback op).
 _EXTRA_FLOP_FORMULAS = {
     aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_forward_flops,
     aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward_flops,
+    aten._grouped_mm: grouped_mm_flops,
 }
+
+
+def _run(func, args, kwargs):
+    """``func`` on fake tensors. The fake (meta) kernel of ``aten._grouped_mm`` accepts only bf16 while the CPU and
+    CUDA kernels also take fp32: run other dtypes' shapes through bf16 and hand back the caller's dtype."""
+    if func is aten._grouped_mm.default and args[0].dtype != torch.bfloat16:
+        dtype = args[0].dtype
+        cast = [a.to(torch.bfloat16) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+        return func(*cast, **kwargs).to(dtype)
+    return func(*args, **kwargs)
 
 
 def op_flops(func, args, kwargs, out) -> int:
     """FLOPs of one ATen op call by ``torch.utils.flop_counter``'s formulas (0 for ops it does not count)."""
     packet = func._overloadpacket
+    if packet.__name__ == "grouped_mm_fallback":  # transformers' custom op: the same product as aten._grouped_mm
+        return grouped_mm_flops(*args, **kwargs)
     if packet in flop_registry:
         return int(flop_registry[packet](*args, **kwargs, out_val=out))
     if packet in _EXTRA_FLOP_FORMULAS:
@@ -122,7 +157,7 @@ class _DispatchRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
+        out = _run(func, args, kwargs)
         s = self.s
         flops = op_flops(func, args, kwargs, out)
         if s.in_backward:
