@@ -10,6 +10,7 @@ Example:
 
 from .api import parallelize, plan
 from .cluster import Cluster, Device
+from .execute.state_dict import load_safetensors, save_safetensors
 from .errors import AutoplanError, InfeasiblePlanError, PlanMismatchError, TraceError
 from .graph import Layer, ModelGraph
 from .plan import Mesh, Plan, Stage
@@ -29,8 +30,10 @@ __all__ = [
     "PlanMismatchError",
     "Stage",
     "TraceError",
+    "load_safetensors",
     "parallelize",
     "plan",
+    "save_safetensors",
     "trace",
     "__version__",
 ]

@@ -16,7 +16,9 @@ Example (a world of one: no process group, the model trains as is):
 
 from __future__ import annotations
 
+import copy
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +27,9 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from ..plan import Plan
 from .data_parallel import apply_data_parallel, low_precision_dtype
+from .guards import (agree_on_initial_weights, check_batch_norm, check_not_parallelized, fail_together,
+                     mark_parallelized, watch_replaced_parameters)
+from .materialize import held_tensors, init_weights_by_module, on_meta, retie, shared_seed
 from .mesh import build_mesh, mesh_coordinates
 from .pipeline import TiedGradientGroup, build_schedule, local_stage_indices, tied_gradient_groups
 from .recompute import apply_recompute
@@ -62,6 +67,8 @@ class AppliedPlan:
     tied_groups: list[TiedGradientGroup] = field(default_factory=list)
     state_keys: list[str] = field(default_factory=list)
     autocast_dtype: torch.dtype | None = None  # mixed precision by autocast (DDP and single-device plans)
+    tied: list[list[str]] = field(default_factory=list)  # names of each weight tied in the original model
+    uninitialized: bool = False  # built on meta with init_weights=False: load a state dict or checkpoint first
 
 
 def _held_styles(root: nn.Module, styles: dict[str, str]) -> dict[str, str]:
@@ -80,31 +87,64 @@ def _info(world: World, message: str, *args) -> None:
         log.info("autoplan: " + message, *args)
 
 
-def apply_plan(model: nn.Module, plan: Plan, loss_fn=None) -> AppliedPlan:
+def apply_plan(model: nn.Module, plan: Plan, loss_fn=None, init_weights: Callable | bool | None = None,
+               timeout_s: float | None = None) -> AppliedPlan:
     """Change ``model`` in place (and split it) to run ``plan`` on this rank. ``loss_fn`` is needed when the plan
-    pipelines (the last stage computes the loss).
+    pipelines (the last stage computes the loss). A model on meta is allocated stage by stage, shard by shard, and
+    initialized with ``init_weights`` (see :mod:`autoplan.execute.materialize`). ``timeout_s``: the process
+    group's collective timeout when this call creates it.
 
     Example: see the module docstring.
     """
+    world = World.current()
+    check_not_parallelized(model)
+    check_plan_matches(plan, model, world.size)
+    if init_weights is not None and init_weights is not False and not callable(init_weights):
+        raise ValueError(f"init_weights must be a function of a module, None (reset_parameters()) or False (load "
+                         f"a state dict or checkpoint next), got {init_weights!r}")
+    meta = on_meta(model)
+    sync_batch_norm = check_batch_norm(model, plan.mesh.dp, plan.microbatches, plan.cluster.device.kind)
+    parts = split_into_stages(model, [s.layers for s in plan.stages]) if plan.mesh.pp > 1 else [model]
+    world.init_process_group(plan.cluster.device.kind, timeout_s)
+    with fail_together("autoplan.parallelize"):
+        applied = _apply(model, parts, plan, loss_fn, init_weights, meta, sync_batch_norm)
+    mark_parallelized(model)
+    return applied
+
+
+def _apply(model: nn.Module, parts: list[nn.Module], plan: Plan, loss_fn, init_weights, meta: bool,
+           sync_batch_norm: bool) -> AppliedPlan:
     from .batch import default_loss
 
     world = World.current()
-    check_plan_matches(plan, model, world.size)
     kind = plan.cluster.device.kind
     device = world.device(kind)
     state_keys = list(model.state_dict().keys())
     tied = tied_parameter_names(model)
+    before = list(model.named_parameters(remove_duplicate=False))
     m = plan.mesh
-    parts = split_into_stages(model, [s.layers for s in plan.stages]) if m.pp > 1 else [model]
-
-    world.init_process_group(kind)
-    world = World.current()
+    # An untouched meta copy: init_weights runs on full-size copies of one module at a time (no memory).
+    reference = copy.deepcopy(model) if meta and init_weights is not False else None
     mesh = build_mesh(m, kind) if world.distributed else None
     coords = mesh_coordinates(m, world.rank)
-    model.to(device)
-    if m.pp > 1:
-        for part in parts:  # a stage may hold root-level constants of its own (fx get_attr targets)
-            part.to(device)
+    seed = shared_seed(world.distributed) if reference is not None else 0
+    if sync_batch_norm:  # pp = 1 here (one microbatch): parts == [model]
+        nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=mesh["dp"].get_group())
+        _info(world, "converted batch normalization to SyncBatchNorm over the data-parallel ranks")
+    if not meta:
+        model.to(device)
+        if m.pp > 1:
+            for part in parts:  # a stage may hold root-level constants of its own (fx get_attr targets)
+                part.to(device)
+        if agree_on_initial_weights(model):
+            _info(world, "ranks built the model with different weights (per-rank seeds?): rank 0's are used")
+
+    def materialize(root: nn.Module) -> None:
+        # This rank's part only: TP and FSDP have already made the parameters shards.
+        root.to_empty(device=device)
+        retie([root], tied)
+        if reference is not None:
+            init_weights_by_module(reference, held_tensors([root]), init_weights or None, seed)
 
     indices = local_stage_indices(len(plan.stages), m.pp, coords["pp"]) if m.pp > 1 else [0]
     stages: list[LocalStage] = []
@@ -116,10 +156,17 @@ def apply_plan(model: nn.Module, plan: Plan, loss_fn=None) -> AppliedPlan:
         recompute = plan.stages[k].recompute if m.pp > 1 else plan.recompute
         counts["recompute"] += apply_recompute(root, recompute)
         runner = root
-        if m.dp > 1 and any(p.requires_grad for p in root.parameters()):
+        data_parallel = m.dp > 1 and any(p.requires_grad for p in root.parameters())
+        classic_ddp = data_parallel and plan.data_parallel == "ddp" and m.tp == 1 and m.pp == 1
+        # FSDP and replicate() shard parameters on meta, so allocate after them; classic DDP needs real tensors.
+        if meta and (classic_ddp or not data_parallel):
+            materialize(root)
+        if data_parallel:
             layers = plan.stages[k].layers if m.pp > 1 else plan.layers
             runner = apply_data_parallel(root, plan.data_parallel, mesh["dp"], layers, plan.precision,
                                          composed=m.tp > 1 or m.pp > 1)
+            if meta and not classic_ddp:
+                materialize(root)
         stages.append(LocalStage(k, root, runner))
     if m.tp > 1:
         _info(world, "applied tensor parallel (tp=%d) to %d modules", m.tp, counts["tp"])
@@ -137,10 +184,12 @@ def apply_plan(model: nn.Module, plan: Plan, loss_fn=None) -> AppliedPlan:
         tied_groups = tied_gradient_groups(plan, tied, world.rank)
         _info(world, "applied pipeline parallel (pp=%d, %s, %d stages, %d microbatches)", m.pp, plan.schedule,
               len(plan.stages), plan.microbatches)
+    watch_replaced_parameters(before, held_tensors([s.module for s in stages]))
     # FSDP2 and replicate() take a MixedPrecisionPolicy; the rest computes under autocast.
     uses_autocast = m.dp == 1 or (plan.data_parallel == "ddp" and m.tp == 1 and m.pp == 1)
     return AppliedPlan(
         plan=plan, world=world, device=device, coords=coords, stages=stages, mesh=mesh, schedule=schedule,
         tied_groups=tied_groups, state_keys=state_keys,
         autocast_dtype=low_precision_dtype(plan.precision) if uses_autocast else None,
+        tied=tied, uninitialized=meta and init_weights is False,
     )

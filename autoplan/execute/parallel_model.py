@@ -53,6 +53,7 @@ from ..plan import Plan
 from .apply import AppliedPlan
 from .batch import as_args, batch_size_of, default_loss, dp_slice, microbatches
 from .mesh import rank_at
+from .guards import check_ddp_gradients, fail_together
 from .pipeline import sync_tied_gradients
 
 __all__ = ["ParallelModel"]
@@ -165,9 +166,14 @@ class ParallelModel:
 
         Example: ``loss = pm.train_step(tokens, next_tokens); opt.step(); opt.zero_grad()``
         """
-        a, loss = self._run(inputs, targets, backward=True)
-        sync_tied_gradients(a.tied_groups, dict(self.named_parameters()))
-        return self._global_mean(a, loss)
+        a, args, targets = self._prepare(inputs, targets)
+        with fail_together("train_step"):
+            loss = self._run(a, args, targets, backward=True)
+            sync_tied_gradients(a.tied_groups, dict(self.named_parameters()))
+            mean = self._global_mean(a, loss)
+        if isinstance(a.stages[0].runner, DistributedDataParallel):  # after the step's collectives: alike on all
+            check_ddp_gradients(self.named_parameters())
+        return mean
 
     @torch.no_grad()
     def evaluate(self, inputs: Any, targets: torch.Tensor) -> float:
@@ -175,15 +181,26 @@ class ParallelModel:
 
         Example: ``val_loss = pm.evaluate(tokens, next_tokens)``
         """
-        a, loss = self._run(inputs, targets, backward=False)
-        return self._global_mean(a, loss)
+        a, args, targets = self._prepare(inputs, targets)
+        with fail_together("evaluate"):
+            return self._global_mean(a, self._run(a, args, targets, backward=False))
 
-    def _run(self, inputs: Any, targets: torch.Tensor, *, backward: bool):
-        """This rank's part of the global batch through the model (pipelined when pp > 1): (applied, loss)."""
+    def _prepare(self, inputs: Any, targets: torch.Tensor) -> tuple[AppliedPlan, tuple, Any]:
+        """Checks that fail alike on every rank (before any collective), then this rank's slice of the batch."""
         a = self._ready(inputs)
+        if a.uninitialized:
+            raise ValueError(
+                "the model was built on meta and parallelized with init_weights=False, so its weights are "
+                "uninitialized memory; call pm.load_state_dict(...), autoplan.load_safetensors(pm, ...) or "
+                "pm.load_checkpoint(...) first (or parallelize without init_weights=False)"
+            )
         args, targets = self._local_batch(a, inputs, targets)
+        return a, args, targets
+
+    def _run(self, a: AppliedPlan, args: tuple, targets: Any, *, backward: bool) -> torch.Tensor:
+        """This rank's part of the global batch through the model (pipelined when pp > 1): the loss."""
         run = self._accumulate if a.schedule is None else self._pipeline
-        return a, run(a, args, targets, backward=backward)
+        return run(a, args, targets, backward=backward)
 
     def __call__(self, *inputs: Any) -> Any:
         """The model's outputs for ``inputs`` on this rank (with TP, every rank of a TP group gets the same).
@@ -275,3 +292,36 @@ class ParallelModel:
         if missing:
             raise RuntimeError(f"full_state_dict: no rank holds {missing}; the plan's stages do not cover them")
         return {k: merged[k] for k in a.state_keys}
+
+    def load_state_dict(self, state_dict: dict[str, torch.Tensor] | None) -> None:
+        """Load full (unsharded) tensors under the original names into this rank's shards, for any layout. Every
+        rank calls it: with the dict, or rank 0 with it and the others with ``None``. Tied weights need one name
+        of their group. See :mod:`autoplan.execute.state_dict`.
+
+        Example: ``pm.load_state_dict(torch.load("model.pt") if rank == 0 else None)``
+        """
+        from .state_dict import load_full_state_dict
+
+        load_full_state_dict(self, state_dict)
+
+    def save_checkpoint(self, path: str, optimizer: torch.optim.Optimizer | None = None, extra: Any = None,
+                        async_save: bool = False):
+        """Write a sharded checkpoint (model, optimizer, ``extra``) to the folder ``path`` with
+        ``torch.distributed.checkpoint``; every rank writes its part. Loads under any plan and world size. With
+        ``async_save=True`` returns a future to wait on. Collective. See :mod:`autoplan.execute.checkpoint`.
+
+        Example: ``pm.save_checkpoint(f"ckpt/step{step}", optimizer=opt, extra={"step": step})``
+        """
+        from .checkpoint import save
+
+        return save(self, path, optimizer, extra, async_save)
+
+    def load_checkpoint(self, path: str, optimizer: torch.optim.Optimizer | None = None) -> Any:
+        """Read a checkpoint written by :meth:`save_checkpoint` under any plan into this rank's shards (and
+        ``optimizer``, built over ``pm.parameters()``); returns its ``extra``. Collective.
+
+        Example: ``extra = pm.load_checkpoint("ckpt/step100", optimizer=opt)``
+        """
+        from .checkpoint import load
+
+        return load(self, path, optimizer)

@@ -27,6 +27,7 @@ from ..cluster import Cluster
 from ..plan import Plan
 from .apply import AppliedPlan, apply_plan
 from .batch import as_args
+from .guards import check_not_parallelized
 from .parallel_model import ParallelModel
 from ..trace.stages import pipeline_split_blocker
 from .world import World
@@ -36,7 +37,8 @@ log = logging.getLogger("autoplan")
 __all__ = ["parallelize"]
 
 
-def _plan_everywhere(model: nn.Module, example_inputs: tuple, cluster: Cluster | None, plan_kwargs: dict) -> Plan:
+def _plan_everywhere(model: nn.Module, example_inputs: tuple, cluster: Cluster | None, plan_kwargs: dict,
+                     timeout_s: float | None = None) -> Plan:
     """Plan on rank 0 and broadcast the JSON; an error on rank 0 is raised on every rank (no rank hangs)."""
     from ..api import plan as make_plan
 
@@ -52,7 +54,7 @@ def _plan_everywhere(model: nn.Module, example_inputs: tuple, cluster: Cluster |
                         "torch.fx around its submodules (%s)", type(model).__name__, blocker)
             plan_kwargs = {**plan_kwargs, "mesh": {**mesh, "pp": 1}}
     world = World.current()
-    world.init_process_group(cluster.device.kind)
+    world.init_process_group(cluster.device.kind, timeout_s)
     world = World.current()
     payload: dict[str, Any] = {}
     if world.rank == 0:
@@ -83,6 +85,8 @@ def parallelize(
     loss_fn: Callable | None = None,
     plan: Plan | str | Path | None = None,
     cluster: Cluster | None = None,
+    init_weights: Callable | bool | None = None,
+    timeout: float | None = None,
     **plan_kwargs: Any,
 ) -> ParallelModel:
     """Apply a plan to ``model`` on this rank and return a :class:`ParallelModel`. Call it on every rank.
@@ -97,7 +101,17 @@ def parallelize(
       a single process without torchrun is a world of one and needs none.
     - The plan is checked first: another model's fingerprint, another world size, or modules the model lacks raise
       :class:`autoplan.PlanMismatchError` before anything is changed. The model is then changed in place (tensor
-      parallel shards, FSDP, recompute); use the returned ParallelModel, not the model.
+      parallel shards, FSDP, recompute); use the returned ParallelModel, not the model. A model that is already
+      parallelized (by autoplan, FSDP, DDP or DTensor) is refused.
+    - A model built on the meta device (``with torch.device("meta"): model = build()``) is allocated on each rank
+      only where it holds it (its pipeline stages, its tensor-parallel and FSDP shards), then initialized by
+      ``init_weights(module)`` for every module (default: ``module.reset_parameters()``) — identically on every
+      rank whatever its seed; ``init_weights=False`` leaves it to ``pm.load_state_dict`` / ``pm.load_checkpoint``.
+      See :mod:`autoplan.execute.materialize`. A real model built with different weights on different ranks gets
+      rank 0's.
+    - ``timeout`` (seconds): how long a collective waits for a stalled rank before every rank raises (applies when
+      parallelize creates the process group). An error on one rank while applying or in a step makes every rank
+      raise that rank's error (see :mod:`autoplan.execute.guards`).
 
     Example: see the module docstring; under torchrun ``autoplan.parallelize(model, (tokens,), mesh={"tp": 2})``.
     """
@@ -114,10 +128,13 @@ def parallelize(
             plan = Plan.load(plan)
         if not isinstance(plan, Plan):
             raise ValueError(f"plan must be an autoplan.Plan or the path of a plan JSON, got {type(plan).__name__}")
-        return ParallelModel(loss_fn, applied=apply_plan(model, plan, loss_fn))
+        return ParallelModel(loss_fn, applied=apply_plan(model, plan, loss_fn, init_weights, timeout))
+
+    check_not_parallelized(model)
 
     def plan_and_apply(inputs: tuple) -> AppliedPlan:
-        return apply_plan(model, _plan_everywhere(model, inputs, cluster, dict(plan_kwargs)), loss_fn)
+        plan = _plan_everywhere(model, inputs, cluster, dict(plan_kwargs), timeout)
+        return apply_plan(model, plan, loss_fn, init_weights, timeout)
 
     if example_inputs is None:
         return ParallelModel(loss_fn, pending=plan_and_apply)

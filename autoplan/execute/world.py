@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -65,13 +66,18 @@ class World:
             raise ValueError(f"unknown device kind {kind!r}; plans name 'cuda' or 'cpu'")
         return torch.device("cpu")
 
-    def init_process_group(self, kind: str) -> None:
+    def init_process_group(self, kind: str, timeout_s: float | None = None) -> None:
         """Create the default process group once (gloo on CPU, nccl on CUDA) when the world has several ranks.
+        ``timeout_s``: how long a collective waits for a stalled rank before raising (torch's default: 30 min for
+        gloo, 10 min for nccl); it applies only when this call creates the group.
 
         Example:
-            >>> World(0, 1, 0).init_process_group("cpu")  # a world of one needs none
+            >>> World(0, 1, 0).init_process_group("cpu", timeout_s=60)  # a world of one needs none
         """
+        if timeout_s is not None and not timeout_s > 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout_s!r}")
         if not self.distributed or dist.is_initialized():
             return
         backend = "nccl" if kind == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        timeout = timedelta(seconds=timeout_s) if timeout_s is not None else None
+        dist.init_process_group(backend=backend, timeout=timeout)

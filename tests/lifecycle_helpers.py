@@ -1,0 +1,66 @@
+"""Model-lifecycle test support: six global batches, one-process references, and a launcher that collects every
+rank's results (the fail-together case shuts the process groups down, so ranks write their own files)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from distributed_helpers import GLOBAL_BATCH, GPT_CONFIG, LR, REPO, build_model
+
+WORKER = Path(__file__).with_name("lifecycle_worker.py")
+
+
+def six_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Six GPT global batches, the same on every rank and in the references."""
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for _ in range(6):
+        tokens = torch.randint(0, GPT_CONFIG.vocab_size, (GLOBAL_BATCH, GPT_CONFIG.seq_len + 1), generator=g)
+        out.append((tokens[:, :-1], tokens[:, 1:]))
+    return out
+
+
+def train_reference(model: torch.nn.Module, batches) -> tuple[list[float], dict]:
+    """AdamW steps of one process over whole global batches: (losses, final state dict)."""
+    from autoplan.execute.batch import default_loss
+
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    losses = []
+    for inputs, targets in batches:
+        loss = default_loss(model(inputs), targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def six_step_reference() -> tuple[list[float], dict]:
+    return train_reference(build_model("gpt"), six_batches())
+
+
+def run_lifecycle_world(cases: list[dict], tmp_path: Path, nproc: int = 4, timeout_s: int = 240) -> list[dict]:
+    """Run the cases in one torchrun world; returns each rank's {name: result}."""
+    spec = tmp_path / "cases.json"
+    spec.write_text(json.dumps(cases))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
+           str(WORKER), str(spec), str(tmp_path)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"torchrun world timed out after {timeout_s} s:\n{stderr[-8000:]}") from None
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{stdout[-4000:]}\n{stderr[-8000:]}")
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(nproc)]

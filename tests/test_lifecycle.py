@@ -1,0 +1,131 @@
+"""Train what you plan, on real gloo process groups: models built on meta (each rank allocates its part and every
+layout initializes alike), full and safetensors loading, checkpoints resumed under another layout and world size
+(losses and weights equal to one process training throughout), and the guards that turn hangs and silent mistakes
+into errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import autoplan
+from autoplan.execute.manual import manual_plan
+from autoplan.models import GPT
+from distributed_helpers import GPT_CONFIG, LR, build_model, layout
+from lifecycle_helpers import run_lifecycle_world, six_batches, six_step_reference, train_reference
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _plan(name: str, **kw) -> dict:
+    return layout("gpt", name, **kw)["plan"]
+
+
+def _assert_states_close(got: dict, want: dict, what: str) -> None:
+    assert list(got) == list(want), what
+    for key, value in want.items():
+        assert torch.allclose(got[key], value, atol=1e-4, rtol=1e-4), (what, key)
+
+
+def _meta_reference(seed: int = 7) -> dict:
+    """The initial weights of a meta GPT parallelized in a world of one under ``torch.manual_seed(seed)``."""
+    with torch.device("meta"):
+        model = GPT(GPT_CONFIG)
+    torch.manual_seed(seed)
+    pm = autoplan.parallelize(model, plan=manual_plan(model, **_plan("one")))
+    return pm.full_state_dict()
+
+
+RESUME_PAIRS = [
+    ("fsdp4>dp2xpp2", _plan("fsdp4", dp=4, data_parallel="fsdp"), _plan("dp2xpp2", pp=2, dp=2)),
+    ("dp2xpp2>dp2xtp2", _plan("dp2xpp2", pp=2, dp=2), _plan("dp2xtp2", dp=2, tp=2)),
+    ("dp2xtp2>pp4-interleaved", _plan("dp2xtp2", dp=2, tp=2), _plan("pp4i", pp=4, schedule="interleaved")),
+    ("pp4-interleaved>dp4", _plan("pp4i", pp=4, schedule="interleaved"), _plan("dp4", dp=4)),
+]
+
+
+def _check_resume(results: dict, name: str, reference: tuple[list[float], dict]) -> None:
+    losses, state = reference
+    got = results[name]
+    assert got["extra"] == {"step": 3}
+    assert got["losses"] == pytest.approx(losses, rel=1e-5), name
+    _assert_states_close(got["state"], state, name)
+
+
+def test_meta_init_resume_and_loading_match_one_process(tmp_path):
+    """One world: meta init under four layouts (identical to a world of one, whatever each rank's seed, and
+    training like one process from there), fsdp4 → dp2×pp2 resume, full-state and safetensors loading; then a
+    checkpoint saved by 4 ranks resumed in a world of one."""
+    layouts = {"fsdp4": _plan("fsdp4", dp=4, data_parallel="fsdp"),
+               "dp2xtp2": _plan("dp2xtp2", dp=2, tp=2),
+               "fsdp2xpp2": _plan("fsdp2xpp2", pp=2, dp=2, data_parallel="fsdp"),
+               "pp2xtp2-interleaved": _plan("pp2xtp2i", pp=2, tp=2, schedule="interleaved")}
+    cases = [{"name": f"meta:{k}", "action": "meta_init", "plan": v} for k, v in layouts.items()]
+    name, a, b = RESUME_PAIRS[0]
+    cases.append({"name": name, "action": "resume", "a": a, "b": b, "dir": str(tmp_path)})
+    cases.append({"name": "load", "action": "load_full", "a": layouts["dp2xtp2"], "b": layouts["fsdp2xpp2"],
+                  "dir": str(tmp_path)})
+    results = run_lifecycle_world(cases, tmp_path)[0]
+
+    init = _meta_reference()
+    model = build_model("gpt")
+    model.load_state_dict(init)
+    meta_losses, meta_state = train_reference(model, six_batches()[:3])
+    for key in layouts:
+        got = results[f"meta:{key}"]
+        for k, v in init.items():
+            assert torch.equal(got["init"][k], v), (key, k)  # bit for bit: same seed, same modules
+        assert got["losses"] == pytest.approx(meta_losses, rel=1e-5), key
+        _assert_states_close(got["state"], meta_state, key)
+    assert init["head.weight"].data_ptr() != 0 and torch.equal(init["tok.weight"], init["head.weight"])
+
+    reference = six_step_reference()
+    _check_resume(results, name, reference)
+
+    full = build_model("gpt").state_dict()
+    for how in ("rank0", "safetensors", "everywhere"):
+        _assert_states_close(results["load"][how], full, how)
+
+    # the same checkpoint (saved by 4 ranks under fsdp4 after 3 steps) resumed by one process, no plan split
+    with torch.device("meta"):
+        meta = GPT(GPT_CONFIG)
+    pm = autoplan.parallelize(meta, plan=manual_plan(meta, **_plan("one")), init_weights=False)
+    opt = torch.optim.AdamW(pm.parameters(), lr=LR)
+    assert pm.load_checkpoint(tmp_path / name.replace(":", "_"), optimizer=opt) == {"step": 3}
+    losses = []
+    for inputs, targets in six_batches()[3:]:
+        losses.append(pm.train_step(inputs, targets))
+        opt.step()
+        opt.zero_grad()
+    assert losses == pytest.approx(reference[0][3:], rel=1e-5)
+    _assert_states_close(pm.full_state_dict(), reference[1], "world of one")
+
+
+@pytest.mark.slow
+def test_resume_across_every_axis(tmp_path):
+    cases = [{"name": n, "action": "resume", "a": a, "b": b, "dir": str(tmp_path)} for n, a, b in RESUME_PAIRS[1:]]
+    results = run_lifecycle_world(cases, tmp_path, timeout_s=360)[0]
+    reference = six_step_reference()
+    for name, _, _ in RESUME_PAIRS[1:]:
+        _check_resume(results, name, reference)
+
+
+def test_guards_fail_clearly_and_together(tmp_path):
+    cases = [{"name": "guards", "action": "guards", "plan": _plan("fsdp2xtp2", dp=2, tp=2, data_parallel="fsdp")},
+             {"name": "fail", "action": "fail_together", "failing_rank": 3,
+              "plan": _plan("pp4", pp=4, schedule="1f1b")}]
+    ranks = run_lifecycle_world(cases, tmp_path)
+    for rank, results in enumerate(ranks):
+        g = results["guards"]
+        assert g["twice"].startswith("ValueError: the model was already parallelized by autoplan"), g["twice"]
+        assert g["stale_optimizer"].startswith("ValueError: this optimizer holds parameter"), g["stale_optimizer"]
+        assert "batch normalization" in g["batch_norm"] and "SyncBatchNorm" in g["batch_norm"], g["batch_norm"]
+        assert g["ddp_unused"].startswith("ValueError: parameters ['spare.weight', 'spare.bias'] got no gradient")
+        assert g["fsdp_unused"] is None, g["fsdp_unused"]
+        error = results["fail"]["error"]
+        assert error is not None and "the loss of this rank is broken" in error, (rank, error)
+        assert error.startswith("ValueError"), error
+        if rank != 3:
+            assert "rank 3 failed during train_step" in error, error
+        assert results["fail"]["seconds"] < 20, results["fail"]
+    assert ranks[0]["guards"]["seeds_agree"] is True
