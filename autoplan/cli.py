@@ -1,7 +1,7 @@
 """The ``autoplan`` command line: plan a model for a cluster, show a saved plan, calibrate a cluster.
 
     autoplan plan autoplan.models:gpt3_175b --cluster a100-80gb --nodes 128 --global-batch 1536 --explain
-    autoplan show plan.json --explain
+    autoplan show plan.json --explain --picture plan.png
     autoplan calibrate ...            (under torchrun; see autoplan.calibrate)
 
 Errors print one line on stderr and exit with status 2.
@@ -69,6 +69,21 @@ def load_factory(spec: str) -> tuple[Any, Any]:
     return result
 
 
+_PICTURE_HELP = ("also draw the plan (timeline per pipeline rank, memory per device) to FILE.png or FILE.svg; "
+                 "needs matplotlib: pip install 'autoplan[viz]'")
+
+
+def _output(plan, args: argparse.Namespace) -> None:
+    """What both commands print after the plan: the explanation, then the picture (checked before drawing)."""
+    print(plan)
+    if args.explain:
+        print()
+        print(plan.explain())
+    if args.picture:
+        path = plan.draw(args.picture)
+        print(f"\npicture written to {path}")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autoplan", description="Plan data/tensor/pipeline parallelism.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,10 +105,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tp-across-nodes", action="store_true", help="allow tensor-parallel groups across nodes")
     p.add_argument("--json", default=None, help="also write the plan to this JSON file")
     p.add_argument("--explain", action="store_true", help="also print the cost split and the alternatives")
+    p.add_argument("--picture", default=None, metavar="FILE", help=_PICTURE_HELP)
 
     s = sub.add_parser("show", help="print a saved plan")
     s.add_argument("path")
-    s.add_argument("--explain", action="store_true")
+    s.add_argument("--explain", action="store_true", help="also print the cost split, timeline and alternatives")
+    s.add_argument("--picture", default=None, metavar="FILE", help=_PICTURE_HELP)
 
     sub.add_parser("calibrate", help="measure this cluster under torchrun (see autoplan.calibrate)",
                    add_help=False)
@@ -111,10 +128,7 @@ def _plan(args: argparse.Namespace) -> int:
         data_parallel=args.data_parallel, schedule=args.schedule, time_limit_s=args.time_limit,
         tp_across_nodes=args.tp_across_nodes,
     )
-    print(plan)
-    if args.explain:
-        print()
-        print(plan.explain())
+    _output(plan, args)
     if args.json:
         plan.save(args.json)
         print(f"\nplan written to {args.json}")
@@ -128,10 +142,7 @@ def _show(args: argparse.Namespace) -> int:
         plan = Plan.load(args.path)
     except FileNotFoundError as exc:
         raise CliError(f"no plan file at {args.path}") from exc
-    print(plan)
-    if args.explain:
-        print()
-        print(plan.explain())
+    _output(plan, args)
     return 0
 
 

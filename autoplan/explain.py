@@ -250,6 +250,20 @@ def format_plan(plan) -> str:
     return "\n".join(lines)
 
 
+def _timeline_lines(plan) -> list[str]:
+    """The predicted timeline, one line per pipeline rank (nothing for a plan without per-stage figures)."""
+    from .timeline import ALTERNATING, BLOCK_KINDS, format_timeline, timeline
+
+    if not (plan.predicted.stages and plan.predicted.ranks):
+        return []
+    letters = {"forward": "forward", "recompute": "recompute", "backward": "backward", "dp_sync": "data-parallel sync",
+               "optimizer": "optimizer"}
+    legend = ", ".join(f"{BLOCK_KINDS[k]} {name}" for k, name in letters.items())
+    return ["", "Timeline of one step, one line per pipeline rank:",
+            *("  " + line for line in format_timeline(timeline(plan))),
+            f"  {legend},", f"  {ALTERNATING} forward and backward in turn, · idle (pipeline bubble)"]
+
+
 def explain_plan(plan) -> str:
     """Why this plan: its cost split, then the best alternatives the search weighed and why each lost.
 
@@ -276,6 +290,7 @@ def explain_plan(plan) -> str:
              why) for name, sec, why in parts]
     lines.append("Cost split (nothing overlaps; the parts add up to the step):")
     lines += _table(rows, right=(1, 2))
+    lines += _timeline_lines(plan)
     alts = plan.search.alternatives
     if alts:
         lines.append("")

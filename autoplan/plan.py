@@ -21,7 +21,8 @@ from .cluster import Cluster
 from .vocabulary import DATA_PARALLEL_KINDS as DATA_PARALLEL
 from .vocabulary import OPTIMIZERS, PRECISIONS, SCHEDULES, TP_STYLES
 
-__all__ = ["Mesh", "Stage", "Predicted", "SearchInfo", "Alternative", "ModelInfo", "Plan", "PLAN_VERSION"]
+__all__ = ["Mesh", "Stage", "StageTime", "RankFigures", "MEMORY_KINDS", "Predicted", "SearchInfo", "Alternative",
+           "ModelInfo", "Plan", "PLAN_VERSION"]
 
 PLAN_VERSION = 1
 
@@ -29,6 +30,26 @@ PLAN_VERSION = 1
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
+
+
+def _check_tp_pairs(styles: dict[str, str]) -> None:
+    """A colwise linear leaves its output split over the tp ranks; only a rowwise linear of the same parent
+    module (Megatron's pair, e.g. ``attn.qkv`` → ``attn.proj``) joins it again. One without the other would
+    hand a shard to code that expects the whole tensor, so a plan must give both or neither."""
+    by_parent: dict[str, set[str]] = {}
+    for fqn, style in styles.items():
+        if style in ("colwise", "rowwise"):
+            by_parent.setdefault(fqn.rpartition(".")[0], set()).add(style)
+    for parent, kinds in sorted(by_parent.items()):
+        if len(kinds) == 1:
+            (have,) = kinds
+            want = "rowwise" if have == "colwise" else "colwise"
+            names = sorted(f for f, s in styles.items() if s == have and f.rpartition(".")[0] == parent)
+            raise ValueError(
+                f"tensor_parallel gives {names} the style {have!r} but no module of {parent or 'the model'!r} is "
+                f"{want!r}: a {have} linear needs its {want} partner in the same parent module (Megatron pairs, "
+                f"e.g. attn.qkv colwise with attn.proj rowwise); add the partner or drop the style"
+            )
 
 
 @dataclass(frozen=True)
@@ -67,8 +88,59 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class StageTime:
+    """One pipeline stage, one microbatch: the seconds the cost model charges (its ``T_k``, split by kind).
+
+    ``comm_s`` is the stage's tensor-parallel collectives and pipeline sends (forward and backward together).
+    """
+
+    forward_s: float
+    backward_s: float
+    recompute_s: float = 0.0
+    comm_s: float = 0.0
+
+    @property
+    def total_s(self) -> float:
+        return self.forward_s + self.backward_s + self.recompute_s + self.comm_s
+
+
+#: The kinds of bytes a device holds, in the order pictures stack them (see :class:`RankFigures`).
+MEMORY_KINDS = ("parameters", "gradients", "optimizer_states", "activations", "transients")
+
+
+@dataclass(frozen=True)
+class RankFigures:
+    """One pipeline rank (its worst device): what follows the last backward, and its peak memory by kind.
+
+    ``transients_bytes`` is everything alive only part of the step: rematerialised activations and FSDP's gathered
+    weights of one layer, pipeline send/receive buffers, autocast's low-precision weight copy, the loss buffers.
+    """
+
+    dp_sync_s: float
+    optimizer_s: float
+    parameters_bytes: int
+    gradients_bytes: int
+    optimizer_states_bytes: int
+    activations_bytes: int
+    transients_bytes: int
+
+    @property
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes by kind, keys :data:`MEMORY_KINDS` in order."""
+        return {kind: getattr(self, f"{kind}_bytes") for kind in MEMORY_KINDS}
+
+    @property
+    def peak_bytes(self) -> int:
+        return sum(self.memory_bytes.values())
+
+
+@dataclass(frozen=True)
 class Predicted:
-    """What the cost model predicts for one training iteration over the global batch."""
+    """What the cost model predicts for one training iteration over the global batch.
+
+    ``stages`` (one :class:`StageTime` per stage) and ``ranks`` (one :class:`RankFigures` per pipeline rank) are
+    the figures the step time and memory were composed from; plans written before they existed have neither.
+    """
 
     step_time_s: float
     peak_memory_bytes: tuple[int, ...]  # one per pipeline stage (its worst device)
@@ -78,10 +150,17 @@ class Predicted:
     recompute_s: float = 0.0
     optimizer_s: float = 0.0
     samples_per_s: float = 0.0
+    stages: tuple[StageTime, ...] = ()
+    ranks: tuple[RankFigures, ...] = ()
 
     def to_dict(self) -> dict:
+        """JSON form; ``stages`` and ``ranks`` are left out when empty (the v1 form from before they existed)."""
         d = asdict(self)
         d["peak_memory_bytes"] = list(self.peak_memory_bytes)
+        for key in ("stages", "ranks"):
+            d[key] = [asdict(x) for x in getattr(self, key)]
+            if not d[key]:
+                del d[key]
         return d
 
 
@@ -196,6 +275,7 @@ class Plan:
         for fqn, style in self.tensor_parallel.items():
             _check(style in TP_STYLES, f"tensor_parallel[{fqn!r}] = {style!r}; styles are {TP_STYLES}")
         _check(m.tp > 1 or not self.tensor_parallel, "tensor_parallel styles given but mesh.tp is 1")
+        _check_tp_pairs(self.tensor_parallel)
 
     # -- derived ----------------------------------------------------------------------------------------------
     @property
@@ -241,7 +321,7 @@ class Plan:
         if not isinstance(data, dict) or "autoplan_plan" not in data:
             raise ValueError("not an autoplan plan: the JSON object has no 'autoplan_plan' version key")
         version = data["autoplan_plan"]
-        if version != PLAN_VERSION:
+        if isinstance(version, bool) or version != PLAN_VERSION:
             raise PlanMismatchError(
                 f"plan format version {version!r} is not supported by this autoplan (reads version "
                 f"{PLAN_VERSION}); re-plan with autoplan.plan(...) or upgrade autoplan"
@@ -251,34 +331,9 @@ class Plan:
         missing = [k for k in required if k not in data]
         if missing:
             raise ValueError(f"plan JSON is missing keys {missing}")
-        try:
-            predicted = data.get("predicted")
-            search = dict(data.get("search") or {})
-            search["alternatives"] = tuple(Alternative(**a) for a in search.get("alternatives", ()))
-            return cls(
-                model=ModelInfo(**data["model"]),
-                cluster=Cluster.from_dict(data["cluster"]),
-                global_batch_size=int(data["global_batch_size"]),
-                microbatch_size=int(data["microbatch_size"]),
-                microbatches=int(data["microbatches"]),
-                mesh=Mesh(**data["mesh"]),
-                schedule=data["schedule"],
-                data_parallel=data["data_parallel"],
-                stages=tuple(
-                    Stage(tuple(s["layers"]), tuple(s.get("recompute", ()))) for s in data["stages"]
-                ),
-                tensor_parallel=dict(data.get("tensor_parallel") or {}),
-                precision=data.get("precision", "fp32"),
-                optimizer=data.get("optimizer", "adamw"),
-                virtual_stages=int(data.get("virtual_stages", 1)),
-                predicted=(
-                    Predicted(**{**predicted, "peak_memory_bytes": tuple(predicted["peak_memory_bytes"])})
-                    if predicted else None
-                ),
-                search=SearchInfo(**search),
-            )
-        except (TypeError, KeyError) as exc:
-            raise ValueError(f"malformed plan JSON: {exc}") from exc
+        from .plan_json import plan_from_dict
+
+        return plan_from_dict(data)
 
     def save(self, path: str | Path) -> None:
         """Write the plan as JSON (never pickle).
@@ -323,7 +378,19 @@ class Plan:
         return format_plan(self)
 
     def explain(self) -> str:
-        """Cost split and the best alternatives with why each lost."""
+        """Cost split, the predicted timeline (one line per pipeline rank) and the best alternatives with why
+        each lost."""
         from .explain import explain_plan
 
         return explain_plan(self)
+
+    def draw(self, path: str | Path) -> Path:
+        """Save a picture of the plan (``.png``, ``.svg`` or ``.pdf``): the predicted timeline of one step per
+        pipeline rank, and memory per device by kind against capacity. Needs matplotlib
+        (``pip install 'autoplan[viz]'``); see :mod:`autoplan.viz`.
+
+        Example: ``autoplan.plan(model, inputs, cluster=cluster).draw("plan.png")``
+        """
+        from .viz import draw
+
+        return draw(self, path)

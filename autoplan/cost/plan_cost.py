@@ -60,7 +60,7 @@ from .. import cost
 from ..vocabulary import PRECISION_BYTES
 from ..cluster import Cluster
 from ..graph import Layer, ModelGraph, RecomputeOption
-from ..plan import Plan, Predicted
+from ..plan import Plan, Predicted, RankFigures, StageTime
 
 __all__ = ["Strategy", "RankCost", "PlanCost", "estimate", "estimate_breakdown", "compose", "layer_choice_cost",
            "rank_tail_s", "rank_state_bytes", "weight_copy_bytes_per_param", "loss_bytes"]
@@ -155,6 +155,7 @@ class PlanCost:
     samples_per_s: float
     global_batch_size: int
     notes: tuple[str, ...] = field(default_factory=tuple)
+    stage_times: tuple[StageTime, ...] = ()  # per stage, one microbatch: the T_k above, by kind
 
     @property
     def slowest_rank(self) -> RankCost:
@@ -180,8 +181,22 @@ class PlanCost:
         return Predicted(
             step_time_s=self.step_time_s, peak_memory_bytes=self.peak_memory_bytes, compute_s=self.compute_s,
             comm_s=self.comm_s, bubble_s=self.bubble_s, recompute_s=self.recompute_s,
-            optimizer_s=self.optimizer_s, samples_per_s=self.samples_per_s,
+            optimizer_s=self.optimizer_s, samples_per_s=self.samples_per_s, stages=self.stage_times,
+            ranks=tuple(rank_figures(self.strategy, r) for r in self.ranks),
         )
+
+
+def rank_figures(strategy: Strategy, rank: RankCost) -> RankFigures:
+    """A rank's tail seconds and its peak bytes by kind (the model state split as
+    :func:`autoplan.cost.model_state_bytes` counts it: FSDP holds ⌈Ψ/dp⌉ of each kind, DDP all Ψ)."""
+    per_param = cost.state_bytes_per_param(strategy.precision, strategy.optimizer)
+    held = -(-rank.num_params // strategy.dp) if strategy.data_parallel == "fsdp" else rank.num_params
+    return RankFigures(
+        dp_sync_s=rank.dp_sync_s, optimizer_s=rank.optimizer_s, parameters_bytes=held * per_param.params,
+        gradients_bytes=held * per_param.grads, optimizer_states_bytes=held * per_param.optimizer,
+        activations_bytes=rank.activation_bytes,
+        transients_bytes=rank.transient_bytes + rank.p2p_buffer_bytes + rank.weight_copy_bytes + rank.loss_bytes,
+    )
 
 
 def layer_choice_cost(graph: ModelGraph, layer: Layer, cluster: Cluster, strategy: Strategy, tp_on: bool,
@@ -321,6 +336,12 @@ def compose(strategy: Strategy, cluster: Cluster, stages: Sequence[Sequence[cost
         step_time_s=step, compute_s=m * slow.compute_s, recompute_s=m * slow.recompute_s,
         comm_s=m * (slow.tp_comm_s + slow.p2p_s) + tail.dp_sync_s, bubble_s=bubble, optimizer_s=tail.optimizer_s,
         samples_per_s=global_batch_size / step if step > 0 else 0.0, global_batch_size=global_batch_size,
+        stage_times=tuple(
+            StageTime(sum(c.forward_s for c in stage), sum(c.backward_s for c in stage),
+                      sum(c.recompute_s for c in stage),
+                      sum(c.tp_comm_s for c in stage)
+                      + (stage_p2p_s(strategy, cluster, boundary[k]) if k < last else 0.0))
+            for k, stage in enumerate(stages)),
     )
 
 
