@@ -37,6 +37,7 @@ from .chain import (
     param_dtype_bytes,
 )
 from .tp_groups import DetectedGroup, detect_tp_groups
+from .tp_check import check_tp_groups, record_parents
 from .opgraph import build_op_graph, measure_error
 from .measure import Measurement, measure
 from .adapters import trace_kwargs
@@ -105,8 +106,9 @@ def trace(model: torch.nn.Module, example_inputs: Any = None) -> ModelGraph:
     started = time.perf_counter()
     export_args, export_kwargs = _on_model_device(model, args, kwargs)
     op_graph = build_op_graph(model, export_args, export_kwargs)
+    candidates = detect_tp_groups(op_graph, model)
     try:
-        m = measure(model, args, kwargs)
+        m = measure(model, args, kwargs, record_inputs=record_parents(model, candidates))
     except Exception as error:  # noqa: BLE001 - reworded with the module and line, chained
         raise measure_error(model, error) from error
 
@@ -131,7 +133,8 @@ def trace(model: torch.nn.Module, example_inputs: Any = None) -> ModelGraph:
         # a parameter outside every layer (a root-level token such as ViT's cls) is used by the first layer
         layer_param_names[owner if owner is not None else 0].append(pname)
 
-    groups_by_layer = _tp_groups_by_layer(detect_tp_groups(op_graph, model), model, m, op_graph, locator)
+    sound, dropped = check_tp_groups(model, candidates, args, kwargs, recorded=m.inputs)
+    groups_by_layer = _tp_groups_by_layer(sound, model, m, op_graph, locator)
     module_fwd, module_act = _per_module(m)
 
     layers = []
@@ -172,6 +175,7 @@ def trace(model: torch.nn.Module, example_inputs: Any = None) -> ModelGraph:
         tied_parameters=_tied_groups(model),
         method=op_graph.method,
         trace_s=time.perf_counter() - started,
+        tp_dropped=[(d.styles, d.reason) for d in dropped],
     )
 
 

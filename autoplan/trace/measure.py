@@ -32,7 +32,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["OpRecord", "SavedRecord", "ModuleCall", "Measurement", "measure", "storage_key"]
+__all__ = ["FakeKernels", "TensorSpec", "describe_tensor", "OpRecord", "SavedRecord", "ModuleCall", "Measurement", "measure", "storage_key"]
 
 aten = torch.ops.aten
 
@@ -133,6 +133,8 @@ class Measurement:
     saved: list[SavedRecord] = field(default_factory=list)
     calls: dict[str, ModuleCall] = field(default_factory=dict)  # module FQN → its first call
     num_forward_ops: int = 0
+    # FQN → (args, kwargs) of the first call of each module asked for, tensors described by describe_tensor
+    inputs: dict[str, tuple] = field(default_factory=dict)
 
 
 class _State:
@@ -173,6 +175,20 @@ class _DispatchRecorder(TorchDispatchMode):
                     s.producer[key] = s.position
         s.position += 1
         return out
+
+
+class FakeKernels(TorchDispatchMode):
+    """Runs every op as :func:`_run` does, for a fake forward outside :func:`measure` (fp32 grouped matmuls).
+
+    Example:
+        >>> import torch
+        >>> with FakeKernels():
+        ...     torch.ones(2).sum().item()
+        2.0
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return _run(func, args, kwargs or {})
 
 
 class _AutogradTagger(TorchFunctionMode):
@@ -245,8 +261,27 @@ def fake_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return pytree.tree_map(conv, args), pytree.tree_map(conv, kwargs)
 
 
-def measure(model: torch.nn.Module, args: tuple, kwargs: dict) -> Measurement:
-    """Run ``model(*args, **kwargs)`` and its backward on fake tensors, recording FLOPs and saved storages."""
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype of a tensor seen on fake tensors (its values are unknown)."""
+
+    shape: tuple
+    dtype: torch.dtype
+
+
+def describe_tensor(x: Any) -> Any:
+    """A :class:`TensorSpec` for a tensor, anything else unchanged.
+
+    Example:
+        >>> describe_tensor(torch.zeros(2, 3))
+        TensorSpec(shape=(2, 3), dtype=torch.float32)
+    """
+    return TensorSpec(tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else x
+
+
+def measure(model: torch.nn.Module, args: tuple, kwargs: dict, record_inputs: set[str] = frozenset()) -> Measurement:
+    """Run ``model(*args, **kwargs)`` and its backward on fake tensors, recording FLOPs and saved storages (and
+    the inputs of the first call of each module named in ``record_inputs``)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.nn.modules import module as module_mod
 
@@ -293,6 +328,9 @@ def measure(model: torch.nn.Module, args: tuple, kwargs: dict) -> Measurement:
             module_mod.register_module_forward_pre_hook(pre_hook),
             module_mod.register_module_forward_hook(post_hook),
         ]
+        for fqn in record_inputs:
+            handles.append(model.get_submodule(fqn).register_forward_pre_hook(_input_recorder(s, fqn),
+                                                                               with_kwargs=True))
         with fake_mode, _DispatchRecorder(s), _AutogradTagger(s):
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 out = torch.func.functional_call(model, state, f_args, f_kwargs, strict=False)
@@ -313,6 +351,14 @@ def measure(model: torch.nn.Module, args: tuple, kwargs: dict) -> Measurement:
         for h in handles:
             h.remove()
     return s.result
+
+
+def _input_recorder(s: _State, fqn: str):
+    def hook(module, args, kwargs):
+        if fqn not in s.result.inputs:
+            s.result.inputs[fqn] = pytree.tree_map(describe_tensor, (args, kwargs))
+
+    return hook
 
 
 def _output_leaves(out: Any) -> list:

@@ -120,16 +120,20 @@ def detect_tp_groups(op_graph: OpGraph, model: nn.Module) -> list[DetectedGroup]
         if args:
             by_input.setdefault((args[0], _parent(fqn)), []).append(node)
 
-    used: set[str] = set()
+    # colwise linears grouped by the rowwise linear they flow into: projections of one parent reading different
+    # tensors (cross-attention: q from the decoder, k and v from the encoder output) join one group
+    col_by_row: dict[str, list[str]] = {}
     for (_, parent), col_nodes in by_input.items():
-        if any(c in used for c in col_nodes):
-            continue
         # The pair usually shares a parent (attn.qkv / attn.proj); BERT-style models put the projections in
         # sibling modules (attention.self.query / attention.output.dense), so try one level up as well.
         row = _find_rowwise(g, col_nodes, parent, op_graph, modules)
         if row is None and "." in parent:
             row = _find_rowwise(g, col_nodes, _parent(parent), op_graph, modules)
-        if row is None or row in used or not _feeds_residual(g, row):
+        if row is not None and _feeds_residual(g, row):
+            col_by_row.setdefault(row, []).extend(col_nodes)
+    used: set[str] = set()
+    for row, col_nodes in col_by_row.items():
+        if row in used or any(c in used or c in col_by_row for c in col_nodes):
             continue
         divisor = 0
         for c in col_nodes:

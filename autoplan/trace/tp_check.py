@@ -1,0 +1,325 @@
+"""Prove each tensor-parallel group sound before it is offered: shard it numerically, compare with unsharded.
+
+A group found in the op graph (:mod:`autoplan.trace.tp_groups`) is a guess from dataflow: it says nothing about
+how the module's own code treats the sharded features. A fused ``qkv`` read by ``.split(n_embd)``, a fused
+``gate_up`` read by ``.chunk(2)``, a ``view(B, T, num_heads, head_dim)`` with the global head count or a key/value
+projection the detection missed all make a Megatron split wrong, by a crash or, worse, by wrong numbers. So each
+candidate is checked once per structure (repeated blocks share one check) on small real tensors:
+
+1. the group's parent module (the innermost module holding all of its linears) gets fresh random weights (the
+   model's own may be on the meta device), and its inputs are those of the example batch, recorded on fake
+   tensors and filled with random values (integer inputs as zeros, masks as all-true), the batch cut to one sample;
+2. the reference: the parent's forward, keeping the rowwise linear's output;
+3. the shard, exactly as ``ColwiseParallel``/``RowwiseParallel`` lay it out for degree ``t`` (the smallest prime
+   of the group's divisor): for each rank ``r``, the colwise linears keep output rows ``r``-th of ``t`` (and their
+   bias), the rowwise linear input columns ``r``-th of ``t`` and its bias on one rank only; the parent's forward
+   runs with these slices and the rowwise partial outputs are summed (the all-reduce);
+   an attention module that counts its heads in attributes (``num_heads``, ``embed_dim``…) sees them divided by
+   ``t`` meanwhile, as the executor sets them (torchtitan's ``n_heads // tp``);
+4. the group is kept when the sum equals the reference (relative error under :data:`TOLERANCE`); otherwise it is
+   dropped and the reason (the error raised, or the size of the difference) is recorded. A parent of more than
+   :data:`NUMERIC_CHECK_MAX_PARAMS` parameters runs on the meta device instead, which checks shapes only.
+
+Vocabulary groups (embedding rows, LM head columns) are not checked: their sharded result is all-reduced or
+gathered inside the module itself, so they cannot meet the module's code in a sharded form.
+
+Example:
+    >>> import torch
+    >>> from autoplan.models import GPT, GPTConfig
+    >>> from autoplan.trace.opgraph import build_op_graph
+    >>> from autoplan.trace.tp_groups import detect_tp_groups
+    >>> model, idx = GPT(GPTConfig()), torch.randint(0, 256, (2, 16))
+    >>> groups = detect_tp_groups(build_op_graph(model, (idx,), {}), model)
+    >>> kept, dropped = check_tp_groups(model, groups, (idx,), {})
+    >>> len(kept), dropped
+    (6, [])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from .measure import TensorSpec
+from .tp_groups import DetectedGroup
+
+__all__ = ["DroppedGroup", "check_tp_groups", "record_parents", "TOLERANCE", "local_head_owners", "divide_head_attributes"]
+
+#: a parent module with more parameters is checked on the meta device (shapes, not numbers): its real-valued
+#: check would take seconds and gigabytes (a 175B model's MLP holds 1.2 billion parameters)
+NUMERIC_CHECK_MAX_PARAMS = 2**27
+_PERIOD = 65521  # largest prime below 2**16
+
+#: largest relative difference (max |sharded − unsharded| / max |unsharded|) of a sound group in fp32
+TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class DroppedGroup:
+    """A candidate tensor-parallel group that sharding would break, and why."""
+
+    styles: dict[str, str]
+    reason: str
+
+
+#: attributes that hold an attention module's head count: a module with one of them computes per head
+HEAD_COUNT_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_head", "n_heads")
+#: attributes of such a module that count heads or features over all heads: divided by t on a t-way shard (as
+#: torchtitan sets ``n_heads // tp`` on its attention modules), so ``view(B, T, num_heads, head_dim)`` sees the
+#: local heads
+HEAD_SCALED_ATTRIBUTES = HEAD_COUNT_ATTRIBUTES + ("num_key_value_heads", "n_kv_heads", "embed_dim", "all_head_size",
+                                                  "inner_dim", "hidden_size", "n_embd", "split_size")
+
+
+def local_head_owners(root: nn.Module, colwise_fqns) -> list[nn.Module]:
+    """The distinct modules directly owning a colwise linear that count attention heads in attributes.
+
+    Example:
+        >>> from torch import nn
+        >>> attn = nn.Module(); attn.q = nn.Linear(8, 8); attn.num_heads = 4
+        >>> root = nn.Module(); root.attn = attn
+        >>> [type(m).__name__ for m in local_head_owners(root, ["attn.q"])]
+        ['Module']
+    """
+    owners: dict[int, nn.Module] = {}
+    for fqn in colwise_fqns:
+        owner_name = fqn.rpartition(".")[0]
+        owner = root.get_submodule(owner_name) if owner_name else root
+        if any(isinstance(getattr(owner, a, None), int) for a in HEAD_COUNT_ATTRIBUTES):
+            owners.setdefault(id(owner), owner)
+    return list(owners.values())
+
+
+def divide_head_attributes(owners: list[nn.Module], t: int) -> list[tuple[nn.Module, str, int]]:
+    """Divide each owner's head/feature counts by ``t`` in place; returns ``(module, name, old value)`` to undo.
+
+    Example:
+        >>> from torch import nn
+        >>> attn = nn.Module(); attn.num_heads, attn.embed_dim, attn.head_dim = 4, 32, 8
+        >>> undo = divide_head_attributes([attn], 2)
+        >>> attn.num_heads, attn.embed_dim, attn.head_dim
+        (2, 16, 8)
+    """
+    undo = []
+    for owner in owners:
+        for name in HEAD_SCALED_ATTRIBUTES:
+            value = getattr(owner, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value % t == 0:
+                undo.append((owner, name, value))
+                setattr(owner, name, value // t)
+    return undo
+
+
+def _parent_of(fqns) -> str:
+    parts = [f.split(".") for f in fqns]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    # the common prefix of a single module's FQN is the module itself: its parent runs the group
+    if len(common) == min(len(p) for p in parts):
+        common = common[:-1]
+    return ".".join(common)
+
+
+def _smallest_prime(n: int) -> int:
+    for p in range(2, int(n ** 0.5) + 1):
+        if n % p == 0:
+            return p
+    return n
+
+
+def _structure_key(model: nn.Module, parent: str, styles: dict[str, str]) -> tuple:
+    """Equal for the same group in identical repeated blocks (one check serves them all)."""
+    module = model.get_submodule(parent) if parent else model
+    rel = tuple(sorted((fqn[len(parent) + 1:] if parent else fqn, style) for fqn, style in styles.items()))
+    shapes = tuple((n, tuple(p.shape)) for n, p in module.named_parameters())
+    return (type(module).__qualname__, rel, shapes)
+
+
+def record_parents(model: nn.Module, groups: list[DetectedGroup]) -> set[str]:
+    """The modules whose inputs :func:`check_tp_groups` needs: one parent per distinct group structure."""
+    representative: dict[tuple, str] = {}
+    for g in groups:
+        if "rowwise" in g.styles.values():
+            parent = _parent_of(list(g.styles))
+            representative.setdefault(_structure_key(model, parent, g.styles), parent)
+    return set(representative.values())
+
+
+def _record_inputs(model: nn.Module, parents: set[str], args: tuple, kwargs: dict) -> dict[str, tuple]:
+    """Shapes, dtypes and non-tensor values of each parent's first call, from one forward on fake tensors."""
+    from .measure import measure
+
+    return measure(model, args, kwargs, record_inputs=parents).inputs
+
+
+def _materialize(spec, generator: torch.Generator, batch: int | None, device: str = "cpu"):
+    if not isinstance(spec, TensorSpec):
+        return spec
+    shape = spec.shape
+    if batch is not None and shape and shape[0] == batch:
+        shape = (1,) + shape[1:]  # one sample is enough to see whether the shard math holds
+    if spec.dtype == torch.bool:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    if not spec.dtype.is_floating_point:
+        return torch.zeros(shape, dtype=spec.dtype, device=device)
+    if device == "meta":
+        return torch.empty(shape, device="meta")
+    return _random(shape, generator)
+
+
+def _random(shape: tuple, generator: torch.Generator) -> torch.Tensor:
+    """Random values, fast at any size: a random block of a prime length tiled (no row or column repeats)."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    period = min(numel, _PERIOD)
+    block = torch.randn(period, generator=generator)
+    return block.repeat(-(-numel // period))[:numel].view(shape)
+
+
+def _random_state(module: nn.Module, generator: torch.Generator, device: str = "cpu") -> dict[str, torch.Tensor]:
+    if device == "meta":  # shapes only
+        return {n: torch.empty(tuple(t.shape), dtype=torch.float32 if t.is_floating_point() else t.dtype,
+                               device="meta")
+                for n, t in [*module.named_parameters(remove_duplicate=False),
+                             *module.named_buffers(remove_duplicate=False)]}
+    state = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if p.dim() >= 2:  # weights scaled like a default init, so activations stay O(1)
+            state[name] = _random(tuple(p.shape), generator) * p.shape[-1] ** -0.5
+        elif name.endswith("weight"):  # a norm's scale
+            state[name] = 1 + 0.1 * _random(tuple(p.shape), generator)
+        else:
+            state[name] = 0.1 * _random(tuple(p.shape), generator)
+    for name, b in module.named_buffers(remove_duplicate=False):
+        if b.device.type != "meta":
+            state[name] = b.float() if b.is_floating_point() else b
+        elif b.is_floating_point():
+            state[name] = torch.randn(tuple(b.shape), generator=generator)
+        else:
+            state[name] = torch.zeros(tuple(b.shape), dtype=b.dtype)
+    return state
+
+
+def _shard_state(state: dict, parent: str, styles: dict[str, str], rank: int, t: int) -> dict:
+    """``state`` with each styled linear cut to rank ``rank``'s share, as ColwiseParallel/RowwiseParallel do."""
+    out = dict(state)
+    prefix = parent + "." if parent else ""
+    for fqn, style in styles.items():
+        rel = fqn[len(prefix):]
+        weight, bias = out[f"{rel}.weight"], out.get(f"{rel}.bias")
+        if style == "colwise":
+            out[f"{rel}.weight"] = weight.chunk(t, dim=0)[rank]
+            if bias is not None:
+                out[f"{rel}.bias"] = bias.chunk(t, dim=0)[rank]
+        else:  # rowwise: input features sharded, the bias added once after the all-reduce
+            out[f"{rel}.weight"] = weight.chunk(t, dim=1)[rank]
+            if bias is not None and rank > 0:
+                out[f"{rel}.bias"] = torch.zeros_like(bias)
+    return out
+
+
+def _rowwise_output(parent_module: nn.Module, row_module: nn.Module, state: dict, args, kwargs) -> torch.Tensor:
+    seen: list[torch.Tensor] = []
+    handle = row_module.register_forward_hook(lambda m, i, o: seen.append(o) if not seen else None)
+    modes = {m: m.training for m in parent_module.modules()}
+    parent_module.eval()  # dropout would make the two runs differ by chance, not by the shard
+    try:
+        with torch.no_grad():
+            torch.func.functional_call(parent_module, state, args, kwargs, strict=False)
+    finally:
+        handle.remove()
+        for m, training in modes.items():
+            m.training = training
+    if not seen:
+        raise RuntimeError("the rowwise linear did not run in its parent's forward")
+    return seen[0]
+
+
+def _check_one(model: nn.Module, group: DetectedGroup, parent: str, recorded: tuple, batch: int) -> str | None:
+    """None when the group shards soundly at degree t, else the reason it does not."""
+    styles = group.styles
+    if group.divisor < 2:
+        return "no degree above 1 divides its heads/features"
+    t = _smallest_prime(group.divisor)
+    parent_module = model.get_submodule(parent) if parent else model
+    row_fqn = next(f for f, s in styles.items() if s == "rowwise")
+    row_module = model.get_submodule(row_fqn)
+    generator = torch.Generator().manual_seed(0)
+    numeric = sum(p.numel() for p in parent_module.parameters()) <= NUMERIC_CHECK_MAX_PARAMS
+    device = "cpu" if numeric else "meta"
+    state = _random_state(parent_module, generator, device)
+    args, kwargs = pytree.tree_map(lambda s: _materialize(s, generator, batch, device), recorded)
+    try:
+        reference = _rowwise_output(parent_module, row_module, state, args, kwargs)
+    except Exception:  # noqa: BLE001 - one sample may not suit the module: retry with the whole example batch
+        args, kwargs = pytree.tree_map(lambda s: _materialize(s, generator, None, device), recorded)
+        reference = _rowwise_output(parent_module, row_module, state, args, kwargs)
+    undo = divide_head_attributes(local_head_owners(model, [f for f, s in styles.items() if s == "colwise"]), t)
+    try:
+        total = None
+        for rank in range(t):
+            part = _rowwise_output(parent_module, row_module, _shard_state(state, parent, styles, rank, t), args,
+                                   kwargs)
+            total = part if total is None else total + part
+    except Exception as exc:  # noqa: BLE001 - any failure of the sharded forward means the group is unsound
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return f"{parent or 'the model'}'s forward fails on a {t}-way shard ({type(exc).__name__}: {first[:160]})"
+    finally:
+        for owner, name, value in undo:
+            setattr(owner, name, value)
+    if total.shape != reference.shape:
+        return f"a {t}-way shard gives output shape {tuple(total.shape)} instead of {tuple(reference.shape)}"
+    if not numeric:
+        return None
+    scale = reference.abs().max().item() or 1.0
+    error = (total - reference).abs().max().item() / scale
+    if not error <= TOLERANCE:
+        return (f"a {t}-way shard computes other numbers (relative difference {error:.1e}): {parent or 'the model'}'s "
+                f"code reads the sharded features by their global layout (a fused projection cut by position, "
+                f"or a projection the group misses)")
+    return None
+
+
+def check_tp_groups(model: nn.Module, groups: list[DetectedGroup], args: tuple, kwargs: dict,
+                    recorded: dict[str, tuple] | None = None) -> tuple[list[DetectedGroup], list[DroppedGroup]]:
+    """``(sound groups, dropped groups with reasons)``; see the module docstring for the method. ``recorded``: the
+    inputs of the :func:`record_parents` modules from a measurement already made (else one is made here)."""
+    pairs = [g for g in groups if "rowwise" in g.styles.values()]
+    if not pairs:
+        return list(groups), []
+    parents = {id(g): _parent_of(list(g.styles)) for g in pairs}
+    batch = next((t.shape[0] for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)), None)
+    representative: dict[tuple, str] = {}
+    for g in pairs:
+        representative.setdefault(_structure_key(model, parents[id(g)], g.styles), parents[id(g)])
+    if recorded is None:
+        recorded = _record_inputs(model, set(representative.values()), args, kwargs)
+    verdicts: dict[tuple, str | None] = {}
+    kept, dropped = [], []
+    for g in groups:
+        if id(g) not in parents:
+            kept.append(g)
+            continue
+        parent = parents[id(g)]
+        key = _structure_key(model, parent, g.styles)
+        if key not in verdicts:
+            rep_parent = representative[key]
+            if rep_parent not in recorded:
+                verdicts[key] = f"{rep_parent or 'the model'} is never called by forward as a module"
+            else:
+                rep = next(x for x in pairs if parents[id(x)] == rep_parent and
+                           _structure_key(model, rep_parent, x.styles) == key)
+                verdicts[key] = _check_one(model, rep, rep_parent, recorded[rep_parent], batch)
+        if verdicts[key] is None:
+            kept.append(g)
+        else:
+            dropped.append(DroppedGroup(dict(g.styles), verdicts[key]))
+    return kept, dropped
+
