@@ -116,6 +116,8 @@ class ModelGraph:
     tied_parameters: list[tuple[str, ...]] = field(default_factory=list)  # groups of FQNs sharing one tensor
     method: str = "fx"  # "fx" (symbolic_trace) or "export" (torch.export, non-strict)
     trace_s: float = 0.0
+    # candidate tensor-parallel groups that a numerical check at trace time found unsound: (styles, reason) each
+    tp_dropped: list[tuple[dict[str, str], str]] = field(default_factory=list)
 
     @property
     def param_bytes(self) -> int:
