@@ -291,6 +291,10 @@ def explain_plan(plan) -> str:
     lines.append("Cost split (nothing overlaps; the parts add up to the step):")
     lines += _table(rows, right=(1, 2))
     lines += _timeline_lines(plan)
+    if plan.search.notes:
+        lines.append("")
+        lines.append("Notes:")
+        lines += [f"  {note}" for note in plan.search.notes]
     alts = plan.search.alternatives
     if alts:
         lines.append("")

@@ -21,7 +21,8 @@ from .cluster import Cluster
 from .vocabulary import DATA_PARALLEL_KINDS as DATA_PARALLEL
 from .vocabulary import OPTIMIZERS, PRECISIONS, SCHEDULES, TP_STYLES
 
-__all__ = ["Mesh", "Stage", "StageTime", "RankFigures", "MEMORY_KINDS", "Predicted", "SearchInfo", "Alternative",
+__all__ = ["Mesh", "mixed_precision_mode",
+           "Stage", "StageTime", "RankFigures", "MEMORY_KINDS", "Predicted", "SearchInfo", "Alternative",
            "ModelInfo", "Plan", "PLAN_VERSION"]
 
 PLAN_VERSION = 1
@@ -32,23 +33,31 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _pair_scopes(fqn: str) -> tuple[str, ...]:
+    """Where a colwise linear's rowwise partner may sit: under its parent module (``attn.qkv`` → ``attn.proj``)
+    or its grandparent (BERT's ``attention.self.query`` → ``attention.output.dense``), as the trace pairs them."""
+    parent = fqn.rpartition(".")[0]
+    return (parent, parent.rpartition(".")[0]) if parent else (parent,)
+
+
 def _check_tp_pairs(styles: dict[str, str]) -> None:
-    """A colwise linear leaves its output split over the tp ranks; only a rowwise linear of the same parent
-    module (Megatron's pair, e.g. ``attn.qkv`` → ``attn.proj``) joins it again. One without the other would
-    hand a shard to code that expects the whole tensor, so a plan must give both or neither."""
-    by_parent: dict[str, set[str]] = {}
-    for fqn, style in styles.items():
-        if style in ("colwise", "rowwise"):
-            by_parent.setdefault(fqn.rpartition(".")[0], set()).add(style)
-    for parent, kinds in sorted(by_parent.items()):
-        if len(kinds) == 1:
-            (have,) = kinds
-            want = "rowwise" if have == "colwise" else "colwise"
-            names = sorted(f for f, s in styles.items() if s == have and f.rpartition(".")[0] == parent)
+    """A colwise linear leaves its output split over the tp ranks and only a rowwise linear joins it again
+    (Megatron's pair); a rowwise linear expects split inputs. One without the other hands a shard to code that
+    expects the whole tensor (or the reverse), so every colwise needs a rowwise partner nearby and vice versa."""
+    def under(fqn: str, scope: str) -> bool:
+        return scope == "" or fqn.startswith(scope + ".")
+
+    cols = [f for f, s in styles.items() if s == "colwise"]
+    rows = [f for f, s in styles.items() if s == "rowwise"]
+    lone_cols = [c for c in cols if not any(under(r, scope) for r in rows for scope in _pair_scopes(c))]
+    lone_rows = [r for r in rows if not any(under(r, scope) for c in cols for scope in _pair_scopes(c))]
+    for lone, have, want in ((lone_cols, "colwise", "rowwise"), (lone_rows, "rowwise", "colwise")):
+        if lone:
             raise ValueError(
-                f"tensor_parallel gives {names} the style {have!r} but no module of {parent or 'the model'!r} is "
-                f"{want!r}: a {have} linear needs its {want} partner in the same parent module (Megatron pairs, "
-                f"e.g. attn.qkv colwise with attn.proj rowwise); add the partner or drop the style"
+                f"tensor_parallel gives {sorted(lone)[:4]} the style {have!r} but no {want!r} module sits beside "
+                f"{'it' if len(lone) == 1 else 'them'}: a {have} linear needs its {want} partner in the same parent "
+                f"module or one level up (e.g. attn.qkv colwise with attn.proj rowwise); add the partner or drop "
+                f"the style"
             )
 
 
@@ -74,6 +83,29 @@ class Mesh:
 
     def __str__(self) -> str:
         return f"pp{self.pp}×dp{self.dp}×tp{self.tp}"
+
+
+def mixed_precision_mode(precision: str, data_parallel: str, mesh: Mesh) -> str:
+    """How a layout runs its precision: the one rule the executor applies and the cost model prices.
+
+    ``"fp32"``: nothing is cast. ``"autocast"``: ``torch.autocast`` around forward, fp32 parameters (one device
+    per replica, or classic DDP without tensor or pipeline parallelism); each matmul's low-precision weight copy
+    is cached for the region and saved for backward. ``"fsdp"``: FSDP2's ``MixedPrecisionPolicy`` gathers
+    low-precision weights per layer and frees them after it (no lasting copy). ``"replicate"``: DDP composed with
+    tensor or pipeline parallelism runs FSDP2's ``replicate`` with the same policy, whose unsharded
+    low-precision weights stay from forward to backward (one lasting copy, as under autocast).
+
+    Example:
+        >>> [mixed_precision_mode(p, d, Mesh(**m)) for p, d, m in [("fp32", "ddp", {"dp": 4}),
+        ...     ("bf16", "ddp", {"dp": 4}), ("bf16", "ddp", {"dp": 4, "tp": 2}), ("bf16", "fsdp", {"dp": 4}),
+        ...     ("bf16", "fsdp", {"tp": 2})]]
+        ['fp32', 'autocast', 'replicate', 'fsdp', 'autocast']
+    """
+    if precision == "fp32":
+        return "fp32"
+    if mesh.dp == 1 or (data_parallel == "ddp" and mesh.tp == 1 and mesh.pp == 1):
+        return "autocast"
+    return "fsdp" if data_parallel == "fsdp" else "replicate"
 
 
 @dataclass(frozen=True)
@@ -186,10 +218,15 @@ class SearchInfo:
     candidates: int = 0
     gap: float = 0.0  # relative optimality gap when FEASIBLE
     alternatives: tuple[Alternative, ...] = ()
+    notes: tuple[str, ...] = ()  # what the user should know about the choice (e.g. why tp shards nothing)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["alternatives"] = [a.to_dict() for a in self.alternatives]
+        if self.notes:
+            d["notes"] = list(self.notes)
+        else:
+            del d["notes"]
         return d
 
 
@@ -285,6 +322,11 @@ class Plan:
     @property
     def recompute(self) -> tuple[str, ...]:
         return tuple(module for stage in self.stages for module in stage.recompute)
+
+    @property
+    def mixed_precision(self) -> str:
+        """``"fp32"``, ``"autocast"``, ``"fsdp"`` or ``"replicate"``: see :func:`mixed_precision_mode`."""
+        return mixed_precision_mode(self.precision, self.data_parallel, self.mesh)
 
     def replace(self, **changes: Any) -> "Plan":
         """A copy with some fields changed (validated again)."""

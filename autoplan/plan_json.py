@@ -126,7 +126,15 @@ def _search(data: dict):
                       status=_value(s, "status", "search", str, defaults.status),
                       wall_s=_value(s, "wall_s", "search", float, defaults.wall_s),
                       candidates=_value(s, "candidates", "search", int, defaults.candidates),
-                      gap=_value(s, "gap", "search", float, defaults.gap), alternatives=alternatives)
+                      gap=_value(s, "gap", "search", float, defaults.gap), alternatives=alternatives,
+                      notes=_notes(s))
+
+
+def _notes(search: dict) -> tuple[str, ...]:
+    notes = search.get("notes", [])
+    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+        raise ValueError(f"plan JSON: search.notes must be a list of strings, got {notes!r}")
+    return tuple(notes)
 
 
 _TOP_KEYS = ("autoplan_plan", "model", "cluster", "global_batch_size", "microbatch_size", "microbatches", "mesh",

@@ -4,6 +4,8 @@ Styles (Megatron-LM, Shoeybi et al. 2019 §3): ``colwise`` → ``ColwiseParallel
 ``rowwise`` → ``RowwiseParallel()`` (input features sharded, output all-reduced), ``vocab_embedding`` →
 ``RowwiseParallel(input_layouts=Replicate())`` on an ``nn.Embedding`` (vocabulary rows sharded),
 ``vocab_head`` → ``ColwiseParallel(output_layouts=Replicate())`` (vocabulary sharded, logits gathered).
+An attention module that keeps its head count in attributes (``num_heads``, ``embed_dim``…) gets them divided by
+the tp degree, so code such as ``view(B, T, self.num_heads, head_dim)`` sees its local heads.
 Weights tied before sharding (a GPT's ``head.weight is tok.weight``) are tied again afterwards; both styles shard
 dim 0, so the tied weight keeps one DTensor and one gradient.
 
@@ -21,6 +23,7 @@ from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from ..errors import PlanMismatchError
+from ..trace.tp_check import divide_head_attributes, local_head_owners
 
 __all__ = ["parallel_style", "apply_tensor_parallel", "tied_parameter_names"]
 
@@ -72,6 +75,9 @@ def apply_tensor_parallel(root: nn.Module, styles: dict[str, str], tp_mesh: Devi
         return 0
     tied = tied_parameter_names(root)
     parallelize_module(root, tp_mesh, {fqn: parallel_style(style) for fqn, style in styles.items()})
+    # An attention module that counts its heads in attributes now computes on its local heads (as torchtitan sets
+    # n_heads // tp); tracing proved each group sound under exactly this change.
+    divide_head_attributes(local_head_owners(root, [f for f, s in styles.items() if s == "colwise"]), tp_mesh.size())
     params = dict(root.named_parameters(remove_duplicate=False))
     for names in tied:
         keep = params[names[0]]

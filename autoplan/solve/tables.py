@@ -1,4 +1,5 @@
-"""Per-strategy cost tables, the exact lower bound and the greedy layout that the CP-SAT search starts from.
+"""Per-strategy cost tables: every allowed choice of every layer, costed once, for the bounds, the greedy
+layouts and the CP-SAT model of one strategy.
 
 Identical neighbouring layers (same structure and figures, e.g. the transformer blocks) form one *segment*:
 they have identical costs, so the solver only decides how many of a segment's layers each stage takes and
@@ -7,26 +8,29 @@ activations, more transient memory, a larger weight copy) are dropped: keeping t
 anything.
 
 Example:
-    >>> from autoplan.solve.tables import segments_of
-    >>> callable(segments_of)
-    True
+    >>> from autoplan.synthetic import gpt_like_graph
+    >>> [(seg.start, seg.stop) for seg in segments_of(gpt_like_graph(layers=4).layers)]  # tok pos blocks ln_f head
+    [(0, 1), (1, 2), (2, 6), (6, 7), (7, 8)]
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from bisect import bisect_right
 from functools import cached_property
 from typing import Sequence
 
 from .. import cost
 from ..cluster import Cluster
-from ..cost.plan_cost import (PlanCost, Strategy, compose, fsdp_gather_bytes, in_flight, layer_choice_cost, loss_bytes,
-                       rank_state_bytes, rank_tail_s, stage_p2p_s, weight_copy_bytes_per_param)
+from ..cost.plan_cost import (PlanCost, Strategy, compose, fsdp_gather_bytes, in_flight, layer_choice_cost,
+                              loss_bytes, rank_state_bytes_per_param, rank_tail_terms, stage_p2p_s,
+                              weight_copy_bytes_per_param)
 from ..graph import Layer, ModelGraph
-from .space import LayerChoice, layer_choices
+from ..names import owner_index
+from ..options import PlanOptions
+from .space import LayerChoice, enumerate_strategies, global_batch_size, layer_choices
 
-__all__ = ["Segment", "segments_of", "LayerCostCache", "StrategyTables", "Assignment"]
+__all__ = ["Segment", "segments_of", "LayerCostCache", "ChoiceCost", "StrategyTables", "Assignment",
+           "build_tables", "example_tables", "tied_layer_groups"]
 
 #: Per stage, the (layer index, choice) pairs it runs, in model order.
 Assignment = list[list[tuple[int, LayerChoice]]]
@@ -105,17 +109,15 @@ class StrategyTables:
     """Everything the search needs about one strategy, computed once."""
 
     def __init__(self, graph: ModelGraph, cluster: Cluster, strategy: Strategy, segments: list[Segment],
-                 cache: LayerCostCache, recompute: str, global_batch_size: int):
-        """Cost every allowed choice of every segment under ``strategy`` (memoised across strategies)."""
+                 cache: LayerCostCache, recompute: str, global_batch_size: int, tp_pinned: bool = False):
+        """Cost every allowed choice of every segment under ``strategy`` (memoised across strategies). With
+        ``tp_pinned`` (the user pinned mesh["tp"] > 1) every layer that can shard does: a pinned degree is a
+        request to shard, not to replicate the work over the tp ranks."""
         self.graph, self.cluster, self.strategy, self.segments = graph, cluster, strategy, segments
         self.cache, self.global_batch_size = cache, global_batch_size
         self.capacity_bytes = cluster.device.usable_memory_bytes
         self.num_layers = len(graph.layers)
         self.segment_of = [g for g, seg in enumerate(segments) for _ in range(seg.size)]
-        # (segment g, per rank: least seconds per microbatch to run n of g's layers), set by
-        # refined_lower_bound_s; the CP-SAT model uses it as a cut.
-        self.rank_need: tuple[int, list[list[float]]] | None = None
-        self._refined: float | None = None
         # Layers sharing a tied weight must agree on tensor parallelism (one tensor, one placement): a tied
         # segment keeps all its choices (no dominance pruning) so that either decision stays available, and a
         # group that cannot shard everywhere is not sharded anywhere.
@@ -133,9 +135,10 @@ class StrategyTables:
         for g, seg in enumerate(segments):
             layer = graph.layers[seg.start]
             rows = []
-            for choice in layer_choices(layer, strategy.tp, recompute):
-                if choice.tp_on and g in no_tp:
-                    continue
+            allowed = [c for c in layer_choices(layer, strategy.tp, recompute) if not (c.tp_on and g in no_tp)]
+            if tp_pinned and any(c.tp_on for c in allowed):
+                allowed = [c for c in allowed if c.tp_on]
+            for choice in allowed:
                 lc = cache.get(layer, seg.signature, strategy, choice)
                 rows.append(ChoiceCost(choice, lc, lc.total_s, lc.num_params, lc.activation_bytes,
                                        lc.transient_bytes + fsdp_gather_bytes(strategy, lc.num_params),
@@ -161,118 +164,18 @@ class StrategyTables:
 
     @cached_property
     def in_flight(self) -> list[float]:
+        """Per pipeline rank, the microbatches whose activations it holds at its peak."""
         return [in_flight(self.strategy, r) for r in range(self.strategy.pp)]
 
-    # -- bounds ---------------------------------------------------------------------------------------------
-    def lower_bound_s(self) -> float:
-        """No layout of this strategy is faster: stages perfectly balanced at each layer's fastest choice,
-        no pipeline sends, no memory limit; the tail (DP sync + optimizer) is affine and increasing in a
-        rank's parameters, so its maximum over ranks is at least its value at the mean."""
-        s = self.strategy
-        fastest = [min(c.time_s for c in rows) for rows in self.choices]
-        total = sum(t * seg.size for t, seg in zip(fastest, self.segments))
-        per_mb = max(total / s.pp, max(fastest))
-        params = sum(min(c.num_params for c in rows) * seg.size
-                     for rows, seg in zip(self.choices, self.segments)) / s.pp
-        sync, opt = rank_tail_s(s, self.cluster, params)
-        return (s.microbatches + self.bubble) * per_mb + sync + opt
+    @cached_property
+    def tail_terms(self) -> tuple[float, float]:
+        """(α seconds, β seconds per parameter): a rank's DP sync + optimizer step is α + β·P."""
+        return rank_tail_terms(self.strategy, self.cluster)
 
-    def refined_lower_bound_s(self) -> float:
-        """A tighter bound that sees memory and whole layers; ``inf`` when the strategy cannot fit.
-
-        Relaxation: keep the segment with the most work (N identical layers) and, of the other layers, only
-        the first (on rank 0) and the last (on the last stage's rank) at their fastest and leanest; let each
-        of the N layers mix its choices fractionally. Rank r, with in-flight count f_r, capacity C less its
-        fixed bytes, and fixed seconds τ_r (its fixed layers, and one cheapest send per stage that is not the
-        last), running n of the layers needs at least τ_r + n·φ_r(C_r/n) seconds per microbatch, where φ_r is
-        the lower convex hull of the choices' (bytes σ·P_c + f_r·A_c, seconds t_c) points (σ = model-state
-        bytes per parameter). Ranks hold whole layers, so the per-microbatch bound is the least t with
-        Σ_r max{n : τ_r + n·φ_r(C_r/n) ≤ t} ≥ N, found by bisection. Every dropped term is ≥ 0.
-        """
-        s = self.strategy
-        sized = [g for g, seg in enumerate(self.segments) if seg.size > 1]
-        base = self.lower_bound_s()
-        if not sized:
-            return base
-        if self._refined is not None:
-            return self._refined
-        g = max(sized, key=lambda j: (self.segments[j].size * min(c.time_s for c in self.choices[j]), -j))
-        n_layers, rows = self.segments[g].size, self.choices[g]
-        sigma = rank_state_bytes(s, 10**9) / 10**9
-        stages, last_rank = s.num_stages, (s.num_stages - 1) % s.pp
-        min_send = min(self.p2p_s) if stages > 1 else 0.0
-
-        def fixed(r: int) -> tuple[float, float]:
-            """(seconds, bytes) rank r pays outside the N layers, at least."""
-            f = in_flight(s, r)
-            t = min_send * (s.virtual_stages - (1 if r == last_rank else 0))
-            m = 0.0
-            ends = []
-            if r == 0 and g != 0:
-                ends.append(0)
-            if r == last_rank and g != len(self.segments) - 1:
-                ends.append(len(self.segments) - 1)
-            for e in ends:
-                t += min(c.time_s for c in self.choices[e])
-                m += min(c.fixed_bytes(sigma) + f * c.activation_bytes for c in self.choices[e])
-            if r == last_rank:
-                m += self.loss_bytes
-            return t, m
-
-        groups: dict[tuple, int] = {}
-        rank_keys = []
-        for r in range(s.pp):
-            key = (in_flight(s, r),) + fixed(r)
-            rank_keys.append(key)
-            groups[key] = groups.get(key, 0) + 1
-        cap = float(self.capacity_bytes)
-        # need[key][n]: least seconds a rank of this kind needs to run n of the layers (inf: does not fit)
-        need: dict[tuple, list[float]] = {}
-        for key in groups:
-            f, fixed_s, fixed_bytes = key
-            phi = _LowerHull([(c.fixed_bytes(sigma) + f * c.activation_bytes, c.time_s) for c in rows])
-            budget = cap - fixed_bytes
-            row = [fixed_s if budget >= 0 else float("inf")]
-            for n in range(1, n_layers + 1):
-                row.append(fixed_s + n * phi(budget / n) if budget >= 0 else float("inf"))
-            need[key] = row
-        self.rank_need = (g, [need[key] for key in rank_keys])
-        values = sorted({v for row in need.values() for v in row[1:] if v != float("inf")})
-
-        def enough(limit_s: float) -> bool:
-            total = 0
-            for key, count in groups.items():
-                most = bisect_right(need[key], limit_s) - 1  # rows are non-decreasing in n
-                if most < 0:
-                    return False  # this rank's fixed layers alone take longer
-                total += count * most
-            return total >= n_layers
-
-        if not values or not enough(values[-1]):
-            return float("inf")
-        lo_i, hi_i = 0, len(values) - 1  # the least value that is enough
-        while lo_i < hi_i:
-            mid = (lo_i + hi_i) // 2
-            if enough(values[mid]):
-                hi_i = mid
-            else:
-                lo_i = mid + 1
-        lo = values[lo_i]
-        per_mb = lo * (1 - 1e-9)
-        params = sum(min(c.num_params for c in r) * seg.size for r, seg in zip(self.choices, self.segments))
-        tail_s = sum(rank_tail_s(s, self.cluster, params / s.pp))
-        self._refined = max(base, (s.microbatches + self.bubble) * per_mb + tail_s)
-        return self._refined
-
-    def memory_lower_bound_bytes(self) -> float:
-        """No layout of this strategy needs less memory on its fullest device (leanest choices, perfectly
-        balanced parameters and activations, the smallest in-flight count)."""
-        params = sum(min(c.num_params for c in rows) * seg.size for rows, seg in zip(self.choices, self.segments))
-        act = sum(min(c.activation_bytes for c in rows) * seg.size for rows, seg in zip(self.choices, self.segments))
-        copies = sum(min(c.copy_bytes for c in rows) * seg.size for rows, seg in zip(self.choices, self.segments))
-        state = rank_state_bytes(self.strategy, int(params // self.strategy.pp))
-        flight = min(in_flight(self.strategy, r) for r in (0, self.strategy.pp - 1))
-        return state + (flight * act + copies) / self.strategy.pp
+    @cached_property
+    def state_bytes_per_param(self) -> float:
+        """σ: model-state bytes per parameter of a rank, on one device."""
+        return rank_state_bytes_per_param(self.strategy)
 
     # -- evaluation -----------------------------------------------------------------------------------------
     def evaluate(self, assignment: Assignment) -> PlanCost:
@@ -304,146 +207,57 @@ class StrategyTables:
                     stage[j] = (i, choice)
         return best, result
 
-    # -- greedy ---------------------------------------------------------------------------------------------
-    def greedy(self) -> tuple[Assignment, PlanCost] | None:
-        """The best feasible layout among a few simple ones, or None.
 
-        For each "level" ℓ, every layer takes its ℓ-th fastest non-dominated choice (ℓ = 0: fastest, the last:
-        leanest); stages are then cut by binary search on the per-stage time limit, filling each stage while
-        its device memory still fits (one stage per rank) or by balancing time (interleaved).
-        """
-        best: tuple[Assignment, PlanCost] | None = None
-        levels = max(len(c) for c in self.choices)
-        for level in range(levels):
-            picks = [self.choices[g][min(level, len(self.choices[g]) - 1)] for g in self.segment_of]
-            picks = self._untie(picks)
-            for assignment in self._partitions(picks):
-                result = self.evaluate(assignment)
-                if result.fits and (best is None or result.step_time_s < best[1].step_time_s):
-                    best = (assignment, result)
-        return best
+def build_tables(graph: ModelGraph, cluster: Cluster, options: PlanOptions) -> list[StrategyTables]:
+    """The tables of every strategy the options allow (:func:`autoplan.solve.space.enumerate_strategies`), in the
+    search's order, sharing one layer-cost cache.
 
-    def leanest(self) -> tuple[Assignment, PlanCost]:
-        """A layout built for least memory (leanest choices, stages cut to balance memory); for error messages."""
-        picks = self._untie([min(self.choices[g], key=lambda c: (c.activation_bytes + c.num_params, c.time_s))
-                             for g in self.segment_of])
-        results = [(a, self.evaluate(a)) for a in self._partitions(picks, memory_first=True)]
-        return min(results, key=lambda ar: (max(ar[1].peak_memory_bytes), ar[1].step_time_s))
+    Example:
+        >>> from autoplan import Cluster
+        >>> from autoplan.synthetic import gpt_like_graph
+        >>> tables = build_tables(gpt_like_graph(layers=4), Cluster.preset("a100-80gb"),
+        ...                       PlanOptions(global_batch_size=8, mesh={"pp": 2, "tp": 1}, microbatch_size=1))
+        >>> [t.strategy.describe() for t in tables][:2]
+        ['pp2×dp4×tp1 1f1b mb=1×2 ddp', 'pp2×dp4×tp1 1f1b mb=1×2 fsdp']
+    """
+    segments = segments_of(graph.layers)
+    cache = LayerCostCache(graph, cluster)
+    batch = global_batch_size(graph, options)
+    return [StrategyTables(graph, cluster, strategy, segments, cache, options.recompute, batch,
+                           tp_pinned="tp" in options.mesh)
+            for strategy in enumerate_strategies(graph, cluster, options)]
 
-    def _untie(self, picks: list[ChoiceCost]) -> list[ChoiceCost]:
-        """Make the layers of each tied group agree: all sharded or none, whichever is faster in total."""
-        for segs in self.tied_segments:
-            layers = [i for i, g in enumerate(self.segment_of) if g in segs]
-            if len({picks[i].choice.tp_on for i in layers}) > 1:
-                options = []
-                for tp_on in (True, False):
-                    row = {i: next(c for c in self.choices[self.segment_of[i]]
-                                   if c.choice == LayerChoice(tp_on, picks[i].choice.recompute)) for i in layers}
-                    options.append((sum(c.time_s for c in row.values()), not tp_on, row))
-                for i, c in min(options, key=lambda o: o[:2])[2].items():
-                    picks[i] = c
-        return picks
 
-    def _partitions(self, picks: list[ChoiceCost], memory_first: bool = False) -> list[Assignment]:
-        stages = self.strategy.num_stages
-        times = [p.time_s + self.p2p_s[i] for i, p in enumerate(picks)]
-        state_per_param = rank_state_bytes(self.strategy, 10**9) / 10**9
-        mem = [[p.fixed_bytes(state_per_param) + self.in_flight[k % self.strategy.pp] * p.activation_bytes
-                for p in picks] for k in range(stages)]
-        out = [self._balanced(picks, mem[0] if memory_first else times)]
-        if self.strategy.virtual_stages == 1 and stages > 1:
-            cap = float("inf") if memory_first else self.capacity_bytes
-            cut = self._threshold_cuts(times, mem, picks, mem if memory_first else None, cap)
-            if cut is not None:
-                out.append(cut)
-        return out
+def example_tables(**options) -> StrategyTables:
+    """The first strategy's tables for a 4-block GPT-like graph (hidden 256, sequence 128, vocabulary 1000,
+    :func:`autoplan.synthetic.gpt_like_graph`) on one A100 node, under ``PlanOptions(global_batch_size=8,
+    **options)``: a small, fixed case for examples.
 
-    def _balanced(self, picks: list[ChoiceCost], weights: list[float]) -> Assignment:
-        """Cut where the running sum of ``weights`` crosses multiples of total / stages."""
-        n, stages = self.num_layers, self.strategy.num_stages
-        total = sum(weights) or 1.0
-        cuts, acc, k = [0], 0.0, 1
-        for i, w in enumerate(weights):
-            acc += w
-            remaining_layers, remaining_stages = n - (i + 1), stages - k
-            if k < stages and (acc >= total * k / stages or remaining_layers == remaining_stages):
-                if remaining_layers >= remaining_stages:
-                    cuts.append(i + 1)
-                    k += 1
-        cuts.append(n)
-        return self._assign(cuts, picks)
+    Example:
+        >>> t = example_tables(mesh={"pp": 2, "tp": 1}, microbatch_size=1)
+        >>> t.strategy.describe(), t.num_layers, [seg.size for seg in t.segments]
+        ('pp2×dp4×tp1 1f1b mb=1×2 ddp', 8, [1, 1, 4, 1, 1])
+    """
+    from ..synthetic import gpt_like_graph
 
-    def _threshold_cuts(self, times: list[float], mem: list[list[float]], picks: list[ChoiceCost],
-                        weights: list[list[float]] | None, cap: float) -> Assignment | None:
-        """Binary search on a per-stage limit of time (or memory when ``weights``) under the memory cap."""
-        n, stages = self.num_layers, self.strategy.num_stages
-        margin = 2 * max(self.boundary_bytes) + max(p.transient_bytes for p in picks)
-
-        def fill(limit: float) -> list[int] | None:
-            cuts, k, t, m = [0], 0, 0.0, 0.0
-            for i in range(n):
-                w = weights[k][i] if weights else times[i]
-                over = (t + w > limit) or (m + mem[k][i] + margin > cap)
-                if over and i > cuts[-1]:
-                    cuts.append(i)
-                    k += 1
-                    if k >= stages:
-                        return None
-                    t, m = 0.0, 0.0
-                t += weights[k][i] if weights else times[i]
-                m += mem[k][i]
-                if m + margin > cap:
-                    return None
-            cuts.append(n)
-            while len(cuts) - 1 < stages:  # split the longest stage until there are enough
-                j = max(range(len(cuts) - 1), key=lambda s: (cuts[s + 1] - cuts[s], -s))
-                if cuts[j + 1] - cuts[j] < 2:
-                    return None
-                cuts.insert(j + 1, (cuts[j] + cuts[j + 1]) // 2)
-            return cuts
-
-        lo = 0.0
-        hi = sum(weights[0]) if weights else sum(times)
-        best = fill(hi)
-        if best is None:
-            return None
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            cuts = fill(mid)
-            if cuts is None:
-                lo = mid
-            else:
-                hi, best = mid, cuts
-        return self._assign(best, picks)
-
-    def _assign(self, cuts: list[int], picks: list[ChoiceCost]) -> Assignment:
-        return [[(i, picks[i].choice) for i in range(a, b)] for a, b in zip(cuts, cuts[1:])]
+    graph = gpt_like_graph(layers=4, hidden=256, seq=128, vocab=1000)
+    return build_tables(graph, Cluster.preset("a100-80gb"), PlanOptions(global_batch_size=8, **options))[0]
 
 
 def tied_layer_groups(graph: ModelGraph) -> list[list[int]]:
     """Indices of the layers that own each group of tied parameters (``graph.tied_parameters``).
 
     Example:
-        >>> import sys; sys.path.insert(0, "tests")
-        >>> from graphs import gpt_like_graph
+        >>> from autoplan.synthetic import gpt_like_graph
         >>> g = gpt_like_graph(layers=1)
         >>> g.tied_parameters = [("tok.weight", "head.weight")]
         >>> tied_layer_groups(g)
         [[0, 4]]
     """
     names = [layer.name for layer in graph.layers]
-
-    def owner(fqn: str) -> int | None:
-        best = None
-        for i, name in enumerate(names):
-            if fqn == name or fqn.startswith(name + ".") or name == "":
-                if best is None or len(name) > len(names[best]):
-                    best = i
-        return best
-
     groups = []
     for tied in graph.tied_parameters:
-        owners = sorted({o for o in (owner(fqn) for fqn in tied) if o is not None})
+        owners = sorted({o for o in (owner_index(fqn, names) for fqn in tied) if o is not None})
         if len(owners) > 1:
             groups.append(owners)
     return groups
@@ -472,34 +286,3 @@ def _non_dominated(rows: list[ChoiceCost]) -> list[ChoiceCost]:
         if not dominated:
             kept.append(row)
     return sorted(kept, key=lambda c: key(c) + c.choice.order_key)
-
-
-class _LowerHull:
-    """φ(x): the least average seconds of a fractional mix of (bytes, seconds) choices whose average bytes are
-    at most x (the lower convex hull of the points, non-increasing; inf below the leanest point)."""
-
-    def __init__(self, points: list[tuple[float, float]]):
-        pareto: list[tuple[float, float]] = []
-        for m, t in sorted(points):
-            if not pareto or t < pareto[-1][1]:
-                pareto.append((m, t))
-        hull: list[tuple[float, float]] = []
-        for p in pareto:
-            while len(hull) >= 2:
-                (m1, t1), (m2, t2) = hull[-2], hull[-1]
-                # drop hull[-1] when it lies on or above the chord from hull[-2] to p
-                if (t2 - t1) * (p[0] - m1) >= (p[1] - t1) * (m2 - m1):
-                    hull.pop()
-                else:
-                    break
-            hull.append(p)
-        self.hull = hull
-
-    def __call__(self, x: float) -> float:
-        hull = self.hull
-        if x < hull[0][0]:
-            return float("inf")
-        for (m1, t1), (m2, t2) in zip(hull, hull[1:]):
-            if x < m2:
-                return t1 + (t2 - t1) * (x - m1) / (m2 - m1)
-        return hull[-1][1]

@@ -46,7 +46,7 @@ from torch.utils import _pytree as pytree
 from .measure import TensorSpec
 from .tp_groups import DetectedGroup
 
-__all__ = ["DroppedGroup", "check_tp_groups", "record_parents", "TOLERANCE", "local_head_owners", "divide_head_attributes"]
+__all__ = ["DroppedGroup", "check_tp_groups", "record_parents", "tensor_parallel_notes", "TOLERANCE", "local_head_owners", "divide_head_attributes"]
 
 #: a parent module with more parameters is checked on the meta device (shapes, not numbers): its real-valued
 #: check would take seconds and gigabytes (a 175B model's MLP holds 1.2 billion parameters)
@@ -323,3 +323,32 @@ def check_tp_groups(model: nn.Module, groups: list[DetectedGroup], args: tuple, 
             dropped.append(DroppedGroup(dict(g.styles), verdicts[key]))
     return kept, dropped
 
+
+
+def tensor_parallel_notes(graph, tp: int, sharded: dict[str, str]) -> tuple[str, ...]:
+    """What a plan with tensor-parallel degree ``tp`` should say about the groups it could not shard: nothing
+    sharded at all (and why), or the candidate groups that tracing found unsound.
+
+    Example:
+        >>> import torch, autoplan
+        >>> g = autoplan.trace(torch.nn.Sequential(torch.nn.Linear(4, 4)), torch.randn(2, 4))
+        >>> tensor_parallel_notes(g, 2, {})[0][:58]
+        'tp=2 shards no module, so the 2 tp ranks repeat each other'
+    """
+    if tp <= 1:
+        return ()
+    notes = []
+    if not sharded:
+        why = ("no layer holds a tensor-parallel group whose heads/features tp divides"
+               if any(layer.tp_groups for layer in graph.layers) else
+               "tracing found no tensor-parallel group (colwise → rowwise nn.Linear pair, vocabulary embedding or "
+               "head) in the model")
+        notes.append(f"tp={tp} shards no module, so the {tp} tp ranks repeat each other's work: {why}; "
+                     f"pin tp=1 or leave tp to the search")
+    reasons: dict[str, list[str]] = {}
+    for styles, reason in graph.tp_dropped:
+        reasons.setdefault(reason, []).append("+".join(sorted(styles)))
+    for reason, groups in reasons.items():
+        more = f" and {len(groups) - 1} more like it" if len(groups) > 1 else ""
+        notes.append(f"not sharded: {groups[0]}{more}: {reason}")
+    return tuple(notes)

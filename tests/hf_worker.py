@@ -1,0 +1,126 @@
+"""One torchrun rank of the Hugging Face family matrix: for each (family, mesh) case, train the family's toy model
+under an automatic plan pinned to that mesh and compare with one process; rank 0 writes the results.
+
+    python -m torch.distributed.run --nproc_per_node 4 tests/hf_worker.py cases.json results.pt
+
+Every rank computes the one-process reference itself (toy models: milliseconds), so the comparison needs no
+second launch. Dropout is switched off in both runs so that they may agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+
+import autoplan  # noqa: E402
+import models_hf  # noqa: E402
+
+GLOBAL_BATCH, STEPS, LR = 8, 2, 1e-3
+
+
+def no_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Dropout off everywhere: nn.Dropout modules and the float rates attention code reads from attributes."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "drop" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+    return model
+
+
+def build(family: str) -> torch.nn.Module:
+    torch.manual_seed(1234)
+    model, _ = models_hf.FAMILIES[family]()
+    return no_dropout(model)
+
+
+def batches(family: str) -> list[tuple[tuple, torch.Tensor]]:
+    """Positional inputs (in forward's order) and targets, the same on every rank."""
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for _ in range(STEPS):
+        if family == "vit":
+            out.append(((torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g),),
+                        torch.randint(0, 10, (GLOBAL_BATCH,), generator=g)))
+            continue
+        ids = torch.randint(0, models_hf.VOCAB, (GLOBAL_BATCH, models_hf.SEQ + 1), generator=g)
+        if family in ("t5", "bart"):  # (input_ids, attention_mask, decoder_input_ids)
+            out.append(((ids[:, :-1], None, ids[:, :-1].flip(1).contiguous()), ids[:, 1:]))
+        else:
+            out.append(((ids[:, :-1],), ids[:, 1:]))
+    return out
+
+
+def loss_fn(outputs, targets: torch.Tensor) -> torch.Tensor:
+    logits = outputs.logits if hasattr(outputs, "logits") else outputs
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+
+def reference(family: str) -> dict:
+    model = build(family)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    losses = []
+    for inputs, targets in batches(family):
+        loss = loss_fn(model(*inputs), targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return {"losses": losses, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+
+def run_case(case: dict) -> dict:
+    family = case["family"]
+    data = batches(family)
+    model = build(family)
+    cluster = autoplan.Cluster.preset("cpu", devices_per_node=int(os.environ["WORLD_SIZE"]))
+    pm = autoplan.parallelize(model, data[0][0], loss_fn=loss_fn, cluster=cluster, mesh=case["mesh"],
+                              precision="fp32")
+    opt = torch.optim.AdamW(pm.parameters(), lr=LR)
+    losses = []
+    for inputs, targets in data:
+        losses.append(pm.train_step(inputs, targets))
+        opt.step()
+        opt.zero_grad()
+    state = pm.full_state_dict()
+    result = {"losses": losses, "plan": pm.plan.to_dict(), "sharded": len(pm.plan.tensor_parallel)}
+    if state:  # rank 0
+        ref = reference(family)
+        result["ref_losses"] = ref["losses"]
+        diffs = {k: (state[k].float() - v.float()).abs().max().item() for k, v in ref["state"].items() if k in state}
+        result["missing"] = sorted(set(ref["state"]) - set(state))
+        result["max_weight_diff"] = max(diffs.values())
+        result["worst_weight"] = max(diffs, key=diffs.get)
+    return result
+
+
+def main(spec: str, out: str) -> None:
+    cases = json.loads(open(spec).read())
+    results = {}
+    for case in cases:
+        name = f"{case['family']}:{'x'.join(f'{k}{v}' for k, v in case['mesh'].items())}"
+        try:
+            results[name] = run_case(case)
+        except Exception:
+            # One failed rank would leave the others waiting in a collective: stop the whole world now.
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            print(f"rank {rank}: {name} failed\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            os._exit(1)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        torch.save(results, out)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
