@@ -156,7 +156,7 @@ def test_tensor_parallel_style_on_the_wrong_module_kind_is_refused():
     model = gpt()
     plan = manual_plan(model, [GPT_LAYERS], global_batch_size=8, tp=1)
     plan = plan.replace(mesh=autoplan.Mesh(tp=2), cluster=autoplan.Cluster.preset("cpu", devices_per_node=2),
-                        tensor_parallel={"ln_f": "colwise"})
+                        tensor_parallel={"ln_f": "colwise", "head": "rowwise"})
     with pytest.raises(autoplan.PlanMismatchError, match="needs an nn.Linear but the module is LayerNorm"):
         from autoplan.execute.validate import check_plan_matches
         check_plan_matches(plan, model, world_size=2)
@@ -166,7 +166,8 @@ def test_tensor_parallel_degree_that_does_not_divide_the_features_is_refused():
     from autoplan.execute.validate import check_plan_matches
 
     model = gpt()
-    plan = manual_plan(model, [GPT_LAYERS], global_batch_size=6, tp=3, tensor_parallel={"blocks.0.mlp.fc": "colwise"})
+    plan = manual_plan(model, [GPT_LAYERS], global_batch_size=6, tp=3,
+                       tensor_parallel={"blocks.0.mlp.fc": "colwise", "blocks.0.mlp.proj": "rowwise"})
     with pytest.raises(autoplan.PlanMismatchError, match="out_features=128 over tp=3"):
         check_plan_matches(plan, model, world_size=3)
 

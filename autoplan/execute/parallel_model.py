@@ -1,6 +1,7 @@
 """ParallelModel: a model with a plan applied, trained one global batch at a time on every rank.
 
-- ``train_step(inputs, targets)``: ``inputs`` (a tensor or tuple of tensors) and ``targets`` are the GLOBAL batch,
+- ``train_step(inputs, targets)``: ``inputs`` (a tensor, a tuple of tensors or a dict of keyword inputs, the forms
+  :func:`autoplan.plan` takes) and ``targets`` are the GLOBAL batch,
   identical on every rank. Each data-parallel rank takes its contiguous 1/dp slice, splits it into the plan's
   microbatches, runs forward and backward (pipelined when pp > 1) and leaves in ``parameters()`` the gradient of the
   single-device mean loss over the global batch. Returns that mean loss as a float on every rank.
@@ -51,7 +52,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..plan import Plan
 from .apply import AppliedPlan
-from .batch import as_args, batch_size_of, default_loss, dp_slice, microbatches
+from .batch import Inputs, as_args, check_targets, checked_loss, guard_token_ids
 from .mesh import rank_at
 from .guards import check_ddp_gradients, fail_together
 from .pipeline import sync_tied_gradients
@@ -68,7 +69,7 @@ class ParallelModel:
 
     def __init__(self, loss_fn: Callable | None, applied: AppliedPlan | None = None,
                  pending: Callable[[tuple], AppliedPlan] | None = None):
-        self.loss_fn = loss_fn or default_loss
+        self.loss_fn = checked_loss(loss_fn)
         self._applied = applied
         self._pending = pending
 
@@ -143,22 +144,21 @@ class ParallelModel:
             return nullcontext()
         return torch.autocast(a.device.type, dtype=a.autocast_dtype)
 
-    def _local_batch(self, a: AppliedPlan, inputs: Any, targets: Any) -> tuple[tuple, Any]:
-        args = as_args(inputs)
-        size = batch_size_of(args)
+    def _local_batch(self, a: AppliedPlan, inputs: Any, targets: Any) -> tuple[Inputs, Any]:
+        """Checks that fail alike on every rank (the same global batch everywhere), then this rank's slice."""
+        batch = Inputs.of(inputs)
+        size = batch.batch_size
         if size != a.plan.global_batch_size:
             raise ValueError(
                 f"got a batch of {size} samples but the plan is for global_batch_size {a.plan.global_batch_size}; "
                 f"pass batches of {a.plan.global_batch_size} (the global batch, identical on every rank) or re-plan "
                 f"with global_batch_size={size}"
             )
-        if targets is not None and targets.shape[0] != size:
-            raise ValueError(f"targets have {targets.shape[0]} samples but inputs have {size}")
+        check_targets(targets, size, "train_step/evaluate")
+        guard_token_ids(self.modules_on_rank)
         dp, dp_rank = a.plan.mesh.dp, a.coords["dp"]
-        args = tuple(_to(v, a.device) for v in dp_slice(args, dp, dp_rank))
-        if targets is not None:
-            targets = _to(dp_slice((targets,), dp, dp_rank)[0], a.device)
-        return args, targets
+        batch = batch.chunk(dp, dp_rank).map(lambda v: _to(v, a.device))
+        return batch, _to(Inputs((targets,)).chunk(dp, dp_rank).args[0], a.device)
 
     def train_step(self, inputs: Any, targets: torch.Tensor) -> float:
         """Forward and backward over the global batch; returns its mean loss on every rank. Call the optimizer's
@@ -202,13 +202,15 @@ class ParallelModel:
         run = self._accumulate if a.schedule is None else self._pipeline
         return run(a, args, targets, backward=backward)
 
-    def __call__(self, *inputs: Any) -> Any:
-        """The model's outputs for ``inputs`` on this rank (with TP, every rank of a TP group gets the same).
-        Needs pp = 1: a pipelined model has no single rank holding the whole forward.
+    def __call__(self, *inputs: Any, **keyword_inputs: Any) -> Any:
+        """The model's outputs for ``inputs`` on this rank (with TP, every rank of a TP group gets the same):
+        positional inputs, keyword inputs, or one dict of keyword inputs (``pm({"input_ids": ids})``, the form
+        :func:`autoplan.plan` takes). Needs pp = 1: a pipelined model has no single rank holding the whole forward.
 
         Example: ``logits = pm(tokens)``
         """
-        a = self._ready(inputs)
+        batch = Inputs(inputs, keyword_inputs) if keyword_inputs else Inputs.of(inputs)
+        a = self._ready(batch)
         if a.schedule is not None:
             raise ValueError(
                 "pm(inputs) needs a plan without pipeline parallelism (pp = 1), this one has "
@@ -216,17 +218,19 @@ class ParallelModel:
             )
         stage = a.stages[0]
         runner = stage.runner.module if isinstance(stage.runner, DistributedDataParallel) else stage.runner
+        guard_token_ids(self.modules_on_rank)
+        batch = batch.map(lambda v: _to(v, a.device))
         with self._autocast(a):
-            return runner(*(_to(v, a.device) for v in inputs))
+            return runner(*batch.args, **batch.kwargs)
 
     forward = __call__
 
-    def _accumulate(self, a: AppliedPlan, args: tuple, targets: torch.Tensor, backward: bool) -> torch.Tensor:
+    def _accumulate(self, a: AppliedPlan, args: Inputs, targets: torch.Tensor, backward: bool) -> torch.Tensor:
         count = a.plan.microbatches
         runner = a.stages[0].runner
         total = torch.zeros((), device=a.device)
-        pairs = zip(microbatches(args, count), microbatches((targets,), count))
-        for i, (mb_args, (mb_targets,)) in enumerate(pairs):
+        targets_mb = [t.args[0] for t in Inputs((targets,)).split(count)]
+        for i, (mb, mb_targets) in enumerate(zip(args.split(count), targets_mb)):
             last = i == count - 1
             sync = nullcontext()
             if backward and isinstance(runner, DistributedDataParallel) and not last:
@@ -235,20 +239,21 @@ class ParallelModel:
                 runner.set_requires_gradient_sync(last)
             with sync:
                 with self._autocast(a):
-                    loss = self.loss_fn(runner(*mb_args), mb_targets)
+                    loss = self.loss_fn(runner(*mb.args, **mb.kwargs), mb_targets)
                 if backward:
                     (loss / count).backward()
             total += loss.detach().float()
         return total / count
 
-    def _pipeline(self, a: AppliedPlan, args: tuple, targets: torch.Tensor, backward: bool) -> torch.Tensor:
+    def _pipeline(self, a: AppliedPlan, args: Inputs, targets: torch.Tensor, backward: bool) -> torch.Tensor:
         indices = [s.index for s in a.stages]
         first, last = 0 in indices, len(a.plan.stages) - 1 in indices
         losses: list[torch.Tensor] = []
         step = a.schedule.step if backward else a.schedule.eval
         with self._autocast(a):
             kwargs = {"return_outputs": False} if backward else {}
-            step(*(args if first else ()), target=targets if last else None, losses=losses, **kwargs)
+            step(*(args.args if first else ()), **(args.kwargs if first else {}), target=targets if last else None,
+                 losses=losses, **kwargs)
         loss = torch.stack([l.detach().float() for l in losses]).mean() if last else torch.zeros((), device=a.device)
         pp = a.plan.mesh.pp
         src = rank_at(a.plan.mesh, (len(a.plan.stages) - 1) % pp, a.coords["dp"], a.coords["tp"])

@@ -26,7 +26,7 @@ from .. import errors
 from ..cluster import Cluster
 from ..plan import Plan
 from .apply import AppliedPlan, apply_plan
-from .batch import as_args
+from .batch import as_args, checked_loss
 from .guards import check_not_parallelized
 from .parallel_model import ParallelModel
 from ..trace.stages import pipeline_split_blocker
@@ -117,6 +117,7 @@ def parallelize(
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    loss_fn = checked_loss(loss_fn)  # one checked loss for every path, the pipeline's last stage included
     if plan is not None:
         if plan_kwargs or cluster is not None:
             given = sorted(plan_kwargs) + (["cluster"] if cluster is not None else [])

@@ -11,7 +11,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..cluster import Cluster
 from ..cost.plan_cost import Strategy
@@ -127,10 +127,14 @@ def enumerate_strategies(graph: ModelGraph, cluster: Cluster, options: PlanOptio
         )
     if "pp" in pins and pins["pp"] > num_layers:
         raise ValueError(f"mesh pp={pins['pp']} needs at least that many layers; the model has {num_layers}")
+    blocker = getattr(graph, "pipeline_blocker", None)  # the executor's own split check, run at trace time
+    if blocker and pins.get("pp", 1) > 1:
+        raise ValueError(f"mesh pp={pins['pp']} needs pipeline stages, but {graph.model_name} cannot be split into "
+                         f"them: {blocker}")
     strategies: list[Strategy] = []
     for tp in _tp_degrees(graph, cluster, options):
         for pp in divisors(world // tp):
-            if pp > num_layers or pins.get("pp", pp) != pp:
+            if pp > num_layers or pins.get("pp", pp) != pp or (blocker and pp > 1):
                 continue
             dp = world // (tp * pp)
             if pins.get("dp", dp) != dp or batch % dp:
@@ -171,12 +175,58 @@ def _dp_kinds(dp: int, pinned: str) -> list[str]:
     return ["ddp", "fsdp"] if dp > 1 else ["ddp"]  # FSDP over one rank shards nothing
 
 
+_PROBING = False  # set while _no_strategy_message tries other batch sizes (their failures need no message)
+
+
 def _no_strategy_message(graph: ModelGraph, cluster: Cluster, options: PlanOptions, batch: int) -> str:
+    """Why no strategy splits ``batch`` (the rule that failed, with its numbers, for the meshes the pins allow)
+    and the nearest global batch sizes that do split."""
+    global _PROBING
+    if _PROBING:
+        return ""
+    world, layers = cluster.world_size, len(graph.layers)
     pins = {k: v for k, v in (("mesh", options.mesh), ("microbatch_size", options.microbatch_size),
                                ("schedule", options.schedule)) if v not in ({}, None, "auto")}
+    mb_pin, schedule = options.microbatch_size, options.schedule
+    reasons: list[str] = []
+    for tp in _tp_degrees(graph, cluster, options):
+        for pp in divisors(world // tp):
+            dp = world // (tp * pp)
+            if pp > layers or any(options.mesh.get(axis, d) != d for axis, d in (("pp", pp), ("dp", dp))):
+                continue
+            mesh = f"pp{pp}×dp{dp}×tp{tp}"
+            per_replica = batch // dp
+            if batch % dp:
+                reasons.append(f"{mesh}: {batch} is not a multiple of dp = {dp}")
+            elif mb_pin and per_replica % mb_pin:
+                reasons.append(f"{mesh}: batch / dp = {per_replica} is not a multiple of microbatch_size = {mb_pin}")
+            elif schedule in ("1f1b", "interleaved") and per_replica // (mb_pin or 1) < pp:
+                reasons.append(f"{mesh}: {per_replica // (mb_pin or 1)} microbatches, but {schedule} needs at least "
+                               f"pp = {pp}")
+            elif schedule == "interleaved":
+                reasons.append(f"{mesh}: interleaved needs microbatches divisible by pp = {pp} (and pp × 2 ≤ "
+                               f"{layers} layers)")
+    if not reasons:
+        reasons.append(f"no tensor-parallel degree fits: tp must divide the {cluster.devices_per_node} devices of a "
+                       f"node (tp_across_nodes=True lifts that) and a sharded dimension of the model")
+    shown = "; ".join(reasons[:3]) + (f"; and {len(reasons) - 3} more meshes alike" if len(reasons) > 3 else "")
+    nearest = []
+    _PROBING = True
+    try:
+        for candidates in (range(batch - 1, max(0, batch - 4096), -1), range(batch + 1, batch + 4096)):
+            for b in candidates:
+                try:
+                    enumerate_strategies(graph, cluster, replace(options, global_batch_size=b))
+                except ValueError:
+                    continue
+                nearest.append(b)
+                break
+    finally:
+        _PROBING = False
+    fix = (f"Nearest global batch size{'s' if len(nearest) > 1 else ''} that work{'' if len(nearest) > 1 else 's'}: "
+           f"{' and '.join(map(str, nearest))}" if nearest else "No batch size near it works with these pins")
     return (
-        f"no parallel layout of {cluster.world_size} devices matches global batch {batch} and the pins {pins}: "
-        f"dp must divide the global batch, microbatch_size must divide batch/dp, 1f1b/interleaved need "
-        f"microbatches ≥ pp, and tp must divide the {cluster.devices_per_node} devices of a node "
-        f"(tp_across_nodes=True lifts that); change the global batch or drop a pin"
+        f"global batch {batch} cannot be split over {world} devices with the pins {pins}: every layout needs "
+        f"global batch = dp × microbatch_size × microbatches (1f1b and interleaved also microbatches ≥ pp), and "
+        f"{shown}. {fix}; or drop a pin"
     )

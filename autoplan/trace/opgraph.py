@@ -15,8 +15,11 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import io
 import linecache
 import logging
+import os
+import sys
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -44,10 +47,12 @@ class OpGraph:
 def build_op_graph(model: torch.nn.Module, args: tuple, kwargs: dict) -> OpGraph:
     """Trace ``model`` into an :class:`OpGraph`; ``TraceError`` (chained) when neither fx nor export works."""
     try:
-        return _from_fx(model, args, kwargs)
+        with _quiet_torch_logs():
+            return _from_fx(model, args, kwargs)
     except Exception as fx_error:  # noqa: BLE001 - any fx failure sends us to export
         try:
-            return _from_export(model, args, kwargs)
+            with _quiet_torch_logs():
+                return _from_export(model, args, kwargs)
         except Exception as export_error:
             raise _trace_error(model, fx_error, export_error) from export_error
 
@@ -126,8 +131,7 @@ def _from_fx(model, args, kwargs) -> OpGraph:
 def _from_export(model, args, kwargs) -> OpGraph:
     from torch.export.graph_signature import InputKind
 
-    with _quiet_torch_logs():
-        ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+    ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
     weights = {
         spec.arg.name
         for spec in ep.graph_signature.input_specs
@@ -155,18 +159,24 @@ def _from_export(model, args, kwargs) -> OpGraph:
 
 # ------------------------------------------------------------------------------------------------------ shared
 
-_NOISY_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export", "torch._dynamo")
+_NOISY_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export", "torch._dynamo",
+                  "torch._subclasses.fake_tensor")
 
 
 @contextlib.contextmanager
 def _quiet_torch_logs():
-    """Export logs a graph dump as a warning when it fails; the TraceError we raise says what matters."""
+    """fx and export log errors (fake-tensor stack dumps) and export prints its partial graph to stderr (twice)
+    when it fails; the TraceError we raise says what matters, so a failed trace's stderr is dropped (a successful
+    one's is passed on)."""
     loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.ERROR)
+        lg.setLevel(logging.CRITICAL)  # what failed is in our TraceError, with the user's line
+    captured = io.StringIO()
     try:
-        yield
+        with contextlib.redirect_stderr(captured):
+            yield
+        sys.stderr.write(captured.getvalue())
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
@@ -200,7 +210,7 @@ def _trace_error(model: torch.nn.Module, fx_error: Exception, export_error: Exce
         location = f" in module {module_name!r} at {filename}:{lineno} (`{line}`)"
     first = str(export_error).strip().splitlines()[0] if str(export_error).strip() else type(export_error).__name__
     return TraceError(
-        f"could not trace {type(model).__name__}{location}: {first}. "
+        f"could not trace {type(model).__name__}{location}: {first.rstrip('.')}. "
         f"torch.fx.symbolic_trace failed ({type(fx_error).__name__}: "
         f"{str(fx_error).strip().splitlines()[0] if str(fx_error).strip() else ''}) and so did "
         "torch.export.export(strict=False). Ways out: make that module a leaf (trace around it), pass example "
@@ -225,18 +235,27 @@ def measure_error(model: torch.nn.Module, error: Exception) -> TraceError:
 
 
 def _user_frame(model: torch.nn.Module, error: Exception) -> tuple[str, str, int] | None:
-    """(module FQN, file, line) of the deepest frame that runs a forward of one of ``model``'s modules."""
+    """(module FQN, file, line) of the deepest frame that runs a forward of one of ``model``'s modules in the
+    user's code: a frame inside torch (``nn.Linear.forward``) gives way to the user's forward that called it."""
     names = {id(m): name for name, m in model.named_modules()}
-    found = None
+    owned = []
     tb = error.__traceback__
     while tb is not None:
         frame = tb.tb_frame
         owner = frame.f_locals.get("self")
         if owner is not None and id(owner) in names:
-            found = (names[id(owner)] or type(model).__name__, frame.f_code.co_filename, tb.tb_lineno)
+            owned.append((names[id(owner)] or type(model).__name__, frame.f_code.co_filename, tb.tb_lineno))
         tb = tb.tb_next
-    if found is None:
-        for summary in reversed(traceback.extract_tb(error.__traceback__)):
-            if "/torch/" not in summary.filename and "/autoplan/" not in summary.filename:
-                return (type(model).__name__, summary.filename, summary.lineno or 0)
-    return found
+    users = [f for f in owned if not _library_file(f[1])]
+    if users or owned:
+        return (users or owned)[-1]
+    for summary in reversed(traceback.extract_tb(error.__traceback__)):
+        if not _library_file(summary.filename):
+            return (type(model).__name__, summary.filename, summary.lineno or 0)
+    return None
+
+
+def _library_file(filename: str) -> bool:
+    """Whether ``filename`` is torch's or autoplan's own code (never where a user's model goes wrong)."""
+    roots = (os.path.dirname(torch.__file__), os.path.dirname(os.path.dirname(__file__)))
+    return os.path.abspath(filename).startswith(tuple(root + os.sep for root in roots))
