@@ -118,6 +118,8 @@ class ModelGraph:
     trace_s: float = 0.0
     # candidate tensor-parallel groups that a numerical check at trace time found unsound: (styles, reason) each
     tp_dropped: list[tuple[dict[str, str], str]] = field(default_factory=list)
+    # why the executor cannot split the model into pipeline stages (None: it can); the planner then keeps pp = 1
+    pipeline_blocker: str | None = None
 
     @property
     def param_bytes(self) -> int:

@@ -266,6 +266,9 @@ def guard_token_ids(modules: list[nn.Module]) -> None:
     """
     for root in modules:
         for fqn, module in root.named_modules():
-            if isinstance(module, nn.Embedding) and not getattr(module, "_autoplan_ids_checked", False):
+            # an Embedding subclass with its own forward (OPT's learned positions take the attention mask) reads
+            # other inputs first: only the plain lookup is guarded
+            plain = type(module).forward is nn.Embedding.forward
+            if isinstance(module, nn.Embedding) and plain and not getattr(module, "_autoplan_ids_checked", False):
                 module.register_forward_pre_hook(_check_indices(fqn), prepend=True)
                 module._autoplan_ids_checked = True

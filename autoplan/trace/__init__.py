@@ -41,6 +41,7 @@ from .tp_check import check_tp_groups, record_parents
 from .opgraph import build_op_graph, measure_error
 from .measure import Measurement, measure
 from .adapters import trace_kwargs
+from .stages import pipeline_split_blocker
 
 __all__ = ["trace", "normalize_inputs"]
 
@@ -176,6 +177,7 @@ def trace(model: torch.nn.Module, example_inputs: Any = None) -> ModelGraph:
         method=op_graph.method,
         trace_s=time.perf_counter() - started,
         tp_dropped=[(d.styles, d.reason) for d in dropped],
+        pipeline_blocker=pipeline_split_blocker(model, names) if len(names) > 1 else None,
     )
 
 
@@ -234,6 +236,11 @@ def _recompute_options(model, name, layer_act, layer_fwd, m, module_fwd, module_
     return tuple(options)
 
 
+def _bias_numel(model, fqn: str) -> int:
+    bias = getattr(model.get_submodule(fqn), "bias", None)
+    return bias.numel() if isinstance(bias, torch.Tensor) else 0
+
+
 def _tp_groups_by_layer(groups: list[DetectedGroup], model, m: Measurement, op_graph, locator: LayerLocator):
     module_fwd, _ = _per_module(m)
     out: dict[int, list[TensorParallelGroup]] = {}
@@ -255,7 +262,10 @@ def _tp_groups_by_layer(groups: list[DetectedGroup], model, m: Measurement, op_g
             TensorParallelGroup(
                 styles=dict(group.styles),
                 divisor=group.divisor,
-                num_params=sum(module_params(model, fqn) for fqn in group.styles),
+                # a rowwise linear's bias is added after the all-reduce, whole on every rank (DTensor
+                # RowwiseParallel replicates it): it is not sharded
+                num_params=sum(module_params(model, fqn) - (_bias_numel(model, fqn) if style == "rowwise" else 0)
+                               for fqn, style in group.styles.items()),
                 forward_flops=sum(module_fwd.get(fqn, 0) for fqn in group.styles),
                 activation_bytes=sharded,
                 output_bytes=op_graph.nx.nodes[group.output_node]["bytes"],

@@ -40,16 +40,16 @@ class _LayerLeafTracer(fx.Tracer):
         return module_qualified_name in self.leaves or super().is_leaf_module(m, module_qualified_name)
 
 
-def pipeline_split_blocker(model: nn.Module) -> str | None:
-    """Why ``model`` cannot be split into pipeline stages (its forward does not trace with torch.fx around its
-    submodules), or ``None`` when it can.
+def pipeline_split_blocker(model: nn.Module, layers: Sequence[str] | None = None) -> str | None:
+    """Why ``model`` cannot be split into pipeline stages at ``layers`` (default: every submodule) — its forward
+    does not trace with torch.fx around them, as :func:`split_into_stages` needs — or ``None`` when it can.
 
     Example:
         >>> from autoplan.models import MLP
         >>> pipeline_split_blocker(MLP(8, 16, depth=2)) is None
         True
     """
-    leaves = {name for name, _ in model.named_modules() if name}
+    leaves = set(layers) if layers is not None else {name for name, _ in model.named_modules() if name}
     try:
         _trace(model, leaves)
     except TraceError as exc:
