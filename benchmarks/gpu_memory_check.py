@@ -5,11 +5,12 @@ What it does, for each precision asked (fp32, and bf16 = torch.autocast(bfloat16
 
 1. builds ``autoplan.models.GPT`` of a named size on the GPU, and a copy on the meta device that it traces
    with ``autoplan.trace`` (no real memory);
-2. predicts the peak memory of one step from :mod:`autoplan.cost` alone: model states (weights, gradients,
-   AdamW m and v: :func:`~autoplan.cost.model_state_bytes`) + the activations every layer keeps for backward
-   + the largest transient (:func:`~autoplan.cost.layer_cost`) + the loss's buffers (cross-entropy over the
-   logits runs in fp32: its log-probabilities, their gradient and the logits' gradient, 3 × logits × 4 bytes)
-   + under bf16 autocast the bf16 copy of the matmul weights saved for backward
+2. predicts the peak memory of one step with the planner's own cost, :func:`autoplan.cost.plan_cost.compose`
+   of a one-device layout: model states (weights, gradients, AdamW m and v:
+   :func:`~autoplan.cost.model_state_bytes`) + the activations every layer keeps for backward + the largest
+   transient (:func:`~autoplan.cost.layer_cost`) + the loss's buffers (cross-entropy over the logits runs in
+   fp32: its log-probabilities, their gradient and the logits' gradient, 3 × logits × 4 bytes) + under bf16
+   autocast the bf16 copy of the matmul weights saved for backward
    (:func:`~autoplan.cost.autocast_weight_copy_bytes`);
 3. runs one warm-up step (creating the optimizer states) and then measures the peak of a second step with
    ``torch.cuda.max_memory_allocated``; gradients are zeroed, not freed (``zero_grad(set_to_none=False)``), as
@@ -54,8 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import autoplan  # noqa: E402
 from autoplan.cluster import Cluster  # noqa: E402
-from autoplan.cost import (autocast_weight_copy_bytes, cross_entropy_bytes, layer_cost,  # noqa: E402
-                           model_state_bytes, optimizer_step_s)
+from autoplan.cost.plan_cost import PlanCost, Strategy, compose, layer_choice_cost  # noqa: E402
 from autoplan.explain import format_bytes, format_seconds  # noqa: E402
 from autoplan.graph import ModelGraph  # noqa: E402
 from autoplan.models import GPT, GPTConfig  # noqa: E402
@@ -63,12 +63,22 @@ from autoplan.models import GPT, GPTConfig  # noqa: E402
 GOAL_RELATIVE_ERROR = 0.10
 
 
+def _one_device_step(graph: ModelGraph, cluster: Cluster, microbatch_size: int, precision: str,
+                     optimizer: str) -> PlanCost:
+    """:func:`autoplan.cost.plan_cost.compose` of one microbatch through every layer on one device (no DP, TP or
+    PP): what one training step of the whole model costs."""
+    strategy = Strategy(pp=1, dp=1, tp=1, microbatch_size=microbatch_size, microbatches=1, schedule="1f1b",
+                        data_parallel="ddp", precision=precision, optimizer=optimizer)
+    layers = [layer_choice_cost(graph, layer, cluster, strategy, False, None) for layer in graph.layers]
+    return compose(strategy, cluster, [layers], global_batch_size=microbatch_size)
+
+
 def predict_step_memory(graph: ModelGraph, *, microbatch_size: int, precision: str,
                         optimizer: str = "adamw") -> dict[str, int]:
-    """Peak bytes of one training step of ``graph`` on one device, by part, from :mod:`autoplan.cost`.
+    """Peak bytes of one training step of ``graph`` on one device, by part, from the cost model's ``compose``.
 
-    The loss is outside the traced model: :func:`~autoplan.cost.cross_entropy_bytes` of the last layer's
-    output.
+    Model states, the activations every layer keeps for backward, the largest transient, the loss's buffers
+    (cross-entropy over the last layer's output) and, under bf16 autocast, the weight copy.
 
     Example:
         >>> import torch, autoplan
@@ -78,31 +88,22 @@ def predict_step_memory(graph: ModelGraph, *, microbatch_size: int, precision: s
         546816
     """
     cluster = Cluster.preset("h100-80gb")  # memory does not depend on the cluster's rates
-    costs = [
-        layer_cost(layer, traced_batch_size=graph.batch_size, traced_dtype_bytes=graph.dtype_bytes, cluster=cluster,
-                   tp=1, microbatch_size=microbatch_size, precision=precision)
-        for layer in graph.layers
-    ]
-    logits_elements = graph.layers[-1].output_bytes / graph.dtype_bytes * microbatch_size / graph.batch_size
+    rank = _one_device_step(graph, cluster, microbatch_size, precision, optimizer).ranks[0]
     parts = {
-        "model_states_bytes": model_state_bytes(graph.num_params, precision, optimizer, dp=1, data_parallel="ddp"),
-        "activations_bytes": sum(c.activation_bytes for c in costs),
-        "transient_bytes": max((c.transient_bytes for c in costs), default=0),
-        "loss_bytes": cross_entropy_bytes(logits_elements),
-        "weight_copy_bytes": autocast_weight_copy_bytes(sum(c.matmul_params for c in costs), precision, "ddp", dp=1),
+        "model_states_bytes": rank.model_state_bytes,
+        "activations_bytes": rank.activation_bytes,
+        "transient_bytes": rank.transient_bytes,
+        "loss_bytes": rank.loss_bytes,
+        "weight_copy_bytes": rank.weight_copy_bytes,
     }
-    parts["total_bytes"] = sum(parts.values())
+    parts["total_bytes"] = sum(parts.values())  # = rank.peak_bytes: one device has no pipeline buffers
     return parts
 
 
 def predict_step_time_s(graph: ModelGraph, cluster: Cluster, *, microbatch_size: int, precision: str) -> float:
-    """Forward + backward of every layer plus the AdamW update, on one device of ``cluster``."""
-    compute = sum(
-        layer_cost(layer, traced_batch_size=graph.batch_size, traced_dtype_bytes=graph.dtype_bytes,
-                   cluster=cluster, tp=1, microbatch_size=microbatch_size, precision=precision).total_s
-        for layer in graph.layers
-    )
-    return compute + optimizer_step_s(graph.num_params, cluster, precision, "adamw")
+    """Forward + backward of every layer plus the AdamW update, on one device of ``cluster`` (``compose``'s
+    step time for one device)."""
+    return _one_device_step(graph, cluster, microbatch_size, precision, "adamw").step_time_s
 
 
 def train_step(model: torch.nn.Module, tokens: torch.Tensor, targets: torch.Tensor,

@@ -10,6 +10,7 @@ from autoplan.cost.plan_cost import compose, estimate, layer_choice_cost
 from autoplan.options import PlanOptions
 from autoplan.solve import search
 from autoplan.solve.space import enumerate_strategies, layer_choices
+from autoplan.solve.bounds import lower_bound_s, refined_bound
 from autoplan.solve.tables import LayerCostCache, StrategyTables, segments_of
 
 from graphs import gpt_like_graph, mlp_graph
@@ -111,7 +112,7 @@ def test_bounds_never_exceed_a_strategys_optimum(case, tightens):
     for strategy, optimum in brute_force_per_strategy(graph, cluster, options).items():
         tables = StrategyTables(graph, cluster, strategy, segments, cache, options.recompute,
                                 options.global_batch_size)
-        simple, refined = tables.lower_bound_s(), tables.refined_lower_bound_s()
+        simple, refined = lower_bound_s(tables), refined_bound(tables).bound_s
         assert simple <= refined
         if optimum is None:
             continue

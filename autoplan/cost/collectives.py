@@ -21,6 +21,7 @@ __all__ = [
     "group_link",
     "group_allreduce_s",
     "group_allgather_s",
+    "group_allgather_terms",
     "group_reduce_scatter_s",
     "check_group",
 ]
@@ -165,16 +166,36 @@ def group_allgather_s(nbytes: float, cluster: Cluster, group_size: int, stride: 
         >>> round(group_allgather_s(1.6e9, c, 16, 1) * 1e3, 2)   # 0.2 GB over IB, then 1.6 GB over NVLink
         8.71
     """
-    check_group(cluster, group_size, stride)
     _check_non_negative("nbytes", nbytes)
+    latency_s, seconds_per_byte = group_allgather_terms(cluster, group_size, stride)
+    return latency_s + nbytes * seconds_per_byte
+
+
+def group_allgather_terms(cluster: Cluster, group_size: int, stride: int) -> tuple[float, float]:
+    """(latency_s, seconds_per_byte) of :func:`group_allgather_s`, which is affine in the bytes gathered.
+
+    A ring of n ranks on one link takes (n−1)·latency + (n−1)/n · nbytes / bandwidth; the two-level form adds
+    the inter-node ring over nbytes / k and the intra-node ring over nbytes. What is linear in the bytes (the
+    data-parallel sync, which grows with a rank's parameters) is priced from these two figures.
+
+    Example:
+        >>> c = Cluster.preset("a100-80gb")                          # 8 GPUs, 300 GB/s NVLink, 5 µs
+        >>> latency_s, per_byte = group_allgather_terms(c, 4, 1)
+        >>> round(latency_s * 1e6, 1), round(per_byte * 300e9, 4)    # 3 steps; 3/4 of the bytes per link
+        (15.0, 0.75)
+    """
+    check_group(cluster, group_size, stride)
+    if group_size == 1:
+        return 0.0, 0.0
     bandwidth_Bps, latency_s = group_link(cluster, group_size, stride)
     split = _nodes_of_group(cluster, group_size, stride)
     if split is None:
-        return allgather_s(nbytes, group_size, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
+        return (group_size - 1) * latency_s, (group_size - 1) / group_size / bandwidth_Bps
     per_node, nodes = split
-    return (allgather_s(nbytes / per_node, nodes, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
-            + allgather_s(nbytes, per_node, bandwidth_Bps=cluster.intra_node_bandwidth_Bps,
-                          latency_s=cluster.intra_node_latency_s))
+    # AG(nbytes / k, m, NIC) + AG(nbytes, k, NVLink)
+    return ((nodes - 1) * latency_s + (per_node - 1) * cluster.intra_node_latency_s,
+            (nodes - 1) / nodes / per_node / bandwidth_Bps
+            + (per_node - 1) / per_node / cluster.intra_node_bandwidth_Bps)
 
 
 def group_reduce_scatter_s(nbytes: float, cluster: Cluster, group_size: int, stride: int) -> float:

@@ -15,10 +15,11 @@ from .._checks import ceil_div as _ceil_div
 from .._checks import check_non_negative as _check_non_negative
 from .._checks import check_positive_int as _check_positive_int
 from .._checks import check_precision as _check_precision
+from ..plan import Mesh, mixed_precision_mode
 from ..vocabulary import DATA_PARALLEL_KINDS, OPTIMIZERS, PRECISION_BYTES
 
 __all__ = ["StateBytes", "state_bytes_per_param", "zero_model_state_bytes", "model_state_bytes",
-           "cross_entropy_bytes", "autocast_weight_copy_bytes"]
+           "cross_entropy_bytes", "autocast_weight_copy_bytes", "holds_weight_copy"]
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,19 @@ def autocast_weight_copy_bytes(matmul_params: int, precision: str, data_parallel
     _check_positive_int("dp", dp)
     if data_parallel not in DATA_PARALLEL_KINDS:
         raise ValueError(f"unknown data_parallel {data_parallel!r}; use one of {DATA_PARALLEL_KINDS}")
-    if precision == "fp32" or (data_parallel == "fsdp" and dp > 1):
+    if not holds_weight_copy(mixed_precision_mode(precision, data_parallel, Mesh(dp=dp))):
         return 0
     return matmul_params * PRECISION_BYTES[precision]
+
+
+def holds_weight_copy(mixed_precision: str) -> bool:
+    """Whether a layout run in ``mixed_precision`` (:func:`autoplan.plan.mixed_precision_mode`) keeps a
+    low-precision copy of its matmul weights from forward to backward: autocast and ``replicate`` do; fp32 casts
+    nothing and FSDP frees its gathered low-precision weights after each layer.
+
+    Example:
+        >>> [holds_weight_copy(m) for m in ("fp32", "autocast", "fsdp", "replicate")]
+        [False, True, False, True]
+    """
+    return mixed_precision in ("autocast", "replicate")
 

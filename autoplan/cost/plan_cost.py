@@ -60,10 +60,11 @@ from .. import cost
 from ..vocabulary import PRECISION_BYTES
 from ..cluster import Cluster
 from ..graph import Layer, ModelGraph, RecomputeOption
-from ..plan import Plan, Predicted, RankFigures, StageTime
+from ..plan import Mesh, Plan, Predicted, RankFigures, StageTime, mixed_precision_mode
 
 __all__ = ["Strategy", "RankCost", "PlanCost", "estimate", "estimate_breakdown", "compose", "layer_choice_cost",
-           "rank_tail_s", "rank_state_bytes", "weight_copy_bytes_per_param", "loss_bytes"]
+           "rank_tail_s", "rank_tail_terms", "rank_state_bytes", "rank_state_bytes_per_param",
+           "weight_copy_bytes_per_param", "loss_bytes"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,11 @@ class Strategy:
     @property
     def num_stages(self) -> int:
         return self.pp * self.virtual_stages
+
+    @property
+    def mixed_precision(self) -> str:
+        """How the executor runs this layout's precision (:func:`autoplan.plan.mixed_precision_mode`)."""
+        return mixed_precision_mode(self.precision, self.data_parallel, Mesh(self.pp, self.dp, self.tp))
 
     @property
     def bubble_stage_times(self) -> int:
@@ -232,6 +238,46 @@ def rank_tail_s(strategy: Strategy, cluster: Cluster, num_params: float) -> tupl
     return sync, opt
 
 
+def rank_tail_terms(strategy: Strategy, cluster: Cluster) -> tuple[float, float]:
+    """(alpha_s, beta_s_per_param): :func:`rank_tail_s` as an affine function α + β·P of a rank's parameters.
+
+    α is the data-parallel collectives' latency (:func:`autoplan.cost.data_parallel_sync_terms`); β adds their
+    seconds per parameter and the optimizer's bytes per parameter over the memory bandwidth
+    (:func:`autoplan.cost.optimizer_step_bytes_per_param`), divided by dp under FSDP, which updates its shard only.
+    The solver's tail constraint is this line; :func:`rank_tail_s` differs from it only by FSDP's rounding of
+    the shard up to a whole parameter.
+
+    Example:
+        >>> from autoplan import Cluster
+        >>> s, c = Strategy(1, 8, 1, 1, 1, "1f1b", "ddp"), Cluster.preset("a100-80gb")
+        >>> alpha_s, beta_s = rank_tail_terms(s, c)      # 14 ring steps of 5 µs; per 10⁹ parameters:
+        >>> round(alpha_s * 1e6), round(beta_s * 1e9 * 1e3, 2)   # 23.33 ms all-reduce + 28 GB / 2.039 TB/s
+        (70, 37.07)
+        >>> abs(sum(rank_tail_s(s, c, 10**9)) - (alpha_s + beta_s * 10**9)) < 1e-15
+        True
+    """
+    latency_s, sync_per_param_s = cost.data_parallel_sync_terms(
+        cluster, dp=strategy.dp, stride=strategy.tp, data_parallel=strategy.data_parallel,
+        precision=strategy.precision)
+    shard = strategy.dp if strategy.data_parallel == "fsdp" else 1
+    optimizer_per_param_s = (cost.optimizer_step_bytes_per_param(strategy.precision, strategy.optimizer)
+                             / cluster.device.memory_bandwidth_Bps / shard)
+    return latency_s, sync_per_param_s + optimizer_per_param_s
+
+
+def rank_state_bytes_per_param(strategy: Strategy) -> float:
+    """Model-state bytes per parameter of a rank on one device: :func:`rank_state_bytes` without FSDP's rounding
+    of the shard up to a whole parameter (ZeRO §3.1 bytes per parameter; FSDP divides them by dp).
+
+    Example:
+        >>> rank_state_bytes_per_param(Strategy(1, 4, 1, 1, 1, "1f1b", "fsdp")), rank_state_bytes(
+        ...     Strategy(1, 4, 1, 1, 1, "1f1b", "fsdp"), 1000) / 1000
+        (4.0, 4.0)
+    """
+    per_param = cost.state_bytes_per_param(strategy.precision, strategy.optimizer).total
+    return per_param / strategy.dp if strategy.data_parallel == "fsdp" else float(per_param)
+
+
 def rank_state_bytes(strategy: Strategy, num_params: int) -> int:
     """Weights, gradients and optimizer states of a rank's ``num_params`` on one of its devices."""
     return cost.model_state_bytes(int(num_params), strategy.precision, strategy.optimizer, strategy.dp,
@@ -239,8 +285,14 @@ def rank_state_bytes(strategy: Strategy, num_params: int) -> int:
 
 
 def weight_copy_bytes_per_param(strategy: Strategy) -> int:
-    """Bytes per matmul parameter of autocast's weight copy under ``strategy`` (0 for fp32 or sharded FSDP)."""
-    return cost.autocast_weight_copy_bytes(1, strategy.precision, strategy.data_parallel, strategy.dp)
+    """Bytes per matmul parameter of the low-precision weight copy under ``strategy``: the element size when its
+    mixed precision keeps one (autocast, ``replicate``), else 0 (fp32, sharded FSDP).
+
+    Example:
+        >>> [weight_copy_bytes_per_param(Strategy(1, 4, 1, 1, 1, "1f1b", kind)) for kind in ("ddp", "fsdp")]
+        [2, 0]
+    """
+    return PRECISION_BYTES[strategy.precision] if cost.holds_weight_copy(strategy.mixed_precision) else 0
 
 
 def loss_bytes(strategy: Strategy, final: cost.LayerCost) -> int:

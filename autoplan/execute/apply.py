@@ -185,8 +185,9 @@ def _apply(model: nn.Module, parts: list[nn.Module], plan: Plan, loss_fn, init_w
         _info(world, "applied pipeline parallel (pp=%d, %s, %d stages, %d microbatches)", m.pp, plan.schedule,
               len(plan.stages), plan.microbatches)
     watch_replaced_parameters(before, held_tensors([s.module for s in stages]))
-    # FSDP2 and replicate() take a MixedPrecisionPolicy; the rest computes under autocast.
-    uses_autocast = m.dp == 1 or (plan.data_parallel == "ddp" and m.tp == 1 and m.pp == 1)
+    # FSDP2 and replicate() take a MixedPrecisionPolicy; the rest computes under autocast (the plan's one rule,
+    # which the cost model prices too).
+    uses_autocast = plan.mixed_precision == "autocast"
     return AppliedPlan(
         plan=plan, world=world, device=device, coords=coords, stages=stages, mesh=mesh, schedule=schedule,
         tied_groups=tied_groups, state_keys=state_keys,

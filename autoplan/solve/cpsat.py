@@ -3,30 +3,30 @@
 Data (from :class:`~autoplan.solve.tables.StrategyTables`): L layers in G segments of identical layers,
 segment g = layers [a_g, b_g); S = pp·v stages, stage k on pipeline rank k mod pp; for each segment choice
 c (tensor parallel on/off × recompute option): time t_gc, parameters P_gc, activation bytes A_gc, transient
-bytes R_gc, autocast weight-copy bytes W_gc; per cut position j (after layer j−1): send time q_j and boundary bytes o_j; per rank r: in-flight
-microbatches f_r; the tail (DP sync + optimizer) α + β·P, affine in a rank's parameters; model-state bytes
-σ·P; bubble b = pp − 1 stage-times; M microbatches; device capacity C.
+bytes R_gc, autocast weight-copy bytes W_gc; per cut position j (after layer j−1): send time q_j and boundary
+bytes o_j; per rank r: in-flight microbatches f_r; the tail (DP sync + optimizer) α + β·P, affine in a rank's
+parameters, and model-state bytes σ·P (both from :mod:`autoplan.cost.plan_cost`'s formulas); bubble
+b = pp − 1 stage-times; M microbatches; device capacity C.
 
-Variables:
-    cut_k ∈ [k, L − S + k]         stage k runs layers [cut_k, cut_{k+1}); cut_0 = 0, cut_S = L
-    y_kg = clamp(cut_k, a_g, b_g)   so stage k holds n_kg = y_{k+1,g} − y_kg layers of segment g
-    m_kgc ∈ [0, b_g − a_g]          how many of those use choice c;  Σ_c m_kgc = n_kg
-    u_kgc ∈ {0, 1}                  stage k uses choice c of segment g at least once: m_kgc ≤ (b_g − a_g)·u_kgc
-    e_k = q[cut_{k+1}], o_k = o[cut_{k+1}]   (AddElement) the send after stage k
-Constraints:
-    cut_{k+1} ≥ cut_k + 1                                             every stage is non-empty
-    Σ_k Σ_{c sharded} m_kgc equal over the segments of a tied weight  one tensor, one TP placement
-    T_k = Σ_gc t_gc·m_kgc + e_k [k < S−1] ≤ s_max                     per-microbatch time of stage k
-    T_r = Σ_{k≡r} T_k ≤ t_max                                          per-microbatch time of rank r
-    T_r ≥ a_rj + b_rj·Σ_{k≡r} n_kG                                     cuts from the refined bound: rank r
-                                                                      running n layers of the largest
-                                                                      segment G needs ≥ need_r(n), convex
-    α + β·Σ_{k≡r} Σ_gc P_gc·m_kgc ≤ tail_max                          DP sync + optimizer of rank r
+Variables (helper that makes them):
+    cut_k ∈ [k, L − S + k]         stage k runs layers [cut_k, cut_{k+1}); cut_0 = 0, cut_S = L    _stage_cuts
+    y_kg = clamp(cut_k, a_g, b_g)   so stage k holds n_kg = y_{k+1,g} − y_kg layers of segment g    _stage_cuts
+    m_kgc ∈ [0, b_g − a_g]          how many of those use choice c;  Σ_c m_kgc = n_kg             _choice_counts
+    u_kgc ∈ {0, 1}                  stage k uses choice c of g at least once: m_kgc ≤ (b_g − a_g)·u_kgc
+    e_k = q[cut_{k+1}], o_k = o[cut_{k+1}]   (AddElement) the send after stage k                   _sends
+Constraints (one helper per family):
+    cut_{k+1} ≥ cut_k + 1                                        every stage is non-empty          _stage_cuts
+    Σ_k Σ_{c sharded} m_kgc equal over a tied weight's segments  one tensor, one TP placement       _tied_agree
+    T_k = Σ_gc t_gc·m_kgc + e_k [k < S−1] ≤ s_max                per-microbatch time of stage k    _rank_time
+    T_r = Σ_{k≡r} T_k ≤ t_max                                     per-microbatch time of rank r     _rank_time
+    T_r ≥ a_rj + b_rj·Σ_{k≡r} n_kG                                refined-bound cuts: n layers of   _bound_cuts
+                                                                 the largest segment G need ≥ need_r(n), convex
+    α + β·Σ_{k≡r} Σ_gc P_gc·m_kgc ≤ tail_max                     DP sync + optimizer of rank r     _rank_tail
     Σ_{k≡r} Σ_gc (σ·P_gc + W_gc + f_r·A_gc)·m_kgc + R_r + Σ_{k≡r}(o_{k−1} + o_k)
-        + [r = (S−1) mod pp]·loss ≤ C,  R_r ≥ R_gc·u_kgc for k ≡ r       memory of rank r (the loss buffers
-                                                                      are a constant of the last rank)
+        + [r = (S−1) mod pp]·loss ≤ C,  R_r ≥ R_gc·u_kgc for k ≡ r  memory of rank r (loss buffers:   _rank_memory
+                                                                 a constant of the last rank)
 Objective:
-    minimise M·t_max + b·s_max + tail_max      (s_max = t_max when v = 1)
+    minimise M·t_max + b·s_max + tail_max      (s_max = t_max when v = 1)                          _objective
 
 This is :func:`autoplan.cost.plan_cost.compose` term by term. Seconds and bytes become integers in one place,
 :class:`Scale`: time in units of 10⁻⁸ of the strategy's lower bound per microbatch (rounded to nearest),
@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 from ortools.sat.python import cp_model
 
-from ..cost.plan_cost import rank_state_bytes, rank_tail_s
+from .bounds import RefinedBound
 from .tables import Assignment, StrategyTables
 
 __all__ = ["Scale", "ModelResult", "solve_strategy"]
@@ -95,34 +95,81 @@ class ModelResult:
     wall_s: float
 
 
-def solve_strategy(tables: StrategyTables, *, cutoff_s: float | None, hint: Assignment | None,
-                   time_limit_s: float, wall_limit_s: float | None = None, lower_bound_s: float | None = None,
-                   seed: int = 0) -> ModelResult:
+@dataclass
+class _Vars:
+    """The model's decision variables, named as in the module docstring."""
+
+    cut: list  # cut_k
+    y: list  # y_kg
+    m: dict  # m_kgc
+    u: dict  # u_kgc
+    send_t: list  # e_k (ticks)
+    send_o: list  # o_k (memory units)
+    q_table: list[int]  # q_j: send ticks of a cut at j
+    o_table: list[int]  # o_j: boundary memory units of a cut at j
+
+
+def solve_strategy(tables: StrategyTables, bound: RefinedBound, *, cutoff_s: float | None,
+                   hint: Assignment | None, time_limit_s: float, wall_limit_s: float | None = None,
+                   lower_bound_s: float | None = None, seed: int = 0) -> ModelResult:
     """Solve one strategy exactly (up to the integer scaling) within ``time_limit_s``.
 
-    ``cutoff_s``: only layouts strictly faster than this are wanted (INFEASIBLE then means "none faster").
+    ``bound``: the strategy's refined bound (:func:`autoplan.solve.bounds.refined_bound`), whose per-rank table
+    becomes cuts. ``cutoff_s``: only layouts strictly faster than this are wanted (INFEASIBLE then means "none
+    faster"). ``lower_bound_s``: a proven floor on the objective.
 
     Example:
-        >>> callable(solve_strategy)
-        True
+        >>> from autoplan.solve.tables import example_tables
+        >>> from autoplan.solve.bounds import refined_bound
+        >>> from autoplan.solve.greedy import greedy
+        >>> t = example_tables(mesh={"pp": 2, "tp": 1}, microbatch_size=1)
+        >>> result = solve_strategy(t, refined_bound(t), cutoff_s=None, hint=None, time_limit_s=5.0)
+        >>> result.status, t.evaluate(result.assignment).step_time_s <= greedy(t)[1].step_time_s
+        ('OPTIMAL', True)
     """
     s = tables.strategy
     scale = Scale.for_tables(tables)
-    L, S, pp = tables.num_layers, s.num_stages, s.pp
-    segs, choices = tables.segments, tables.choices
     model = cp_model.CpModel()
+    v = _stage_cuts(model, tables)
+    _choice_counts(model, tables, v)
+    _tied_agree(model, tables, v)
+    _sends(model, tables, scale, v)
+    alpha_s, beta_s = tables.tail_terms
+    t_ticks = {(g, c): scale.ticks(ch.time_s) for g, rows in enumerate(tables.choices) for c, ch in enumerate(rows)}
+    tail_ticks = {(g, c): scale.ticks(beta_s * ch.num_params) for g, rows in enumerate(tables.choices)
+                  for c, ch in enumerate(rows)}
+    horizon = sum(max(t_ticks[g, c] for c in range(len(rows))) * seg.size
+                  for g, (rows, seg) in enumerate(zip(tables.choices, tables.segments))) + sum(v.q_table)
+    t_max = model.new_int_var(0, horizon, "t_max")
+    s_max = model.new_int_var(0, horizon, "s_max")
+    tail_hi = scale.ticks(alpha_s) + sum(max(tail_ticks[g, c] for c in range(len(rows))) * seg.size
+                                         for g, (rows, seg) in enumerate(zip(tables.choices, tables.segments)))
+    tail_max = model.new_int_var(0, tail_hi, "tail_max")
+    need, need_table = _need_rows(bound, scale, s.virtual_stages, horizon, tables.num_layers)
+    for r in range(s.pp):
+        time_r = _rank_time(model, tables, v, t_ticks, r, s_max, t_max)
+        if need is not None:
+            _bound_cuts(model, tables, v, r, time_r, bound.segment, need[r],
+                        need_table[r] if need_table is not None else None, horizon)
+        model.add(scale.ticks(alpha_s) + _rank_tail(tables, v, tail_ticks, r) <= tail_max)
+        _rank_memory(model, tables, scale, v, r)
+    objective = _objective(model, tables, scale, t_max, s_max, tail_max, cutoff_s, lower_bound_s)
+    if hint is not None:
+        _add_hint(model, tables, hint, v)
+    return _solve(model, tables, v, objective, scale, time_limit_s, wall_limit_s, seed)
 
-    # cut[k]: first layer of stage k
+
+def _stage_cuts(model: cp_model.CpModel, tables: StrategyTables) -> _Vars:
+    """cut_k (stage k runs layers [cut_k, cut_{k+1}), every stage non-empty) and y_kg = clamp(cut_k, a_g, b_g)."""
+    L, S = tables.num_layers, tables.strategy.num_stages
     cut = [model.new_constant(0)] + [model.new_int_var(k, L - S + k, f"cut{k}") for k in range(1, S)] + \
           [model.new_constant(L)]
     for k in range(S):
         model.add(cut[k + 1] >= cut[k] + 1)
-
-    # y[k][g] = clamp(cut[k], a_g, b_g); n[k][g] = y[k+1][g] - y[k][g]
     y = []
     for k in range(S + 1):
         row = []
-        for g, seg in enumerate(segs):
+        for g, seg in enumerate(tables.segments):
             if k in (0, S):
                 row.append(model.new_constant(min(max(0 if k == 0 else L, seg.start), seg.stop)))
                 continue
@@ -132,120 +179,145 @@ def solve_strategy(tables: StrategyTables, *, cutoff_s: float | None, hint: Assi
             model.add_min_equality(clamp, [low, seg.stop])
             row.append(clamp)
         y.append(row)
+    return _Vars(cut, y, {}, {}, [], [], [], [])
 
-    # m[k][g][c]: layers of segment g in stage k using choice c; u: used at least once
-    m, u = {}, {}
-    for k in range(S):
-        for g, seg in enumerate(segs):
+
+def _choice_counts(model: cp_model.CpModel, tables: StrategyTables, v: _Vars) -> None:
+    """m_kgc with Σ_c m_kgc = n_kg = y_{k+1,g} − y_kg, and u_kgc ≥ [m_kgc > 0] where the choice has transient
+    bytes (the only place u is read)."""
+    for k in range(tables.strategy.num_stages):
+        for g, seg in enumerate(tables.segments):
             vars_ = []
-            for c in range(len(choices[g])):
+            for c, ch in enumerate(tables.choices[g]):
                 var = model.new_int_var(0, seg.size, f"m{k}_{g}_{c}")
-                m[k, g, c] = var
+                v.m[k, g, c] = var
                 vars_.append(var)
-                if choices[g][c].transient_bytes > 0:
-                    u[k, g, c] = model.new_bool_var(f"u{k}_{g}_{c}")
-                    model.add(var <= seg.size * u[k, g, c])
-            model.add(sum(vars_) == y[k + 1][g] - y[k][g])
+                if ch.transient_bytes > 0:
+                    v.u[k, g, c] = model.new_bool_var(f"u{k}_{g}_{c}")
+                    model.add(var <= seg.size * v.u[k, g, c])
+            model.add(sum(vars_) == v.y[k + 1][g] - v.y[k][g])
 
-    # layers sharing a tied weight agree on tensor parallelism (singleton segments: one layer each)
+
+def _tied_agree(model: cp_model.CpModel, tables: StrategyTables, v: _Vars) -> None:
+    """Σ_k Σ_{c sharded} m_kgc equal over the segments of a tied weight (singleton segments: one layer each)."""
+    S, choices = tables.strategy.num_stages, tables.choices
     for tied in tables.tied_segments:
-        sharded = [sum(m[k, g, c] for k in range(S) for c, ch in enumerate(choices[g]) if ch.choice.tp_on)
+        sharded = [sum(v.m[k, g, c] for k in range(S) for c, ch in enumerate(choices[g]) if ch.choice.tp_on)
                    for g in tied]
         for other in sharded[1:]:
             model.add(other == sharded[0])
 
-    # send after stage k (time and bytes), read from tables indexed by the cut position
-    q_table = [0] + [scale.ticks(tables.p2p_s[j - 1]) for j in range(1, L + 1)]
-    o_table = [0] + [scale.memory_units_up(tables.boundary_bytes[j - 1]) for j in range(1, L + 1)]
-    send_t, send_o = [], []
-    for k in range(S - 1):
-        e = model.new_int_var(0, max(q_table), f"e{k}")
-        model.add_element(cut[k + 1], q_table, e)
-        o = model.new_int_var(0, max(o_table), f"o{k}")
-        model.add_element(cut[k + 1], o_table, o)
-        send_t.append(e)
-        send_o.append(o)
 
-    # affine tail and state bytes per parameter
-    big = 10**9
-    sync_a, opt_a = rank_tail_s(s, tables.cluster, big)
-    sync_b, opt_b = rank_tail_s(s, tables.cluster, 2 * big)
-    beta_s = ((sync_b + opt_b) - (sync_a + opt_a)) / big
-    alpha_s = max(0.0, (sync_a + opt_a) - beta_s * big)
-    sigma = rank_state_bytes(s, big) / big
+def _sends(model: cp_model.CpModel, tables: StrategyTables, scale: Scale, v: _Vars) -> None:
+    """e_k = q[cut_{k+1}], o_k = o[cut_{k+1}]: the send after stage k, read from tables by cut position."""
+    L = tables.num_layers
+    v.q_table = [0] + [scale.ticks(tables.p2p_s[j - 1]) for j in range(1, L + 1)]
+    v.o_table = [0] + [scale.memory_units_up(tables.boundary_bytes[j - 1]) for j in range(1, L + 1)]
+    for k in range(tables.strategy.num_stages - 1):
+        e = model.new_int_var(0, max(v.q_table), f"e{k}")
+        model.add_element(v.cut[k + 1], v.q_table, e)
+        o = model.new_int_var(0, max(v.o_table), f"o{k}")
+        model.add_element(v.cut[k + 1], v.o_table, o)
+        v.send_t.append(e)
+        v.send_o.append(o)
 
-    t_ticks = {(g, c): scale.ticks(ch.time_s) for g in range(len(segs)) for c, ch in enumerate(choices[g])}
-    tail_ticks = {(g, c): scale.ticks(beta_s * ch.num_params) for g in range(len(segs))
-                  for c, ch in enumerate(choices[g])}
-    horizon = sum(max(t_ticks[g, c] for c in range(len(choices[g]))) * seg.size for g, seg in enumerate(segs))
-    horizon += sum(q_table)
-    t_max = model.new_int_var(0, horizon, "t_max")
-    s_max = model.new_int_var(0, horizon, "s_max")
-    tail_hi = scale.ticks(alpha_s) + sum(max(tail_ticks[g, c] for c in range(len(choices[g]))) * seg.size
-                                         for g, seg in enumerate(segs))
-    tail_max = model.new_int_var(0, tail_hi, "tail_max")
-    cap = scale.memory_units_down(tables.capacity_bytes)
-    need = None
-    tables.refined_lower_bound_s()
-    if tables.rank_need is not None:
-        big, rows = tables.rank_need
-        need = [_chords([scale.ticks_real(v) * (1 - 1e-6) for v in row]) for row in rows]
-    need_table = None
-    if need is not None and s.virtual_stages > 1:
-        # The same bound as a table (AddElement) as well: it propagates on the integer counts, which closes
-        # interleaved models (a rank sums several stages) several times faster; with one stage per rank its
-        # presolve costs more than it saves, and the chords suffice.
-        need_table = [[horizon + 1 if v == float("inf") else max(0, scale.ticks_down(v, 1e-6) - L)
-                       for v in row] for row in rows]
-    for r in range(pp):
-        own = [k for k in range(S) if k % pp == r]
-        flight = tables.in_flight[r]
-        time_r = []
-        tail_r = []
-        mem_r = []
-        transient = []
-        for k in own:
-            stage_time = []
-            for g in range(len(segs)):
-                for c, ch in enumerate(choices[g]):
-                    stage_time.append(t_ticks[g, c] * m[k, g, c])
-                    tail_r.append(tail_ticks[g, c] * m[k, g, c])
-                    per_layer = ch.fixed_bytes(sigma) + flight * ch.activation_bytes
-                    mem_r.append(scale.memory_units_up(per_layer) * m[k, g, c])
-                    if (k, g, c) in u:
-                        transient.append((scale.memory_units_up(ch.transient_bytes), u[k, g, c]))
-            if k < S - 1:
-                stage_time.append(send_t[k])
-                mem_r.append(send_o[k])
-            if s.virtual_stages > 1:
-                model.add(sum(stage_time) <= s_max)
-            time_r += stage_time
-            if k > 0:
-                mem_r.append(send_o[k - 1])
-        model.add(sum(time_r) <= t_max)
-        if need is not None:
-            # Cuts: a rank running n of the largest segment's layers needs at least need_r(n) seconds (the
-            # refined bound's per-rank relaxation). need_r is convex in n, so every chord through neighbouring
-            # integers lies below it at all integers: T_r ≥ a_j + b_j·n, in ticks rounded down, less a margin
-            # of one tick per layer for the rounding of the terms of T_r; n ≤ the most that fit in memory.
-            count = sum(y[k + 1][big] - y[k][big] for k in own)
-            for intercept, slope in need[r][1]:
-                model.add(sum(time_r) >= math.floor(intercept) - L + math.floor(slope) * count)
-            model.add(count <= need[r][0])
-            if need_table is not None:
-                floor_r = model.new_int_var(0, horizon + 1, f"need{r}")
-                model.add_element(count, need_table[r], floor_r)
-                model.add(sum(time_r) >= floor_r)
-        if r == tables.last_rank and tables.loss_bytes:
-            mem_r.append(scale.memory_units_up(tables.loss_bytes))
-        model.add(scale.ticks(alpha_s) + sum(tail_r) <= tail_max)
-        if transient:
-            r_max = model.new_int_var(0, max(v for v, _ in transient), f"transient{r}")
-            for value, used in transient:
-                model.add(r_max >= value * used)
-            mem_r.append(r_max)
-        model.add(sum(mem_r) <= cap)
 
+def _own_stages(tables: StrategyTables, r: int) -> list[int]:
+    return [k for k in range(tables.strategy.num_stages) if k % tables.strategy.pp == r]
+
+
+def _rank_time(model: cp_model.CpModel, tables: StrategyTables, v: _Vars, t_ticks: dict, r: int,
+               s_max: cp_model.IntVar, t_max: cp_model.IntVar) -> list:
+    """T_k = Σ_gc t_gc·m_kgc + e_k [k < S−1] ≤ s_max (interleaved only) and T_r = Σ_{k≡r} T_k ≤ t_max; returns
+    the terms of T_r."""
+    s = tables.strategy
+    time_r = []
+    for k in _own_stages(tables, r):
+        stage_time = [t_ticks[g, c] * v.m[k, g, c] for g in range(len(tables.segments))
+                      for c in range(len(tables.choices[g]))]
+        if k < s.num_stages - 1:
+            stage_time.append(v.send_t[k])
+        if s.virtual_stages > 1:
+            model.add(sum(stage_time) <= s_max)
+        time_r += stage_time
+    model.add(sum(time_r) <= t_max)
+    return time_r
+
+
+def _need_rows(bound: RefinedBound, scale: Scale, virtual_stages: int, horizon: int,
+               num_layers: int) -> tuple[list | None, list | None]:
+    """need_r(n) of the refined bound in ticks: as chords (always), and as a table for AddElement (interleaved)."""
+    if not bound.rank_need_s:
+        return None, None
+    rows = bound.rank_need_s
+    need = [_chords([scale.ticks_real(x) * (1 - 1e-6) for x in row]) for row in rows]
+    if virtual_stages == 1:
+        return need, None
+    # The same bound as a table (AddElement) as well: it propagates on the integer counts, which closes
+    # interleaved models (a rank sums several stages) several times faster; with one stage per rank its presolve
+    # costs more than it saves, and the chords suffice.
+    table = [[horizon + 1 if x == float("inf") else max(0, scale.ticks_down(x, 1e-6) - num_layers) for x in row]
+             for row in rows]
+    return need, table
+
+
+def _bound_cuts(model: cp_model.CpModel, tables: StrategyTables, v: _Vars, r: int, time_r: list, big: int,
+                need_r: tuple[int, list[tuple[float, float]]], table_r: list[int] | None, horizon: int) -> None:
+    """T_r ≥ a_rj + b_rj·Σ_{k≡r} n_kG: a rank running n of the largest segment G's layers needs at least need_r(n)
+    seconds (the refined bound's per-rank relaxation). need_r is convex in n, so every chord through
+    neighbouring integers lies below it at all integers: in ticks rounded down, less a margin of one tick per
+    layer for the rounding of the terms of T_r; n ≤ the most that fit in memory."""
+    L = tables.num_layers
+    own = _own_stages(tables, r)
+    count = sum(v.y[k + 1][big] - v.y[k][big] for k in own)
+    n_max, chords = need_r
+    for intercept, slope in chords:
+        model.add(sum(time_r) >= math.floor(intercept) - L + math.floor(slope) * count)
+    model.add(count <= n_max)
+    if table_r is not None:
+        floor_r = model.new_int_var(0, horizon + 1, f"need{r}")
+        model.add_element(count, table_r, floor_r)
+        model.add(sum(time_r) >= floor_r)
+
+
+def _rank_tail(tables: StrategyTables, v: _Vars, tail_ticks: dict, r: int):
+    """β·Σ_{k≡r} Σ_gc P_gc·m_kgc in ticks: the part of rank r's DP sync + optimizer that grows with its
+    parameters (the caller adds α and bounds the sum by tail_max)."""
+    return sum(tail_ticks[g, c] * v.m[k, g, c] for k in _own_stages(tables, r)
+               for g in range(len(tables.segments)) for c in range(len(tables.choices[g])))
+
+
+def _rank_memory(model: cp_model.CpModel, tables: StrategyTables, scale: Scale, v: _Vars, r: int) -> None:
+    """Σ_{k≡r} Σ_gc (σ·P_gc + W_gc + f_r·A_gc)·m_kgc + R_r + Σ_{k≡r}(o_{k−1} + o_k) + [r = last]·loss ≤ C,
+    with R_r ≥ R_gc·u_kgc for k ≡ r."""
+    S = tables.strategy.num_stages
+    sigma, flight = tables.state_bytes_per_param, tables.in_flight[r]
+    mem_r, transient = [], []
+    for k in _own_stages(tables, r):
+        for g in range(len(tables.segments)):
+            for c, ch in enumerate(tables.choices[g]):
+                per_layer = ch.fixed_bytes(sigma) + flight * ch.activation_bytes
+                mem_r.append(scale.memory_units_up(per_layer) * v.m[k, g, c])
+                if (k, g, c) in v.u:
+                    transient.append((scale.memory_units_up(ch.transient_bytes), v.u[k, g, c]))
+        if k < S - 1:
+            mem_r.append(v.send_o[k])
+        if k > 0:
+            mem_r.append(v.send_o[k - 1])
+    if r == tables.last_rank and tables.loss_bytes:
+        mem_r.append(scale.memory_units_up(tables.loss_bytes))
+    if transient:
+        r_max = model.new_int_var(0, max(value for value, _ in transient), f"transient{r}")
+        for value, used in transient:
+            model.add(r_max >= value * used)
+        mem_r.append(r_max)
+    model.add(sum(mem_r) <= scale.memory_units_down(tables.capacity_bytes))
+
+
+def _objective(model: cp_model.CpModel, tables: StrategyTables, scale: Scale, t_max, s_max, tail_max,
+               cutoff_s: float | None, lower_bound_s: float | None):
+    """minimise M·t_max + b·s_max + tail_max (s_max = t_max when v = 1), within the cutoff and above the floor."""
+    s = tables.strategy
     if s.virtual_stages > 1:
         model.add(s.virtual_stages * s_max >= t_max)  # redundant (a rank is v stages); tightens the LP bound
         objective = s.microbatches * t_max + s.bubble_stage_times * s_max + tail_max
@@ -255,13 +327,14 @@ def solve_strategy(tables: StrategyTables, *, cutoff_s: float | None, hint: Assi
     if cutoff_s is not None:
         model.add(objective <= scale.ticks_down(cutoff_s))
     if lower_bound_s is not None and math.isfinite(lower_bound_s):
-        # A proven bound (StrategyTables.refined_lower_bound_s), less a margin for the integer rounding.
+        # A proven bound (autoplan.solve.bounds.refined_bound), less a margin for the integer rounding.
         model.add(objective >= scale.ticks_down(lower_bound_s, 1e-5))
+    return objective
 
-    if hint is not None:
-        _add_hint(model, tables, hint, cut=cut, y=y, m=m, u=u, sends=list(zip(send_t, send_o)),
-                  tables_qo=(q_table, o_table))
 
+def _solve(model: cp_model.CpModel, tables: StrategyTables, v: _Vars, objective, scale: Scale,
+           time_limit_s: float, wall_limit_s: float | None, seed: int) -> ModelResult:
+    """Run CP-SAT deterministically and read the assignment back (only after checking the status)."""
     solver = cp_model.CpSolver()
     solver.parameters.num_workers = 1
     solver.parameters.random_seed = seed
@@ -278,17 +351,15 @@ def solve_strategy(tables: StrategyTables, *, cutoff_s: float | None, hint: Assi
     bound = scale.seconds(solver.best_objective_bound) if code in (cp_model.OPTIMAL, cp_model.FEASIBLE) else 0.0
     if code not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         return ModelResult(status if status in ("INFEASIBLE",) else "UNKNOWN", None, None, bound, solver.wall_time)
-    cuts = [solver.value(c) for c in cut]
+    cuts = [solver.value(c) for c in v.cut]
     assignment: Assignment = []
-    for k in range(S):
+    for k in range(tables.strategy.num_stages):
         stage = []
-        for g, seg in enumerate(segs):
-            start = max(cuts[k], seg.start)
-            counts = [solver.value(m[k, g, c]) for c in range(len(choices[g]))]
-            i = start
-            for c, count in enumerate(counts):
-                for _ in range(count):
-                    stage.append((i, choices[g][c].choice))
+        for g, seg in enumerate(tables.segments):
+            i = max(cuts[k], seg.start)
+            for c in range(len(tables.choices[g])):
+                for _ in range(solver.value(v.m[k, g, c])):
+                    stage.append((i, tables.choices[g][c].choice))
                     i += 1
         assignment.append(stage)
     return ModelResult(status, assignment, scale.seconds(solver.objective_value), bound, solver.wall_time)
@@ -307,8 +378,7 @@ def _chords(values: list[float]) -> tuple[int, list[tuple[float, float]]]:
     return n_max, chords
 
 
-def _add_hint(model: cp_model.CpModel, tables: StrategyTables, hint: Assignment, *, cut: list, y: list,
-              m: dict, u: dict, sends: list, tables_qo: tuple[list[int], list[int]]) -> None:
+def _add_hint(model: cp_model.CpModel, tables: StrategyTables, hint: Assignment, v: _Vars) -> None:
     """Feed a known layout as the solver's starting point (OR-Tools add_hint), every variable it fixes."""
     counts: dict[tuple[int, int, int], int] = {}
     for k, stage in enumerate(hint):
@@ -320,14 +390,13 @@ def _add_hint(model: cp_model.CpModel, tables: StrategyTables, hint: Assignment,
             counts[k, g, c] = counts.get((k, g, c), 0) + 1
     starts = [stage[0][0] for stage in hint] + [tables.num_layers]
     for k in range(1, len(starts) - 1):
-        model.add_hint(cut[k], starts[k])
+        model.add_hint(v.cut[k], starts[k])
         for g, seg in enumerate(tables.segments):
-            model.add_hint(y[k][g], min(max(starts[k], seg.start), seg.stop))
-    for key, var in m.items():
+            model.add_hint(v.y[k][g], min(max(starts[k], seg.start), seg.stop))
+    for key, var in v.m.items():
         model.add_hint(var, counts.get(key, 0))
-    for key, var in u.items():
+    for key, var in v.u.items():
         model.add_hint(var, int(counts.get(key, 0) > 0))
-    q_table, o_table = tables_qo
-    for k, (e, o) in enumerate(sends):
-        model.add_hint(e, q_table[starts[k + 1]])
-        model.add_hint(o, o_table[starts[k + 1]])
+    for k, (e, o) in enumerate(zip(v.send_t, v.send_o)):
+        model.add_hint(e, v.q_table[starts[k + 1]])
+        model.add_hint(o, v.o_table[starts[k + 1]])
