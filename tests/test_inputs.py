@@ -54,6 +54,18 @@ def test_targets_none_says_targets_are_needed():
     assert _no_grads(pm)
 
 
+def test_inputs_and_targets_that_do_not_line_up():
+    pm = _gpt_pm()
+    x, y = _tokens()
+    with pytest.raises(ValueError, match=r"targets have 3 samples \(dim 0\) but inputs have 4"):
+        pm.train_step(x, y[:3])
+    with pytest.raises(ValueError, match=r"dim 0 of every input is the batch, but they differ: \{0: 4, 1: 2\}"):
+        pm.train_step((x, x[:2]), y)
+    with pytest.raises(ValueError, match="input 'mask' is a 0-dim tensor"):
+        pm.train_step({"idx": x, "mask": torch.tensor(1.0)}, y)
+    assert _no_grads(pm)
+
+
 def test_float_token_ids_name_the_embedding():
     pm = _gpt_pm()
     x, y = _tokens()
@@ -133,6 +145,11 @@ def test_keyword_inputs_plan_at_the_first_step():
     _check_against_reference(result)
     with pytest.raises(ValueError, match="keyword inputs need string keys"):
         pm({0: torch.zeros(BATCH, SEQ, dtype=torch.long)})
+    lazy = autoplan.parallelize(inputs_worker.build(), cluster=autoplan.Cluster.preset("cpu", devices_per_node=1))
+    inputs, _ = inputs_worker.batches()[0]
+    with pytest.raises(ValueError, match="planning takes positional or keyword example inputs, not both"):
+        lazy(inputs["input_ids"], weights=inputs["weights"])
+    assert not lazy.applied
 
 
 @pytest.mark.slow

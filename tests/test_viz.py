@@ -164,6 +164,12 @@ def test_a_plan_without_per_stage_figures_says_how_to_get_them():
     plan = small_plan().replace(predicted=Predicted(1.0, (GIB, GIB)))
     with pytest.raises(ValueError, match="no per-stage times .* re-plan"):
         timeline(plan)
+    with pytest.raises(ValueError, match="the plan has no prediction to draw a timeline from"):
+        timeline(plan.replace(predicted=None))
+    predicted = small_plan().predicted
+    short = Predicted(1.0, (GIB, GIB), stages=predicted.stages[:1], ranks=predicted.ranks)
+    with pytest.raises(ValueError, match="1 stage times and 2 rank figures but the plan has 2 stages"):
+        timeline(plan.replace(predicted=short))
     assert "Timeline" not in plan.explain()
 
 

@@ -193,15 +193,21 @@ class PlanCost:
 
 
 def rank_figures(strategy: Strategy, rank: RankCost) -> RankFigures:
-    """A rank's tail seconds and its peak bytes by kind (the model state split as
-    :func:`autoplan.cost.model_state_bytes` counts it: FSDP holds ⌈Ψ/dp⌉ of each kind, DDP all Ψ)."""
+    """A rank's tail seconds and its peak bytes by kind, adding up to ``rank.peak_bytes``. The model state splits
+    as ZeRO counts it (FSDP holds ⌈Ψ/dp⌉ of each kind, DDP all Ψ); model-state bytes beyond that (weights and
+    gradient accumulators FSDP keeps unsharded through a step) count as parameters at the compute precision,
+    the rest as gradients; everything else in the peak (transient, p2p, autocast-copy, loss bytes) as transients.
+    """
     per_param = cost.state_bytes_per_param(strategy.precision, strategy.optimizer)
     held = -(-rank.num_params // strategy.dp) if strategy.data_parallel == "fsdp" else rank.num_params
+    extra = max(0, rank.model_state_bytes - held * per_param.total)
+    extra_weights = min(extra, rank.num_params * PRECISION_BYTES[strategy.precision])
+    params, grads = held * per_param.params + extra_weights, held * per_param.grads + extra - extra_weights
+    optimizer = held * per_param.optimizer
     return RankFigures(
-        dp_sync_s=rank.dp_sync_s, optimizer_s=rank.optimizer_s, parameters_bytes=held * per_param.params,
-        gradients_bytes=held * per_param.grads, optimizer_states_bytes=held * per_param.optimizer,
-        activations_bytes=rank.activation_bytes,
-        transients_bytes=rank.transient_bytes + rank.p2p_buffer_bytes + rank.weight_copy_bytes + rank.loss_bytes,
+        dp_sync_s=rank.dp_sync_s, optimizer_s=rank.optimizer_s, parameters_bytes=params, gradients_bytes=grads,
+        optimizer_states_bytes=optimizer, activations_bytes=rank.activation_bytes,
+        transients_bytes=rank.peak_bytes - params - grads - optimizer - rank.activation_bytes,
     )
 
 
