@@ -39,7 +39,7 @@ def no_dropout(model: torch.nn.Module) -> torch.nn.Module:
 
 def build(family: str) -> torch.nn.Module:
     torch.manual_seed(1234)
-    model, _ = models_hf.FAMILIES[family]()
+    model, _ = models_hf.fused_qkv_gpt() if family == "fused_qkv_gpt" else models_hf.FAMILIES[family]()
     return no_dropout(model)
 
 

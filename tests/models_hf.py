@@ -139,3 +139,59 @@ def hf_llama_7b_meta(seq: int = 128):
     cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
     return _build(LlamaForCausalLM, cfg, "meta"), _ids(batch=1, seq=seq, vocab=32000)
+
+
+class FusedQKVAttention(torch.nn.Module):
+    """nanoGPT's attention: one fused ``c_attn`` Linear whose output is cut by ``.split(n_embd, dim=2)`` into q, k,
+    v blocks, heads by ``view(B, T, n_head, head_dim)``."""
+
+    def __init__(self, n_embd: int = HIDDEN, n_head: int = HEADS):
+        super().__init__()
+        self.n_embd, self.n_head = n_embd, n_head
+        self.c_attn = torch.nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = torch.nn.Linear(n_embd, n_embd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class FusedQKVBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ln_1, self.ln_2 = torch.nn.LayerNorm(HIDDEN), torch.nn.LayerNorm(HIDDEN)
+        self.attn = FusedQKVAttention()
+        self.mlp = torch.nn.Sequential()
+        self.mlp.c_fc, self.mlp.gelu, self.mlp.c_proj = (torch.nn.Linear(HIDDEN, INTER), torch.nn.GELU(),
+                                                         torch.nn.Linear(INTER, HIDDEN))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class FusedQKVGPT(torch.nn.Module):
+    """A hand-written nanoGPT-style language model (fused qkv split by position), 2 blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.wte, self.wpe = torch.nn.Embedding(VOCAB, HIDDEN), torch.nn.Embedding(SEQ, HIDDEN)
+        self.h = torch.nn.ModuleList(FusedQKVBlock() for _ in range(LAYERS))
+        self.ln_f = torch.nn.LayerNorm(HIDDEN)
+        self.lm_head = torch.nn.Linear(HIDDEN, VOCAB, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.h:
+            x = block(x)
+        return self.lm_head(self.ln_f(x))
+
+
+def fused_qkv_gpt(device=None):
+    """:class:`FusedQKVGPT` and a batch of token ids."""
+    with torch.device(device) if device is not None else nullcontext():
+        model = FusedQKVGPT()
+    return model, torch.randint(0, VOCAB, (BATCH, SEQ))

@@ -8,6 +8,9 @@
 * vocab_embedding: an ``nn.Embedding`` looked up with a model input (token ids);
 * vocab_head: an ``nn.Linear`` whose output is the model output and whose features are a vocabulary size.
 
+A vocabulary group whose weight or bias is tied to a parameter of a module outside every vocabulary group is left
+out (one tensor cannot be sharded under one name and whole under the other).
+
 Only ``nn.Linear`` counts (HF GPT-2's ``Conv1D`` is left alone: no group is the safe answer). The divisor is the
 number of heads when a colwise output is viewed into heads (the dim that follows the dims the view keeps), else
 the gcd of the output features.
@@ -149,7 +152,23 @@ def detect_tp_groups(op_graph: OpGraph, model: nn.Module) -> list[DetectedGroup]
         out_features = modules[fqn].out_features
         if node not in used and out_features in vocab_sizes and _reaches_output(g, node):
             groups.append(DetectedGroup({fqn: "vocab_head"}, out_features, node, (fqn, None)))
-    return groups
+    vocab = {fqn for grp in groups for fqn, style in grp.styles.items() if style.startswith("vocab")}
+    return [grp for grp in groups if not _tied_outside(model, grp.styles, vocab)]
+
+
+def _tied_outside(model: nn.Module, styles: dict[str, str], vocab: set[str]) -> bool:
+    """Whether a vocabulary group's tensor is also a parameter of a module no vocabulary style shards (BERT ties
+    its head's bias to ``cls.predictions.bias``): sharding one name of a tied tensor and not the other cannot be."""
+    if not any(style.startswith("vocab") for style in styles.values()):
+        return False
+    owners: dict[int, set[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), set()).add(name.rpartition(".")[0])
+    for fqn in styles:
+        for p in model.get_submodule(fqn).parameters(recurse=False):
+            if any(owner not in vocab for owner in owners[id(p)]):
+                return True
+    return False
 
 
 def _is_feature_reduction(attrs: dict, modules: dict) -> bool:

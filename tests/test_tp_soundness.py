@@ -1,0 +1,99 @@
+"""Tensor-parallel groups are offered only when a numerical shard of them equals the unsharded module."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import autoplan
+from autoplan.trace.opgraph import build_op_graph
+from autoplan.trace.tp_check import check_tp_groups, divide_head_attributes
+from autoplan.trace.tp_groups import detect_tp_groups
+
+import models_hf
+
+
+class _MLP(nn.Module):
+    def __init__(self, fused: bool):
+        super().__init__()
+        self.fused = fused
+        self.up = nn.Linear(8, 32 if fused else 16)
+        self.down = nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = self.up(x)
+        if self.fused:  # a fused gate/up projection cut in two halves by position (Phi-3's gate_up_proj)
+            gate, up = h.chunk(2, dim=-1)
+            h = torch.nn.functional.silu(gate) * up
+        else:
+            h = torch.relu(h)
+        return x + self.down(h)
+
+
+class _Outer(nn.Module):
+    def __init__(self, fused: bool):
+        super().__init__()
+        self.mlp = _MLP(fused)
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+def _check(model, x):
+    groups = [g for g in detect_tp_groups(build_op_graph(model, (x,), {}), model) if "rowwise" in g.styles.values()]
+    return check_tp_groups(model, groups, (x,), {})
+
+
+def test_a_megatron_pair_is_kept_and_a_fused_chunked_projection_is_dropped_with_the_difference():
+    pair = {"mlp.up": "colwise", "mlp.down": "rowwise"}
+    kept, dropped = _check(_Outer(fused=False), torch.randn(2, 8))
+    assert [g.styles for g in kept] == [pair] and dropped == []
+    kept, dropped = _check(_Outer(fused=True), torch.randn(2, 8))
+    assert kept == [] and len(dropped) == 1
+    assert dropped[0].styles == pair
+    assert "computes other numbers (relative difference" in dropped[0].reason
+
+
+def test_nanogpt_fused_qkv_split_by_position_is_dropped_and_its_mlp_kept():
+    model, idx = models_hf.fused_qkv_gpt()
+    graph = autoplan.trace(model, idx)
+    block = graph.layer("h.0")
+    assert [sorted(g.styles) for g in block.tp_groups] == [["h.0.mlp.c_fc", "h.0.mlp.c_proj"]]
+    reasons = {tuple(sorted(styles)): reason for styles, reason in graph.tp_dropped}
+    assert set(reasons) == {("h.0.attn.c_attn", "h.0.attn.c_proj"), ("h.1.attn.c_attn", "h.1.attn.c_proj")}
+    assert "2-way shard" in reasons[("h.0.attn.c_attn", "h.0.attn.c_proj")]
+
+
+def test_head_counts_are_divided_on_the_shard_and_restorable():
+    attn = models_hf.FusedQKVAttention()
+    undo = divide_head_attributes([attn], 2)
+    assert (attn.n_head, attn.n_embd) == (2, 16)
+    for module, name, value in undo:
+        setattr(module, name, value)
+    assert (attn.n_head, attn.n_embd) == (4, 32)
+
+
+@pytest.mark.parametrize("family, kept, dropped", [
+    ("opt", 4, 0),    # view(bsz, -1, num_heads, head_dim): sound once num_heads counts the local heads
+    ("phi3", 0, 4),   # fused qkv_proj sliced at global offsets; fused gate_up_proj cut by chunk(2)
+    ("bart", 10, 0),  # cross-attention: q reads the decoder, k and v the encoder, all in one group
+])
+def test_families_keep_exactly_their_sound_groups(family, kept, dropped):
+    model, inputs = models_hf.FAMILIES[family]()
+    graph = autoplan.trace(model, inputs)
+    pairs = [g for layer in graph.layers for g in layer.tp_groups if "rowwise" in g.styles.values()]
+    assert (len(pairs), len(graph.tp_dropped)) == (kept, dropped)
+
+
+def test_pinned_tp_shards_every_sound_group_and_says_why_when_nothing_can_be_sharded():
+    cluster = autoplan.Cluster.preset("cpu", devices_per_node=4)
+    model, idx = models_hf.fused_qkv_gpt()
+    plan = autoplan.plan(model, idx, cluster=cluster, mesh={"dp": 2, "tp": 2}, precision="fp32")
+    assert {"h.0.mlp.c_fc", "h.0.mlp.c_proj", "h.1.mlp.c_fc", "h.1.mlp.c_proj"} <= set(plan.tensor_parallel)
+    assert any("not sharded: h.0.attn.c_attn+h.0.attn.c_proj and 1 more" in n for n in plan.search.notes)
+    assert "not sharded" in plan.explain()
+    mlp = nn.Sequential(nn.Linear(8, 8), nn.Tanh())  # no colwise → rowwise pair at all
+    plan = autoplan.plan(mlp, torch.randn(4, 8), cluster=cluster, mesh={"tp": 2}, precision="fp32")
+    assert plan.tensor_parallel == {}
+    assert plan.search.notes[0].startswith("tp=2 shards no module, so the 2 tp ranks repeat each other's work")
