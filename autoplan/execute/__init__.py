@@ -5,9 +5,18 @@ One module per parallelism kind — :mod:`.mesh` (DeviceMesh), :mod:`.tensor_par
 :mod:`.data_parallel` (DDP / FSDP2) — driven by :mod:`.apply`; :mod:`.parallelize` is the entry point and
 :mod:`.parallel_model` the object it returns. :mod:`.manual` writes plans by hand.
 
-Example:
-    >>> from autoplan.execute import parallelize, ParallelModel, manual_plan
-    >>> callable(parallelize)
+Example (one process, one stage: the executor's path at world size 1):
+    >>> import torch
+    >>> from autoplan.models import MLP
+    >>> from autoplan.execute import parallelize, manual_plan
+    >>> model = MLP(8, 16, depth=2)
+    >>> pm = parallelize(model, plan=manual_plan(model, [["layers"]], global_batch_size=4))
+    >>> opt = torch.optim.SGD(pm.parameters(), lr=0.1)
+    >>> x, y = torch.randn(4, 8), torch.randn(4, 8)
+    >>> losses = []
+    >>> for _ in range(5):
+    ...     losses.append(pm.train_step(x, y)); opt.step(); opt.zero_grad()
+    >>> losses[-1] < losses[0]
     True
 """
 

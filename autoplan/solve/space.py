@@ -105,8 +105,7 @@ def enumerate_strategies(graph: ModelGraph, cluster: Cluster, options: PlanOptio
     the world size, or a data-parallel degree that does not divide the global batch).
 
     Example:
-        >>> import sys; sys.path.insert(0, "tests")
-        >>> from graphs import gpt_like_graph
+        >>> from autoplan.synthetic import gpt_like_graph
         >>> from autoplan import Cluster
         >>> s = enumerate_strategies(gpt_like_graph(layers=2), Cluster.preset("a100-80gb"),
         ...                          PlanOptions(global_batch_size=8, mesh={"pp": 1, "tp": 1}))
