@@ -117,7 +117,8 @@ def save(pm, path: str | Path, optimizer: torch.optim.Optimizer | None = None, e
             entries.update(_optimizer_entries(pm, optimizer))
         entries = _with_aliases(a, entries, ("model.", "optim.", "optim_group."))
         entries["extra"] = pickle.dumps(extra)
-        entries["autoplan_checkpoint"] = pickle.dumps({"version": 1, "optimizer": optimizer is not None})
+        entries["autoplan_checkpoint"] = pickle.dumps(
+            {"version": 1, "optimizer": type(optimizer).__name__ if optimizer is not None else None})
         if async_save:
             return dcp.async_save(entries, checkpoint_id=str(path))
         dcp.save(entries, checkpoint_id=str(path))
@@ -137,11 +138,21 @@ def load(pm, path: str | Path, optimizer: torch.optim.Optimizer | None = None) -
             saved = set(reader.read_metadata().state_dict_metadata)
         except FileNotFoundError as exc:
             raise ValueError(f"{path} is not a checkpoint written by pm.save_checkpoint (no DCP metadata)") from exc
+        if "autoplan_checkpoint" not in saved:
+            raise ValueError(f"{path} is a DCP checkpoint but not one written by pm.save_checkpoint")
+        header = {"autoplan_checkpoint": b""}
+        dcp.load(header, checkpoint_id=str(path))
+        saved_optimizer = pickle.loads(header["autoplan_checkpoint"])["optimizer"]
         entries: dict[str, Any] = {f"model.{k}": v for k, v in _model_entries(pm).items()}
         if optimizer is not None:
-            if not any(k.startswith("optim_group.") for k in saved):
+            if saved_optimizer is None:
                 raise ValueError(f"{path} was saved without an optimizer; call load_checkpoint(path) without one")
-            _init_optim_state(optimizer)  # the state tensors DCP loads into (a zero-lr step)
+            if saved_optimizer != type(optimizer).__name__:
+                raise ValueError(f"{path} holds the state of an optimizer of type {saved_optimizer}, not "
+                                 f"{type(optimizer).__name__}; build a {saved_optimizer} over pm.parameters()")
+            if not optimizer.state:  # create the state tensors DCP loads into (a zero-lr step over zero grads)
+                optimizer.zero_grad(set_to_none=True)
+                _init_optim_state(optimizer)
             entries.update(_optimizer_entries(pm, optimizer))
         missing = sorted(k for k in entries if k not in saved)
         if missing:
