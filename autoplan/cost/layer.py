@@ -16,6 +16,7 @@ from .._checks import check_positive_int as _check_positive_int
 from .._checks import check_precision as _check_precision
 from ..cluster import Cluster
 from ..graph import Layer, RecomputeOption, TensorParallelGroup
+from ..names import in_module
 from ..vocabulary import PRECISION_BYTES
 from .._checks import ceil_div as _ceil_div
 from .collectives import check_group as _check_group
@@ -79,10 +80,6 @@ def _group_kind(group: TensorParallelGroup) -> str:
     return "pair"  # colwise feeding rowwise (a lone colwise/rowwise is costed as a pair: the conservative case)
 
 
-def _in_module(fqn: str, module: str) -> bool:
-    return fqn == module or fqn.startswith(module + ".")
-
-
 def _tp_collectives_s(group: TensorParallelGroup, nbytes: float, cluster: Cluster, tp: int,
                       tp_stride: int, input_bytes: float) -> tuple[float, float]:
     """(forward_s, backward_s) of one tensor-parallel group's collectives.
@@ -143,7 +140,7 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
     _check_positive_int("tp_stride", tp_stride)
     _check_positive_int("microbatch_size", microbatch_size)
     _check_precision(precision)
-    if recompute is not None and not _in_module(recompute.module, layer.name):
+    if recompute is not None and not in_module(recompute.module, layer.name):
         raise ValueError(
             f"recompute option for module {recompute.module!r} does not belong to layer {layer.name!r}; "
             f"pass one of layer.recompute_options"
@@ -182,7 +179,7 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
         kept_activation = max(0.0, kept_activation)
         recompute_s = (compute_s(recompute.forward_flops * batch_scale * flops_ratio, cluster, precision)
                        + overhead_s)
-        recompute_groups = tuple(g for g in groups if all(_in_module(m, recompute.module) for m in g.styles))
+        recompute_groups = tuple(g for g in groups if all(in_module(m, recompute.module) for m in g.styles))
 
     tp_forward_s = tp_backward_s = tp_recompute_s = 0.0
     for group in groups:

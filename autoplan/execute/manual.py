@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from ..cluster import Cluster
+from ..names import in_module
 from ..trace.fingerprint import model_fingerprint
 from ..plan import Mesh, ModelInfo, Plan, SearchInfo, Stage
 
@@ -59,8 +60,7 @@ def manual_plan(
         )
     per_stage: list[list[str]] = [[] for _ in stages]
     for fqn in recompute:
-        owner = [k for k, layers in enumerate(stages) for layer in layers
-                 if fqn == layer or fqn.startswith(layer + ".") or layer == ""]
+        owner = [k for k, layers in enumerate(stages) for layer in layers if in_module(fqn, layer)]
         if not owner:
             raise ValueError(f"recompute module {fqn!r} is not inside any stage's layers")
         per_stage[owner[0]].append(fqn)

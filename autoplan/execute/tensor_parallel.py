@@ -23,6 +23,7 @@ from torch.distributed.tensor import Replicate
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from ..errors import PlanMismatchError
+from ..names import tied_parameter_names  # noqa: F401  (re-exported: apply and data_parallel use it)
 from ..trace.tp_check import divide_head_attributes, local_head_owners
 
 __all__ = ["parallel_style", "apply_tensor_parallel", "tied_parameter_names"]
@@ -44,20 +45,6 @@ def parallel_style(style: str) -> ParallelStyle:
     if style == "vocab_head":
         return ColwiseParallel(output_layouts=Replicate())
     raise ValueError(f"unknown tensor-parallel style {style!r}; use colwise, rowwise, vocab_embedding, vocab_head")
-
-
-def tied_parameter_names(module: nn.Module) -> list[list[str]]:
-    """Groups of parameter FQNs that name one tensor (two or more names each), in model order.
-
-    Example:
-        >>> from autoplan.models import GPT, GPTConfig
-        >>> tied_parameter_names(GPT(GPTConfig()))
-        [['tok.weight', 'head.weight']]
-    """
-    by_id: dict[int, list[str]] = {}
-    for name, param in module.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(param), []).append(name)
-    return [names for names in by_id.values() if len(names) > 1]
 
 
 def _set_parameter(root: nn.Module, fqn: str, param: nn.Parameter) -> None:

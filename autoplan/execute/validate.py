@@ -17,6 +17,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import PlanMismatchError
+from ..names import owner_index
 from ..trace.fingerprint import model_fingerprint
 from ..plan import Plan
 
@@ -36,13 +37,11 @@ def owning_layer(fqn: str, layers: tuple[str, ...]) -> str | None:
     """The plan layer that contains module ``fqn`` (itself or an ancestor), or ``None``.
 
     Example:
-        >>> owning_layer("blocks.0.attn.qkv", ("tok", "blocks.0"))
-        'blocks.0'
+        >>> owning_layer("blocks.0.attn.qkv", ("tok", "blocks.0")), owning_layer("head", ("tok", "blocks.0"))
+        ('blocks.0', None)
     """
-    for layer in layers:
-        if fqn == layer or fqn.startswith(layer + "."):
-            return layer
-    return None
+    i = owner_index(fqn, layers)
+    return None if i is None else layers[i]
 
 
 def check_plan_matches(plan: Plan, model: nn.Module, world_size: int) -> None:

@@ -28,6 +28,7 @@ from torch.utils import _pytree as pytree
 
 from .fingerprint import model_fingerprint
 from ..graph import Layer, ModelGraph, RecomputeOption, TensorParallelGroup
+from ..names import tied_parameter_names
 from .chain import (
     LayerLocator,
     choose_layer_names,
@@ -194,10 +195,7 @@ def _on_model_device(model, args, kwargs):
 
 
 def _tied_groups(model: torch.nn.Module) -> list[tuple[str, ...]]:
-    names: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    return [tuple(v) for v in names.values() if len(v) > 1]
+    return [tuple(names) for names in tied_parameter_names(model)]
 
 
 def _per_module(m: Measurement) -> tuple[dict[str, int], dict[str, int]]:
