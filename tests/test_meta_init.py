@@ -164,3 +164,27 @@ def test_async_checkpoint_resumes_like_uninterrupted_training(tmp_path):
     assert tail == pytest.approx(losses[2:], rel=1e-6)
     with pytest.raises(ValueError, match="no DCP metadata"):
         resumed.load_checkpoint(tmp_path / "nowhere")
+
+
+def test_timeout_reaches_the_process_group(monkeypatch):
+    """parallelize(timeout=s) creates the default process group with that timeout; non-positive ones are refused."""
+    from datetime import timedelta
+
+    import autoplan.execute.world as world
+
+    seen = {}
+
+    def fake_init(backend, timeout=None):
+        seen.update(backend=backend, timeout=timeout)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(world.dist, "init_process_group", fake_init)
+    model = GPT(CONFIG)
+    plan = manual_plan(model, [LAYERS], dp=2, global_batch_size=4)
+    with pytest.raises(RuntimeError, match="stop here"):
+        autoplan.parallelize(model, plan=plan, timeout=5)
+    assert seen == {"backend": "gloo", "timeout": timedelta(seconds=5)}
+    with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+        autoplan.parallelize(GPT(CONFIG), plan=plan, timeout=0)
