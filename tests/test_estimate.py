@@ -1,9 +1,11 @@
 """estimate(): the step time and memory of a plan, term by term from the cost model."""
 
+import networkx as nx
 import pytest
 
 from autoplan import cost
-from autoplan.cluster import Cluster
+from autoplan.cluster import Cluster, Device
+from autoplan.graph import Layer, ModelGraph
 from autoplan.cost.plan_cost import Strategy, estimate, estimate_breakdown, layer_choice_cost
 from autoplan.plan import Mesh, ModelInfo, Plan, Stage
 
@@ -27,30 +29,46 @@ def make_plan(**changes) -> Plan:
     return Plan(**base)
 
 
-def test_step_time_is_microbatches_times_slowest_rank_plus_bubble_plus_tail():
-    plan = make_plan()
-    s = Strategy.of(plan)
-    by_name = {l.name: l for l in GRAPH.layers}
-    stage_s, params = [], []
-    for k, stage in enumerate(plan.stages):
-        costs = []
-        for name in stage.layers:
-            layer = by_name[name]
-            tp_on = name == "blocks.0"
-            option = layer.recompute_options[0] if name == "blocks.1" else None
-            costs.append(layer_choice_cost(GRAPH, layer, CLUSTER, s, tp_on, option))
-        bw, lat = cost.group_link(CLUSTER, 2, 8)  # neighbouring pipeline ranks are dp·tp = 8 apart
-        send = 2 * cost.p2p_s(costs[-1].boundary_bytes, bandwidth_Bps=bw, latency_s=lat) if k == 0 else 0.0
-        stage_s.append(sum(c.total_s for c in costs) + send)
-        params.append(sum(c.num_params for c in costs))
-    tails = [cost.data_parallel_sync_s(p, CLUSTER, dp=4, stride=2, data_parallel="ddp", precision="bf16")
-             + cost.optimizer_step_s(p, CLUSTER, "bf16", "adamw") for p in params]
-    expected = 4 * max(stage_s) + 1 * max(stage_s) + max(tails)
-    predicted = estimate(GRAPH, plan)
-    assert predicted.step_time_s == pytest.approx(expected, rel=1e-12)
-    parts = predicted.compute_s + predicted.comm_s + predicted.bubble_s + predicted.recompute_s + predicted.optimizer_s
-    assert parts == pytest.approx(predicted.step_time_s, rel=1e-12)
-    assert predicted.samples_per_s == pytest.approx(32 / expected)
+# A toy device and links with round rates, so that a whole step can be worked out by hand below.
+_UNIT_DEVICE = Device("unit", 10**6, {"fp32": 1000.0, "bf16": 1000.0, "fp16": 1000.0}, achievable_flops_fraction=1.0,
+                      memory_bandwidth_Bps=1000.0)
+UNIT = Cluster(nodes=1, devices_per_node=2, device=_UNIT_DEVICE, intra_node_bandwidth_Bps=1000.0,
+               inter_node_bandwidth_Bps=1000.0, intra_node_latency_s=0.0, inter_node_latency_s=0.0)
+
+
+def _two_layer_graph(activation_bytes: int) -> ModelGraph:
+    layers = [Layer(name, i, "linear", forward_flops=1000, backward_flops=2000, num_params=10, param_bytes=40,
+                    activation_bytes=activation_bytes, output_bytes=40) for i, name in enumerate(("a", "b"))]
+    return ModelGraph(model_name="Two", layers=layers, nx_graph=nx.DiGraph(), batch_size=1, dtype_bytes=4,
+                      num_params=20, forward_flops=2000, backward_flops=4000, input_bytes=4,
+                      fingerprint="two".ljust(16, "0"))
+
+
+def _two_stage_plan(graph: ModelGraph) -> Plan:
+    return Plan(model=ModelInfo("Two", graph.fingerprint, 20), cluster=UNIT, global_batch_size=4, microbatch_size=1,
+                microbatches=4, mesh=Mesh(pp=2), schedule="1f1b", data_parallel="ddp", precision="fp32",
+                stages=(Stage(("a",)), Stage(("b",))))
+
+
+def test_step_time_worked_by_hand():
+    """1000 FLOP/s, 1000 B/s links and memory. Per microbatch a layer runs 1000 forward + 2000 backward FLOPs: 3 s;
+    stage 0 also sends 40 bytes forward and receives 40 back: 2 × 0.04 s. Step = 4 microbatches × 3.08 s + 1
+    bubble stage-time (pp − 1) × 3.08 s + the AdamW update of 10 fp32 parameters, 10 × 28 B / 1000 B/s = 0.28 s
+    (no data parallelism: no gradient sync)."""
+    graph = _two_layer_graph(activation_bytes=0)
+    predicted = estimate(graph, _two_stage_plan(graph))
+    assert predicted.step_time_s == pytest.approx(4 * 3.08 + 3.08 + 0.28, rel=1e-12)
+    assert (predicted.compute_s, predicted.bubble_s, predicted.optimizer_s) == pytest.approx((12.0, 3.08, 0.28))
+    assert predicted.comm_s == pytest.approx(4 * 0.08)  # the sends of the slowest rank, every microbatch
+    assert predicted.samples_per_s == pytest.approx(4 / 15.68)
+
+
+def test_memory_worked_by_hand():
+    """Per device: 10 fp32 parameters with AdamW are 10 × 16 B = 160 B of model states. 1F1B: rank 0 holds the
+    activations of pp − 0 = 2 microbatches (2 × 100 B) and its send buffer (40 B); rank 1 one microbatch (100 B),
+    its receive buffer (40 B) and the loss buffers: 3 × 4 B × 10 logits = 120 B."""
+    graph = _two_layer_graph(activation_bytes=100)
+    assert estimate(graph, _two_stage_plan(graph)).peak_memory_bytes == (160 + 200 + 40, 160 + 100 + 40 + 120)
 
 
 def test_memory_counts_states_in_flight_activations_and_transients():
