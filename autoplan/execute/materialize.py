@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["on_meta", "held_tensors", "copy_full_into", "init_weights_by_module", "shared_seed", "retie"]
+__all__ = ["on_meta", "check_loadable", "held_tensors", "copy_full_into", "init_weights_by_module", "shared_seed", "retie"]
 
 
 def on_meta(model: nn.Module) -> bool:
@@ -61,6 +61,23 @@ def on_meta(model: nn.Module) -> bool:
             f"whole model under `with torch.device('meta'):` (autoplan then allocates each rank's part), or none of it"
         )
     return any(meta)
+
+
+def check_loadable(model: nn.Module) -> None:
+    """``init_weights=False`` on a meta model: every tensor must come from a state dict, so the model must have no
+    non-persistent buffers (state dicts do not carry them; they would stay uninitialized memory).
+
+    Example:
+        >>> check_loadable(torch.nn.BatchNorm1d(2))  # its buffers are persistent
+    """
+    persistent = set(model.state_dict(keep_vars=True))
+    transient = [name for name, _ in model.named_buffers() if name not in persistent]
+    if transient:
+        raise ValueError(
+            f"init_weights=False leaves the weights to a state dict or checkpoint, but buffers {transient[:5]} are "
+            f"not saved in state dicts (persistent=False) and would stay uninitialized; pass init_weights=fn (it "
+            f"sets them; loading then overwrites the parameters) instead of False"
+        )
 
 
 def held_tensors(modules: list[nn.Module]) -> dict[str, torch.Tensor]:

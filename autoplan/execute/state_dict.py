@@ -155,8 +155,8 @@ def _keys_in(files: list[Path]) -> Iterator[tuple[Path, str]]:
 @torch.no_grad()
 def load_safetensors(pm, path: str | Path, key_map: Callable[[str], str] | None = None) -> None:
     """Load a Hugging Face ``model.safetensors`` (file, index, or folder) into ``pm``, one tensor at a time; each
-    rank reads only the tensors it holds. ``key_map`` renames the file's keys to the model's (e.g. drop a prefix).
-    Collective: call it on every rank.
+    rank reads only the tensors it holds. ``key_map`` renames the file's keys to the model's (e.g. drop a prefix)
+    and returns ``None`` for keys to skip. Collective: call it on every rank.
 
     Example: ``autoplan.load_safetensors(pm, "Llama-3-8B/")`` (see the module docstring for a runnable one)
     """
@@ -166,7 +166,11 @@ def load_safetensors(pm, path: str | Path, key_map: Callable[[str], str] | None 
     held = _held(pm)
     with fail_together("load_safetensors"):
         files = _safetensors_files(path)
-        located = {(key_map(key) if key_map else key): (file, key) for file, key in _keys_in(files)}
+        located = {}
+        for file, key in _keys_in(files):
+            name = key_map(key) if key_map else key
+            if name is not None:  # key_map returns None for keys to skip
+                located[name] = (file, key)
         source = _check(a.state_keys, a.tied, set(located), f"{path}")
         wanted: dict[Path, list[tuple[str, str]]] = {}
         for key, src in source.items():
