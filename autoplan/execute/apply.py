@@ -29,7 +29,7 @@ from ..plan import Plan
 from .data_parallel import apply_data_parallel, low_precision_dtype
 from .guards import (agree_on_initial_weights, check_batch_norm, check_not_parallelized, fail_together,
                      mark_parallelized, watch_replaced_parameters)
-from .materialize import held_tensors, init_weights_by_module, on_meta, retie, shared_seed
+from .materialize import check_loadable, held_tensors, init_weights_by_module, on_meta, retie, shared_seed
 from .mesh import build_mesh, mesh_coordinates
 from .pipeline import TiedGradientGroup, build_schedule, local_stage_indices, tied_gradient_groups
 from .recompute import apply_recompute
@@ -103,6 +103,8 @@ def apply_plan(model: nn.Module, plan: Plan, loss_fn=None, init_weights: Callabl
         raise ValueError(f"init_weights must be a function of a module, None (reset_parameters()) or False (load "
                          f"a state dict or checkpoint next), got {init_weights!r}")
     meta = on_meta(model)
+    if meta and init_weights is False:
+        check_loadable(model)
     sync_batch_norm = check_batch_norm(model, plan.mesh.dp, plan.microbatches, plan.cluster.device.kind)
     parts = split_into_stages(model, [s.layers for s in plan.stages]) if plan.mesh.pp > 1 else [model]
     world.init_process_group(plan.cluster.device.kind, timeout_s)
