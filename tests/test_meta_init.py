@@ -188,3 +188,19 @@ def test_timeout_reaches_the_process_group(monkeypatch):
     assert seen == {"backend": "gloo", "timeout": timedelta(seconds=5)}
     with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
         autoplan.parallelize(GPT(CONFIG), plan=plan, timeout=0)
+
+
+def test_init_weights_false_needs_every_tensor_in_the_state_dict():
+    class WithMask(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.register_buffer("mask", torch.ones(4), persistent=False)
+
+        def forward(self, x):
+            return self.lin(x) * self.mask
+
+    with torch.device("meta"):
+        model = WithMask()
+    with pytest.raises(ValueError, match=r"buffers \['mask'\] are not saved in state dicts"):
+        autoplan.parallelize(model, plan=manual_plan(model, [["lin"]], global_batch_size=2), init_weights=False)
