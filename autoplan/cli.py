@@ -73,6 +73,18 @@ _PICTURE_HELP = ("also draw the plan (timeline per pipeline rank, memory per dev
                  "needs matplotlib: pip install 'autoplan[viz]'")
 
 
+def _check_picture(args: argparse.Namespace) -> None:
+    """Refuse a picture that cannot be drawn before any planning (a long search is not lost to a file name)."""
+    if args.picture:
+        from pathlib import Path
+
+        from .viz import FORMATS, _matplotlib
+
+        if Path(args.picture).suffix.lower() not in FORMATS:
+            raise CliError(f"--picture {args.picture!r}: the file name must end in one of {FORMATS}")
+        _matplotlib()
+
+
 def _output(plan, args: argparse.Namespace) -> None:
     """What both commands print after the plan: the explanation, then the picture (checked before drawing)."""
     print(plan)
@@ -120,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
 def _plan(args: argparse.Namespace) -> int:
     import autoplan
 
+    _check_picture(args)
     cluster = autoplan.Cluster.preset(args.cluster, nodes=args.nodes, devices_per_node=args.devices_per_node)
     model, inputs = load_factory(args.model)
     plan = autoplan.plan(
@@ -138,6 +151,7 @@ def _plan(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     from .plan import Plan
 
+    _check_picture(args)
     try:
         plan = Plan.load(args.path)
     except FileNotFoundError as exc:

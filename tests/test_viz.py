@@ -239,4 +239,17 @@ def test_cli_show_picture(tmp_path, capsys):
     assert (tmp_path / "plan.svg").stat().st_size > 5000
     assert f"picture written to {tmp_path / 'plan.svg'}" in capsys.readouterr().out
     assert main(["show", str(tmp_path / "plan.json"), "--picture", str(tmp_path / "plan.gif")]) == 2
-    assert "must end in one of" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "must end in one of" in captured.err and captured.out == ""  # refused before anything is printed
+    # `autoplan plan` refuses the picture before its search, and says how to get matplotlib
+    assert main(["plan", "autoplan.models:gpt_debug", "--picture", str(tmp_path / "plan.jpg")]) == 2
+    assert "--picture" in capsys.readouterr().err
+
+
+def test_cli_names_the_extra_when_matplotlib_is_missing(monkeypatch, tmp_path, capsys):
+    small_plan().save(tmp_path / "plan.json")
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["show", str(tmp_path / "plan.json"), "--picture", str(tmp_path / "plan.png")]) == 2
+    assert "pip install 'autoplan[viz]'" in capsys.readouterr().err
