@@ -1,6 +1,6 @@
 """Reference models: a GPT (tied embeddings, pre-norm blocks) and an MLP, from toy to GPT-3 size.
 
-The same code builds a 100-thousand-parameter debug model and a 175B model on the meta device, so tests,
+The same code builds a 34-thousand-parameter debug model and a 175B model on the meta device, so tests,
 examples and benchmarks all exercise one code path.
 
 Example:
@@ -100,10 +100,14 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """Decoder-only transformer; ``head.weight`` is ``tok.weight`` when ``tie_embeddings``.
 
+    With tied embeddings it has Narayanan et al. SC'21 Eq. 2's parameters, 12lh²(1 + 13/(12h) + (V + s)/(12lh))
+    (l blocks of 12h² + 13h, token and position embeddings), plus 2h for the final LayerNorm.
+
     Example:
-        >>> m = GPT(GPTConfig.preset("debug"))
-        >>> sum(p.numel() for p in m.parameters())
-        34176
+        >>> cfg = GPTConfig.preset("debug")
+        >>> l, h, V, s = cfg.layers, cfg.hidden, cfg.vocab_size, cfg.seq_len
+        >>> sum(p.numel() for p in GPT(cfg).parameters()), 12 * l * h * h + 13 * l * h + (V + s) * h + 2 * h
+        (34176, 34176)
     """
 
     def __init__(self, cfg: GPTConfig):
@@ -155,12 +159,15 @@ class MLP(nn.Module):
 
 
 def gpt_forward_flops(cfg: GPTConfig, batch: int, seq: int | None = None) -> float:
-    """Closed-form forward FLOPs of :class:`GPT`: 24·B·s·h²·L·(1 + s/6h) + 2·B·s·h·V
-    (Narayanan et al. SC'21, Eq. 3, divided by 3 for forward only).
+    """Closed-form forward FLOPs of :class:`GPT`: 24·B·s·h²·L·(1 + s/6h) + 2·B·s·h·V.
+
+    Narayanan et al. SC'21 Eq. 3, 96·B·s·L·h²(1 + s/6h + V/16Lh), counts four passes of the blocks (forward,
+    backward at twice the forward, and the forward again for recompute) and three of the logit layer (not
+    recomputed): one forward is a quarter of its block term and a third of its logit term.
 
     Example:
-        >>> gpt_forward_flops(GPTConfig.preset("debug"), batch=1) > 0
-        True
+        >>> gpt_forward_flops(GPTConfig.preset("debug"), batch=1)   # 24·16·32²·2·(1 + 16/192) + 2·16·32·256
+        1114112.0
     """
     s = cfg.seq_len if seq is None else seq
     h, L, V = cfg.hidden, cfg.layers, cfg.vocab_size
