@@ -92,7 +92,8 @@ def run_case(case: dict) -> dict:
         opt.step()
         opt.zero_grad()
     state = pm.full_state_dict()
-    result = {"losses": losses, "plan": pm.plan.to_dict(), "sharded": len(pm.plan.tensor_parallel)}
+    result = {"losses": losses, "plan": pm.plan.to_dict(), "sharded": len(pm.plan.tensor_parallel),
+              "notes": list(pm.plan.search.notes)}
     if state:  # rank 0
         ref = reference(family)
         result["ref_losses"] = ref["losses"]

@@ -2,7 +2,8 @@
 
 Choosing the chain: the root's children, containers (``ModuleList``/``Sequential``/``ModuleDict``) opened into
 their entries, and any single link that holds most of the parameters (a wrapper such as HF ``LlamaForCausalLM
-.model``) opened in turn while that gives a finer chain; links are ordered by their first call.
+.model``) or runs a stack of blocks (T5's and BART's encoder and decoder) opened in turn while that gives a finer
+chain, looking through wrappers of one child (OPT's ``model.decoder``); links are ordered by their first call.
 
 Attributing: an op or saved storage belongs to the link whose module (or an ancestor of it) was running; an
 op outside every link (``tok(idx) + pos(arange)``) belongs to the link that ran last before it, or to the first
@@ -71,10 +72,15 @@ def choose_layer_names(model: nn.Module, call_order: dict[str, int]) -> list[str
     while changed and total > 0:
         changed = False
         for i, name in enumerate(chain):
-            if name in container_entries or name == "" or 2 * _params_under(params, name) <= total:
+            if name in container_entries or name == "":
                 continue
             finer = entries(name)
-            if len(finer) > 1:
+            while len(finer) == 1 and finer[0] not in container_entries:  # a wrapper of a wrapper (OPT's
+                finer = entries(finer[0])  # model.decoder): look through to its parts
+            # open a link that holds most parameters, or one that runs a stack of blocks (T5's and BART's
+            # encoder beside their decoder: neither holds most, both are stacks of layers)
+            stack = sum(f in container_entries for f in finer) >= 2
+            if len(finer) > 1 and (stack or 2 * _params_under(params, name) > total):
                 chain[i:i + 1] = finer
                 changed = True
                 break

@@ -339,10 +339,14 @@ def tensor_parallel_notes(graph, tp: int, sharded: dict[str, str]) -> tuple[str,
         return ()
     notes = []
     if not sharded:
-        why = ("no layer holds a tensor-parallel group whose heads/features tp divides"
-               if any(layer.tp_groups for layer in graph.layers) else
-               "tracing found no tensor-parallel group (colwise → rowwise nn.Linear pair, vocabulary embedding or "
-               "head) in the model")
+        if any(layer.tp_divisor and layer.tp_divisor % tp == 0 for layer in graph.layers):
+            why = (f"the layers whose groups tp divides share a tied weight ({graph.tied_parameters}) with a layer "
+                   f"that cannot be sharded, and one tensor takes one placement")
+        elif any(layer.tp_groups for layer in graph.layers):
+            why = "no layer holds a tensor-parallel group whose heads/features tp divides"
+        else:
+            why = ("tracing found no tensor-parallel group (colwise → rowwise nn.Linear pair, vocabulary embedding "
+                   "or head) in the model")
         notes.append(f"tp={tp} shards no module, so the {tp} tp ranks repeat each other's work: {why}; "
                      f"pin tp=1 or leave tp to the search")
     reasons: dict[str, list[str]] = {}
