@@ -182,6 +182,10 @@ def test_a_global_batch_that_does_not_divide_names_the_rule_and_the_nearest_size
                                          r"batch sizes that work: 8 and 16"):
         autoplan.plan(model, x, cluster=cluster, global_batch_size=12, mesh={"dp": 2, "tp": 1},
                       microbatch_size=4, precision="fp32")
+    with pytest.raises(ValueError, match=r"pp4×dp1×tp1: 2 microbatches, but 1f1b needs at least pp = 4.* Nearest "
+                                         r"global batch size that works: 4"):
+        autoplan.plan(GPT(GPTConfig(vocab_size=32, seq_len=8, hidden=16, layers=4, heads=2)), x, cluster=cluster,
+                      global_batch_size=2, mesh={"pp": 4}, schedule="1f1b", precision="fp32")
 
 
 # -- tracing errors -----------------------------------------------------------------------------------------------

@@ -91,6 +91,8 @@ def test_bad_schedule_arguments_are_value_errors():
         schedule_order("zigzag", 2, 4)
     with pytest.raises(ValueError, match="virtual_stages must be 1"):
         schedule_order("1f1b", 2, 4, 2)
+    with pytest.raises(ValueError, match="microbatches must be a positive int, got 0"):
+        schedule_order("gpipe", 2, 0)
     with pytest.raises(ValueError, match="waits on itself"):  # rank 0 backward before rank 1 ever ran
         simulate([[schedule_order("gpipe", 2, 1)[0][1]], []], [1.0, 1.0], [1.0, 1.0], [0.0, 0.0])
 
