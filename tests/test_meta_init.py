@@ -204,3 +204,24 @@ def test_init_weights_false_needs_every_tensor_in_the_state_dict():
         model = WithMask()
     with pytest.raises(ValueError, match=r"buffers \['mask'\] are not saved in state dicts"):
         autoplan.parallelize(model, plan=manual_plan(model, [["lin"]], global_batch_size=2), init_weights=False)
+
+
+def test_hugging_face_checkpoint_loads_into_a_model_built_on_meta(tmp_path):
+    """A transformers GPT-2 saved with save_pretrained (model.safetensors, tied lm_head left out) loads into the
+    same architecture built on meta and gives the same logits."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    source = transformers.GPT2LMHeadModel(config).eval()
+    source.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        model = transformers.GPT2LMHeadModel(config)
+    layers = ["transformer.wte", "transformer.wpe", "transformer.drop", "transformer.h.0", "transformer.h.1",
+              "transformer.ln_f", "lm_head"]
+    pm = autoplan.parallelize(model, plan=manual_plan(model, [layers], global_batch_size=2), init_weights=False)
+    autoplan.load_safetensors(pm, tmp_path)
+    pm.eval()
+    tokens = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        assert torch.allclose(pm(tokens).logits, source(tokens).logits, atol=1e-5)
