@@ -132,15 +132,6 @@ FAMILIES = {
 }
 
 
-def hf_llama_7b_meta(seq: int = 128):
-    """A Llama-7B-shaped model on the meta device (no weights) with one example sequence."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
-    return _build(LlamaForCausalLM, cfg, "meta"), _ids(batch=1, seq=seq, vocab=32000)
-
-
 class FusedQKVAttention(torch.nn.Module):
     """nanoGPT's attention: one fused ``c_attn`` Linear whose output is cut by ``.split(n_embd, dim=2)`` into q, k,
     v blocks, heads by ``view(B, T, n_head, head_dim)``."""

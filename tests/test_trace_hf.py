@@ -95,14 +95,26 @@ def test_more_families_trace_with_exact_params_and_activations(builder):
         assert mlp.styles == {f"{p}.intermediate.dense": "colwise", f"{p}.output.dense": "rowwise"}
 
 
-def test_llama_7b_shaped_model_on_meta_traces():
-    model, inputs = models_hf.hf_llama_7b_meta(seq=128)
-    graph = autoplan.trace(model, inputs)
-    assert graph.num_params == sum(p.numel() for p in model.parameters())
-    assert 6.7e9 < graph.num_params < 6.8e9
-    assert _close(graph.forward_flops, llama_forward_flops(model.config, 1, 128), 0.02)
-    assert len(graph.layers) == 32 + 4
-    assert graph.layer("model.layers.7").tp_divisor == 32
+@pytest.mark.slow
+def test_llama_2_7b_default_config_on_meta_traces_exactly_and_plans_on_32_a100s():
+    """The benchmark's own measurement (benchmarks/hf_real_size.py) in a fresh process, so that peak memory is the
+    trace's: default LlamaConfig (Llama-2-7B), one sequence of 512 tokens on the meta device."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "hf_real_size.py"), "--one",
+                           "llama-2-7b"], capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    assert r["num_params"] == r["numel"] and 6.7e9 < r["num_params"] < 6.8e9
+    assert abs(r["flops_error"]) < 0.02
+    assert r["trace_s"] < 30 and r["peak_rss_bytes"] < 2 * 2**30
+    assert r["layers"] == 32 + 4 and r["tp_groups"] == 2 * 32 + 2 and r["tp_dropped"] == 0
+    assert r["plan"].startswith("pp1×")  # transformers models are not split into pipeline stages
 
 
 QUICK_FAMILIES = ("gpt2", "llama", "bart")

@@ -193,6 +193,13 @@ def search(graph: ModelGraph, cluster: Cluster, options: PlanOptions) -> Plan:
                       batch, info)
 
 
+def _pipeline_notes(graph: ModelGraph) -> tuple[str, ...]:
+    if not graph.pipeline_blocker:
+        return ()
+    return (f"pp=1: the executor cannot split {graph.model_name} into pipeline stages ({graph.pipeline_blocker}); "
+            f"data and tensor parallelism do not need the split",)
+
+
 def _memory_possible(state: _Search, i: int, capacity: int) -> bool:
     rec = state.records[i]
     if rec.memory_lower_bound_bytes > capacity:
@@ -226,7 +233,7 @@ def build_plan(graph: ModelGraph, cluster: Cluster, strategy: Strategy, assignme
         schedule=strategy.schedule, data_parallel=strategy.data_parallel, stages=tuple(stages),
         tensor_parallel=tensor_parallel, precision=strategy.precision, optimizer=strategy.optimizer,
         virtual_stages=strategy.virtual_stages,
-        search=replace(search_info, notes=search_info.notes + tensor_parallel_notes(graph, strategy.tp,
-                                                                                   tensor_parallel)),
+        search=replace(search_info, notes=search_info.notes + _pipeline_notes(graph) +
+                       tensor_parallel_notes(graph, strategy.tp, tensor_parallel)),
     )
     return plan.replace(predicted=estimate_breakdown(graph, plan).predicted)
