@@ -92,12 +92,18 @@ def figure(plan):
                  f"× tp{m.tp}, {plan.schedule}{v}, {plan.microbatches} microbatches of {plan.microbatch_size}, "
                  f"{plan.data_parallel.upper()}", fontsize=11)
     for kind in ("forward", "recompute", "backward", "dp_sync", "optimizer"):
+        labelled = False
         for r in range(pp):
             spans = [(b.start_s * scale, b.duration_s * scale) for b in blocks
                      if b.rank == r and b.kind == kind and b.duration_s > 0]
             if spans:
-                top.broken_barh(spans, (r - 0.38, 0.76), facecolors=COLORS[kind],
-                                edgecolors="white", linewidth=0.3, label=_LABELS[kind] if r == 0 else None)
+                top.broken_barh(spans, (r - 0.38, 0.76), facecolors=COLORS[kind], edgecolors="white",
+                                linewidth=0.3, label=None if labelled else _LABELS[kind])
+                labelled = True
+    for b in blocks:  # microbatch numbers where a block is wide enough to hold one
+        if b.kind in ("forward", "backward") and b.duration_s >= end_s / 60:
+            top.text((b.start_s + b.duration_s / 2) * scale, b.rank, str(b.microbatch), ha="center", va="center",
+                     fontsize=7, color="white")
     top.axvline(p.step_time_s * scale, color="black", linestyle="--", linewidth=1)
     top.text(p.step_time_s * scale, -0.78, f"predicted step {p.step_time_s * scale:.3g} {unit} ", fontsize=8,
              va="center", ha="right")
