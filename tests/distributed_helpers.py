@@ -104,14 +104,15 @@ def all_layouts(kind: str) -> list[dict]:
     return cases
 
 
-def run_world(cases: list[dict], tmp_path: Path, nproc: int = 4, timeout_s: int = 240) -> dict:
-    """Run every case in one torchrun world of ``nproc`` CPU ranks; returns {name: result} from rank 0."""
+def run_world(cases: list[dict], tmp_path: Path, nproc: int = 4, timeout_s: int = 240, worker: Path = WORKER) -> dict:
+    """Run every case in one torchrun world of ``nproc`` CPU ranks (``worker``: the script each rank runs);
+    returns {name: result} from rank 0."""
     spec = tmp_path / "cases.json"
     out = tmp_path / "results.pt"
     spec.write_text(json.dumps(cases))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
-           str(WORKER), str(spec), str(out)]
+           str(worker), str(spec), str(out)]
     # A new session so that a hung world is killed whole (torchrun and its ranks) on timeout.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             start_new_session=True)

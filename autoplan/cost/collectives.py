@@ -8,12 +8,48 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .._checks import check_link as _check_link
 from .._checks import check_non_negative as _check_non_negative
 from .._checks import check_positive_int as _check_positive_int
 from ..cluster import Cluster
 
+#: What the cost model charges and what ``tests/comm_counter.py`` counts on the wire, one spelling for both.
+COLLECTIVE_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "send")
+
+
+@dataclass(frozen=True)
+class Collective:
+    """``count`` collectives of one ``kind`` per step on one device, each of ``nbytes`` (an all-gather's
+    result, a reduce-scatter's input, an all-reduce's buffer, a send's payload), over ``group_size`` ranks of
+    the mesh axis ``axis``.
+
+    The time functions below price exactly these records, so the count and bytes a plan is charged for can be
+    compared with what the executor issues.
+
+    Example:
+        >>> Collective("all_gather", 1024, count=2, group_size=4).total_bytes
+        2048
+    """
+
+    kind: str
+    nbytes: float
+    count: int = 1
+    group_size: int = 2
+    axis: str = ""  # the mesh axis of the group: "tp", "dp" or "pp"
+
+    def __post_init__(self) -> None:
+        if self.kind not in COLLECTIVE_KINDS:
+            raise ValueError(f"unknown collective kind {self.kind!r}; use one of {COLLECTIVE_KINDS}")
+
+    @property
+    def total_bytes(self) -> float:
+        return self.nbytes * self.count
+
 __all__ = [
+    "Collective",
+    "COLLECTIVE_KINDS",
     "allreduce_s",
     "allgather_s",
     "reduce_scatter_s",

@@ -19,10 +19,11 @@ from ..graph import Layer, RecomputeOption, TensorParallelGroup
 from ..names import in_module
 from ..vocabulary import PRECISION_BYTES
 from .._checks import ceil_div as _ceil_div
+from .collectives import Collective
 from .collectives import check_group as _check_group
 from .collectives import group_allgather_s, group_allreduce_s
 
-__all__ = ["LayerCost", "compute_s", "layer_cost"]
+__all__ = ["LayerCost", "compute_s", "memory_bound_s", "layer_cost", "FORWARD_PASSES", "BACKWARD_PASSES"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,8 @@ class LayerCost:
     # parameters the layer's matmuls read (its tensor-parallel groups' linears, a tied head's weight included),
     # after TP: what autocast casts to the low precision (see :func:`autocast_weight_copy_bytes`)
     matmul_params: int = 0
+    # the tensor-parallel collectives of one microbatch (forward, backward, recompute), priced as tp_comm_s
+    tp_collectives: tuple[Collective, ...] = ()
 
     @property
     def total_s(self) -> float:
@@ -66,6 +69,28 @@ def compute_s(flops: float, cluster: Cluster, precision: str) -> float:
     return flops / cluster.device.achievable_flops(precision)
 
 
+#: Bytes of device memory traffic per byte a layer saves for backward, outside its matmuls. FLOPs count matmuls
+#: only (torch.utils.flop_counter); the elementwise ops around them (norms, softmax, dropout, GeLU, residual adds)
+#: do ~1 FLOP per byte and run at memory bandwidth (roofline, Williams et al. 2009). Each saved tensor was written
+#: by the forward op that made it from an input it read: 2 passes. Backward reads it and the output gradient and
+#: writes the input gradient: 3 passes. (Korthikanti et al. 2022 §4 lists what a block saves: 34·s·b·h bytes
+#: plus 5·a·s²·b for materialised attention scores.)
+FORWARD_PASSES = 2
+BACKWARD_PASSES = 3
+
+
+def memory_bound_s(nbytes: float, cluster: Cluster) -> float:
+    """Seconds to move ``nbytes`` through device memory: nbytes / device.memory_bandwidth_Bps.
+
+    Example:
+        >>> from autoplan import Cluster
+        >>> round(memory_bound_s(2.039e9, Cluster.preset("a100-80gb")) * 1e3, 3)   # 2 GB at 2,039 GB/s
+        1.0
+    """
+    _check_non_negative("nbytes", nbytes)
+    return nbytes / cluster.device.memory_bandwidth_Bps
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # One layer, one microbatch, one device
 # ---------------------------------------------------------------------------------------------------------------
@@ -80,9 +105,9 @@ def _group_kind(group: TensorParallelGroup) -> str:
     return "pair"  # colwise feeding rowwise (a lone colwise/rowwise is costed as a pair: the conservative case)
 
 
-def _tp_collectives_s(group: TensorParallelGroup, nbytes: float, cluster: Cluster, tp: int,
-                      tp_stride: int, input_bytes: float) -> tuple[float, float]:
-    """(forward_s, backward_s) of one tensor-parallel group's collectives.
+def _tp_group_collectives(group: TensorParallelGroup, nbytes: float, tp: int,
+                          input_bytes: float) -> tuple[tuple[Collective, ...], tuple[Collective, ...]]:
+    """(forward, backward) collectives of one tensor-parallel group for one microbatch.
 
     Megatron-LM (Shoeybi et al. 2019 §3; Narayanan et al. SC'21 §3, the "f" and "g" operators): a colwise →
     rowwise pair all-reduces its output in forward (g) and its input gradient in backward (f). A
@@ -91,13 +116,17 @@ def _tp_collectives_s(group: TensorParallelGroup, nbytes: float, cluster: Cluste
     (DTensor ColwiseParallel(output_layouts=Replicate())) all-gathers the logits in forward and all-reduces the
     gradient of its (replicated) input in backward.
     """
-    if _group_kind(group) == "vocab_head":
-        return (group_allgather_s(nbytes, cluster, tp, tp_stride),
-                group_allreduce_s(input_bytes, cluster, tp, tp_stride))
-    forward_s = group_allreduce_s(nbytes, cluster, tp, tp_stride)
-    if _group_kind(group) == "vocab_embedding":
-        return forward_s, 0.0
-    return forward_s, forward_s
+    kind = _group_kind(group)
+    if kind == "vocab_head":
+        return (Collective("all_gather", nbytes, 1, tp, "tp"),), (Collective("all_reduce", input_bytes, 1, tp, "tp"),)
+    forward = (Collective("all_reduce", nbytes, 1, tp, "tp"),)
+    return forward, (() if kind == "vocab_embedding" else forward)
+
+
+def _priced_s(collectives: tuple[Collective, ...], cluster: Cluster, tp_stride: int) -> float:
+    """Seconds of ``collectives`` over groups of their size ``tp_stride`` apart (the two-level forms)."""
+    price = {"all_reduce": group_allreduce_s, "all_gather": group_allgather_s}
+    return sum(c.count * price[c.kind](c.nbytes, cluster, c.group_size, tp_stride) for c in collectives)
 
 
 def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int, cluster: Cluster, tp: int,
@@ -161,7 +190,14 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
     # layer owns.
     sharded_params = min(group_params, layer.num_params)
     num_params = layer.num_params - sharded_params + _ceil_div(sharded_params, tp)
-    forward_flops = layer.forward_flops - group_flops + group_flops / tp
+    if any(_group_kind(g) == "pair" for g in groups):
+        # The tracer counts matmul-like ops only (torch.utils.flop_counter), and the matmuls of a layer with a
+        # Megatron pair that lie outside its linears are attention's score and value products (QKᵀ, softmax·V):
+        # they run on the rank's own heads, so they shard too (Narayanan et al. SC'21 §3.1; Eq. 3's 4·b·s²·h term
+        # is split over t like the rest). Left replicated, they made a tp=8 block at h = 6144, s = 2048 44% slower.
+        forward_flops = layer.forward_flops / tp
+    else:
+        forward_flops = layer.forward_flops - group_flops + group_flops / tp
     flops_ratio = forward_flops / layer.forward_flops if layer.forward_flops > 0 else 1.0
     activation = layer.activation_bytes - group_activation + group_activation / tp
     activation_ratio = activation / layer.activation_bytes if layer.activation_bytes > 0 else 1.0
@@ -178,33 +214,43 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
             kept_activation = activation - saved * activation_ratio
         kept_activation = max(0.0, kept_activation)
         recompute_s = (compute_s(recompute.forward_flops * batch_scale * flops_ratio, cluster, precision)
+                       + memory_bound_s(FORWARD_PASSES * saved * activation_ratio * bytes_scale, cluster)
                        + overhead_s)
-        recompute_groups = tuple(g for g in groups if all(in_module(m, recompute.module) for m in g.styles))
+        inside = [g for g in groups if all(in_module(m, recompute.module) for m in g.styles)]
+        # Non-reentrant checkpointing (what the executor uses) stops recomputing once every saved tensor is back
+        # (torch.utils.checkpoint's early stop): the module's last all-reduce feeds only the residual add, which
+        # saves nothing, so it is not re-run (counted on gloo in tests/test_collective_counts.py). This holds for
+        # pre-norm blocks, whose last group's output leaves the module unnormalised.
+        recompute_groups = tuple(inside[:-1])
 
-    tp_forward_s = tp_backward_s = tp_recompute_s = 0.0
+    tp_forward: list[Collective] = []
+    tp_backward: list[Collective] = []
+    tp_recompute: list[Collective] = []
     for group in groups:
         nbytes = group.output_bytes * bytes_scale
-        # The head's input gradient has the size of its input: a linear's input elements = FLOPs / (2 × out
-        # features), and the vocabulary (out features) is the group's divisor.
-        input_bytes = group.forward_flops * traced_dtype_bytes / (2 * group.divisor) * bytes_scale
-        fwd_s, bwd_s = _tp_collectives_s(group, nbytes, cluster, tp, tp_stride, min(input_bytes, nbytes))
-        tp_forward_s += fwd_s
-        tp_backward_s += bwd_s
+        # the head's input gradient has the size of its input, which the tracer recorded
+        fwd, bwd = _tp_group_collectives(group, nbytes, tp, group.input_bytes * bytes_scale)
+        tp_forward += fwd
+        tp_backward += bwd
         if group in recompute_groups:
-            tp_recompute_s += fwd_s
+            tp_recompute += fwd
+    tp_collectives = tuple(tp_forward + tp_backward + tp_recompute)
 
     # The linears of every group but a vocabulary embedding (a lookup, which autocast leaves in fp32); a group may
     # read a weight another layer owns (the tied head), whose copy this layer's matmul makes all the same.
     matmul_params = sum(_ceil_div(g.num_params, tp) if sharded else g.num_params
                         for g in layer.tp_groups if _group_kind(g) != "vocab_embedding")
     return LayerCost(
-        forward_s=compute_s(forward_flops * batch_scale, cluster, precision) + overhead_s,
-        backward_s=compute_s(layer.backward_flops * flops_ratio * batch_scale, cluster, precision) + 2 * overhead_s,
+        forward_s=(compute_s(forward_flops * batch_scale, cluster, precision) + overhead_s
+                   + memory_bound_s(FORWARD_PASSES * activation * bytes_scale, cluster)),
+        backward_s=(compute_s(layer.backward_flops * flops_ratio * batch_scale, cluster, precision)
+                    + 2 * overhead_s + memory_bound_s(BACKWARD_PASSES * activation * bytes_scale, cluster)),
         recompute_s=recompute_s,
-        tp_comm_s=tp_forward_s + tp_backward_s + tp_recompute_s,
+        tp_comm_s=_priced_s(tp_collectives, cluster, tp_stride),
         num_params=num_params,
         activation_bytes=int(round(kept_activation * bytes_scale)),
         transient_bytes=int(round((activation - kept_activation) * bytes_scale)),
         boundary_bytes=int(round(layer.output_bytes * bytes_scale)),
         matmul_params=matmul_params,
+        tp_collectives=tp_collectives,
     )

@@ -250,7 +250,8 @@ def rank_tail_s(strategy: Strategy, cluster: Cluster, num_params: float) -> tupl
         [0.0234, 0.0137]
     """
     sync = cost.data_parallel_sync_s(int(num_params), cluster, dp=strategy.dp, stride=strategy.tp,
-                                     data_parallel=strategy.data_parallel, precision=strategy.precision)
+                                     data_parallel=strategy.data_parallel, precision=strategy.precision,
+                                     microbatches=strategy.microbatches, pp=strategy.pp)
     shard = num_params / strategy.dp if strategy.data_parallel == "fsdp" else num_params
     opt = cost.optimizer_step_s(int(-(-shard // 1)), cluster, strategy.precision, strategy.optimizer)
     return sync, opt
@@ -276,7 +277,7 @@ def rank_tail_terms(strategy: Strategy, cluster: Cluster) -> tuple[float, float]
     """
     latency_s, sync_per_param_s = cost.data_parallel_sync_terms(
         cluster, dp=strategy.dp, stride=strategy.tp, data_parallel=strategy.data_parallel,
-        precision=strategy.precision)
+        precision=strategy.precision, microbatches=strategy.microbatches, pp=strategy.pp)
     shard = strategy.dp if strategy.data_parallel == "fsdp" else 1
     optimizer_per_param_s = (cost.optimizer_step_bytes_per_param(strategy.precision, strategy.optimizer)
                              / cluster.device.memory_bandwidth_Bps / shard)
@@ -293,13 +294,20 @@ def rank_state_bytes_per_param(strategy: Strategy) -> float:
         (4.0, 4.0)
     """
     per_param = cost.state_bytes_per_param(strategy.precision, strategy.optimizer).total
-    return per_param / strategy.dp if strategy.data_parallel == "fsdp" else float(per_param)
+    return (per_param / strategy.dp if strategy.data_parallel == "fsdp" else float(per_param)) + _held(strategy)
+
+
+def _held(strategy: Strategy) -> int:
+    """FSDP's weights and gradient accumulators kept unsharded through a step of several microbatches or a
+    pipeline (:func:`autoplan.cost.fsdp_held_bytes_per_param`), per parameter."""
+    return cost.fsdp_held_bytes_per_param(strategy.precision, strategy.data_parallel, strategy.dp,
+                                          strategy.microbatches, strategy.pp)
 
 
 def rank_state_bytes(strategy: Strategy, num_params: int) -> int:
     """Weights, gradients and optimizer states of a rank's ``num_params`` on one of its devices."""
-    return cost.model_state_bytes(int(num_params), strategy.precision, strategy.optimizer, strategy.dp,
-                                  strategy.data_parallel)
+    return (cost.model_state_bytes(int(num_params), strategy.precision, strategy.optimizer, strategy.dp,
+                                   strategy.data_parallel) + _held(strategy) * int(num_params))
 
 
 def weight_copy_bytes_per_param(strategy: Strategy) -> int:
@@ -325,6 +333,8 @@ def fsdp_gather_bytes(strategy: Strategy, num_params: int) -> int:
     if strategy.data_parallel != "fsdp" or strategy.dp == 1:
         return 0
     sb = cost.state_bytes_per_param(strategy.precision, strategy.optimizer)
+    if _held(strategy):  # weights and accumulators are held (rank_state_bytes): the layer's fresh gradient only
+        return int(num_params) * sb.params
     return int(num_params) * (sb.params + sb.grads)
 
 

@@ -13,11 +13,13 @@ from .._checks import check_positive_int as _check_positive_int
 from .._checks import check_precision as _check_precision
 from ..cluster import Cluster
 from ..vocabulary import DATA_PARALLEL_KINDS, PRECISION_BYTES, SCHEDULES
+from .collectives import Collective
 from .collectives import check_group as _check_group
 from .collectives import group_allgather_terms
 from .memory import state_bytes_per_param
 
-__all__ = ["GRAD_REDUCE_BYTES", "data_parallel_sync_s", "data_parallel_sync_terms", "optimizer_step_bytes_per_param",
+__all__ = ["GRAD_REDUCE_BYTES", "fsdp_keeps_weights", "fsdp_held_bytes_per_param", "data_parallel_collectives", "data_parallel_sync_s",
+           "data_parallel_sync_terms", "optimizer_step_bytes_per_param",
            "optimizer_step_s",
            "in_flight_microbatches", "bubble_microbatches"]
 
@@ -33,10 +35,85 @@ __all__ = ["GRAD_REDUCE_BYTES", "data_parallel_sync_s", "data_parallel_sync_term
 GRAD_REDUCE_BYTES = 4
 
 
+def fsdp_keeps_weights(microbatches: int, pp: int) -> bool:
+    """Whether FSDP keeps each unit's gathered weights from the step's first forward to its last backward.
+
+    With several microbatches or a pipeline the executor passes ``reshard_after_forward=False`` to
+    ``fully_shard`` (as torchtitan does under pipeline parallelism) and, between microbatches, neither reshards
+    nor reduces (``set_reshard_after_backward`` / ``set_requires_gradient_sync``; torch's pipeline stages do the
+    same): one all-gather and one reduce-scatter per unit and step, where resharding would gather twice per
+    microbatch. The price is memory: the stage's unsharded weights and gradient accumulators live through the
+    step (:func:`autoplan.cost.fsdp_held_bytes`). With one microbatch and no pipeline, FSDP reshards after
+    forward (ZeRO-3): two all-gathers, one reduce-scatter, one layer's weights at a time.
+
+    Example:
+        >>> fsdp_keeps_weights(microbatches=1, pp=1), fsdp_keeps_weights(microbatches=4, pp=1)
+        (False, True)
+    """
+    _check_positive_int("microbatches", microbatches)
+    _check_positive_int("pp", pp)
+    return microbatches > 1 or pp > 1
+
+
+def fsdp_held_bytes_per_param(precision: str, data_parallel: str, dp: int, microbatches: int, pp: int) -> int:
+    """Bytes per parameter (after TP) that FSDP keeps unsharded through a step when :func:`fsdp_keeps_weights`:
+    the gathered weights at the compute precision and the unsharded gradient accumulators, fp32
+    (:data:`GRAD_REDUCE_BYTES`: FSDP2 accumulates unreduced gradients in ``reduce_dtype`` between microbatches,
+    and a pipeline stage reduces only after its last backward). 0 for DDP, dp = 1 and ZeRO-3 steps.
+
+    Example:
+        >>> fsdp_held_bytes_per_param("bf16", "fsdp", dp=8, microbatches=4, pp=1)   # bf16 weight + fp32 grad
+        6
+        >>> fsdp_held_bytes_per_param("bf16", "fsdp", dp=8, microbatches=1, pp=1)
+        0
+    """
+    _check_precision(precision)
+    _check_positive_int("dp", dp)
+    if data_parallel != "fsdp" or dp == 1 or not fsdp_keeps_weights(microbatches, pp):
+        return 0
+    return PRECISION_BYTES[precision] + GRAD_REDUCE_BYTES
+
+
+def data_parallel_collectives(num_params: int, *, dp: int, data_parallel: str, precision: str,
+                              microbatches: int = 1, pp: int = 1,
+                              grad_reduce_bytes: int = GRAD_REDUCE_BYTES) -> tuple[Collective, ...]:
+    """The data-parallel collectives one device issues per step for ``num_params`` (after tensor parallelism,
+    before FSDP sharding), as :class:`~autoplan.cost.collectives.Collective` records: what
+    :func:`data_parallel_sync_s` prices and what the executor runs.
+
+    DDP: one all-reduce of the gradients (``no_sync`` / no gradient sync before the last microbatch). FSDP: a
+    reduce-scatter of the gradients and one all-gather of the weights per step when
+    :func:`fsdp_keeps_weights`, else two (forward and backward, ZeRO-3). Bytes are summed over FSDP units:
+    per unit the counts are these.
+
+    Example:
+        >>> [(c.kind, c.nbytes, c.count) for c in data_parallel_collectives(
+        ...     1000, dp=2, data_parallel="fsdp", precision="bf16", microbatches=4)]
+        [('all_gather', 2000, 1), ('reduce_scatter', 4000, 1)]
+    """
+    if isinstance(num_params, bool) or not isinstance(num_params, int) or num_params < 0:
+        raise ValueError(f"num_params must be an int ≥ 0, got {num_params!r}")
+    _check_positive_int("dp", dp)
+    _check_positive_int("grad_reduce_bytes", grad_reduce_bytes)
+    if data_parallel not in DATA_PARALLEL_KINDS:
+        raise ValueError(f"unknown data_parallel {data_parallel!r}; use one of {DATA_PARALLEL_KINDS}")
+    _check_precision(precision)
+    if dp == 1:
+        return ()
+    grad_bytes = num_params * grad_reduce_bytes
+    if data_parallel == "ddp":
+        return (Collective("all_reduce", grad_bytes, 1, dp, "dp"),)
+    gathers = 1 if fsdp_keeps_weights(microbatches, pp) else 2
+    return (Collective("all_gather", num_params * PRECISION_BYTES[precision], gathers, dp, "dp"),
+            Collective("reduce_scatter", grad_bytes, 1, dp, "dp"))
+
+
 def data_parallel_sync_s(num_params: int, cluster: Cluster, *, dp: int, stride: int, data_parallel: str,
-                         precision: str, grad_reduce_bytes: int = GRAD_REDUCE_BYTES) -> float:
+                         precision: str, grad_reduce_bytes: int = GRAD_REDUCE_BYTES, microbatches: int = 1,
+                         pp: int = 1) -> float:
     """Gradient synchronisation of one device's ``num_params`` per step: DDP all-reduce of gradients; FSDP
-    all-gather of weights in forward and backward plus reduce-scatter of gradients (ZeRO §7).
+    all-gathers of weights plus a reduce-scatter of gradients (ZeRO §7), counted by
+    :func:`data_parallel_collectives` (two all-gathers with one microbatch and no pipeline, one otherwise).
 
     ``num_params`` is what the device's stage holds after tensor parallelism and before FSDP sharding; the
     data-parallel group is ``dp`` ranks ``stride`` (= tp) apart. Gradients travel at ``grad_reduce_bytes`` per
@@ -56,16 +133,19 @@ def data_parallel_sync_s(num_params: int, cluster: Cluster, *, dp: int, stride: 
         raise ValueError(f"num_params must be an int ≥ 0, got {num_params!r}")
     latency_s, seconds_per_param = data_parallel_sync_terms(cluster, dp=dp, stride=stride,
                                                             data_parallel=data_parallel, precision=precision,
-                                                            grad_reduce_bytes=grad_reduce_bytes)
+                                                            grad_reduce_bytes=grad_reduce_bytes,
+                                                            microbatches=microbatches, pp=pp)
     return latency_s + num_params * seconds_per_param
 
 
 def data_parallel_sync_terms(cluster: Cluster, *, dp: int, stride: int, data_parallel: str, precision: str,
-                             grad_reduce_bytes: int = GRAD_REDUCE_BYTES) -> tuple[float, float]:
+                             grad_reduce_bytes: int = GRAD_REDUCE_BYTES, microbatches: int = 1,
+                             pp: int = 1) -> tuple[float, float]:
     """(latency_s, seconds_per_param) of :func:`data_parallel_sync_s`, which is affine in the parameters.
 
     Every collective here is a multiple of the group's all-gather (:func:`group_allgather_terms`): a ring
-    all-reduce is two all-gathers' time, a reduce-scatter one. DDP: 2·AG(g·Ψ); FSDP: 2·AG(p·Ψ) + RS(g·Ψ).
+    all-reduce is two all-gathers' time, a reduce-scatter one. DDP: 2·AG(g·Ψ); FSDP: k·AG(p·Ψ) + RS(g·Ψ) with
+    k = 2, or 1 when :func:`fsdp_keeps_weights` (the records of :func:`data_parallel_collectives`).
 
     Example:
         >>> c = Cluster.preset("a100-80gb")
@@ -83,10 +163,12 @@ def data_parallel_sync_terms(cluster: Cluster, *, dp: int, stride: int, data_par
     if dp == 1:
         return 0.0, 0.0
     latency_s, per_byte = group_allgather_terms(cluster, dp, stride)
-    if data_parallel == "ddp":  # one all-reduce of the gradients
-        return 2 * latency_s, 2 * grad_reduce_bytes * per_byte
-    # all-gather the weights in forward and in backward, reduce-scatter the gradients
-    return 3 * latency_s, (2 * PRECISION_BYTES[precision] + grad_reduce_bytes) * per_byte
+    # One parameter's collectives; an all-reduce costs two all-gathers' time, a reduce-scatter one.
+    weight = {"all_reduce": 2, "all_gather": 1, "reduce_scatter": 1}
+    records = data_parallel_collectives(1, dp=dp, data_parallel=data_parallel, precision=precision,
+                                        microbatches=microbatches, pp=pp, grad_reduce_bytes=grad_reduce_bytes)
+    return (sum(weight[c.kind] * c.count for c in records) * latency_s,
+            sum(weight[c.kind] * c.count * c.nbytes for c in records) * per_byte)
 
 
 def optimizer_step_bytes_per_param(precision: str, optimizer: str) -> int:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from ..cost.step import fsdp_keeps_weights
 from ..plan import Plan
 from .data_parallel import apply_data_parallel, low_precision_dtype
 from .guards import (agree_on_initial_weights, check_batch_norm, check_not_parallelized, fail_together,
@@ -166,7 +167,8 @@ def _apply(model: nn.Module, parts: list[nn.Module], plan: Plan, loss_fn, init_w
         if data_parallel:
             layers = plan.stages[k].layers if m.pp > 1 else plan.layers
             runner = apply_data_parallel(root, plan.data_parallel, mesh["dp"], layers, plan.precision,
-                                         composed=m.tp > 1 or m.pp > 1)
+                                         composed=m.tp > 1 or m.pp > 1,
+                                         keep_weights=fsdp_keeps_weights(plan.microbatches, m.pp))
             if meta and not classic_ddp:
                 materialize(root)
         stages.append(LocalStage(k, root, runner))

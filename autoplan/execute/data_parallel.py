@@ -84,18 +84,23 @@ def _mp_policy(precision: str) -> MixedPrecisionPolicy:
 
 
 def apply_data_parallel(root: nn.Module, kind: str, dp_mesh: DeviceMesh, layers: Sequence[str], precision: str,
-                        composed: bool) -> nn.Module:
+                        composed: bool, keep_weights: bool = False) -> nn.Module:
     """Wrap ``root`` for data parallelism of ``kind`` ("ddp" or "fsdp"); returns the module to call (the DDP wrapper,
     or ``root`` itself, changed in place by ``fully_shard``/``replicate``). ``composed``: the model is also tensor-
-    or pipeline-parallel.
+    or pipeline-parallel. ``keep_weights`` (FSDP, :func:`autoplan.cost.fsdp_keeps_weights`: several microbatches
+    or a pipeline): every unit, the root included, keeps its gathered weights after forward
+    (``reshard_after_forward=False``), so a step gathers each unit once; otherwise every unit reshards after
+    forward and gathers again for backward (ZeRO-3), the root too, so that each unit costs what the cost model
+    charges.
 
     Example (under torchrun, 2 ranks): ``apply_data_parallel(model, "fsdp", mesh["dp"], ["0", "2"], "fp32", False)``
     """
     if kind == "fsdp":
         policy = _mp_policy(precision)
+        reshard = not keep_weights
         for fqn in shardable_layers(root, layers):
-            fully_shard(root.get_submodule(fqn), mesh=dp_mesh, mp_policy=policy)
-        fully_shard(root, mesh=dp_mesh, mp_policy=policy)
+            fully_shard(root.get_submodule(fqn), mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard)
+        fully_shard(root, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard)
         return root
     if kind != "ddp":
         raise ValueError(f"data_parallel must be 'ddp' or 'fsdp', got {kind!r}")

@@ -200,7 +200,18 @@ class ParallelModel:
     def _run(self, a: AppliedPlan, args: tuple, targets: Any, *, backward: bool) -> torch.Tensor:
         """This rank's part of the global batch through the model (pipelined when pp > 1): the loss."""
         run = self._accumulate if a.schedule is None else self._pipeline
-        return run(a, args, targets, backward=backward)
+        loss = run(a, args, targets, backward=backward)
+        if not backward:
+            self._reshard()
+        return loss
+
+    def _reshard(self) -> None:
+        """Free FSDP units' gathered weights after a forward-only run: under several microbatches or a pipeline
+        they are kept after forward (``reshard_after_forward=False``) for a backward that will not come."""
+        for root in self.modules_on_rank:
+            for module in root.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()
 
     def __call__(self, *inputs: Any, **keyword_inputs: Any) -> Any:
         """The model's outputs for ``inputs`` on this rank (with TP, every rank of a TP group gets the same):
@@ -221,7 +232,9 @@ class ParallelModel:
         guard_token_ids(self.modules_on_rank)
         batch = batch.map(lambda v: _to(v, a.device))
         with self._autocast(a):
-            return runner(*batch.args, **batch.kwargs)
+            outputs = runner(*batch.args, **batch.kwargs)
+        self._reshard()
+        return outputs
 
     forward = __call__
 
@@ -236,7 +249,10 @@ class ParallelModel:
             if backward and isinstance(runner, DistributedDataParallel) and not last:
                 sync = runner.no_sync()
             if backward and isinstance(runner, FSDPModule):
+                # Reduce and reshard once, after the last microbatch: the weights stay gathered in between
+                # (reshard_after_forward=False, see autoplan.cost.fsdp_keeps_weights), one all-gather per step.
                 runner.set_requires_gradient_sync(last)
+                runner.set_reshard_after_backward(last)
             with sync:
                 with self._autocast(a):
                     loss = self.loss_fn(runner(*mb.args, **mb.kwargs), mb_targets)

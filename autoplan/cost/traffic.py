@@ -1,0 +1,54 @@
+"""The collectives a plan issues per training step, per pipeline rank: the records the step time is priced from.
+
+Tensor-parallel collectives come from :func:`autoplan.cost.layer_cost` (``LayerCost.tp_collectives``, one
+microbatch, recompute included), data-parallel ones from :func:`autoplan.cost.data_parallel_collectives`, and
+pipeline sends are each stage's output forward and its input's gradient back, once per microbatch. The
+executor's collective counts are compared with these in ``tests/test_collective_counts.py``.
+
+Example:
+    >>> import sys; sys.path.insert(0, "tests")
+    >>> from graphs import gpt_like_graph
+    >>> import autoplan
+    >>> from autoplan.options import PlanOptions
+    >>> from autoplan.solve import search
+    >>> graph = gpt_like_graph(layers=2, hidden=256, seq=128, vocab=1000)
+    >>> plan = search(graph, autoplan.Cluster.preset("a100-80gb"), PlanOptions(global_batch_size=8,
+    ...               mesh={"dp": 8}, data_parallel="ddp"))
+    >>> [(c.kind, c.count) for c in plan_collectives(graph, plan)[0]]
+    [('all_reduce', 1)]
+"""
+
+from __future__ import annotations
+
+from ..graph import ModelGraph
+from ..plan import Plan
+from .collectives import Collective
+from .plan_cost import Strategy, _layer_choices, layer_choice_cost
+from .step import data_parallel_collectives
+
+__all__ = ["plan_collectives"]
+
+
+def plan_collectives(graph: ModelGraph, plan: Plan) -> tuple[tuple[Collective, ...], ...]:
+    """Per pipeline rank, the collectives one of its devices issues in one step (counts are per step; FSDP's
+    are per unit, see :func:`autoplan.cost.data_parallel_collectives`)."""
+    strategy = Strategy.of(plan)
+    m = strategy.microbatches
+    stages = [[layer_choice_cost(graph, layer, plan.cluster, strategy, tp_on, option)
+               for layer, tp_on, option in rows] for rows in _layer_choices(graph, plan)]
+    last = len(stages) - 1
+    per_rank: list[list[Collective]] = [[] for _ in range(strategy.pp)]
+    params = [0] * strategy.pp
+    for k, costs in enumerate(stages):
+        out = per_rank[k % strategy.pp]
+        for c in costs:
+            params[k % strategy.pp] += c.num_params
+            out += [Collective(t.kind, t.nbytes, t.count * m, t.group_size, t.axis) for t in c.tp_collectives]
+        if k < last:  # the stage's output, forward
+            out.append(Collective("send", costs[-1].boundary_bytes, m, 2, "pp"))
+        if k > 0:  # the gradient of the stage's input, back
+            out.append(Collective("send", stages[k - 1][-1].boundary_bytes, m, 2, "pp"))
+    for r in range(strategy.pp):
+        per_rank[r] += data_parallel_collectives(params[r], dp=strategy.dp, data_parallel=strategy.data_parallel,
+                                                 precision=strategy.precision, microbatches=m, pp=strategy.pp)
+    return tuple(tuple(rank) for rank in per_rank)

@@ -1,0 +1,65 @@
+"""One torchrun rank of the collective-count tests: for every case, what this rank issues in one training step
+(counted by tests/comm_counter.py) beside what the cost model charges (autoplan.cost.traffic.plan_collectives).
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/collective_worker.py cases.json results.pt
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+
+import autoplan  # noqa: E402
+from autoplan.cost.traffic import plan_collectives  # noqa: E402
+from autoplan.execute.manual import manual_plan  # noqa: E402
+from comm_counter import counted_collectives  # noqa: E402
+from distributed_helpers import batches, build_model  # noqa: E402
+
+
+def run_case(case: dict) -> dict:
+    model = build_model(case["kind"])
+    inputs, targets = batches(case["kind"])[0]
+    plan = manual_plan(model, **case["plan"])
+    graph = autoplan.trace(build_model(case["kind"]), (inputs,))
+    pm = autoplan.parallelize(model, plan=plan)
+    pm.train_step(inputs, targets)  # warm-up: DDP rebuilds its buckets after the first step
+    with counted_collectives() as issued:
+        pm.train_step(inputs, targets)
+    coords = pm._ready().coords
+    units = sum(isinstance(m, FSDPModule) for root in pm.modules_on_rank for m in root.modules())
+    charged = plan_collectives(graph, plan)[coords["pp"]]
+    return {"rank": dist.get_rank(), "coords": dict(coords), "units": units,
+            "issued": [(c.kind, c.nbytes) for c in issued],
+            "charged": [(c.kind, c.nbytes, c.count, c.axis) for c in charged]}
+
+
+def main(spec: str, out: str) -> None:
+    cases = json.loads(open(spec).read())
+    dist.init_process_group("gloo")
+    results = {}
+    for case in cases:
+        try:
+            mine = run_case(case)
+        except Exception:
+            print(f"rank {dist.get_rank()}: {case['name']} failed\n{traceback.format_exc()}", file=sys.stderr,
+                  flush=True)
+            os._exit(1)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        results[case["name"]] = gathered
+    if dist.get_rank() == 0:
+        torch.save(results, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
