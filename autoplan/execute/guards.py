@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from datetime import timedelta
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -37,6 +38,7 @@ __all__ = ["fail_together", "check_not_parallelized", "mark_parallelized", "agre
 _FAILED_KEY = "autoplan/failed"
 _ERROR_KEY = "autoplan/error"
 _MARK = "_autoplan_parallelized"
+_ERROR_WAIT_S = 30  # how long a rank waits for the first failing rank's message before raising its own error
 
 
 def _store():
@@ -76,7 +78,7 @@ def fail_together(what: str) -> Iterator[None]:
             store.set(_ERROR_KEY, f"{rank}\n{type(exc).__name__}\n{exc}")
         else:
             try:
-                store.wait([_ERROR_KEY])
+                store.wait([_ERROR_KEY], timedelta(seconds=_ERROR_WAIT_S))  # posted right after the count
                 failed_rank, name, message = store.get(_ERROR_KEY).decode().split("\n", 2)
             except Exception:
                 failed_rank = None
