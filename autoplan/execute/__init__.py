@@ -3,7 +3,10 @@
 One module per parallelism kind — :mod:`.mesh` (DeviceMesh), :mod:`.tensor_parallel` (DTensor styles),
 :mod:`.split` and :mod:`.pipeline` (stages and schedules), :mod:`.recompute` (activation checkpointing),
 :mod:`.data_parallel` (DDP / FSDP2) — driven by :mod:`.apply`; :mod:`.parallelize` is the entry point and
-:mod:`.parallel_model` the object it returns. :mod:`.manual` writes plans by hand.
+:mod:`.parallel_model` the object it returns. :mod:`.manual` writes plans by hand. Around them: :mod:`.materialize`
+(models built on meta: allocate and initialize each rank's part), :mod:`.state_dict` (full and safetensors
+weights in and out), :mod:`.checkpoint` (distributed checkpoints with DCP) and :mod:`.guards` (errors instead of
+hangs and silent mistakes).
 
 Example (one process, one stage: the executor's path at world size 1):
     >>> import torch
