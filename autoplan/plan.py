@@ -431,7 +431,11 @@ class Plan:
         pipeline rank, and memory per device by kind against capacity. Needs matplotlib
         (``pip install 'autoplan[viz]'``); see :mod:`autoplan.viz`.
 
-        Example: ``autoplan.plan(model, inputs, cluster=cluster).draw("plan.png")``
+        Example:
+            >>> import os, sys, tempfile; sys.path.insert(0, "tests")
+            >>> from test_viz import small_plan
+            >>> small_plan("gpipe").draw(os.path.join(tempfile.mkdtemp(), "plan.svg")).suffix
+            '.svg'
         """
         from .viz import draw
 

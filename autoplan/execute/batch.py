@@ -65,9 +65,6 @@ class Inputs:
             return cls((), dict(inputs))
         return cls(tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,), {})
 
-    def values(self) -> list:
-        return [*self.args, *self.kwargs.values()]
-
     @property
     def batch_size(self) -> int:
         """Dim 0 of the input tensors; ``ValueError`` when there is none or they differ.
@@ -89,14 +86,30 @@ class Inputs:
         return next(iter(sizes.values()))
 
     def map(self, fn: Callable[[Any], Any]) -> "Inputs":
+        """``fn`` applied to every input (positional and keyword), e.g. a move to a device.
+
+        Example:
+            >>> Inputs.of({"x": 1}).map(lambda v: v + 1).kwargs
+            {'x': 2}
+        """
         return Inputs(tuple(fn(v) for v in self.args), {k: fn(v) for k, v in self.kwargs.items()})
 
     def chunk(self, parts: int, index: int) -> "Inputs":
-        """The ``index``-th of ``parts`` contiguous equal slices of every input tensor."""
+        """The ``index``-th of ``parts`` contiguous equal slices of every input tensor (other values unchanged).
+
+        Example:
+            >>> Inputs.of((torch.arange(6), "x")).chunk(3, 2).args
+            (tensor([4, 5]), 'x')
+        """
         return self.map(lambda v: _chunk(v, parts, index))
 
     def split(self, count: int) -> list["Inputs"]:
-        """``count`` equal microbatches, in order."""
+        """``count`` equal microbatches, in order.
+
+        Example:
+            >>> [mb.kwargs["ids"].tolist() for mb in Inputs.of({"ids": torch.arange(4)}).split(2)]
+            [[0, 1], [2, 3]]
+        """
         return [self.chunk(count, i) for i in range(count)]
 
 
