@@ -34,7 +34,7 @@ class TensorParallelGroup:
     ``"vocab_head"``). A colwise/rowwise pair (Megatron-LM SC'21 §3) needs one all-reduce of its output
     (``output_bytes``) in forward and one of its input gradient in backward; a vocabulary-parallel embedding one
     all-reduce of its output in forward; a vocabulary-parallel head one all-gather of its logits
-    (``output_bytes``) in forward and one all-reduce of its input gradient in backward.
+    (``output_bytes``) in forward and one all-reduce of its input gradient (``input_bytes``) in backward.
     A degree ``t`` is legal only when ``divisor % t == 0`` (heads, features or vocabulary).
     """
 
@@ -44,6 +44,7 @@ class TensorParallelGroup:
     forward_flops: int  # FLOPs of the sharded modules (divided by t)
     activation_bytes: int  # saved-for-backward bytes that become sharded (divided by t)
     output_bytes: int  # bytes of the group's output tensor (all-reduced, or all-gathered for a head), example batch
+    input_bytes: int  # bytes entering its first module (a head's input gradient is all-reduced), example batch
 
 
 @dataclass(frozen=True)

@@ -32,12 +32,12 @@ def _block(i: int, h: int, s: int, a: int, b: int, dtype_bytes: int) -> Layer:
     attn = TensorParallelGroup(
         styles={f"{name}.attn.qkv": "colwise", f"{name}.attn.proj": "rowwise"},
         divisor=a, num_params=4 * h * h, forward_flops=8 * b * s * h * h + 4 * b * s * s * h,
-        activation_bytes=attn_scores + 3 * out, output_bytes=out,
+        activation_bytes=attn_scores + 3 * out, output_bytes=out, input_bytes=out,
     )
     mlp = TensorParallelGroup(
         styles={f"{name}.mlp.fc": "colwise", f"{name}.mlp.proj": "rowwise"},
         divisor=4 * h, num_params=8 * h * h, forward_flops=16 * b * s * h * h,
-        activation_bytes=8 * out, output_bytes=out,
+        activation_bytes=8 * out, output_bytes=out, input_bytes=out,
     )
     return Layer(
         name=name, index=0, kind="block", forward_flops=flops, backward_flops=2 * flops,
@@ -60,7 +60,8 @@ def gpt_like_graph(layers: int = 4, hidden: int = 1024, seq: int = 1024, heads: 
     chain: list[Layer] = [
         Layer("tok", 0, "embedding", forward_flops=0, backward_flops=0, num_params=vocab * h,
               param_bytes=vocab * h * dtype_bytes, activation_bytes=b * s * 8, output_bytes=out,
-              tp_groups=(TensorParallelGroup({"tok": "vocab_embedding"}, vocab, vocab * h, 0, 0, out),)),
+              tp_groups=(TensorParallelGroup({"tok": "vocab_embedding"}, vocab, vocab * h, 0, 0, out,
+                                                 b * s * 8),)),
         Layer("pos", 0, "position", forward_flops=b * s * h, backward_flops=b * s * h, num_params=s * h,
               param_bytes=s * h * dtype_bytes, activation_bytes=0, output_bytes=out),
     ]
@@ -73,7 +74,7 @@ def gpt_like_graph(layers: int = 4, hidden: int = 1024, seq: int = 1024, heads: 
               param_bytes=0, activation_bytes=out + logits, output_bytes=logits,
               # the head is tied to tok: it owns no parameter, but its group names the shared weight (as traced)
               tp_groups=(TensorParallelGroup({"head": "vocab_head"}, vocab, vocab * h, 2 * b * s * h * vocab, logits,
-                                             logits),)),
+                                             logits, out),)),
     ]
     chain = [Layer(**{**layer.__dict__, "index": i}) for i, layer in enumerate(chain)]
     graph = nx.DiGraph()
@@ -104,7 +105,8 @@ def mlp_graph(widths: tuple[int, ...] = (256, 1024, 1024, 256), batch: int = 32,
             num_params=params, param_bytes=params * dtype_bytes, activation_bytes=batch * fan_in * dtype_bytes,
             output_bytes=batch * fan_out * dtype_bytes,
             tp_groups=(TensorParallelGroup({f"layers.{i}": "colwise" if i % 2 == 0 else "rowwise"},
-                                           min(fan_in, fan_out), params, flops, 0, batch * fan_out * dtype_bytes),),
+                                           min(fan_in, fan_out), params, flops, 0, batch * fan_out * dtype_bytes,
+                                           batch * fan_in * dtype_bytes),),
             recompute_options=(RecomputeOption(f"layers.{i}", 0, flops),),
         ))
     graph = nx.DiGraph()

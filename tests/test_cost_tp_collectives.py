@@ -70,6 +70,8 @@ def test_autoplans_tp_path_issues_what_layer_cost_charges(mesh):
     graph = autoplan.trace(model, (tokens,))
     styles = {fqn: style for layer in graph.layers for g in layer.tp_groups for fqn, style in g.styles.items()}
     assert sorted(set(styles.values())) == ["colwise", "rowwise", "vocab_embedding", "vocab_head"]
+    (head,) = graph.layer("head").tp_groups
+    assert head.input_bytes == tokens.numel() * cfg.hidden * 4  # recorded by the tracer: the final hidden states
     apply_tensor_parallel(model, styles, mesh)
 
     recorder = _Collectives(group_size=2)

@@ -267,6 +267,7 @@ def _tp_groups_by_layer(groups: list[DetectedGroup], model, m: Measurement, op_g
                 forward_flops=sum(module_fwd.get(fqn, 0) for fqn in group.styles),
                 activation_bytes=sharded,
                 output_bytes=op_graph.nx.nodes[group.output_node]["bytes"],
+                input_bytes=m.calls[first].input_bytes,
             )
         )
     return out
