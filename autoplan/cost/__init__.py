@@ -6,6 +6,8 @@ Every formula cites its source. Units are in the names (``_s``, ``_bytes``, ``_f
 - :mod:`~autoplan.cost.memory`: model states (ZeRO), autocast weight copies, loss buffers.
 - :mod:`~autoplan.cost.layer`: one layer's compute, tensor-parallel communication and activation bytes.
 - :mod:`~autoplan.cost.step`: pipeline schedule terms, data-parallel sync, the optimizer update.
+- :mod:`~autoplan.cost.strategy`: a layout's discrete choices and the per-rank terms they fix (tail, model
+  states, weight copy, loss buffers, sends, microbatches in flight).
 - :mod:`~autoplan.cost.plan_cost`: a whole plan's step time and per-stage memory (``compose``), the cost the
   solver minimises.
 

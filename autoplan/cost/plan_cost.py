@@ -67,53 +67,15 @@ from .. import cost
 from ..vocabulary import PRECISION_BYTES
 from ..cluster import Cluster
 from ..graph import Layer, ModelGraph, RecomputeOption
-from ..plan import Mesh, Plan, Predicted, RankFigures, StageTime, mixed_precision_mode
+from ..plan import Plan, Predicted, RankFigures, StageTime
+# A strategy and its per-rank terms live in .strategy; they are re-exported here, where compose uses them.
+from .strategy import (Strategy, fsdp_gather_bytes, in_flight, loss_bytes, p2p_link, rank_state_bytes,
+                       rank_state_bytes_per_param, rank_tail_s, rank_tail_terms, stage_p2p_s,
+                       weight_copy_bytes_per_param)
 
 __all__ = ["Strategy", "RankCost", "PlanCost", "estimate", "estimate_breakdown", "compose", "layer_choice_cost",
            "rank_tail_s", "rank_tail_terms", "rank_state_bytes", "rank_state_bytes_per_param",
-           "weight_copy_bytes_per_param", "loss_bytes"]
-
-
-@dataclass(frozen=True)
-class Strategy:
-    """The discrete choices of a layout, without its stage cuts: what one solver configuration fixes."""
-
-    pp: int
-    dp: int
-    tp: int
-    microbatch_size: int
-    microbatches: int
-    schedule: str
-    data_parallel: str
-    virtual_stages: int = 1
-    precision: str = "bf16"
-    optimizer: str = "adamw"
-
-    @property
-    def num_stages(self) -> int:
-        return self.pp * self.virtual_stages
-
-    @property
-    def mixed_precision(self) -> str:
-        """How the executor runs this layout's precision (:func:`autoplan.plan.mixed_precision_mode`)."""
-        return mixed_precision_mode(self.precision, self.data_parallel, Mesh(self.pp, self.dp, self.tp))
-
-    @property
-    def bubble_stage_times(self) -> int:
-        """Pipeline bubble in units of the slowest stage's per-microbatch time: (pp − 1) for every schedule
-        (:func:`autoplan.cost.bubble_microbatches` counts it in rank-times of v stages each)."""
-        return round(cost.bubble_microbatches(self.schedule, self.pp, self.virtual_stages) * self.virtual_stages)
-
-    def describe(self) -> str:
-        """``pp2×dp4×tp1 1f1b mb=2×8 ddp`` (with ``v=2`` for interleaved)."""
-        v = f" v={self.virtual_stages}" if self.virtual_stages > 1 else ""
-        return (f"pp{self.pp}×dp{self.dp}×tp{self.tp} {self.schedule}{v} mb={self.microbatch_size}×"
-                f"{self.microbatches} {self.data_parallel}")
-
-    @classmethod
-    def of(cls, plan: Plan) -> "Strategy":
-        return cls(plan.mesh.pp, plan.mesh.dp, plan.mesh.tp, plan.microbatch_size, plan.microbatches,
-                   plan.schedule, plan.data_parallel, plan.virtual_stages, plan.precision, plan.optimizer)
+           "weight_copy_bytes_per_param", "loss_bytes", "fsdp_gather_bytes", "p2p_link", "stage_p2p_s", "in_flight"]
 
 
 @dataclass(frozen=True)
@@ -236,134 +198,6 @@ def layer_choice_cost(graph: ModelGraph, layer: Layer, cluster: Cluster, strateg
         tp=strategy.tp if tp_on else 1, microbatch_size=strategy.microbatch_size, precision=strategy.precision,
         recompute=recompute, tp_stride=1,
     )
-
-
-def rank_tail_s(strategy: Strategy, cluster: Cluster, num_params: float) -> tuple[float, float]:
-    """(data-parallel sync, optimizer step) seconds of a pipeline rank holding ``num_params`` after TP.
-
-    FSDP runs the optimizer on its 1/dp shard only (ZeRO-3, Rajbhandari et al. 2020 §5.3).
-
-    Example (10⁹ parameters, DDP over one 8-GPU A100 node):
-        >>> from autoplan import Cluster
-        >>> [round(x, 4) for x in rank_tail_s(Strategy(1, 8, 1, 1, 1, "1f1b", "ddp"), Cluster.preset("a100-80gb"),
-        ...                                   10**9)]          # 2·7/8·4 GB / 300 GB/s; 28 GB / 2.039 TB/s
-        [0.0234, 0.0137]
-    """
-    sync = cost.data_parallel_sync_s(int(num_params), cluster, dp=strategy.dp, stride=strategy.tp,
-                                     data_parallel=strategy.data_parallel, precision=strategy.precision,
-                                     microbatches=strategy.microbatches, pp=strategy.pp)
-    shard = num_params / strategy.dp if strategy.data_parallel == "fsdp" else num_params
-    opt = cost.optimizer_step_s(int(-(-shard // 1)), cluster, strategy.precision, strategy.optimizer)
-    return sync, opt
-
-
-def rank_tail_terms(strategy: Strategy, cluster: Cluster) -> tuple[float, float]:
-    """(alpha_s, beta_s_per_param): :func:`rank_tail_s` as an affine function α + β·P of a rank's parameters.
-
-    α is the data-parallel collectives' latency (:func:`autoplan.cost.data_parallel_sync_terms`); β adds their
-    seconds per parameter and the optimizer's bytes per parameter over the memory bandwidth
-    (:func:`autoplan.cost.optimizer_step_bytes_per_param`), divided by dp under FSDP, which updates its shard only.
-    The solver's tail constraint is this line; :func:`rank_tail_s` differs from it only by FSDP's rounding of
-    the shard up to a whole parameter.
-
-    Example:
-        >>> from autoplan import Cluster
-        >>> s, c = Strategy(1, 8, 1, 1, 1, "1f1b", "ddp"), Cluster.preset("a100-80gb")
-        >>> alpha_s, beta_s = rank_tail_terms(s, c)      # 14 ring steps of 5 µs; per 10⁹ parameters:
-        >>> round(alpha_s * 1e6), round(beta_s * 1e9 * 1e3, 2)   # 23.33 ms all-reduce + 28 GB / 2.039 TB/s
-        (70, 37.07)
-        >>> abs(sum(rank_tail_s(s, c, 10**9)) - (alpha_s + beta_s * 10**9)) < 1e-15
-        True
-    """
-    latency_s, sync_per_param_s = cost.data_parallel_sync_terms(
-        cluster, dp=strategy.dp, stride=strategy.tp, data_parallel=strategy.data_parallel,
-        precision=strategy.precision, microbatches=strategy.microbatches, pp=strategy.pp)
-    shard = strategy.dp if strategy.data_parallel == "fsdp" else 1
-    optimizer_per_param_s = (cost.optimizer_step_bytes_per_param(strategy.precision, strategy.optimizer)
-                             / cluster.device.memory_bandwidth_Bps / shard)
-    return latency_s, sync_per_param_s + optimizer_per_param_s
-
-
-def rank_state_bytes_per_param(strategy: Strategy) -> float:
-    """Model-state bytes per parameter of a rank on one device: :func:`rank_state_bytes` without FSDP's rounding
-    of the shard up to a whole parameter (ZeRO §3.1 bytes per parameter; FSDP divides them by dp).
-
-    Example:
-        >>> rank_state_bytes_per_param(Strategy(1, 4, 1, 1, 1, "1f1b", "fsdp")), rank_state_bytes(
-        ...     Strategy(1, 4, 1, 1, 1, "1f1b", "fsdp"), 1000) / 1000
-        (4.0, 4.0)
-    """
-    per_param = cost.state_bytes_per_param(strategy.precision, strategy.optimizer).total
-    return (per_param / strategy.dp if strategy.data_parallel == "fsdp" else float(per_param)) + _held(strategy)
-
-
-def _held(strategy: Strategy) -> int:
-    """FSDP's weights and gradient accumulators kept unsharded through a step of several microbatches or a
-    pipeline (:func:`autoplan.cost.fsdp_held_bytes_per_param`), per parameter."""
-    return cost.fsdp_held_bytes_per_param(strategy.precision, strategy.data_parallel, strategy.dp,
-                                          strategy.microbatches, strategy.pp)
-
-
-def rank_state_bytes(strategy: Strategy, num_params: int) -> int:
-    """Weights, gradients and optimizer states of a rank's ``num_params`` on one of its devices."""
-    return (cost.model_state_bytes(int(num_params), strategy.precision, strategy.optimizer, strategy.dp,
-                                   strategy.data_parallel) + _held(strategy) * int(num_params))
-
-
-def weight_copy_bytes_per_param(strategy: Strategy) -> int:
-    """Bytes per matmul parameter of the low-precision weight copy under ``strategy``: the element size when its
-    mixed precision keeps one (autocast, ``replicate``), else 0 (fp32, sharded FSDP).
-
-    Example:
-        >>> [weight_copy_bytes_per_param(Strategy(1, 4, 1, 1, 1, "1f1b", kind)) for kind in ("ddp", "fsdp")]
-        [2, 0]
-    """
-    return PRECISION_BYTES[strategy.precision] if cost.holds_weight_copy(strategy.mixed_precision) else 0
-
-
-def loss_bytes(strategy: Strategy, final: cost.LayerCost) -> int:
-    """The loss buffers of one microbatch on the last rank: cross-entropy over the final layer's output
-    (``final.boundary_bytes`` is one microbatch at the plan's precision; the loss runs in fp32)."""
-    return cost.cross_entropy_bytes(final.boundary_bytes / PRECISION_BYTES[strategy.precision])
-
-
-def fsdp_gather_bytes(strategy: Strategy, num_params: int) -> int:
-    """FSDP's per-layer transient: the layer's all-gathered weights plus its unsharded gradients before the
-    reduce-scatter (FSDP2 frees both once the layer is done; Zhao et al. 2023, PyTorch FSDP §3.2)."""
-    if strategy.data_parallel != "fsdp" or strategy.dp == 1:
-        return 0
-    sb = cost.state_bytes_per_param(strategy.precision, strategy.optimizer)
-    if _held(strategy):  # weights and accumulators are held (rank_state_bytes): the layer's fresh gradient only
-        return int(num_params) * sb.params
-    return int(num_params) * (sb.params + sb.grads)
-
-
-def p2p_link(strategy: Strategy, cluster: Cluster) -> tuple[float, float]:
-    """(bandwidth_Bps, latency_s) between neighbouring pipeline ranks, ``dp·tp`` ranks apart: the pipeline's
-    slowest hop, inter-node as soon as the pp ranks of one (dp, tp) coordinate span more than a node."""
-    return cost.group_link(cluster, strategy.pp, strategy.dp * strategy.tp)
-
-
-def stage_p2p_s(strategy: Strategy, cluster: Cluster, boundary_bytes: int) -> float:
-    """Send the stage's output forward and receive its gradient back, for one microbatch."""
-    bandwidth, latency = p2p_link(strategy, cluster)
-    return 2 * cost.p2p_s(boundary_bytes, bandwidth_Bps=bandwidth, latency_s=latency)
-
-
-def in_flight(strategy: Strategy, rank: int) -> float:
-    """Microbatches (whole-rank equivalents) whose activations pipeline rank ``rank`` holds at its peak.
-
-    :func:`autoplan.cost.in_flight_microbatches` counts chunk activations, a chunk being 1/v of the rank's
-    layers, so v chunks make one whole-rank microbatch (rank 0 of interleaved 1F1B: pp + (pp − 1)/v,
-    Korthikanti et al. 2022 §4.2.3).
-
-    Example:
-        >>> in_flight(Strategy(4, 1, 1, 1, 8, "interleaved", "ddp", virtual_stages=2), 0)   # 11 chunks
-        5.5
-    """
-    chunks = cost.in_flight_microbatches(strategy.schedule, rank, strategy.pp, strategy.microbatches,
-                                         strategy.virtual_stages)
-    return chunks / strategy.virtual_stages
 
 
 def compose(strategy: Strategy, cluster: Cluster, stages: Sequence[Sequence[cost.LayerCost]],
