@@ -118,7 +118,7 @@ def test_llama_2_7b_default_config_on_meta_traces_exactly_and_plans_on_32_a100s(
     assert r["plan"].startswith("pp1×")  # transformers models are not split into pipeline stages
 
 
-QUICK_FAMILIES = ("gpt2", "llama", "bart")
+QUICK_FAMILIES = ("llama",)  # GPT-2 and BART trace in other quick tests
 
 
 @pytest.mark.parametrize("family", [

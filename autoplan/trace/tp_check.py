@@ -295,34 +295,28 @@ def check_tp_groups(model: nn.Module, groups: list[DetectedGroup], args: tuple, 
     if not pairs:
         return list(groups), []
     parents = {id(g): _parent_of(list(g.styles)) for g in pairs}
-    batch = next((t.shape[0] for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)), None)
-    representative: dict[tuple, str] = {}
+    keys = {id(g): _structure_key(model, parents[id(g)], g.styles) for g in pairs}
+    representative: dict[tuple, DetectedGroup] = {}
     for g in pairs:
-        representative.setdefault(_structure_key(model, parents[id(g)], g.styles), parents[id(g)])
+        representative.setdefault(keys[id(g)], g)  # the first of each structure, as record_parents picks it
+    batch = next((t.shape[0] for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)), None)
     if recorded is None:
-        recorded = _record_inputs(model, set(representative.values()), args, kwargs)
+        recorded = _record_inputs(model, {parents[id(g)] for g in representative.values()}, args, kwargs)
     verdicts: dict[tuple, str | None] = {}
+    for key, rep in representative.items():
+        parent = parents[id(rep)]
+        if parent not in recorded:
+            verdicts[key] = f"{parent or 'the model'} is never called by forward as a module"
+        else:
+            verdicts[key] = _check_one(model, rep, parent, recorded[parent], batch)
     kept, dropped = [], []
     for g in groups:
-        if id(g) not in parents:
-            kept.append(g)
-            continue
-        parent = parents[id(g)]
-        key = _structure_key(model, parent, g.styles)
-        if key not in verdicts:
-            rep_parent = representative[key]
-            if rep_parent not in recorded:
-                verdicts[key] = f"{rep_parent or 'the model'} is never called by forward as a module"
-            else:
-                rep = next(x for x in pairs if parents[id(x)] == rep_parent and
-                           _structure_key(model, rep_parent, x.styles) == key)
-                verdicts[key] = _check_one(model, rep, rep_parent, recorded[rep_parent], batch)
-        if verdicts[key] is None:
+        verdict = verdicts[keys[id(g)]] if id(g) in keys else None
+        if verdict is None:
             kept.append(g)
         else:
-            dropped.append(DroppedGroup(dict(g.styles), verdicts[key]))
+            dropped.append(DroppedGroup(dict(g.styles), verdict))
     return kept, dropped
-
 
 
 def tensor_parallel_notes(graph, tp: int, sharded: dict[str, str]) -> tuple[str, ...]:
