@@ -160,8 +160,22 @@ def fail_together(case: dict) -> dict:
     return {"error": error, "seconds": time.monotonic() - start}
 
 
+def fail_in_apply(case: dict) -> dict:
+    """One rank's init_weights raises while the plan is applied (the others finish their part first); every rank
+    must raise its error from parallelize."""
+    def init_weights(module):
+        if int(os.environ["RANK"]) == case["failing_rank"] and isinstance(module, torch.nn.LayerNorm):
+            raise ValueError("this rank cannot initialize LayerNorm")
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+    start = time.monotonic()
+    error = _error_of(lambda: _parallelize(_meta_gpt(), case["plan"], init_weights=init_weights))
+    return {"error": error, "seconds": time.monotonic() - start}
+
+
 ACTIONS = {"meta_init": meta_init, "resume": resume, "load_full": load_full, "guards": guards,
-           "fail_together": fail_together}
+           "fail_together": fail_together, "fail_in_apply": fail_in_apply}
 
 
 def main(spec: str, out_dir: str) -> None:

@@ -131,10 +131,18 @@ def test_meta_init_resume_loading_and_guards(tmp_path):
 @pytest.mark.slow
 def test_resume_across_every_axis(tmp_path):
     """dp2×pp2 → dp2×tp2 → pp4-interleaved (two stages per rank) → dp4, each a fresh meta model loading the
-    checkpoint of the one before; and meta init under dp2×tp2."""
+    checkpoint of the one before; meta init under dp2×tp2; last, one rank failing while the plan is applied."""
     cases = _meta_cases(["dp2xtp2"])
     cases += [{"name": n, "action": "resume", "a": a, "b": b, "dir": str(tmp_path)} for n, a, b in RESUME_PAIRS[1:]]
-    results = run_lifecycle_world(cases, tmp_path, timeout_s=420)[0]
+    cases.append({"name": "fail-in-apply", "action": "fail_in_apply", "failing_rank": 2, "plan": LAYOUTS["dp2xtp2"]})
+    ranks = run_lifecycle_world(cases, tmp_path, timeout_s=420)
+    for rank, got in enumerate(ranks):
+        error = got["fail-in-apply"]["error"]
+        assert error is not None and error.startswith("ValueError") and "cannot initialize LayerNorm" in error
+        if rank != 2:
+            assert "rank 2 failed during autoplan.parallelize" in error, error
+        assert got["fail-in-apply"]["seconds"] < 30, got["fail-in-apply"]
+    results = ranks[0]
     _check_meta(results, ["dp2xtp2"])
     reference = six_step_reference()
     for name, _, _ in RESUME_PAIRS[1:]:

@@ -55,38 +55,55 @@ def _reraise_as(name: str, message: str, cause: BaseException) -> None:
     raise kind(message) from cause
 
 
+# The first failure seen by this process: (rank, what it was doing, error type, message). Once a rank has failed the
+# process groups are gone, so later calls raise it again at once instead of torch's "not initialized".
+_first_failure: tuple[str, str, str, str] | None = None
+
+
+def _raise_failure(failure: tuple[str, str, str, str], cause: BaseException | None) -> None:
+    rank, during, name, message = failure
+    _reraise_as(name, f"rank {rank} failed during {during}, so every rank stops: {message}", cause)
+
+
 @contextlib.contextmanager
-def fail_together(what: str) -> Iterator[None]:
+def fail_together(what: str, sync: bool = True) -> Iterator[None]:
     """Run ``what`` (e.g. "train_step") so that an error on one rank ends it on every rank, each raising the first
-    failing rank's error. A world of one runs the body as is.
+    failing rank's error. ``sync``: end with a barrier, so that ranks that finished their part before the failing
+    rank raised learn of it here rather than in their next collective. A world of one runs the body as is.
 
     Example:
         >>> with fail_together("a step"):
         ...     pass
     """
+    global _first_failure
+    if _first_failure is not None:
+        _raise_failure(_first_failure, None)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         yield
         return
     store, rank = _store(), dist.get_rank()
     try:
         yield
+        if sync:
+            dist.barrier()
     except Exception as exc:
         if store is None:
             raise
-        first = store.add(_FAILED_KEY, 1) == 1
-        if first:
-            store.set(_ERROR_KEY, f"{rank}\n{type(exc).__name__}\n{exc}")
+        failure = None
+        if store.add(_FAILED_KEY, 1) == 1:
+            store.set(_ERROR_KEY, "\n".join([str(rank), what, type(exc).__name__, str(exc)]))
         else:
             try:
                 store.wait([_ERROR_KEY], timedelta(seconds=_ERROR_WAIT_S))  # posted right after the count
-                failed_rank, name, message = store.get(_ERROR_KEY).decode().split("\n", 2)
-            except Exception:
-                failed_rank = None
+                failure = tuple(store.get(_ERROR_KEY).decode().split("\n", 3))
+            except Exception:  # the first failing rank died before posting: raise this rank's own error
+                pass
+        _first_failure = failure or (str(rank), what, type(exc).__name__, str(exc))
         # Peers blocked in a collective with this rank fail now instead of at the timeout.
         dist.destroy_process_group()
-        if first or failed_rank is None:
+        if failure is None:
             raise
-        _reraise_as(name, f"rank {failed_rank} failed during {what}, so every rank stops: {message}", exc)
+        _raise_failure(failure, exc)
 
 
 def check_not_parallelized(model: nn.Module) -> None:

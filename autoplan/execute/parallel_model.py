@@ -167,7 +167,7 @@ class ParallelModel:
         Example: ``loss = pm.train_step(tokens, next_tokens); opt.step(); opt.zero_grad()``
         """
         a, args, targets = self._prepare(inputs, targets)
-        with fail_together("train_step"):
+        with fail_together("train_step", sync=False):  # its loss collectives end it
             loss = self._run(a, args, targets, backward=True)
             sync_tied_gradients(a.tied_groups, dict(self.named_parameters()))
             mean = self._global_mean(a, loss)
@@ -182,7 +182,7 @@ class ParallelModel:
         Example: ``val_loss = pm.evaluate(tokens, next_tokens)``
         """
         a, args, targets = self._prepare(inputs, targets)
-        with fail_together("evaluate"):
+        with fail_together("evaluate", sync=False):  # its loss collectives end it
             return self._global_mean(a, self._run(a, args, targets, backward=False))
 
     def _prepare(self, inputs: Any, targets: torch.Tensor) -> tuple[AppliedPlan, tuple, Any]:
