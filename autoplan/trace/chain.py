@@ -25,6 +25,7 @@ import hashlib
 import torch
 from torch import nn
 
+from ..names import in_module
 from .measure import ModuleCall
 
 __all__ = ["choose_layer_names", "LayerLocator", "first_owner_params", "layer_output_bytes"]
@@ -38,9 +39,7 @@ def first_owner_params(model: nn.Module) -> dict[str, int]:
 
 
 def _params_under(params: dict[str, int], prefix: str) -> int:
-    if prefix == "":
-        return sum(params.values())
-    return sum(n for name, n in params.items() if name.startswith(prefix + "."))
+    return sum(n for name, n in params.items() if in_module(name, prefix))
 
 
 def choose_layer_names(model: nn.Module, call_order: dict[str, int]) -> list[str]:
@@ -50,7 +49,7 @@ def choose_layer_names(model: nn.Module, call_order: dict[str, int]) -> list[str
     total = sum(params.values())
 
     def called(name: str) -> bool:
-        return any(c == name or c.startswith(name + ".") for c in call_order) if name else True
+        return not name or any(in_module(c, name) for c in call_order)
 
     def entries(name: str) -> list[str]:
         out = []
