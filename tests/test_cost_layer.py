@@ -35,8 +35,8 @@ def cost(layer=BLOCK, *, tp=1, microbatch_size=2, precision="fp32", recompute=No
 
 def test_compute_s_uses_achievable_fraction_of_peak():
     a100 = Cluster.preset("a100-80gb")
-    assert compute_s(156e12, a100, "bf16") == pytest.approx(1.0)
-    assert compute_s(9.75e12, a100, "fp32") == pytest.approx(1.0)
+    assert compute_s(218.4e12, a100, "bf16") == pytest.approx(1.0)
+    assert compute_s(13.65e12, a100, "fp32") == pytest.approx(1.0)
     with pytest.raises(ValueError, match="precision"):
         compute_s(1.0, a100, "int8")
 

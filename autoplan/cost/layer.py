@@ -3,7 +3,7 @@
 Example:
     >>> from autoplan.cost.layer import compute_s
     >>> from autoplan import Cluster
-    >>> compute_s(156e12, Cluster.preset("a100-80gb"), "bf16")      # 312 TFLOP/s bf16 peak × 0.5
+    >>> round(compute_s(218.4e12, Cluster.preset("a100-80gb"), "bf16"), 6)   # 312 TFLOP/s bf16 peak × 0.7
     1.0
 """
 
@@ -60,8 +60,8 @@ def compute_s(flops: float, cluster: Cluster, precision: str) -> float:
     """FLOPs at the device's achievable rate for ``precision``: flops / (peak_flops[precision] × fraction).
 
     Example:
-        >>> c = Cluster.preset("a100-80gb")            # 312 TFLOP/s bf16 peak × 0.5
-        >>> compute_s(156e12, c, "bf16")
+        >>> c = Cluster.preset("a100-80gb")            # 312 TFLOP/s bf16 peak × 0.7
+        >>> round(compute_s(218.4e12, c, "bf16"), 6)
         1.0
     """
     _check_precision(precision)
