@@ -112,7 +112,7 @@ class Device:
 # peak on an A100 SXM and 80.1% on an H100 SXM (S. Bekman, "Machine Learning Engineering", Maximum Achievable
 # Matmul FLOPS table, CUDA 12.1); a transformer's shapes fall below the best one (tile and wave quantisation), so
 # 0.70 for the A100 and, in the same proportion, 0.65 for the H100. One figure per device, not per model: with it
-# the Megatron-LM SC'21 Table 1 runs are predicted at 0.95–1.0× of their published iteration times
+# the Megatron-LM SC'21 Table 1 runs are predicted at 0.94–1.02× of their published iteration times
 # (benchmarks/published_runs.py; 0.80 would give 0.87–0.89×). Whole-step MFU is lower (52% for GPT-3 175B in
 # SC'21 Table 1; 38–43% for Llama 3 on H100, Dubey et al. 2024, Table 4) because it also pays communication,
 # bubbles and the memory-bound ops. benchmarks/gpu_memory_check.py measures a large matmul's fraction on the
