@@ -97,3 +97,13 @@ def test_pinned_tp_shards_every_sound_group_and_says_why_when_nothing_can_be_sha
     plan = autoplan.plan(mlp, torch.randn(4, 8), cluster=cluster, mesh={"tp": 2}, precision="fp32")
     assert plan.tensor_parallel == {}
     assert plan.search.notes[0].startswith("tp=2 shards no module, so the 2 tp ranks repeat each other's work")
+
+
+def test_a_replicated_weight_between_the_linears_drops_the_group_by_its_gradient():
+    model, inputs = models_hf.FAMILIES["qwen3"]()
+    graph = autoplan.trace(model, inputs)
+    # per-head q/k norms: the forward is exact, but their replicated weights would get partial gradients
+    pairs = [g for layer in graph.layers for g in layer.tp_groups if "rowwise" in g.styles.values()]
+    assert len(pairs) == 2 and all("mlp" in next(iter(g.styles)) for g in pairs)
+    reasons = [reason for styles, reason in graph.tp_dropped if any(f.endswith("q_proj") for f in styles)]
+    assert len(reasons) == 2 and "q_norm.weight is used between the sharded linears" in reasons[0]

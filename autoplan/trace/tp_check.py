@@ -16,7 +16,10 @@ candidate is checked once per structure (repeated blocks share one check) on sma
    runs with these slices and the rowwise partial outputs are summed (the all-reduce);
    an attention module that counts its heads in attributes (``num_heads``, ``embed_dim``…) sees them divided by
    ``t`` meanwhile, as the executor sets them (torchtitan's ``n_heads // tp``);
-4. the group is kept when the sum equals the reference (relative error under :data:`TOLERANCE`); otherwise it is
+4. parameters left whole on every rank but used between the linears (a norm on the sharded heads) must get the
+   full gradient on each rank, since nothing sums them over the tp ranks: each rank's gradient is compared with
+   the unsharded one;
+5. the group is kept when the sum equals the reference (relative error under :data:`TOLERANCE`); otherwise it is
    dropped and the reason (the error raised, or the size of the difference) is recorded. A parent of more than
    :data:`NUMERIC_CHECK_MAX_PARAMS` parameters runs on the meta device instead, which checks shapes only.
 
@@ -187,17 +190,16 @@ def _random_state(module: nn.Module, generator: torch.Generator, device: str = "
     if device == "meta":  # shapes only
         return {n: torch.empty(tuple(t.shape), dtype=torch.float32 if t.is_floating_point() else t.dtype,
                                device="meta")
-                for n, t in [*module.named_parameters(remove_duplicate=False),
-                             *module.named_buffers(remove_duplicate=False)]}
+                for n, t in [*module.named_parameters(), *module.named_buffers()]}
     state = {}
-    for name, p in module.named_parameters(remove_duplicate=False):
+    for name, p in module.named_parameters():  # each tensor once: tied weights stay tied
         if p.dim() >= 2:  # weights scaled like a default init, so activations stay O(1)
             state[name] = _random(tuple(p.shape), generator) * p.shape[-1] ** -0.5
         elif name.endswith("weight"):  # a norm's scale
             state[name] = 1 + 0.1 * _random(tuple(p.shape), generator)
         else:
             state[name] = 0.1 * _random(tuple(p.shape), generator)
-    for name, b in module.named_buffers(remove_duplicate=False):
+    for name, b in module.named_buffers():
         if b.device.type != "meta":
             state[name] = b.float() if b.is_floating_point() else b
         elif b.is_floating_point():
@@ -225,13 +227,14 @@ def _shard_state(state: dict, parent: str, styles: dict[str, str], rank: int, t:
     return out
 
 
-def _rowwise_output(parent_module: nn.Module, row_module: nn.Module, state: dict, args, kwargs) -> torch.Tensor:
+def _rowwise_output(parent_module: nn.Module, row_module: nn.Module, state: dict, args, kwargs,
+                    grad: bool = False) -> torch.Tensor:
     seen: list[torch.Tensor] = []
     handle = row_module.register_forward_hook(lambda m, i, o: seen.append(o) if not seen else None)
     modes = {m: m.training for m in parent_module.modules()}
     parent_module.eval()  # dropout would make the two runs differ by chance, not by the shard
     try:
-        with torch.no_grad():
+        with torch.enable_grad() if grad else torch.no_grad():
             torch.func.functional_call(parent_module, state, args, kwargs, strict=False)
     finally:
         handle.remove()
@@ -240,6 +243,50 @@ def _rowwise_output(parent_module: nn.Module, row_module: nn.Module, state: dict
     if not seen:
         raise RuntimeError("the rowwise linear did not run in its parent's forward")
     return seen[0]
+
+
+def _replica_gradient_error(parent_module: nn.Module, row_module: nn.Module, state: dict, parent: str,
+                            styles: dict[str, str], t: int, args, kwargs, probe: torch.Tensor) -> str | None:
+    """Parameters the shard leaves whole on every rank (a norm between the colwise and rowwise linears) must get
+    the full gradient on each rank, since nothing sums them over the tp ranks: compare each rank's gradient (the
+    all-reduce hands every rank the full output gradient, ``probe``) with the unsharded one."""
+    prefix = parent + "." if parent else ""
+    sharded = {fqn[len(prefix):] for fqn in styles}
+    replicated = [n for n, _ in parent_module.named_parameters() if n.rpartition(".")[0] not in sharded
+                  and state[n].is_floating_point()]
+    if not replicated:
+        return None
+
+    def detach_inputs(module, inputs):
+        return tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in inputs)
+
+    def gradients(st: dict) -> list[torch.Tensor]:
+        leaves = {n: st[n].detach().clone().requires_grad_(True) for n in replicated}
+        # what runs before the colwise linears gets its full gradient from ColwiseParallel's input all-reduce:
+        # cut it off, so that only parameters between the linears are compared
+        hooks = [parent_module.get_submodule(fqn[len(prefix):]).register_forward_pre_hook(detach_inputs)
+                 for fqn, style in styles.items() if style == "colwise"]
+        try:
+            out = _rowwise_output(parent_module, row_module, {**st, **leaves}, args, kwargs, grad=True)
+        finally:
+            for h in hooks:
+                h.remove()
+        if not out.requires_grad:
+            return [torch.zeros_like(leaves[n]) for n in replicated]
+        found = torch.autograd.grad((out * probe).sum(), [leaves[n] for n in replicated], allow_unused=True)
+        return [torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(replicated, found)]
+
+    reference = gradients(state)
+    for rank in range(t):
+        got = gradients(_shard_state(state, parent, styles, rank, t))
+        for name, ref, g in zip(replicated, reference, got):
+            scale = ref.abs().max().item() or 1.0
+            error = (g - ref).abs().max().item() / scale
+            if not error <= TOLERANCE:
+                return (f"{prefix}{name} is used between the sharded linears but stays whole on every rank: its "
+                        f"gradient on a {t}-way shard differs from the unsharded one (relative {error:.1e}) and "
+                        f"nothing sums it over the tp ranks")
+    return None
 
 
 def _check_one(model: nn.Module, group: DetectedGroup, parent: str, recorded: tuple, batch: int) -> str | None:
@@ -260,7 +307,11 @@ def _check_one(model: nn.Module, group: DetectedGroup, parent: str, recorded: tu
         reference = _rowwise_output(parent_module, row_module, state, args, kwargs)
     except Exception:  # noqa: BLE001 - one sample may not suit the module: retry with the whole example batch
         args, kwargs = pytree.tree_map(lambda s: _materialize(s, generator, None, device), recorded)
-        reference = _rowwise_output(parent_module, row_module, state, args, kwargs)
+        try:
+            reference = _rowwise_output(parent_module, row_module, state, args, kwargs)
+        except Exception as exc:  # noqa: BLE001 - what cannot be checked is not offered
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            return f"{parent or 'the model'} could not be run alone to check the shard ({first[:160]})"
     undo = divide_head_attributes(local_head_owners(model, [f for f, s in styles.items() if s == "colwise"]), t)
     try:
         total = None
@@ -284,7 +335,13 @@ def _check_one(model: nn.Module, group: DetectedGroup, parent: str, recorded: tu
         return (f"a {t}-way shard computes other numbers (relative difference {error:.1e}): {parent or 'the model'}'s "
                 f"code reads the sharded features by their global layout (a fused projection cut by position, "
                 f"or a projection the group misses)")
-    return None
+    undo = divide_head_attributes(local_head_owners(model, [f for f, s in styles.items() if s == "colwise"]), t)
+    try:
+        return _replica_gradient_error(parent_module, row_module, state, parent, styles, t, args, kwargs,
+                                       _random(tuple(reference.shape), generator))
+    finally:
+        for owner, name, value in undo:
+            setattr(owner, name, value)
 
 
 def check_tp_groups(model: nn.Module, groups: list[DetectedGroup], args: tuple, kwargs: dict,

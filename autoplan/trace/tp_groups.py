@@ -198,7 +198,7 @@ def _find_rowwise(g, col_nodes: list[str], parent: str, op_graph: OpGraph, modul
             if s in op_graph.linear_of:
                 found.add(s)
                 continue
-            if _is_feature_reduction(attrs, modules):
-                return None
+            if _is_feature_reduction(attrs, modules) and len(attrs["shape"] or ()) < 4:
+                return None  # a norm over the features; over one head's features (Qwen3's q/k norms) it may stay
             pending.append(s)
     return found.pop() if len(found) == 1 else None
