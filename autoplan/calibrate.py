@@ -10,6 +10,8 @@ then ``autoplan.plan(model, inputs, cluster=autoplan.Cluster.from_dict(json.load
 What is measured (every rank at once, the slowest rank's time kept):
 - matmul FLOP/s per precision: a square ``n×n @ n×n`` matmul costs 2n³ FLOPs; the rate is written as the device's
   ``peak_flops`` (the planner still applies ``achievable_flops_fraction`` for whole-model efficiency).
+- memory bandwidth (``memory_bandwidth_Bps``): a large copy, read + write (STREAM copy); what elementwise ops and
+  the optimizer step run at.
 - per-layer overhead (``layer_overhead_s``): forward + backward of a GPT block so small (hidden 8, 4 tokens,
   batch 1) that its FLOPs take nanoseconds, so what is timed is the fixed part — kernel launches, Python and
   autograd dispatch. Backward runs about twice the forward's kernels, so the cost model charges forward 1×,
@@ -40,7 +42,8 @@ from .cluster import Cluster
 from .execute.world import World
 from .vocabulary import PRECISIONS, torch_dtype
 
-__all__ = ["main", "matmul_flops", "layer_overhead_time_s", "allreduce_time_s", "ring_bandwidth_Bps"]
+__all__ = ["main", "matmul_flops", "memory_bandwidth_Bps", "layer_overhead_time_s", "allreduce_time_s",
+           "ring_bandwidth_Bps"]
 
 
 
@@ -91,6 +94,27 @@ def layer_overhead_time_s(device: torch.device | None = None, iters: int = 20, r
         _sync(device)
         times.append((time.perf_counter() - start) / iters)
     return statistics.median(times) / 3
+
+
+def memory_bandwidth_Bps(device: torch.device | None = None, num_bytes: int = 2**27, iters: int = 5) -> float:
+    """Bytes per second a copy of ``num_bytes`` moves through ``device`` memory: it reads and writes each byte,
+    2·num_bytes per copy (the STREAM "copy" kernel's accounting, McCalpin 1995). The cost model prices
+    elementwise ops at this rate (``autoplan.cost.memory_bound_s``).
+
+    Example:
+        >>> memory_bandwidth_Bps(num_bytes=2**20, iters=2) > 1e8
+        True
+    """
+    device = device or torch.device("cpu")
+    src = torch.ones(max(1, num_bytes // 4), device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up: first-touch page faults
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        dst.copy_(src)
+    _sync(device)
+    return 2 * src.numel() * 4 * iters / (time.perf_counter() - start)
 
 
 def allreduce_time_s(num_bytes: int, group: dist.ProcessGroup | None, device: torch.device, iters: int = 5) -> float:
@@ -150,9 +174,12 @@ def calibrate(size_bytes: int, matmul_n: int) -> Cluster:
         rate = matmul_flops(precision, n=matmul_n, device=device)
         flops[precision] = _slowest(1 / rate, device) ** -1 if world.distributed else rate
     overhead_s = layer_overhead_time_s(device)
+    bandwidth_Bps = memory_bandwidth_Bps(device)
     if world.distributed:
         overhead_s = _slowest(overhead_s, device)
-    changes = {"device": replace(cluster.device, peak_flops=flops, layer_overhead_s=overhead_s)}
+        bandwidth_Bps = _slowest(1 / bandwidth_Bps, device) ** -1
+    changes = {"device": replace(cluster.device, peak_flops=flops, layer_overhead_s=overhead_s,
+                                 memory_bandwidth_Bps=bandwidth_Bps)}
     if world.distributed:
         local, nodes = cluster.devices_per_node, cluster.nodes
         intra = _link(size_bytes, [list(range(n * local, (n + 1) * local)) for n in range(nodes)], world.rank, device)
@@ -185,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         d = cluster.device
         print(f"autoplan calibrate: {cluster.nodes}×{cluster.devices_per_node} {d.name}; matmul "
               + ", ".join(f"{p} {d.peak_flops[p] / 1e9:.1f} GFLOP/s" for p in PRECISIONS)
+              + f"; memory {d.memory_bandwidth_Bps / 1e9:.1f} GB/s"
               + f"; layer overhead {d.layer_overhead_s * 1e6:.0f} µs"
               + f"; intra-node {cluster.intra_node_bandwidth_Bps / 1e9:.2f} GB/s, "
               f"{cluster.intra_node_latency_s * 1e6:.0f} µs; wrote {args.out}")
