@@ -24,11 +24,16 @@ from comm_counter import counted_collectives  # noqa: E402
 from distributed_helpers import batches, build_model  # noqa: E402
 
 
+_GRAPHS: dict[str, autoplan.ModelGraph] = {}
+
+
 def run_case(case: dict) -> dict:
     model = build_model(case["kind"])
     inputs, targets = batches(case["kind"])[0]
     plan = manual_plan(model, **case["plan"])
-    graph = autoplan.trace(build_model(case["kind"]), (inputs,))
+    if case["kind"] not in _GRAPHS:  # every case of a kind traces the same model and batch: once per rank
+        _GRAPHS[case["kind"]] = autoplan.trace(build_model(case["kind"]), (inputs,))
+    graph = _GRAPHS[case["kind"]]
     pm = autoplan.parallelize(model, plan=plan)
     pm.train_step(inputs, targets)  # warm-up: DDP rebuilds its buckets after the first step
     with counted_collectives() as issued:
