@@ -30,9 +30,11 @@ def test_scaling_a_batch_of_one_matches_tracing_the_batch():
     from_one, from_four = costs(traced(1), 4), costs(traced(4), 4)
     # The position ids (seq_len int64s) do not grow with the batch; scaling a batch of one counts them 4×.
     batch_free_bytes = 3 * CFG.seq_len * 8
+    # The memory-bound time of the non-matmul ops reads the saved bytes, so it sees those bytes too.
+    from autoplan.cost import BACKWARD_PASSES, FORWARD_PASSES, memory_bound_s
     for a, b in zip(from_one, from_four):
-        assert a.forward_s == pytest.approx(b.forward_s, rel=1e-6)
-        assert a.backward_s == pytest.approx(b.backward_s, rel=1e-6)
+        assert abs(a.forward_s - b.forward_s) <= memory_bound_s(FORWARD_PASSES * batch_free_bytes, CLUSTER) * 1.001
+        assert abs(a.backward_s - b.backward_s) <= memory_bound_s(BACKWARD_PASSES * batch_free_bytes, CLUSTER) * 1.001
         assert abs(a.activation_bytes - b.activation_bytes) <= batch_free_bytes
         assert abs(a.boundary_bytes - b.boundary_bytes) <= batch_free_bytes
 

@@ -291,16 +291,24 @@ def _replica_gradient_error(parent_module: nn.Module, row_module: nn.Module, sta
 
 def _check_one(model: nn.Module, group: DetectedGroup, parent: str, recorded: tuple, batch: int) -> str | None:
     """None when the group shards soundly at degree t, else the reason it does not."""
-    styles = group.styles
     if group.divisor < 2:
         return "no degree above 1 divides its heads/features"
-    t = _smallest_prime(group.divisor)
     parent_module = model.get_submodule(parent) if parent else model
+    numeric = sum(p.numel() for p in parent_module.parameters()) <= NUMERIC_CHECK_MAX_PARAMS
+    device = "cpu" if numeric else "meta"
+    # The model may be traced under an ambient `with torch.device("meta")`: tensors its forward creates without a
+    # device must land where the check's weights are.
+    with torch.device(device):
+        return _check_on(model, group, parent, parent_module, recorded, batch, numeric, device)
+
+
+def _check_on(model: nn.Module, group: DetectedGroup, parent: str, parent_module: nn.Module, recorded: tuple,
+              batch: int, numeric: bool, device: str) -> str | None:
+    styles = group.styles
+    t = _smallest_prime(group.divisor)
     row_fqn = next(f for f, s in styles.items() if s == "rowwise")
     row_module = model.get_submodule(row_fqn)
     generator = torch.Generator().manual_seed(0)
-    numeric = sum(p.numel() for p in parent_module.parameters()) <= NUMERIC_CHECK_MAX_PARAMS
-    device = "cpu" if numeric else "meta"
     state = _random_state(parent_module, generator, device)
     args, kwargs = pytree.tree_map(lambda s: _materialize(s, generator, batch, device), recorded)
     try:
