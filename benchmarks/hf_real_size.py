@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -86,7 +85,7 @@ def measure_one(name: str) -> dict:
     m = plan.mesh
     return {
         "model": name, "trace_s": round(trace_s, 2), "trace_cpu_s": round(trace_cpu_s, 2),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024,
         "num_params": graph.num_params, "numel": numel, "forward_flops": graph.forward_flops,
         "formula_flops": formula, "flops_error": graph.forward_flops / formula - 1,
         "layers": len(graph.layers), "tp_groups": sum(len(layer.tp_groups) for layer in graph.layers),

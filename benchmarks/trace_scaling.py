@@ -1,6 +1,6 @@
 """Trace time and peak memory of autoplan.trace for GPT sizes from 125M to 175B on the meta device.
 
-Each size runs in its own subprocess so that its peak RSS (``ru_maxrss``) is its own.
+Each size runs in its own subprocess so that its peak RSS (``VmHWM``; ``ru_maxrss`` can carry the parent's peak over fork + exec) is its own.
 
     python benchmarks/trace_scaling.py [--out benchmarks/results/trace_scaling.json] [--presets gpt2-125m ...]
 """
@@ -16,7 +16,7 @@ import sys
 PRESETS = ["gpt2-125m", "gpt-350m", "gpt-1.3b", "gpt-6.7b", "gpt3-175b"]
 
 _CHILD = """
-import json, resource, sys, time
+import json, sys, time
 import autoplan
 from autoplan.models import gpt
 model, (tokens,) = gpt(sys.argv[1], batch_size=1, device="meta")
@@ -26,7 +26,7 @@ wall_s = time.perf_counter() - started
 print(json.dumps({"preset": sys.argv[1], "num_params": graph.num_params, "layers": len(graph.layers),
                   "op_nodes": graph.nx_graph.number_of_nodes(), "method": graph.method,
                   "forward_flops": graph.forward_flops, "trace_s": wall_s,
-                  "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                  "peak_rss_bytes": int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024}))
 """
 
 
