@@ -104,15 +104,36 @@ def all_layouts(kind: str) -> list[dict]:
     return cases
 
 
-def run_world(cases: list[dict], tmp_path: Path, nproc: int = 4, timeout_s: int = 240, worker: Path = WORKER) -> dict:
-    """Run every case in one torchrun world of ``nproc`` CPU ranks (``worker``: the script each rank runs);
-    returns {name: result} from rank 0."""
-    spec = tmp_path / "cases.json"
-    out = tmp_path / "results.pt"
-    spec.write_text(json.dumps(cases))
+def serve_cases(spec: str, out: str, run_case, name_of=lambda case: case["name"]) -> None:
+    """A worker's main loop: run every case of the JSON ``spec`` on this rank; rank 0 saves {name: result} to
+    ``out``. A failing case stops the whole world at once (a lone failed rank would leave the others waiting in
+    a collective)."""
+    import traceback
+
+    import torch.distributed as dist
+
+    cases = json.loads(open(spec).read())
+    results = {}
+    for case in cases:
+        try:
+            results[name_of(case)] = run_case(case)
+        except Exception:
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            print(f"rank {rank}: {name_of(case)} failed\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            os._exit(1)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        torch.save(results, out)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def torchrun(worker: Path, args: list, nproc: int = 4, timeout_s: int = 240) -> None:
+    """Run ``worker args…`` on ``nproc`` CPU ranks under torchrun; raise with the world's output if it fails or
+    runs past ``timeout_s``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
-           str(worker), str(spec), str(out)]
+           str(worker)] + [str(a) for a in args]
     # A new session so that a hung world is killed whole (torchrun and its ranks) on timeout.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             start_new_session=True)
@@ -124,6 +145,15 @@ def run_world(cases: list[dict], tmp_path: Path, nproc: int = 4, timeout_s: int 
         raise AssertionError(f"torchrun world timed out after {timeout_s} s:\n{stderr[-8000:]}") from None
     if proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{stdout[-4000:]}\n{stderr[-8000:]}")
+
+
+def run_world(cases: list[dict], tmp_path: Path, nproc: int = 4, timeout_s: int = 240, worker: Path = WORKER) -> dict:
+    """Run every case in one torchrun world of ``nproc`` CPU ranks (``worker``: the script each rank runs);
+    returns {name: result} from rank 0."""
+    spec = tmp_path / "cases.json"
+    out = tmp_path / "results.pt"
+    spec.write_text(json.dumps(cases))
+    torchrun(worker, [spec, out], nproc, timeout_s)
     return torch.load(out, weights_only=False)
 
 

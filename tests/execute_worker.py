@@ -5,19 +5,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import traceback
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 
 import autoplan  # noqa: E402
 from autoplan.execute.manual import manual_plan  # noqa: E402
-from distributed_helpers import LR, batches, build_model  # noqa: E402
+from distributed_helpers import LR, batches, build_model, serve_cases  # noqa: E402
 
 
 def parallelize(case: dict, model: torch.nn.Module, first_inputs: torch.Tensor):
@@ -56,21 +53,7 @@ def run_case(case: dict) -> dict:
 
 
 def main(spec: str, out: str) -> None:
-    cases = json.loads(open(spec).read())
-    results = {}
-    for case in cases:
-        try:
-            results[case["name"]] = run_case(case)
-        except Exception:
-            # One failed rank would leave the others waiting in a collective: stop the whole world now.
-            rank = dist.get_rank() if dist.is_initialized() else 0
-            print(f"rank {rank}: {case['name']} failed\n{traceback.format_exc()}", file=sys.stderr, flush=True)
-            os._exit(1)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        torch.save(results, out)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    serve_cases(spec, out, run_case)
 
 
 if __name__ == "__main__":

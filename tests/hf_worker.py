@@ -9,19 +9,17 @@ second launch. Dropout is switched off in both runs so that they may agree to fl
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import traceback
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 
 import autoplan  # noqa: E402
 import models_hf  # noqa: E402
+from distributed_helpers import serve_cases  # noqa: E402
 
 GLOBAL_BATCH, STEPS, LR = 8, 2, 1e-3
 
@@ -104,23 +102,12 @@ def run_case(case: dict) -> dict:
     return result
 
 
+def case_name(case: dict) -> str:
+    return f"{case['family']}:{'x'.join(f'{k}{v}' for k, v in case['mesh'].items())}"
+
+
 def main(spec: str, out: str) -> None:
-    cases = json.loads(open(spec).read())
-    results = {}
-    for case in cases:
-        name = f"{case['family']}:{'x'.join(f'{k}{v}' for k, v in case['mesh'].items())}"
-        try:
-            results[name] = run_case(case)
-        except Exception:
-            # One failed rank would leave the others waiting in a collective: stop the whole world now.
-            rank = dist.get_rank() if dist.is_initialized() else 0
-            print(f"rank {rank}: {name} failed\n{traceback.format_exc()}", file=sys.stderr, flush=True)
-            os._exit(1)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        torch.save(results, out)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    serve_cases(spec, out, run_case, case_name)
 
 
 if __name__ == "__main__":

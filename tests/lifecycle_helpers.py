@@ -4,15 +4,11 @@ rank's results (the fail-together case shuts the process groups down, so ranks w
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
-from distributed_helpers import GLOBAL_BATCH, GPT_CONFIG, LR, REPO, build_model
+from distributed_helpers import GLOBAL_BATCH, GPT_CONFIG, LR, build_model, torchrun
 
 WORKER = Path(__file__).with_name("lifecycle_worker.py")
 
@@ -50,17 +46,5 @@ def run_lifecycle_world(cases: list[dict], tmp_path: Path, nproc: int = 4, timeo
     """Run the cases in one torchrun world; returns each rank's {name: result}."""
     spec = tmp_path / "cases.json"
     spec.write_text(json.dumps(cases))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
-           str(WORKER), str(spec), str(tmp_path)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        raise AssertionError(f"torchrun world timed out after {timeout_s} s:\n{stderr[-8000:]}") from None
-    if proc.returncode != 0:
-        raise AssertionError(f"torchrun failed ({proc.returncode}):\n{stdout[-4000:]}\n{stderr[-8000:]}")
+    torchrun(WORKER, [spec, tmp_path], nproc, timeout_s)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(nproc)]

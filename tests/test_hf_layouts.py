@@ -7,18 +7,11 @@ reference, and rank 0 compares: losses within rel 1e-5, final weights within 1e-
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-
 import pytest
-import torch
 
 pytest.importorskip("transformers", reason="the family matrix needs transformers")
 
-from distributed_helpers import REPO  # noqa: E402
+from distributed_helpers import REPO, run_world  # noqa: E402
 
 import models_hf  # noqa: E402
 
@@ -27,24 +20,6 @@ pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]
 WORKER = REPO / "tests" / "hf_worker.py"
 #: families with no sound tensor-parallel group: GPT-2's projections are Conv1D; Phi-3 fuses qkv and gate/up
 NOTHING_SOUND = {"gpt2", "phi3"}
-
-
-def run_families(cases: list[dict], tmp_path, timeout_s: int = 900) -> dict:
-    spec, out = tmp_path / "cases.json", tmp_path / "results.pt"
-    spec.write_text(json.dumps(cases))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--standalone", str(WORKER),
-           str(spec), str(out)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        _, stderr = proc.communicate()
-        raise AssertionError(f"torchrun world timed out after {timeout_s} s:\n{stderr[-8000:]}") from None
-    assert proc.returncode == 0, stderr[-8000:]
-    return torch.load(out, weights_only=False)
 
 
 def check(results: dict) -> None:
@@ -65,7 +40,7 @@ def test_every_family_dp2xtp2_and_tp4_match_one_process_and_pinned_pp_is_refused
     families = list(models_hf.FAMILIES) + ["fused_qkv_gpt"]
     cases = [{"family": f, "mesh": {"dp": 2, "tp": 2}} for f in families]
     cases += [{"family": f, "mesh": {"tp": 4}} for f in ("opt", "bert", "llama")]
-    check(run_families(cases, tmp_path))
+    check(run_world(cases, tmp_path, timeout_s=900, worker=WORKER))
     import autoplan
 
     model, inputs = models_hf.FAMILIES["llama"]()
