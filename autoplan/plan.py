@@ -432,8 +432,8 @@ class Plan:
         (``pip install 'autoplan[viz]'``); see :mod:`autoplan.viz`.
 
         Example:
-            >>> import os, sys, tempfile; sys.path.insert(0, "tests")
-            >>> from test_viz import small_plan
+            >>> import os, tempfile
+            >>> from autoplan.synthetic import pipeline_plan as small_plan
             >>> small_plan("gpipe").draw(os.path.join(tempfile.mkdtemp(), "plan.svg")).suffix
             '.svg'
         """

@@ -19,7 +19,7 @@ import networkx as nx
 
 from .graph import Layer, ModelGraph, RecomputeOption, TensorParallelGroup
 
-__all__ = ["gpt_like_graph", "mlp_graph"]
+__all__ = ["gpt_like_graph", "mlp_graph", "pipeline_plan"]
 
 
 def _block(i: int, h: int, s: int, a: int, b: int, dtype_bytes: int) -> Layer:
@@ -116,4 +116,35 @@ def mlp_graph(widths: tuple[int, ...] = (256, 1024, 1024, 256), batch: int = 32,
         num_params=sum(layer.num_params for layer in chain), forward_flops=sum(layer.forward_flops for layer in chain),
         backward_flops=sum(layer.backward_flops for layer in chain), input_bytes=batch * widths[0] * dtype_bytes,
         fingerprint="mlp".ljust(16, "0"),
+    )
+
+
+def pipeline_plan(schedule: str = "1f1b"):
+    """A small hand-made :class:`~autoplan.Plan` with predicted figures, for pictures and timelines: pp2 × dp2 on 4
+    A100s, 4 microbatches; interleaved holds 2 stages per rank. Stage k's forward takes (k + 1) ms, its backward
+    twice that, stage 1 recomputes (0.5 ms) and every stage communicates 0.2 ms.
+
+    Example:
+        >>> plan = pipeline_plan("interleaved")
+        >>> plan.mesh.pp, plan.virtual_stages, len(plan.stages), plan.predicted.stages[1].recompute_s
+        (2, 2, 4, 0.0005)
+    """
+    from .cluster import Cluster
+    from .plan import Mesh, ModelInfo, Plan, Predicted, RankFigures, Stage, StageTime
+
+    gib = 2**30
+    v = 2 if schedule == "interleaved" else 1
+    stages = tuple(Stage((f"blocks.{k}",), ("blocks.1",) if k == 1 else ()) for k in range(2 * v))
+    times = tuple(StageTime((k + 1) * 1e-3, 2 * (k + 1) * 1e-3, 0.5e-3 if k == 1 else 0.0, 0.2e-3)
+                  for k in range(2 * v))
+    ranks = tuple(RankFigures(dp_sync_s=1e-3 * (r + 1), optimizer_s=0.3e-3, parameters_bytes=2 * gib,
+                              gradients_bytes=2 * gib, optimizer_states_bytes=12 * gib,
+                              activations_bytes=(20 - 8 * r) * gib, transients_bytes=gib) for r in range(2))
+    peaks = tuple(ranks[k % 2].peak_bytes for k in range(2 * v))
+    return Plan(
+        model=ModelInfo("Small", "0" * 16, 1000), cluster=Cluster.preset("a100-80gb", devices_per_node=4),
+        global_batch_size=8, microbatch_size=1, microbatches=4, mesh=Mesh(pp=2, dp=2, tp=1), schedule=schedule,
+        data_parallel="ddp", stages=stages, virtual_stages=v, precision="bf16",
+        predicted=Predicted(step_time_s=0.04, peak_memory_bytes=peaks, compute_s=0.03, bubble_s=0.005,
+                            stages=times, ranks=ranks),
     )

@@ -185,8 +185,7 @@ def timeline(plan) -> list[Block]:
     recorded one): re-plan with :func:`autoplan.plan` to get it.
 
     Example:
-        >>> import sys; sys.path.insert(0, "tests")
-        >>> from test_viz import small_plan
+                >>> from autoplan.synthetic import pipeline_plan as small_plan
         >>> blocks = timeline(small_plan("1f1b"))
         >>> sorted({b.kind for b in blocks})
         ['backward', 'dp_sync', 'forward', 'optimizer', 'recompute']

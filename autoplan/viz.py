@@ -12,8 +12,8 @@ One figure, two panels:
 Every length drawn is a figure of ``plan.predicted``; nothing is recomputed here.
 
 Example:
-    >>> import os, sys, tempfile; sys.path.insert(0, "tests")
-    >>> from test_viz import small_plan
+    >>> import os, tempfile
+    >>> from autoplan.synthetic import pipeline_plan as small_plan
     >>> from autoplan.viz import draw
     >>> path = draw(small_plan("1f1b"), os.path.join(tempfile.mkdtemp(), "plan.svg"))
     >>> path.suffix, path.stat().st_size > 1000
@@ -73,8 +73,7 @@ def figure(plan):
     matplotlib is missing.
 
     Example:
-        >>> import sys; sys.path.insert(0, "tests")
-        >>> from test_viz import small_plan
+                >>> from autoplan.synthetic import pipeline_plan as small_plan
         >>> [ax.get_title(loc="left") for ax in figure(small_plan("gpipe")).axes]
         ['Predicted timeline of one step', 'Peak memory per device']
     """
@@ -137,8 +136,8 @@ def draw(plan, path: str | Path, dpi: int = 100) -> Path:
     """Save the plan's picture (:func:`figure`) to ``path``; the suffix picks the format (:data:`FORMATS`).
 
     Example:
-        >>> import os, sys, tempfile; sys.path.insert(0, "tests")
-        >>> from test_viz import small_plan
+        >>> import os, tempfile
+        >>> from autoplan.synthetic import pipeline_plan as small_plan
         >>> draw(small_plan("interleaved"), os.path.join(tempfile.mkdtemp(), "plan.png")).stat().st_size > 1000
         True
     """

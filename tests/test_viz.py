@@ -10,30 +10,11 @@ import pytest
 
 import autoplan
 from autoplan.cli import main
-from autoplan.plan import Mesh, ModelInfo, Plan, Predicted, RankFigures, Stage, StageTime
+from autoplan.plan import Mesh, ModelInfo, Plan, Predicted, Stage, StageTime
+from autoplan.synthetic import pipeline_plan as small_plan
 from autoplan.timeline import format_timeline, schedule_order, simulate, timeline
 
 GIB = 2**30
-
-
-def small_plan(schedule: str = "1f1b") -> Plan:
-    """pp2 × dp2 on 4 A100s, 4 microbatches; interleaved holds 2 stages per rank. Stage k's forward takes
-    (k + 1) ms, its backward twice that, stage 1 recomputes (0.5 ms) and every stage communicates 0.2 ms."""
-    v = 2 if schedule == "interleaved" else 1
-    stages = tuple(Stage((f"blocks.{k}",), ("blocks.1",) if k == 1 else ()) for k in range(2 * v))
-    times = tuple(StageTime((k + 1) * 1e-3, 2 * (k + 1) * 1e-3, 0.5e-3 if k == 1 else 0.0, 0.2e-3)
-                  for k in range(2 * v))
-    ranks = tuple(RankFigures(dp_sync_s=1e-3 * (r + 1), optimizer_s=0.3e-3, parameters_bytes=2 * GIB,
-                              gradients_bytes=2 * GIB, optimizer_states_bytes=12 * GIB,
-                              activations_bytes=(20 - 8 * r) * GIB, transients_bytes=GIB) for r in range(2))
-    peaks = tuple(ranks[k % 2].peak_bytes for k in range(2 * v))
-    return Plan(
-        model=ModelInfo("Small", "0" * 16, 1000), cluster=autoplan.Cluster.preset("a100-80gb", devices_per_node=4),
-        global_batch_size=8, microbatch_size=1, microbatches=4, mesh=Mesh(pp=2, dp=2, tp=1), schedule=schedule,
-        data_parallel="ddp", stages=stages, virtual_stages=v, precision="bf16",
-        predicted=Predicted(step_time_s=0.04, peak_memory_bytes=peaks, compute_s=0.03, bubble_s=0.005,
-                            stages=times, ranks=ranks),
-    )
 
 
 # -- schedule order -----------------------------------------------------------------------------------------------

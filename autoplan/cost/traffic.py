@@ -6,8 +6,7 @@ pipeline sends are each stage's output forward and its input's gradient back, on
 executor's collective counts are compared with these in ``tests/test_collective_counts.py``.
 
 Example:
-    >>> import sys; sys.path.insert(0, "tests")
-    >>> from graphs import gpt_like_graph
+    >>> from autoplan.synthetic import gpt_like_graph
     >>> import autoplan
     >>> from autoplan.options import PlanOptions
     >>> from autoplan.solve import search
