@@ -40,6 +40,7 @@ Example:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -280,13 +281,28 @@ def _replica_gradient_error(parent_module: nn.Module, row_module: nn.Module, sta
     for rank in range(t):
         got = gradients(_shard_state(state, parent, styles, rank, t))
         for name, ref, g in zip(replicated, reference, got):
-            scale = ref.abs().max().item() or 1.0
-            error = (g - ref).abs().max().item() / scale
+            error = _relative_error(g, ref)
             if not error <= TOLERANCE:
                 return (f"{prefix}{name} is used between the sharded linears but stays whole on every rank: its "
                         f"gradient on a {t}-way shard differs from the unsharded one (relative {error:.1e}) and "
                         f"nothing sums it over the tp ranks")
     return None
+
+
+@contextmanager
+def _local_heads(model: nn.Module, styles: dict[str, str], t: int):
+    """The colwise modules' owners count heads/features per shard (as the executor sets them) inside the block."""
+    undo = divide_head_attributes(local_head_owners(model, [f for f, s in styles.items() if s == "colwise"]), t)
+    try:
+        yield
+    finally:
+        for owner, name, value in undo:
+            setattr(owner, name, value)
+
+
+def _relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
+    """Largest absolute difference over the reference's largest magnitude (1 when the reference is all zeros)."""
+    return (got - reference).abs().max().item() / (reference.abs().max().item() or 1.0)
 
 
 def _check_one(model: nn.Module, group: DetectedGroup, parent: str, recorded: tuple, batch: int) -> str | None:
@@ -320,36 +336,28 @@ def _check_on(model: nn.Module, group: DetectedGroup, parent: str, parent_module
         except Exception as exc:  # noqa: BLE001 - what cannot be checked is not offered
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             return f"{parent or 'the model'} could not be run alone to check the shard ({first[:160]})"
-    undo = divide_head_attributes(local_head_owners(model, [f for f, s in styles.items() if s == "colwise"]), t)
     try:
-        total = None
-        for rank in range(t):
-            part = _rowwise_output(parent_module, row_module, _shard_state(state, parent, styles, rank, t), args,
-                                   kwargs)
-            total = part if total is None else total + part
+        with _local_heads(model, styles, t):
+            total = None
+            for rank in range(t):
+                part = _rowwise_output(parent_module, row_module, _shard_state(state, parent, styles, rank, t),
+                                       args, kwargs)
+                total = part if total is None else total + part
     except Exception as exc:  # noqa: BLE001 - any failure of the sharded forward means the group is unsound
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         return f"{parent or 'the model'}'s forward fails on a {t}-way shard ({type(exc).__name__}: {first[:160]})"
-    finally:
-        for owner, name, value in undo:
-            setattr(owner, name, value)
     if total.shape != reference.shape:
         return f"a {t}-way shard gives output shape {tuple(total.shape)} instead of {tuple(reference.shape)}"
     if not numeric:
         return None
-    scale = reference.abs().max().item() or 1.0
-    error = (total - reference).abs().max().item() / scale
+    error = _relative_error(total, reference)
     if not error <= TOLERANCE:
         return (f"a {t}-way shard computes other numbers (relative difference {error:.1e}): {parent or 'the model'}'s "
                 f"code reads the sharded features by their global layout (a fused projection cut by position, "
                 f"or a projection the group misses)")
-    undo = divide_head_attributes(local_head_owners(model, [f for f, s in styles.items() if s == "colwise"]), t)
-    try:
+    with _local_heads(model, styles, t):
         return _replica_gradient_error(parent_module, row_module, state, parent, styles, t, args, kwargs,
                                        _random(tuple(reference.shape), generator))
-    finally:
-        for owner, name, value in undo:
-            setattr(owner, name, value)
 
 
 def check_tp_groups(model: nn.Module, groups: list[DetectedGroup], args: tuple, kwargs: dict,
