@@ -157,22 +157,32 @@ def run_world(cases: list[dict], tmp_path: Path, nproc: int = 4, timeout_s: int 
     return torch.load(out, weights_only=False)
 
 
+def train_one_process(model: torch.nn.Module, steps, lr: float = LR, loss_fn=None) -> tuple[list[float], dict]:
+    """The reference every layout is compared with: AdamW steps of one process over whole global batches.
+    ``steps`` holds ``(inputs, targets)``; a tuple of inputs is passed positionally. Returns (losses, final state)."""
+    from autoplan.execute.batch import default_loss
+
+    loss_fn = loss_fn or default_loss
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for inputs, targets in steps:
+        loss = loss_fn(model(*inputs) if isinstance(inputs, tuple) else model(inputs), targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def reference(kind: str) -> dict:
     """Losses and final state of three AdamW steps on one process over the whole global batch, then the loss
     and outputs of the trained model on the first batch."""
     from autoplan.execute.batch import default_loss
 
     model = build_model(kind)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    losses = []
-    for inputs, targets in batches(kind):
-        loss = default_loss(model(inputs), targets)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses, state = train_one_process(model, batches(kind))
     inputs, targets = batches(kind)[0]
     with torch.no_grad():
         outputs = model(inputs)
-    return {"losses": losses, "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+    return {"losses": losses, "state": state,
             "eval_loss": default_loss(outputs, targets).item(), "outputs": outputs}

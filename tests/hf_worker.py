@@ -19,7 +19,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 
 import autoplan  # noqa: E402
 import models_hf  # noqa: E402
-from distributed_helpers import serve_cases  # noqa: E402
+from distributed_helpers import serve_cases, train_one_process  # noqa: E402
 
 GLOBAL_BATCH, STEPS, LR = 8, 2, 1e-3
 
@@ -64,16 +64,8 @@ def loss_fn(outputs, targets: torch.Tensor) -> torch.Tensor:
 
 
 def reference(family: str) -> dict:
-    model = build(family)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    losses = []
-    for inputs, targets in batches(family):
-        loss = loss_fn(model(*inputs), targets)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return {"losses": losses, "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    losses, state = train_one_process(build(family), batches(family), lr=LR, loss_fn=loss_fn)
+    return {"losses": losses, "state": state}
 
 
 def run_case(case: dict) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from distributed_helpers import GLOBAL_BATCH, GPT_CONFIG, LR, build_model, torchrun
+from distributed_helpers import GLOBAL_BATCH, GPT_CONFIG, build_model, torchrun, train_one_process
 
 WORKER = Path(__file__).with_name("lifecycle_worker.py")
 
@@ -25,17 +25,7 @@ def six_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def train_reference(model: torch.nn.Module, batches) -> tuple[list[float], dict]:
     """AdamW steps of one process over whole global batches: (losses, final state dict)."""
-    from autoplan.execute.batch import default_loss
-
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    losses = []
-    for inputs, targets in batches:
-        loss = default_loss(model(inputs), targets)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return train_one_process(model, batches)
 
 
 def six_step_reference() -> tuple[list[float], dict]:

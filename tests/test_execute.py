@@ -15,6 +15,7 @@ from autoplan.trace.stages import split_into_stages
 from autoplan.trace.fingerprint import model_fingerprint
 from autoplan.execute.world import World
 from autoplan.models import GPT, MLP, GPTConfig
+from distributed_helpers import train_one_process
 
 CFG = GPTConfig(vocab_size=64, seq_len=8, hidden=32, layers=3, heads=4)
 GPT_LAYERS = ["tok", "pos", "blocks.0", "blocks.1", "blocks.2", "ln_f", "head"]
@@ -180,18 +181,6 @@ def test_plan_with_planning_arguments_is_a_value_error():
 
 
 # -- a world of one -----------------------------------------------------------------------------------------
-def _reference_losses(model, steps, lr=1e-2):
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    losses = []
-    for inputs, targets in steps:
-        loss = default_loss(model(inputs), targets)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
 def _parallel_losses(pm, steps, lr=1e-2):
     opt = torch.optim.AdamW(pm.parameters(), lr=lr)
     losses = []
@@ -205,7 +194,7 @@ def _parallel_losses(pm, steps, lr=1e-2):
 def test_world_of_one_with_microbatches_and_recompute_matches_plain_training(tmp_path):
     steps = [tokens(8) for _ in range(3)]
     reference = gpt()
-    expected = _reference_losses(reference, steps)
+    expected, _ = train_one_process(reference, steps, lr=1e-2)
     model = gpt()
     plan = manual_plan(model, [GPT_LAYERS], global_batch_size=8, microbatches=4, recompute=["blocks.0", "blocks.2"])
     plan.save(tmp_path / "plan.json")
@@ -271,7 +260,7 @@ def test_lazy_example_inputs_plan_at_the_first_step():
 
 def test_bf16_plan_trains_under_autocast_close_to_fp32():
     steps = [tokens(8) for _ in range(3)]
-    expected = _reference_losses(gpt(), steps)
+    expected, _ = train_one_process(gpt(), steps, lr=1e-2)
     model = gpt()
     pm = autoplan.parallelize(model, plan=manual_plan(model, [GPT_LAYERS], global_batch_size=8, precision="bf16"))
     losses = _parallel_losses(pm, steps)
