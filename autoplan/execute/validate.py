@@ -19,6 +19,8 @@ from torch import nn
 from ..errors import PlanMismatchError
 from ..names import owner_index
 from ..trace.fingerprint import model_fingerprint
+from ..trace.opgraph import is_conv1d
+from ..trace.tp_groups import linear_features
 from ..plan import Plan
 
 __all__ = ["check_plan_matches", "owning_layer"]
@@ -87,7 +89,8 @@ def check_plan_matches(plan: Plan, model: nn.Module, world_size: int) -> None:
                 f"the plan shards module {fqn!r} ({style}) but this model has no such module; {_REPLAN}"
             )
         kind = _STYLE_MODULES[style]
-        if not isinstance(modules[fqn], kind):
+        conv1d = style in ("colwise", "rowwise") and is_conv1d(modules[fqn])  # GPT-2's transposed linear
+        if not (isinstance(modules[fqn], kind) or conv1d):
             raise PlanMismatchError(
                 f"tensor_parallel[{fqn!r}] = {style!r} needs an nn.{kind.__name__} but the module is "
                 f"{type(modules[fqn]).__name__}; {_REPLAN}"
@@ -95,7 +98,7 @@ def check_plan_matches(plan: Plan, model: nn.Module, world_size: int) -> None:
         module = modules[fqn]
         sharded_dim = {"colwise": "out_features", "vocab_head": "out_features", "rowwise": "in_features",
                        "vocab_embedding": "num_embeddings"}[style]
-        size = getattr(module, sharded_dim)
+        size = getattr(module, sharded_dim) if not conv1d else linear_features(module)[style == "colwise"]
         if size % plan.mesh.tp:
             raise PlanMismatchError(
                 f"tensor_parallel[{fqn!r}] = {style!r} splits {sharded_dim}={size} over tp={plan.mesh.tp} ranks, "

@@ -32,7 +32,7 @@ from torch.utils import _pytree as pytree
 from ..errors import TraceError
 from .measure import fake_inputs, fake_state
 
-__all__ = ["OpGraph", "build_op_graph", "measure_error"]
+__all__ = ["OpGraph", "build_op_graph", "measure_error", "is_conv1d"]
 
 
 @dataclass
@@ -40,7 +40,7 @@ class OpGraph:
     method: str  # "fx" or "export"
     nx: nx.DiGraph  # node name → attrs: op, target, shape, dtype, bytes, module, is_tensor, args (input names)
     order: list[str]  # node names in execution order (inputs first, "output" last)
-    linear_of: dict[str, str]  # node name → FQN of the nn.Linear it applies
+    linear_of: dict[str, str]  # node name → FQN of the nn.Linear it applies (a Conv1D: its output node)
     embedding_of: dict[str, str]  # node name → FQN of the nn.Embedding it applies
 
 
@@ -139,7 +139,7 @@ def _from_export(model, args, kwargs) -> OpGraph:
     }
     modules = dict(model.named_modules())
     graph = nx.DiGraph()
-    order, linear_of, embedding_of = [], {}, {}
+    order, linear_of, embedding_of, conv_output = [], {}, {}, {}
     for n in ep.graph.nodes:
         if n.op == "get_attr" or (n.op == "placeholder" and n.name in weights):
             continue
@@ -152,9 +152,26 @@ def _from_export(model, args, kwargs) -> OpGraph:
             mod, torch.nn.Embedding
         ):
             embedding_of[n.name] = module
+        if is_conv1d(mod):
+            conv_output[module] = n.name  # its last op (the view back to (…, nf)) gives the projection's output
         _add_node(graph, n, n.meta.get("val"), module)
         order.append(n.name)
+    linear_of.update({node: fqn for fqn, node in conv_output.items()})
     return OpGraph("export", graph, order, linear_of, embedding_of)
+
+
+def is_conv1d(module) -> bool:
+    """Whether ``module`` is a GPT-2-style ``Conv1D``: a linear layer whose weight is stored transposed, as
+    ``(in_features, out_features)`` (``nx``, ``nf``), applied as ``addmm(bias, x, weight)``.
+
+    Example:
+        >>> from transformers.pytorch_utils import Conv1D
+        >>> is_conv1d(Conv1D(8, 4)), is_conv1d(torch.nn.Linear(4, 8))
+        (True, False)
+    """
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2
+            and tuple(weight.shape) == (getattr(module, "nx", None), getattr(module, "nf", None)))
 
 
 # ------------------------------------------------------------------------------------------------------ shared

@@ -48,6 +48,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .measure import TensorSpec
+from .opgraph import is_conv1d
 from .tp_groups import DetectedGroup
 
 __all__ = ["DroppedGroup", "check_tp_groups", "record_parents", "tensor_parallel_notes", "TOLERANCE", "local_head_owners", "divide_head_attributes"]
@@ -210,19 +211,22 @@ def _random_state(module: nn.Module, generator: torch.Generator, device: str = "
     return state
 
 
-def _shard_state(state: dict, parent: str, styles: dict[str, str], rank: int, t: int) -> dict:
-    """``state`` with each styled linear cut to rank ``rank``'s share, as ColwiseParallel/RowwiseParallel do."""
+def _shard_state(state: dict, parent: str, styles: dict[str, str], rank: int, t: int,
+                 transposed: frozenset = frozenset()) -> dict:
+    """``state`` with each styled linear cut to rank ``rank``'s share, as ColwiseParallel/RowwiseParallel do;
+    ``transposed``: the FQNs whose weight is stored ``(in, out)`` (GPT-2's ``Conv1D``), cut on the other dim."""
     out = dict(state)
     prefix = parent + "." if parent else ""
     for fqn, style in styles.items():
         rel = fqn[len(prefix):]
         weight, bias = out[f"{rel}.weight"], out.get(f"{rel}.bias")
+        out_dim, in_dim = (1, 0) if fqn in transposed else (0, 1)
         if style == "colwise":
-            out[f"{rel}.weight"] = weight.chunk(t, dim=0)[rank]
+            out[f"{rel}.weight"] = weight.chunk(t, dim=out_dim)[rank]
             if bias is not None:
                 out[f"{rel}.bias"] = bias.chunk(t, dim=0)[rank]
         else:  # rowwise: input features sharded, the bias added once after the all-reduce
-            out[f"{rel}.weight"] = weight.chunk(t, dim=1)[rank]
+            out[f"{rel}.weight"] = weight.chunk(t, dim=in_dim)[rank]
             if bias is not None and rank > 0:
                 out[f"{rel}.bias"] = torch.zeros_like(bias)
     return out
@@ -247,7 +251,8 @@ def _rowwise_output(parent_module: nn.Module, row_module: nn.Module, state: dict
 
 
 def _replica_gradient_error(parent_module: nn.Module, row_module: nn.Module, state: dict, parent: str,
-                            styles: dict[str, str], t: int, args, kwargs, probe: torch.Tensor) -> str | None:
+                            styles: dict[str, str], t: int, args, kwargs, probe: torch.Tensor,
+                            transposed: frozenset = frozenset()) -> str | None:
     """Parameters the shard leaves whole on every rank (a norm between the colwise and rowwise linears) must get
     the full gradient on each rank, since nothing sums them over the tp ranks: compare each rank's gradient (the
     all-reduce hands every rank the full output gradient, ``probe``) with the unsharded one."""
@@ -279,7 +284,7 @@ def _replica_gradient_error(parent_module: nn.Module, row_module: nn.Module, sta
 
     reference = gradients(state)
     for rank in range(t):
-        got = gradients(_shard_state(state, parent, styles, rank, t))
+        got = gradients(_shard_state(state, parent, styles, rank, t, transposed))
         for name, ref, g in zip(replicated, reference, got):
             error = _relative_error(g, ref)
             if not error <= TOLERANCE:
@@ -292,7 +297,13 @@ def _replica_gradient_error(parent_module: nn.Module, row_module: nn.Module, sta
 @contextmanager
 def _local_heads(model: nn.Module, styles: dict[str, str], t: int):
     """The colwise modules' owners count heads/features per shard (as the executor sets them) inside the block."""
-    undo = divide_head_attributes(local_head_owners(model, [f for f, s in styles.items() if s == "colwise"]), t)
+    colwise = [f for f, s in styles.items() if s == "colwise"]
+    undo = divide_head_attributes(local_head_owners(model, colwise), t)
+    for fqn in colwise:  # a Conv1D reshapes its output to its own nf: on the shard, its local columns (the
+        conv = model.get_submodule(fqn)  # executor's DTensor keeps the global nf and the same local values)
+        if is_conv1d(conv):
+            undo.append((conv, "nf", conv.nf))
+            conv.nf //= t
     try:
         yield
     finally:
@@ -321,6 +332,7 @@ def _check_one(model: nn.Module, group: DetectedGroup, parent: str, recorded: tu
 def _check_on(model: nn.Module, group: DetectedGroup, parent: str, parent_module: nn.Module, recorded: tuple,
               batch: int, numeric: bool, device: str) -> str | None:
     styles = group.styles
+    transposed = frozenset(fqn for fqn in styles if is_conv1d(model.get_submodule(fqn)))
     t = _smallest_prime(group.divisor)
     row_fqn = next(f for f, s in styles.items() if s == "rowwise")
     row_module = model.get_submodule(row_fqn)
@@ -340,8 +352,8 @@ def _check_on(model: nn.Module, group: DetectedGroup, parent: str, parent_module
         with _local_heads(model, styles, t):
             total = None
             for rank in range(t):
-                part = _rowwise_output(parent_module, row_module, _shard_state(state, parent, styles, rank, t),
-                                       args, kwargs)
+                part = _rowwise_output(parent_module, row_module,
+                                       _shard_state(state, parent, styles, rank, t, transposed), args, kwargs)
                 total = part if total is None else total + part
     except Exception as exc:  # noqa: BLE001 - any failure of the sharded forward means the group is unsound
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -357,7 +369,7 @@ def _check_on(model: nn.Module, group: DetectedGroup, parent: str, parent_module
                 f"or a projection the group misses)")
     with _local_heads(model, styles, t):
         return _replica_gradient_error(parent_module, row_module, state, parent, styles, t, args, kwargs,
-                                       _random(tuple(reference.shape), generator))
+                                       _random(tuple(reference.shape), generator), transposed)
 
 
 def check_tp_groups(model: nn.Module, groups: list[DetectedGroup], args: tuple, kwargs: dict,

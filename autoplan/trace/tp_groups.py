@@ -11,9 +11,9 @@
 A vocabulary group whose weight or bias is tied to a parameter of a module outside every vocabulary group is left
 out (one tensor cannot be sharded under one name and whole under the other).
 
-Only ``nn.Linear`` counts (HF GPT-2's ``Conv1D`` is left alone: no group is the safe answer). The divisor is the
-number of heads when a colwise output is viewed into heads (the dim that follows the dims the view keeps), else
-the gcd of the output features.
+``nn.Linear`` and GPT-2's ``Conv1D`` (the same map with its weight stored as ``(in, out)``) count as linears; the
+executor shards a ``Conv1D``'s weight on the transposed dims. The divisor is the number of heads when a colwise
+output is viewed into heads (the dim that follows the dims the view keeps), else the gcd of the output features.
 
 Example:
     >>> import torch, autoplan
@@ -30,9 +30,9 @@ from math import gcd
 
 from torch import nn
 
-from .opgraph import OpGraph
+from .opgraph import OpGraph, is_conv1d
 
-__all__ = ["DetectedGroup", "detect_tp_groups"]
+__all__ = ["DetectedGroup", "detect_tp_groups", "linear_features"]
 
 _PASS_THROUGH = {"view", "reshape", "_unsafe_view", "getitem", "float", "to", "contiguous", "clone", "_to_copy",
                  "dropout", "type_as", "flatten", "identity"}
@@ -86,6 +86,32 @@ def _feeds_residual(g, start: str, depth: int = 4) -> bool:
     return False
 
 
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of an ``nn.Linear`` or a GPT-2 ``Conv1D`` (weight ``(in, out)``).
+
+    Example:
+        >>> linear_features(nn.Linear(8, 4))
+        (8, 4)
+    """
+    if is_conv1d(module):
+        return tuple(module.weight.shape)
+    return module.in_features, module.out_features
+
+
+def _input_of(g, node: str, fqn: str) -> str | None:
+    """The tensor a linear reads: ``linear``'s first argument; for a ``Conv1D`` (traced as ``view → addmm →
+    view``), the tensor that enters its module."""
+    current = node
+    while current is not None and g.nodes[current]["module"] == fqn:
+        attrs = g.nodes[current]
+        args = attrs["args"]
+        if _base_target(attrs["target"]) == "linear":
+            return args[0] if args else None
+        index = 1 if _base_target(attrs["target"]) == "addmm" else 0
+        current = args[index] if len(args) > index else None
+    return current
+
+
 def _heads_or_features(g, node: str, out_features: int) -> int:
     """Heads when the linear's output is viewed into (…, heads, …, head_dim), else its output features."""
     shape = g.nodes[node]["shape"] or ()
@@ -119,9 +145,9 @@ def detect_tp_groups(op_graph: OpGraph, model: nn.Module) -> list[DetectedGroup]
 
     by_input: dict[tuple[str, str], list[str]] = {}
     for node, fqn in linear_nodes.items():
-        args = g.nodes[node]["args"]
-        if args:
-            by_input.setdefault((args[0], _parent(fqn)), []).append(node)
+        source = _input_of(g, node, fqn)
+        if source is not None:
+            by_input.setdefault((source, _parent(fqn)), []).append(node)
 
     # colwise linears grouped by the rowwise linear they flow into: projections of one parent reading different
     # tensors (cross-attention: q from the decoder, k and v from the encoder output) join one group
@@ -140,8 +166,8 @@ def detect_tp_groups(op_graph: OpGraph, model: nn.Module) -> list[DetectedGroup]
             continue
         divisor = 0
         for c in col_nodes:
-            divisor = gcd(divisor, _heads_or_features(g, c, modules[linear_nodes[c]].out_features))
-        divisor = gcd(divisor, modules[linear_nodes[row]].in_features)
+            divisor = gcd(divisor, _heads_or_features(g, c, linear_features(modules[linear_nodes[c]])[1]))
+        divisor = gcd(divisor, linear_features(modules[linear_nodes[row]])[0])
         styles = {linear_nodes[c]: "colwise" for c in col_nodes}
         styles[linear_nodes[row]] = "rowwise"
         used.update(col_nodes)
@@ -149,7 +175,7 @@ def detect_tp_groups(op_graph: OpGraph, model: nn.Module) -> list[DetectedGroup]
         groups.append(DetectedGroup(styles, divisor, row, (linear_nodes[col_nodes[0]], linear_nodes[row])))
 
     for node, fqn in linear_nodes.items():
-        out_features = modules[fqn].out_features
+        out_features = linear_features(modules[fqn])[1]
         if node not in used and out_features in vocab_sizes and _reaches_output(g, node):
             groups.append(DetectedGroup({fqn: "vocab_head"}, out_features, node, (fqn, None)))
     vocab = {fqn for grp in groups for fqn, style in grp.styles.items() if style.startswith("vocab")}
