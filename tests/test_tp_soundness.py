@@ -107,3 +107,27 @@ def test_a_replicated_weight_between_the_linears_drops_the_group_by_its_gradient
     assert len(pairs) == 2 and all("mlp" in next(iter(g.styles)) for g in pairs)
     reasons = [reason for styles, reason in graph.tp_dropped if any(f.endswith("q_proj") for f in styles)]
     assert len(reasons) == 2 and "q_norm.weight is used between the sharded linears" in reasons[0]
+
+
+def test_gpt2_conv1d_mlp_is_proposed_and_proven_and_a_wrong_conv1d_layout_is_dropped(monkeypatch):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from autoplan.trace.measure import measure
+    from autoplan.trace.tp_check import record_parents
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=4))
+    kwargs = {"input_ids": torch.randint(0, 64, (2, 8)), "use_cache": False}
+    groups = [g for g in detect_tp_groups(build_op_graph(model, (), kwargs), model) if "rowwise" in g.styles.values()]
+    mlp = {"transformer.h.0.mlp.c_fc": "colwise", "transformer.h.0.mlp.c_proj": "rowwise"}
+    attn = {"transformer.h.0.attn.c_attn": "colwise", "transformer.h.0.attn.c_proj": "rowwise"}
+    assert sorted(g.styles.items() for g in groups) == sorted([attn.items(), mlp.items()])
+    recorded = measure(model, (), kwargs, record_inputs=record_parents(model, groups)).inputs
+    kept, dropped = check_tp_groups(model, groups, (), kwargs, recorded)
+    assert [g.styles for g in kept] == [mlp]
+    # the fused c_attn is cut into q, k and v by .split(split_size) at global offsets: dropped
+    assert [d.styles for d in dropped] == [attn] and "computes other numbers" in dropped[0].reason
+    # the same Conv1D pair sharded as if its weight were a Linear's (out, in) computes something else: dropped
+    monkeypatch.setitem(check_tp_groups.__globals__, "is_conv1d", lambda module: False)
+    kept, dropped = check_tp_groups(model, [g for g in groups if g.styles == mlp], (), kwargs, recorded)
+    assert kept == [] and [d.styles for d in dropped] == [mlp]
