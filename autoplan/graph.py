@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # pragma: no cover
     import networkx
 
-__all__ = ["TensorParallelGroup", "RecomputeOption", "Layer", "ModelGraph"]
+__all__ = ["TensorParallelGroup", "RecomputeOption", "SequenceParallelLayer", "Layer", "ModelGraph"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,32 @@ class RecomputeOption:
 
 
 @dataclass(frozen=True)
+class SequenceParallelLayer:
+    """What Megatron sequence parallelism (Korthikanti et al. 2022 §4.2.2) does to a layer with tensor-parallel
+    pairs: its residual stream is split over the tp ranks along dim 1 (``sequence`` tokens) outside the pairs.
+
+    ``norms`` (names relative to the layer) run on their rank's tokens; ``sharded_bytes`` of the layer's saved
+    activations lie outside the pairs and are divided by t; ``shared_input_bytes`` is what the pairs' first
+    linears save of their input without it (once per pair) and ``gathered_bytes`` what they save with it (each
+    colwise linear keeps its own all-gathered input); ``norm_params`` the element counts of the norms' parameters
+    (their gradients are all-reduced over the tp ranks). ``blocker`` says why the layer cannot run
+    sequence-parallel ("" when it can); a legal degree t divides ``sequence``.
+    """
+
+    norms: tuple[str, ...] = ()
+    sequence: int = 0
+    sharded_bytes: int = 0
+    shared_input_bytes: int = 0
+    gathered_bytes: int = 0
+    norm_params: tuple[int, ...] = ()
+    blocker: str = ""
+
+    @property
+    def possible(self) -> bool:
+        return not self.blocker
+
+
+@dataclass(frozen=True)
 class Layer:
     """One link of the layer chain: a module (or a run of ops) between two possible pipeline cuts.
 
@@ -83,6 +109,7 @@ class Layer:
     param_names: tuple[str, ...] = ()
     tp_groups: tuple[TensorParallelGroup, ...] = ()
     recompute_options: tuple[RecomputeOption, ...] = ()
+    sequence_parallel: SequenceParallelLayer | None = None  # None: no Megatron pair to build on
 
     @property
     def flops(self) -> int:

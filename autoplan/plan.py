@@ -19,7 +19,7 @@ from typing import Any
 
 from .cluster import Cluster
 from .vocabulary import DATA_PARALLEL_KINDS as DATA_PARALLEL
-from .vocabulary import OPTIMIZERS, PRECISIONS, SCHEDULES, TP_STYLES
+from .vocabulary import OPTIMIZERS, PRECISIONS, SCHEDULES, TP_STYLES, tp_style_kind
 
 __all__ = ["Mesh", "mixed_precision_mode",
            "Stage", "StageTime", "RankFigures", "MEMORY_KINDS", "Predicted", "SearchInfo", "Alternative",
@@ -47,7 +47,7 @@ def _check_tp_pairs(styles: dict[str, str]) -> None:
     def under(fqn: str, scope: str) -> bool:
         return scope == "" or fqn.startswith(scope + ".")
 
-    cols = [f for f, s in styles.items() if s == "colwise"]
+    cols = [f for f, s in styles.items() if tp_style_kind(s) == "colwise"]
     rows = [f for f, s in styles.items() if s == "rowwise"]
     lone_cols = [c for c in cols if not any(under(r, scope) for r in rows for scope in _pair_scopes(c))]
     lone_rows = [r for r in rows if not any(under(r, scope) for c in cols for scope in _pair_scopes(c))]
@@ -59,6 +59,32 @@ def _check_tp_pairs(styles: dict[str, str]) -> None:
                 f"module or one level up (e.g. attn.qkv colwise with attn.proj rowwise); add the partner or drop "
                 f"the style"
             )
+
+
+def _check_sequence_parallel(plan: "Plan") -> None:
+    """Sequence parallelism shards the residual stream of the layers that hold ``sequence``-style modules (their
+    norms); each such layer must be a plan layer with Megatron pairs inside, below the root."""
+    norms = [f for f, s in plan.tensor_parallel.items() if s == "sequence"]
+    _check(isinstance(plan.sequence_parallel, bool),
+           f"sequence_parallel must be true or false, got {plan.sequence_parallel!r}")
+    if not plan.sequence_parallel:
+        _check(not norms, f"tensor_parallel gives {norms[:3]} the style 'sequence' but sequence_parallel is off; "
+                          f"set sequence_parallel true or drop those entries")
+        return
+    _check(plan.mesh.tp > 1, "sequence_parallel needs mesh.tp > 1: it shards activations over the tensor-parallel "
+                             "ranks")
+    _check(plan.mesh.pp == 1, f"sequence_parallel needs pp = 1 (got pp = {plan.mesh.pp}): pipeline stages exchange "
+                              f"whole activations; drop sequence_parallel or pipeline parallelism")
+    _check(bool(norms), "sequence_parallel is on but no module has the style 'sequence': list the norms of each "
+                        "sequence-parallel layer (e.g. 'blocks.0.ln1': 'sequence')")
+    for fqn in norms:
+        layer = next((l for l in plan.layers if l and fqn.startswith(l + ".")), None)
+        _check(layer is not None, f"tensor_parallel[{fqn!r}] = 'sequence' must lie strictly inside one of the plan's "
+                                  f"layers (below the root): its layer's input is what sequence parallelism splits")
+        inside = {tp_style_kind(s) for f, s in plan.tensor_parallel.items() if f.startswith(layer + ".")}
+        _check({"colwise", "rowwise"} <= inside and not inside & {"vocab_embedding", "vocab_head"},
+               f"sequence-parallel layer {layer!r} (it holds {fqn!r}) needs colwise and rowwise linears inside and "
+               f"no vocabulary-parallel module; its styles are {sorted(inside)}")
 
 
 @dataclass(frozen=True)
@@ -255,6 +281,8 @@ class Plan:
     precision: str = "fp32"
     optimizer: str = "adamw"
     virtual_stages: int = 1  # stages per pipeline rank (interleaved schedule)
+    # Megatron sequence parallelism in the layers holding "sequence"-style modules (Korthikanti et al. 2022)
+    sequence_parallel: bool = False
     predicted: Predicted | None = None
     search: SearchInfo = field(default_factory=SearchInfo)
 
@@ -310,9 +338,11 @@ class Plan:
                 _check(layer not in seen, f"layer {layer!r} appears in two stages")
                 seen.add(layer)
         for fqn, style in self.tensor_parallel.items():
-            _check(style in TP_STYLES, f"tensor_parallel[{fqn!r}] = {style!r}; styles are {TP_STYLES}")
+            _check(tp_style_kind(style) in TP_STYLES,
+                   f"tensor_parallel[{fqn!r}] = {style!r}; styles are {TP_STYLES} (or colwise:K, K >= 2)")
         _check(m.tp > 1 or not self.tensor_parallel, "tensor_parallel styles given but mesh.tp is 1")
         _check_tp_pairs(self.tensor_parallel)
+        _check_sequence_parallel(self)
 
     # -- derived ----------------------------------------------------------------------------------------------
     @property
@@ -350,6 +380,7 @@ class Plan:
             "optimizer": self.optimizer,
             "stages": [s.to_dict() for s in self.stages],
             "tensor_parallel": dict(self.tensor_parallel),
+            **({"sequence_parallel": True} if self.sequence_parallel else {}),  # absent: off (plans before it)
             "predicted": self.predicted.to_dict() if self.predicted else None,
             "search": self.search.to_dict(),
         }

@@ -53,6 +53,14 @@ def _value(obj: dict, key: str, where: str, kind: type, default: Any = _MISSING,
     return float(value) if kind is float else value
 
 
+def _boolean(obj: dict, key: str, default: bool) -> bool:
+    """``obj[key]`` checked to be a JSON boolean (``true``/``false``; not 1, "yes" or null)."""
+    value = obj.get(key, default)
+    if not isinstance(value, bool):
+        _fail(key, "true or false", value)
+    return value
+
+
 def _strings(obj: dict, key: str, where: str, default: Any = _MISSING) -> tuple[str, ...]:
     path = f"{where}.{key}" if where else key
     values = _value(obj, key, where, list, default)
@@ -139,7 +147,7 @@ def _notes(search: dict) -> tuple[str, ...]:
 
 _TOP_KEYS = ("autoplan_plan", "model", "cluster", "global_batch_size", "microbatch_size", "microbatches", "mesh",
              "schedule", "virtual_stages", "data_parallel", "precision", "optimizer", "stages", "tensor_parallel",
-             "predicted", "search")
+             "sequence_parallel", "predicted", "search")
 
 
 def plan_from_dict(data: Any):
@@ -189,6 +197,7 @@ def plan_from_dict(data: Any):
         precision=_value(data, "precision", "", str, "fp32"),
         optimizer=_value(data, "optimizer", "", str, "adamw"),
         virtual_stages=_value(data, "virtual_stages", "", int, 1),
+        sequence_parallel=_boolean(data, "sequence_parallel", False),
         predicted=_predicted(data) if predicted is not None else None,
         search=_search(data),
     )

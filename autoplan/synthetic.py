@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import networkx as nx
 
-from .graph import Layer, ModelGraph, RecomputeOption, TensorParallelGroup
+from .graph import Layer, ModelGraph, RecomputeOption, SequenceParallelLayer, TensorParallelGroup
 
 __all__ = ["gpt_like_graph", "mlp_graph", "pipeline_plan"]
 
@@ -44,6 +44,10 @@ def _block(i: int, h: int, s: int, a: int, b: int, dtype_bytes: int) -> Layer:
         num_params=12 * h * h + 13 * h, param_bytes=(12 * h * h + 13 * h) * dtype_bytes,
         activation_bytes=activation, output_bytes=out,
         tp_groups=(attn, mlp),
+        # outside the pairs: both norms' inputs (sharded by sequence parallelism) and the pairs' first inputs
+        sequence_parallel=SequenceParallelLayer(norms=("ln1", "ln2"), sequence=s, sharded_bytes=4 * out,
+                                                shared_input_bytes=2 * out, gathered_bytes=2 * out,
+                                                norm_params=(h, h, h, h)),
         recompute_options=(
             RecomputeOption(name, saved_activation_bytes=activation - out, forward_flops=flops),
             RecomputeOption(f"{name}.attn.core", saved_activation_bytes=attn_scores,

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 __all__ = [
     "PRECISIONS", "PRECISION_BYTES", "LOW_PRECISIONS", "OPTIMIZERS", "DATA_PARALLEL_KINDS", "SCHEDULES",
-    "RECOMPUTE_MODES", "TP_STYLES", "MESH_AXES", "torch_dtype",
+    "RECOMPUTE_MODES", "TP_STYLES", "SEQUENCE_PARALLEL_MODES", "MESH_AXES", "torch_dtype", "FUSED_COLWISE",
+    "tp_style_kind", "fused_parts",
 ]
 
 #: Training precisions: fp32, or mixed precision with bf16/fp16 compute over fp32 master weights.
@@ -29,8 +30,40 @@ DATA_PARALLEL_KINDS = ("ddp", "fsdp")
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 #: What the user may ask of recompute; a plan records the modules actually recomputed.
 RECOMPUTE_MODES = ("auto", "none", "full", "selective")
-#: Tensor-parallel styles a plan may assign to a module FQN (see docs/concepts.md).
-TP_STYLES = ("colwise", "rowwise", "vocab_embedding", "vocab_head")
+#: Tensor-parallel styles a plan may assign to a module FQN (see docs/concepts.md); ``sequence`` marks a norm run on
+#: its rank's share of the tokens under sequence parallelism (Korthikanti et al. 2022).
+TP_STYLES = ("colwise", "rowwise", "vocab_embedding", "vocab_head", "sequence")
+#: ``colwise:K``: a colwise projection that fuses K equal parts (``colwise:3`` for q, k, v in one ``qkv`` linear,
+#: ``colwise:2`` for a fused gate/up): rank r of t holds output rows r of t of every part, [q_r; k_r; v_r].
+FUSED_COLWISE = "colwise:"
+
+
+def tp_style_kind(style: str) -> str:
+    """The plain style a plan style is a form of: ``colwise`` for ``colwise:K``, else the style itself (unknown
+    names are returned as they are; the plan's validation names the known ones).
+
+    Example:
+        >>> tp_style_kind("colwise:3"), tp_style_kind("rowwise")
+        ('colwise', 'rowwise')
+    """
+    return "colwise" if fused_parts(style) > 1 else style
+
+
+def fused_parts(style: str) -> int:
+    """How many equal parts a ``colwise:K`` style's projection fuses (K ≥ 2); 1 for every other style.
+
+    Example:
+        >>> fused_parts("colwise:3"), fused_parts("colwise"), fused_parts("colwise:x")
+        (3, 1, 1)
+    """
+    if isinstance(style, str) and style.startswith(FUSED_COLWISE) and style[len(FUSED_COLWISE):].isdigit():
+        parts = int(style[len(FUSED_COLWISE):])
+        return parts if parts >= 2 else 1
+    return 1
+
+
+#: What the user may ask of sequence parallelism: the planner decides, always where tp > 1, never.
+SEQUENCE_PARALLEL_MODES = ("auto", True, False)
 #: Mesh axes, outermost first (the rank layout: pp-major, tp innermost).
 MESH_AXES = ("pp", "dp", "tp")
 

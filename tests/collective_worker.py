@@ -36,6 +36,9 @@ def run_case(case: dict) -> dict:
     graph = _GRAPHS[case["kind"]]
     pm = autoplan.parallelize(model, plan=plan)
     pm.train_step(inputs, targets)  # warm-up: DDP rebuilds its buckets after the first step
+    if plan.sequence_parallel:  # as after opt.zero_grad(): a norm's partial gradient is reduced once per step
+        for p in pm.parameters():
+            p.grad = None
     with counted_collectives() as issued:
         pm.train_step(inputs, targets)
     coords = pm._ready().coords

@@ -7,9 +7,9 @@ input shapes and dtypes. This reads them into :class:`autoplan.cost.Collective` 
 
 - all-gather: ``c10d::_allgather_base_`` (FSDP2; its first input is the gathered result) and DTensor's
   ``_c10d_functional::all_gather_into_tensor`` (input × group size);
-- reduce-scatter: ``c10d::_reduce_scatter_base_`` (its second input is the full input). Gloo has no native
-  reduce-scatter and runs it as an all-reduce of the input, so one ``gloo:all_reduce`` of that size is dropped
-  for each;
+- reduce-scatter: ``c10d::_reduce_scatter_base_`` (its second input is the full input) and DTensor's
+  ``_c10d_functional::reduce_scatter_tensor`` (its first). Gloo has no native reduce-scatter and runs it as an
+  all-reduce of the input, so one ``gloo:all_reduce`` of that size is dropped for each;
 - all-reduce: every other ``gloo:all_reduce`` (DDP's buckets, DTensor's partial sums, the loss mean);
 - send: ``gloo:send`` (pipeline activations and gradients).
 """
@@ -44,6 +44,10 @@ def collectives_of(events) -> list[Collective]:
         name = e.name()
         if name == "c10d::_reduce_scatter_base_":
             nbytes = _bytes(e.shapes()[1], e.dtypes()[1])
+            scattered[nbytes] += 1
+            out.append(Collective("reduce_scatter", nbytes))
+        elif name == "_c10d_functional::reduce_scatter_tensor":
+            nbytes = _bytes(e.shapes()[0], e.dtypes()[0])
             scattered[nbytes] += 1
             out.append(Collective("reduce_scatter", nbytes))
         elif name == "c10d::_allgather_base_":

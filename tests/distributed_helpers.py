@@ -54,7 +54,7 @@ def _stages(kind: str, count: int) -> list[list[str]]:
     return [sum(units[i * per:(i + 1) * per], []) for i in range(count)]
 
 
-def tp_styles(kind: str) -> dict[str, str]:
+def tp_styles(kind: str, sequence_parallel: bool = False) -> dict[str, str]:
     if kind == "mlp":
         return {f"layers.{4 * i + j}": style for i in range(MLP_DEPTH // 2)
                 for j, style in ((0, "colwise"), (2, "rowwise"))}
@@ -62,11 +62,13 @@ def tp_styles(kind: str) -> dict[str, str]:
     for i in range(GPT_CONFIG.layers):
         styles.update({f"blocks.{i}.attn.qkv": "colwise", f"blocks.{i}.attn.proj": "rowwise",
                        f"blocks.{i}.mlp.fc": "colwise", f"blocks.{i}.mlp.proj": "rowwise"})
+        if sequence_parallel:
+            styles.update({f"blocks.{i}.ln1": "sequence", f"blocks.{i}.ln2": "sequence"})
     return styles
 
 
 def layout(kind: str, name: str, *, pp=1, dp=1, tp=1, data_parallel="ddp", schedule="1f1b",
-           recompute=False, precision="fp32", stages=None) -> dict:
+           recompute=False, precision="fp32", stages=None, sequence_parallel=False) -> dict:
     """A case for the worker: manual_plan arguments (JSON-able) under a readable name."""
     virtual = 2 if schedule == "interleaved" else 1
     if stages is None:
@@ -77,8 +79,9 @@ def layout(kind: str, name: str, *, pp=1, dp=1, tp=1, data_parallel="ddp", sched
         "kind": kind,
         "plan": dict(stages=stages, pp=pp, dp=dp, tp=tp, global_batch_size=GLOBAL_BATCH,
                      microbatches=4 if pp > 1 else 2, schedule=schedule, data_parallel=data_parallel,
-                     tensor_parallel=tp_styles(kind) if tp > 1 else {}, recompute=rc if recompute else [],
-                     precision=precision),
+                     tensor_parallel=tp_styles(kind, sequence_parallel) if tp > 1 else {},
+                     recompute=rc if recompute else [], precision=precision,
+                     **({"sequence_parallel": True} if sequence_parallel else {})),
     }
 
 

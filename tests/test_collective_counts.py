@@ -41,6 +41,8 @@ CASES = [
     _case("pp4-1f1b", 4, pp=4),
     _case("pp2xtp2-interleaved", 4, pp=2, tp=2, schedule="interleaved"),
     _case("fsdp2xpp2-gpipe", 4, pp=2, dp=2, data_parallel="fsdp", schedule="gpipe"),
+    _case("tp4-sp", 2, tp=4, sequence_parallel=True),
+    _case("tp2xdp2-sp", 2, tp=2, dp=2, recompute=True, sequence_parallel=True),
 ]
 
 

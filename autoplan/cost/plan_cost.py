@@ -193,11 +193,44 @@ def layer_choice_cost(graph: ModelGraph, layer: Layer, cluster: Cluster, strateg
         ...  for tp_on in (False, True)]
         [49984, 25408]
     """
-    return cost.layer_cost(
+    result = cost.layer_cost(
         layer, traced_batch_size=graph.batch_size, traced_dtype_bytes=graph.dtype_bytes, cluster=cluster,
         tp=strategy.tp if tp_on else 1, microbatch_size=strategy.microbatch_size, precision=strategy.precision,
         recompute=recompute, tp_stride=1,
     )
+    if strategy.sequence_parallel:
+        result = _with_sequence_parallel(graph, layer, cluster, strategy, tp_on, recompute, result)
+    return result
+
+
+def _with_sequence_parallel(graph: ModelGraph, layer: Layer, cluster: Cluster, strategy: Strategy, tp_on: bool,
+                            recompute: RecomputeOption | None, base: cost.LayerCost) -> cost.LayerCost:
+    """``base`` under sequence parallelism (:mod:`autoplan.cost.sequence`): a sharded layer that allows it splits
+    its stream; the layer that pays a run's entry and exit adds their all-gathers and, spread over the step's
+    microbatches, the per-step all-reduce of the norm weights' gradients."""
+    from dataclasses import replace
+
+    from . import sequence
+
+    figures = dict(traced_batch_size=graph.batch_size, traced_dtype_bytes=graph.dtype_bytes, cluster=cluster,
+                   tp=strategy.tp, microbatch_size=strategy.microbatch_size, precision=strategy.precision)
+    result = sequence.sequence_parallel_cost(layer, base, recompute=recompute, **figures) if tp_on else base
+    stream_bytes = sequence.sequence_edge_payers(graph.layers, strategy.tp).get(layer.index)
+    if stream_bytes is None:
+        return result
+    scale = strategy.microbatch_size / graph.batch_size * PRECISION_BYTES[strategy.precision] / graph.dtype_bytes
+    edges = sequence.sequence_edge_collectives(stream_bytes * scale, strategy.tp)
+    norms_s = sequence.collectives_s(sequence.norm_gradient_collectives(graph.layers, strategy.tp), cluster)
+    return replace(result, tp_collectives=result.tp_collectives + edges,
+                   tp_comm_s=result.tp_comm_s + sequence.collectives_s(edges, cluster) + norms_s / strategy.microbatches)
+
+
+def _fsdp_unit(graph: ModelGraph, layer: Layer, strategy: Strategy) -> bool:
+    """Whether the executor wraps ``layer`` in an FSDP unit of its own: FSDP over dp > 1 and the layer holds at
+    least 1/8 of the largest layer's parameters (``autoplan.execute.data_parallel.UNIT_MIN_FRACTION``)."""
+    if strategy.data_parallel != "fsdp" or strategy.dp == 1 or layer.num_params == 0:
+        return False
+    return layer.num_params * 8 >= max(l.num_params for l in graph.layers)
 
 
 def compose(strategy: Strategy, cluster: Cluster, stages: Sequence[Sequence[cost.LayerCost]],

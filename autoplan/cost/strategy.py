@@ -36,6 +36,7 @@ class Strategy:
     virtual_stages: int = 1
     precision: str = "bf16"
     optimizer: str = "adamw"
+    sequence_parallel: bool = False  # Megatron sequence parallelism in every layer that allows it (tp > 1)
 
     @property
     def num_stages(self) -> int:
@@ -55,13 +56,14 @@ class Strategy:
     def describe(self) -> str:
         """``pp2×dp4×tp1 1f1b mb=2×8 ddp`` (with ``v=2`` for interleaved)."""
         v = f" v={self.virtual_stages}" if self.virtual_stages > 1 else ""
-        return (f"pp{self.pp}×dp{self.dp}×tp{self.tp} {self.schedule}{v} mb={self.microbatch_size}×"
-                f"{self.microbatches} {self.data_parallel}")
+        return (f"pp{self.pp}×dp{self.dp}×tp{self.tp}{'+sp' if self.sequence_parallel else ''} {self.schedule}{v} "
+                f"mb={self.microbatch_size}×{self.microbatches} {self.data_parallel}")
 
     @classmethod
     def of(cls, plan: Plan) -> "Strategy":
         return cls(plan.mesh.pp, plan.mesh.dp, plan.mesh.tp, plan.microbatch_size, plan.microbatches,
-                   plan.schedule, plan.data_parallel, plan.virtual_stages, plan.precision, plan.optimizer)
+                   plan.schedule, plan.data_parallel, plan.virtual_stages, plan.precision, plan.optimizer,
+                   plan.sequence_parallel)
 
 
 

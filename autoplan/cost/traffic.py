@@ -23,6 +23,7 @@ from ..graph import ModelGraph
 from ..plan import Plan
 from .collectives import Collective
 from .plan_cost import Strategy, _layer_choices, layer_choice_cost
+from .sequence import norm_gradient_collectives
 from .step import data_parallel_collectives
 
 __all__ = ["plan_collectives"]
@@ -47,6 +48,10 @@ def plan_collectives(graph: ModelGraph, plan: Plan) -> tuple[tuple[Collective, .
             out.append(Collective("send", costs[-1].boundary_bytes, m, 2, "pp"))
         if k > 0:  # the gradient of the stage's input, back
             out.append(Collective("send", stages[k - 1][-1].boundary_bytes, m, 2, "pp"))
+    if strategy.sequence_parallel:  # once per step: the norm weights' partial gradients (autoplan.cost.sequence)
+        for k, rows in enumerate(_layer_choices(graph, plan)):
+            per_rank[k % strategy.pp] += norm_gradient_collectives([layer for layer, tp_on, _ in rows if tp_on],
+                                                                   strategy.tp)
     for r in range(strategy.pp):
         per_rank[r] += data_parallel_collectives(params[r], dp=strategy.dp, data_parallel=strategy.data_parallel,
                                                  precision=strategy.precision, microbatches=m, pp=strategy.pp)

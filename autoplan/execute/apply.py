@@ -155,7 +155,8 @@ def _apply(model: nn.Module, parts: list[nn.Module], plan: Plan, loss_fn, init_w
     for k in indices:
         root = parts[k]
         if m.tp > 1:
-            counts["tp"] += apply_tensor_parallel(root, _held_styles(root, plan.tensor_parallel), mesh["tp"])
+            counts["tp"] += apply_tensor_parallel(root, _held_styles(root, plan.tensor_parallel), mesh["tp"],
+                                                  plan.stages[k].layers if m.pp > 1 else plan.layers)
         recompute = plan.stages[k].recompute if m.pp > 1 else plan.recompute
         counts["recompute"] += apply_recompute(root, recompute)
         runner = root

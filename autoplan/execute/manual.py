@@ -39,6 +39,7 @@ def manual_plan(
     recompute: Sequence[str] = (),
     precision: str = "fp32",
     cluster: Cluster | None = None,
+    sequence_parallel: bool = False,
 ) -> Plan:
     """A validated plan for ``model`` with the given layout. ``stages`` lists each stage's layer FQNs in model order
     (``pp × virtual_stages`` of them; more than ``pp`` means interleaved). ``recompute`` names modules to
@@ -78,5 +79,6 @@ def manual_plan(
         tensor_parallel=dict(tensor_parallel or {}),
         precision=precision,
         virtual_stages=len(stages) // pp,
+        sequence_parallel=sequence_parallel,
         search=SearchInfo(solver="manual", status="PINNED"),
     )

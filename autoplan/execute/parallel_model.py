@@ -56,6 +56,7 @@ from .batch import Inputs, as_args, check_targets, checked_loss, guard_token_ids
 from .mesh import rank_at
 from .guards import check_ddp_gradients, fail_together
 from .pipeline import sync_tied_gradients
+from .tensor_parallel import reduce_sequence_parallel_gradients
 
 __all__ = ["ParallelModel"]
 
@@ -169,6 +170,8 @@ class ParallelModel:
         a, args, targets = self._prepare(inputs, targets)
         with fail_together("train_step", sync=False):  # its loss collectives end it
             loss = self._run(a, args, targets, backward=True)
+            if a.plan.sequence_parallel:
+                reduce_sequence_parallel_gradients(self.modules_on_rank)
             sync_tied_gradients(a.tied_groups, dict(self.named_parameters()))
             mean = self._global_mean(a, loss)
         if isinstance(a.stages[0].runner, DistributedDataParallel):  # after the step's collectives: alike on all

@@ -9,6 +9,18 @@ the tp degree, so code such as ``view(B, T, self.num_heads, head_dim)`` sees its
 Weights tied before sharding (a GPT's ``head.weight is tok.weight``) are tied again afterwards; both styles shard
 dim 0, so the tied weight keeps one DTensor and one gradient.
 
+Sequence parallelism (Korthikanti et al. 2022 §4.2.2; ``plan.sequence_parallel``): inside each *sequence-parallel
+layer* (a plan layer holding modules of style ``sequence``, its norms) the residual stream is a DTensor sharded on
+the sequence dim, ``Shard(1)``. The layer's input is split there (``PrepareModuleInput``, a local slice), its norms
+run on their own tokens (``SequenceParallel``: replicated weights), each colwise linear all-gathers its input
+(``ColwiseParallel(input_layouts=Shard(1))``), each rowwise linear reduce-scatters its output
+(``RowwiseParallel(output_layouts=Shard(1))``), and the last layer of a run of such layers all-gathers its output
+again (``PrepareModuleOutput``), so what follows (the final norm, the head, the loss) sees whole tensors. Between
+those points every tensor of the residual stream is a DTensor, so an op the layer runs on it follows DTensor's
+global-tensor semantics (or raises): a sequence-dependent op outside the pairs cannot silently see a shard. The norm
+weights' gradients come back as partial sums over the tp ranks and are all-reduced once per step
+(:func:`reduce_sequence_parallel_gradients`).
+
 Example:
     >>> from autoplan.execute.tensor_parallel import parallel_style
     >>> type(parallel_style("colwise")).__name__
@@ -19,32 +31,50 @@ from __future__ import annotations
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate
-from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, PrepareModuleInput, PrepareModuleOutput,
+                                               RowwiseParallel, SequenceParallel, parallelize_module)
 
 from ..errors import PlanMismatchError
 from ..names import tied_parameter_names  # noqa: F401  (re-exported: apply and data_parallel use it)
 from ..trace.tp_check import divide_head_attributes, local_head_owners
+from .tp_styles import style_for
 
-__all__ = ["parallel_style", "apply_tensor_parallel", "tied_parameter_names"]
+__all__ = ["parallel_style", "apply_tensor_parallel", "sequence_parallel_runs", "reduce_sequence_parallel_gradients",
+           "tied_parameter_names"]
+
+#: The residual stream's sequence dim inside a sequence-parallel layer (inputs are (batch, sequence, hidden)).
+SEQUENCE_DIM = 1
 
 
-def parallel_style(style: str) -> ParallelStyle:
-    """The torch ``ParallelStyle`` for a plan style name.
+def parallel_style(style: str, module: nn.Module | None = None, sequence_parallel: bool = False) -> ParallelStyle:
+    """The torch ``ParallelStyle`` for a plan style name on ``module`` (``colwise``/``rowwise`` on a GPT-2
+    ``Conv1D`` take the transposed-weight styles of :mod:`autoplan.execute.tp_styles`). ``sequence_parallel``: the
+    module sits in a sequence-parallel layer (colwise gathers a sequence-sharded input, rowwise reduce-scatters to
+    one and hands on a DTensor).
 
     Example:
         >>> type(parallel_style("vocab_embedding")).__name__
         'RowwiseParallel'
+        >>> parallel_style("rowwise", sequence_parallel=True).output_layouts
+        (Shard(dim=1),)
     """
-    if style == "colwise":
-        return ColwiseParallel()
-    if style == "rowwise":
-        return RowwiseParallel()
+    if style in ("colwise", "rowwise"):
+        base = type(style_for(style, module))  # ColwiseParallel / RowwiseParallel or their Conv1D forms
+        if not sequence_parallel:
+            return base()
+        if style == "colwise":
+            return base(input_layouts=Shard(SEQUENCE_DIM))
+        # a DTensor out: the residual add and the next norm stay in DTensor semantics
+        return base(output_layouts=Shard(SEQUENCE_DIM), use_local_output=False)
+    if style == "sequence":
+        return SequenceParallel(sequence_dim=SEQUENCE_DIM)
     if style == "vocab_embedding":
         return RowwiseParallel(input_layouts=Replicate())
     if style == "vocab_head":
         return ColwiseParallel(output_layouts=Replicate())
-    raise ValueError(f"unknown tensor-parallel style {style!r}; use colwise, rowwise, vocab_embedding, vocab_head")
+    raise ValueError(f"unknown tensor-parallel style {style!r}; use colwise, rowwise, vocab_embedding, vocab_head, "
+                     f"sequence")
 
 
 def _set_parameter(root: nn.Module, fqn: str, param: nn.Parameter) -> None:
@@ -52,8 +82,35 @@ def _set_parameter(root: nn.Module, fqn: str, param: nn.Parameter) -> None:
     setattr(root.get_submodule(owner) if owner else root, leaf, param)
 
 
-def apply_tensor_parallel(root: nn.Module, styles: dict[str, str], tp_mesh: DeviceMesh) -> int:
+def _inside(fqn: str, layer: str) -> bool:
+    return fqn == layer or fqn.startswith(layer + ".")
+
+
+def sequence_parallel_runs(layers: list[str] | tuple[str, ...], styles: dict[str, str]) -> list[list[str]]:
+    """The sequence-parallel layers among ``layers`` (in order: those holding a ``sequence``-style module), grouped
+    into runs of neighbours: each run is split once on entry and gathered once on exit.
+
+    Example:
+        >>> sequence_parallel_runs(["tok", "blocks.0", "blocks.1", "ln_f"],
+        ...                        {"blocks.0.ln1": "sequence", "blocks.1.ln1": "sequence"})
+        [['blocks.0', 'blocks.1']]
+    """
+    runs: list[list[str]] = []
+    previous = False
+    for layer in layers:
+        on = any(style == "sequence" and _inside(fqn, layer) for fqn, style in styles.items())
+        if on and previous:
+            runs[-1].append(layer)
+        elif on:
+            runs.append([layer])
+        previous = on
+    return runs
+
+
+def apply_tensor_parallel(root: nn.Module, styles: dict[str, str], tp_mesh: DeviceMesh,
+                          layers: list[str] | tuple[str, ...] = ()) -> int:
     """Shard the modules named in ``styles`` (FQNs relative to ``root``) over ``tp_mesh``; returns how many.
+    ``layers``: this stage's plan layers in order, where ``sequence``-style modules mark sequence-parallel ones.
 
     Example (under torchrun with 2 ranks):
         ``apply_tensor_parallel(model, {"fc": "colwise", "proj": "rowwise"}, mesh["tp"])``
@@ -61,7 +118,19 @@ def apply_tensor_parallel(root: nn.Module, styles: dict[str, str], tp_mesh: Devi
     if not styles:
         return 0
     tied = tied_parameter_names(root)
-    parallelize_module(root, tp_mesh, {fqn: parallel_style(style) for fqn, style in styles.items()})
+    runs = sequence_parallel_runs(layers, styles)
+    in_sp = [layer for run in runs for layer in run]
+    parallelize_module(root, tp_mesh, {
+        fqn: parallel_style(style, root.get_submodule(fqn), any(_inside(fqn, layer) for layer in in_sp))
+        for fqn, style in styles.items()})
+    for run in runs:
+        for layer in run:
+            # A whole input (the first layer of a run) is sliced to this rank's tokens, no communication; a
+            # DTensor from the previous layer of the run is already Shard(1) and passes unchanged.
+            parallelize_module(root.get_submodule(layer), tp_mesh, PrepareModuleInput(
+                input_layouts=(Replicate(),), desired_input_layouts=(Shard(SEQUENCE_DIM),), use_local_output=False))
+        parallelize_module(root.get_submodule(run[-1]), tp_mesh, PrepareModuleOutput(
+            output_layouts=(Shard(SEQUENCE_DIM),), desired_output_layouts=(Replicate(),), use_local_output=True))
     # An attention module that counts its heads in attributes now computes on its local heads (as torchtitan sets
     # n_heads // tp); tracing proved each group sound under exactly this change.
     divide_head_attributes(local_head_owners(root, [f for f, s in styles.items() if s == "colwise"]), tp_mesh.size())
@@ -81,3 +150,24 @@ def apply_tensor_parallel(root: nn.Module, styles: dict[str, str], tp_mesh: Devi
                 )
             _set_parameter(root, name, keep)
     return len(styles)
+
+
+def reduce_sequence_parallel_gradients(modules) -> int:
+    """All-reduce, over the tp ranks, each gradient that backward left as a partial sum of a replicated weight (a
+    norm of a sequence-parallel layer saw only this rank's tokens); returns how many were reduced. Called once
+    per step, after the last microbatch's backward (partial sums accumulate over microbatches as they are).
+
+    Example:
+        >>> import torch
+        >>> reduce_sequence_parallel_gradients([torch.nn.LayerNorm(4)])
+        0
+    """
+    count = 0
+    for module in modules:
+        for param in module.parameters():
+            grad = param.grad
+            if isinstance(grad, DTensor) and isinstance(param, DTensor) and grad.placements != param.placements \
+                    and any(p.is_partial() for p in grad.placements):
+                param.grad = grad.redistribute(grad.device_mesh, param.placements)
+                count += 1
+    return count

@@ -88,6 +88,8 @@ def check_plan_matches(plan: Plan, model: nn.Module, world_size: int) -> None:
             raise PlanMismatchError(
                 f"the plan shards module {fqn!r} ({style}) but this model has no such module; {_REPLAN}"
             )
+        if style == "sequence":  # a norm: SequenceParallel replicates whatever weights it has
+            continue
         kind = _STYLE_MODULES[style]
         conv1d = style in ("colwise", "rowwise") and is_conv1d(modules[fqn])  # GPT-2's transposed linear
         if not (isinstance(modules[fqn], kind) or conv1d):

@@ -43,6 +43,7 @@ from .opgraph import build_op_graph, measure_error
 from .measure import Measurement, measure
 from .adapters import trace_kwargs
 from .stages import pipeline_split_blocker
+from .sequence import input_owners, sequence_parallel_layer
 
 __all__ = ["trace", "normalize_inputs"]
 
@@ -110,7 +111,8 @@ def trace(model: torch.nn.Module, example_inputs: Any = None) -> ModelGraph:
     op_graph = build_op_graph(model, export_args, export_kwargs)
     candidates = detect_tp_groups(op_graph, model)
     try:
-        m = measure(model, args, kwargs, record_inputs=record_parents(model, candidates))
+        m = measure(model, args, kwargs, record_inputs=record_parents(model, candidates)
+                    | input_owners([c.styles for c in candidates]))
     except Exception as error:  # noqa: BLE001 - reworded with the module and line, chained
         raise measure_error(model, error) from error
 
@@ -159,6 +161,8 @@ def trace(model: torch.nn.Module, example_inputs: Any = None) -> ModelGraph:
                 param_names=tuple(layer_param_names[i]),
                 tp_groups=tuple(groups_by_layer.get(i, ())),
                 recompute_options=_recompute_options(model, name, act[i], fwd[i], m, module_fwd, module_act),
+                sequence_parallel=sequence_parallel_layer(model, name, groups_by_layer.get(i, []), m, act[i],
+                                                          boundary[i]),
             )
         )
 

@@ -1,0 +1,203 @@
+"""Megatron sequence parallelism priced: a tensor-parallel layer's cost with its residual stream split over the
+sequence (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", §4.2.2).
+
+What changes against plain tensor parallelism (:func:`autoplan.cost.layer_cost`), per layer and microbatch:
+
+* **Collectives** (§4.2.2, the g / ḡ operators): a pair's forward all-reduce becomes an all-gather of the pair's
+  input before its colwise linear plus a reduce-scatter of its output after the rowwise one; backward does the
+  reverse. A ring all-gather and a reduce-scatter each move (t−1)/t of the tensor, an all-reduce twice that, so
+  the bytes on the wire are the same (§4.2.2: "the communication bandwidth used ... is the same"). The executor
+  (DTensor ``ColwiseParallel(input_layouts=Shard(1))``) gathers once per colwise linear, so a pair with separate
+  q, k, v linears pays three all-gathers; that is what is charged.
+* **Activations** (§4.2, Eq. 1–2 and Table 2): per layer, without recompute, plain TP keeps
+  sbh·(10 + 24/t + 5as/(ht)) bytes (Eq. 2) and TP with sequence parallelism sbh/t·(34 + 5as/h) (§4.2.2). Here the
+  traced bytes outside the pairs — the norms' inputs and statistics, the dropout masks and outputs, Eq. 2's 10sbh
+  — are divided by t, except the pairs' first inputs: DTensor's colwise linear saves the input it all-gathered,
+  whole, where Megatron keeps the shard and gathers again in backward. So a GPT block keeps 4sbh bytes (the QKV
+  and first MLP linears' inputs) more than the paper's 34sbh/t; the cost model charges what the executor keeps.
+  With full recompute only the layer's input is kept, sbh·2/t instead of 2sbh (Table 2, last row).
+* **Elementwise time**: the ops on the split stream (norms, dropout, residual adds) touch 1/t of their bytes, at
+  memory bandwidth (the FORWARD_PASSES / BACKWARD_PASSES rule of :mod:`autoplan.cost.layer`).
+* **Once per run of such layers**: the stream is split on entry (a local slice; its backward all-gathers the
+  input's gradient) and gathered on exit (an all-gather; its backward is a slice), charged to the layer after
+  the run (:func:`sequence_edge_collectives`); and once per step each norm weight's gradient, a partial sum over
+  the tp ranks, is all-reduced (:func:`norm_gradient_collectives`; Megatron all-reduces the same gradients,
+  §4.2.2's "layer-norm weights").
+
+Example (a GPT block at h = 64, s = 16, tp = 2: the pair collectives turn into gathers and scatters):
+    >>> from autoplan import Cluster
+    >>> from autoplan.synthetic import gpt_like_graph
+    >>> from autoplan.cost import layer_cost
+    >>> graph = gpt_like_graph(layers=1, hidden=64, seq=16, heads=4, vocab=100)
+    >>> block, c = graph.layer("blocks.0"), Cluster.preset("a100-80gb")
+    >>> base = layer_cost(block, traced_batch_size=graph.batch_size, traced_dtype_bytes=4, cluster=c, tp=2,
+    ...                   microbatch_size=1, precision="bf16")
+    >>> sp = sequence_parallel_cost(block, base, traced_batch_size=graph.batch_size, traced_dtype_bytes=4,
+    ...                             cluster=c, tp=2, microbatch_size=1, precision="bf16")
+    >>> sorted({x.kind for x in base.tp_collectives}), sorted({x.kind for x in sp.tp_collectives})
+    (['all_reduce'], ['all_gather', 'reduce_scatter'])
+    >>> sp.activation_bytes < base.activation_bytes
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..cluster import Cluster
+from ..graph import Layer, RecomputeOption, TensorParallelGroup
+from ..names import in_module
+from ..vocabulary import PRECISION_BYTES
+from .collectives import Collective, group_allgather_s, group_allreduce_s, group_reduce_scatter_s
+from .layer import BACKWARD_PASSES, FORWARD_PASSES, LayerCost, memory_bound_s
+
+__all__ = ["sequence_parallel_applies", "sequence_parallel_cost", "sequence_edge_collectives",
+           "sequence_edge_payers", "norm_gradient_collectives", "collectives_s"]
+
+
+def sequence_parallel_applies(layer: Layer, tp: int) -> bool:
+    """Whether ``layer`` runs sequence-parallel at degree ``tp``: the trace found it possible (its norms outside
+    Megatron pairs) and ``tp`` divides its sequence and its tensor-parallel groups.
+
+    Example:
+        >>> from autoplan.synthetic import gpt_like_graph
+        >>> g = gpt_like_graph(layers=1, seq=16)
+        >>> sequence_parallel_applies(g.layer("blocks.0"), 2), sequence_parallel_applies(g.layer("head"), 2)
+        (True, False)
+    """
+    sp = layer.sequence_parallel
+    return (tp > 1 and sp is not None and sp.possible and sp.sequence % tp == 0 and layer.tp_divisor > 0
+            and layer.tp_divisor % tp == 0)
+
+
+def collectives_s(collectives: tuple[Collective, ...], cluster: Cluster, stride: int = 1) -> float:
+    """Seconds of ``collectives`` (each its ``count`` times) over groups of their size ``stride`` ranks apart.
+
+    Example:
+        >>> from autoplan import Cluster
+        >>> c = Cluster.preset("a100-80gb")
+        >>> ag_rs = collectives_s((Collective("all_gather", 1e6, 1, 8), Collective("reduce_scatter", 1e6, 1, 8)), c)
+        >>> abs(ag_rs - collectives_s((Collective("all_reduce", 1e6, 1, 8),), c)) < 1e-9   # same ring bytes
+        True
+    """
+    price = {"all_reduce": group_allreduce_s, "all_gather": group_allgather_s,
+             "reduce_scatter": group_reduce_scatter_s}
+    return sum(c.count * price[c.kind](c.nbytes, cluster, c.group_size, stride) for c in collectives)
+
+
+def _pair_collectives(group: TensorParallelGroup, scale: float, tp: int):
+    """(forward, backward) of one pair: each colwise linear all-gathers the pair's input (and reduce-scatters its
+    gradient back), each rowwise one reduce-scatters the output (and all-gathers its gradient)."""
+    styles = list(group.styles.values())
+    cols, rows = styles.count("colwise"), styles.count("rowwise")
+    gather_in = Collective("all_gather", group.input_bytes * scale, cols, tp, "tp")
+    scatter_out = Collective("reduce_scatter", group.output_bytes * scale, rows, tp, "tp")
+    backward = (Collective("all_gather", group.output_bytes * scale, rows, tp, "tp"),
+                Collective("reduce_scatter", group.input_bytes * scale, cols, tp, "tp"))
+    return (gather_in, scatter_out), backward
+
+
+def sequence_parallel_cost(layer: Layer, base: LayerCost, *, traced_batch_size: int, traced_dtype_bytes: int,
+                           cluster: Cluster, tp: int, microbatch_size: int, precision: str,
+                           recompute: RecomputeOption | None = None, tp_stride: int = 1) -> LayerCost:
+    """``base`` (the layer's plain tensor-parallel cost, same arguments) with its residual stream split over the
+    sequence: see the module docstring for each term. ``base`` is returned unchanged where sequence parallelism
+    does not apply (:func:`sequence_parallel_applies`).
+
+    Example: see the module docstring.
+    """
+    if not sequence_parallel_applies(layer, tp):
+        return base
+    sp = layer.sequence_parallel
+    scale = microbatch_size / traced_batch_size * PRECISION_BYTES[precision] / traced_dtype_bytes
+    forward: list[Collective] = []
+    backward: list[Collective] = []
+    for group in layer.tp_groups:
+        fwd, bwd = _pair_collectives(group, scale, tp)
+        forward += fwd
+        backward += bwd
+    again: list[Collective] = []
+    if recompute is not None:
+        inside = [g for g in layer.tp_groups if all(in_module(m, recompute.module) for m in g.styles)]
+        for i, group in enumerate(inside):
+            (gather_in, scatter_out), _ = _pair_collectives(group, scale, tp)
+            # Non-reentrant checkpointing stops once every saved tensor is back: the last rowwise linear's
+            # reduce-scatter only feeds the residual add, which saves nothing (as for plain TP's all-reduce).
+            again += [gather_in] + ([scatter_out] if i < len(inside) - 1 else [])
+    collectives = tuple(c for c in forward + backward + again if c.count)
+    # Bytes the split stream saves less (the traced figures, scaled): the shareable part over t, and each colwise
+    # linear's gathered input in place of the one shared input (module docstring).
+    relief = (sp.sharded_bytes * (1 - 1 / tp) + sp.shared_input_bytes - sp.gathered_bytes) * scale
+    full = recompute is not None and recompute.module == layer.name
+    unsplit = base.activation_bytes + base.transient_bytes  # what plain TP holds before recompute frees it
+    if full:
+        kept = base.activation_bytes / tp  # the checkpointed input is this rank's slice of the stream
+    else:
+        kept = max(base.activation_bytes / tp, base.activation_bytes - relief)
+    transient = max(0.0, unsplit - relief - kept) if recompute is not None else 0.0
+    stream_bytes = sp.sharded_bytes * (1 - 1 / tp) * scale
+    return replace(
+        base,
+        forward_s=max(0.0, base.forward_s - memory_bound_s(FORWARD_PASSES * stream_bytes, cluster)),
+        backward_s=max(0.0, base.backward_s - memory_bound_s(BACKWARD_PASSES * stream_bytes, cluster)),
+        tp_comm_s=collectives_s(collectives, cluster, tp_stride),
+        activation_bytes=int(round(kept)),
+        transient_bytes=int(round(transient)),
+        tp_collectives=collectives,
+    )
+
+
+def sequence_edge_payers(layers: list[Layer], tp: int) -> dict[int, int]:
+    """For each run of neighbouring sequence-parallel layers, the index of the layer that is charged its entry
+    and exit (the one after the run, else the one before it, else the run's last) → the bytes of the split
+    stream as traced (the run's last layer's output).
+
+    Example:
+        >>> from autoplan.synthetic import gpt_like_graph
+        >>> g = gpt_like_graph(layers=3, seq=16)                    # tok pos blocks.0-2 ln_f head
+        >>> list(sequence_edge_payers(g.layers, 2))                 # ln_f pays for the run of blocks
+        [5]
+    """
+    on = [sequence_parallel_applies(layer, tp) for layer in layers]
+    payers: dict[int, int] = {}
+    i = 0
+    while i < len(layers):
+        if not on[i]:
+            i += 1
+            continue
+        j = i
+        while j + 1 < len(layers) and on[j + 1]:
+            j += 1
+        payer = j + 1 if j + 1 < len(layers) else (i - 1 if i > 0 else j)
+        payers[payer] = payers.get(payer, 0) + layers[j].output_bytes
+        i = j + 1
+    return payers
+
+
+def sequence_edge_collectives(stream_bytes: float, tp: int) -> tuple[Collective, ...]:
+    """One run's entry and exit, for one microbatch of ``stream_bytes`` (the whole stream): the exit's forward
+    all-gather and the entry's backward all-gather of the input gradient (the slices cost nothing).
+
+    Example:
+        >>> [(c.kind, c.nbytes) for c in sequence_edge_collectives(4096, 2)]
+        [('all_gather', 4096), ('all_gather', 4096)]
+    """
+    return (Collective("all_gather", stream_bytes, 1, tp, "tp"), Collective("all_gather", stream_bytes, 1, tp, "tp"))
+
+
+def norm_gradient_collectives(layers: list[Layer], tp: int, grad_bytes: int = 4) -> tuple[Collective, ...]:
+    """Per step: one all-reduce over the tp ranks of each norm parameter's gradient (``grad_bytes`` per element:
+    fp32, as the master weights) in each sequence-parallel layer of ``layers``.
+
+    Example (one GPT block, h = 64: ln1 and ln2 each have a weight and a bias):
+        >>> from autoplan.synthetic import gpt_like_graph
+        >>> g = gpt_like_graph(layers=1, hidden=64, seq=16)
+        >>> [(c.kind, c.nbytes, c.count) for c in norm_gradient_collectives(g.layers, 2)]
+        [('all_reduce', 256, 4)]
+    """
+    sizes: dict[int, int] = {}
+    for layer in layers:
+        if sequence_parallel_applies(layer, tp):
+            for numel in layer.sequence_parallel.norm_params:
+                sizes[numel * grad_bytes] = sizes.get(numel * grad_bytes, 0) + 1
+    return tuple(Collective("all_reduce", nbytes, count, tp, "tp") for nbytes, count in sorted(sizes.items()))
