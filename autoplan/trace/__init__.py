@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ from .measure import Measurement, measure
 from .adapters import trace_kwargs
 from .stages import pipeline_split_blocker
 from .sequence import input_owners, sequence_parallel_layer
+from .repeat import trace_repeated
 
 __all__ = ["trace", "normalize_inputs"]
 
@@ -107,6 +109,14 @@ def trace(model: torch.nn.Module, example_inputs: Any = None) -> ModelGraph:
     args, kwargs, batch_size = normalize_inputs(example_inputs)
     kwargs = trace_kwargs(model, kwargs)  # e.g. use_cache=False: a generation cache is no training output
     started = time.perf_counter()
+    # a stack of identical blocks is traced at reduced depth and replicated (autoplan.trace.repeat), else in full
+    graph = trace_repeated(model, lambda copy: _trace_all(copy, args, kwargs, batch_size, started),
+                           lambda expanded, whole: _whole_model(expanded, whole, args, kwargs, started))
+    return graph if graph is not None else _trace_all(model, args, kwargs, batch_size, started)
+
+
+def _trace_all(model: torch.nn.Module, args: tuple, kwargs: dict, batch_size: int, started: float) -> ModelGraph:
+    """Every module of ``model`` traced: the op graph, one fake forward and backward, the layer chain."""
     export_args, export_kwargs = _on_model_device(model, args, kwargs)
     op_graph = build_op_graph(model, export_args, export_kwargs)
     candidates = detect_tp_groups(op_graph, model)
@@ -182,6 +192,18 @@ def trace(model: torch.nn.Module, example_inputs: Any = None) -> ModelGraph:
         method=op_graph.method,
         trace_s=time.perf_counter() - started,
         tp_dropped=[(d.styles, d.reason) for d in dropped],
+        pipeline_blocker=pipeline_split_blocker(model, names) if len(names) > 1 else None,
+    )
+
+
+def _whole_model(graph: ModelGraph, model: torch.nn.Module, args: tuple, kwargs: dict, started: float) -> ModelGraph:
+    """The fields of a graph traced on a reduced copy that depend on the whole model, recomputed on it."""
+    names = [layer.name for layer in graph.layers]
+    return replace(
+        graph, num_params=sum(p.numel() for p in model.parameters()), dtype_bytes=param_dtype_bytes(model),
+        forward_flops=sum(layer.forward_flops for layer in graph.layers),
+        backward_flops=sum(layer.backward_flops for layer in graph.layers), fingerprint=model_fingerprint(model),
+        tied_parameters=_tied_groups(model), trace_s=time.perf_counter() - started,
         pipeline_blocker=pipeline_split_blocker(model, names) if len(names) > 1 else None,
     )
 
