@@ -7,20 +7,32 @@ Run under torchrun on the machines you will train on (one process per device)::
 
 then ``autoplan.plan(model, inputs, cluster=autoplan.Cluster.from_dict(json.load(open("cluster.json"))))``.
 
-What is measured (every rank at once, the slowest rank's time kept):
-- matmul FLOP/s per precision: a square ``n×n @ n×n`` matmul costs 2n³ FLOPs; the rate is written as the device's
-  ``peak_flops`` (the planner still applies ``achievable_flops_fraction`` for whole-model efficiency).
+What is measured, each figure the one the cost model reads (docs/cost_model.md, "Calibration"):
+
+- ``compute_concurrency``: ranks that compute at full speed at once. A tiny GPT block's forward + backward and a
+  matmul are timed on rank 0 alone (the others wait in a barrier) and on every rank at once; concurrency =
+  ranks × rate(all) / rate(alone). When it is near the world size every rank has its own device and it is
+  stored as 0; below (four gloo ranks on two cores) the device figures below are one rank's alone and the cost
+  model stretches them by the ranks busy at once (:func:`autoplan.cost.compute_contention`).
+- matmul FLOP/s per precision (``peak_flops``, rank 0 alone): the best rate over square ``n×n @ n×n`` matmuls
+  (2n³ FLOPs each) of several sizes; ``matmul_efficiency`` keeps each size's rate as a fraction of it, which the
+  cost model interpolates per matmul size (tensor parallelism's smaller matmuls run less efficiently).
 - memory bandwidth (``memory_bandwidth_Bps``): a large copy, read + write (STREAM copy); what elementwise ops and
   the optimizer step run at.
-- per-layer overhead (``layer_overhead_s``): forward + backward of a GPT block so small (hidden 8, 4 tokens,
-  batch 1) that its FLOPs take nanoseconds, so what is timed is the fixed part — kernel launches, Python and
-  autograd dispatch. Backward runs about twice the forward's kernels, so the cost model charges forward 1×,
-  backward 2×, and the fixed forward part is a third of the measured time.
-- all-reduce latency (a 4-byte all-reduce) and bandwidth: a ring all-reduce of B bytes over n ranks moves
-  2(n−1)/n·B per rank (the "bus bandwidth" of nccl-tests, docs/PERFORMANCE.md there), so
-  ``bandwidth = 2(n−1)/n·B / (t − latency)``. Intra-node over each node's ranks, inter-node over one rank per node.
+- per-layer overheads: forward + backward of a GPT block so small (hidden 16, 4 tokens, batch 1) that its FLOPs
+  take nanoseconds, so what is timed is the fixed part. Plain eager (``layer_overhead_s``, rank 0 alone); the
+  same block tensor-parallel over the world with DTensor (``tp_layer_overhead_s``) and wrapped by FSDP2
+  ``fully_shard`` (``fsdp_layer_overhead_s``), each the extra time per forward-equivalent (backward runs about
+  twice the forward's kernels: a third of forward + backward) once its collectives (priced from the table below)
+  and the ranks' sharing are taken out.
+- collectives (``collective_times``): all-reduce, all-gather, reduce-scatter and send of several message sizes
+  over groups of 2 consecutive ranks and of every rank of a node, all groups of a size at once, as
+  (bytes, seconds) points; and the alpha-beta figures of the intra- and inter-node links from a 4-byte and a
+  large all-reduce (a ring moves 2(n−1)/n·B per rank: nccl-tests' bus bandwidth, docs/PERFORMANCE.md there).
+- ``comm_overlap``: whether an all-reduce launched asynchronously runs while the rank computes (printed and
+  returned by :func:`overlap_fraction`; it is 0 on ranks sharing cores, see docs/cost_model.md).
 
-Example (a world of one measures FLOP/s only and keeps the preset's network figures):
+Example (a world of one measures the device only and keeps the preset's network figures):
     >>> from autoplan.calibrate import matmul_flops
     >>> matmul_flops("fp32", n=64, iters=2) > 0
     True
@@ -34,6 +46,7 @@ import statistics
 import sys
 import time
 from dataclasses import replace
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -42,14 +55,33 @@ from .cluster import Cluster
 from .execute.world import World
 from .vocabulary import PRECISIONS, torch_dtype
 
-__all__ = ["main", "matmul_flops", "memory_bandwidth_Bps", "layer_overhead_time_s", "allreduce_time_s",
-           "ring_bandwidth_Bps"]
+__all__ = ["main", "calibrate", "monotone", "matmul_flops", "matmul_efficiency", "memory_bandwidth_Bps", "layer_overhead_time_s",
+           "block_step_time_s", "allreduce_time_s", "collective_time_s", "ring_bandwidth_Bps", "overlap_fraction"]
 
+#: Message sizes of the collective table (bytes): latency-bound to bandwidth-bound, up to ``--size-mb``.
+COLLECTIVE_SIZES_BYTES = (4096, 65536, 2**19)
+#: Matmul sizes n of the efficiency table (n×n @ n×n), up to ``--matmul-n``.
+MATMUL_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device, min_s: float = 0.02, max_iters: int = 50) -> float:
+    """Seconds of one ``fn()``: after a warm-up call, repeat it until ``min_s`` have passed (at most
+    ``max_iters`` times) and return the mean."""
+    fn()
+    _sync(device)
+    iters, start = 0, time.perf_counter()
+    while True:
+        fn()
+        iters += 1
+        if iters >= max_iters or time.perf_counter() - start >= min_s:
+            break
+    _sync(device)
+    return (time.perf_counter() - start) / iters
 
 
 def matmul_flops(precision: str, n: int = 1024, iters: int = 10, device: torch.device | None = None) -> float:
@@ -62,38 +94,70 @@ def matmul_flops(precision: str, n: int = 1024, iters: int = 10, device: torch.d
     device = device or torch.device("cpu")
     a = torch.randn(n, n, device=device, dtype=torch_dtype(precision))
     b = torch.randn(n, n, device=device, dtype=torch_dtype(precision))
-    a @ b
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    _sync(device)
-    return 2 * n**3 * iters / (time.perf_counter() - start)
+    return 2 * n**3 / _timed(lambda: a @ b, device, min_s=0, max_iters=iters)
 
 
-def layer_overhead_time_s(device: torch.device | None = None, iters: int = 20, repeats: int = 5) -> float:
-    """Fixed forward seconds of one layer per microbatch on ``device``: a third of a tiny GPT block's forward +
-    backward (forward 1×, backward 2×; its FLOPs are negligible), the median of ``repeats`` runs of ``iters``.
+def matmul_efficiency(precision: str, max_n: int, device: torch.device | None = None,
+                      budget_s: float = 0.5) -> tuple[float, list[tuple[float, float]]]:
+    """(best FLOP/s, [(FLOPs per matmul, fraction of best)]) over square matmuls n ≤ ``max_n`` of
+    :data:`MATMUL_SIZES`, smallest first, stopping once one size takes more than ``budget_s``.
 
     Example:
-        >>> 0 < layer_overhead_time_s(iters=2, repeats=1) < 0.1
-        True
+        >>> best, table = matmul_efficiency("fp32", max_n=64, budget_s=10)
+        >>> [f for f, _ in table], max(e for _, e in table)
+        ([8192.0, 65536.0, 524288.0], 1.0)
     """
+    device = device or torch.device("cpu")
+    rates = []
+    for n in [m for m in MATMUL_SIZES if m <= max_n] or [max_n]:
+        a = torch.randn(n, n, device=device, dtype=torch_dtype(precision))
+        b = torch.randn(n, n, device=device, dtype=torch_dtype(precision))
+        start = time.perf_counter()
+        rates.append((2.0 * n**3, 2 * n**3 / _timed(lambda: a @ b, device, min_s=0.01, max_iters=20)))
+        if time.perf_counter() - start > budget_s:
+            break
+    best = max(r for _, r in rates)
+    return best, [(f, r / best) for f, r in rates]
+
+
+def _tiny_block(device: torch.device):
     from .models import Block, GPTConfig
 
-    device = device or torch.device("cpu")
-    block = Block(GPTConfig(hidden=8, heads=1, seq_len=4)).to(device)
-    x = torch.randn(1, 4, 8, device=device, requires_grad=True)
-    block(x).sum().backward()  # warm-up: first-call allocations and dispatch caches
-    _sync(device)
+    torch.manual_seed(0)
+    return Block(GPTConfig(hidden=16, heads=4, seq_len=4)).to(device), torch.randn(1, 4, 16, device=device)
+
+
+def block_step_time_s(block: torch.nn.Module, x: torch.Tensor, iters: int = 20, repeats: int = 5) -> float:
+    """Median seconds of one forward + backward of ``block`` on ``x`` (``repeats`` runs of ``iters``).
+
+    Example:
+        >>> import torch
+        >>> 0 < block_step_time_s(torch.nn.Linear(4, 4), torch.randn(2, 4), iters=2, repeats=1) < 0.1
+        True
+    """
+    x = x.detach().requires_grad_(True)
+    block(x).sum().backward()  # warm-up: first-call allocations, dispatch and hook caches
+    _sync(x.device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(iters):
             block(x).sum().backward()
-        _sync(device)
+        _sync(x.device)
         times.append((time.perf_counter() - start) / iters)
-    return statistics.median(times) / 3
+    return statistics.median(times)
+
+
+def layer_overhead_time_s(device: torch.device | None = None, iters: int = 20, repeats: int = 5) -> float:
+    """Fixed forward seconds of one layer per microbatch on ``device``: a third of a tiny GPT block's forward +
+    backward (forward 1×, backward 2×; its FLOPs are negligible).
+
+    Example:
+        >>> 0 < layer_overhead_time_s(iters=2, repeats=1) < 0.1
+        True
+    """
+    block, x = _tiny_block(device or torch.device("cpu"))
+    return block_step_time_s(block, x, iters, repeats) / 3
 
 
 def memory_bandwidth_Bps(device: torch.device | None = None, num_bytes: int = 2**27, iters: int = 5) -> float:
@@ -108,13 +172,46 @@ def memory_bandwidth_Bps(device: torch.device | None = None, num_bytes: int = 2*
     device = device or torch.device("cpu")
     src = torch.ones(max(1, num_bytes // 4), device=device)
     dst = torch.empty_like(src)
-    dst.copy_(src)  # warm-up: first-touch page faults
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        dst.copy_(src)
-    _sync(device)
-    return 2 * src.numel() * 4 * iters / (time.perf_counter() - start)
+    return 2 * src.numel() * 4 / _timed(lambda: dst.copy_(src), device, min_s=0, max_iters=iters)
+
+
+def collective_time_s(kind: str, num_bytes: int, group: dist.ProcessGroup | None, device: torch.device,
+                      iters: int = 7) -> float:
+    """Median seconds of one ``kind`` collective of ``num_bytes`` over ``group`` (after one warm-up); collective.
+    ``num_bytes`` is an all-reduce's buffer, an all-gather's result, a reduce-scatter's input; for ``"send"``
+    the group's first rank sends ``num_bytes`` to its second.
+
+    Example (under torchrun): ``collective_time_s("all_gather", 2**20, None, torch.device("cpu"))``
+    """
+    n = dist.get_world_size(group)
+    elements = max(n, num_bytes // 4) // n * n
+    full = torch.zeros(elements, device=device)
+    part = torch.zeros(elements // n, device=device)
+    if kind == "all_reduce":
+        def op(): dist.all_reduce(full, group=group)
+    elif kind == "all_gather":
+        def op(): dist.all_gather_into_tensor(full, part, group=group)
+    elif kind == "reduce_scatter":
+        def op(): dist.reduce_scatter_tensor(part, full, group=group)
+    elif kind == "send":
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(n))
+        me = dist.get_rank()
+        def op():
+            if me == ranks[0]:
+                dist.send(full, ranks[1])
+            elif me == ranks[1]:
+                dist.recv(full, ranks[0])
+    else:
+        raise ValueError(f"unknown collective kind {kind!r}; use all_reduce, all_gather, reduce_scatter or send")
+    op()  # warm-up: connections and buffers
+    times = []
+    for _ in range(iters):  # the median of single operations: a loaded machine delays some of them by far more
+        dist.barrier(group=group)
+        start = time.perf_counter()
+        op()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def allreduce_time_s(num_bytes: int, group: dist.ProcessGroup | None, device: torch.device, iters: int = 5) -> float:
@@ -122,14 +219,7 @@ def allreduce_time_s(num_bytes: int, group: dist.ProcessGroup | None, device: to
 
     Example (under torchrun): ``allreduce_time_s(2**24, None, torch.device("cpu"))``
     """
-    tensor = torch.zeros(max(1, num_bytes // 4), device=device)
-    dist.all_reduce(tensor, group=group)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        dist.all_reduce(tensor, group=group)
-    _sync(device)
-    return (time.perf_counter() - start) / iters
+    return collective_time_s("all_reduce", num_bytes, group, device, iters)
 
 
 def ring_bandwidth_Bps(num_bytes: int, ranks: int, time_s: float, latency_s: float) -> float:
@@ -142,17 +232,40 @@ def ring_bandwidth_Bps(num_bytes: int, ranks: int, time_s: float, latency_s: flo
     return 2 * (ranks - 1) / ranks * num_bytes / max(time_s - latency_s, 1e-9)
 
 
+def overlap_fraction(comm_s: float, compute_s: float, both_s: float) -> float:
+    """How much of the shorter of a collective and a computation hid behind the other when run together:
+    (comm + compute − both) / min(comm, compute), clamped to [0, 1]; 1 is full overlap, 0 none.
+
+    Example:
+        >>> overlap_fraction(0.1, 0.1, 0.1), overlap_fraction(0.1, 0.1, 0.2)
+        (1.0, 0.0)
+    """
+    shorter = min(comm_s, compute_s)
+    return min(1.0, max(0.0, (comm_s + compute_s - both_s) / shorter)) if shorter > 0 else 0.0
+
+
 def _slowest(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t)
 
 
+def _alone(fn: Callable[[], float], device: torch.device) -> float:
+    """``fn()`` timed on rank 0 while the other ranks wait in a barrier; its value on every rank."""
+    t = torch.tensor([fn() if dist.get_rank() == 0 else 0.0], dtype=torch.float64, device=device)
+    dist.barrier()
+    dist.broadcast(t, src=0)
+    return float(t)
+
+
+def _groups(ranks: list[list[int]], me: int) -> tuple[dist.ProcessGroup, list[int]]:
+    groups = [dist.new_group(r) for r in ranks]  # new_group is collective: all ranks create every group
+    return next((g, r) for g, r in zip(groups, ranks) if me in r)
+
+
 def _link(num_bytes: int, ranks: list[list[int]], me: int, device: torch.device) -> tuple[float, float] | None:
     """(latency_s, bandwidth_Bps) over the group among ``ranks`` that holds ``me``; every rank calls this."""
-    groups = [dist.new_group(r) for r in ranks]  # new_group is collective: all ranks create every group
-    mine = next((g, r) for g, r in zip(groups, ranks) if me in r)
-    group, members = mine
+    group, members = _groups(ranks, me)
     if len(members) < 2:
         return None
     latency = _slowest(allreduce_time_s(4, group, device, iters=20), device)
@@ -160,8 +273,105 @@ def _link(num_bytes: int, ranks: list[list[int]], me: int, device: torch.device)
     return latency, ring_bandwidth_Bps(num_bytes, len(members), total, latency)
 
 
+def _collective_table(local: int, nodes: int, sizes: list[int], me: int, device: torch.device) -> dict:
+    """{kind: {n: [(bytes, seconds)]}} inside a node for n = 2 and n = ranks per node, all groups at once."""
+    table: dict = {}
+    for n in sorted({2, local}):
+        if n < 2 or local % n:
+            continue
+        group, _ = _groups([list(range(s, s + n)) for s in range(0, nodes * local, n)], me)
+        for kind in ("all_reduce", "all_gather", "reduce_scatter") + (("send",) if n == 2 else ()):
+            times = [_slowest(collective_time_s(kind, b, group, device), device) for b in sizes]
+            table.setdefault(kind, {})[str(n)] = list(zip(sizes, monotone(times)))
+    return table
+
+
+def monotone(values: list[float]) -> list[float]:
+    """The closest non-decreasing sequence in least squares (pool adjacent violators): a larger message never
+    takes less time, so a noisy dip is averaged with the point above it.
+
+    Example:
+        >>> monotone([1.0, 3.0, 2.0, 4.0])
+        [1.0, 2.5, 2.5, 4.0]
+    """
+    blocks: list[list[float]] = []  # [mean, count]
+    for v in values:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m1, c1), (m2, c2) = blocks.pop(-2), blocks.pop()
+            blocks.append([(m1 * c1 + m2 * c2) / (c1 + c2), c1 + c2])
+    return [m for m, c in blocks for _ in range(int(c))]
+
+
+def _framework_overheads(device: torch.device, plain_s: float, contention: float, cluster: Cluster) -> tuple[float, float]:
+    """Extra fixed seconds per forward of a DTensor tensor-parallel and of an FSDP2-wrapped tiny block over the
+    world (collective): each measured with every rank busy, less its collectives (the cluster's table) and
+    divided by ``contention`` (the ranks' sharing), less the plain block's ``plain_s``, a third of the rest."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from .cost.collectives import group_allgather_s, group_allreduce_s, group_reduce_scatter_s
+
+    n = dist.get_world_size()
+    mesh = init_device_mesh(device.type, (n,))
+    block, x = _tiny_block(device)
+    out_bytes = x.numel() * 4
+    parallelize_module(block, mesh, {"attn.qkv": ColwiseParallel(), "attn.proj": RowwiseParallel(),
+                                     "mlp.fc": ColwiseParallel(), "mlp.proj": RowwiseParallel()})
+    tp_total = _slowest(block_step_time_s(block, x, iters=6, repeats=3), device)
+    tp_comm = 4 * group_allreduce_s(out_bytes, cluster, n, 1)  # two pairs: forward g and backward f each
+    block, x = _tiny_block(device)
+    param_bytes = sum(p.numel() for p in block.parameters()) * 4
+    fully_shard(block, mesh=mesh, reshard_after_forward=True)
+    fsdp_total = _slowest(block_step_time_s(block, x, iters=6, repeats=3), device)
+    fsdp_comm = (2 * group_allgather_s(param_bytes, cluster, n, 1)
+                 + group_reduce_scatter_s(param_bytes, cluster, n, 1))
+    extra = [max(0.0, (total - comm) / contention / 3 - plain_s)
+             for total, comm in ((tp_total, tp_comm), (fsdp_total, fsdp_comm))]
+    return extra[0], extra[1]
+
+
+def _concurrency(device: torch.device, ranks: int) -> float:
+    """ranks × rate with every rank busy / rate of rank 0 alone, over a tiny block's forward + backward (the
+    dispatch-bound work) and a 256² matmul (the compute-bound work); the mean of the two."""
+    block, x = _tiny_block(device)
+    a = torch.randn(256, 256, device=device)
+    work = [lambda: block_step_time_s(block, x, iters=20, repeats=3), lambda: _timed(lambda: a @ a, device, 0.05)]
+    ratios = []
+    for fn in work:
+        alone = _alone(fn, device)
+        dist.barrier()
+        together = _slowest(fn(), device)
+        ratios.append(ranks * alone / together)
+    return statistics.mean(ratios)
+
+
+def _overlap(device: torch.device, num_bytes: int) -> float:
+    """:func:`overlap_fraction` of an asynchronous all-reduce of ``num_bytes`` over the world and matmuls run
+    meanwhile (collective; the slowest rank's times)."""
+    buf = torch.zeros(num_bytes // 4, device=device)
+    a = torch.randn(256, 256, device=device)
+    comm = _slowest(collective_time_s("all_reduce", num_bytes, None, device, iters=3), device)
+    reps = max(1, round(comm / _timed(lambda: a @ a, device, 0.02)))
+
+    def compute():
+        for _ in range(reps):
+            a @ a
+
+    compute_s = _slowest(_timed(compute, device, 0, 3), device)
+
+    def both():
+        work = dist.all_reduce(buf, async_op=True)
+        compute()
+        work.wait()
+
+    return overlap_fraction(comm, compute_s, _slowest(_timed(both, device, 0, 3), device))
+
+
 def calibrate(size_bytes: int, matmul_n: int) -> Cluster:
-    """Measure this job and return its :class:`Cluster` (collective: every rank calls it).
+    """Measure this job and return its :class:`Cluster` (collective: every rank calls it). The overlap
+    measurement is left in ``calibrate.last_overlap`` (a float; ``None`` in a world of one).
 
     Example: ``calibrate(2**24, 1024).to_dict()`` under torchrun.
     """
@@ -169,17 +379,39 @@ def calibrate(size_bytes: int, matmul_n: int) -> Cluster:
     world = World.current()
     device = world.device(cluster.device.kind)
     world.init_process_group(cluster.device.kind)
-    flops = {}
+    ranks = world.size if world.distributed else 1
+    concurrency = _concurrency(device, ranks) if world.distributed else float(ranks)
+    # Near the world size: every rank has its own device (no sharing to model).
+    shared = concurrency < 0.9 * ranks
+    contention = max(1.0, ranks / concurrency) if shared else 1.0
+
+    def alone(fn: Callable[[], float]) -> float:
+        """One rank's figure: rank 0 alone when ranks share processors, else the slowest of all at once."""
+        if not world.distributed:
+            return fn()
+        return _alone(fn, device) if shared else _slowest(fn(), device)
+
+    flops, efficiency = {}, {}
     for precision in PRECISIONS:
-        rate = matmul_flops(precision, n=matmul_n, device=device)
-        flops[precision] = _slowest(1 / rate, device) ** -1 if world.distributed else rate
-    overhead_s = layer_overhead_time_s(device)
-    bandwidth_Bps = memory_bandwidth_Bps(device)
+        box = {}
+
+        def measure(precision=precision, box=box) -> float:
+            box["best"], box["table"] = matmul_efficiency(precision, matmul_n, device)
+            return 1 / box["best"]
+
+        flops[precision] = 1 / alone(measure)
+        if box and (not world.distributed or world.rank == 0 or not shared):
+            efficiency[precision] = box["table"]
     if world.distributed:
-        overhead_s = _slowest(overhead_s, device)
-        bandwidth_Bps = _slowest(1 / bandwidth_Bps, device) ** -1
-    changes = {"device": replace(cluster.device, peak_flops=flops, layer_overhead_s=overhead_s,
-                                 memory_bandwidth_Bps=bandwidth_Bps)}
+        holder = [efficiency]
+        dist.broadcast_object_list(holder, src=0)
+        efficiency = holder[0]
+    plain_s = alone(lambda: layer_overhead_time_s(device))
+    bandwidth_Bps = 1 / alone(lambda: 1 / memory_bandwidth_Bps(device))
+    device_fields = dict(peak_flops=flops, layer_overhead_s=plain_s, memory_bandwidth_Bps=bandwidth_Bps,
+                         matmul_efficiency=efficiency)
+    changes: dict = {}
+    calibrate.last_overlap = None
     if world.distributed:
         local, nodes = cluster.devices_per_node, cluster.nodes
         intra = _link(size_bytes, [list(range(n * local, (n + 1) * local)) for n in range(nodes)], world.rank, device)
@@ -188,6 +420,14 @@ def calibrate(size_bytes: int, matmul_n: int) -> Cluster:
             changes.update(intra_node_latency_s=intra[0], intra_node_bandwidth_Bps=intra[1])
         if inter:
             changes.update(inter_node_latency_s=inter[0], inter_node_bandwidth_Bps=inter[1])
+        sizes = sorted({b for b in COLLECTIVE_SIZES_BYTES if b < size_bytes} | {size_bytes})
+        changes["collective_times"] = _collective_table(local, nodes, sizes, world.rank, device)
+        changes["compute_concurrency"] = concurrency if shared else 0.0
+        measured = replace(cluster, **changes)
+        tp_s, fsdp_s = _framework_overheads(device, plain_s, contention, measured)
+        device_fields.update(tp_layer_overhead_s=tp_s, fsdp_layer_overhead_s=fsdp_s)
+        calibrate.last_overlap = _overlap(device, size_bytes)
+    changes["device"] = replace(cluster.device, **device_fields)
     return replace(cluster, name=f"calibrated-{cluster.device.kind}", **changes)
 
 
@@ -213,7 +453,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"autoplan calibrate: {cluster.nodes}×{cluster.devices_per_node} {d.name}; matmul "
               + ", ".join(f"{p} {d.peak_flops[p] / 1e9:.1f} GFLOP/s" for p in PRECISIONS)
               + f"; memory {d.memory_bandwidth_Bps / 1e9:.1f} GB/s"
-              + f"; layer overhead {d.layer_overhead_s * 1e6:.0f} µs"
+              + f"; layer overhead {d.layer_overhead_s * 1e6:.0f} µs (+{d.tp_layer_overhead_s * 1e6:.0f} µs "
+              f"tensor-parallel, +{d.fsdp_layer_overhead_s * 1e6:.0f} µs FSDP)"
+              + f"; compute concurrency {cluster.compute_concurrency:.2f} (0: a device per rank)"
+              + (f"; all-reduce/compute overlap {calibrate.last_overlap:.2f}" if calibrate.last_overlap is not None
+                 else "")
               + f"; intra-node {cluster.intra_node_bandwidth_Bps / 1e9:.2f} GB/s, "
               f"{cluster.intra_node_latency_s * 1e6:.0f} µs; wrote {args.out}")
     if dist.is_initialized():

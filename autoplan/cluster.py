@@ -36,6 +36,13 @@ class Device:
         layer_overhead_s: fixed seconds one layer's forward costs per microbatch whatever its size (kernel
             launches, Python and autograd dispatch); backward is charged twice this. 0 (the default for a
             device built by hand, and what a cluster JSON written before the field loads with) charges none.
+        tp_layer_overhead_s: fixed seconds a tensor-parallel layer's forward costs per microbatch on top of
+            ``layer_overhead_s`` (DTensor's sharding propagation and redistribution per op); backward 2×.
+        fsdp_layer_overhead_s: the same for a layer wrapped by FSDP2 ``fully_shard`` / ``replicate`` (its pre-
+            and post-forward/backward hooks); backward 2×.
+        matmul_efficiency: per precision, measured ``(flops_per_matmul, fraction_of_peak)`` points, increasing in
+            FLOPs; the cost model interpolates the fraction for each matmul's size (log-linear, clamped at the
+            ends) in place of ``achievable_flops_fraction``. Empty (the presets): one fraction for every size.
 
     Example:
         >>> d = Device("toy", 16 * GiB, {"fp32": 1e12, "bf16": 4e12, "fp16": 4e12}, achievable_flops_fraction=0.5)
@@ -51,6 +58,10 @@ class Device:
     memory_bandwidth_Bps: float = 2.0e12  # device memory bandwidth (optimizer step, elementwise ops)
     kind: str = "cuda"  # "cuda" or "cpu": which torch device and backend the executor uses
     layer_overhead_s: float = 0.0  # fixed forward seconds per layer and microbatch (launch + dispatch)
+    tp_layer_overhead_s: float = 0.0  # extra fixed forward seconds of a tensor-parallel (DTensor) layer
+    fsdp_layer_overhead_s: float = 0.0  # extra fixed forward seconds of an FSDP2-wrapped layer (hooks)
+    # precision → ((flops_per_matmul, fraction_of_peak), ...), measured by autoplan.calibrate
+    matmul_efficiency: tuple[tuple[str, tuple[tuple[float, float], ...]], ...] = ()
 
     def __post_init__(self) -> None:
         if self.memory_bytes <= 0:
@@ -76,24 +87,67 @@ class Device:
             raise ValueError(f"Device.memory_bandwidth_Bps must be positive, got {self.memory_bandwidth_Bps}")
         if self.kind not in DEVICE_KINDS:
             raise ValueError(f"Device.kind must be one of {DEVICE_KINDS}, got {self.kind!r}")
-        if not self.layer_overhead_s >= 0:
-            raise ValueError(f"Device.layer_overhead_s must be ≥ 0 seconds, got {self.layer_overhead_s}")
+        for attr in ("layer_overhead_s", "tp_layer_overhead_s", "fsdp_layer_overhead_s"):
+            if not getattr(self, attr) >= 0:
+                raise ValueError(f"Device.{attr} must be ≥ 0 seconds, got {getattr(self, attr)}")
+        object.__setattr__(self, "matmul_efficiency", _efficiency_table(self.matmul_efficiency))
 
     def __hash__(self) -> int:
         # peak_flops is a dict: hash its items so clusters can key caches.
         return hash((self.name, self.memory_bytes, tuple(sorted(self.peak_flops.items())),
                      self.achievable_flops_fraction, self.memory_headroom_bytes, self.memory_bandwidth_Bps,
-                     self.kind, self.layer_overhead_s))
+                     self.kind, self.layer_overhead_s, self.tp_layer_overhead_s, self.fsdp_layer_overhead_s,
+                     self.matmul_efficiency))
 
     @property
     def usable_memory_bytes(self) -> int:
         return self.memory_bytes - self.memory_headroom_bytes
 
-    def achievable_flops(self, precision: str) -> float:
-        """FLOP/s a training matmul reaches at ``precision``."""
+    def achievable_flops(self, precision: str, matmul_flops: float | None = None) -> float:
+        """FLOP/s a training matmul of ``matmul_flops`` FLOPs reaches at ``precision``: the peak times the
+        measured efficiency at that size (:attr:`matmul_efficiency`, interpolated in log FLOPs) when there is a
+        table for the precision and a size is given, else times ``achievable_flops_fraction``.
+
+        Example:
+            >>> d = Device("toy", GiB, {"fp32": 1e9, "bf16": 1e9, "fp16": 1e9},
+            ...            matmul_efficiency={"fp32": [(1e3, 0.1), (1e5, 0.5)]})
+            >>> [round(d.achievable_flops(p, f) / 1e6) for p, f in (("fp32", 1e4), ("fp32", 1e9), ("bf16", 1e4))]
+            [300, 500, 500]
+        """
         if precision not in self.peak_flops:
             raise ValueError(f"unknown precision {precision!r}; use one of {PRECISIONS}")
-        return self.peak_flops[precision] * self.achievable_flops_fraction
+        table = dict(self.matmul_efficiency).get(precision)
+        if not table or matmul_flops is None:
+            return self.peak_flops[precision] * self.achievable_flops_fraction
+        return self.peak_flops[precision] * _interpolate_log(table, matmul_flops)
+
+
+def _efficiency_table(table) -> tuple[tuple[str, tuple[tuple[float, float], ...]], ...]:
+    """``matmul_efficiency`` as sorted, hashable tuples, from a dict or pairs (JSON gives lists); checked."""
+    items = table.items() if isinstance(table, dict) else table
+    out = []
+    for precision, points in items:
+        if precision not in PRECISIONS:
+            raise ValueError(f"Device.matmul_efficiency has unknown precision {precision!r}; use {PRECISIONS}")
+        pts = tuple(sorted((float(f), float(e)) for f, e in points))
+        if not pts or any(not (f > 0 and 0 < e <= 1) for f, e in pts):
+            raise ValueError(f"Device.matmul_efficiency[{precision!r}] needs (flops > 0, 0 < fraction ≤ 1) "
+                             f"points, got {points!r}")
+        out.append((precision, pts))
+    return tuple(sorted(out))
+
+
+def _interpolate_log(points: tuple[tuple[float, float], ...], x: float) -> float:
+    """Piecewise-linear interpolation of ``points`` (x, y) in log x, clamped to the end values."""
+    import math
+
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x <= x1:
+            w = math.log(x / x0) / math.log(x1 / x0) if x1 > x0 else 1.0
+            return y0 + w * (y1 - y0)
+    return points[-1][1]
 
 
 # Vendor figures (dense, no sparsity), per GPU:
@@ -213,6 +267,17 @@ class Cluster:
 
     Bandwidths are per device and per direction in bytes/s; latencies are the alpha term of one message.
 
+    Measured figures (``autoplan.calibrate`` writes them; empty/0 for the presets, which use the formulas):
+
+    - ``collective_times``: per collective kind (``"all_reduce"``, ``"all_gather"``, ``"reduce_scatter"``,
+      ``"send"``) and group size, measured ``(bytes, seconds)`` points of one collective inside a node, all
+      groups of that size busy at once. The cost model interpolates them linearly in bytes (beyond the largest,
+      along the last segment) in place of the alpha-beta formula for intra-node groups of a measured size.
+    - ``compute_concurrency``: how many ranks compute at full speed at once when ranks share processors (a CPU
+      job with more ranks than cores): rate of all ranks busy × ranks / rate of one rank alone. 0 means every
+      rank has its own device. The device's rates are then one rank's alone, and the cost model slows a
+      layout's compute by the ranks busy at once over this (:func:`autoplan.cost.compute_contention`).
+
     Example:
         >>> c = Cluster(nodes=2, devices_per_node=4, device=PRESETS["a100-80gb"]["device"])
         >>> c.world_size
@@ -227,6 +292,9 @@ class Cluster:
     intra_node_latency_s: float = 5e-6
     inter_node_latency_s: float = 10e-6
     name: str = "custom"
+    # ((kind, group_size, ((bytes, seconds), ...)), ...) measured by autoplan.calibrate; see the docstring
+    collective_times: tuple[tuple[str, int, tuple[tuple[float, float], ...]], ...] = ()
+    compute_concurrency: float = 0.0
 
     def __post_init__(self) -> None:
         for attr in ("nodes", "devices_per_node"):
@@ -238,9 +306,23 @@ class Cluster:
         for attr in ("intra_node_bandwidth_Bps", "inter_node_bandwidth_Bps"):
             if not getattr(self, attr) > 0:
                 raise ValueError(f"Cluster.{attr} must be positive, got {getattr(self, attr)}")
-        for attr in ("intra_node_latency_s", "inter_node_latency_s"):
+        for attr in ("intra_node_latency_s", "inter_node_latency_s", "compute_concurrency"):
             if not getattr(self, attr) >= 0:
                 raise ValueError(f"Cluster.{attr} must be ≥ 0, got {getattr(self, attr)}")
+        object.__setattr__(self, "collective_times", _collective_table(self.collective_times))
+
+    def collective_points(self, kind: str, group_size: int) -> tuple[tuple[float, float], ...]:
+        """The measured ``(bytes, seconds)`` points of ``kind`` over ``group_size`` ranks, or ``()``.
+
+        Example:
+            >>> c = Cluster.preset("cpu", devices_per_node=2)
+            >>> c.collective_points("all_reduce", 2)
+            ()
+        """
+        for k, n, points in self.collective_times:
+            if k == kind and n == group_size:
+                return points
+        return ()
 
     @property
     def world_size(self) -> int:
@@ -317,8 +399,23 @@ class Cluster:
             True
         """
         data = asdict(self)
-        if data["device"]["layer_overhead_s"] == 0:
-            del data["device"]["layer_overhead_s"]
+        for key in ("layer_overhead_s", "tp_layer_overhead_s", "fsdp_layer_overhead_s"):
+            if data["device"][key] == 0:
+                del data["device"][key]
+        if self.device.matmul_efficiency:
+            data["device"]["matmul_efficiency"] = {p: [list(x) for x in pts]
+                                                   for p, pts in self.device.matmul_efficiency}
+        else:
+            del data["device"]["matmul_efficiency"]
+        if self.collective_times:
+            table: dict = {}
+            for kind, n, points in self.collective_times:
+                table.setdefault(kind, {})[str(n)] = [list(x) for x in points]
+            data["collective_times"] = table
+        else:
+            del data["collective_times"]
+        if self.compute_concurrency == 0:
+            del data["compute_concurrency"]
         return data
 
     @classmethod
@@ -336,6 +433,26 @@ class Cluster:
         data = dict(data)
         data["device"] = Device(**data["device"])
         return cls(**data)
+
+
+def _collective_table(table) -> tuple[tuple[str, int, tuple[tuple[float, float], ...]], ...]:
+    """``collective_times`` as sorted, hashable tuples, from the JSON dict ``{kind: {"n": [[bytes, s], ...]}}``
+    or from triples; checked."""
+    from .cost.collectives import COLLECTIVE_KINDS
+
+    if isinstance(table, dict):
+        table = [(kind, int(n), pts) for kind, sizes in table.items() for n, pts in sizes.items()]
+    out = []
+    for kind, n, points in table:
+        if kind not in COLLECTIVE_KINDS or int(n) < 2:
+            raise ValueError(f"Cluster.collective_times: unknown kind {kind!r} or group size {n!r} < 2; kinds are "
+                             f"{COLLECTIVE_KINDS}")
+        pts = tuple(sorted((float(b), float(t)) for b, t in points))
+        if not pts or any(not (b >= 0 and t > 0) for b, t in pts):
+            raise ValueError(f"Cluster.collective_times[{kind!r}][{n}] needs (bytes ≥ 0, seconds > 0) points, "
+                             f"got {points!r}")
+        out.append((kind, int(n), pts))
+    return tuple(sorted(out))
 
 
 def _check_keys(what: str, data: dict, kind: type) -> None:

@@ -1,13 +1,15 @@
 """Predicted against measured step time on this machine, after calibration, over pinned layouts of a GPT.
 
-    torchrun --standalone --nproc_per_node 4 benchmarks/fidelity_cpu.py [--steps 4] [--out fidelity.json]
+    torchrun --standalone --nproc_per_node 4 benchmarks/fidelity_cpu.py [--steps 4] [--rounds 2] [--out f.json]
 
-Every rank first runs :func:`autoplan.calibrate.calibrate` (matmul FLOP/s, memory bandwidth, per-layer overhead,
-all-reduce bandwidth and latency of this job). Rank 0 then plans a small GPT on the calibrated cluster once per
+Every rank first runs :func:`autoplan.calibrate.calibrate` (compute concurrency, matmul efficiency per size,
+memory bandwidth, per-layer overheads of eager, DTensor and FSDP layers, collective times per kind, group size
+and message size, all-reduce/compute overlap). Rank 0 then plans a small GPT on the calibrated cluster once per
 layout, pinning the mesh, the data-parallel kind, the schedule and recompute (the planner still picks the
 microbatches, stage cuts and tensor-parallel styles), and once with nothing pinned (the automatic plan). Every
-plan is applied and trained for ``--steps`` timed steps (train step + AdamW step) after one warm-up step; the
-median is compared with ``plan.predicted.step_time_s``. Printed: predicted vs measured per layout, the Spearman
+plan is applied and trained for ``--steps`` timed steps (train step + AdamW step) after one warm-up step, in
+``--rounds`` interleaved rounds over the layouts (the machine's load drifts; interleaving spreads it over all
+layouts); the median over all rounds' steps is compared with ``plan.predicted.step_time_s``. Printed: predicted vs measured per layout, the Spearman
 rank correlation over the pinned layouts, the median relative error, and the automatic plan's measured time
 against the fastest pinned layout's. Goals: Spearman ≥ 0.9, median error ≤ 15%, automatic within 5% of the
 fastest.
@@ -57,8 +59,8 @@ def data(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(x[:, :-1], x[:, 1:]) for x in t]
 
 
-def measure(plan: autoplan.Plan, batches) -> float:
-    """Median seconds of one train step + optimizer step of ``plan`` (the slowest rank's, via barriers)."""
+def measure(plan: autoplan.Plan, batches) -> list[float]:
+    """Seconds of each timed train step + optimizer step of ``plan`` (the slowest rank's, via barriers)."""
     pm = autoplan.parallelize(fresh_model(), plan=plan)
     opt = torch.optim.AdamW(pm.parameters(), lr=1e-3)
     times = []
@@ -71,7 +73,7 @@ def measure(plan: autoplan.Plan, batches) -> float:
         dist.barrier()
         if i > 0:  # the first step warms up allocations and dispatch caches
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
@@ -90,11 +92,13 @@ def spearman(xs: list[float], ys: list[float]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=4, help="timed steps per layout (one more warms up)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the layouts")
     parser.add_argument("--out", help="write the figures as JSON here (rank 0)")
     args = parser.parse_args()
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
-    cluster = calibrate(size_bytes=4 * 2**20, matmul_n=256)
+    cluster = calibrate(size_bytes=2**22, matmul_n=512)
+    overlap = calibrate.last_overlap
     batches = data(args.steps + 1)
     cases = {**LAYOUTS, "automatic": {}}
     box = [None]
@@ -102,14 +106,21 @@ def main() -> None:
         box = [{name: autoplan.plan(fresh_model(), batches[0][0], cluster=cluster, precision="fp32", **pins)
                 .to_dict() for name, pins in cases.items()}]
     dist.broadcast_object_list(box, src=0)
+    plans = {name: autoplan.Plan.from_dict(d) for name, d in box[0].items()}
+    steps: dict[str, list[float]] = {name: [] for name in plans}
+    for _ in range(args.rounds):
+        for name, plan in plans.items():
+            steps[name] += measure(plan, batches)
     rows = []
-    for name, plan_dict in box[0].items():
-        plan = autoplan.Plan.from_dict(plan_dict)
-        measured = measure(plan, batches)
-        predicted = plan.predicted.step_time_s
+    for name, plan in plans.items():
+        measured = statistics.median(steps[name])
+        p = plan.predicted
         rows.append({"layout": name, "plan": f"{plan.mesh} {plan.data_parallel} {plan.schedule} "
                      f"mb={plan.microbatch_size}×{plan.microbatches} recompute={len(plan.recompute)}",
-                     "predicted_s": predicted, "measured_s": measured, "error": (predicted - measured) / measured})
+                     "predicted_s": p.step_time_s, "measured_s": measured,
+                     "error": (p.step_time_s - measured) / measured, "steps_s": steps[name],
+                     "predicted_parts_s": {"compute": p.compute_s, "recompute": p.recompute_s, "comm": p.comm_s,
+                                           "bubble": p.bubble_s, "optimizer": p.optimizer_s}})
     if dist.get_rank() == 0:
         pinned = [r for r in rows if r["layout"] != "automatic"]
         auto = next(r for r in rows if r["layout"] == "automatic")
@@ -118,11 +129,16 @@ def main() -> None:
             "spearman": spearman([r["predicted_s"] for r in pinned], [r["measured_s"] for r in pinned]),
             "median_abs_error": statistics.median(abs(r["error"]) for r in pinned),
             "automatic_over_fastest": auto["measured_s"] / fastest["measured_s"], "fastest": fastest["layout"],
-            "calibrated": cluster.to_dict(),
+            "comm_overlap": overlap, "calibrated": cluster.to_dict(),
         }
         for r in rows:
+            parts = " ".join(f"{k} {v * 1e3:.0f}" for k, v in r["predicted_parts_s"].items() if v > 0)
             print(f"{r['layout']:>18} | {r['plan']:<48} | predicted {r['predicted_s'] * 1e3:7.1f} ms measured "
-                  f"{r['measured_s'] * 1e3:7.1f} ms error {r['error']:+.0%}")
+                  f"{r['measured_s'] * 1e3:7.1f} ms error {r['error']:+.0%} | {parts}")
+        d = cluster.device
+        print(f"calibrated: concurrency {cluster.compute_concurrency:.2f}, layer overhead {d.layer_overhead_s * 1e6:.0f}"
+              f" µs (+{d.tp_layer_overhead_s * 1e6:.0f} TP, +{d.fsdp_layer_overhead_s * 1e6:.0f} FSDP), fp32 "
+              f"{d.peak_flops['fp32'] / 1e9:.1f} GFLOP/s, all-reduce/compute overlap {overlap:.2f}")
         print(f"Spearman {summary['spearman']:.2f}; median |error| {summary['median_abs_error']:.0%}; automatic "
               f"{summary['automatic_over_fastest']:.2f}× the fastest pinned layout ({fastest['layout']})")
         if args.out:

@@ -24,8 +24,9 @@ def test_matmul_rate_is_positive_for_every_precision():
 
 
 def test_layer_overhead_is_a_fixed_time_per_layer():
-    # A tiny block's forward + backward on CPU: tens of µs to a few ms per forward, nowhere near zero.
-    assert 1e-6 < layer_overhead_time_s(iters=3, repeats=3) < 0.05
+    # A tiny block's forward + backward on CPU: tens of µs to a few ms per forward, nowhere near zero (far more
+    # when other jobs load the cores: the bound only rules out nonsense).
+    assert 1e-6 < layer_overhead_time_s(iters=3, repeats=3) < 0.5
 
 
 def test_world_of_one_writes_a_cluster_the_planner_reads(tmp_path):

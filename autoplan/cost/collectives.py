@@ -59,6 +59,9 @@ __all__ = [
     "group_allgather_s",
     "group_allgather_terms",
     "group_reduce_scatter_s",
+    "group_p2p_s",
+    "collective_terms",
+    "measured_collective_s",
     "check_group",
 ]
 
@@ -182,9 +185,12 @@ def group_allreduce_s(nbytes: float, cluster: Cluster, group_size: int, stride: 
         >>> group_allreduce_s(1e9, c, 16, 1) < flat_ib
         True
     """
+    measured = measured_collective_s(cluster, "all_reduce", group_size, stride, nbytes)
+    if measured is not None:
+        return measured
     # RS(k) + AR(m) + AG(k) = 2·AG(nbytes, k) + 2·AG(nbytes / k, m), since a ring all-reduce costs two
     # all-gathers and a reduce-scatter one: twice the two-level all-gather, flat or across nodes.
-    return 2 * group_allgather_s(nbytes, cluster, group_size, stride)
+    return 2 * _formula_allgather_s(nbytes, cluster, group_size, stride)
 
 
 def group_allgather_s(nbytes: float, cluster: Cluster, group_size: int, stride: int) -> float:
@@ -202,6 +208,11 @@ def group_allgather_s(nbytes: float, cluster: Cluster, group_size: int, stride: 
         >>> round(group_allgather_s(1.6e9, c, 16, 1) * 1e3, 2)   # 0.2 GB over IB, then 1.6 GB over NVLink
         8.71
     """
+    measured = measured_collective_s(cluster, "all_gather", group_size, stride, nbytes)
+    return measured if measured is not None else _formula_allgather_s(nbytes, cluster, group_size, stride)
+
+
+def _formula_allgather_s(nbytes: float, cluster: Cluster, group_size: int, stride: int) -> float:
     _check_non_negative("nbytes", nbytes)
     latency_s, seconds_per_byte = group_allgather_terms(cluster, group_size, stride)
     return latency_s + nbytes * seconds_per_byte
@@ -243,6 +254,90 @@ def group_reduce_scatter_s(nbytes: float, cluster: Cluster, group_size: int, str
         >>> group_reduce_scatter_s(1.6e9, c, 16, 1) == group_allgather_s(1.6e9, c, 16, 1)
         True
     """
-    return group_allgather_s(nbytes, cluster, group_size, stride)
+    measured = measured_collective_s(cluster, "reduce_scatter", group_size, stride, nbytes)
+    return measured if measured is not None else _formula_allgather_s(nbytes, cluster, group_size, stride)
+
+
+def group_p2p_s(nbytes: float, cluster: Cluster, pp: int, stride: int) -> float:
+    """One send between neighbouring ranks of a pipeline of ``pp`` ranks ``stride`` apart: measured
+    (``cluster.collective_times["send"]``, pairs sending at once) when the pipeline fits in a node, else
+    :func:`p2p_s` on the link of :func:`group_link`.
+
+    Example:
+        >>> c = Cluster.preset("a100-80gb", nodes=2)
+        >>> round(group_p2p_s(50e6, c, 2, 8) * 1e3, 3)          # across nodes: 2 ms + 10 µs over InfiniBand
+        2.01
+    """
+    measured = measured_collective_s(cluster, "send", 2, stride, nbytes, span=pp)
+    if measured is not None:
+        return measured
+    bandwidth_Bps, latency_s = group_link(cluster, pp, stride)
+    return p2p_s(nbytes, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
+
+
+def measured_collective_s(cluster: Cluster, kind: str, group_size: int, stride: int, nbytes: float,
+                          span: int | None = None) -> float | None:
+    """Seconds of one ``kind`` collective of ``nbytes`` over ``group_size`` ranks ``stride`` apart from the
+    cluster's measured points (:attr:`autoplan.Cluster.collective_times`), or ``None`` when there are none for
+    that kind and size or the group (``span`` ranks ``stride`` apart, default ``group_size``) leaves the node.
+
+    Between points the time is linear in the bytes; below the smallest it is the smallest's time (latency
+    bound); above the largest it follows the last segment's slope (bandwidth bound).
+
+    Example:
+        >>> from dataclasses import replace
+        >>> c = replace(Cluster.preset("cpu"), collective_times={"all_reduce": {"2": [[0, 1e-4], [1e6, 1.1e-3]]}})
+        >>> round(measured_collective_s(c, "all_reduce", 2, 1, 5e5) * 1e3, 3), round(
+        ...     measured_collective_s(c, "all_reduce", 2, 1, 2e6) * 1e3, 3)
+        (0.6, 2.1)
+        >>> measured_collective_s(c, "all_gather", 2, 1, 5e5) is None
+        True
+    """
+    _check_non_negative("nbytes", nbytes)
+    if group_size < 2 or (span or group_size) * stride > cluster.devices_per_node:
+        return None
+    points = cluster.collective_points(kind, group_size)
+    if not points:
+        return None
+    return _interpolate(points, nbytes)
+
+
+def _interpolate(points: tuple[tuple[float, float], ...], x: float) -> float:
+    if len(points) == 1 or x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x <= x1:
+            return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
+    (x0, y0), (x1, y1) = points[-2], points[-1]
+    return y1 + (x - x1) * max(0.0, (y1 - y0) / (x1 - x0))
+
+
+def collective_terms(cluster: Cluster, kind: str, group_size: int, stride: int) -> tuple[float, float]:
+    """(latency_s, seconds_per_byte) of one ``kind`` collective over a group laid out as in :func:`group_link`,
+    as an affine function of its bytes (what the data-parallel sync, linear in a rank's parameters, is priced
+    from). From measured points: the line through the two largest (data-parallel messages are large); else the
+    alpha-beta formulas (an all-reduce costs two all-gathers, a reduce-scatter one; a send one hop).
+
+    Example:
+        >>> c = Cluster.preset("a100-80gb")                          # 8 GPUs, 300 GB/s NVLink, 5 µs
+        >>> [round(x * 1e6, 1) for x in collective_terms(c, "all_reduce", 4, 1)[:1]]   # 6 ring steps
+        [30.0]
+    """
+    if kind not in COLLECTIVE_KINDS:
+        raise ValueError(f"unknown collective kind {kind!r}; use one of {COLLECTIVE_KINDS}")
+    check_group(cluster, group_size, stride)
+    if group_size == 1:
+        return 0.0, 0.0
+    points = () if group_size * stride > cluster.devices_per_node else cluster.collective_points(kind, group_size)
+    if len(points) >= 2:
+        (x0, y0), (x1, y1) = points[-2], points[-1]
+        slope = max(0.0, (y1 - y0) / (x1 - x0))
+        return max(0.0, y1 - slope * x1), slope
+    if kind == "send":
+        bandwidth_Bps, latency_s = group_link(cluster, group_size, stride)
+        return latency_s, 1 / bandwidth_Bps
+    latency_s, per_byte = group_allgather_terms(cluster, group_size, stride)
+    weight = 2 if kind == "all_reduce" else 1
+    return weight * latency_s, weight * per_byte
 
 

@@ -56,8 +56,10 @@ class LayerCost:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def compute_s(flops: float, cluster: Cluster, precision: str) -> float:
-    """FLOPs at the device's achievable rate for ``precision``: flops / (peak_flops[precision] × fraction).
+def compute_s(flops: float, cluster: Cluster, precision: str, matmul_flops: float | None = None) -> float:
+    """FLOPs at the device's achievable rate for ``precision``: flops / (peak_flops[precision] × fraction), the
+    fraction measured for matmuls of ``matmul_flops`` FLOPs each when the device has a calibrated table
+    (:meth:`autoplan.Device.achievable_flops`), else the device's one fraction.
 
     Example:
         >>> c = Cluster.preset("a100-80gb")            # 312 TFLOP/s bf16 peak × 0.7
@@ -66,7 +68,28 @@ def compute_s(flops: float, cluster: Cluster, precision: str) -> float:
     """
     _check_precision(precision)
     _check_non_negative("flops", flops)
-    return flops / cluster.device.achievable_flops(precision)
+    return flops / cluster.device.achievable_flops(precision, matmul_flops)
+
+
+def _forward_matmul_s(layer: Layer, groups: tuple[TensorParallelGroup, ...], tp: int, pair_sharded: bool,
+                      batch_scale: float, cluster: Cluster, precision: str) -> float:
+    """Seconds of a layer's forward matmuls for one microbatch, each priced at the efficiency of its own size.
+
+    A tensor-parallel group's linears split its FLOPs evenly (one matmul each, ``len(group.styles)``); the rest
+    of the layer's matmul FLOPs (attention's QKᵀ and softmax·V, or a layer without groups) counts as two
+    matmuls. Under TP every matmul shrinks by t (SC'21 §3.1), which is what lowers a small model's efficiency.
+    The sizes matter only with a calibrated efficiency table; otherwise this is compute_s of the FLOPs.
+    """
+    pieces = []
+    rest = float(layer.forward_flops)
+    for group in layer.tp_groups:
+        linears = max(1, len(group.styles))
+        flops = group.forward_flops * batch_scale / (tp if group in groups else 1)
+        pieces.append((flops, flops / linears))
+        rest -= group.forward_flops
+    rest = max(0.0, rest) * batch_scale / (tp if pair_sharded else 1)
+    pieces.append((rest, rest / 2))
+    return sum(compute_s(f, cluster, precision, size) for f, size in pieces if f > 0)
 
 
 #: Bytes of device memory traffic per byte a layer saves for backward, outside its matmuls. FLOPs count matmuls
@@ -131,7 +154,7 @@ def _priced_s(collectives: tuple[Collective, ...], cluster: Cluster, tp_stride: 
 
 def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int, cluster: Cluster, tp: int,
                microbatch_size: int, precision: str, recompute: RecomputeOption | None = None,
-               tp_stride: int = 1) -> LayerCost:
+               tp_stride: int = 1, contention: float = 1.0, fsdp_unit: bool = False) -> LayerCost:
     """Cost of ``layer`` for one microbatch of ``microbatch_size`` samples on one device.
 
     Figures in ``layer`` are for ``traced_batch_size`` samples at ``traced_dtype_bytes`` per element and are
@@ -152,7 +175,14 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
     (kernel launches, Python and autograd dispatch), backward twice that — backward runs about two kernels per
     forward one (the gradient of a linear is two matmuls, Narayanan et al. SC'21 §5.1's 2× backward FLOPs, and
     autograd adds its own dispatch per node) — and a recompute one more forward's worth. This is what makes many
-    small microbatches cost more than few large ones.
+    small microbatches cost more than few large ones. A tensor-parallel layer adds ``tp_layer_overhead_s``
+    (DTensor dispatch) and, with ``fsdp_unit``, a layer wrapped by ``fully_shard`` adds
+    ``fsdp_layer_overhead_s`` (its hooks), each charged like ``layer_overhead_s``.
+
+    Matmuls are priced at the efficiency of their own size when the device has a calibrated table
+    (:meth:`autoplan.Device.achievable_flops`). ``contention`` (≥ 1) stretches everything the rank computes —
+    matmuls, memory-bound ops, overhead, not the collectives, which are measured with every rank taking part —
+    when ranks share processors (:func:`autoplan.cost.compute_contention`).
 
     Example:
         >>> from autoplan.graph import Layer
@@ -174,8 +204,9 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
             f"recompute option for module {recompute.module!r} does not belong to layer {layer.name!r}; "
             f"pass one of layer.recompute_options"
         )
+    if not contention >= 1:
+        raise ValueError(f"contention must be ≥ 1 (how much slower than alone a rank computes), got {contention}")
     batch_scale = microbatch_size / traced_batch_size
-    overhead_s = cluster.device.layer_overhead_s
     bytes_scale = batch_scale * PRECISION_BYTES[precision] / traced_dtype_bytes
 
     divisor = layer.tp_divisor
@@ -199,6 +230,14 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
     else:
         forward_flops = layer.forward_flops - group_flops + group_flops / tp
     flops_ratio = forward_flops / layer.forward_flops if layer.forward_flops > 0 else 1.0
+    device = cluster.device
+    overhead_s = (device.layer_overhead_s + (device.tp_layer_overhead_s if groups else 0.0)
+                  + (device.fsdp_layer_overhead_s if fsdp_unit else 0.0))
+    pair_sharded = any(_group_kind(g) == "pair" for g in groups)
+    matmul_s = _forward_matmul_s(layer, groups, tp, pair_sharded, batch_scale, cluster, precision)
+    # backward and recompute run matmuls of the forward's sizes (a linear's two gradients): the forward's rate
+    seconds_per_flop = (matmul_s / (forward_flops * batch_scale) if forward_flops * batch_scale > 0
+                        else 1 / device.achievable_flops(precision))
     activation = layer.activation_bytes - group_activation + group_activation / tp
     activation_ratio = activation / layer.activation_bytes if layer.activation_bytes > 0 else 1.0
 
@@ -213,9 +252,10 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
         else:
             kept_activation = activation - saved * activation_ratio
         kept_activation = max(0.0, kept_activation)
-        recompute_s = (compute_s(recompute.forward_flops * batch_scale * flops_ratio, cluster, precision)
-                       + memory_bound_s(FORWARD_PASSES * saved * activation_ratio * bytes_scale, cluster)
-                       + overhead_s)
+        recompute_s = contention * (recompute.forward_flops * batch_scale * flops_ratio * seconds_per_flop
+                                    + memory_bound_s(FORWARD_PASSES * saved * activation_ratio * bytes_scale,
+                                                     cluster)
+                                    + overhead_s)
         inside = [g for g in groups if all(in_module(m, recompute.module) for m in g.styles)]
         # Non-reentrant checkpointing (what the executor uses) stops recomputing once every saved tensor is back
         # (torch.utils.checkpoint's early stop): the module's last all-reduce feeds only the residual add, which
@@ -241,10 +281,11 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
     matmul_params = sum(_ceil_div(g.num_params, tp) if sharded else g.num_params
                         for g in layer.tp_groups if _group_kind(g) != "vocab_embedding")
     return LayerCost(
-        forward_s=(compute_s(forward_flops * batch_scale, cluster, precision) + overhead_s
-                   + memory_bound_s(FORWARD_PASSES * activation * bytes_scale, cluster)),
-        backward_s=(compute_s(layer.backward_flops * flops_ratio * batch_scale, cluster, precision)
-                    + 2 * overhead_s + memory_bound_s(BACKWARD_PASSES * activation * bytes_scale, cluster)),
+        forward_s=contention * (matmul_s + overhead_s
+                                + memory_bound_s(FORWARD_PASSES * activation * bytes_scale, cluster)),
+        backward_s=contention * (layer.backward_flops * flops_ratio * batch_scale * seconds_per_flop
+                                 + 2 * overhead_s + memory_bound_s(BACKWARD_PASSES * activation * bytes_scale,
+                                                                   cluster)),
         recompute_s=recompute_s,
         tp_comm_s=_priced_s(tp_collectives, cluster, tp_stride),
         num_params=num_params,

@@ -197,6 +197,9 @@ def layer_choice_cost(graph: ModelGraph, layer: Layer, cluster: Cluster, strateg
         layer, traced_batch_size=graph.batch_size, traced_dtype_bytes=graph.dtype_bytes, cluster=cluster,
         tp=strategy.tp if tp_on else 1, microbatch_size=strategy.microbatch_size, precision=strategy.precision,
         recompute=recompute, tp_stride=1,
+        contention=cost.compute_contention(cluster, pp=strategy.pp, microbatches=strategy.microbatches,
+                                           schedule=strategy.schedule, virtual_stages=strategy.virtual_stages),
+        fsdp_unit=_fsdp_unit(graph, layer, strategy),
     )
     if strategy.sequence_parallel:
         result = _with_sequence_parallel(graph, layer, cluster, strategy, tp_on, recompute, result)

@@ -15,13 +15,13 @@ from ..cluster import Cluster
 from ..vocabulary import DATA_PARALLEL_KINDS, PRECISION_BYTES, SCHEDULES
 from .collectives import Collective
 from .collectives import check_group as _check_group
-from .collectives import group_allgather_terms
+from .collectives import collective_terms
 from .memory import state_bytes_per_param
 
 __all__ = ["GRAD_REDUCE_BYTES", "fsdp_keeps_weights", "fsdp_held_bytes_per_param", "data_parallel_collectives", "data_parallel_sync_s",
            "data_parallel_sync_terms", "optimizer_step_bytes_per_param",
            "optimizer_step_s",
-           "in_flight_microbatches", "bubble_microbatches"]
+           "in_flight_microbatches", "bubble_microbatches", "compute_contention"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -143,9 +143,10 @@ def data_parallel_sync_terms(cluster: Cluster, *, dp: int, stride: int, data_par
                              pp: int = 1) -> tuple[float, float]:
     """(latency_s, seconds_per_param) of :func:`data_parallel_sync_s`, which is affine in the parameters.
 
-    Every collective here is a multiple of the group's all-gather (:func:`group_allgather_terms`): a ring
-    all-reduce is two all-gathers' time, a reduce-scatter one. DDP: 2·AG(g·Ψ); FSDP: k·AG(p·Ψ) + RS(g·Ψ) with
-    k = 2, or 1 when :func:`fsdp_keeps_weights` (the records of :func:`data_parallel_collectives`).
+    Each collective of :func:`data_parallel_collectives` is priced by
+    :func:`autoplan.cost.collective_terms`: measured per kind and group size when the cluster was calibrated,
+    else the ring formulas, where an all-reduce is two all-gathers' time and a reduce-scatter one. DDP:
+    AR(g·Ψ); FSDP: k·AG(p·Ψ) + RS(g·Ψ) with k = 2, or 1 when :func:`fsdp_keeps_weights`.
 
     Example:
         >>> c = Cluster.preset("a100-80gb")
@@ -162,13 +163,12 @@ def data_parallel_sync_terms(cluster: Cluster, *, dp: int, stride: int, data_par
     _check_group(cluster, dp, stride)
     if dp == 1:
         return 0.0, 0.0
-    latency_s, per_byte = group_allgather_terms(cluster, dp, stride)
-    # One parameter's collectives; an all-reduce costs two all-gathers' time, a reduce-scatter one.
-    weight = {"all_reduce": 2, "all_gather": 1, "reduce_scatter": 1}
+    # One parameter's collectives, each kind at its own (latency, seconds per byte).
     records = data_parallel_collectives(1, dp=dp, data_parallel=data_parallel, precision=precision,
                                         microbatches=microbatches, pp=pp, grad_reduce_bytes=grad_reduce_bytes)
-    return (sum(weight[c.kind] * c.count for c in records) * latency_s,
-            sum(weight[c.kind] * c.count * c.nbytes for c in records) * per_byte)
+    terms = [(c, collective_terms(cluster, c.kind, dp, stride)) for c in records]
+    return (sum(c.count * latency_s for c, (latency_s, _) in terms),
+            sum(c.count * c.nbytes * per_byte for c, (_, per_byte) in terms))
 
 
 def optimizer_step_bytes_per_param(precision: str, optimizer: str) -> int:
@@ -270,3 +270,42 @@ def bubble_microbatches(schedule: str, pp: int, virtual_stages: int = 1) -> floa
     if schedule == "interleaved":
         return (pp - 1) / virtual_stages
     return pp - 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ranks sharing processors
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def compute_contention(cluster: Cluster, *, pp: int, microbatches: int, schedule: str,
+                       virtual_stages: int = 1) -> float:
+    """How much slower than alone a rank computes under a layout, when ranks share processors
+    (``cluster.compute_concurrency`` = c > 0, e.g. four gloo ranks on two cores): the ranks busy at once over c,
+    at least 1; 1 when every rank has its own device (c = 0).
+
+    A rank is busy for m of the m + b rank-times of a pipelined step (b = :func:`bubble_microbatches`), so
+    on average W·m/(m + b) of the W ranks run at once (W = the world size). Processor sharing gives each
+    runnable rank min(1, c / busy) of a processor, so a rank's work stretches by busy / c. Over a whole step
+    this makes it max((m + b)·T, m·T·W/c) for a stage time T alone: the critical path when few ranks are busy,
+    the total work over c processors otherwise — a pipeline's idle ranks hand their processor to the busy
+    ones, so its bubble costs less than on dedicated devices. Without a pipeline every rank is busy: W / c.
+    ``autoplan.calibrate`` measures c (all ranks' rate over one rank's alone) and one rank's rates.
+
+    Example:
+        >>> from autoplan import Cluster
+        >>> from dataclasses import replace
+        >>> c = replace(Cluster.preset("cpu"), compute_concurrency=2.0)                # 4 ranks, 2 cores
+        >>> compute_contention(c, pp=1, microbatches=4, schedule="1f1b")
+        2.0
+        >>> round(compute_contention(c, pp=4, microbatches=8, schedule="1f1b"), 3)    # 4·8/11 ranks busy
+        1.455
+        >>> compute_contention(Cluster.preset("a100-80gb"), pp=4, microbatches=8, schedule="1f1b")
+        1.0
+    """
+    _check_positive_int("microbatches", microbatches)
+    concurrency = cluster.compute_concurrency
+    if concurrency <= 0:
+        return 1.0
+    bubble = bubble_microbatches(schedule, pp, virtual_stages) if pp > 1 else 0.0  # in rank-times
+    busy = cluster.world_size * microbatches / (microbatches + bubble)
+    return max(1.0, busy / concurrency)

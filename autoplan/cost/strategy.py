@@ -174,9 +174,9 @@ def p2p_link(strategy: Strategy, cluster: Cluster) -> tuple[float, float]:
 
 
 def stage_p2p_s(strategy: Strategy, cluster: Cluster, boundary_bytes: int) -> float:
-    """Send the stage's output forward and receive its gradient back, for one microbatch."""
-    bandwidth, latency = p2p_link(strategy, cluster)
-    return 2 * cost.p2p_s(boundary_bytes, bandwidth_Bps=bandwidth, latency_s=latency)
+    """Send the stage's output forward and receive its gradient back, for one microbatch
+    (:func:`autoplan.cost.group_p2p_s`: measured sends when the cluster was calibrated)."""
+    return 2 * cost.group_p2p_s(boundary_bytes, cluster, strategy.pp, strategy.dp * strategy.tp)
 
 
 def in_flight(strategy: Strategy, rank: int) -> float:
