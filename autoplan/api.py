@@ -39,11 +39,17 @@ def plan(
     schedule: str = "auto",
     time_limit_s: float | None = None,
     tp_across_nodes: bool = False,
+    sequence_parallel: str | bool = "auto",
 ) -> Plan:
     """Trace ``model`` on ``example_inputs`` and return the fastest layout that fits ``cluster``.
 
     ``example_inputs`` is a tensor, a tuple of positional inputs, or a dict of keyword inputs; dim 0 of every
     input is the batch. Raises :class:`autoplan.InfeasiblePlanError` when no layout fits.
+
+    ``sequence_parallel``: Megatron sequence parallelism (Korthikanti et al. 2022) in the tensor-parallel layers
+    that allow it — ``"auto"`` prices every tensor-parallel layout with and without it and keeps the faster,
+    ``True`` uses it wherever tp > 1 (``ValueError`` when tp = 1 or pp > 1 is pinned, or when no layer of the
+    model can run it), ``False`` never.
 
     Example:
         >>> import torch, autoplan
@@ -57,7 +63,7 @@ def plan(
     options = PlanOptions(
         global_batch_size=global_batch_size, precision=precision, optimizer=optimizer, mesh=mesh or {},
         microbatch_size=microbatch_size, recompute=recompute, data_parallel=data_parallel, schedule=schedule,
-        time_limit_s=time_limit_s, tp_across_nodes=tp_across_nodes,
+        time_limit_s=time_limit_s, tp_across_nodes=tp_across_nodes, sequence_parallel=sequence_parallel,
     )
     if cluster is None:
         cluster = Cluster.detect()

@@ -115,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-parallel", default="auto", choices=("auto", "ddp", "fsdp"))
     p.add_argument("--time-limit", type=float, default=None, help="search time limit in seconds")
     p.add_argument("--tp-across-nodes", action="store_true", help="allow tensor-parallel groups across nodes")
+    p.add_argument("--sequence-parallel", default="auto", choices=("auto", "on", "off"),
+                   help="Megatron sequence parallelism with tensor parallelism: searched (auto), wherever tp > 1 "
+                        "(on), never (off)")
     p.add_argument("--json", default=None, help="also write the plan to this JSON file")
     p.add_argument("--explain", action="store_true", help="also print the cost split and the alternatives")
     p.add_argument("--picture", default=None, metavar="FILE", help=_PICTURE_HELP)
@@ -140,6 +143,7 @@ def _plan(args: argparse.Namespace) -> int:
         optimizer=args.optimizer, mesh=args.mesh, microbatch_size=args.microbatch_size, recompute=args.recompute,
         data_parallel=args.data_parallel, schedule=args.schedule, time_limit_s=args.time_limit,
         tp_across_nodes=args.tp_across_nodes,
+        sequence_parallel={"auto": "auto", "on": True, "off": False}[args.sequence_parallel],
     )
     _output(plan, args)
     if args.json:

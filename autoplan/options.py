@@ -4,6 +4,10 @@ Example:
     >>> from autoplan.options import PlanOptions
     >>> PlanOptions(mesh={"tp": 2}, recompute="full").mesh
     {'tp': 2}
+    >>> PlanOptions(mesh={"tp": 1}, sequence_parallel=True)
+    Traceback (most recent call last):
+    ...
+    ValueError: sequence_parallel=True needs tensor parallelism, but mesh pins tp=1; pin tp > 1, leave tp unpinned, or use sequence_parallel='auto'
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class PlanOptions:
     schedule: str = "auto"
     time_limit_s: float | None = None
     tp_across_nodes: bool = False  # allow tensor-parallel groups that span nodes
+    sequence_parallel: str | bool = "auto"  # Megatron sequence parallelism: "auto" (searched), True, False
 
     def __post_init__(self) -> None:
         for name, choices in _CHOICES.items():
@@ -57,5 +62,14 @@ class PlanOptions:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        sp = self.sequence_parallel
+        if not (sp == "auto" or isinstance(sp, bool)):
+            raise ValueError(f"sequence_parallel must be 'auto', True or False, got {sp!r}")
+        if sp is True and mesh.get("tp", 2) == 1:
+            raise ValueError("sequence_parallel=True needs tensor parallelism, but mesh pins tp=1; pin tp > 1, leave "
+                             "tp unpinned, or use sequence_parallel='auto'")
+        if sp is True and mesh.get("pp", 1) > 1:
+            raise ValueError(f"sequence_parallel=True needs pp = 1 (mesh pins pp={mesh['pp']}): pipeline stages "
+                             f"exchange whole activations; drop one of the two")
         if self.time_limit_s is not None and self.time_limit_s <= 0:
             raise ValueError(f"time_limit_s must be positive, got {self.time_limit_s}")

@@ -57,7 +57,8 @@ __all__ = ["sequence_parallel_applies", "sequence_parallel_cost", "sequence_edge
 
 def sequence_parallel_applies(layer: Layer, tp: int) -> bool:
     """Whether ``layer`` runs sequence-parallel at degree ``tp``: the trace found it possible (its norms outside
-    Megatron pairs) and ``tp`` divides its sequence and its tensor-parallel groups.
+    Megatron pairs) and ``tp`` divides its sequence and its tensor-parallel groups (``tp = 0``: whether it can at
+    some degree).
 
     Example:
         >>> from autoplan.synthetic import gpt_like_graph
@@ -66,6 +67,8 @@ def sequence_parallel_applies(layer: Layer, tp: int) -> bool:
         (True, False)
     """
     sp = layer.sequence_parallel
+    if tp == 0:
+        return sp is not None and sp.possible and layer.tp_divisor > 0
     return (tp > 1 and sp is not None and sp.possible and sp.sequence % tp == 0 and layer.tp_divisor > 0
             and layer.tp_divisor % tp == 0)
 

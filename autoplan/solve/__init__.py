@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, replace
 
 from ..cluster import Cluster
 from ..trace.tp_check import tensor_parallel_notes
+from ..cost.sequence import sequence_parallel_applies
 from ..cost.plan_cost import PlanCost, Strategy, estimate_breakdown
 from ..graph import ModelGraph
 from ..options import PlanOptions
@@ -225,6 +226,9 @@ def build_plan(graph: ModelGraph, cluster: Cluster, strategy: Strategy, assignme
             if choice.tp_on and strategy.tp > 1:
                 for group in layer.tp_groups:
                     tensor_parallel.update(group.styles)
+                if strategy.sequence_parallel and sequence_parallel_applies(layer, strategy.tp):
+                    tensor_parallel.update({f"{layer.name}.{norm}": "sequence"
+                                            for norm in layer.sequence_parallel.norms})
         stages.append(Stage(tuple(names), tuple(recompute)))
     plan = Plan(
         model=ModelInfo(graph.model_name, graph.fingerprint, graph.num_params), cluster=cluster,
@@ -232,7 +236,7 @@ def build_plan(graph: ModelGraph, cluster: Cluster, strategy: Strategy, assignme
         microbatches=strategy.microbatches, mesh=Mesh(strategy.pp, strategy.dp, strategy.tp),
         schedule=strategy.schedule, data_parallel=strategy.data_parallel, stages=tuple(stages),
         tensor_parallel=tensor_parallel, precision=strategy.precision, optimizer=strategy.optimizer,
-        virtual_stages=strategy.virtual_stages,
+        virtual_stages=strategy.virtual_stages, sequence_parallel="sequence" in tensor_parallel.values(),
         search=replace(search_info, notes=search_info.notes + _pipeline_notes(graph) +
                        tensor_parallel_notes(graph, strategy.tp, tensor_parallel)),
     )

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 
 from ..cluster import Cluster
 from ..cost.plan_cost import Strategy
+from ..cost.sequence import sequence_parallel_applies
 from ..graph import Layer, ModelGraph, RecomputeOption
 from ..options import PlanOptions
 
@@ -62,11 +63,13 @@ def _recompute_allowed(layer: Layer, mode: str) -> list[int | None]:
     return [None] + [i for i, _ in options]
 
 
-def layer_choices(layer: Layer, tp: int, recompute: str) -> list[LayerChoice]:
+def layer_choices(layer: Layer, tp: int, recompute: str, sequence_parallel: bool = False) -> list[LayerChoice]:
     """The choices the options allow for ``layer`` under a tensor-parallel degree ``tp``.
 
     ``recompute`` pinned to "full" / "selective" forces that kind wherever the layer offers it (a layer
-    without such an option runs without recompute); "none" forbids recompute.
+    without such an option runs without recompute); "none" forbids recompute. Under ``sequence_parallel`` a layer
+    that can run it is always sharded (its split stream must reach every layer of the run) and recomputes whole
+    or not at all (a recomputed child module's bytes are not priced for a split stream).
 
     Example:
         >>> from autoplan.graph import Layer
@@ -77,7 +80,11 @@ def layer_choices(layer: Layer, tp: int, recompute: str) -> list[LayerChoice]:
     tp_options = [False]
     if tp > 1 and layer.tp_divisor and layer.tp_divisor % tp == 0:
         tp_options.append(True)
-    return [LayerChoice(t, r) for t in tp_options for r in _recompute_allowed(layer, recompute)]
+    recomputes = _recompute_allowed(layer, recompute)
+    if sequence_parallel and sequence_parallel_applies(layer, tp):
+        tp_options = [True]
+        recomputes = [r for r in recomputes if r is None or layer.recompute_options[r].module == layer.name] or [None]
+    return [LayerChoice(t, r) for t in tp_options for r in recomputes]
 
 
 def global_batch_size(graph: ModelGraph, options: PlanOptions) -> int:
@@ -131,6 +138,7 @@ def enumerate_strategies(graph: ModelGraph, cluster: Cluster, options: PlanOptio
         raise ValueError(f"mesh pp={pins['pp']} needs pipeline stages, but {graph.model_name} cannot be split into "
                          f"them: {blocker}")
     strategies: list[Strategy] = []
+    sp_degrees = _sequence_parallel_degrees(graph, cluster, options)
     for tp in _tp_degrees(graph, cluster, options):
         for pp in divisors(world // tp):
             if pp > num_layers or pins.get("pp", pp) != pp or (blocker and pp > 1):
@@ -146,11 +154,45 @@ def enumerate_strategies(graph: ModelGraph, cluster: Cluster, options: PlanOptio
                 m = per_replica // mb
                 for schedule, v in _schedules(pp, m, num_layers, options.schedule):
                     for kind in _dp_kinds(dp, options.data_parallel):
-                        strategies.append(Strategy(pp, dp, tp, mb, m, schedule, kind, v, options.precision,
-                                                   options.optimizer))
+                        for sp in _sequence_parallel_choices(tp, pp, tp in sp_degrees, options.sequence_parallel):
+                            strategies.append(Strategy(pp, dp, tp, mb, m, schedule, kind, v, options.precision,
+                                                       options.optimizer, sp))
     if not strategies:
         raise ValueError(_no_strategy_message(graph, cluster, options, batch))
     return strategies
+
+
+def _sequence_parallel_choices(tp: int, pp: int, possible: bool, pinned: str | bool) -> list[bool]:
+    """Sequence parallelism off and/or on for one mesh: on needs tp > 1, pp = 1 (stages exchange whole
+    activations) and a layer that can run it at this tp; ``True`` then forces it, ``"auto"`` prices both."""
+    able = tp > 1 and pp == 1 and possible
+    if pinned is True:
+        return [True] if able else ([False] if tp == 1 else [])
+    return [False, True] if able and pinned == "auto" else [False]
+
+
+def _sequence_parallel_degrees(graph: ModelGraph, cluster: Cluster, options: PlanOptions) -> set[int]:
+    """The tp degrees at which some layer can run sequence-parallel; with ``sequence_parallel=True``,
+    ``ValueError`` naming why no layer can (each layer's reason, or the degrees that fail)."""
+    if options.sequence_parallel is False:
+        return set()
+    degrees = {tp for tp in _tp_degrees(graph, cluster, options)
+               if any(sequence_parallel_applies(layer, tp) for layer in graph.layers)}
+    if options.sequence_parallel is True and not degrees:
+        reasons = sorted({f"{layer.name}: {layer.sequence_parallel.blocker}" for layer in graph.layers
+                          if layer.sequence_parallel is not None and layer.sequence_parallel.blocker})
+        sequences = sorted({layer.sequence_parallel.sequence for layer in graph.layers
+                            if layer.sequence_parallel is not None and layer.sequence_parallel.possible})
+        if sequences:
+            why = (f"no tensor-parallel degree allowed here ({_tp_degrees(graph, cluster, options)}) divides the "
+                   f"sequence length {sequences[0]} and the sharded dimensions")
+        elif reasons:
+            why = "; ".join(reasons[:3])
+        else:
+            why = "it has no Megatron colwise/rowwise pair (tensor parallelism has nothing to build on)"
+        raise ValueError(f"sequence_parallel=True, but no layer of {graph.model_name} can run it: {why}. "
+                         f"Use sequence_parallel='auto' or False")
+    return degrees
 
 
 def _schedules(pp: int, microbatches: int, num_layers: int, pinned: str) -> list[tuple[str, int]]:

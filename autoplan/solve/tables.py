@@ -24,6 +24,7 @@ from ..cluster import Cluster
 from ..cost.plan_cost import (PlanCost, Strategy, compose, fsdp_gather_bytes, in_flight, layer_choice_cost,
                               loss_bytes, rank_state_bytes_per_param, rank_tail_terms, stage_p2p_s,
                               weight_copy_bytes_per_param)
+from ..cost.sequence import sequence_edge_payers
 from ..graph import Layer, ModelGraph
 from ..names import owner_index
 from ..options import PlanOptions
@@ -59,10 +60,12 @@ class Segment:
 
 
 def segments_of(layers: Sequence[Layer]) -> list[Segment]:
-    """Maximal runs of neighbouring layers with equal signatures."""
+    """Maximal runs of neighbouring layers with equal signatures (the layer that pays a sequence-parallel run's
+    entry and exit, :func:`autoplan.cost.sequence.sequence_edge_payers`, is a segment of its own)."""
     out: list[Segment] = []
+    payers = sequence_edge_payers(list(layers), 0)
     for i, layer in enumerate(layers):
-        sig = _signature(layer)
+        sig = _signature(layer) + (layer.sequence_parallel, i in payers)
         if out and out[-1].signature == sig:
             out[-1] = Segment(out[-1].start, i + 1, sig)
         else:
@@ -78,8 +81,10 @@ class LayerCostCache:
         self._memo: dict[tuple, cost.LayerCost] = {}
 
     def get(self, layer: Layer, signature: tuple, strategy: Strategy, choice: LayerChoice) -> cost.LayerCost:
+        sp = strategy.sequence_parallel and (strategy.tp, strategy.microbatches,
+                                             layer.index in sequence_edge_payers(self.graph.layers, strategy.tp))
         key = (signature, strategy.tp if choice.tp_on else 1, strategy.microbatch_size, strategy.precision,
-               choice.recompute)
+               choice.recompute, sp)
         hit = self._memo.get(key)
         if hit is None:
             hit = layer_choice_cost(self.graph, layer, self.cluster, strategy, choice.tp_on, choice.option(layer))
@@ -125,7 +130,8 @@ class StrategyTables:
         no_tp: set[int] = set()
         for group in tied_layer_groups(graph):
             segs = sorted({self.segment_of[i] for i in group})
-            shardable = [any(c.tp_on for c in layer_choices(graph.layers[i], strategy.tp, recompute)) for i in group]
+            shardable = [any(c.tp_on for c in layer_choices(graph.layers[i], strategy.tp, recompute,
+                                                            strategy.sequence_parallel)) for i in group]
             if not all(shardable) or any(segments[g].size > 1 for g in segs):
                 no_tp.update(segs)
             elif len(segs) > 1:
@@ -135,7 +141,8 @@ class StrategyTables:
         for g, seg in enumerate(segments):
             layer = graph.layers[seg.start]
             rows = []
-            allowed = [c for c in layer_choices(layer, strategy.tp, recompute) if not (c.tp_on and g in no_tp)]
+            allowed = [c for c in layer_choices(layer, strategy.tp, recompute, strategy.sequence_parallel)
+                       if not (c.tp_on and g in no_tp)]
             if tp_pinned and any(c.tp_on for c in allowed):
                 allowed = [c for c in allowed if c.tp_on]
             for choice in allowed:

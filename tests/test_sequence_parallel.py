@@ -1,0 +1,157 @@
+"""Sequence parallelism (Korthikanti et al. 2022) off the devices: options, the plan's field and JSON, what the
+trace finds, hand-worked prices, and the solver's choice. Numerics against one process run in the executor worlds
+(tests/test_execute_distributed.py) and collective counts in tests/test_collective_counts.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import autoplan
+from autoplan.cli import _parser
+from autoplan.cost import layer_cost
+from autoplan.cost.plan_cost import Strategy, layer_choice_cost
+from autoplan.cost.sequence import sequence_parallel_cost
+from autoplan.options import PlanOptions
+from autoplan.solve import search
+from autoplan.solve.space import layer_choices
+from autoplan.synthetic import gpt_like_graph, mlp_graph
+
+A100 = autoplan.Cluster.preset("a100-80gb")
+
+
+def _block_costs(recompute=None):
+    """One synthetic GPT block (h = 64, s = 16, a = 4, b = 1, traced in fp32), priced at tp = 2 in fp32."""
+    graph = gpt_like_graph(layers=1, hidden=64, seq=16, heads=4, vocab=128)
+    block = graph.layer("blocks.0")
+    option = None if recompute is None else block.recompute_options[0]
+    figures = dict(traced_batch_size=1, traced_dtype_bytes=4, cluster=A100, tp=2, microbatch_size=1,
+                   precision="fp32", recompute=option)
+    base = layer_cost(block, **figures)
+    return block, base, sequence_parallel_cost(block, base, **figures)
+
+
+def test_activation_bytes_hand_worked():
+    # sbh = 16·64 elements = 4096 bytes in fp32; the block saves 34·sbh/2 + 5as²b/2 elements (Eq. 1 at 4 bytes):
+    # 79872 bytes, of which the pairs make 10240 (scores) + 11·4096 = 55296 (split by t = 2 under plain TP).
+    block, base, sp = _block_costs()
+    assert block.activation_bytes == 79872
+    assert base.activation_bytes == 79872 - 55296 + 55296 // 2 == 52224
+    # Sequence parallelism splits the norms' inputs (4·4096) over t; the two pairs' first inputs (2·4096) stay
+    # whole (DTensor saves the gathered input): 52224 − 16384/2 = 44032.
+    assert sp.activation_bytes == 52224 - 8192 == 44032
+
+
+def test_full_recompute_keeps_the_input_slice():
+    block, base, sp = _block_costs(recompute="full")
+    assert base.activation_bytes == 4096            # the checkpointed input, whole under plain TP
+    assert sp.activation_bytes == 2048              # this rank's slice of it (Table 2, last row: 2sbh/t)
+    assert sp.transient_bytes == 44032 - 2048       # the layer's split activations, rematerialised
+
+
+def test_collectives_turn_into_gathers_and_scatters_of_equal_ring_bytes():
+    _, base, sp = _block_costs()
+    assert sorted((c.kind, c.nbytes, c.count) for c in base.tp_collectives) == [("all_reduce", 4096, 1)] * 4
+    # per pair: forward all-gather (before colwise) + reduce-scatter (after rowwise); backward the reverse
+    assert sorted((c.kind, c.nbytes, c.count) for c in sp.tp_collectives) == (
+        [("all_gather", 4096, 1)] * 4 + [("reduce_scatter", 4096, 1)] * 4)
+    assert sp.tp_comm_s == pytest.approx(base.tp_comm_s, rel=1e-12)   # AG + RS = AR on a ring (§4.2.2)
+    assert sp.forward_s < base.forward_s and sp.backward_s < base.backward_s   # norms on 1/t of the tokens
+
+
+def test_full_recompute_re_gathers_all_but_the_last_scatter():
+    _, _, sp = _block_costs(recompute="full")
+    counts = {}
+    for c in sp.tp_collectives:
+        counts[c.kind] = counts.get(c.kind, 0) + c.count
+    assert counts == {"all_gather": 4 + 2, "reduce_scatter": 4 + 1}
+
+
+def test_the_layer_after_a_run_pays_its_entry_and_exit():
+    graph = gpt_like_graph(layers=3, hidden=64, seq=16, heads=4, vocab=128)
+    s = Strategy(1, 1, 2, 1, 2, "1f1b", "ddp", precision="fp32", sequence_parallel=True)
+    ln_f = layer_choice_cost(graph, graph.layer("ln_f"), A100, s, False, None)
+    assert [(c.kind, c.nbytes) for c in ln_f.tp_collectives] == [("all_gather", 4096), ("all_gather", 4096)]
+    plain = layer_choice_cost(graph, graph.layer("ln_f"), A100, Strategy(1, 1, 2, 1, 2, "1f1b", "ddp"), False, None)
+    assert plain.tp_collectives == ()
+
+
+def test_layer_choices_force_sharding_and_whole_recompute():
+    block = gpt_like_graph(layers=1, seq=16).layer("blocks.0")
+    assert {c.tp_on for c in layer_choices(block, 2, "auto")} == {False, True}
+    forced = layer_choices(block, 2, "auto", sequence_parallel=True)
+    assert {c.tp_on for c in forced} == {True}
+    assert [c.recompute for c in forced] == [None, 0]       # the child (attention core) option is left out
+
+
+def test_options_are_validated():
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="sequence_parallel must be 'auto', True or False"):
+            PlanOptions(sequence_parallel=bad)
+    with pytest.raises(ValueError, match="pins tp=1"):
+        PlanOptions(mesh={"tp": 1}, sequence_parallel=True)
+    with pytest.raises(ValueError, match="needs pp = 1"):
+        PlanOptions(mesh={"pp": 2}, sequence_parallel=True)
+    assert _parser().parse_args(["plan", "m:f", "--sequence-parallel", "on"]).sequence_parallel == "on"
+
+
+def test_forced_on_a_model_without_pairs_is_refused():
+    with pytest.raises(ValueError, match="no layer of MLP can run it"):
+        search(mlp_graph(widths=(64, 64, 64)), A100, PlanOptions(global_batch_size=32, sequence_parallel=True))
+
+
+def test_solver_plans_it_and_the_plan_round_trips():
+    graph = gpt_like_graph(layers=2, hidden=256, seq=128, heads=4, vocab=512)
+    plan = search(graph, A100, PlanOptions(global_batch_size=8, mesh={"tp": 2, "pp": 1}, sequence_parallel=True))
+    assert plan.sequence_parallel and plan.mesh.tp == 2
+    assert {f for f, s in plan.tensor_parallel.items() if s == "sequence"} == {
+        f"blocks.{i}.{n}" for i in range(2) for n in ("ln1", "ln2")}
+    data = plan.to_dict()
+    assert data["sequence_parallel"] is True
+    assert autoplan.Plan.from_dict(data) == plan
+    off = search(graph, A100, PlanOptions(global_batch_size=8, mesh={"tp": 2, "pp": 1}, sequence_parallel=False))
+    assert not off.sequence_parallel and "sequence_parallel" not in off.to_dict()   # the v1 form, unchanged
+    auto = search(graph, A100, PlanOptions(global_batch_size=8, mesh={"tp": 2, "pp": 1}))
+    assert auto.predicted.step_time_s <= min(plan.predicted.step_time_s, off.predicted.step_time_s) * (1 + 1e-9)
+
+
+def test_plan_field_is_checked():
+    plan = search(gpt_like_graph(layers=2, hidden=256, seq=128, heads=4, vocab=512), A100,
+                  PlanOptions(global_batch_size=8, mesh={"tp": 2, "pp": 1}, sequence_parallel=True))
+    with pytest.raises(ValueError, match="sequence_parallel is off"):
+        plan.replace(sequence_parallel=False)
+    styles = {f: s for f, s in plan.tensor_parallel.items() if s != "sequence"}
+    with pytest.raises(ValueError, match="no module has the style 'sequence'"):
+        plan.replace(tensor_parallel=styles)
+    with pytest.raises(ValueError, match="needs colwise and rowwise"):
+        plan.replace(tensor_parallel={**plan.tensor_parallel, "ln_f.inner": "sequence"})
+    data = plan.to_dict()
+    data["sequence_parallel"] = "true"
+    with pytest.raises(ValueError, match="'sequence_parallel' must be true or false"):
+        autoplan.Plan.from_dict(data)
+    assert autoplan.Plan.from_dict(autoplan.Plan.example().to_dict()).sequence_parallel is False
+
+
+class _GatedBlock(nn.Module):
+    """A pre-norm block with a non-norm weight on the residual stream (a gate): not splittable by sequence."""
+
+    def __init__(self, h=16):
+        super().__init__()
+        self.norm = nn.LayerNorm(h)
+        self.gate = nn.Linear(h, h)
+        self.up, self.down = nn.Linear(h, 4 * h), nn.Linear(4 * h, h)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(self.norm(x)))) * torch.sigmoid(self.gate(x))
+
+
+def test_trace_finds_the_norms_and_names_what_blocks_it():
+    model = nn.Sequential(_GatedBlock(), nn.LayerNorm(16))
+    graph = autoplan.trace(model, torch.randn(2, 8, 16))
+    sp = graph.layer("0").sequence_parallel
+    assert sp is not None and not sp.possible
+    assert "0.gate (Linear) holds parameters outside the tensor-parallel pairs" in sp.blocker
+    with pytest.raises(ValueError, match="0.gate"):
+        search(graph, autoplan.Cluster.preset("cpu", devices_per_node=2),
+               PlanOptions(precision="fp32", sequence_parallel=True))
