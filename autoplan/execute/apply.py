@@ -20,6 +20,7 @@ import copy
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,6 +70,7 @@ class AppliedPlan:
     state_keys: list[str] = field(default_factory=list)
     autocast_dtype: torch.dtype | None = None  # mixed precision by autocast (DDP and single-device plans)
     tied: list[list[str]] = field(default_factory=list)  # names of each weight tied in the original model
+    inputs_to_every_stage: bool = False  # skeleton stages: every stage takes the microbatch's model inputs
     uninitialized: bool = False  # built on meta with init_weights=False: load a state dict or checkpoint first
 
 
@@ -83,17 +85,25 @@ def _held_styles(root: nn.Module, styles: dict[str, str]) -> dict[str, str]:
     return held
 
 
+def _on_rebuilt(loss_fn: Callable, rebuild: Callable) -> Callable:
+    def loss(output, target):
+        return loss_fn(rebuild(output), target)
+
+    return loss
+
+
 def _info(world: World, message: str, *args) -> None:
     if world.rank == 0:
         log.info("autoplan: " + message, *args)
 
 
 def apply_plan(model: nn.Module, plan: Plan, loss_fn=None, init_weights: Callable | bool | None = None,
-               timeout_s: float | None = None) -> AppliedPlan:
+               timeout_s: float | None = None, example_inputs: Any = None) -> AppliedPlan:
     """Change ``model`` in place (and split it) to run ``plan`` on this rank. ``loss_fn`` is needed when the plan
     pipelines (the last stage computes the loss). A model on meta is allocated stage by stage, shard by shard, and
     initialized with ``init_weights`` (see :mod:`autoplan.execute.materialize`). ``timeout_s``: the process
-    group's collective timeout when this call creates it.
+    group's collective timeout when this call creates it. ``example_inputs`` (the forms :func:`autoplan.plan`
+    takes) let a pipelined plan split a model torch.fx cannot trace (see :mod:`autoplan.trace.skeleton`).
 
     Example: see the module docstring.
     """
@@ -107,10 +117,17 @@ def apply_plan(model: nn.Module, plan: Plan, loss_fn=None, init_weights: Callabl
     if meta and init_weights is False:
         check_loadable(model)
     sync_batch_norm = check_batch_norm(model, plan.mesh.dp, plan.microbatches, plan.cluster.device.kind)
-    parts = split_into_stages(model, [s.layers for s in plan.stages]) if plan.mesh.pp > 1 else [model]
+    parts = [model]
+    if plan.mesh.pp > 1:
+        from .batch import Inputs
+
+        given = Inputs.of(example_inputs) if example_inputs is not None else None
+        inputs = (given.args, given.kwargs) if given is not None else None
+        parts = split_into_stages(model, [s.layers for s in plan.stages], inputs)
     world.init_process_group(plan.cluster.device.kind, timeout_s)
     with fail_together("autoplan.parallelize"):
         applied = _apply(model, parts, plan, loss_fn, init_weights, meta, sync_batch_norm)
+    applied.inputs_to_every_stage = any(getattr(part, "takes_model_inputs", False) for part in parts)
     mark_parallelized(model)
     return applied
 
@@ -184,8 +201,12 @@ def _apply(model: nn.Module, parts: list[nn.Module], plan: Plan, loss_fn, init_w
     schedule = None
     tied_groups: list[TiedGradientGroup] = []
     if m.pp > 1:
-        schedule = build_schedule(plan, [(s.index, s.runner) for s in stages], mesh["pp"].get_group(), device,
-                                  loss_fn or default_loss)
+        loss = loss_fn or default_loss
+        rebuild = next((getattr(s.module, "rebuild_output", None) for s in stages
+                        if getattr(s.module, "rebuild_output", None)), None)
+        if rebuild is not None:  # a skeleton's last stage hands a ModelOutput over as a tuple: the loss gets it back
+            loss = _on_rebuilt(loss, rebuild)
+        schedule = build_schedule(plan, [(s.index, s.runner) for s in stages], mesh["pp"].get_group(), device, loss)
         tied_groups = tied_gradient_groups(plan, tied, world.rank)
         _info(world, "applied pipeline parallel (pp=%d, %s, %d stages, %d microbatches)", m.pp, plan.schedule,
               len(plan.stages), plan.microbatches)

@@ -45,14 +45,8 @@ def _plan_everywhere(model: nn.Module, example_inputs: tuple, cluster: Cluster |
     cluster = cluster or Cluster.detect()
     if cluster.device.kind == "cpu":
         plan_kwargs = {"precision": "fp32", **plan_kwargs}
-    mesh = dict(plan_kwargs.get("mesh") or {})
-    if "pp" not in mesh:
-        blocker = pipeline_split_blocker(model)
-        if blocker is not None:
-            # A plan this executor cannot apply is no plan: search only layouts without pipeline stages.
-            log.info("autoplan: planning without pipeline parallelism (pp=1): %s.forward does not trace with "
-                        "torch.fx around its submodules (%s)", type(model).__name__, blocker)
-            plan_kwargs = {**plan_kwargs, "mesh": {**mesh, "pp": 1}}
+    # A model the executor cannot split is planned without pipeline stages: tracing records why
+    # (graph.pipeline_blocker, the executor's own check) and the search keeps pp = 1, saying so in plan.search.notes.
     world = World.current()
     world.init_process_group(cluster.device.kind, timeout_s)
     world = World.current()
@@ -129,13 +123,20 @@ def parallelize(
             plan = Plan.load(plan)
         if not isinstance(plan, Plan):
             raise ValueError(f"plan must be an autoplan.Plan or the path of a plan JSON, got {type(plan).__name__}")
-        return ParallelModel(loss_fn, applied=apply_plan(model, plan, loss_fn, init_weights, timeout))
+        fixed = plan
+        if example_inputs is None and fixed.mesh.pp > 1 and pipeline_split_blocker(model, fixed.layers) is not None:
+            # torch.fx cannot split this model: its skeleton stages are built from the first batch's inputs
+            return ParallelModel(loss_fn, pending=lambda inputs: apply_plan(model, fixed, loss_fn, init_weights,
+                                                                            timeout, example_inputs=inputs))
+        inputs = as_args(example_inputs) if example_inputs is not None else None
+        return ParallelModel(loss_fn, applied=apply_plan(model, plan, loss_fn, init_weights, timeout,
+                                                         example_inputs=inputs))
 
     check_not_parallelized(model)
 
     def plan_and_apply(inputs: tuple) -> AppliedPlan:
         plan = _plan_everywhere(model, inputs, cluster, dict(plan_kwargs), timeout)
-        return apply_plan(model, plan, loss_fn, init_weights, timeout)
+        return apply_plan(model, plan, loss_fn, init_weights, timeout, example_inputs=inputs)
 
     if example_inputs is None:
         return ParallelModel(loss_fn, pending=plan_and_apply)

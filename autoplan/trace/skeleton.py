@@ -230,6 +230,27 @@ class _Run:
         self.device: torch.device | None = None
 
 
+class _Output:
+    """The last stage's output as torch pipelining takes it (a tensor or a tuple of tensors) and back: a mapping (a
+    transformers ``ModelOutput``) leaves as the tuple of its non-None values, and :meth:`rebuild` makes the mapping
+    again for the loss function."""
+
+    def __init__(self):
+        self.kind: type | None = None
+        self.keys: list = []
+
+    def flatten(self, output: Any) -> Any:
+        if not hasattr(output, "items"):
+            return output
+        self.kind, self.keys = type(output), [k for k, v in output.items() if v is not None]
+        return tuple(output[k] for k in self.keys)
+
+    def rebuild(self, output: Any) -> Any:
+        if self.kind is None or not isinstance(output, tuple):
+            return output
+        return self.kind(**dict(zip(self.keys, output)))
+
+
 def _meta_copy(module: nn.Module) -> nn.Module:
     memo: dict[int, Any] = {}
     for t in list(module.parameters()) + list(module.buffers()):
@@ -356,6 +377,7 @@ def _make_stage(root: nn.Module, model: nn.Module, run: _Run, names: list[str], 
     forward = type(model).forward
     (c, d), (carried_in, carried_out) = span, carried
     hooks: list = []
+    shape = _Output()
 
     def stash_hook(i):
         def hook(module, args, output):
@@ -381,7 +403,7 @@ def _make_stage(root: nn.Module, model: nn.Module, run: _Run, names: list[str], 
         except _StageExit:
             output = None
         if carried_out is None:
-            return output
+            return shape.flatten(output)
         values = []
         for i in carried_out:
             value = run.received[i] if i < c else run.stash[i]
@@ -391,3 +413,5 @@ def _make_stage(root: nn.Module, model: nn.Module, run: _Run, names: list[str], 
 
     root.forward = stage_forward
     root.takes_model_inputs = True
+    if carried_out is None:
+        root.rebuild_output = shape.rebuild

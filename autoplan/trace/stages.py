@@ -1,4 +1,8 @@
-"""Pipeline splitting at module level: one ``torch.fx`` GraphModule per stage that keeps the original modules.
+"""Pipeline splitting at module level: one module per stage that keeps the original modules.
+
+Two routes, both keeping every layer a real ``nn.Module`` under its original FQN: a ``torch.fx`` GraphModule per
+stage (below) for models fx traces, and a skeleton of the model per stage (:mod:`autoplan.trace.skeleton`) for
+those it does not (every transformers 5 model), which needs example inputs to prove its cuts sound.
 
 The top-level forward is traced with ``torch.fx`` treating every plan layer as a leaf, so code between layers (a
 GPT's ``tok(idx) + pos(arange(T))``, loops over blocks) is captured and the layers themselves stay real
@@ -25,6 +29,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import TraceError
+from .skeleton import analyse_cuts, skeleton_stages
 
 __all__ = ["split_into_stages", "pipeline_split_blocker"]
 
@@ -40,9 +45,11 @@ class _LayerLeafTracer(fx.Tracer):
         return module_qualified_name in self.leaves or super().is_leaf_module(m, module_qualified_name)
 
 
-def pipeline_split_blocker(model: nn.Module, layers: Sequence[str] | None = None) -> str | None:
-    """Why ``model`` cannot be split into pipeline stages at ``layers`` (default: every submodule) — its forward
-    does not trace with torch.fx around them, as :func:`split_into_stages` needs — or ``None`` when it can.
+def pipeline_split_blocker(model: nn.Module, layers: Sequence[str] | None = None,
+                           example_inputs: tuple[tuple, dict] | None = None) -> str | None:
+    """Why ``model`` cannot be split into pipeline stages at ``layers`` (default: every submodule), or ``None`` when
+    it can: its forward traces with torch.fx around them, or else (given ``example_inputs`` as ``(args, kwargs)``)
+    :func:`autoplan.trace.skeleton.analyse_cuts` proves every cut of the chain sound.
 
     Example:
         >>> from autoplan.models import MLP
@@ -53,7 +60,10 @@ def pipeline_split_blocker(model: nn.Module, layers: Sequence[str] | None = None
     try:
         _trace(model, leaves)
     except TraceError as exc:
-        return str(exc.__cause__ or exc)
+        fx_reason = str(exc.__cause__ or exc)
+        if example_inputs is None or layers is None:
+            return fx_reason
+        return analyse_cuts(model, list(layers), *example_inputs).blocker
     return None
 
 
@@ -117,9 +127,14 @@ def _stage_graph(graph: fx.Graph, stage: dict[fx.Node, int], k: int, inputs: lis
     return new
 
 
-def split_into_stages(model: nn.Module, stages: Sequence[Sequence[str]]) -> list[fx.GraphModule]:
-    """One GraphModule per stage; stage ``k`` takes what stage ``k-1`` returns (stage 0: the model's inputs) and
-    the last returns the model's output. The stage modules share the model's submodules (no copies).
+def split_into_stages(model: nn.Module, stages: Sequence[Sequence[str]],
+                      example_inputs: tuple[tuple, dict] | None = None) -> list[nn.Module]:
+    """One module per stage; stage ``k`` takes what stage ``k-1`` returns (stage 0: the model's inputs) and the
+    last returns the model's output. The stage modules share the model's submodules (no copies).
+
+    A model torch.fx cannot trace is split into skeleton stages (:mod:`autoplan.trace.skeleton`) when
+    ``example_inputs`` (``(args, kwargs)``, any batch size) are given: those stages have ``takes_model_inputs``
+    set and every one of them takes the microbatch's inputs as ``model_inputs=(args, kwargs)``.
 
     Example:
         >>> from autoplan.models import GPT, GPTConfig
@@ -130,7 +145,18 @@ def split_into_stages(model: nn.Module, stages: Sequence[Sequence[str]]) -> list
     """
     layer_stage = {fqn: k for k, layers in enumerate(stages) for fqn in layers}
     last = len(stages) - 1
-    graph = _trace(model, set(layer_stage))
+    try:
+        graph = _trace(model, set(layer_stage))
+    except TraceError as exc:
+        if example_inputs is None:
+            raise TraceError(f"{exc} Models that torch.fx cannot trace (transformers 5) are split with the help of "
+                             f"example inputs: pass them to autoplan.parallelize") from exc.__cause__
+        layers = [fqn for stage in stages for fqn in stage]
+        analysis = analyse_cuts(model, layers, *example_inputs)
+        if analysis.blocker is not None:
+            raise TraceError(f"{type(model).__name__} cannot be split into pipeline stages: {analysis.blocker}. "
+                             f"Re-plan with mesh={{'pp': 1}} (data and tensor parallelism need no split)") from exc
+        return skeleton_stages(model, stages, analysis)
     called = {n.target for n in graph.nodes if n.op == "call_module"}
     unused = [fqn for fqn in layer_stage if fqn not in called]
     if unused:
