@@ -40,17 +40,24 @@ def _pair_scopes(fqn: str) -> tuple[str, ...]:
     return (parent, parent.rpartition(".")[0]) if parent else (parent,)
 
 
+def _ancestors(fqn: str) -> list[str]:
+    """The root ``""`` and every module above ``fqn`` (``a.b.c`` → ``""``, ``a``, ``a.b``)."""
+    parts = fqn.split(".")
+    return [""] + [".".join(parts[:k]) for k in range(1, len(parts))]
+
+
 def _check_tp_pairs(styles: dict[str, str]) -> None:
     """A colwise linear leaves its output split over the tp ranks and only a rowwise linear joins it again
     (Megatron's pair); a rowwise linear expects split inputs. One without the other hands a shard to code that
     expects the whole tensor (or the reverse), so every colwise needs a rowwise partner nearby and vice versa."""
-    def under(fqn: str, scope: str) -> bool:
-        return scope == "" or fqn.startswith(scope + ".")
-
     cols = [f for f, s in styles.items() if tp_style_kind(s) == "colwise"]
     rows = [f for f, s in styles.items() if s == "rowwise"]
-    lone_cols = [c for c in cols if not any(under(r, scope) for r in rows for scope in _pair_scopes(c))]
-    lone_rows = [r for r in rows if not any(under(r, scope) for c in cols for scope in _pair_scopes(c))]
+    # under(r, scope) holds for the root and every proper ancestor of r: sets of those, not a scan of every
+    # pair (a 96-block model has ~200 of each)
+    row_scopes = {scope for r in rows for scope in _ancestors(r)}
+    col_scopes = {scope for c in cols for scope in _pair_scopes(c)}
+    lone_cols = [c for c in cols if not any(scope in row_scopes for scope in _pair_scopes(c))]
+    lone_rows = [r for r in rows if not any(scope in col_scopes for scope in _ancestors(r))]
     for lone, have, want in ((lone_cols, "colwise", "rowwise"), (lone_rows, "rowwise", "colwise")):
         if lone:
             raise ValueError(
