@@ -42,9 +42,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
-import time
 from dataclasses import replace
 from typing import Callable
 
@@ -53,195 +53,16 @@ import torch.distributed as dist
 
 from .cluster import Cluster
 from .execute.world import World
-from .vocabulary import PRECISIONS, torch_dtype
+from .microbench import (COLLECTIVE_SIZES_BYTES, _timed, _tiny_block, allreduce_time_s,
+                         block_step_time_s, collective_time_s, layer_overhead_time_s, matmul_efficiency, matmul_flops,
+                         memory_bandwidth_Bps, monotone, optimizer_tensor_time_s, overlap_fraction,
+                         ring_bandwidth_Bps)
+from .vocabulary import PRECISIONS
 
-__all__ = ["main", "calibrate", "monotone", "matmul_flops", "matmul_efficiency", "memory_bandwidth_Bps", "layer_overhead_time_s",
-           "block_step_time_s", "allreduce_time_s", "collective_time_s", "ring_bandwidth_Bps", "overlap_fraction"]
-
-#: Message sizes of the collective table (bytes): latency-bound to bandwidth-bound, up to ``--size-mb``.
-COLLECTIVE_SIZES_BYTES = (4096, 65536, 2**19)
-#: Matmul sizes n of the efficiency table (n×n @ n×n), up to ``--matmul-n``.
-MATMUL_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn: Callable[[], object], device: torch.device, min_s: float = 0.02, max_iters: int = 50) -> float:
-    """Seconds of one ``fn()``: after a warm-up call, repeat it until ``min_s`` have passed (at most
-    ``max_iters`` times) and return the mean."""
-    fn()
-    _sync(device)
-    iters, start = 0, time.perf_counter()
-    while True:
-        fn()
-        iters += 1
-        if iters >= max_iters or time.perf_counter() - start >= min_s:
-            break
-    _sync(device)
-    return (time.perf_counter() - start) / iters
-
-
-def matmul_flops(precision: str, n: int = 1024, iters: int = 10, device: torch.device | None = None) -> float:
-    """FLOP/s of an ``n×n`` matmul at ``precision`` on ``device`` (2n³ FLOPs each, after one warm-up).
-
-    Example:
-        >>> matmul_flops("bf16", n=32, iters=1) > 0
-        True
-    """
-    device = device or torch.device("cpu")
-    a = torch.randn(n, n, device=device, dtype=torch_dtype(precision))
-    b = torch.randn(n, n, device=device, dtype=torch_dtype(precision))
-    return 2 * n**3 / _timed(lambda: a @ b, device, min_s=0, max_iters=iters)
-
-
-def matmul_efficiency(precision: str, max_n: int, device: torch.device | None = None,
-                      budget_s: float = 0.5) -> tuple[float, list[tuple[float, float]]]:
-    """(best FLOP/s, [(FLOPs per matmul, fraction of best)]) over square matmuls n ≤ ``max_n`` of
-    :data:`MATMUL_SIZES`, smallest first, stopping once one size takes more than ``budget_s``.
-
-    Example:
-        >>> best, table = matmul_efficiency("fp32", max_n=64, budget_s=10)
-        >>> [f for f, _ in table], max(e for _, e in table)
-        ([8192.0, 65536.0, 524288.0], 1.0)
-    """
-    device = device or torch.device("cpu")
-    rates = []
-    for n in [m for m in MATMUL_SIZES if m <= max_n] or [max_n]:
-        a = torch.randn(n, n, device=device, dtype=torch_dtype(precision))
-        b = torch.randn(n, n, device=device, dtype=torch_dtype(precision))
-        start = time.perf_counter()
-        rates.append((2.0 * n**3, 2 * n**3 / _timed(lambda: a @ b, device, min_s=0.01, max_iters=20)))
-        if time.perf_counter() - start > budget_s:
-            break
-    best = max(r for _, r in rates)
-    return best, [(f, r / best) for f, r in rates]
-
-
-def _tiny_block(device: torch.device):
-    from .models import Block, GPTConfig
-
-    torch.manual_seed(0)
-    return Block(GPTConfig(hidden=16, heads=4, seq_len=4)).to(device), torch.randn(1, 4, 16, device=device)
-
-
-def block_step_time_s(block: torch.nn.Module, x: torch.Tensor, iters: int = 20, repeats: int = 5) -> float:
-    """Median seconds of one forward + backward of ``block`` on ``x`` (``repeats`` runs of ``iters``).
-
-    Example:
-        >>> import torch
-        >>> 0 < block_step_time_s(torch.nn.Linear(4, 4), torch.randn(2, 4), iters=2, repeats=1) < 0.1
-        True
-    """
-    x = x.detach().requires_grad_(True)
-    block(x).sum().backward()  # warm-up: first-call allocations, dispatch and hook caches
-    _sync(x.device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(iters):
-            block(x).sum().backward()
-        _sync(x.device)
-        times.append((time.perf_counter() - start) / iters)
-    return statistics.median(times)
-
-
-def layer_overhead_time_s(device: torch.device | None = None, iters: int = 20, repeats: int = 5) -> float:
-    """Fixed forward seconds of one layer per microbatch on ``device``: a third of a tiny GPT block's forward +
-    backward (forward 1×, backward 2×; its FLOPs are negligible).
-
-    Example:
-        >>> 0 < layer_overhead_time_s(iters=2, repeats=1) < 0.1
-        True
-    """
-    block, x = _tiny_block(device or torch.device("cpu"))
-    return block_step_time_s(block, x, iters, repeats) / 3
-
-
-def memory_bandwidth_Bps(device: torch.device | None = None, num_bytes: int = 2**27, iters: int = 5) -> float:
-    """Bytes per second a copy of ``num_bytes`` moves through ``device`` memory: it reads and writes each byte,
-    2·num_bytes per copy (the STREAM "copy" kernel's accounting, McCalpin 1995). The cost model prices
-    elementwise ops at this rate (``autoplan.cost.memory_bound_s``).
-
-    Example:
-        >>> memory_bandwidth_Bps(num_bytes=2**20, iters=2) > 1e8
-        True
-    """
-    device = device or torch.device("cpu")
-    src = torch.ones(max(1, num_bytes // 4), device=device)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * 4 / _timed(lambda: dst.copy_(src), device, min_s=0, max_iters=iters)
-
-
-def collective_time_s(kind: str, num_bytes: int, group: dist.ProcessGroup | None, device: torch.device,
-                      iters: int = 7) -> float:
-    """Median seconds of one ``kind`` collective of ``num_bytes`` over ``group`` (after one warm-up); collective.
-    ``num_bytes`` is an all-reduce's buffer, an all-gather's result, a reduce-scatter's input; for ``"send"``
-    the group's first rank sends ``num_bytes`` to its second.
-
-    Example (under torchrun): ``collective_time_s("all_gather", 2**20, None, torch.device("cpu"))``
-    """
-    n = dist.get_world_size(group)
-    elements = max(n, num_bytes // 4) // n * n
-    full = torch.zeros(elements, device=device)
-    part = torch.zeros(elements // n, device=device)
-    if kind == "all_reduce":
-        def op(): dist.all_reduce(full, group=group)
-    elif kind == "all_gather":
-        def op(): dist.all_gather_into_tensor(full, part, group=group)
-    elif kind == "reduce_scatter":
-        def op(): dist.reduce_scatter_tensor(part, full, group=group)
-    elif kind == "send":
-        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(n))
-        me = dist.get_rank()
-        def op():
-            if me == ranks[0]:
-                dist.send(full, ranks[1])
-            elif me == ranks[1]:
-                dist.recv(full, ranks[0])
-    else:
-        raise ValueError(f"unknown collective kind {kind!r}; use all_reduce, all_gather, reduce_scatter or send")
-    op()  # warm-up: connections and buffers
-    times = []
-    for _ in range(iters):  # the median of single operations: a loaded machine delays some of them by far more
-        dist.barrier(group=group)
-        start = time.perf_counter()
-        op()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def allreduce_time_s(num_bytes: int, group: dist.ProcessGroup | None, device: torch.device, iters: int = 5) -> float:
-    """Mean seconds of one all-reduce of ``num_bytes`` over ``group`` (after one warm-up); collective.
-
-    Example (under torchrun): ``allreduce_time_s(2**24, None, torch.device("cpu"))``
-    """
-    return collective_time_s("all_reduce", num_bytes, group, device, iters)
-
-
-def ring_bandwidth_Bps(num_bytes: int, ranks: int, time_s: float, latency_s: float) -> float:
-    """Per-rank bandwidth from a timed ring all-reduce: 2(n−1)/n·bytes / (time − latency).
-
-    Example:
-        >>> ring_bandwidth_Bps(10**9, ranks=2, time_s=1.01, latency_s=0.01)
-        1000000000.0
-    """
-    return 2 * (ranks - 1) / ranks * num_bytes / max(time_s - latency_s, 1e-9)
-
-
-def overlap_fraction(comm_s: float, compute_s: float, both_s: float) -> float:
-    """How much of the shorter of a collective and a computation hid behind the other when run together:
-    (comm + compute − both) / min(comm, compute), clamped to [0, 1]; 1 is full overlap, 0 none.
-
-    Example:
-        >>> overlap_fraction(0.1, 0.1, 0.1), overlap_fraction(0.1, 0.1, 0.2)
-        (1.0, 0.0)
-    """
-    shorter = min(comm_s, compute_s)
-    return min(1.0, max(0.0, (comm_s + compute_s - both_s) / shorter)) if shorter > 0 else 0.0
+# The measurements themselves live in autoplan.microbench; they are re-exported here, where they are composed.
+__all__ = ["main", "calibrate", "monotone", "matmul_flops", "matmul_efficiency", "memory_bandwidth_Bps",
+           "layer_overhead_time_s", "block_step_time_s", "optimizer_tensor_time_s", "allreduce_time_s",
+           "collective_time_s", "ring_bandwidth_Bps", "overlap_fraction"]
 
 
 def _slowest(value: float, device: torch.device) -> float:
@@ -286,27 +107,12 @@ def _collective_table(local: int, nodes: int, sizes: list[int], me: int, device:
     return table
 
 
-def monotone(values: list[float]) -> list[float]:
-    """The closest non-decreasing sequence in least squares (pool adjacent violators): a larger message never
-    takes less time, so a noisy dip is averaged with the point above it.
-
-    Example:
-        >>> monotone([1.0, 3.0, 2.0, 4.0])
-        [1.0, 2.5, 2.5, 4.0]
-    """
-    blocks: list[list[float]] = []  # [mean, count]
-    for v in values:
-        blocks.append([v, 1])
-        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
-            (m1, c1), (m2, c2) = blocks.pop(-2), blocks.pop()
-            blocks.append([(m1 * c1 + m2 * c2) / (c1 + c2), c1 + c2])
-    return [m for m, c in blocks for _ in range(int(c))]
-
-
-def _framework_overheads(device: torch.device, plain_s: float, contention: float, cluster: Cluster) -> tuple[float, float]:
+def _framework_overheads(device: torch.device, plain_s: float, contention: float,
+                         cluster: Cluster) -> tuple[float, float, float]:
     """Extra fixed seconds per forward of a DTensor tensor-parallel and of an FSDP2-wrapped tiny block over the
     world (collective): each measured with every rank busy, less its collectives (the cluster's table) and
-    divided by ``contention`` (the ranks' sharing), less the plain block's ``plain_s``, a third of the rest."""
+    divided by ``contention`` (the ranks' sharing), less the plain block's ``plain_s``, a third of the rest;
+    and the optimizer's seconds per DTensor parameter (the FSDP2 block's, divided by ``contention``)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -325,16 +131,19 @@ def _framework_overheads(device: torch.device, plain_s: float, contention: float
     param_bytes = sum(p.numel() for p in block.parameters()) * 4
     fully_shard(block, mesh=mesh, reshard_after_forward=True)
     fsdp_total = _slowest(block_step_time_s(block, x, iters=6, repeats=3), device)
+    dtensor_optimizer_s = _slowest(optimizer_tensor_time_s(block, x, iters=6), device) / contention
     fsdp_comm = (2 * group_allgather_s(param_bytes, cluster, n, 1)
                  + group_reduce_scatter_s(param_bytes, cluster, n, 1))
     extra = [max(0.0, (total - comm) / contention / 3 - plain_s)
              for total, comm in ((tp_total, tp_comm), (fsdp_total, fsdp_comm))]
-    return extra[0], extra[1]
+    return extra[0], extra[1], dtensor_optimizer_s
 
 
 def _concurrency(device: torch.device, ranks: int) -> float:
     """ranks × rate with every rank busy / rate of rank 0 alone, over a tiny block's forward + backward (the
-    dispatch-bound work) and a 256² matmul (the compute-bound work); the mean of the two."""
+    dispatch-bound work) and a 256² matmul (the compute-bound work); the mean of the two. On CPU ranks it is at
+    most the cores this process may run on over its threads: other jobs loading the machine while rank 0 runs
+    alone would otherwise make sharing look like independence."""
     block, x = _tiny_block(device)
     a = torch.randn(256, 256, device=device)
     work = [lambda: block_step_time_s(block, x, iters=20, repeats=3), lambda: _timed(lambda: a @ a, device, 0.05)]
@@ -344,7 +153,10 @@ def _concurrency(device: torch.device, ranks: int) -> float:
         dist.barrier()
         together = _slowest(fn(), device)
         ratios.append(ranks * alone / together)
-    return statistics.mean(ratios)
+    measured = statistics.mean(ratios)
+    if device.type == "cpu" and hasattr(os, "sched_getaffinity"):
+        measured = min(measured, len(os.sched_getaffinity(0)) / torch.get_num_threads())
+    return measured
 
 
 def _overlap(device: torch.device, num_bytes: int) -> float:
@@ -407,9 +219,10 @@ def calibrate(size_bytes: int, matmul_n: int) -> Cluster:
         dist.broadcast_object_list(holder, src=0)
         efficiency = holder[0]
     plain_s = alone(lambda: layer_overhead_time_s(device))
+    optimizer_s = alone(lambda: optimizer_tensor_time_s(*_tiny_block(device)))
     bandwidth_Bps = 1 / alone(lambda: 1 / memory_bandwidth_Bps(device))
     device_fields = dict(peak_flops=flops, layer_overhead_s=plain_s, memory_bandwidth_Bps=bandwidth_Bps,
-                         matmul_efficiency=efficiency)
+                         matmul_efficiency=efficiency, optimizer_tensor_overhead_s=optimizer_s)
     changes: dict = {}
     calibrate.last_overlap = None
     if world.distributed:
@@ -424,8 +237,9 @@ def calibrate(size_bytes: int, matmul_n: int) -> Cluster:
         changes["collective_times"] = _collective_table(local, nodes, sizes, world.rank, device)
         changes["compute_concurrency"] = concurrency if shared else 0.0
         measured = replace(cluster, **changes)
-        tp_s, fsdp_s = _framework_overheads(device, plain_s, contention, measured)
-        device_fields.update(tp_layer_overhead_s=tp_s, fsdp_layer_overhead_s=fsdp_s)
+        tp_s, fsdp_s, dtensor_optimizer_s = _framework_overheads(device, plain_s, contention, measured)
+        device_fields.update(tp_layer_overhead_s=tp_s, fsdp_layer_overhead_s=fsdp_s,
+                             dtensor_optimizer_tensor_overhead_s=dtensor_optimizer_s)
         calibrate.last_overlap = _overlap(device, size_bytes)
     changes["device"] = replace(cluster.device, **device_fields)
     return replace(cluster, name=f"calibrated-{cluster.device.kind}", **changes)

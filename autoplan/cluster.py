@@ -40,6 +40,10 @@ class Device:
             ``layer_overhead_s`` (DTensor's sharding propagation and redistribution per op); backward 2×.
         fsdp_layer_overhead_s: the same for a layer wrapped by FSDP2 ``fully_shard`` / ``replicate`` (its pre-
             and post-forward/backward hooks); backward 2×.
+        optimizer_tensor_overhead_s: fixed seconds an optimizer step (and ``zero_grad``) costs per parameter
+            tensor whatever its size (the foreach kernels' per-tensor launches and Python), plain tensors.
+        dtensor_optimizer_tensor_overhead_s: the same per DTensor parameter (FSDP2, ``replicate`` or tensor
+            parallelism): every optimizer op dispatches through DTensor.
         matmul_efficiency: per precision, measured ``(flops_per_matmul, fraction_of_peak)`` points, increasing in
             FLOPs; the cost model interpolates the fraction for each matmul's size (log-linear, clamped at the
             ends) in place of ``achievable_flops_fraction``. Empty (the presets): one fraction for every size.
@@ -60,6 +64,8 @@ class Device:
     layer_overhead_s: float = 0.0  # fixed forward seconds per layer and microbatch (launch + dispatch)
     tp_layer_overhead_s: float = 0.0  # extra fixed forward seconds of a tensor-parallel (DTensor) layer
     fsdp_layer_overhead_s: float = 0.0  # extra fixed forward seconds of an FSDP2-wrapped layer (hooks)
+    optimizer_tensor_overhead_s: float = 0.0  # fixed optimizer-step seconds per parameter tensor
+    dtensor_optimizer_tensor_overhead_s: float = 0.0  # the same per DTensor parameter
     # precision → ((flops_per_matmul, fraction_of_peak), ...), measured by autoplan.calibrate
     matmul_efficiency: tuple[tuple[str, tuple[tuple[float, float], ...]], ...] = ()
 
@@ -87,7 +93,8 @@ class Device:
             raise ValueError(f"Device.memory_bandwidth_Bps must be positive, got {self.memory_bandwidth_Bps}")
         if self.kind not in DEVICE_KINDS:
             raise ValueError(f"Device.kind must be one of {DEVICE_KINDS}, got {self.kind!r}")
-        for attr in ("layer_overhead_s", "tp_layer_overhead_s", "fsdp_layer_overhead_s"):
+        for attr in ("layer_overhead_s", "tp_layer_overhead_s", "fsdp_layer_overhead_s",
+                     "optimizer_tensor_overhead_s", "dtensor_optimizer_tensor_overhead_s"):
             if not getattr(self, attr) >= 0:
                 raise ValueError(f"Device.{attr} must be ≥ 0 seconds, got {getattr(self, attr)}")
         object.__setattr__(self, "matmul_efficiency", _efficiency_table(self.matmul_efficiency))
@@ -97,6 +104,7 @@ class Device:
         return hash((self.name, self.memory_bytes, tuple(sorted(self.peak_flops.items())),
                      self.achievable_flops_fraction, self.memory_headroom_bytes, self.memory_bandwidth_Bps,
                      self.kind, self.layer_overhead_s, self.tp_layer_overhead_s, self.fsdp_layer_overhead_s,
+                     self.optimizer_tensor_overhead_s, self.dtensor_optimizer_tensor_overhead_s,
                      self.matmul_efficiency))
 
     @property
@@ -399,7 +407,8 @@ class Cluster:
             True
         """
         data = asdict(self)
-        for key in ("layer_overhead_s", "tp_layer_overhead_s", "fsdp_layer_overhead_s"):
+        for key in ("layer_overhead_s", "tp_layer_overhead_s", "fsdp_layer_overhead_s",
+                    "optimizer_tensor_overhead_s", "dtensor_optimizer_tensor_overhead_s"):
             if data["device"][key] == 0:
                 del data["device"][key]
         if self.device.matmul_efficiency:

@@ -61,6 +61,7 @@ __all__ = [
     "group_reduce_scatter_s",
     "group_p2p_s",
     "collective_terms",
+    "collective_latency_s",
     "measured_collective_s",
     "check_group",
 ]
@@ -310,6 +311,21 @@ def _interpolate(points: tuple[tuple[float, float], ...], x: float) -> float:
             return y0 + (x - x0) * (y1 - y0) / (x1 - x0)
     (x0, y0), (x1, y1) = points[-2], points[-1]
     return y1 + (x - x1) * max(0.0, (y1 - y0) / (x1 - x0))
+
+
+def collective_latency_s(cluster: Cluster, kind: str, group_size: int, stride: int) -> float:
+    """Seconds of one ``kind`` collective that carries (almost) nothing: the smallest measured message's time,
+    else the alpha-beta formula's latency term (:func:`collective_terms`).
+
+    Example:
+        >>> round(collective_latency_s(Cluster.preset("a100-80gb"), "all_gather", 8, 1) * 1e6)   # 7 × 5 µs
+        35
+    """
+    if group_size > 1 and group_size * stride <= cluster.devices_per_node:
+        points = cluster.collective_points(kind, group_size)
+        if points:
+            return points[0][1]
+    return collective_terms(cluster, kind, group_size, stride)[0]
 
 
 def collective_terms(cluster: Cluster, kind: str, group_size: int, stride: int) -> tuple[float, float]:

@@ -154,7 +154,8 @@ def _priced_s(collectives: tuple[Collective, ...], cluster: Cluster, tp_stride: 
 
 def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int, cluster: Cluster, tp: int,
                microbatch_size: int, precision: str, recompute: RecomputeOption | None = None,
-               tp_stride: int = 1, contention: float = 1.0, fsdp_unit: bool = False) -> LayerCost:
+               tp_stride: int = 1, contention: float = 1.0, fsdp_unit: bool = False,
+               per_step_s: float = 0.0) -> LayerCost:
     """Cost of ``layer`` for one microbatch of ``microbatch_size`` samples on one device.
 
     Figures in ``layer`` are for ``traced_batch_size`` samples at ``traced_dtype_bytes`` per element and are
@@ -182,7 +183,9 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
     Matmuls are priced at the efficiency of their own size when the device has a calibrated table
     (:meth:`autoplan.Device.achievable_flops`). ``contention`` (≥ 1) stretches everything the rank computes —
     matmuls, memory-bound ops, overhead, not the collectives, which are measured with every rank taking part —
-    when ranks share processors (:func:`autoplan.cost.compute_contention`).
+    when ranks share processors (:func:`autoplan.cost.compute_contention`). ``per_step_s`` is the layer's fixed
+    work per step outside its microbatches, already divided by the step's microbatches
+    (:func:`autoplan.cost.layer_step_overhead_s`): charged with backward, so that m microbatches add it once.
 
     Example:
         >>> from autoplan.graph import Layer
@@ -204,6 +207,7 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
             f"recompute option for module {recompute.module!r} does not belong to layer {layer.name!r}; "
             f"pass one of layer.recompute_options"
         )
+    _check_non_negative("per_step_s", per_step_s)
     if not contention >= 1:
         raise ValueError(f"contention must be ≥ 1 (how much slower than alone a rank computes), got {contention}")
     batch_scale = microbatch_size / traced_batch_size
@@ -284,7 +288,7 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
         forward_s=contention * (matmul_s + overhead_s
                                 + memory_bound_s(FORWARD_PASSES * activation * bytes_scale, cluster)),
         backward_s=contention * (layer.backward_flops * flops_ratio * batch_scale * seconds_per_flop
-                                 + 2 * overhead_s + memory_bound_s(BACKWARD_PASSES * activation * bytes_scale,
+                                 + 2 * overhead_s + per_step_s + memory_bound_s(BACKWARD_PASSES * activation * bytes_scale,
                                                                    cluster)),
         recompute_s=recompute_s,
         tp_comm_s=_priced_s(tp_collectives, cluster, tp_stride),

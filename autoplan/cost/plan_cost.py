@@ -200,6 +200,10 @@ def layer_choice_cost(graph: ModelGraph, layer: Layer, cluster: Cluster, strateg
         contention=cost.compute_contention(cluster, pp=strategy.pp, microbatches=strategy.microbatches,
                                            schedule=strategy.schedule, virtual_stages=strategy.virtual_stages),
         fsdp_unit=_fsdp_unit(graph, layer, strategy),
+        per_step_s=cost.layer_step_overhead_s(
+            cluster, param_tensors=len(layer.param_names), dtensor=_dtensor_params(strategy, tp_on),
+            fsdp_unit=_fsdp_unit(graph, layer, strategy), dp=strategy.dp, stride=strategy.tp,
+            precision=strategy.precision, microbatches=strategy.microbatches, pp=strategy.pp),
     )
     if strategy.sequence_parallel:
         result = _with_sequence_parallel(graph, layer, cluster, strategy, tp_on, recompute, result)
@@ -226,6 +230,13 @@ def _with_sequence_parallel(graph: ModelGraph, layer: Layer, cluster: Cluster, s
     norms_s = sequence.collectives_s(sequence.norm_gradient_collectives(graph.layers, strategy.tp), cluster)
     return replace(result, tp_collectives=result.tp_collectives + edges,
                    tp_comm_s=result.tp_comm_s + sequence.collectives_s(edges, cluster) + norms_s / strategy.microbatches)
+
+
+def _dtensor_params(strategy: Strategy, tp_on: bool) -> bool:
+    """Whether the layer's parameters are DTensors: tensor-parallel, or data-parallel by FSDP2 / ``replicate``
+    (DDP composed with tensor or pipeline parallelism, :mod:`autoplan.execute.data_parallel`)."""
+    composed = strategy.tp > 1 or strategy.pp > 1
+    return tp_on or (strategy.dp > 1 and (strategy.data_parallel == "fsdp" or composed))
 
 
 def _fsdp_unit(graph: ModelGraph, layer: Layer, strategy: Strategy) -> bool:

@@ -21,7 +21,7 @@ from .memory import state_bytes_per_param
 __all__ = ["GRAD_REDUCE_BYTES", "fsdp_keeps_weights", "fsdp_held_bytes_per_param", "data_parallel_collectives", "data_parallel_sync_s",
            "data_parallel_sync_terms", "optimizer_step_bytes_per_param",
            "optimizer_step_s",
-           "in_flight_microbatches", "bubble_microbatches", "compute_contention"]
+           "in_flight_microbatches", "bubble_microbatches", "compute_contention", "layer_step_overhead_s"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -309,3 +309,40 @@ def compute_contention(cluster: Cluster, *, pp: int, microbatches: int, schedule
     bubble = bubble_microbatches(schedule, pp, virtual_stages) if pp > 1 else 0.0  # in rank-times
     busy = cluster.world_size * microbatches / (microbatches + bubble)
     return max(1.0, busy / concurrency)
+
+
+def layer_step_overhead_s(cluster: Cluster, *, param_tensors: int, dtensor: bool, fsdp_unit: bool, dp: int,
+                          stride: int, precision: str, microbatches: int, pp: int) -> float:
+    """A layer's fixed seconds per step outside its microbatches, divided by the step's ``microbatches`` (the
+    caller charges it once per microbatch, :func:`autoplan.cost.layer_cost`'s ``per_step_s``):
+
+    - the optimizer step and ``zero_grad`` launch per parameter tensor whatever its size:
+      ``param_tensors`` × ``device.optimizer_tensor_overhead_s``, or the DTensor figure when the parameters are
+      DTensors (FSDP2, ``replicate``, tensor parallelism), whose every op dispatches through DTensor;
+    - an FSDP unit of its own issues its own all-gathers and reduce-scatter per step
+      (:func:`data_parallel_collectives`' counts per unit): each pays the latency of one collective, the time
+      of the smallest message measured (or the ring formula's α). The data-parallel sync of the step prices
+      their bytes, once for all units.
+
+    Both are 0 on a device without calibrated figures and without FSDP.
+
+    Example:
+        >>> from autoplan import Cluster
+        >>> from dataclasses import replace
+        >>> c = Cluster.preset("cpu")
+        >>> c = replace(c, device=replace(c.device, optimizer_tensor_overhead_s=1e-4))
+        >>> round(layer_step_overhead_s(c, param_tensors=12, dtensor=False, fsdp_unit=False, dp=4, stride=1,
+        ...                             precision="fp32", microbatches=4, pp=1) * 1e6)      # 12 × 100 µs / 4
+        300
+    """
+    _check_positive_int("microbatches", microbatches)
+    device = cluster.device
+    per_tensor_s = device.dtensor_optimizer_tensor_overhead_s if dtensor else device.optimizer_tensor_overhead_s
+    total_s = param_tensors * per_tensor_s
+    if fsdp_unit and dp > 1:
+        from .collectives import collective_latency_s
+
+        records = data_parallel_collectives(1, dp=dp, data_parallel="fsdp", precision=precision,
+                                            microbatches=microbatches, pp=pp)
+        total_s += sum(c.count * collective_latency_s(cluster, c.kind, dp, stride) for c in records)
+    return total_s / microbatches
