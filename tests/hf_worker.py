@@ -84,6 +84,8 @@ def run_case(case: dict) -> dict:
     state = pm.full_state_dict()
     result = {"losses": losses, "plan": pm.plan.to_dict(), "sharded": len(pm.plan.tensor_parallel),
               "notes": list(pm.plan.search.notes)}
+    if case.get("checkpoint"):
+        result["roundtrip"] = roundtrip(pm, opt, data, state, case["checkpoint"])
     if state:  # rank 0
         ref = reference(family)
         result["ref_losses"] = ref["losses"]
@@ -92,6 +94,35 @@ def run_case(case: dict) -> dict:
         result["max_weight_diff"] = max(diffs.values())
         result["worst_weight"] = max(diffs, key=diffs.get)
     return result
+
+
+def roundtrip(pm, opt, data, state: dict, path: str) -> dict:
+    """Save a DCP checkpoint, train on, load it back; train on, load ``state`` (full tensors, rank 0 only) back.
+    Returns, on rank 0, the largest difference of each reload from ``state`` and the checkpoint's own tensors
+    read whole (``dcp_to_torch_save``): fused projections must come back, and be stored, in their original order."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    def step():
+        pm.train_step(*data[0])
+        opt.step()
+        opt.zero_grad()
+
+    def worst(got: dict) -> float:
+        return max((got[k].float() - v.float()).abs().max().item() for k, v in state.items()) if got else 0.0
+
+    pm.save_checkpoint(path, optimizer=opt)
+    step()
+    pm.load_checkpoint(path, optimizer=opt)
+    after_checkpoint = worst(pm.full_state_dict())
+    step()
+    pm.load_state_dict(state if state else None)
+    after_state_dict = worst(pm.full_state_dict())
+    if not state:
+        return {}
+    dcp_to_torch_save(path, path + ".pt")
+    stored = torch.load(path + ".pt", weights_only=False)
+    on_disk = worst({k: stored[f"model.{k}"] for k in state})
+    return {"checkpoint": after_checkpoint, "state_dict": after_state_dict, "on_disk": on_disk}
 
 
 def case_name(case: dict) -> str:

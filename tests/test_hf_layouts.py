@@ -18,8 +18,10 @@ import models_hf  # noqa: E402
 pytestmark = [pytest.mark.filterwarnings("ignore"), pytest.mark.slow]
 
 WORKER = REPO / "tests" / "hf_worker.py"
-#: families with no sound tensor-parallel group: Phi-3 fuses qkv and gate/up (GPT-2 shards its Conv1D MLP)
-NOTHING_SOUND = {"phi3"}
+#: families with no sound tensor-parallel group (GPT-2 and Phi-3 shard their fused projections part by part)
+NOTHING_SOUND: set[str] = set()
+#: families whose fused projections (colwise:K) a pinned dp2xtp2 must shard, with a checkpoint round trip
+FUSED = {"gpt2": "transformer.h.0.attn.c_attn", "phi3": "model.layers.0.mlp.gate_up_proj"}
 
 
 def check(results: dict) -> None:
@@ -32,6 +34,10 @@ def check(results: dict) -> None:
             assert got["notes"], name  # the plan says why tp does not shard the blocks
         else:
             assert got["sharded"] > 0, name
+        if family in FUSED and "dp2" in name:
+            assert got["plan"]["tensor_parallel"][FUSED[family]].startswith("colwise:"), name
+            # the checkpoint and the full state dict give and take the original fused weights, in order
+            assert got["roundtrip"] == {"checkpoint": 0.0, "state_dict": 0.0, "on_disk": 0.0}, name
 
 
 def test_every_family_dp2xtp2_and_tp4_match_one_process_and_pinned_pp_is_refused(tmp_path):
@@ -39,6 +45,9 @@ def test_every_family_dp2xtp2_and_tp4_match_one_process_and_pinned_pp_is_refused
     # 4 heads over 2 key/value heads, so Llama's tp4 shards its MLPs, OPT's and BERT's their attention too
     families = list(models_hf.FAMILIES) + ["fused_qkv_gpt"]
     cases = [{"family": f, "mesh": {"dp": 2, "tp": 2}} for f in families]
+    for case in cases:
+        if case["family"] in FUSED:
+            case["checkpoint"] = str(tmp_path / f"checkpoint_{case['family']}")
     cases += [{"family": f, "mesh": {"tp": 4}} for f in ("opt", "bert", "llama")]
     check(run_world(cases, tmp_path, timeout_s=900, worker=WORKER))
     import autoplan

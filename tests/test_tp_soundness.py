@@ -45,13 +45,20 @@ def _check(model, x):
     return check_tp_groups(model, groups, (x,), {})
 
 
-def test_a_megatron_pair_is_kept_and_a_fused_chunked_projection_is_dropped_with_the_difference():
+def test_a_megatron_pair_and_a_fused_gate_up_shard_part_by_part_are_kept_and_the_whole_block_shard_dropped():
+    from autoplan.trace.tp_groups import DetectedGroup
+
     pair = {"mlp.up": "colwise", "mlp.down": "rowwise"}
     kept, dropped = _check(_Outer(fused=False), torch.randn(2, 8))
     assert [g.styles for g in kept] == [pair] and dropped == []
-    kept, dropped = _check(_Outer(fused=True), torch.randn(2, 8))
-    assert kept == [] and len(dropped) == 1
-    assert dropped[0].styles == pair
+    # a fused gate/up cut by chunk(2) is proposed as colwise:2 (rank r holds [gate_r; up_r]) and proven sound
+    model, x = _Outer(fused=True), torch.randn(2, 8)
+    kept, dropped = _check(model, x)
+    assert [g.styles for g in kept] == [{"mlp.up": "colwise:2", "mlp.down": "rowwise"}] and dropped == []
+    # the same projection sharded as one block (rank r: rows r of t of [gate; up]) mixes gate and up: dropped
+    whole = DetectedGroup(pair, kept[0].divisor, kept[0].output_node, kept[0].window)
+    kept, dropped = check_tp_groups(model, [whole], (x,), {})
+    assert kept == [] and [d.styles for d in dropped] == [pair]
     assert "computes other numbers (relative difference" in dropped[0].reason
 
 
@@ -76,7 +83,7 @@ def test_head_counts_are_divided_on_the_shard_and_restorable():
 
 @pytest.mark.parametrize("family, kept, dropped", [
     ("opt", 4, 0),    # view(bsz, -1, num_heads, head_dim): sound once num_heads counts the local heads
-    ("phi3", 0, 4),   # fused qkv_proj sliced at global offsets; fused gate_up_proj cut by chunk(2)
+    ("phi3", 2, 2),   # fused gate_up_proj (chunk(2)) kept part by part; GQA qkv_proj sliced at unequal offsets
     ("bart", 10, 0),  # cross-attention: q reads the decoder, k and v the encoder, all in one group
 ])
 def test_families_keep_exactly_their_sound_groups(family, kept, dropped):
@@ -109,7 +116,9 @@ def test_a_replicated_weight_between_the_linears_drops_the_group_by_its_gradient
     assert len(reasons) == 2 and "q_norm.weight is used between the sharded linears" in reasons[0]
 
 
-def test_gpt2_conv1d_mlp_is_proposed_and_proven_and_a_wrong_conv1d_layout_is_dropped(monkeypatch):
+def test_gpt2_conv1d_pairs_and_fused_qkv_are_proposed_and_proven_and_wrong_layouts_are_dropped(monkeypatch):
+    from autoplan.trace.tp_groups import DetectedGroup
+
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from autoplan.trace.measure import measure
@@ -120,13 +129,19 @@ def test_gpt2_conv1d_mlp_is_proposed_and_proven_and_a_wrong_conv1d_layout_is_dro
     kwargs = {"input_ids": torch.randint(0, 64, (2, 8)), "use_cache": False}
     groups = [g for g in detect_tp_groups(build_op_graph(model, (), kwargs), model) if "rowwise" in g.styles.values()]
     mlp = {"transformer.h.0.mlp.c_fc": "colwise", "transformer.h.0.mlp.c_proj": "rowwise"}
-    attn = {"transformer.h.0.attn.c_attn": "colwise", "transformer.h.0.attn.c_proj": "rowwise"}
+    # c_attn fuses q, k and v, cut by .split(split_size): sharded part by part (rank r: [q_r; k_r; v_r])
+    attn = {"transformer.h.0.attn.c_attn": "colwise:3", "transformer.h.0.attn.c_proj": "rowwise"}
     assert sorted(g.styles.items() for g in groups) == sorted([attn.items(), mlp.items()])
+    assert [g.divisor for g in groups if g.styles == attn] == [4]  # the heads of each part
     recorded = measure(model, (), kwargs, record_inputs=record_parents(model, groups)).inputs
     kept, dropped = check_tp_groups(model, groups, (), kwargs, recorded)
-    assert [g.styles for g in kept] == [mlp]
-    # the fused c_attn is cut into q, k and v by .split(split_size) at global offsets: dropped
-    assert [d.styles for d in dropped] == [attn] and "computes other numbers" in dropped[0].reason
+    assert sorted(g.styles.items() for g in kept) == sorted([attn.items(), mlp.items()]) and dropped == []
+    # the fused c_attn sharded as one block (rank r: rows r of t of [q; k; v]) mixes q, k and v: dropped
+    whole = next(g for g in groups if g.styles == attn)
+    plain = DetectedGroup({**attn, "transformer.h.0.attn.c_attn": "colwise"}, whole.divisor, whole.output_node,
+                          whole.window)
+    kept, dropped = check_tp_groups(model, [plain], (), kwargs, recorded)
+    assert kept == [] and "computes other numbers" in dropped[0].reason
     # the same Conv1D pair sharded as if its weight were a Linear's (out, in) computes something else: dropped
     monkeypatch.setitem(check_tp_groups.__globals__, "is_conv1d", lambda module: False)
     kept, dropped = check_tp_groups(model, [g for g in groups if g.styles == mlp], (), kwargs, recorded)

@@ -11,6 +11,8 @@ The checkpoint is one flat state dict keyed by the model's original names:
   holds it next.
 - Weights tied in the model (a GPT's embedding and head) are written under every name of the group, so that a
   layout that holds only one of the names (a pipeline stage) finds it.
+- A fused projection sharded part by part (``colwise:K``) is written whole, in its original order (see
+  :func:`_writable`), and read whole before each rank keeps its parts.
 - ``extra``: any picklable object (the step count, the data loader's position, the LR scheduler's state).
   Non-tensor values are stored pickled (DCP would otherwise split dicts into keys of their own).
 
@@ -45,7 +47,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import _init_optim_state
 
 from .guards import fail_together
-from .materialize import held_tensors
+from .materialize import copy_full_into, held_tensors
+from .tp_styles import strided
 
 __all__ = ["save", "load"]
 
@@ -104,6 +107,14 @@ def _with_aliases(a, entries: dict[str, Any], prefixes: tuple[str, ...]) -> dict
     return out
 
 
+def _writable(value: Any) -> Any:
+    """What DCP writes for ``value``: itself, or the whole tensor of a fused projection's part-by-part shard
+    (``_StridedShard``: a rank's rows are several chunks of the global tensor, which DCP's one-chunk-per-rank
+    metadata cannot describe). Every tp rank then offers the same whole tensor and DCP writes it once, in the
+    original order, so the checkpoint loads under any layout; it costs one gather of that tensor at save time."""
+    return value.full_tensor() if strided(value) else value
+
+
 def save(pm, path: str | Path, optimizer: torch.optim.Optimizer | None = None, extra: Any = None,
          async_save: bool = False):
     """Write a sharded checkpoint of ``pm`` (and ``optimizer``) to the folder ``path``. Collective.
@@ -116,6 +127,7 @@ def save(pm, path: str | Path, optimizer: torch.optim.Optimizer | None = None, e
         if optimizer is not None:
             entries.update(_optimizer_entries(pm, optimizer))
         entries = _with_aliases(a, entries, ("model.", "optim.", "optim_group."))
+        entries = {k: _writable(v) for k, v in entries.items()}
         entries["extra"] = pickle.dumps(extra)
         entries["autoplan_checkpoint"] = pickle.dumps(
             {"version": 1, "optimizer": type(optimizer).__name__ if optimizer is not None else None})
@@ -161,7 +173,13 @@ def load(pm, path: str | Path, optimizer: torch.optim.Optimizer | None = None) -
                 f"another model (or another optimizer type)"
             )
         entries["extra"] = b""
+        # a fused projection's part-by-part shard is read whole, then cut into this rank's parts locally
+        fused = {k: v for k, v in entries.items() if strided(v)}
+        entries.update({k: torch.empty(tuple(v.shape), dtype=v.dtype, device=v.to_local().device)
+                        for k, v in fused.items()})
         dcp.load(entries, checkpoint_id=str(path))
+        for key, target in fused.items():
+            copy_full_into(target, entries[key], key)
         if optimizer is not None:
             names = _param_names(pm)
             for group in optimizer.param_groups:

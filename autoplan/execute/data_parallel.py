@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..vocabulary import LOW_PRECISIONS, torch_dtype
 from .tensor_parallel import tied_parameter_names
+from .tp_styles import fsdp_placement
 
 __all__ = ["shardable_layers", "apply_data_parallel", "low_precision_dtype"]
 
@@ -99,8 +100,10 @@ def apply_data_parallel(root: nn.Module, kind: str, dp_mesh: DeviceMesh, layers:
         policy = _mp_policy(precision)
         reshard = not keep_weights
         for fqn in shardable_layers(root, layers):
-            fully_shard(root.get_submodule(fqn), mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard)
-        fully_shard(root, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard)
+            fully_shard(root.get_submodule(fqn), mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard,
+                        shard_placement_fn=fsdp_placement)  # fused tp projections: the other dim
+        fully_shard(root, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard,
+                    shard_placement_fn=fsdp_placement)
         return root
     if kind != "ddp":
         raise ValueError(f"data_parallel must be 'ddp' or 'fsdp', got {kind!r}")

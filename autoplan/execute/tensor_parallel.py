@@ -38,6 +38,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, P
 from ..errors import PlanMismatchError
 from ..names import tied_parameter_names  # noqa: F401  (re-exported: apply and data_parallel use it)
 from ..trace.tp_check import divide_head_attributes, local_head_owners
+from ..vocabulary import tp_style_kind
 from .tp_styles import style_for
 
 __all__ = ["parallel_style", "apply_tensor_parallel", "sequence_parallel_runs", "reduce_sequence_parallel_gradients",
@@ -59,14 +60,14 @@ def parallel_style(style: str, module: nn.Module | None = None, sequence_paralle
         >>> parallel_style("rowwise", sequence_parallel=True).output_layouts
         (Shard(dim=1),)
     """
-    if style in ("colwise", "rowwise"):
-        base = type(style_for(style, module))  # ColwiseParallel / RowwiseParallel or their Conv1D forms
+    if tp_style_kind(style) in ("colwise", "rowwise"):
+        # ColwiseParallel / RowwiseParallel, their Conv1D forms, or FusedColwise for colwise:K
         if not sequence_parallel:
-            return base()
-        if style == "colwise":
-            return base(input_layouts=Shard(SEQUENCE_DIM))
+            return style_for(style, module)
+        if tp_style_kind(style) == "colwise":
+            return style_for(style, module, input_layouts=Shard(SEQUENCE_DIM))
         # a DTensor out: the residual add and the next norm stay in DTensor semantics
-        return base(output_layouts=Shard(SEQUENCE_DIM), use_local_output=False)
+        return style_for(style, module, output_layouts=Shard(SEQUENCE_DIM), use_local_output=False)
     if style == "sequence":
         return SequenceParallel(sequence_dim=SEQUENCE_DIM)
     if style == "vocab_embedding":
@@ -133,7 +134,8 @@ def apply_tensor_parallel(root: nn.Module, styles: dict[str, str], tp_mesh: Devi
             output_layouts=(Shard(SEQUENCE_DIM),), desired_output_layouts=(Replicate(),), use_local_output=True))
     # An attention module that counts its heads in attributes now computes on its local heads (as torchtitan sets
     # n_heads // tp); tracing proved each group sound under exactly this change.
-    divide_head_attributes(local_head_owners(root, [f for f, s in styles.items() if s == "colwise"]), tp_mesh.size())
+    divide_head_attributes(local_head_owners(root, [f for f, s in styles.items() if tp_style_kind(s) == "colwise"]),
+                           tp_mesh.size())
     params = dict(root.named_parameters(remove_duplicate=False))
     for names in tied:
         keep = params[names[0]]

@@ -21,6 +21,7 @@ from ..names import owner_index
 from ..trace.fingerprint import model_fingerprint
 from ..trace.opgraph import is_conv1d
 from ..trace.tp_groups import linear_features
+from ..vocabulary import fused_parts, tp_style_kind
 from ..plan import Plan
 
 __all__ = ["check_plan_matches", "owning_layer"]
@@ -90,6 +91,7 @@ def check_plan_matches(plan: Plan, model: nn.Module, world_size: int) -> None:
             )
         if style == "sequence":  # a norm: SequenceParallel replicates whatever weights it has
             continue
+        parts, style = fused_parts(style), tp_style_kind(style)  # colwise:K: K fused parts, each split over tp
         kind = _STYLE_MODULES[style]
         conv1d = style in ("colwise", "rowwise") and is_conv1d(modules[fqn])  # GPT-2's transposed linear
         if not (isinstance(modules[fqn], kind) or conv1d):
@@ -100,7 +102,7 @@ def check_plan_matches(plan: Plan, model: nn.Module, world_size: int) -> None:
         module = modules[fqn]
         sharded_dim = {"colwise": "out_features", "vocab_head": "out_features", "rowwise": "in_features",
                        "vocab_embedding": "num_embeddings"}[style]
-        size = getattr(module, sharded_dim) if not conv1d else linear_features(module)[style == "colwise"]
+        size = (getattr(module, sharded_dim) if not conv1d else linear_features(module)[style == "colwise"]) // parts
         if size % plan.mesh.tp:
             raise PlanMismatchError(
                 f"tensor_parallel[{fqn!r}] = {style!r} splits {sharded_dim}={size} over tp={plan.mesh.tp} ranks, "

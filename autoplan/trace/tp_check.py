@@ -48,6 +48,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .measure import TensorSpec
+from ..vocabulary import fused_parts, tp_style_kind
 from .opgraph import is_conv1d
 from .tp_groups import DetectedGroup
 
@@ -211,6 +212,12 @@ def _random_state(module: nn.Module, generator: torch.Generator, device: str = "
     return state
 
 
+def _colwise_share(tensor: torch.Tensor, dim: int, parts: int, rank: int, t: int) -> torch.Tensor:
+    """Rank ``rank``'s output features: the r-th of t of each of the ``parts`` equal parts ([q_r; k_r; v_r] of a
+    fused qkv), as DTensor's ``_StridedShard(dim, split_factor=parts)`` lays them out (``Shard(dim)`` for one)."""
+    return torch.cat([part.chunk(t, dim=dim)[rank] for part in tensor.chunk(parts, dim=dim)], dim=dim)
+
+
 def _shard_state(state: dict, parent: str, styles: dict[str, str], rank: int, t: int,
                  transposed: frozenset = frozenset()) -> dict:
     """``state`` with each styled linear cut to rank ``rank``'s share, as ColwiseParallel/RowwiseParallel do;
@@ -221,10 +228,10 @@ def _shard_state(state: dict, parent: str, styles: dict[str, str], rank: int, t:
         rel = fqn[len(prefix):]
         weight, bias = out[f"{rel}.weight"], out.get(f"{rel}.bias")
         out_dim, in_dim = (1, 0) if fqn in transposed else (0, 1)
-        if style == "colwise":
-            out[f"{rel}.weight"] = weight.chunk(t, dim=out_dim)[rank]
+        if tp_style_kind(style) == "colwise":
+            out[f"{rel}.weight"] = _colwise_share(weight, out_dim, fused_parts(style), rank, t)
             if bias is not None:
-                out[f"{rel}.bias"] = bias.chunk(t, dim=0)[rank]
+                out[f"{rel}.bias"] = _colwise_share(bias, 0, fused_parts(style), rank, t)
         else:  # rowwise: input features sharded, the bias added once after the all-reduce
             out[f"{rel}.weight"] = weight.chunk(t, dim=in_dim)[rank]
             if bias is not None and rank > 0:
@@ -271,7 +278,7 @@ def _replica_gradient_error(parent_module: nn.Module, row_module: nn.Module, sta
         # what runs before the colwise linears gets its full gradient from ColwiseParallel's input all-reduce:
         # cut it off, so that only parameters between the linears are compared
         hooks = [parent_module.get_submodule(fqn[len(prefix):]).register_forward_pre_hook(detach_inputs)
-                 for fqn, style in styles.items() if style == "colwise"]
+                 for fqn, style in styles.items() if tp_style_kind(style) == "colwise"]
         try:
             out = _rowwise_output(parent_module, row_module, {**st, **leaves}, args, kwargs, grad=True)
         finally:
@@ -297,7 +304,7 @@ def _replica_gradient_error(parent_module: nn.Module, row_module: nn.Module, sta
 @contextmanager
 def _local_heads(model: nn.Module, styles: dict[str, str], t: int):
     """The colwise modules' owners count heads/features per shard (as the executor sets them) inside the block."""
-    colwise = [f for f, s in styles.items() if s == "colwise"]
+    colwise = [f for f, s in styles.items() if tp_style_kind(s) == "colwise"]
     undo = divide_head_attributes(local_head_owners(model, colwise), t)
     for fqn in colwise:  # a Conv1D reshapes its output to its own nf: on the shard, its local columns (the
         conv = model.get_submodule(fqn)  # executor's DTensor keeps the global nf and the same local values)

@@ -1,7 +1,8 @@
 """Find Megatron-style tensor-parallel groups in an op graph (Shoeybi et al. 2019, §3; SC'21 §2.3).
 
 * colwise: the ``nn.Linear`` modules of one parent module that read the same tensor (attention q/k/v or a fused
-  qkv; MLP fc, or gate and up);
+  qkv; MLP fc, or gate and up); ``colwise:K`` when the output is cut on its last dim into K equal parts by
+  ``split``/``chunk`` (a fused qkv: K = 3; a fused gate/up: K = 2), which the executor shards part by part;
 * rowwise: the single ``nn.Linear`` of the same parent reached from the colwise outputs through other ops
   (activation, attention, reshapes) without another linear, and whose output feeds a residual add or the
   model output; then one all-reduce of its output per forward makes the pair exact;
@@ -30,6 +31,7 @@ from math import gcd
 
 from torch import nn
 
+from ..vocabulary import FUSED_COLWISE
 from .opgraph import OpGraph, is_conv1d
 
 __all__ = ["DetectedGroup", "detect_tp_groups", "linear_features"]
@@ -112,6 +114,24 @@ def _input_of(g, node: str, fqn: str) -> str | None:
     return current
 
 
+def _fused_parts(g, node: str, out_features: int) -> tuple[int, list[str]]:
+    """``(K, part nodes)`` when the projection's output is cut on its last dim into K equal parts (``split`` /
+    ``chunk``: a fused qkv or gate/up); ``(1, [])`` otherwise (unequal slices, Phi-3's GQA ``qkv_proj``, stay plain
+    and meet the soundness check as they are)."""
+    shape = g.nodes[node]["shape"] or ()
+    for s in g.successors(node):
+        if _base_target(g.nodes[s]["target"]) not in ("split", "split_with_sizes", "chunk"):
+            continue
+        pieces = [p for p in g.successors(s) if _base_target(g.nodes[p]["target"]) == "getitem"]
+        shapes = [g.nodes[p]["shape"] or () for p in pieces]
+        widths = {p[-1] for p in shapes if len(p) == len(shape) and p[:-1] == shape[:-1]}
+        if len(widths) == 1 and len(shapes) == len(pieces):
+            width = widths.pop()
+            if 0 < width < out_features and out_features % width == 0:
+                return out_features // width, pieces
+    return 1, []
+
+
 def _heads_or_features(g, node: str, out_features: int) -> int:
     """Heads when the linear's output is viewed into (…, heads, …, head_dim), else its output features."""
     shape = g.nodes[node]["shape"] or ()
@@ -165,10 +185,14 @@ def detect_tp_groups(op_graph: OpGraph, model: nn.Module) -> list[DetectedGroup]
         if row in used or any(c in used or c in col_by_row for c in col_nodes):
             continue
         divisor = 0
+        styles = {}
         for c in col_nodes:
-            divisor = gcd(divisor, _heads_or_features(g, c, linear_features(modules[linear_nodes[c]])[1]))
+            out_features = linear_features(modules[linear_nodes[c]])[1]
+            parts, pieces = _fused_parts(g, c, out_features)
+            styles[linear_nodes[c]] = f"{FUSED_COLWISE}{parts}" if parts > 1 else "colwise"
+            for piece in pieces or [c]:  # a fused projection's heads show in the views of its parts
+                divisor = gcd(divisor, _heads_or_features(g, piece, out_features // parts))
         divisor = gcd(divisor, linear_features(modules[linear_nodes[row]])[0])
-        styles = {linear_nodes[c]: "colwise" for c in col_nodes}
         styles[linear_nodes[row]] = "rowwise"
         used.update(col_nodes)
         used.add(row)
