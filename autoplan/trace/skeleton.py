@@ -112,7 +112,11 @@ def _structural_blocker(model: nn.Module, layers: Sequence[str]) -> str | None:
         ids[id(module)] = name
     if "" in layers:
         return "the whole model is one layer"
-    outside = [n for n, _ in model.named_parameters() if not any(in_module(n.rpartition(".")[0], l) for l in layers)]
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):  # a tied weight: any of its names will do
+        names.setdefault(id(p), []).append(name)
+    outside = [ns[0] for ns in names.values()
+               if not any(in_module(n.rpartition(".")[0], l) for n in ns for l in layers)]
     if outside:
         return (f"parameters {outside[:3]} belong to no layer of the chain (a stage holding them could not run the "
                 f"code between layers that uses them)")
