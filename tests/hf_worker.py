@@ -74,7 +74,7 @@ def run_case(case: dict) -> dict:
     model = build(family)
     cluster = autoplan.Cluster.preset("cpu", devices_per_node=int(os.environ["WORLD_SIZE"]))
     pm = autoplan.parallelize(model, data[0][0], loss_fn=loss_fn, cluster=cluster, mesh=case["mesh"],
-                              precision="fp32")
+                              precision="fp32", data_parallel=case.get("data_parallel", "auto"))
     opt = torch.optim.AdamW(pm.parameters(), lr=LR)
     losses = []
     for inputs, targets in data:
@@ -126,7 +126,8 @@ def roundtrip(pm, opt, data, state: dict, path: str) -> dict:
 
 
 def case_name(case: dict) -> str:
-    return f"{case['family']}:{'x'.join(f'{k}{v}' for k, v in case['mesh'].items())}"
+    kind = f":{case['data_parallel']}" if "data_parallel" in case else ""
+    return f"{case['family']}:{'x'.join(f'{k}{v}' for k, v in case['mesh'].items())}{kind}"
 
 
 def main(spec: str, out: str) -> None:

@@ -45,9 +45,11 @@ def test_every_family_dp2xtp2_and_tp4_match_one_process_and_pinned_pp_is_refused
     # 4 heads over 2 key/value heads, so Llama's tp4 shards its MLPs, OPT's and BERT's their attention too
     families = list(models_hf.FAMILIES) + ["fused_qkv_gpt"]
     cases = [{"family": f, "mesh": {"dp": 2, "tp": 2}} for f in families]
+    # FSDP over a fused projection's part-by-part shard: dp shards the weight's other dim
+    cases.append({"family": "phi3", "mesh": {"dp": 2, "tp": 2}, "data_parallel": "fsdp"})
     for case in cases:
         if case["family"] in FUSED:
-            case["checkpoint"] = str(tmp_path / f"checkpoint_{case['family']}")
+            case["checkpoint"] = str(tmp_path / f"checkpoint_{case['family']}_{case.get('data_parallel', 'auto')}")
     cases += [{"family": f, "mesh": {"tp": 4}} for f in ("opt", "bert", "llama")]
     check(run_world(cases, tmp_path, timeout_s=900, worker=WORKER))
     import autoplan
