@@ -3,7 +3,9 @@
 Styles (Megatron-LM, Shoeybi et al. 2019 §3): ``colwise`` → ``ColwiseParallel()`` (output features sharded),
 ``rowwise`` → ``RowwiseParallel()`` (input features sharded, output all-reduced), ``vocab_embedding`` →
 ``RowwiseParallel(input_layouts=Replicate())`` on an ``nn.Embedding`` (vocabulary rows sharded),
-``vocab_head`` → ``ColwiseParallel(output_layouts=Replicate())`` (vocabulary sharded, logits gathered).
+``vocab_head`` → ``ColwiseParallel(output_layouts=Replicate())`` (vocabulary sharded, logits gathered);
+``colwise:K`` (a projection fusing K equal parts) → :class:`~autoplan.execute.tp_styles.FusedColwise`, and GPT-2's
+``Conv1D`` under ``colwise``/``rowwise`` → the ``Conv1D`` styles of :mod:`autoplan.execute.tp_styles`.
 An attention module that keeps its head count in attributes (``num_heads``, ``embed_dim``…) gets them divided by
 the tp degree, so code such as ``view(B, T, self.num_heads, head_dim)`` sees its local heads.
 Weights tied before sharding (a GPT's ``head.weight is tok.weight``) are tied again afterwards; both styles shard

@@ -12,7 +12,9 @@ candidate is checked once per structure (repeated blocks share one check) on sma
 2. the reference: the parent's forward, keeping the rowwise linear's output;
 3. the shard, exactly as ``ColwiseParallel``/``RowwiseParallel`` lay it out for degree ``t`` (the smallest prime
    of the group's divisor): for each rank ``r``, the colwise linears keep output rows ``r``-th of ``t`` (and their
-   bias), the rowwise linear input columns ``r``-th of ``t`` and its bias on one rank only; the parent's forward
+   bias; a fused ``colwise:K`` linear the ``r``-th of ``t`` of each of its K parts; a ``Conv1D`` the columns of its
+   ``(in, out)`` weight, with its ``nf`` set to the local width), the rowwise linear input columns ``r``-th of
+   ``t`` and its bias on one rank only; the parent's forward
    runs with these slices and the rowwise partial outputs are summed (the all-reduce);
    an attention module that counts its heads in attributes (``num_heads``, ``embed_dim``…) sees them divided by
    ``t`` meanwhile, as the executor sets them (torchtitan's ``n_heads // tp``);
