@@ -96,9 +96,15 @@ def all_layouts(kind: str) -> list[dict]:
                  (f"dp2xpp2-{schedule}", dict(pp=2, dp=2, schedule=schedule)),
                  (f"pp2xtp2-{schedule}", dict(pp=2, tp=2, schedule=schedule))]
     cases = [layout(kind, name, recompute=rc, **kw) for name, kw in base for rc in (False, True)]
+    if kind == "gpt":  # sequence parallelism splits the blocks' residual stream around their norms
+        cases += [layout(kind, "tp4-sp", tp=4, sequence_parallel=True),
+                  layout(kind, "fsdp2xtp2-sp", dp=2, tp=2, data_parallel="fsdp", sequence_parallel=True,
+                         recompute=True)]
     mixed = [("dp4", dict(dp=4)), ("dp2xtp2", dict(dp=2, tp=2)),
              ("fsdp2xpp2-1f1b", dict(pp=2, dp=2, data_parallel="fsdp")),
              ("pp2xtp2-interleaved", dict(pp=2, tp=2, schedule="interleaved"))]
+    if kind == "gpt":
+        mixed.append(("dp2xtp2-sp", dict(dp=2, tp=2, sequence_parallel=True)))
     cases += [layout(kind, name, precision="bf16", **kw) for name, kw in mixed]
     if kind == "gpt":  # the token ids cross stage 0 (a non-contiguous integer slice) to reach pos's arange
         stages = [["tok"], ["pos", "blocks.0", "blocks.1"], ["blocks.2", "blocks.3"],

@@ -43,15 +43,17 @@ def test_smoke_hybrid_layouts_planned_and_pinned(tmp_path):
         layout("mlp", "pp2xtp2-interleaved", pp=2, tp=2, schedule="interleaved"),
         {"name": "gpt:auto-lazy", "kind": "gpt", "lazy": True, "auto": {"mesh": {"pp": 2, "dp": 2}}},
         {"name": "gpt:auto-pp2xtp2", "kind": "gpt", "auto": {"mesh": {"pp": 2, "tp": 2}}},
+        layout("gpt", "dp2xtp2-sequence-parallel", dp=2, tp=2, recompute=True, sequence_parallel=True),
         {"name": "gpt:plan-for-2-ranks", "kind": "gpt", "expect_error": True,
          "plan": dict(stages=[["tok", "pos", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "blocks.4",
                                "blocks.5", "ln_f", "head"]], dp=2, global_batch_size=16)},
     ]
     results = run_world(cases, tmp_path)
-    check_matches_reference(results, cases[:5])
+    check_matches_reference(results, cases[:6])
     auto = results["gpt:auto-lazy"]["plan"]
     assert auto["mesh"]["pp"] == 2 and auto["mesh"]["dp"] == 2 and auto["global_batch_size"] == 16
     assert results["gpt:auto-pp2xtp2"]["plan"]["mesh"] == {"pp": 2, "dp": 1, "tp": 2}
+    assert results["gpt:dp2xtp2-sequence-parallel:recompute"]["plan"]["sequence_parallel"] is True
     mismatch = results["gpt:plan-for-2-ranks"]
     assert mismatch["error_type"] == "PlanMismatchError"
     assert "needs 2 ranks but this job has 4" in mismatch["message"]
