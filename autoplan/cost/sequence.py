@@ -50,6 +50,7 @@ from ..names import in_module
 from ..vocabulary import PRECISION_BYTES
 from .collectives import Collective, group_allgather_s, group_allreduce_s, group_reduce_scatter_s
 from .layer import BACKWARD_PASSES, FORWARD_PASSES, LayerCost, memory_bound_s
+from ..vocabulary import tp_style_kind
 
 __all__ = ["sequence_parallel_applies", "sequence_parallel_cost", "sequence_edge_collectives",
            "sequence_edge_payers", "norm_gradient_collectives", "collectives_s"]
@@ -91,7 +92,7 @@ def collectives_s(collectives: tuple[Collective, ...], cluster: Cluster, stride:
 def _pair_collectives(group: TensorParallelGroup, scale: float, tp: int):
     """(forward, backward) of one pair: each colwise linear all-gathers the pair's input (and reduce-scatters its
     gradient back), each rowwise one reduce-scatters the output (and all-gathers its gradient)."""
-    styles = list(group.styles.values())
+    styles = [tp_style_kind(s) for s in group.styles.values()]  # colwise:K gathers its input like colwise
     cols, rows = styles.count("colwise"), styles.count("rowwise")
     gather_in = Collective("all_gather", group.input_bytes * scale, cols, tp, "tp")
     scatter_out = Collective("reduce_scatter", group.output_bytes * scale, rows, tp, "tp")

@@ -28,6 +28,7 @@ from torch import nn
 from ..graph import SequenceParallelLayer, TensorParallelGroup
 from ..names import in_module
 from .measure import Measurement, TensorSpec
+from ..vocabulary import tp_style_kind
 
 __all__ = ["input_owners", "sequence_parallel_layer", "is_norm"]
 
@@ -114,7 +115,7 @@ def sequence_parallel_layer(model: nn.Module, name: str, groups: list[TensorPara
         return _blocked("it has no norm outside its tensor-parallel pairs, so there is nothing to shard")
     inner = sum(g.activation_bytes for g in pairs)
     shared = sum(g.input_bytes for g in pairs)
-    colwise = [fqn for g in pairs for fqn, style in g.styles.items() if style == "colwise"]
+    colwise = [fqn for g in pairs for fqn, style in g.styles.items() if tp_style_kind(style) == "colwise"]
     gathered = sum(m.calls[c].input_bytes for c in colwise if c in m.calls)
     return SequenceParallelLayer(
         norms=tuple(norms), sequence=sequence,
