@@ -125,13 +125,13 @@ def _framework_overheads(device: torch.device, plain_s: float, contention: float
     out_bytes = x.numel() * 4
     parallelize_module(block, mesh, {"attn.qkv": ColwiseParallel(), "attn.proj": RowwiseParallel(),
                                      "mlp.fc": ColwiseParallel(), "mlp.proj": RowwiseParallel()})
-    tp_total = _slowest(block_step_time_s(block, x, iters=6, repeats=3), device)
+    tp_total = _slowest(block_step_time_s(block, x, iters=4, repeats=5), device)
     tp_comm = 4 * group_allreduce_s(out_bytes, cluster, n, 1)  # two pairs: forward g and backward f each
     block, x = _tiny_block(device)
     param_bytes = sum(p.numel() for p in block.parameters()) * 4
     fully_shard(block, mesh=mesh, reshard_after_forward=True)
-    fsdp_total = _slowest(block_step_time_s(block, x, iters=6, repeats=3), device)
-    dtensor_optimizer_s = _slowest(optimizer_tensor_time_s(block, x, iters=6), device) / contention
+    fsdp_total = _slowest(block_step_time_s(block, x, iters=4, repeats=5), device)
+    dtensor_optimizer_s = _slowest(optimizer_tensor_time_s(block, x, iters=9), device) / contention
     fsdp_comm = (2 * group_allgather_s(param_bytes, cluster, n, 1)
                  + group_reduce_scatter_s(param_bytes, cluster, n, 1))
     extra = [max(0.0, (total - comm) / contention / 3 - plain_s)

@@ -48,4 +48,15 @@ def test_two_ranks_measure_the_intra_node_link(tmp_path):
     cluster = autoplan.Cluster.from_dict(json.loads(out.read_text()))
     assert cluster.world_size == 2 and cluster.name == "calibrated-cpu"
     assert 1e6 < cluster.intra_node_bandwidth_Bps < 1e12 and 0 < cluster.intra_node_latency_s < 0.1
-    assert 0 < cluster.device.layer_overhead_s < 0.05
+    assert 0 < cluster.device.layer_overhead_s < 0.5
+    # the figures the cost model reads: collectives per kind and message size over the pair, matmul efficiency
+    # per size (the best size is 1), the framework's per-layer and per-tensor overheads, the ranks' sharing
+    points = cluster.collective_points("all_reduce", 2)
+    assert len(points) >= 3 and all(t > 0 for _, t in points)
+    assert [t for _, t in points] == sorted(t for _, t in points)
+    assert {"all_gather", "reduce_scatter", "send"} <= {kind for kind, _, _ in cluster.collective_times}
+    table = dict(cluster.device.matmul_efficiency)["fp32"]
+    assert len(table) >= 3 and max(e for _, e in table) == 1.0
+    d = cluster.device
+    assert min(d.tp_layer_overhead_s, d.fsdp_layer_overhead_s, d.optimizer_tensor_overhead_s,
+               d.dtensor_optimizer_tensor_overhead_s) >= 0 and 0 <= cluster.compute_concurrency <= 2

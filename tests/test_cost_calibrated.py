@@ -1,0 +1,107 @@
+"""The measured figures of a calibrated cluster, as the cost model reads them: per-size matmul efficiency,
+collective times per kind / group size / message size, ranks sharing processors, per-step fixed costs; and
+their JSON form. Pure functions, no processes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from autoplan import Cluster
+from autoplan.calibrate import monotone, overlap_fraction
+from autoplan.cost import (compute_contention, group_allgather_s, group_allreduce_s, group_p2p_s,
+                           layer_step_overhead_s)
+from autoplan.cost.plan_cost import Strategy, layer_choice_cost
+from autoplan.cost.step import data_parallel_sync_s
+from autoplan.synthetic import gpt_like_graph
+
+CPU = Cluster.preset("cpu")  # 4 ranks in one node
+TABLE = {"all_reduce": {"2": [[1e3, 1e-3], [1e5, 2e-3], [1e6, 6e-3]], "4": [[1e3, 3e-3], [1e6, 12e-3]]},
+         "all_gather": {"4": [[1e3, 2e-3], [1e6, 5e-3]]},
+         "reduce_scatter": {"4": [[1e3, 2.5e-3], [1e6, 6e-3]]},
+         "send": {"2": [[1e3, 0.5e-3], [1e6, 2.5e-3]]}}
+MEASURED = replace(CPU, collective_times=TABLE, compute_concurrency=2.0,
+                   device=replace(CPU.device, matmul_efficiency={"fp32": [[1e4, 0.1], [1e6, 0.4], [1e8, 1.0]]},
+                                  tp_layer_overhead_s=1e-3, fsdp_layer_overhead_s=5e-4,
+                                  optimizer_tensor_overhead_s=1e-5, dtensor_optimizer_tensor_overhead_s=1e-4))
+
+
+def test_measured_collectives_replace_the_formula_inside_the_node():
+    # between points: linear in bytes; beyond the largest: the last segment's slope; below: the smallest's time
+    assert group_allreduce_s(5.5e5, MEASURED, 2, 1) == pytest.approx(4e-3)
+    assert group_allreduce_s(2e6, MEASURED, 2, 1) == pytest.approx(6e-3 + 1e6 * 4e-3 / 9e5)
+    assert group_allreduce_s(10, MEASURED, 4, 1) == pytest.approx(3e-3)
+    assert group_allgather_s(1e6, MEASURED, 4, 1) == pytest.approx(5e-3)
+    assert group_p2p_s(1e6, MEASURED, 2, 2) == pytest.approx(2.5e-3)
+    # a size or kind with no points keeps the alpha-beta formula: the preset's figures
+    assert group_allgather_s(1e6, MEASURED, 2, 1) == group_allgather_s(1e6, CPU, 2, 1)
+    two_nodes = replace(MEASURED, nodes=2)
+    assert group_allreduce_s(1e6, two_nodes, 4, 2) == group_allreduce_s(1e6, replace(CPU, nodes=2), 4, 2)
+
+
+def test_data_parallel_sync_uses_each_kind_s_measured_line():
+    # FSDP with one microbatch: two all-gathers of the weights, one reduce-scatter of the gradients (fp32)
+    params = 250_000  # 1 MB at 4 bytes: the largest measured point of each kind
+    sync = data_parallel_sync_s(params, MEASURED, dp=4, stride=1, data_parallel="fsdp", precision="fp32")
+    assert sync == pytest.approx(2 * 5e-3 + 6e-3)
+    ddp = data_parallel_sync_s(params, MEASURED, dp=4, stride=1, data_parallel="ddp", precision="fp32")
+    assert ddp == pytest.approx(12e-3)
+
+
+def test_smaller_tensor_parallel_matmuls_run_at_a_lower_measured_efficiency():
+    graph = gpt_like_graph(layers=1, hidden=64, seq=16, heads=4, vocab=100)
+    block = graph.layer("blocks.0")
+    flat = replace(MEASURED, device=replace(MEASURED.device, matmul_efficiency=(), tp_layer_overhead_s=0.0,
+                                            layer_overhead_s=0.0, memory_bandwidth_Bps=1e30),
+                   compute_concurrency=0.0)
+    sized = replace(flat, device=replace(flat.device, matmul_efficiency=MEASURED.device.matmul_efficiency))
+
+    def forward_s(cluster, tp):
+        strategy = Strategy(1, 1, tp, 1, 1, "1f1b", "ddp", precision="fp32")
+        return layer_choice_cost(graph, block, cluster, strategy, tp > 1, None).forward_s
+
+    assert forward_s(flat, 2) == pytest.approx(forward_s(flat, 1) / 2)  # one fraction: tp halves the time
+    assert forward_s(sized, 2) > 0.55 * forward_s(sized, 1)  # the halves run further from peak
+
+
+def test_ranks_sharing_processors_slow_compute_and_shrink_the_bubble():
+    # 4 ranks, 2 at full speed at once: without a pipeline every rank is busy, 2× slower than alone
+    assert compute_contention(MEASURED, pp=1, microbatches=4, schedule="1f1b") == 2.0
+    # pp = 4, m = 8, 1F1B: (m + pp − 1) × contention = max(critical path, total work / 2 processors) = 16 stage-times
+    contention = compute_contention(MEASURED, pp=4, microbatches=8, schedule="1f1b")
+    assert (8 + 3) * contention == pytest.approx(max(8 + 3, 8 * 4 / 2))
+    # few microbatches: the critical path alone bounds the step, no slowdown
+    assert compute_contention(MEASURED, pp=4, microbatches=2, schedule="gpipe") == 1.0
+    assert compute_contention(CPU, pp=1, microbatches=4, schedule="1f1b") == 1.0  # a device per rank
+
+
+def test_per_step_costs_are_spread_over_microbatches():
+    kwargs = dict(dp=4, stride=1, precision="fp32", pp=1)
+    plain = layer_step_overhead_s(MEASURED, param_tensors=12, dtensor=False, fsdp_unit=False, microbatches=4, **kwargs)
+    assert plain == pytest.approx(12 * 1e-5 / 4)
+    # an FSDP unit: DTensor optimizer launches + its all-gather and reduce-scatter latencies (one gather: m > 1)
+    unit = layer_step_overhead_s(MEASURED, param_tensors=12, dtensor=True, fsdp_unit=True, microbatches=4, **kwargs)
+    assert unit == pytest.approx((12 * 1e-4 + 2e-3 + 2.5e-3) / 4)
+    assert layer_step_overhead_s(Cluster.preset("a100-80gb"), param_tensors=12, dtensor=True, fsdp_unit=False,
+                                 microbatches=1, **kwargs) == 0.0
+
+
+def test_measured_figures_survive_json_and_presets_write_none_of_them():
+    again = Cluster.from_dict(json.loads(json.dumps(MEASURED.to_dict())))
+    assert again == MEASURED and hash(again) == hash(MEASURED)
+    assert again.to_dict()["collective_times"]["all_reduce"]["2"][0] == [1e3, 1e-3]
+    for name in ("a100-80gb", "cpu"):
+        data = Cluster.preset(name).to_dict()
+        assert not {"collective_times", "compute_concurrency"} & set(data)
+        assert not {"matmul_efficiency", "tp_layer_overhead_s", "optimizer_tensor_overhead_s"} & set(data["device"])
+    with pytest.raises(ValueError, match="collective_times"):
+        replace(CPU, collective_times={"all_reduce": {"2": [[1e3, -1.0]]}})
+    with pytest.raises(ValueError, match="matmul_efficiency"):
+        replace(CPU.device, matmul_efficiency={"fp32": [[1e3, 2.0]]})
+
+
+def test_calibration_helpers():
+    assert monotone([3.0, 1.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])  # a larger message never takes less time
+    assert overlap_fraction(0.1, 0.3, 0.3) == 1.0 and overlap_fraction(0.1, 0.3, 0.4) == 0.0
