@@ -47,10 +47,9 @@ from dataclasses import replace
 from ..cluster import Cluster
 from ..graph import Layer, RecomputeOption, TensorParallelGroup
 from ..names import in_module
-from ..vocabulary import PRECISION_BYTES
+from ..vocabulary import PRECISION_BYTES, tp_style_kind
 from .collectives import Collective, group_allgather_s, group_allreduce_s, group_reduce_scatter_s
 from .layer import BACKWARD_PASSES, FORWARD_PASSES, LayerCost, memory_bound_s
-from ..vocabulary import tp_style_kind
 
 __all__ = ["sequence_parallel_applies", "sequence_parallel_cost", "sequence_edge_collectives",
            "sequence_edge_payers", "norm_gradient_collectives", "collectives_s"]

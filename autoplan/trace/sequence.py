@@ -27,8 +27,8 @@ from torch import nn
 
 from ..graph import SequenceParallelLayer, TensorParallelGroup
 from ..names import in_module
-from .measure import Measurement, TensorSpec
 from ..vocabulary import tp_style_kind
+from .measure import Measurement, TensorSpec
 
 __all__ = ["input_owners", "sequence_parallel_layer", "is_norm"]
 
