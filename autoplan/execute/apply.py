@@ -35,6 +35,7 @@ from .materialize import check_loadable, held_tensors, init_weights_by_module, o
 from .mesh import build_mesh, mesh_coordinates
 from .pipeline import TiedGradientGroup, build_schedule, local_stage_indices, tied_gradient_groups
 from .recompute import apply_recompute
+from ..trace.skeleton import stands_in
 from ..trace.stages import split_into_stages
 from .tensor_parallel import apply_tensor_parallel, tied_parameter_names
 from .validate import check_plan_matches
@@ -75,14 +76,9 @@ class AppliedPlan:
 
 
 def _held_styles(root: nn.Module, styles: dict[str, str]) -> dict[str, str]:
-    held = {}
-    for fqn, style in styles.items():
-        try:
-            root.get_submodule(fqn)
-        except AttributeError:
-            continue
-        held[fqn] = style
-    return held
+    # registered modules only: a skeleton stage's stand-ins answer attribute reads for the layers they replace
+    held = {name for name, module in root.named_modules() if not stands_in(module)}
+    return {fqn: style for fqn, style in styles.items() if fqn in held}
 
 
 def _on_rebuilt(loss_fn: Callable, rebuild: Callable) -> Callable:

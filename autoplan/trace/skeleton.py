@@ -49,7 +49,7 @@ from ..names import in_module
 from .adapters import trace_kwargs
 from .measure import FakeKernels, describe_tensor, fake_inputs, fake_state
 
-__all__ = ["CutAnalysis", "analyse_cuts", "skeleton_stages"]
+__all__ = ["CutAnalysis", "analyse_cuts", "skeleton_stages", "stands_in"]
 
 _OUT = -1  # the model's output, as a consumer
 
@@ -312,6 +312,16 @@ class _Stand(nn.Module):
             return torch.full(spec.shape, fill, dtype=spec.dtype, device=device)
 
         return pytree.tree_map(make, self._shapes[key])
+
+
+def stands_in(module: nn.Module) -> bool:
+    """Whether ``module`` is a skeleton stage's stand-in for a layer the stage does not hold.
+
+    Example:
+        >>> stands_in(torch.nn.Linear(2, 2))
+        False
+    """
+    return isinstance(module, _Stand)
 
 
 def _skeleton(module: nn.Module, prefix: str, replace: dict[str, nn.Module]) -> nn.Module:
