@@ -271,8 +271,11 @@ class ParallelModel:
         step = a.schedule.step if backward else a.schedule.eval
         with self._autocast(a):
             kwargs = {"return_outputs": False} if backward else {}
-            step(*(args.args if first else ()), **(args.kwargs if first else {}), target=targets if last else None,
-                 losses=losses, **kwargs)
+            if a.inputs_to_every_stage:  # skeleton stages each run the model's forward on the model inputs
+                step(model_inputs=(args.args, args.kwargs), target=targets if last else None, losses=losses, **kwargs)
+            else:
+                step(*(args.args if first else ()), **(args.kwargs if first else {}),
+                     target=targets if last else None, losses=losses, **kwargs)
         loss = torch.stack([l.detach().float() for l in losses]).mean() if last else torch.zeros((), device=a.device)
         pp = a.plan.mesh.pp
         src = rank_at(a.plan.mesh, (len(a.plan.stages) - 1) % pp, a.coords["dp"], a.coords["tp"])
