@@ -192,7 +192,7 @@ def _trace_all(model: torch.nn.Module, args: tuple, kwargs: dict, batch_size: in
         method=op_graph.method,
         trace_s=time.perf_counter() - started,
         tp_dropped=[(d.styles, d.reason) for d in dropped],
-        pipeline_blocker=pipeline_split_blocker(model, names) if len(names) > 1 else None,
+        pipeline_blocker=pipeline_split_blocker(model, names, (args, kwargs)) if len(names) > 1 else None,
     )
 
 
@@ -204,7 +204,8 @@ def _whole_model(graph: ModelGraph, model: torch.nn.Module, args: tuple, kwargs:
         forward_flops=sum(layer.forward_flops for layer in graph.layers),
         backward_flops=sum(layer.backward_flops for layer in graph.layers), fingerprint=model_fingerprint(model),
         tied_parameters=_tied_groups(model), trace_s=time.perf_counter() - started,
-        pipeline_blocker=pipeline_split_blocker(model, names) if len(names) > 1 else None,
+        # the copy's blocks are the model's (checked): its cuts are the model's; applying a plan checks again
+        pipeline_blocker=graph.pipeline_blocker,
     )
 
 
