@@ -37,7 +37,7 @@ def no_dropout(model: torch.nn.Module) -> torch.nn.Module:
 
 def build(family: str) -> torch.nn.Module:
     torch.manual_seed(1234)
-    model, _ = models_hf.fused_qkv_gpt() if family == "fused_qkv_gpt" else models_hf.FAMILIES[family]()
+    model, _ = (models_hf.FAMILIES.get(family) or getattr(models_hf, family))()  # fused_qkv_gpt, phi3_mha: extras
     return no_dropout(model)
 
 
@@ -68,13 +68,35 @@ def reference(family: str) -> dict:
     return {"losses": losses, "state": state}
 
 
+_GRAPHS: dict = {}  # rank 0: each family is traced once per world and planned for each of its meshes
+
+
+def plan_on_rank_0(family: str, model: torch.nn.Module, inputs: tuple, case: dict) -> autoplan.Plan:
+    """What ``autoplan.parallelize(model, inputs, mesh=..., precision="fp32")`` plans on rank 0 and broadcasts,
+    from one trace per family."""
+    import torch.distributed as dist
+    from autoplan.options import PlanOptions
+    from autoplan.solve import search
+
+    box = [None]
+    if int(os.environ["RANK"]) == 0:
+        cluster = autoplan.Cluster.preset("cpu", devices_per_node=int(os.environ["WORLD_SIZE"]))
+        if family not in _GRAPHS:
+            _GRAPHS[family] = autoplan.trace(model, inputs)
+        options = PlanOptions(mesh=case["mesh"], precision="fp32", data_parallel=case.get("data_parallel", "auto"))
+        box[0] = search(_GRAPHS[family], cluster, options).to_dict()
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    dist.broadcast_object_list(box, src=0)
+    return autoplan.Plan.from_dict(box[0])
+
+
 def run_case(case: dict) -> dict:
     family = case["family"]
     data = batches(family)
     model = build(family)
-    cluster = autoplan.Cluster.preset("cpu", devices_per_node=int(os.environ["WORLD_SIZE"]))
-    pm = autoplan.parallelize(model, data[0][0], loss_fn=loss_fn, cluster=cluster, mesh=case["mesh"],
-                              precision="fp32", data_parallel=case.get("data_parallel", "auto"))
+    plan = plan_on_rank_0(family, model, data[0][0], case)
+    pm = autoplan.parallelize(model, data[0][0], loss_fn=loss_fn, plan=plan)
     opt = torch.optim.AdamW(pm.parameters(), lr=LR)
     losses = []
     for inputs, targets in data:
