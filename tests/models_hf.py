@@ -181,6 +181,12 @@ class FusedQKVGPT(torch.nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
+def phi3_mha(device=None):
+    """Phi-3 with as many key/value heads as query heads (Phi-3-mini's layout): its fused ``qkv_proj`` has three
+    equal parts, sliced at ``config.num_attention_heads * head_dim``."""
+    return hf_phi3(device, num_key_value_heads=HEADS)
+
+
 def fused_qkv_gpt(device=None):
     """:class:`FusedQKVGPT` and a batch of token ids."""
     with torch.device(device) if device is not None else nullcontext():

@@ -42,6 +42,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -82,8 +83,13 @@ HEAD_SCALED_ATTRIBUTES = HEAD_COUNT_ATTRIBUTES + ("num_key_value_heads", "n_kv_h
                                                   "inner_dim", "hidden_size", "n_embd", "split_size")
 
 
+#: head counts of a transformers config that attention code may read through ``self.config``
+CONFIG_HEAD_ATTRIBUTES = ("num_attention_heads", "num_key_value_heads")
+
+
 def local_head_owners(root: nn.Module, colwise_fqns) -> list[nn.Module]:
-    """The distinct modules directly owning a colwise linear that count attention heads in attributes.
+    """The distinct modules directly owning a colwise linear that count attention heads in attributes (their own
+    or their ``config``'s).
 
     Example:
         >>> from torch import nn
@@ -96,13 +102,18 @@ def local_head_owners(root: nn.Module, colwise_fqns) -> list[nn.Module]:
     for fqn in colwise_fqns:
         owner_name = fqn.rpartition(".")[0]
         owner = root.get_submodule(owner_name) if owner_name else root
-        if any(isinstance(getattr(owner, a, None), int) for a in HEAD_COUNT_ATTRIBUTES):
+        config = getattr(owner, "config", None)
+        # an attention module (it has a head_dim) may read its head counts from the model's config instead
+        attention = isinstance(getattr(owner, "head_dim", None), int)
+        if any(isinstance(getattr(owner, a, None), int) for a in HEAD_COUNT_ATTRIBUTES) or attention and any(
+                isinstance(getattr(config, a, None), int) for a in CONFIG_HEAD_ATTRIBUTES):
             owners.setdefault(id(owner), owner)
     return list(owners.values())
 
 
 def divide_head_attributes(owners: list[nn.Module], t: int) -> list[tuple[nn.Module, str, int]]:
-    """Divide each owner's head/feature counts by ``t`` in place; returns ``(module, name, old value)`` to undo.
+    """Divide each owner's head/feature counts by ``t`` in place (an owner that holds a ``config`` with head counts
+    gets a copy of it with local counts); returns ``(module, name, old value)`` to undo.
 
     Example:
         >>> from torch import nn
@@ -113,6 +124,18 @@ def divide_head_attributes(owners: list[nn.Module], t: int) -> list[tuple[nn.Mod
     """
     undo = []
     for owner in owners:
+        config = getattr(owner, "config", None) if isinstance(getattr(owner, "head_dim", None), int) else None
+        counts = {a: getattr(config, a, None) for a in CONFIG_HEAD_ATTRIBUTES}
+        if config is not None and all(isinstance(v, int) and v % t == 0 for v in counts.values() if v is not None) \
+                and any(isinstance(v, int) for v in counts.values()):
+            # the module reads head counts from the model-wide config (Phi-3: config.num_attention_heads *
+            # head_dim): it gets a copy of its own with its local counts; every other module keeps the shared one
+            local = copy.copy(config)
+            for name, value in counts.items():
+                if isinstance(value, int):
+                    setattr(local, name, value // t)
+            undo.append((owner, "config", config))
+            owner.config = local
         for name in HEAD_SCALED_ATTRIBUTES:
             value = getattr(owner, name, None)
             if isinstance(value, int) and not isinstance(value, bool) and value % t == 0:

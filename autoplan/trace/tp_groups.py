@@ -116,15 +116,25 @@ def _input_of(g, node: str, fqn: str) -> str | None:
 
 def _fused_parts(g, node: str, out_features: int) -> tuple[int, list[str]]:
     """``(K, part nodes)`` when the projection's output is cut on its last dim into K equal parts (``split`` /
-    ``chunk``: a fused qkv or gate/up); ``(1, [])`` otherwise (unequal slices, Phi-3's GQA ``qkv_proj``, stay plain
-    and meet the soundness check as they are)."""
+    ``chunk``, or K equal slices that cover it: a fused qkv or gate/up); ``(1, [])`` otherwise (unequal parts, as in
+    Phi-3's ``qkv_proj`` with grouped heads, stay plain and meet the soundness check as they are)."""
     shape = g.nodes[node]["shape"] or ()
+
+    def same_but_last(piece: tuple) -> bool:
+        return len(piece) == len(shape) and piece[:-1] == shape[:-1]
+
+    # slices on the last dim (Phi-3's qkv[..., :q], qkv[..., q:q + kv], …): K equal ones that cover the output
+    slices = [s for s in g.successors(node) if _base_target(g.nodes[s]["target"]) == "slice"
+              and same_but_last(g.nodes[s]["shape"] or ())]
+    widths = {g.nodes[s]["shape"][-1] for s in slices}
+    if len(slices) > 1 and len(widths) == 1 and widths.pop() * len(slices) == out_features:
+        return len(slices), slices
     for s in g.successors(node):
         if _base_target(g.nodes[s]["target"]) not in ("split", "split_with_sizes", "chunk"):
             continue
         pieces = [p for p in g.successors(s) if _base_target(g.nodes[p]["target"]) == "getitem"]
         shapes = [g.nodes[p]["shape"] or () for p in pieces]
-        widths = {p[-1] for p in shapes if len(p) == len(shape) and p[:-1] == shape[:-1]}
+        widths = {p[-1] for p in shapes if same_but_last(p)}
         if len(widths) == 1 and len(shapes) == len(pieces):
             width = widths.pop()
             if 0 < width < out_features and out_features % width == 0:
