@@ -16,6 +16,8 @@ from bisect import bisect_right
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from ..cost.plan_cost import in_flight, rank_state_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -123,10 +125,11 @@ def refined_bound(tables: "StrategyTables") -> RefinedBound:
         f, fixed_s, fixed_bytes = key
         phi = LowerHull([(c.fixed_bytes(sigma) + f * c.activation_bytes, c.time_s) for c in rows])
         budget = cap - fixed_bytes
-        row = [fixed_s if budget >= 0 else float("inf")]
-        for n in range(1, n_layers + 1):
-            row.append(fixed_s + n * phi(budget / n) if budget >= 0 else float("inf"))
-        need[key] = row
+        if budget >= 0:
+            n = np.arange(1, n_layers + 1, dtype=np.float64)
+            need[key] = [fixed_s] + (fixed_s + n * phi.at(budget / n)).tolist()
+        else:
+            need[key] = [float("inf")] * (n_layers + 1)
     rank_need = tuple(tuple(need[key]) for key in rank_keys)
     least = _least_enough(groups, need, n_layers)
     if least is None:
@@ -202,6 +205,24 @@ class LowerHull:
                     break
             hull.append(p)
         self.hull = hull
+
+    def at(self, xs: np.ndarray) -> np.ndarray:
+        """φ at every point of ``xs`` at once: the same float operations as :meth:`__call__`, so the same values.
+
+        Example:
+            >>> LowerHull([(1.0, 4.0), (2.0, 2.0), (4.0, 1.0)]).at(np.array([0.5, 1.5, 3.0, 10.0])).tolist()
+            [inf, 3.0, 1.5, 1.0]
+        """
+        m = np.array([p[0] for p in self.hull])
+        t = np.array([p[1] for p in self.hull])
+        if len(m) == 1:
+            return np.where(xs < m[0], np.inf, t[0])
+        right = np.searchsorted(m, xs, side="right")  # hull[right] is the first point beyond x
+        inner = np.clip(right, 1, len(m) - 1)
+        m1, t1, m2, t2 = m[inner - 1], t[inner - 1], m[inner], t[inner]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mixed = t1 + (t2 - t1) * (xs - m1) / (m2 - m1)
+        return np.where(right == 0, np.inf, np.where(right >= len(m), t[-1], mixed))
 
     def __call__(self, x: float) -> float:
         hull = self.hull

@@ -344,7 +344,8 @@ def _solve(model: cp_model.CpModel, tables: StrategyTables, v: _Vars, objective,
     solver.parameters.max_deterministic_time = max(time_limit_s, 0.01)
     # Wall time only as a backstop, so that a loaded machine (other jobs on the cores) does not cut a solve short
     # and change the plan: the deterministic limit decides; the caller's overall deadline may stop it earlier.
-    backstop_s = max(20 * time_limit_s, 1.0)
+    # (generous: on a machine shared with other jobs a 0.1 s-deterministic solve was measured taking > 2 s of wall)
+    backstop_s = max(100 * time_limit_s, 10.0)
     solver.parameters.max_time_in_seconds = max(min(backstop_s, wall_limit_s or float("inf")), 0.02)
     code = solver.solve(model)
     status = solver.status_name(code)

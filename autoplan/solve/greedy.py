@@ -76,8 +76,10 @@ def _partitions(tables: "StrategyTables", picks: list["ChoiceCost"],
     stages = s.num_stages
     times = [p.time_s + tables.p2p_s[i] for i, p in enumerate(picks)]
     sigma = tables.state_bytes_per_param
-    mem = [[p.fixed_bytes(sigma) + tables.in_flight[k % s.pp] * p.activation_bytes for p in picks]
-           for k in range(stages)]
+    # stages k and k + pp share a rank, so they share a row (read only)
+    per_rank = [[p.fixed_bytes(sigma) + tables.in_flight[r] * p.activation_bytes for p in picks]
+                for r in range(min(s.pp, stages))]
+    mem = [per_rank[k % s.pp] for k in range(stages)]
     out = [_balanced(tables, picks, mem[0] if memory_first else times)]
     if s.virtual_stages == 1 and stages > 1:
         cap = float("inf") if memory_first else tables.capacity_bytes

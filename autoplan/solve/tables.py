@@ -79,11 +79,28 @@ class LayerCostCache:
     def __init__(self, graph: ModelGraph, cluster: Cluster):
         self.graph, self.cluster = graph, cluster
         self._memo: dict[tuple, cost.LayerCost] = {}
+        # the same few answers are asked for by every one of ~1,000 strategies: each is worked out once
+        self._choices: dict[tuple, list[LayerChoice]] = {}
+        self._payers: dict[int, set[int]] = {}
+        self._signature_ids: dict[tuple, int] = {}
+        self.tied_groups = tied_layer_groups(graph)
+
+    def choices(self, layer: Layer, tp: int, recompute: str, sequence_parallel: bool) -> list[LayerChoice]:
+        """:func:`autoplan.solve.space.layer_choices`, memoised by layer and arguments."""
+        key = (layer.index, tp, recompute, sequence_parallel)
+        hit = self._choices.get(key)
+        if hit is None:
+            hit = self._choices[key] = layer_choices(layer, tp, recompute, sequence_parallel)
+        return hit
 
     def get(self, layer: Layer, signature: tuple, strategy: Strategy, choice: LayerChoice) -> cost.LayerCost:
+        if strategy.sequence_parallel and strategy.tp not in self._payers:
+            self._payers[strategy.tp] = set(sequence_edge_payers(self.graph.layers, strategy.tp))
         sp = strategy.sequence_parallel and (strategy.tp, strategy.microbatches,
-                                             layer.index in sequence_edge_payers(self.graph.layers, strategy.tp))
-        key = (signature, strategy.tp if choice.tp_on else 1, strategy.microbatch_size, strategy.precision,
+                                             layer.index in self._payers[strategy.tp])
+        # a small int stands for the (long, nested) signature: hashing it on every call would cost more
+        sig_id = self._signature_ids.setdefault(signature, len(self._signature_ids))
+        key = (sig_id, strategy.tp if choice.tp_on else 1, strategy.microbatch_size, strategy.precision,
                choice.recompute, sp)
         hit = self._memo.get(key)
         if hit is None:
@@ -128,9 +145,9 @@ class StrategyTables:
         # group that cannot shard everywhere is not sharded anywhere.
         self.tied_segments: list[list[int]] = []
         no_tp: set[int] = set()
-        for group in tied_layer_groups(graph):
+        for group in cache.tied_groups:
             segs = sorted({self.segment_of[i] for i in group})
-            shardable = [any(c.tp_on for c in layer_choices(graph.layers[i], strategy.tp, recompute,
+            shardable = [any(c.tp_on for c in cache.choices(graph.layers[i], strategy.tp, recompute,
                                                             strategy.sequence_parallel)) for i in group]
             if not all(shardable) or any(segments[g].size > 1 for g in segs):
                 no_tp.update(segs)
@@ -141,7 +158,7 @@ class StrategyTables:
         for g, seg in enumerate(segments):
             layer = graph.layers[seg.start]
             rows = []
-            allowed = [c for c in layer_choices(layer, strategy.tp, recompute, strategy.sequence_parallel)
+            allowed = [c for c in cache.choices(layer, strategy.tp, recompute, strategy.sequence_parallel)
                        if not (c.tp_on and g in no_tp)]
             if tp_pinned and any(c.tp_on for c in allowed):
                 allowed = [c for c in allowed if c.tp_on]
