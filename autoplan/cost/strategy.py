@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from .. import cost
 from ..cluster import Cluster
@@ -42,7 +43,7 @@ class Strategy:
     def num_stages(self) -> int:
         return self.pp * self.virtual_stages
 
-    @property
+    @cached_property  # read for every layer choice of every strategy the search costs
     def mixed_precision(self) -> str:
         """How the executor runs this layout's precision (:func:`autoplan.plan.mixed_precision_mode`)."""
         return mixed_precision_mode(self.precision, self.data_parallel, Mesh(self.pp, self.dp, self.tp))
