@@ -284,25 +284,120 @@ class _BranchesOnShape(torch.nn.Module):
         return self.b(h)
 
 
-def test_automatic_plans_avoid_pipelines_the_executor_cannot_split(monkeypatch):
-    import importlib
+class _ReusesALayer(torch.nn.Module):
+    """torch.fx cannot trace it (control flow on a shape) and its layer ``a`` runs twice: no stage can end after
+    ``a``, so it is not split."""
 
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+        self.b = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.shape[0] > 0:
+            h = self.a(h)
+        return self.b(h)
+
+
+def test_automatic_plans_avoid_pipelines_the_executor_cannot_split():
     from autoplan.trace.stages import pipeline_split_blocker
 
-    parallelize_module = importlib.import_module("autoplan.execute.parallelize")
-
     assert pipeline_split_blocker(gpt()) is None
-    assert pipeline_split_blocker(_BranchesOnShape()) is not None
-    seen = []
-
-    def fake_plan(model, inputs, **kwargs):
-        seen.append(kwargs.get("mesh"))
-        raise ValueError("stop after planning arguments")
-
-    monkeypatch.setattr("autoplan.api.plan", fake_plan)
+    x = torch.randn(4, 8)
+    assert "more than once" in pipeline_split_blocker(_ReusesALayer(), ["a", "b"], ((x,), {}))
     cluster = autoplan.Cluster.preset("cpu", devices_per_node=4)
-    for model, pinned in ((_BranchesOnShape(), None), (gpt(), None), (_BranchesOnShape(), {"pp": 2})):
-        kwargs = {"mesh": pinned} if pinned else {}
-        with pytest.raises(ValueError, match="stop after planning"):
-            parallelize_module._plan_everywhere(model, (torch.randn(4, 8),), cluster, kwargs)
-    assert seen == [{"pp": 1}, None, {"pp": 2}]
+    plan = autoplan.plan(_ReusesALayer(), x, cluster=cluster, precision="fp32")
+    assert plan.mesh.pp == 1 and any("more than once" in note for note in plan.search.notes)
+    with pytest.raises(ValueError, match="cannot be split into them.*more than once"):
+        autoplan.plan(_ReusesALayer(), x, cluster=cluster, precision="fp32", mesh={"pp": 2})
+
+
+# -- skeleton stages (models torch.fx cannot trace) ------------------------------------------------------------
+
+def _hf(family: str):
+    models_hf = pytest.importorskip("models_hf")
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model, inputs = models_hf.FAMILIES[family]()
+    for module in model.modules():  # dropout off: the chained stages and the whole model then agree exactly
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model, (inputs["input_ids"],)
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("family, layers, cuts, carried", [
+    # Llama: the cut before the first block carries the embedding (rotary tables are recomputed on every stage)
+    ("llama", ["model.embed_tokens", "model.rotary_emb", "model.layers.0", "model.layers.1", "model.norm", "lm_head"],
+     [2, 3, 5], {2: [0], 3: [2], 5: [4]}),
+    # GPT-2: the cut before the dropout carries token and position embeddings (summed between layers); the tied
+    # embedding and head land in different stages
+    ("gpt2", ["transformer.wte", "transformer.wpe", "transformer.drop", "transformer.h.0", "transformer.h.1",
+              "transformer.ln_f", "lm_head"], [2, 4], {2: [0, 1], 4: [3]}),
+])
+def test_skeleton_stages_of_transformers_models_train_like_the_whole_model(family, layers, cuts, carried):
+    from autoplan.trace.skeleton import analyse_cuts, skeleton_stages, stands_in
+
+    model, args = _hf(family)
+    analysis = analyse_cuts(model, layers, args, {})
+    assert analysis.blocker is None
+    assert {c: analysis.carried(c) for c in cuts} == carried
+    bounds = [0, *cuts, len(layers)]
+    parts = skeleton_stages(model, [layers[a:b] for a, b in zip(bounds, bounds[1:])], analysis)
+    expected = model(*args).logits
+    expected.sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    x = ()
+    for part in parts:
+        x = part(*x, model_inputs=(args, {}))
+    logits = parts[-1].rebuild_output(x).logits
+    assert torch.equal(logits, expected)
+    logits.sum().backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, grads[name], atol=1e-6), name
+    # each stage holds its layers' original modules under their FQNs, and nothing else with weights; the layers
+    # it does not run are stand-ins, except parameter-free ones it recomputes (Llama's rotary tables)
+    held = [{n for n, _ in part.named_parameters()} for part in parts]
+    for k, part in enumerate(parts):
+        own = layers[bounds[k]:bounds[k + 1]]
+        assert all(any(n.startswith(l + ".") for l in own) for n in held[k]), (k, held[k])
+        for i, layer in enumerate(layers):
+            module = part.get_submodule(layer)
+            if layer in own:
+                assert module is model.get_submodule(layer)
+            else:
+                assert stands_in(module) or (i < bounds[k] and i in analysis.replicated), (k, layer)
+    if family == "gpt2":  # the tied weight is held by the first and the last stage
+        assert "transformer.wte.weight" in held[0] and "lm_head.weight" in held[-1]
+
+
+class _Twice(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.b(self.a(self.a(x)))
+
+
+class _SideChannel(torch.nn.Module):
+    """Layer ``b`` reads a tensor ``a`` left on itself, not ``a``'s output."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(y) + self.a.weight.sum()
+
+
+@pytest.mark.parametrize("model, reason", [(_Twice(), "more than once"), (_SideChannel(), "made inside \\['a'\\]")])
+def test_skeleton_split_refuses_unsound_models_with_the_reason(model, reason):
+    # torch.fx traces these, so the skeleton analysis is asked directly (what a model fx cannot trace gets)
+    from autoplan.trace.skeleton import analyse_cuts
+
+    assert analyse_cuts(model, ["a", "b"], (torch.randn(2, 4),), {}).blocker is not None
+    assert reason.replace("\\", "") in analyse_cuts(model, ["a", "b"], (torch.randn(2, 4),), {}).blocker
