@@ -6,8 +6,9 @@
 The model is a small Llama (or Qwen2 / Mistral) from its transformers config with every default left as is
 (``use_cache=True`` included: tracing handles the cache by itself). Tokens are the corpus bytes
 (examples/data/corpus.txt, vocabulary 256). Rank 0 plans for this job (``Cluster.detect()``) with every mesh axis
-free — pipeline parallelism included; the planner keeps ``pp = 1`` when the executor cannot split the model and
-the plan's notes say why — and every rank applies the plan. The script prints the plan, its notes and the loss.
+free — pipeline parallelism included (transformers models are split into skeleton stages, see
+docs/transformers.md) — and every rank applies the plan. ``--pp 2`` pins two pipeline stages. The script prints
+the plan, its notes and the loss.
 """
 
 import argparse
