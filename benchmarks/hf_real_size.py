@@ -89,7 +89,8 @@ def measure_one(name: str) -> dict:
         "num_params": graph.num_params, "numel": numel, "forward_flops": graph.forward_flops,
         "formula_flops": formula, "flops_error": graph.forward_flops / formula - 1,
         "layers": len(graph.layers), "tp_groups": sum(len(layer.tp_groups) for layer in graph.layers),
-        "tp_dropped": len(graph.tp_dropped), "plan": f"pp{m.pp}×dp{m.dp}×tp{m.tp}",
+        "tp_dropped": len(graph.tp_dropped), "pipeline_blocker": graph.pipeline_blocker,
+        "plan": f"pp{m.pp}×dp{m.dp}×tp{m.tp}",
         "step_time_s": plan.predicted.step_time_s if plan.predicted else None,
     }
 

@@ -250,8 +250,10 @@ class _Output:
         return tuple(output[k] for k in self.keys)
 
     def rebuild(self, output: Any) -> Any:
-        if self.kind is None or not isinstance(output, tuple):
+        if self.kind is None:
             return output
+        if isinstance(output, torch.Tensor):  # torch pipelining hands a 1-tuple over as its tensor
+            output = (output,)
         return self.kind(**dict(zip(self.keys, output)))
 
 
