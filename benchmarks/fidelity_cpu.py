@@ -8,8 +8,11 @@ and message size, all-reduce/compute overlap). Rank 0 then plans a small GPT on 
 layout, pinning the mesh, the data-parallel kind, the schedule and recompute (the planner still picks the
 microbatches, stage cuts and tensor-parallel styles), and once with nothing pinned (the automatic plan). Every
 plan is applied and trained for ``--steps`` timed steps (train step + AdamW step) after one warm-up step, in
-``--rounds`` interleaved rounds over the layouts (the machine's load drifts; interleaving spreads it over all
-layouts); the median over all rounds' steps is compared with ``plan.predicted.step_time_s``. Printed: predicted vs measured per layout, the Spearman
+``--rounds`` interleaved rounds over the layouts. The machine's load drifts (other jobs share its cores), so
+every round after the first calibrates again and re-prices the same plans on its own figures
+(:func:`autoplan.cost.plan_cost.estimate`): each round's prediction is paired with the steps measured right
+after its calibration. Per layout, the mean of the rounds' predictions is compared with the median of all the
+rounds' steps. Printed: predicted vs measured per layout, the Spearman
 rank correlation over the pinned layouts, the median relative error, and the automatic plan's measured time
 against the fastest pinned layout's. Goals: Spearman ≥ 0.9, median error ≤ 15%, automatic within 5% of the
 fastest.
@@ -22,6 +25,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import autoplan  # noqa: E402
 from autoplan.calibrate import calibrate  # noqa: E402
+from autoplan.cost.plan_cost import estimate  # noqa: E402
 from autoplan.models import GPT, GPTConfig  # noqa: E402
 
 CONFIG = GPTConfig(vocab_size=256, seq_len=64, hidden=128, layers=4, heads=4)
@@ -107,20 +112,29 @@ def main() -> None:
                 .to_dict() for name, pins in cases.items()}]
     dist.broadcast_object_list(box, src=0)
     plans = {name: autoplan.Plan.from_dict(d) for name, d in box[0].items()}
+    graph = autoplan.trace(fresh_model(), batches[0][0])
     steps: dict[str, list[float]] = {name: [] for name in plans}
-    for _ in range(args.rounds):
+    predictions: dict[str, list] = {name: [] for name in plans}
+    calibrations = [cluster.to_dict()]
+    for round_ in range(args.rounds):
+        if round_:
+            cluster = calibrate(size_bytes=2**22, matmul_n=512)
+            calibrations.append(cluster.to_dict())
         for name, plan in plans.items():
+            predictions[name].append(estimate(graph, replace(plan, cluster=cluster)))
             steps[name] += measure(plan, batches)
     rows = []
     for name, plan in plans.items():
         measured = statistics.median(steps[name])
-        p = plan.predicted
+        ps = predictions[name]
+        predicted = statistics.mean(p.step_time_s for p in ps)
         rows.append({"layout": name, "plan": f"{plan.mesh} {plan.data_parallel} {plan.schedule} "
                      f"mb={plan.microbatch_size}×{plan.microbatches} recompute={len(plan.recompute)}",
-                     "predicted_s": p.step_time_s, "measured_s": measured,
-                     "error": (p.step_time_s - measured) / measured, "steps_s": steps[name],
-                     "predicted_parts_s": {"compute": p.compute_s, "recompute": p.recompute_s, "comm": p.comm_s,
-                                           "bubble": p.bubble_s, "optimizer": p.optimizer_s}})
+                     "predicted_s": predicted, "measured_s": measured,
+                     "error": (predicted - measured) / measured, "steps_s": steps[name],
+                     "round_predicted_s": [p.step_time_s for p in ps],
+                     "predicted_parts_s": {k: statistics.mean(getattr(p, f"{k}_s") for p in ps)
+                                           for k in ("compute", "recompute", "comm", "bubble", "optimizer")}})
     if dist.get_rank() == 0:
         pinned = [r for r in rows if r["layout"] != "automatic"]
         auto = next(r for r in rows if r["layout"] == "automatic")
@@ -129,7 +143,7 @@ def main() -> None:
             "spearman": spearman([r["predicted_s"] for r in pinned], [r["measured_s"] for r in pinned]),
             "median_abs_error": statistics.median(abs(r["error"]) for r in pinned),
             "automatic_over_fastest": auto["measured_s"] / fastest["measured_s"], "fastest": fastest["layout"],
-            "comm_overlap": overlap, "calibrated": cluster.to_dict(),
+            "comm_overlap": overlap, "calibrated": calibrations,
         }
         for r in rows:
             parts = " ".join(f"{k} {v * 1e3:.0f}" for k, v in r["predicted_parts_s"].items() if v > 0)
