@@ -45,7 +45,7 @@ from ..graph import ModelGraph
 from ..options import PlanOptions
 from ..plan import Mesh, ModelInfo, Plan, SearchInfo, Stage
 from .bounds import RefinedBound, lower_bound_s, memory_lower_bound_bytes, refined_bound
-from .cpsat import solve_strategy
+from .cpsat import ModelResult, solve_strategy
 from .greedy import greedy
 from .space import global_batch_size
 from .tables import Assignment, StrategyTables, build_tables
@@ -109,11 +109,21 @@ class _Search:
                     wall_limit_s: float | None = None) -> str:
         """CP-SAT on strategy ``i``: ``time_limit_s`` of deterministic time (the same on every machine and
         run), and at most ``wall_limit_s`` of wall time (the overall deadline; only that can differ)."""
+        return self.take(i, self.solve_model(i, time_limit_s, cutoff, wall_limit_s))
+
+    def solve_model(self, i: int, time_limit_s: float, cutoff: bool = True,
+                    wall_limit_s: float | None = None) -> ModelResult:
+        """CP-SAT on strategy ``i`` without recording the result (:meth:`take` does): reads the state, changes
+        nothing once the strategy's refined bound is known, so solves of different strategies may run at once."""
         rec = self.records[i]
         bound = self.refined_bound(i)
-        result = solve_strategy(self.tables[i], bound, cutoff_s=self.best_s() if cutoff and self.best is not None
-                                else None, hint=rec.assignment, time_limit_s=time_limit_s,
-                                wall_limit_s=wall_limit_s, lower_bound_s=bound.bound_s)
+        return solve_strategy(self.tables[i], bound, cutoff_s=self.best_s() if cutoff and self.best is not None
+                              else None, hint=rec.assignment, time_limit_s=time_limit_s,
+                              wall_limit_s=wall_limit_s, lower_bound_s=bound.bound_s)
+
+    def take(self, i: int, result: ModelResult) -> str:
+        """Record a CP-SAT result of strategy ``i``; returns its status."""
+        rec = self.records[i]
         if result.assignment is not None:
             self.offer(i, result.assignment, self.tables[i].evaluate(result.assignment),
                        result.status == "OPTIMAL", result.status)

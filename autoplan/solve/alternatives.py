@@ -4,7 +4,7 @@ error when nothing fits.
 For ``plan.explain()``: the best layout of up to three other meshes (and pure data parallelism), of each other
 schedule and of the other data-parallel kind on the chosen mesh, and of the chosen strategy without recompute,
 each solved briefly (:data:`ALTERNATIVE_TIME_LIMIT_S` of CP-SAT's deterministic time) unless the search already
-knows it. When no layout fits, :class:`autoplan.InfeasiblePlanError` quotes the leanest layout found, the
+knows it; these solves are independent and run side by side, one thread each. When no layout fits, :class:`autoplan.InfeasiblePlanError` quotes the leanest layout found, the
 capacity and what to relax.
 
 Example:
@@ -20,6 +20,8 @@ Example:
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from ..cluster import Cluster
@@ -70,14 +72,25 @@ def judge_alternatives(state: "_Search") -> list[Alternative]:
                 and state.tables[i].strategy.schedule == chosen.schedule]
     if other_dp:
         groups.append(("dp", other_dp))
-    judged = [(kind, _judge(state, members, best)) for kind, members in groups]
+    # The groups share no strategy, so their CP-SAT solves are independent: each is deterministic (one worker,
+    # deterministic time), and they run side by side on the machine's cores, then are recorded in group order.
+    picks = [_pick(state, members) for _, members in groups]
+    solve = [i for i in picks if i is not None and not state.records[i].exact]
+    uses_recompute = any(choice.recompute is not None for stage in state.records[chosen_i].assignment
+                         for _, choice in stage)
+    lean = _no_recompute_tables(state, chosen_i) if uses_recompute and state.options.recompute == "auto" else None
+    with ThreadPoolExecutor(max_workers=max(1, min(len(solve) + 1, os.cpu_count() or 1))) as pool:
+        solving = {i: pool.submit(state.solve_model, i, ALTERNATIVE_TIME_LIMIT_S, False) for i in solve}
+        lean_solve = pool.submit(_solve_lean, *lean) if lean is not None else None
+        for i in solve:
+            state.take(i, solving[i].result())
+        lean_result = lean_solve.result() if lean_solve is not None else None
+    judged = [(kind, _judged(state, i, members, best)) for (kind, members), i in zip(groups, picks)]
     meshes = sorted((a for kind, a in judged if kind == "mesh" and a is not None),
                     key=lambda a: (a.step_time_s is None, a.step_time_s or 0.0))
     out = meshes + [a for kind, a in judged if kind != "mesh"]
-    uses_recompute = any(choice.recompute is not None for stage in state.records[chosen_i].assignment
-                         for _, choice in stage)
-    if uses_recompute and state.options.recompute == "auto":
-        out.append(_without_recompute(state, chosen_i, best))
+    if lean is not None:
+        out.append(_without_recompute(state, chosen_i, best, lean, lean_result))
     return [a for a in out if a is not None]
 
 
@@ -86,8 +99,9 @@ def _known_s(state: "_Search", i: int) -> float:
     return rec.cost.step_time_s if rec.cost is not None else rec.lower_bound_s + 1e9 * (rec.status == "memory")
 
 
-def _judge(state: "_Search", members: list[int], best: PlanCost) -> Alternative | None:
-    """Solve the most promising strategy of ``members`` and say how it compares with the chosen plan."""
+def _pick(state: "_Search", members: list[int]) -> int | None:
+    """The most promising strategy of ``members`` (a known layout, else the least refined bound), with a greedy
+    layout as its incumbent."""
     fits = [i for i in members if state.records[i].status != "memory"]
     known = [i for i in fits if state.records[i].cost is not None]
     if known:
@@ -102,8 +116,14 @@ def _judge(state: "_Search", members: list[int], best: PlanCost) -> Alternative 
             found = greedy(state.tables[pick])
             if found is not None:
                 state.offer(pick, found[0], found[1], exact=False, status="greedy")
-        if not rec.exact:
-            state.solve_exact(pick, ALTERNATIVE_TIME_LIMIT_S, cutoff=False)
+        state.refined_bound(pick)  # known before its solve starts, so the solve only reads the state
+    return pick
+
+
+def _judged(state: "_Search", pick: int | None, members: list[int], best: PlanCost) -> Alternative | None:
+    """How the picked strategy of ``members`` (solved by now) compares with the chosen plan."""
+    if pick is not None:
+        rec = state.records[pick]
         if rec.cost is not None:
             return Alternative(state.tables[pick].strategy.describe(), rec.cost.step_time_s,
                                _why_slower(rec.cost, best, state.tables[pick].strategy, state.cluster))
@@ -111,12 +131,21 @@ def _judge(state: "_Search", members: list[int], best: PlanCost) -> Alternative 
     return Alternative(state.tables[i].strategy.describe(), None, _why_no_fit(state.tables[i]))
 
 
-def _without_recompute(state: "_Search", i: int, best: PlanCost) -> Alternative | None:
+def _no_recompute_tables(state: "_Search", i: int) -> tuple:
+    """(tables of strategy ``i`` without recompute, their greedy layout or None, their refined bound)."""
     t = state.tables[i]
     tables = StrategyTables(t.graph, t.cluster, t.strategy, t.segments, t.cache, "none", t.global_batch_size)
-    start = greedy(tables)
-    result = solve_strategy(tables, refined_bound(tables), cutoff_s=None, hint=start[0] if start else None,
-                            time_limit_s=ALTERNATIVE_TIME_LIMIT_S)
+    return tables, greedy(tables), refined_bound(tables)
+
+
+def _solve_lean(tables: StrategyTables, start, bound):
+    return solve_strategy(tables, bound, cutoff_s=None, hint=start[0] if start else None,
+                          time_limit_s=ALTERNATIVE_TIME_LIMIT_S)
+
+
+def _without_recompute(state: "_Search", i: int, best: PlanCost, lean: tuple, result) -> Alternative | None:
+    t = state.tables[i]
+    tables, start, _ = lean
     label = t.strategy.describe() + ", no recompute"
     found = [tables.evaluate(result.assignment)] if result.assignment is not None else []
     found += [start[1]] if start else []

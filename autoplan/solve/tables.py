@@ -297,13 +297,14 @@ def _non_dominated(rows: list[ChoiceCost]) -> list[ChoiceCost]:
     def key(c: ChoiceCost) -> tuple:
         return (c.time_s, c.num_params, c.activation_bytes, c.transient_bytes, c.copy_bytes)
 
+    keys = [key(row) for row in rows]  # once per row, not once per pair
     kept: list[ChoiceCost] = []
     for i, row in enumerate(rows):
+        kr = keys[i]
         dominated = False
-        for j, other in enumerate(rows):
+        for j, ko in enumerate(keys):
             if j == i:
                 continue
-            ko, kr = key(other), key(row)
             if all(a <= b for a, b in zip(ko, kr)) and (ko != kr or j < i):
                 dominated = True
                 break
