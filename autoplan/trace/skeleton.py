@@ -270,13 +270,14 @@ class _Stand(nn.Module):
 
     def __init__(self, name: str, role: str, run: _Run, index: int, shape_module: nn.Module):
         super().__init__()
-        self.name, self.role, self.index = name, role, index
+        # underscored: the layer's own attributes (read through __getattr__) keep their plain names
+        self._fqn, self._role, self._index = name, role, index
         object.__setattr__(self, "_run", run)
         object.__setattr__(self, "_shape_module", shape_module)  # a meta copy, not a registered child
         object.__setattr__(self, "_shapes", {})
 
     def extra_repr(self) -> str:
-        return f"{self.name!r}, {self.role}"
+        return f"{self._fqn!r}, {self._role}"
 
     def __getattr__(self, name: str):
         # code between layers may read a layer's attributes (a weight's dtype, a config value): the meta copy's,
@@ -284,13 +285,16 @@ class _Stand(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self.__dict__["_shape_module"], name)
+            shape_module = self.__dict__.get("_shape_module")
+            if shape_module is None:
+                raise
+            return getattr(shape_module, name)
 
     def forward(self, *args, **kwargs):
-        if self.role == "exit":
+        if self._role == "exit":
             raise _StageExit
-        if self.role == "carried":
-            return self._run.received[self.index]
+        if self._role == "carried":
+            return self._run.received[self._index]
         return self._placeholder(args, kwargs)
 
     def _placeholder(self, args, kwargs):
