@@ -125,12 +125,12 @@ def _framework_overheads(device: torch.device, plain_s: float, contention: float
     out_bytes = x.numel() * 4
     parallelize_module(block, mesh, {"attn.qkv": ColwiseParallel(), "attn.proj": RowwiseParallel(),
                                      "mlp.fc": ColwiseParallel(), "mlp.proj": RowwiseParallel()})
-    tp_total = _slowest(block_step_time_s(block, x, iters=4, repeats=5), device)
+    tp_total = _slowest(block_step_time_s(block, x, iters=3, repeats=3), device)
     tp_comm = 4 * group_allreduce_s(out_bytes, cluster, n, 1)  # two pairs: forward g and backward f each
     block, x = _tiny_block(device)
     param_bytes = sum(p.numel() for p in block.parameters()) * 4
     fully_shard(block, mesh=mesh, reshard_after_forward=True)
-    fsdp_total = _slowest(block_step_time_s(block, x, iters=4, repeats=5), device)
+    fsdp_total = _slowest(block_step_time_s(block, x, iters=3, repeats=3), device)
     dtensor_optimizer_s = _slowest(optimizer_tensor_time_s(block, x, iters=9), device) / contention
     fsdp_comm = (2 * group_allgather_s(param_bytes, cluster, n, 1)
                  + group_reduce_scatter_s(param_bytes, cluster, n, 1))
@@ -146,7 +146,7 @@ def _concurrency(device: torch.device, ranks: int) -> float:
     alone would otherwise make sharing look like independence."""
     block, x = _tiny_block(device)
     a = torch.randn(256, 256, device=device)
-    work = [lambda: block_step_time_s(block, x, iters=20, repeats=3), lambda: _timed(lambda: a @ a, device, 0.05)]
+    work = [lambda: block_step_time_s(block, x, iters=10, repeats=3), lambda: _timed(lambda: a @ a, device, 0.05)]
     ratios = []
     for fn in work:
         alone = _alone(fn, device)
@@ -218,9 +218,9 @@ def calibrate(size_bytes: int, matmul_n: int) -> Cluster:
         holder = [efficiency]
         dist.broadcast_object_list(holder, src=0)
         efficiency = holder[0]
-    plain_s = alone(lambda: layer_overhead_time_s(device))
+    plain_s = alone(lambda: layer_overhead_time_s(device, iters=10, repeats=5))
     optimizer_s = alone(lambda: optimizer_tensor_time_s(*_tiny_block(device)))
-    bandwidth_Bps = 1 / alone(lambda: 1 / memory_bandwidth_Bps(device))
+    bandwidth_Bps = 1 / alone(lambda: 1 / memory_bandwidth_Bps(device, num_bytes=2**26, iters=3))
     device_fields = dict(peak_flops=flops, layer_overhead_s=plain_s, memory_bandwidth_Bps=bandwidth_Bps,
                          matmul_efficiency=efficiency, optimizer_tensor_overhead_s=optimizer_s)
     changes: dict = {}

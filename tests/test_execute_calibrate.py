@@ -53,7 +53,7 @@ def test_two_ranks_measure_the_intra_node_link(tmp_path):
     out = tmp_path / "cluster.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           "-m", "autoplan.calibrate", "--out", str(out), "--size-mb", "4", "--matmul-n", "128"]
+           "-m", "autoplan.calibrate", "--out", str(out), "--size-mb", "1", "--matmul-n", "128"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     cluster = autoplan.Cluster.from_dict(json.loads(out.read_text()))
