@@ -83,7 +83,8 @@ def plan_on_rank_0(family: str, model: torch.nn.Module, inputs: tuple, case: dic
         cluster = autoplan.Cluster.preset("cpu", devices_per_node=int(os.environ["WORLD_SIZE"]))
         if family not in _GRAPHS:
             _GRAPHS[family] = autoplan.trace(model, inputs)
-        options = PlanOptions(mesh=case["mesh"], precision="fp32", data_parallel=case.get("data_parallel", "auto"))
+        options = PlanOptions(mesh=case["mesh"], precision="fp32", data_parallel=case.get("data_parallel", "auto"),
+                              sequence_parallel=case.get("sequence_parallel", "auto"))
         box[0] = search(_GRAPHS[family], cluster, options).to_dict()
     if not dist.is_initialized():
         dist.init_process_group("gloo")
@@ -149,6 +150,7 @@ def roundtrip(pm, opt, data, state: dict, path: str) -> dict:
 
 def case_name(case: dict) -> str:
     kind = f":{case['data_parallel']}" if "data_parallel" in case else ""
+    kind += ":sp" if case.get("sequence_parallel") is True else ""
     return f"{case['family']}:{'x'.join(f'{k}{v}' for k, v in case['mesh'].items())}{kind}"
 
 

@@ -38,6 +38,8 @@ def check(results: dict) -> None:
             assert got["notes"], name  # the plan says why tp does not shard the blocks
         elif "tp" in name:
             assert got["sharded"] > 0, name
+        if name.endswith(":sp"):  # sequence parallelism forced: the plan runs it
+            assert got["plan"]["sequence_parallel"] is True, name
         if "roundtrip" in got:
             assert got["roundtrip"] == {"checkpoint": 0.0, "state_dict": 0.0, "on_disk": 0.0}, name
         if family in FUSED and name.endswith(":dp2xtp2"):
@@ -72,6 +74,9 @@ def test_every_family_dp2xtp2_and_tp4_and_pipelines_match_one_process(tmp_path):
         if case["family"] in FUSED:
             case["checkpoint"] = str(tmp_path / f"checkpoint_{case['family']}_{case.get('data_parallel', 'auto')}")
     cases += [{"family": f, "mesh": {"tp": 4}} for f in ("opt", "bert", "llama")]
+    # sequence parallelism forced: Llama's RMSNorms; BART's post-norm layers and its decoder's cross-attention,
+    # whose keys and values read the encoder's whole output
+    cases += [{"family": f, "mesh": {"dp": 2, "tp": 2}, "sequence_parallel": True} for f in ("llama", "bart")]
     # pipelines: each family is traced once per world (tests/hf_worker.py), so these cost a search and two steps
     cases += [{"family": f, "mesh": mesh} for f in PIPELINED for mesh in ({"pp": 2, "dp": 2}, {"pp": 2, "tp": 2})
               if (f, tuple(mesh)) not in (("llama", ("pp", "tp")), ("gpt2", ("pp", "dp")))]

@@ -13,15 +13,15 @@ dim 0, so the tied weight keeps one DTensor and one gradient.
 
 Sequence parallelism (Korthikanti et al. 2022 §4.2.2; ``plan.sequence_parallel``): inside each *sequence-parallel
 layer* (a plan layer holding modules of style ``sequence``, its norms) the residual stream is a DTensor sharded on
-the sequence dim, ``Shard(1)``. The layer's input is split there (``PrepareModuleInput``, a local slice), its norms
-run on their own tokens (``SequenceParallel``: replicated weights), each colwise linear all-gathers its input
-(``ColwiseParallel(input_layouts=Shard(1))``), each rowwise linear reduce-scatters its output
-(``RowwiseParallel(output_layouts=Shard(1))``), and the last layer of a run of such layers all-gathers its output
-again (``PrepareModuleOutput``), so what follows (the final norm, the head, the loss) sees whole tensors. Between
-those points every tensor of the residual stream is a DTensor, so an op the layer runs on it follows DTensor's
-global-tensor semantics (or raises): a sequence-dependent op outside the pairs cannot silently see a shard. The norm
-weights' gradients come back as partial sums over the tp ranks and are all-reduced once per step
-(:func:`reduce_sequence_parallel_gradients`).
+the sequence dim, ``Shard(1)``. The layer's first input is split there (a local slice, as ``PrepareModuleInput``
+does), its norms run on their own tokens (``SequenceParallel``: replicated weights), each colwise linear
+all-gathers its input (``ColwiseParallel(input_layouts=Shard(1))``; a plain input, such as cross-attention's encoder
+states, is marked whole first), each rowwise linear reduce-scatters its output (``RowwiseParallel(output_layouts=
+Shard(1))``), and the last layer of a run of such layers all-gathers its output again (``PrepareModuleOutput``), so
+what follows (the final norm, the head, the loss) sees whole tensors. Between those points every tensor of the
+residual stream is a DTensor, so an op the layer runs on it follows DTensor's global-tensor semantics (or raises):
+a sequence-dependent op outside the pairs cannot silently see a shard. The norm weights' gradients come back as
+partial sums over the tp ranks and are all-reduced once per step (:func:`reduce_sequence_parallel_gradients`).
 
 Example:
     >>> from autoplan.execute.tensor_parallel import parallel_style
@@ -31,10 +31,13 @@ Example:
 
 from __future__ import annotations
 
+import functools
+
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
-from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, PrepareModuleInput, PrepareModuleOutput,
+from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, PrepareModuleOutput,
                                                RowwiseParallel, SequenceParallel, parallelize_module)
 
 from ..errors import PlanMismatchError
@@ -67,6 +70,9 @@ def parallel_style(style: str, module: nn.Module | None = None, sequence_paralle
         if not sequence_parallel:
             return style_for(style, module)
         if tp_style_kind(style) == "colwise":
+            # Its input from the stream is a DTensor (a norm's output, or the layer's input), all-gathered from
+            # Shard(1) to Replicate(); apply_tensor_parallel marks a plain input (cross-attention's encoder
+            # states) whole first, so that it is never taken for a shard.
             return style_for(style, module, input_layouts=Shard(SEQUENCE_DIM))
         # a DTensor out: the residual add and the next norm stay in DTensor semantics
         return style_for(style, module, output_layouts=Shard(SEQUENCE_DIM), use_local_output=False)
@@ -123,16 +129,21 @@ def apply_tensor_parallel(root: nn.Module, styles: dict[str, str], tp_mesh: Devi
     tied = tied_parameter_names(root)
     runs = sequence_parallel_runs(layers, styles)
     in_sp = [layer for run in runs for layer in run]
+    for fqn, style in styles.items():
+        if tp_style_kind(style) == "colwise" and any(_inside(fqn, layer) for layer in in_sp):
+            root.get_submodule(fqn).register_forward_pre_hook(functools.partial(_whole_if_plain, tp_mesh),
+                                                              prepend=True)
     parallelize_module(root, tp_mesh, {
         fqn: parallel_style(style, root.get_submodule(fqn), any(_inside(fqn, layer) for layer in in_sp))
         for fqn, style in styles.items()})
     for run in runs:
         for layer in run:
-            # A whole input (the first layer of a run) is sliced to this rank's tokens, no communication; a
-            # DTensor from the previous layer of the run is already Shard(1) and passes unchanged.
-            parallelize_module(root.get_submodule(layer), tp_mesh, PrepareModuleInput(
-                input_layouts=(Replicate(),), desired_input_layouts=(Shard(SEQUENCE_DIM),), use_local_output=False))
-        parallelize_module(root.get_submodule(run[-1]), tp_mesh, PrepareModuleOutput(
+            # The stream, the layer's first positional input (its other inputs pass as they are): PrepareModuleInput
+            # for that one input, whatever the number of positional inputs the layer is called with.
+            root.get_submodule(layer).register_forward_pre_hook(functools.partial(_split_stream, tp_mesh))
+        last = root.get_submodule(run[-1])
+        last.register_forward_hook(functools.partial(_check_stream_output, run[-1]))  # runs before the gather
+        parallelize_module(last, tp_mesh, PrepareModuleOutput(
             output_layouts=(Shard(SEQUENCE_DIM),), desired_output_layouts=(Replicate(),), use_local_output=True))
     # An attention module that counts its heads in attributes now computes on its local heads (as torchtitan sets
     # n_heads // tp); tracing proved each group sound under exactly this change.
@@ -154,6 +165,43 @@ def apply_tensor_parallel(root: nn.Module, styles: dict[str, str], tp_mesh: Devi
                 )
             _set_parameter(root, name, keep)
     return len(styles)
+
+
+def _whole_if_plain(tp_mesh: DeviceMesh, module: nn.Module, args: tuple):
+    """A colwise linear of a sequence-parallel layer: a plain input is a whole tensor from outside the stream
+    (cross-attention's encoder states), so it becomes a replicated DTensor, which is not gathered."""
+    if args and isinstance(args[0], torch.Tensor) and not isinstance(args[0], DTensor):
+        return (DTensor.from_local(args[0], tp_mesh, (Replicate(),), run_check=False),) + tuple(args[1:])
+    return None
+
+
+def _split_stream(tp_mesh: DeviceMesh, module: nn.Module, args: tuple):
+    """A sequence-parallel layer's first input as a DTensor sharded on the sequence: a whole tensor (the first layer
+    of a run) is sliced to this rank's tokens, no communication; a DTensor from the previous layer of the run
+    already is (or is redistributed to) ``Shard(1)``."""
+    stream = args[0] if args else None
+    if not isinstance(stream, torch.Tensor):  # the norms would take a whole tensor for a shard: refuse
+        raise PlanMismatchError(
+            f"a sequence-parallel layer ({type(module).__name__}) was called without its residual stream as its "
+            f"first positional input; re-plan with sequence_parallel=False"
+        )
+    if not isinstance(stream, DTensor):
+        stream = DTensor.from_local(stream, tp_mesh, (Replicate(),), run_check=False)
+    if stream.placements != (Shard(SEQUENCE_DIM),):
+        stream = stream.redistribute(tp_mesh, (Shard(SEQUENCE_DIM),))
+    return (stream,) + tuple(args[1:])
+
+
+def _check_stream_output(name: str, module: nn.Module, inputs, output) -> None:
+    """The last layer of a sequence-parallel run must return the stream itself, one DTensor: gathering anything
+    else (a plain tensor would be taken for a shard, a tuple) would be wrong or fail deep inside torch. A DTensor
+    is gathered from whatever placement it has (a layer that reshapes the stream, as OPT flattens its tokens for
+    its MLP, may hand it back sharded on another dim: right, at the price of DTensor's redistributions)."""
+    if not isinstance(output, DTensor):
+        raise PlanMismatchError(
+            f"sequence-parallel layer {name!r} returned {type(output).__name__}, not its residual stream as a "
+            f"DTensor; this model's layers cannot run sequence-parallel: re-plan with sequence_parallel=False"
+        )
 
 
 def reduce_sequence_parallel_gradients(modules) -> int:

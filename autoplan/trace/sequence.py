@@ -5,8 +5,9 @@ outside its colwise → rowwise pairs; inside a pair the input is all-gathered a
 layer qualifies when, from one fake forward:
 
 * it holds only Megatron pairs (no vocabulary-parallel module) and is not the model's root;
-* its first positional input is a floating (batch, sequence, hidden) tensor and its output has that size: the
-  stream that is split on entry and gathered on exit;
+* its first positional input is a floating (batch, sequence, hidden) tensor and it returns one tensor of that
+  shape (run once more on fake tensors with the recorded inputs): the stream that is split on entry and gathered
+  on exit (the executor checks again that it returns the stream, as a DTensor);
 * every module with parameters outside the pairs (not under a pair's parent module) is a norm — LayerNorm or
   RMSNorm, which act on each token alone — and there is at least one (else nothing would be gained).
 
@@ -23,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..graph import SequenceParallelLayer, TensorParallelGroup
@@ -65,6 +67,32 @@ def input_owners(styles_of_groups: list[dict[str, str]]) -> set[str]:
     return out
 
 
+def _returned(layer: nn.Module, recorded: tuple) -> object:
+    """The shape of what ``layer`` returns for its recorded inputs (one forward on fake tensors, on the layer's
+    device), or a short description when that is not one tensor."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils import _pytree as pytree
+
+    import logging
+
+    param = next(layer.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    quiet = logging.getLogger("torch._subclasses.fake_tensor")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # a layer that cannot run alone is a reason, not an error to log
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+            args, kwargs = pytree.tree_map(
+                lambda x: torch.empty(x.shape, dtype=x.dtype, device=device) if isinstance(x, TensorSpec) else x,
+                recorded)
+            out = layer(*args, **kwargs)
+    except Exception as error:  # noqa: BLE001 - reported as the reason sequence parallelism is not offered
+        return f"nothing (it does not run alone on fake inputs: {type(error).__name__})"
+    finally:
+        quiet.setLevel(level)
+    return tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+
+
 def _blocked(reason: str) -> SequenceParallelLayer:
     return SequenceParallelLayer(blocker=reason)
 
@@ -94,10 +122,10 @@ def sequence_parallel_layer(model: nn.Module, name: str, groups: list[TensorPara
     stream_bytes = first.dtype.itemsize
     for size in first.shape:
         stream_bytes *= int(size)
-    if output_bytes != stream_bytes:
-        return _blocked(f"its output ({output_bytes} bytes) is not one tensor the size of its input "
-                        f"({stream_bytes} bytes)")
     layer = model.get_submodule(name)
+    returned = _returned(layer, recorded)
+    if returned != tuple(first.shape):
+        return _blocked(f"it returns {returned}, not one tensor shaped like its input {tuple(first.shape)}")
     paired = {fqn for g in pairs for fqn in g.styles}
     scopes = {fqn.rpartition(".")[0] for fqn in paired}  # a pair's parent: everything under it runs gathered
     norms = []
