@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import MISSING, asdict, dataclass, fields
 
+from .cluster_tables import _collective_table, _efficiency_table, _interpolate_log
 from .vocabulary import PRECISIONS
 
 __all__ = ["Device", "Cluster", "PRESETS"]
@@ -128,34 +129,6 @@ class Device:
         if not table or matmul_flops is None:
             return self.peak_flops[precision] * self.achievable_flops_fraction
         return self.peak_flops[precision] * _interpolate_log(table, matmul_flops)
-
-
-def _efficiency_table(table) -> tuple[tuple[str, tuple[tuple[float, float], ...]], ...]:
-    """``matmul_efficiency`` as sorted, hashable tuples, from a dict or pairs (JSON gives lists); checked."""
-    items = table.items() if isinstance(table, dict) else table
-    out = []
-    for precision, points in items:
-        if precision not in PRECISIONS:
-            raise ValueError(f"Device.matmul_efficiency has unknown precision {precision!r}; use {PRECISIONS}")
-        pts = tuple(sorted((float(f), float(e)) for f, e in points))
-        if not pts or any(not (f > 0 and 0 < e <= 1) for f, e in pts):
-            raise ValueError(f"Device.matmul_efficiency[{precision!r}] needs (flops > 0, 0 < fraction ≤ 1) "
-                             f"points, got {points!r}")
-        out.append((precision, pts))
-    return tuple(sorted(out))
-
-
-def _interpolate_log(points: tuple[tuple[float, float], ...], x: float) -> float:
-    """Piecewise-linear interpolation of ``points`` (x, y) in log x, clamped to the end values."""
-    import math
-
-    if x <= points[0][0]:
-        return points[0][1]
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x <= x1:
-            w = math.log(x / x0) / math.log(x1 / x0) if x1 > x0 else 1.0
-            return y0 + w * (y1 - y0)
-    return points[-1][1]
 
 
 # Vendor figures (dense, no sparsity), per GPU:
@@ -442,26 +415,6 @@ class Cluster:
         data = dict(data)
         data["device"] = Device(**data["device"])
         return cls(**data)
-
-
-def _collective_table(table) -> tuple[tuple[str, int, tuple[tuple[float, float], ...]], ...]:
-    """``collective_times`` as sorted, hashable tuples, from the JSON dict ``{kind: {"n": [[bytes, s], ...]}}``
-    or from triples; checked."""
-    from .cost.collectives import COLLECTIVE_KINDS
-
-    if isinstance(table, dict):
-        table = [(kind, int(n), pts) for kind, sizes in table.items() for n, pts in sizes.items()]
-    out = []
-    for kind, n, points in table:
-        if kind not in COLLECTIVE_KINDS or int(n) < 2:
-            raise ValueError(f"Cluster.collective_times: unknown kind {kind!r} or group size {n!r} < 2; kinds are "
-                             f"{COLLECTIVE_KINDS}")
-        pts = tuple(sorted((float(b), float(t)) for b, t in points))
-        if not pts or any(not (b >= 0 and t > 0) for b, t in pts):
-            raise ValueError(f"Cluster.collective_times[{kind!r}][{n}] needs (bytes ≥ 0, seconds > 0) points, "
-                             f"got {points!r}")
-        out.append((kind, int(n), pts))
-    return tuple(sorted(out))
 
 
 def _check_keys(what: str, data: dict, kind: type) -> None:
