@@ -55,6 +55,7 @@ from .apply import AppliedPlan
 from .batch import Inputs, as_args, check_targets, checked_loss, guard_token_ids
 from .mesh import rank_at
 from .guards import check_ddp_gradients, fail_together
+from .materialize import held_tensors
 from .pipeline import sync_tied_gradients
 from .tensor_parallel import reduce_sequence_parallel_gradients
 
@@ -172,7 +173,8 @@ class ParallelModel:
             loss = self._run(a, args, targets, backward=True)
             if a.plan.sequence_parallel:
                 reduce_sequence_parallel_gradients(self.modules_on_rank)
-            sync_tied_gradients(a.tied_groups, dict(self.named_parameters()))
+            # every name of a tied weight (named_parameters lists it once, under whichever name comes first)
+            sync_tied_gradients(a.tied_groups, held_tensors([s.module for s in a.stages]))
             mean = self._global_mean(a, loss)
         if isinstance(a.stages[0].runner, DistributedDataParallel):  # after the step's collectives: alike on all
             check_ddp_gradients(self.named_parameters())

@@ -106,8 +106,7 @@ def sync_tied_gradients(groups: Sequence[TiedGradientGroup], params: dict[str, n
         >>> sync_tied_gradients([], {})
     """
     for tied in groups:
-        # a tied weight is listed once, under whichever of its names comes first on this rank
-        param = next(params[name] for name in tied.names if name in params)
+        param = params[tied.names[0]]
         grad = param.grad
         if grad is None:
             grad = torch.zeros_like(param)

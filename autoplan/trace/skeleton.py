@@ -386,8 +386,10 @@ def skeleton_stages(model: nn.Module, stages: Sequence[Sequence[str]], analysis:
                 continue
             role = "exit" if i >= d else "carried" if i in carried_in else "placeholder"
             replace[name] = _Stand(name, role, run, i, _meta_copy(model.get_submodule(name)))
+        held = {id(p) for layer in names[c:d] for p in model.get_submodule(layer).parameters()}
         for name in _weights_outside_layers(model, names):  # e.g. BART's model.shared, tied to layers' weights
-            replace[name] = _Stand(name, "placeholder", run, -1, _meta_copy(model.get_submodule(name)))
+            if not held & {id(p) for p in model.get_submodule(name).parameters()}:
+                replace[name] = _Stand(name, "placeholder", run, -1, _meta_copy(model.get_submodule(name)))
         root = _skeleton(model, "", replace)
         _make_stage(root, model, run, names, (c, d), (carried_in, carried_out), analysis.outputs)
         modules.append(root)
@@ -396,8 +398,9 @@ def skeleton_stages(model: nn.Module, stages: Sequence[Sequence[str]], analysis:
 
 def _weights_outside_layers(model: nn.Module, layers: list[str]) -> list[str]:
     """Top-most modules outside every layer (and above none) that hold weights: every weight is a layer's too (tied,
-    else the split is refused) and, by the analysis, never used outside it; a stage keeps none of them, so that a
-    stage holds a weight only where one of its layers does."""
+    else the split is refused) and, by the analysis, never used outside it; a stage keeps one only where its layers
+    hold the same weights, so that a stage holds a weight only where one of its layers does (and every name of a
+    tied weight stays in some stage's state dict)."""
     found: list[str] = []
     for name, module in model.named_modules():
         if not name or any(in_module(name, f) for f in found) or any(in_module(name, l) for l in layers):
