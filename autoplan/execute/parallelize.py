@@ -85,7 +85,9 @@ def parallelize(
 ) -> ParallelModel:
     """Apply a plan to ``model`` on this rank and return a :class:`ParallelModel`. Call it on every rank.
 
-    - ``plan`` (a Plan or the path of its JSON) is applied as is. Otherwise rank 0 runs
+    - ``plan`` (a Plan or the path of its JSON) is applied as is (a pipelined plan for a model torch.fx cannot
+      trace, such as a transformers model, builds its stages from ``example_inputs``, or from the first batch when
+      none are given: :mod:`autoplan.trace.skeleton`). Otherwise rank 0 runs
       ``autoplan.plan(model, example_inputs, cluster=cluster or Cluster.detect(), **plan_kwargs)`` and broadcasts
       the plan; on a CPU cluster ``precision`` defaults to ``"fp32"``.
     - ``example_inputs`` is the GLOBAL batch the model trains on (dim 0 of every input is the batch). When it is
