@@ -32,8 +32,9 @@ def check(results: dict) -> None:
         assert got["losses"] == pytest.approx(got["ref_losses"], rel=1e-5), name
         assert got["missing"] == [], name
         assert got["max_weight_diff"] <= 1e-4, (name, got["worst_weight"], got["max_weight_diff"])
-        if "pp" in name:  # pinned pipelines: two stages, each layer in one of them
-            assert [len(s["layers"]) > 0 for s in got["plan"]["stages"]] == [True, True], name
+        if "pp" in name:  # pinned pipelines: stages over 2 pipeline ranks (interleaved: several per rank)
+            stages = got["plan"]["stages"]
+            assert len(stages) >= 2 and len(stages) % 2 == 0 and all(s["layers"] for s in stages), name
         if "tp" in name and family in NOTHING_SOUND:
             assert got["notes"], name  # the plan says why tp does not shard the blocks
         elif "tp" in name:
@@ -77,9 +78,11 @@ def test_every_family_dp2xtp2_and_tp4_and_pipelines_match_one_process(tmp_path):
     # sequence parallelism forced: Llama's RMSNorms; BART's post-norm layers and its decoder's cross-attention,
     # whose keys and values read the encoder's whole output
     cases += [{"family": f, "mesh": {"dp": 2, "tp": 2}, "sequence_parallel": True} for f in ("llama", "bart")]
-    # pipelines: each family is traced once per world (tests/hf_worker.py), so these cost a search and two steps
-    cases += [{"family": f, "mesh": mesh} for f in PIPELINED for mesh in ({"pp": 2, "dp": 2}, {"pp": 2, "tp": 2})
-              if (f, tuple(mesh)) not in (("llama", ("pp", "tp")), ("gpt2", ("pp", "dp")))]
+    # pipelines: each family is traced once per world (tests/hf_worker.py), so these cost a search and two steps;
+    # pp2xtp2 for every family, pp2xdp2 where the split differs most (a tied weight or an encoder output crossing
+    # the cut); the test above runs Llama and GPT-2
+    cases += [{"family": f, "mesh": {"pp": 2, "tp": 2}} for f in PIPELINED if f != "llama"]
+    cases += [{"family": f, "mesh": {"pp": 2, "dp": 2}} for f in ("bart", "vit")]
     check(run_world(cases, tmp_path, timeout_s=1500, worker=WORKER))
     import autoplan
 
