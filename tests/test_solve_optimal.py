@@ -119,3 +119,24 @@ def test_bounds_never_exceed_a_strategys_optimum(case, tightens):
         assert refined <= optimum * (1 + 1e-9)
         tight += refined > simple
     assert (tight > 0) == tightens  # the memory-aware bound tightens GPT strategies
+
+
+def test_layer_cost_memo_equals_pricing_each_strategy_afresh():
+    """The memo shares a layer's cost across strategies only where everything the cost reads is equal: FSDP
+    units, per-step fixed costs and shared-processor contention differ between strategies of one tp degree."""
+    graph = gpt_tiny()
+    cluster = Cluster.preset("a100-80gb")
+    cache = LayerCostCache(graph, cluster)
+    segments = segments_of(graph.layers)
+    strategies = list(enumerate_strategies(graph, cluster, PlanOptions(global_batch_size=16)))
+    assert {s.data_parallel for s in strategies} == {"ddp", "fsdp"} and len({s.pp for s in strategies}) > 1
+    checked = 0
+    for s in strategies:
+        for seg in segments:
+            for i in range(seg.start, seg.stop):
+                layer = graph.layers[i]
+                for choice in cache.choices(layer, s.tp, "auto", s.sequence_parallel):
+                    assert cache.get(layer, seg.signature, s, choice) == layer_choice_cost(
+                        graph, layer, cluster, s, choice.tp_on, choice.option(layer)), (s, layer.name, choice)
+                    checked += 1
+    assert checked > 1000

@@ -74,7 +74,7 @@ from .strategy import (Strategy, fsdp_gather_bytes, in_flight, loss_bytes, p2p_l
                        weight_copy_bytes_per_param)
 
 __all__ = ["Strategy", "RankCost", "PlanCost", "estimate", "estimate_breakdown", "compose", "layer_choice_cost",
-           "rank_tail_s", "rank_tail_terms", "rank_state_bytes", "rank_state_bytes_per_param",
+           "layer_cost_context", "rank_tail_s", "rank_tail_terms", "rank_state_bytes", "rank_state_bytes_per_param",
            "weight_copy_bytes_per_param", "loss_bytes", "fsdp_gather_bytes", "p2p_link", "stage_p2p_s", "in_flight"]
 
 
@@ -193,21 +193,42 @@ def layer_choice_cost(graph: ModelGraph, layer: Layer, cluster: Cluster, strateg
         ...  for tp_on in (False, True)]
         [49984, 25408]
     """
+    contention, fsdp_unit, per_step_s = layer_cost_context(graph, layer, cluster, strategy, tp_on)
     result = cost.layer_cost(
         layer, traced_batch_size=graph.batch_size, traced_dtype_bytes=graph.dtype_bytes, cluster=cluster,
         tp=strategy.tp if tp_on else 1, microbatch_size=strategy.microbatch_size, precision=strategy.precision,
-        recompute=recompute, tp_stride=1,
-        contention=cost.compute_contention(cluster, pp=strategy.pp, microbatches=strategy.microbatches,
-                                           schedule=strategy.schedule, virtual_stages=strategy.virtual_stages),
-        fsdp_unit=_fsdp_unit(graph, layer, strategy),
-        per_step_s=cost.layer_step_overhead_s(
-            cluster, param_tensors=len(layer.param_names), dtensor=_dtensor_params(strategy, tp_on),
-            fsdp_unit=_fsdp_unit(graph, layer, strategy), dp=strategy.dp, stride=strategy.tp,
-            precision=strategy.precision, microbatches=strategy.microbatches, pp=strategy.pp),
+        recompute=recompute, tp_stride=1, contention=contention, fsdp_unit=fsdp_unit, per_step_s=per_step_s,
     )
     if strategy.sequence_parallel:
         result = _with_sequence_parallel(graph, layer, cluster, strategy, tp_on, recompute, result)
     return result
+
+
+def layer_cost_context(graph: ModelGraph, layer: Layer, cluster: Cluster, strategy: Strategy, tp_on: bool,
+                       largest_layer_params: int | None = None) -> tuple[float, bool, float]:
+    """What :func:`layer_choice_cost` reads from the whole strategy besides its tp degree, microbatch size,
+    precision and sequence parallelism: ``(contention, fsdp_unit, per_step_s)`` — ranks sharing processors
+    (pp, microbatches, schedule), whether ``layer`` is an FSDP unit of its own (dp, data-parallel kind) and its
+    fixed per-step seconds. A memo of layer costs across strategies must key on these too.
+    ``largest_layer_params``: the graph's largest layer, when the caller has it (saves a scan per call).
+
+    Example (FSDP over 4 ranks makes the block a unit of its own; DDP does not):
+        >>> from autoplan import Cluster
+        >>> from autoplan.synthetic import gpt_like_graph
+        >>> graph = gpt_like_graph(layers=2, hidden=64, seq=16, heads=4, vocab=100)
+        >>> block, c = graph.layer("blocks.0"), Cluster.preset("a100-80gb")
+        >>> [layer_cost_context(graph, block, c, Strategy(1, 4, 1, 1, 1, "1f1b", kind), False)[1]
+        ...  for kind in ("ddp", "fsdp")]
+        [False, True]
+    """
+    contention = cost.compute_contention(cluster, pp=strategy.pp, microbatches=strategy.microbatches,
+                                         schedule=strategy.schedule, virtual_stages=strategy.virtual_stages)
+    fsdp_unit = _fsdp_unit(graph, layer, strategy, largest_layer_params)
+    per_step_s = cost.layer_step_overhead_s(
+        cluster, param_tensors=len(layer.param_names), dtensor=_dtensor_params(strategy, tp_on),
+        fsdp_unit=fsdp_unit, dp=strategy.dp, stride=strategy.tp, precision=strategy.precision,
+        microbatches=strategy.microbatches, pp=strategy.pp)
+    return contention, fsdp_unit, per_step_s
 
 
 def _with_sequence_parallel(graph: ModelGraph, layer: Layer, cluster: Cluster, strategy: Strategy, tp_on: bool,
@@ -239,12 +260,14 @@ def _dtensor_params(strategy: Strategy, tp_on: bool) -> bool:
     return tp_on or (strategy.dp > 1 and (strategy.data_parallel == "fsdp" or composed))
 
 
-def _fsdp_unit(graph: ModelGraph, layer: Layer, strategy: Strategy) -> bool:
+def _fsdp_unit(graph: ModelGraph, layer: Layer, strategy: Strategy, largest_layer_params: int | None = None) -> bool:
     """Whether the executor wraps ``layer`` in an FSDP unit of its own: FSDP over dp > 1 and the layer holds at
     least 1/8 of the largest layer's parameters (``autoplan.execute.data_parallel.UNIT_MIN_FRACTION``)."""
     if strategy.data_parallel != "fsdp" or strategy.dp == 1 or layer.num_params == 0:
         return False
-    return layer.num_params * 8 >= max(l.num_params for l in graph.layers)
+    if largest_layer_params is None:
+        largest_layer_params = max(l.num_params for l in graph.layers)
+    return layer.num_params * 8 >= largest_layer_params
 
 
 def compose(strategy: Strategy, cluster: Cluster, stages: Sequence[Sequence[cost.LayerCost]],

@@ -22,6 +22,7 @@ from typing import Sequence
 from .. import cost
 from ..cluster import Cluster
 from ..cost.plan_cost import (PlanCost, Strategy, compose, fsdp_gather_bytes, in_flight, layer_choice_cost,
+                              layer_cost_context,
                               loss_bytes, rank_state_bytes_per_param, rank_tail_terms, stage_p2p_s,
                               weight_copy_bytes_per_param)
 from ..cost.sequence import sequence_edge_payers
@@ -83,6 +84,8 @@ class LayerCostCache:
         self._choices: dict[tuple, list[LayerChoice]] = {}
         self._payers: dict[int, set[int]] = {}
         self._signature_ids: dict[tuple, int] = {}
+        self._contexts: dict[tuple, tuple[float, bool, float]] = {}
+        self._largest_params = max((l.num_params for l in graph.layers), default=0)
         self.tied_groups = tied_layer_groups(graph)
 
     def choices(self, layer: Layer, tp: int, recompute: str, sequence_parallel: bool) -> list[LayerChoice]:
@@ -100,8 +103,17 @@ class LayerCostCache:
                                              layer.index in self._payers[strategy.tp])
         # a small int stands for the (long, nested) signature: hashing it on every call would cost more
         sig_id = self._signature_ids.setdefault(signature, len(self._signature_ids))
+        # what the cost reads from the rest of the strategy (contention, FSDP unit, per-step seconds): few
+        # distinct values, but a strategy that differs there must not share a cost
+        context_key = (strategy.pp, strategy.dp, strategy.tp, strategy.microbatches, strategy.schedule,
+                       strategy.virtual_stages, strategy.data_parallel, strategy.precision, choice.tp_on,
+                       len(layer.param_names), layer.num_params == 0, layer.num_params * 8 >= self._largest_params)
+        context = self._contexts.get(context_key)
+        if context is None:
+            context = self._contexts[context_key] = layer_cost_context(
+                self.graph, layer, self.cluster, strategy, choice.tp_on, self._largest_params)
         key = (sig_id, strategy.tp if choice.tp_on else 1, strategy.microbatch_size, strategy.precision,
-               choice.recompute, sp)
+               choice.recompute, sp, context)
         hit = self._memo.get(key)
         if hit is None:
             hit = layer_choice_cost(self.graph, layer, self.cluster, strategy, choice.tp_on, choice.option(layer))
