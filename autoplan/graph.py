@@ -17,13 +17,17 @@ Example:
 
 from __future__ import annotations
 
+
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from .vocabulary import fused_parts
 
 if TYPE_CHECKING:  # pragma: no cover
     import networkx
 
-__all__ = ["TensorParallelGroup", "RecomputeOption", "SequenceParallelLayer", "Layer", "ModelGraph"]
+__all__ = ["TensorParallelGroup", "RecomputeOption", "SequenceParallelLayer", "Layer", "ModelGraph",
+           "fsdp_blocks_tensor_parallel"]
 
 
 @dataclass(frozen=True)
@@ -172,3 +176,19 @@ class ModelGraph:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def fsdp_blocks_tensor_parallel(layer: Layer) -> bool:
+    """Whether FSDP over dp > 1 rules out sharding ``layer`` by tensor parallelism: it holds a fused ``colwise:K``
+    projection with a bias, whose one dim tensor parallelism already splits part by part, leaving FSDP no dim
+    (:func:`autoplan.execute.tp_styles.fsdp_placement`).
+
+    Example:
+        >>> group = TensorParallelGroup({"attn.qkv": "colwise:3", "attn.out": "rowwise"}, 4, 0, 0, 0, 0, 0)
+        >>> layer = Layer("attn", 0, "block", 1, 2, 3, 12, 4, 4, param_names=("attn.qkv.weight", "attn.qkv.bias"),
+        ...               tp_groups=(group,))
+        >>> fsdp_blocks_tensor_parallel(layer)
+        True
+    """
+    return any(fused_parts(style) > 1 and f"{fqn}.bias" in layer.param_names
+               for group in layer.tp_groups for fqn, style in group.styles.items())

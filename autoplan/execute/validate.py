@@ -112,3 +112,10 @@ def check_plan_matches(plan: Plan, model: nn.Module, world_size: int) -> None:
             raise PlanMismatchError(
                 f"the plan shards {fqn!r}, which lies outside every pipeline stage's layers; {_REPLAN}"
             )
+        one_dim = [name for name, p in module.named_parameters(recurse=False) if p.dim() == 1]
+        if parts > 1 and one_dim and plan.data_parallel == "fsdp" and plan.mesh.dp > 1:
+            raise PlanMismatchError(
+                f"tensor_parallel[{fqn!r}] = {style}:{parts} splits the fused projection's 1-D {one_dim[0]} part by "
+                f"part over tp, which leaves FSDP (dp={plan.mesh.dp}) no dim to shard it on; plan with "
+                f"data_parallel='ddp', or leave {fqn!r} unsharded ({_REPLAN})"
+            )

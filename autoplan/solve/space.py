@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from ..cluster import Cluster
 from ..cost.plan_cost import Strategy
 from ..cost.sequence import sequence_parallel_applies
-from ..graph import Layer, ModelGraph, RecomputeOption
+from ..graph import Layer, ModelGraph, RecomputeOption, fsdp_blocks_tensor_parallel
 from ..options import PlanOptions
 
 __all__ = ["divisors", "LayerChoice", "layer_choices", "enumerate_strategies", "global_batch_size",
@@ -63,8 +63,10 @@ def _recompute_allowed(layer: Layer, mode: str) -> list[int | None]:
     return [None] + [i for i, _ in options]
 
 
-def layer_choices(layer: Layer, tp: int, recompute: str, sequence_parallel: bool = False) -> list[LayerChoice]:
-    """The choices the options allow for ``layer`` under a tensor-parallel degree ``tp``.
+def layer_choices(layer: Layer, tp: int, recompute: str, sequence_parallel: bool = False,
+                  fsdp: bool = False) -> list[LayerChoice]:
+    """The choices the options allow for ``layer`` under a tensor-parallel degree ``tp`` (``fsdp``: the
+    strategy shards its data-parallel replicas with FSDP, see :func:`fsdp_blocks_tensor_parallel`).
 
     ``recompute`` pinned to "full" / "selective" forces that kind wherever the layer offers it (a layer
     without such an option runs without recompute); "none" forbids recompute. Under ``sequence_parallel`` a layer
@@ -78,10 +80,11 @@ def layer_choices(layer: Layer, tp: int, recompute: str, sequence_parallel: bool
         [LayerChoice(tp_on=False, recompute=None)]
     """
     tp_options = [False]
-    if tp > 1 and layer.tp_divisor and layer.tp_divisor % tp == 0:
+    blocked = fsdp and fsdp_blocks_tensor_parallel(layer)
+    if tp > 1 and layer.tp_divisor and layer.tp_divisor % tp == 0 and not blocked:
         tp_options.append(True)
     recomputes = _recompute_allowed(layer, recompute)
-    if sequence_parallel and sequence_parallel_applies(layer, tp):
+    if sequence_parallel and sequence_parallel_applies(layer, tp) and not blocked:
         tp_options = [True]
         recomputes = [r for r in recomputes if r is None or layer.recompute_options[r].module == layer.name] or [None]
     return [LayerChoice(t, r) for t in tp_options for r in recomputes]

@@ -88,12 +88,13 @@ class LayerCostCache:
         self._largest_params = max((l.num_params for l in graph.layers), default=0)
         self.tied_groups = tied_layer_groups(graph)
 
-    def choices(self, layer: Layer, tp: int, recompute: str, sequence_parallel: bool) -> list[LayerChoice]:
+    def choices(self, layer: Layer, tp: int, recompute: str, sequence_parallel: bool,
+                fsdp: bool = False) -> list[LayerChoice]:
         """:func:`autoplan.solve.space.layer_choices`, memoised by layer and arguments."""
-        key = (layer.index, tp, recompute, sequence_parallel)
+        key = (layer.index, tp, recompute, sequence_parallel, fsdp)
         hit = self._choices.get(key)
         if hit is None:
-            hit = self._choices[key] = layer_choices(layer, tp, recompute, sequence_parallel)
+            hit = self._choices[key] = layer_choices(layer, tp, recompute, sequence_parallel, fsdp)
         return hit
 
     def get(self, layer: Layer, signature: tuple, strategy: Strategy, choice: LayerChoice) -> cost.LayerCost:
@@ -157,10 +158,11 @@ class StrategyTables:
         # group that cannot shard everywhere is not sharded anywhere.
         self.tied_segments: list[list[int]] = []
         no_tp: set[int] = set()
+        fsdp = strategy.data_parallel == "fsdp" and strategy.dp > 1
         for group in cache.tied_groups:
             segs = sorted({self.segment_of[i] for i in group})
             shardable = [any(c.tp_on for c in cache.choices(graph.layers[i], strategy.tp, recompute,
-                                                            strategy.sequence_parallel)) for i in group]
+                                                            strategy.sequence_parallel, fsdp)) for i in group]
             if not all(shardable) or any(segments[g].size > 1 for g in segs):
                 no_tp.update(segs)
             elif len(segs) > 1:
@@ -170,7 +172,7 @@ class StrategyTables:
         for g, seg in enumerate(segments):
             layer = graph.layers[seg.start]
             rows = []
-            allowed = [c for c in cache.choices(layer, strategy.tp, recompute, strategy.sequence_parallel)
+            allowed = [c for c in cache.choices(layer, strategy.tp, recompute, strategy.sequence_parallel, fsdp)
                        if not (c.tp_on and g in no_tp)]
             if tp_pinned and any(c.tp_on for c in allowed):
                 allowed = [c for c in allowed if c.tp_on]
