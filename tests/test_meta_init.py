@@ -225,3 +225,23 @@ def test_hugging_face_checkpoint_loads_into_a_model_built_on_meta(tmp_path):
     tokens = torch.randint(0, 64, (2, 8))
     with torch.no_grad():
         assert torch.allclose(pm(tokens).logits, source(tokens).logits, atol=1e-5)
+
+
+def test_transformers_model_on_meta_initializes_as_the_library_does():
+    """A Llama built on meta (RMSNorm has no reset_parameters, the rotary tables are computed in __init__) gets
+    its model's own _init_weights by default: norms at one, rotary tables equal to a CPU-built model's,
+    projections at the config's initializer_range; then it trains with the default loss on its ModelOutput."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, initializer_range=0.05)
+    cpu_built = transformers.LlamaForCausalLM(config)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    layers = ["model.embed_tokens", "model.layers.0", "model.layers.1", "model.norm", "lm_head"]
+    pm = autoplan.parallelize(model, plan=manual_plan(model, [layers], global_batch_size=2))
+    state = pm.full_state_dict()
+    assert torch.equal(state["model.norm.weight"], torch.ones(32))
+    assert torch.equal(model.model.rotary_emb.inv_freq, cpu_built.model.rotary_emb.inv_freq)
+    assert state["lm_head.weight"].std().item() == pytest.approx(0.05, rel=0.1)
+    tokens = torch.randint(0, 64, (2, 9))
+    assert torch.isfinite(torch.tensor(pm.train_step(tokens[:, :-1], tokens[:, 1:])))

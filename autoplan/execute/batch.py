@@ -186,13 +186,19 @@ def check_targets(targets: Any, batch_size: int, what: str = "train_step") -> No
 
 def default_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the last dim for integer targets (language models: logits (B, T, V), targets
-    (B, T)); mean squared error for floating targets of the outputs' shape. Anything else is a ``ValueError``
-    saying which was expected (never a silently broadcast loss).
+    (B, T)); mean squared error for floating targets of the outputs' shape. A transformers ``ModelOutput`` (or
+    any output with a tensor ``logits``) is judged by its logits. Anything else is a ``ValueError`` saying which
+    was expected (never a silently broadcast loss).
 
     Example:
         >>> float(default_loss(torch.zeros(2, 3), torch.zeros(2, 3)))
         0.0
+        >>> from types import SimpleNamespace
+        >>> round(float(default_loss(SimpleNamespace(logits=torch.zeros(2, 4)), torch.tensor([1, 3]))), 4)  # ln 4
+        1.3863
     """
+    if not isinstance(outputs, torch.Tensor) and isinstance(getattr(outputs, "logits", None), torch.Tensor):
+        outputs = outputs.logits
     if not isinstance(outputs, torch.Tensor):
         raise ValueError(
             f"the default loss needs the model to return a tensor, got {type(outputs).__name__}; pass "

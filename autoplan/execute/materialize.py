@@ -4,7 +4,9 @@ After tensor parallelism, pipeline splitting and FSDP/DDP have been applied to a
 :func:`materialize` calls ``to_empty`` on this rank's stage modules (so a rank allocates its shards, never the whole
 model) and fills them with :func:`init_weights_by_module`:
 
-- ``init_weights(module)`` (default: ``module.reset_parameters()``) runs once per module that owns tensors this rank
+- ``init_weights(module)`` (default: the model's own ``_init_weights(module)`` for a Hugging Face transformers model —
+  its config's ``initializer_range``, norms to one, rotary tables recomputed — else ``module.reset_parameters()``)
+  runs once per module that owns tensors this rank
   holds, in ``model.apply`` order (children first). It runs on a full-size CPU copy of that module's own tensors
   (the rest of the model stays on meta), under a seed derived from one job-wide seed and the module's name; the
   rank then keeps its shard of the result. So every rank that holds a copy of a replicated tensor gets the same
@@ -171,6 +173,15 @@ def _default_init(module: nn.Module) -> None:
         reset()
 
 
+def _model_default_init(reference: nn.Module) -> Callable[[nn.Module], None]:
+    """transformers' ``PreTrainedModel._init_weights`` covers modules without ``reset_parameters`` (RMSNorm, rotary
+    tables) and initializes as the library does when it builds a model on CPU; other models: ``reset_parameters``."""
+    hf_init = getattr(reference, "_init_weights", None)
+    if callable(hf_init) and hasattr(reference, "config"):
+        return hf_init
+    return _default_init
+
+
 @torch.no_grad()
 def init_weights_by_module(reference: nn.Module, held: dict[str, torch.Tensor], init_weights: Callable | None,
                            seed: int) -> None:
@@ -179,7 +190,7 @@ def init_weights_by_module(reference: nn.Module, held: dict[str, torch.Tensor], 
 
     Example: see the module docstring.
     """
-    fn = init_weights or _default_init
+    fn = init_weights or _model_default_init(reference)
     aliases: dict[int, list[str]] = {}
     for name, t in list(reference.named_parameters(remove_duplicate=False)) + list(
             reference.named_buffers(remove_duplicate=False)):
@@ -202,7 +213,8 @@ def init_weights_by_module(reference: nn.Module, held: dict[str, torch.Tensor], 
             value = module._parameters.get(leaf)
             value = module._buffers.get(leaf) if value is None else value
             if value.is_floating_point() and bool(torch.isnan(value).any()):
-                what = "init_weights" if init_weights else f"{type(module).__name__}.reset_parameters()"
+                what = ("init_weights" if init_weights else f"{type(reference).__name__}._init_weights"
+                        if fn is not _default_init else f"{type(module).__name__}.reset_parameters()")
                 raise ValueError(
                     f"{what} left {full_names[0]!r} (or part of it) uninitialized on module {fqn or 'the root'!r} "
                     f"of a model built on meta; pass autoplan.parallelize(..., init_weights=fn) with fn(module) "
