@@ -284,14 +284,9 @@ class _BranchesOnShape(torch.nn.Module):
         return self.b(h)
 
 
-class _ReusesALayer(torch.nn.Module):
+class _ReusesALayer(_BranchesOnShape):
     """torch.fx cannot trace it (control flow on a shape) and its layer ``a`` runs twice: no stage can end after
     ``a``, so it is not split."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = torch.nn.Linear(8, 8)
-        self.b = torch.nn.Linear(8, 8)
 
     def forward(self, x):
         h = self.a(x)
