@@ -42,8 +42,11 @@ def test_gpt2_traces_by_export_with_flops_activations_and_tied_head():
     names = [layer.name for layer in graph.layers]
     assert names[-1] == "lm_head" and names[3:5] == ["transformer.h.0", "transformer.h.1"]
     assert graph.layer("transformer.h.0").kind == graph.layer("transformer.h.1").kind
-    # Conv1D is not nn.Linear: no column/row groups inside the blocks, which is the safe answer
-    assert graph.layer("transformer.h.0").tp_groups == ()
+    # Conv1D (weight (in, out)) pairs like a Linear; the fused c_attn is cut into 3 equal parts (q, k, v)
+    p = "transformer.h.0"
+    assert [g.styles for g in graph.layer(p).tp_groups] == [
+        {f"{p}.attn.c_attn": "colwise:3", f"{p}.attn.c_proj": "rowwise"},
+        {f"{p}.mlp.c_fc": "colwise", f"{p}.mlp.c_proj": "rowwise"}]
 
 
 def test_llama_layers_flops_and_tensor_parallel_groups():
