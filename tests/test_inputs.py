@@ -19,7 +19,7 @@ from autoplan.execute.manual import manual_plan
 from autoplan.models import GPT, GPTConfig
 
 import inputs_worker
-from inputs_worker import BATCH, SEQ, VOCAB, KeywordModel
+from inputs_worker import BATCH, SEQ, KeywordModel
 
 CONFIG = GPTConfig(vocab_size=32, seq_len=8, hidden=16, layers=1, heads=2)
 GPT_LAYERS = ["tok", "pos", "blocks.0", "ln_f", "head"]

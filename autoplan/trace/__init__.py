@@ -198,7 +198,6 @@ def _trace_all(model: torch.nn.Module, args: tuple, kwargs: dict, batch_size: in
 
 def _whole_model(graph: ModelGraph, model: torch.nn.Module, args: tuple, kwargs: dict, started: float) -> ModelGraph:
     """The fields of a graph traced on a reduced copy that depend on the whole model, recomputed on it."""
-    names = [layer.name for layer in graph.layers]
     return replace(
         graph, num_params=sum(p.numel() for p in model.parameters()), dtype_bytes=param_dtype_bytes(model),
         forward_flops=sum(layer.forward_flops for layer in graph.layers),

@@ -38,7 +38,7 @@ import networkx as nx
 import torch
 from torch import nn
 
-from ..graph import Layer, ModelGraph, RecomputeOption, TensorParallelGroup
+from ..graph import Layer, ModelGraph, RecomputeOption
 from ..names import in_module, tied_parameter_names
 
 __all__ = ["RepeatedStack", "repeated_stack", "block_signature", "trace_repeated", "TRACED_BLOCKS",
