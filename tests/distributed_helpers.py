@@ -93,25 +93,27 @@ RECOMPUTED_LAYOUTS = ("fsdp4", "tp4", "dp2xtp2", "fsdp2xpp2-1f1b", "pp4-interlea
 def all_layouts(kind: str) -> list[dict]:
     """Every layout and each schedule where pp > 1, some also with recompute (:data:`RECOMPUTED_LAYOUTS`); then
     bf16 mixed precision through each data-parallel wrapper (DDP with autocast, replicate, FSDP2) and the
-    pipeline."""
+    pipeline on the GPT, through DDP and a pipeline on the MLP."""
     base = [("dp4", dict(dp=4)), ("fsdp4", dict(dp=4, data_parallel="fsdp")), ("tp4", dict(tp=4)),
             ("dp2xtp2", dict(dp=2, tp=2)), ("fsdp2xtp2", dict(dp=2, tp=2, data_parallel="fsdp")),
             ("fsdp2xpp2-1f1b", dict(pp=2, dp=2, data_parallel="fsdp"))]
-    for schedule in ("gpipe", "1f1b", "interleaved"):
-        base += [(f"pp4-{schedule}", dict(pp=4, schedule=schedule)),
-                 (f"dp2xpp2-{schedule}", dict(pp=2, dp=2, schedule=schedule)),
-                 (f"pp2xtp2-{schedule}", dict(pp=2, tp=2, schedule=schedule))]
+    # Each schedule runs under pure pp and under pp×tp; replicated pipelines (DDP over pp) under 1F1B. The MLP
+    # (no embeddings, no tied weight) repeats only what differs for a plain stack of linears.
+    schedules = {"pp4": ("gpipe", "interleaved"), "dp2xpp2": ("1f1b",),
+                 "pp2xtp2": ("gpipe", "1f1b", "interleaved") if kind == "gpt" else ("interleaved",)}
+    meshes = {"pp4": dict(pp=4), "dp2xpp2": dict(pp=2, dp=2), "pp2xtp2": dict(pp=2, tp=2)}
+    base += [(f"{mesh}-{schedule}", dict(meshes[mesh], schedule=schedule))
+             for mesh, names in schedules.items() for schedule in names]
     cases = [layout(kind, name, recompute=rc, **kw) for name, kw in base
              for rc in ((False, True) if name in RECOMPUTED_LAYOUTS else (False,))]
     if kind == "gpt":  # sequence parallelism splits the blocks' residual stream around their norms
         cases += [layout(kind, "tp4-sp", tp=4, sequence_parallel=True),
                   layout(kind, "fsdp2xtp2-sp", dp=2, tp=2, data_parallel="fsdp", sequence_parallel=True,
                          recompute=True)]
-    mixed = [("dp4", dict(dp=4)), ("dp2xtp2", dict(dp=2, tp=2)),
-             ("fsdp2xpp2-1f1b", dict(pp=2, dp=2, data_parallel="fsdp")),
-             ("pp2xtp2-interleaved", dict(pp=2, tp=2, schedule="interleaved"))]
+    mixed = [("dp4", dict(dp=4)), ("pp2xtp2-interleaved", dict(pp=2, tp=2, schedule="interleaved"))]
     if kind == "gpt":
-        mixed.append(("dp2xtp2-sp", dict(dp=2, tp=2, sequence_parallel=True)))
+        mixed += [("dp2xtp2", dict(dp=2, tp=2)), ("fsdp2xpp2-1f1b", dict(pp=2, dp=2, data_parallel="fsdp")),
+                  ("dp2xtp2-sp", dict(dp=2, tp=2, sequence_parallel=True))]
     cases += [layout(kind, name, precision="bf16", **kw) for name, kw in mixed]
     if kind == "gpt":  # the token ids cross stage 0 (a non-contiguous integer slice) to reach pos's arange
         stages = [["tok"], ["pos", "blocks.0", "blocks.1"], ["blocks.2", "blocks.3"],
