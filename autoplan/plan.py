@@ -19,6 +19,8 @@ from typing import Any
 
 from .cluster import Cluster
 from .vocabulary import DATA_PARALLEL_KINDS as DATA_PARALLEL
+from .plan_checks import check as _check
+from .plan_checks import check_sequence_parallel, check_tp_pairs
 from .vocabulary import OPTIMIZERS, PRECISIONS, SCHEDULES, TP_STYLES, tp_style_kind
 
 __all__ = ["Mesh", "mixed_precision_mode",
@@ -26,72 +28,6 @@ __all__ = ["Mesh", "mixed_precision_mode",
            "ModelInfo", "Plan", "PLAN_VERSION"]
 
 PLAN_VERSION = 1
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
-def _pair_scopes(fqn: str) -> tuple[str, ...]:
-    """Where a colwise linear's rowwise partner may sit: under its parent module (``attn.qkv`` → ``attn.proj``)
-    or its grandparent (BERT's ``attention.self.query`` → ``attention.output.dense``), as the trace pairs them."""
-    parent = fqn.rpartition(".")[0]
-    return (parent, parent.rpartition(".")[0]) if parent else (parent,)
-
-
-def _ancestors(fqn: str) -> list[str]:
-    """The root ``""`` and every module above ``fqn`` (``a.b.c`` → ``""``, ``a``, ``a.b``)."""
-    parts = fqn.split(".")
-    return [""] + [".".join(parts[:k]) for k in range(1, len(parts))]
-
-
-def _check_tp_pairs(styles: dict[str, str]) -> None:
-    """A colwise linear leaves its output split over the tp ranks and only a rowwise linear joins it again
-    (Megatron's pair); a rowwise linear expects split inputs. One without the other hands a shard to code that
-    expects the whole tensor (or the reverse), so every colwise needs a rowwise partner nearby and vice versa."""
-    cols = [f for f, s in styles.items() if tp_style_kind(s) == "colwise"]
-    rows = [f for f, s in styles.items() if s == "rowwise"]
-    # under(r, scope) holds for the root and every proper ancestor of r: sets of those, not a scan of every
-    # pair (a 96-block model has ~200 of each)
-    row_scopes = {scope for r in rows for scope in _ancestors(r)}
-    col_scopes = {scope for c in cols for scope in _pair_scopes(c)}
-    lone_cols = [c for c in cols if not any(scope in row_scopes for scope in _pair_scopes(c))]
-    lone_rows = [r for r in rows if not any(scope in col_scopes for scope in _ancestors(r))]
-    for lone, have, want in ((lone_cols, "colwise", "rowwise"), (lone_rows, "rowwise", "colwise")):
-        if lone:
-            raise ValueError(
-                f"tensor_parallel gives {sorted(lone)[:4]} the style {have!r} but no {want!r} module sits beside "
-                f"{'it' if len(lone) == 1 else 'them'}: a {have} linear needs its {want} partner in the same parent "
-                f"module or one level up (e.g. attn.qkv colwise with attn.proj rowwise); add the partner or drop "
-                f"the style"
-            )
-
-
-def _check_sequence_parallel(plan: "Plan") -> None:
-    """Sequence parallelism shards the residual stream of the layers that hold ``sequence``-style modules (their
-    norms); each such layer must be a plan layer with Megatron pairs inside, below the root."""
-    norms = [f for f, s in plan.tensor_parallel.items() if s == "sequence"]
-    _check(isinstance(plan.sequence_parallel, bool),
-           f"sequence_parallel must be true or false, got {plan.sequence_parallel!r}")
-    if not plan.sequence_parallel:
-        _check(not norms, f"tensor_parallel gives {norms[:3]} the style 'sequence' but sequence_parallel is off; "
-                          f"set sequence_parallel true or drop those entries")
-        return
-    _check(plan.mesh.tp > 1, "sequence_parallel needs mesh.tp > 1: it shards activations over the tensor-parallel "
-                             "ranks")
-    _check(plan.mesh.pp == 1, f"sequence_parallel needs pp = 1 (got pp = {plan.mesh.pp}): pipeline stages exchange "
-                              f"whole activations; drop sequence_parallel or pipeline parallelism")
-    _check(bool(norms), "sequence_parallel is on but no module has the style 'sequence': list the norms of each "
-                        "sequence-parallel layer (e.g. 'blocks.0.ln1': 'sequence')")
-    for fqn in norms:
-        layer = next((l for l in plan.layers if l and fqn.startswith(l + ".")), None)
-        _check(layer is not None, f"tensor_parallel[{fqn!r}] = 'sequence' must lie strictly inside one of the plan's "
-                                  f"layers (below the root): its layer's input is what sequence parallelism splits")
-        inside = {tp_style_kind(s) for f, s in plan.tensor_parallel.items() if f.startswith(layer + ".")}
-        _check({"colwise", "rowwise"} <= inside and not inside & {"vocab_embedding", "vocab_head"},
-               f"sequence-parallel layer {layer!r} (it holds {fqn!r}) needs colwise and rowwise linears inside and "
-               f"no vocabulary-parallel module; its styles are {sorted(inside)}")
 
 
 @dataclass(frozen=True)
@@ -348,8 +284,8 @@ class Plan:
             _check(tp_style_kind(style) in TP_STYLES,
                    f"tensor_parallel[{fqn!r}] = {style!r}; styles are {TP_STYLES} (or colwise:K, K >= 2)")
         _check(m.tp > 1 or not self.tensor_parallel, "tensor_parallel styles given but mesh.tp is 1")
-        _check_tp_pairs(self.tensor_parallel)
-        _check_sequence_parallel(self)
+        check_tp_pairs(self.tensor_parallel)
+        check_sequence_parallel(self)
 
     # -- derived ----------------------------------------------------------------------------------------------
     @property

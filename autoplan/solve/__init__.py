@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from ..cluster import Cluster
-from ..trace.tp_check import tensor_parallel_notes
+from ..trace.tp_notes import tensor_parallel_notes
 from ..cost.sequence import sequence_parallel_applies
 from ..cost.plan_cost import PlanCost, Strategy, estimate_breakdown
 from ..graph import ModelGraph

@@ -51,12 +51,11 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .measure import TensorSpec
-from ..graph import fsdp_blocks_tensor_parallel
 from ..vocabulary import fused_parts, tp_style_kind
 from .opgraph import is_conv1d
 from .tp_groups import DetectedGroup
 
-__all__ = ["DroppedGroup", "check_tp_groups", "record_parents", "tensor_parallel_notes", "TOLERANCE", "local_head_owners", "divide_head_attributes"]
+__all__ = ["DroppedGroup", "check_tp_groups", "record_parents", "TOLERANCE", "local_head_owners", "divide_head_attributes"]
 
 #: a parent module with more parameters is checked on the meta device (shapes, not numbers): its real-valued
 #: check would take seconds and gigabytes (a 175B model's MLP holds 1.2 billion parameters)
@@ -435,47 +434,3 @@ def check_tp_groups(model: nn.Module, groups: list[DetectedGroup], args: tuple, 
         else:
             dropped.append(DroppedGroup(dict(g.styles), verdict))
     return kept, dropped
-
-
-def tensor_parallel_notes(graph, tp: int, sharded: dict[str, str], fsdp: bool = False) -> tuple[str, ...]:
-    """What a plan with tensor-parallel degree ``tp`` should say about the groups it could not shard: nothing
-    sharded at all (and why), the layers FSDP keeps whole (``fsdp``: the plan shards data-parallel replicas with
-    FSDP, :func:`autoplan.graph.fsdp_blocks_tensor_parallel`), or the candidate groups that tracing found unsound.
-
-    Example:
-        >>> import torch, autoplan
-        >>> g = autoplan.trace(torch.nn.Sequential(torch.nn.Linear(4, 4)), torch.randn(2, 4))
-        >>> tensor_parallel_notes(g, 2, {})[0][:58]
-        'tp=2 shards no module, so the 2 tp ranks repeat each other'
-    """
-    if tp <= 1:
-        return ()
-    notes = []
-    divides = [layer for layer in graph.layers if layer.tp_divisor and layer.tp_divisor % tp == 0]
-    blocked = [layer.name for layer in divides if fsdp and fsdp_blocks_tensor_parallel(layer)]
-    if not sharded:
-        if blocked and len(blocked) == len(divides):
-            why = (f"every layer tp could shard ({blocked[0]}{' …' if len(blocked) > 1 else ''}) holds a fused "
-                   f"projection with a bias (colwise:K), and FSDP has no dim left to shard that bias on; plan "
-                   f"with data_parallel='ddp' to shard them")
-        elif divides:
-            why = (f"the layers whose groups tp divides share a tied weight ({graph.tied_parameters}) with a layer "
-                   f"that cannot be sharded, and one tensor takes one placement")
-        elif any(layer.tp_groups for layer in graph.layers):
-            why = "no layer holds a tensor-parallel group whose heads/features tp divides"
-        else:
-            why = ("tracing found no tensor-parallel group (colwise → rowwise nn.Linear pair, vocabulary embedding "
-                   "or head) in the model")
-        notes.append(f"tp={tp} shards no module, so the {tp} tp ranks repeat each other's work: {why}; "
-                     f"pin tp=1 or leave tp to the search")
-    elif blocked:
-        notes.append(f"not sharded under FSDP: {blocked[0]}{f' and {len(blocked) - 1} more' if len(blocked) > 1 else ''}"
-                     f": a fused projection with a bias (colwise:K) leaves FSDP no dim to shard; plan with "
-                     f"data_parallel='ddp' to shard them")
-    reasons: dict[str, list[str]] = {}
-    for styles, reason in graph.tp_dropped:
-        reasons.setdefault(reason, []).append("+".join(sorted(styles)))
-    for reason, groups in reasons.items():
-        more = f" and {len(groups) - 1} more like it" if len(groups) > 1 else ""
-        notes.append(f"not sharded: {groups[0]}{more}: {reason}")
-    return tuple(notes)
