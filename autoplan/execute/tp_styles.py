@@ -54,6 +54,22 @@ def _shard_parameters(module: nn.Module, mesh: DeviceMesh, placements: dict, src
             requires_grad=param.requires_grad))
 
 
+def _distribute(style, module: nn.Module, mesh: DeviceMesh, placements: dict, output_fn=None) -> nn.Module:
+    """``distribute_module`` with ``placements`` (parameter name → placement) and ``style``'s own input (and, unless
+    ``output_fn`` is given, output) preparation, as torch's Colwise/RowwiseParallel wire them."""
+
+    def partition(name, mod, device_mesh):
+        _shard_parameters(mod, device_mesh, placements, style.src_data_rank)
+
+    def input_fn(mod, inputs, device_mesh):
+        return style._prepare_input_fn(style.input_layouts, style.desired_input_layouts, mod, inputs, device_mesh)
+
+    def default_output_fn(mod, outputs, device_mesh):
+        return style._prepare_output_fn(style.output_layouts, style.use_local_output, mod, outputs, device_mesh)
+
+    return distribute_module(module, mesh, partition, input_fn, output_fn or default_output_fn)
+
+
 def _require_conv1d(module: nn.Module, style: str) -> None:
     if not is_conv1d(module):
         raise ValueError(f"{style} shards a GPT-2 Conv1D (weight (in, out)), not a {type(module).__name__}; "
@@ -70,15 +86,7 @@ class Conv1DColwise(ColwiseParallel):
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         _require_conv1d(module, "Conv1DColwise")
-
-        def partition(name, mod, mesh):
-            _shard_parameters(mod, mesh, {"weight": Shard(1), "bias": Shard(0)}, self.src_data_rank)
-
-        return distribute_module(module, device_mesh, partition,
-                                 lambda mod, inputs, mesh: self._prepare_input_fn(
-                                     self.input_layouts, self.desired_input_layouts, mod, inputs, mesh),
-                                 lambda mod, outputs, mesh: self._prepare_output_fn(
-                                     self.output_layouts, self.use_local_output, mod, outputs, mesh))
+        return _distribute(self, module, device_mesh, {"weight": Shard(1), "bias": Shard(0)})
 
 
 class Conv1DRowwise(RowwiseParallel):
@@ -93,15 +101,7 @@ class Conv1DRowwise(RowwiseParallel):
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         _require_conv1d(module, "Conv1DRowwise")
         self.desired_input_layouts = (Shard(-1),)  # the matmul contracts the sharded last dim
-
-        def partition(name, mod, mesh):
-            _shard_parameters(mod, mesh, {"weight": Shard(0), "bias": Replicate()}, self.src_data_rank)
-
-        return distribute_module(module, device_mesh, partition,
-                                 lambda mod, inputs, mesh: self._prepare_input_fn(
-                                     self.input_layouts, self.desired_input_layouts, mod, inputs, mesh),
-                                 lambda mod, outputs, mesh: self._prepare_output_fn(
-                                     self.output_layouts, self.use_local_output, mod, outputs, mesh))
+        return _distribute(self, module, device_mesh, {"weight": Shard(0), "bias": Replicate()})
 
 
 class FusedColwise(ColwiseParallel):
@@ -126,10 +126,6 @@ class FusedColwise(ColwiseParallel):
         out_dim = 1 if is_conv1d(module) else 0
         parts = self.parts
 
-        def partition(name, mod, mesh):
-            _shard_parameters(mod, mesh, {"weight": _StridedShard(out_dim, split_factor=parts),
-                                          "bias": _StridedShard(0, split_factor=parts)}, self.src_data_rank)
-
         def local_output(mod, outputs, mesh):
             # the matmul keeps the strided layout: this rank's [q_r; k_r; v_r] is its local tensor as it is
             placement = outputs.placements[0]
@@ -138,10 +134,8 @@ class FusedColwise(ColwiseParallel):
                                    f"got {outputs.placements}")
             return outputs.to_local() if self.use_local_output else outputs
 
-        return distribute_module(module, device_mesh, partition,
-                                 lambda mod, inputs, mesh: self._prepare_input_fn(
-                                     self.input_layouts, self.desired_input_layouts, mod, inputs, mesh),
-                                 local_output)
+        return _distribute(self, module, device_mesh, {"weight": _StridedShard(out_dim, split_factor=parts),
+                                                       "bias": _StridedShard(0, split_factor=parts)}, local_output)
 
 
 def strided(tensor) -> bool:
