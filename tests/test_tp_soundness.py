@@ -62,6 +62,31 @@ def test_a_megatron_pair_and_a_fused_gate_up_shard_part_by_part_are_kept_and_the
     assert "computes other numbers (relative difference" in dropped[0].reason
 
 
+class _GatedMLP(nn.Module):
+    def __init__(self, inner: bool = False):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(16, 8)
+        self.inner = nn.Linear(8, 8) if inner else None
+
+    def forward(self, x):
+        h = self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+        return self.inner(torch.tanh(h)) if self.inner is not None else h
+
+
+def test_a_pair_feeding_the_next_blocks_colwise_directly_is_found_and_proven_and_an_inner_linear_is_not_rowwise():
+    # no residual and no nonlinearity between blocks: each block's output goes straight into the next one's gate/up
+    model, x = nn.Sequential(_GatedMLP(), _GatedMLP(), _GatedMLP()), torch.randn(4, 8)
+    graph = autoplan.trace(model, x)
+    assert [[g.styles for g in layer.tp_groups] for layer in graph.layers] == [
+        [{f"{i}.gate": "colwise", f"{i}.up": "colwise", f"{i}.down": "rowwise"}] for i in range(3)]
+    assert graph.tp_dropped == []  # each pair was sharded numerically and equals the unsharded block
+    # a linear whose output goes on inside its own block (tanh, then another linear) is not a rowwise end
+    model = nn.Sequential(_GatedMLP(inner=True), _GatedMLP())
+    groups = [g.styles for g in detect_tp_groups(build_op_graph(model, (x,), {}), model)]
+    assert groups == [{"0.down": "colwise", "0.inner": "rowwise"},
+                      {"1.gate": "colwise", "1.up": "colwise", "1.down": "rowwise"}]
+
+
 def test_nanogpt_fused_qkv_split_by_position_is_dropped_and_its_mlp_kept():
     model, idx = models_hf.fused_qkv_gpt()
     graph = autoplan.trace(model, idx)

@@ -4,8 +4,9 @@
   qkv; MLP fc, or gate and up); ``colwise:K`` when the output is cut on its last dim into K equal parts by
   ``split``/``chunk`` (a fused qkv: K = 3; a fused gate/up: K = 2), which the executor shards part by part;
 * rowwise: the single ``nn.Linear`` of the same parent reached from the colwise outputs through other ops
-  (activation, attention, reshapes) without another linear, and whose output feeds a residual add or the
-  model output; then one all-reduce of its output per forward makes the pair exact;
+  (activation, attention, reshapes) without another linear, and whose output leaves the block: it feeds a
+  residual add, the model output, or a module outside the pair's (a block stacked straight onto the next one);
+  then one all-reduce of its output per forward makes the pair exact;
 * vocab_embedding: an ``nn.Embedding`` looked up with a model input (token ids);
 * vocab_head: an ``nn.Linear`` whose output is the model output and whose features are a vocabulary size.
 
@@ -73,7 +74,15 @@ def _reaches_output(g, start: str, depth: int = 4) -> bool:
     return False
 
 
-def _feeds_residual(g, start: str, depth: int = 4) -> bool:
+def _inside(module: str, scope: str) -> bool:
+    return scope == "" or module == scope or module.startswith(scope + ".")
+
+
+def _leaves_block(g, start: str, scope: str, depth: int = 4) -> bool:
+    """Whether the rowwise output leaves the pair's block whole: it reaches a residual add, the model output, or
+    (a block stacked straight onto the next one, with no residual) an op of a module outside ``scope``, the module
+    the pair was found in. The all-reduce makes the output whole, so any reader outside the block is sound; what is
+    refused is a "rowwise" linear whose output goes on inside its block (an inner linear of a deeper chain)."""
     frontier = [start]
     for _ in range(depth):
         nxt = []
@@ -81,6 +90,8 @@ def _feeds_residual(g, start: str, depth: int = 4) -> bool:
             for s in g.successors(n):
                 target = _base_target(g.nodes[s]["target"])
                 if g.nodes[s]["op"] == "output" or target in ("add", "add_", "iadd"):
+                    return True
+                if not _inside(g.nodes[s]["module"], scope):
                     return True
                 if target in _PASS_THROUGH or target in ("mul",):
                     nxt.append(s)
@@ -185,10 +196,11 @@ def detect_tp_groups(op_graph: OpGraph, model: nn.Module) -> list[DetectedGroup]
     for (_, parent), col_nodes in by_input.items():
         # The pair usually shares a parent (attn.qkv / attn.proj); BERT-style models put the projections in
         # sibling modules (attention.self.query / attention.output.dense), so try one level up as well.
-        row = _find_rowwise(g, col_nodes, parent, op_graph, modules)
+        scope, row = parent, _find_rowwise(g, col_nodes, parent, op_graph, modules)
         if row is None and "." in parent:
-            row = _find_rowwise(g, col_nodes, _parent(parent), op_graph, modules)
-        if row is not None and _feeds_residual(g, row):
+            scope = _parent(parent)
+            row = _find_rowwise(g, col_nodes, scope, op_graph, modules)
+        if row is not None and _leaves_block(g, row, scope):
             col_by_row.setdefault(row, []).extend(col_nodes)
     used: set[str] = set()
     for row, col_nodes in col_by_row.items():
