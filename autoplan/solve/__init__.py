@@ -15,7 +15,9 @@
    greedy layout as hint, the incumbent as cutoff and the bound as floor. The first bound at or above the
    incumbent stops the search: nothing after it can win.
 5. The chosen layout drops recompute that buys nothing; the best layouts of other meshes, schedules, the
-   other DP kind and no recompute are judged for ``plan.explain()`` (:mod:`autoplan.solve.alternatives`).
+   other DP kind and no recompute are judged for ``plan.explain()`` (:mod:`autoplan.solve.alternatives`) when
+   ``plan.search.alternatives`` is first read (the same report as judging them at once; ``search.wall_s``
+   counts the search up to the chosen plan).
 
 Solving the strategies one CP-SAT model at a time, rather than in one model with a selector per strategy,
 keeps each model small (a few hundred variables) and lets the incumbent prune strategies before they are
@@ -49,7 +51,7 @@ from .cpsat import ModelResult, solve_strategy
 from .greedy import greedy
 from .space import global_batch_size
 from .tables import Assignment, StrategyTables, build_tables
-from .alternatives import infeasible_error, judge_alternatives
+from .alternatives import LazyAlternatives, infeasible_error
 
 __all__ = ["search", "DEFAULT_TIME_LIMIT_S"]
 
@@ -133,8 +135,11 @@ class _Search:
         return result.status
 
 
-def search(graph: ModelGraph, cluster: Cluster, options: PlanOptions) -> Plan:
+def search(graph: ModelGraph, cluster: Cluster, options: PlanOptions, *, lazy_alternatives: bool = True) -> Plan:
     """The fastest layout of ``graph`` on ``cluster`` that fits in memory, honouring every pin in ``options``.
+
+    ``plan.search.alternatives`` are judged when first read (``lazy_alternatives``), or before returning
+    (``lazy_alternatives=False``): the same report either way.
 
     Raises :class:`autoplan.InfeasiblePlanError` when nothing fits (with the least memory a layout was found
     to need per device, the capacity, and what to relax), ``ValueError`` when the pins admit no layout.
@@ -196,10 +201,12 @@ def search(graph: ModelGraph, cluster: Cluster, options: PlanOptions) -> Plan:
     if options.recompute == "auto":  # a pinned recompute stays everywhere it was asked for
         rec.assignment, rec.cost = state.tables[state.best].without_needless_recompute(rec.assignment, rec.cost)
     state.frozen = True
-    alternatives = judge_alternatives(state)
+    alternatives = LazyAlternatives(state)
+    if not lazy_alternatives:
+        alternatives.resolve()
     wall = time.perf_counter() - start
     info = SearchInfo(solver="cp-sat", status="OPTIMAL" if not still_open else "FEASIBLE", wall_s=wall,
-                      candidates=len(strategies), gap=gap, alternatives=tuple(alternatives))
+                      candidates=len(strategies), gap=gap, alternatives=alternatives)
     return build_plan(graph, cluster, state.tables[state.best].strategy, state.records[state.best].assignment,
                       batch, info)
 

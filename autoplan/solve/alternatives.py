@@ -4,7 +4,10 @@ error when nothing fits.
 For ``plan.explain()``: the best layout of up to three other meshes (and pure data parallelism), of each other
 schedule and of the other data-parallel kind on the chosen mesh, and of the chosen strategy without recompute,
 each solved briefly (:data:`ALTERNATIVE_TIME_LIMIT_S` of CP-SAT's deterministic time) unless the search already
-knows it; these solves are independent and run side by side, one thread each. When no layout fits, :class:`autoplan.InfeasiblePlanError` quotes the leanest layout found, the
+knows it; these solves are independent and run side by side, one thread each. They are judged when first read
+(:class:`LazyAlternatives`, the value of ``plan.search.alternatives``): a plan that is only applied never pays
+for them, and the report is the same whenever it is read, because the search's state is frozen once the plan is
+chosen. When no layout fits, :class:`autoplan.InfeasiblePlanError` quotes the leanest layout found, the
 capacity and what to relax.
 
 Example:
@@ -21,6 +24,8 @@ Example:
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -38,10 +43,80 @@ from .tables import StrategyTables
 if TYPE_CHECKING:  # pragma: no cover
     from . import _Search
 
-__all__ = ["ALTERNATIVE_TIME_LIMIT_S", "judge_alternatives", "infeasible_error"]
+__all__ = ["ALTERNATIVE_TIME_LIMIT_S", "LazyAlternatives", "judge_alternatives", "infeasible_error"]
 
 #: CP-SAT deterministic time for each alternative the search has not solved already.
 ALTERNATIVE_TIME_LIMIT_S = 0.1
+
+
+class LazyAlternatives(Sequence):
+    """``plan.search.alternatives`` judged on first read: a read-only sequence of :class:`Alternative` that
+    equals, copies, pickles and serialises as the tuple :func:`judge_alternatives` returns.
+
+    The search hands over its state once the plan is chosen (``frozen``: nothing may change which plan won), and
+    nothing else writes to it, so the report does not depend on when it is read; the state is released after.
+
+    Example:
+        >>> lazy = LazyAlternatives.of((Alternative("pp2×dp4×tp1 1f1b mb=1×2 ddp", 1.5, "+50.0% step time"),))
+        >>> len(lazy), lazy[0].step_time_s, lazy == (lazy[0],)
+        (1, 1.5, True)
+    """
+
+    def __init__(self, state: "_Search"):
+        if not state.frozen:
+            raise ValueError("alternatives are judged only once the search has chosen its plan (state.frozen)")
+        self._state: "_Search | None" = state
+        self._items: tuple[Alternative, ...] | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, items: tuple[Alternative, ...]) -> "LazyAlternatives":
+        """An already judged report (for examples and tests)."""
+        lazy = cls.__new__(cls)
+        lazy._state, lazy._items, lazy._lock = None, tuple(items), threading.Lock()
+        return lazy
+
+    @property
+    def judged(self) -> bool:
+        """Whether the alternatives have been judged yet."""
+        return self._items is not None
+
+    def resolve(self) -> tuple[Alternative, ...]:
+        """The alternatives as a tuple (judged now if not yet)."""
+        with self._lock:
+            if self._items is None:
+                self._items = tuple(judge_alternatives(self._state))
+                self._state = None  # the tables of every strategy are no longer needed
+            return self._items
+
+    def __len__(self) -> int:
+        return len(self.resolve())
+
+    def __getitem__(self, index):
+        return self.resolve()[index]
+
+    def __iter__(self):
+        return iter(self.resolve())
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, LazyAlternatives):
+            other = other.resolve()
+        return isinstance(other, tuple) and self.resolve() == other
+
+    def __hash__(self) -> int:
+        return hash(self.resolve())
+
+    def __repr__(self) -> str:
+        return repr(self.resolve())
+
+    def __copy__(self) -> tuple[Alternative, ...]:
+        return self.resolve()
+
+    def __deepcopy__(self, memo) -> tuple[Alternative, ...]:  # dataclasses.asdict deep-copies field values
+        return self.resolve()
+
+    def __reduce__(self):  # pickles as the plain tuple: no search state travels
+        return (tuple, (self.resolve(),))
 
 
 def judge_alternatives(state: "_Search") -> list[Alternative]:
