@@ -146,6 +146,7 @@ class ModelGraph:
     input_bytes: int  # bytes of the example inputs
     fingerprint: str
     tied_parameters: list[tuple[str, ...]] = field(default_factory=list)  # groups of FQNs sharing one tensor
+    tied_numels: list[int] = field(default_factory=list)  # elements of each tied group's tensor (same order)
     method: str = "fx"  # "fx" (symbolic_trace) or "export" (torch.export, non-strict)
     trace_s: float = 0.0
     # candidate tensor-parallel groups that a numerical check at trace time found unsound: (styles, reason) each

@@ -69,6 +69,7 @@ from ..cluster import Cluster
 from ..graph import Layer, ModelGraph, RecomputeOption
 from ..plan import Plan, Predicted, RankFigures, StageTime
 # A strategy and its per-rank terms live in .strategy; they are re-exported here, where compose uses them.
+from .tied import tied_gradient_sync_s
 from .strategy import (Strategy, fsdp_gather_bytes, in_flight, loss_bytes, p2p_link, rank_state_bytes,
                        rank_state_bytes_per_param, rank_tail_s, rank_tail_terms, stage_p2p_s,
                        weight_copy_bytes_per_param)
@@ -271,8 +272,9 @@ def _fsdp_unit(graph: ModelGraph, layer: Layer, strategy: Strategy, largest_laye
 
 
 def compose(strategy: Strategy, cluster: Cluster, stages: Sequence[Sequence[cost.LayerCost]],
-            global_batch_size: int) -> PlanCost:
-    """The step time and memory of ``stages`` (per stage, the costs of its layers in order).
+            global_batch_size: int, tied_sync_s: Sequence[float] = ()) -> PlanCost:
+    """The step time and memory of ``stages`` (per stage, the costs of its layers in order); ``tied_sync_s``:
+    per pipeline rank, the per-step all-reduce of weights tied across ranks (:mod:`autoplan.cost.tied`).
 
     Example (one device, one microbatch: the step is the layers' time plus the optimizer update):
         >>> from autoplan import Cluster
@@ -296,6 +298,7 @@ def compose(strategy: Strategy, cluster: Cluster, stages: Sequence[Sequence[cost
         layers = [c for k in own for c in stages[k]]
         params = sum(c.num_params for c in layers)
         sync, opt = rank_tail_s(strategy, cluster, params)
+        sync += tied_sync_s[r] if tied_sync_s else 0.0  # tied weights across pipeline ranks (autoplan.cost.tied)
         flight = in_flight(strategy, r)
         buffers = sum((boundary[k - 1] if k > 0 else 0) + (boundary[k] if k < last else 0) for k in own)
         ranks.append(RankCost(
@@ -381,7 +384,8 @@ def estimate_breakdown(graph: ModelGraph, plan: Plan) -> PlanCost:
         [layer_choice_cost(graph, layer, plan.cluster, strategy, tp_on, option) for layer, tp_on, option in rows]
         for rows in _layer_choices(graph, plan)
     ]
-    return compose(strategy, plan.cluster, stages, plan.global_batch_size)
+    return compose(strategy, plan.cluster, stages, plan.global_batch_size,
+                   tied_gradient_sync_s(graph, plan, plan.cluster))
 
 
 def estimate(graph: ModelGraph, plan: Plan) -> Predicted:

@@ -25,6 +25,7 @@ from .collectives import Collective
 from .plan_cost import Strategy, _layer_choices, layer_choice_cost
 from .sequence import norm_gradient_collectives
 from .step import data_parallel_collectives
+from .tied import tied_gradient_collectives
 
 __all__ = ["plan_collectives"]
 
@@ -55,4 +56,6 @@ def plan_collectives(graph: ModelGraph, plan: Plan) -> tuple[tuple[Collective, .
     for r in range(strategy.pp):
         per_rank[r] += data_parallel_collectives(params[r], dp=strategy.dp, data_parallel=strategy.data_parallel,
                                                  precision=strategy.precision, microbatches=m, pp=strategy.pp)
+    for r, tied in enumerate(tied_gradient_collectives(graph, plan)):  # once per step (autoplan.cost.tied)
+        per_rank[r] += tied
     return tuple(tuple(rank) for rank in per_rank)

@@ -189,6 +189,7 @@ def _trace_all(model: torch.nn.Module, args: tuple, kwargs: dict, batch_size: in
         input_bytes=sum(t.numel() * t.element_size() for t in tensors),
         fingerprint=model_fingerprint(model),
         tied_parameters=_tied_groups(model),
+        tied_numels=_tied_numels(model),
         method=op_graph.method,
         trace_s=time.perf_counter() - started,
         tp_dropped=[(d.styles, d.reason) for d in dropped],
@@ -202,7 +203,7 @@ def _whole_model(graph: ModelGraph, model: torch.nn.Module, args: tuple, kwargs:
         graph, num_params=sum(p.numel() for p in model.parameters()), dtype_bytes=param_dtype_bytes(model),
         forward_flops=sum(layer.forward_flops for layer in graph.layers),
         backward_flops=sum(layer.backward_flops for layer in graph.layers), fingerprint=model_fingerprint(model),
-        tied_parameters=_tied_groups(model), trace_s=time.perf_counter() - started,
+        tied_parameters=_tied_groups(model), tied_numels=_tied_numels(model), trace_s=time.perf_counter() - started,
         # the copy's blocks are the model's (checked): its cuts are the model's; applying a plan checks again
         pipeline_blocker=graph.pipeline_blocker,
     )
@@ -222,6 +223,10 @@ def _on_model_device(model, args, kwargs):
 
 def _tied_groups(model: torch.nn.Module) -> list[tuple[str, ...]]:
     return [tuple(names) for names in tied_parameter_names(model)]
+
+
+def _tied_numels(model: torch.nn.Module) -> list[int]:
+    return [model.get_parameter(names[0]).numel() for names in tied_parameter_names(model)]
 
 
 def _per_module(m: Measurement) -> tuple[dict[str, int], dict[str, int]]:

@@ -1,0 +1,93 @@
+"""The gradient sync of weights tied across pipeline stages (a GPT's token embedding and its head).
+
+When the layers that share one tensor sit on different pipeline ranks, each rank holds a copy and the executor
+(:func:`autoplan.execute.pipeline.sync_tied_gradients`) sums the copies' gradients once per step, after the
+last microbatch and before the optimizer: one all-reduce per tied group over the pipeline ranks that hold it,
+at each (dp, tp) coordinate. Its bytes are the tied tensor's gradient (fp32, ``GRAD_REDUCE_BYTES``) as this
+rank holds it: divided by tp when the holding module is tensor-parallel (a vocabulary-parallel embedding or
+head), and by dp under FSDP (each rank syncs its shard). The ranks are ``dp·tp`` apart per pipeline step, so
+the group's stride is that times the pipeline distance between its first and last holder.
+
+Example (a GPT-like chain with the head tied to the embedding, embedding and head on two pipeline ranks):
+    >>> import autoplan
+    >>> from autoplan.plan import Mesh, ModelInfo
+    >>> from autoplan.synthetic import gpt_like_graph
+    >>> g = gpt_like_graph(layers=2, hidden=64, seq=16, heads=4, vocab=100)
+    >>> g.tied_parameters, g.tied_numels = [("tok.weight", "head.weight")], [100 * 64]
+    >>> names = [layer.name for layer in g.layers]
+    >>> plan = autoplan.Plan(model=ModelInfo("GPT", g.fingerprint, g.num_params),
+    ...     cluster=autoplan.Cluster.preset("a100-80gb"), global_batch_size=32, microbatch_size=4, microbatches=2,
+    ...     mesh=Mesh(pp=2, dp=4), schedule="1f1b", data_parallel="ddp",
+    ...     stages=(autoplan.Stage(tuple(names[:3])), autoplan.Stage(tuple(names[3:]))))
+    >>> [[(c.kind, c.nbytes, c.count, c.group_size) for c in rank] for rank in tied_gradient_collectives(g, plan)]
+    [[('all_reduce', 25600, 1, 2)], [('all_reduce', 25600, 1, 2)]]
+"""
+
+from __future__ import annotations
+
+from ..cluster import Cluster
+from ..graph import ModelGraph
+from ..plan import Plan
+from .collectives import Collective, group_allreduce_s
+from .step import GRAD_REDUCE_BYTES
+
+__all__ = ["tied_gradient_collectives", "tied_gradient_sync_s"]
+
+
+def _owner(module: str, layers: tuple[str, ...]) -> str | None:
+    """The plan layer that holds ``module`` (the longest layer name it equals or lies under)."""
+    found = [name for name in layers if name == module or not name or module.startswith(name + ".")]
+    return max(found, key=len) if found else None
+
+
+def _groups(graph: ModelGraph, plan: Plan) -> list[tuple[list[int], int]]:
+    """Per tied group held on two pipeline ranks or more: (the holding pipeline ranks, gradient bytes a rank
+    syncs)."""
+    if plan.mesh.pp == 1:
+        return []
+    stage_of = {layer: k for k, stage in enumerate(plan.stages) for layer in stage.layers}
+    out = []
+    for names, numel in zip(graph.tied_parameters, graph.tied_numels):
+        holders: dict[int, bool] = {}
+        for name in names:
+            layer = _owner(name.rpartition(".")[0], plan.layers)
+            if layer is None:
+                continue
+            rank = stage_of[layer] % plan.mesh.pp
+            holders[rank] = holders.get(rank, False) or name.rpartition(".")[0] in plan.tensor_parallel
+        if len(holders) < 2:
+            continue
+        tp_sharded = any(holders.values())
+        shards = (plan.mesh.tp if tp_sharded and plan.mesh.tp > 1 else 1) * (
+            plan.mesh.dp if plan.data_parallel == "fsdp" else 1)
+        out.append((sorted(holders), numel * GRAD_REDUCE_BYTES // shards))
+    return out
+
+
+def tied_gradient_collectives(graph: ModelGraph, plan: Plan) -> tuple[tuple[Collective, ...], ...]:
+    """Per pipeline rank, the tied-weight gradient all-reduces one of its devices issues per step (see the
+    module docstring)."""
+    per_rank: list[list[Collective]] = [[] for _ in range(plan.mesh.pp)]
+    for ranks, nbytes in _groups(graph, plan):
+        for r in ranks:
+            per_rank[r].append(Collective("all_reduce", nbytes, 1, len(ranks), "pp"))
+    return tuple(tuple(rank) for rank in per_rank)
+
+
+def tied_gradient_sync_s(graph: ModelGraph, plan: Plan, cluster: Cluster) -> tuple[float, ...]:
+    """Per pipeline rank, the seconds of its tied-weight gradient all-reduces per step.
+
+    Example: a plan without a pipeline syncs nothing.
+        >>> import autoplan
+        >>> from autoplan.synthetic import gpt_like_graph
+        >>> g, cluster = gpt_like_graph(layers=2), autoplan.Cluster.preset("a100-80gb")
+        >>> tied_gradient_sync_s(g, autoplan.Plan.example(), cluster)
+        (0.0,)
+    """
+    seconds = [0.0] * plan.mesh.pp
+    step = plan.mesh.dp * plan.mesh.tp
+    for ranks, nbytes in _groups(graph, plan):
+        stride = step * (ranks[-1] - ranks[0]) // (len(ranks) - 1)
+        for r in ranks:
+            seconds[r] += group_allreduce_s(nbytes, cluster, len(ranks), stride)
+    return tuple(seconds)
