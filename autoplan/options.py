@@ -68,8 +68,5 @@ class PlanOptions:
         if sp is True and mesh.get("tp", 2) == 1:
             raise ValueError("sequence_parallel=True needs tensor parallelism, but mesh pins tp=1; pin tp > 1, leave "
                              "tp unpinned, or use sequence_parallel='auto'")
-        if sp is True and mesh.get("pp", 1) > 1:
-            raise ValueError(f"sequence_parallel=True needs pp = 1 (mesh pins pp={mesh['pp']}): pipeline stages "
-                             f"exchange whole activations; drop one of the two")
         if self.time_limit_s is not None and self.time_limit_s <= 0:
             raise ValueError(f"time_limit_s must be positive, got {self.time_limit_s}")

@@ -74,7 +74,9 @@ def check_tp_pairs(styles: dict[str, str]) -> None:
 
 def check_sequence_parallel(plan: "Plan") -> None:
     """Sequence parallelism shards the residual stream of the layers that hold ``sequence``-style modules (their
-    norms); each such layer must be a plan layer with Megatron pairs inside, below the root.
+    norms); each such layer must be a plan layer with Megatron pairs inside, below the root. Under a pipeline the
+    runs of such layers are cut at the stage boundaries: each stage splits the stream where its run starts and
+    gathers it where the run ends, so stages exchange whole activations (:mod:`autoplan.execute.tensor_parallel`).
 
     Example:
         >>> import autoplan
@@ -89,8 +91,6 @@ def check_sequence_parallel(plan: "Plan") -> None:
         return
     check(plan.mesh.tp > 1, "sequence_parallel needs mesh.tp > 1: it shards activations over the tensor-parallel "
                              "ranks")
-    check(plan.mesh.pp == 1, f"sequence_parallel needs pp = 1 (got pp = {plan.mesh.pp}): pipeline stages exchange "
-                              f"whole activations; drop sequence_parallel or pipeline parallelism")
     check(bool(norms), "sequence_parallel is on but no module has the style 'sequence': list the norms of each "
                         "sequence-parallel layer (e.g. 'blocks.0.ln1': 'sequence')")
     for fqn in norms:

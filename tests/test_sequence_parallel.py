@@ -19,6 +19,7 @@ from autoplan.solve.space import layer_choices
 from autoplan.synthetic import gpt_like_graph, mlp_graph
 
 A100 = autoplan.Cluster.preset("a100-80gb")
+A100_4 = autoplan.Cluster.preset("a100-80gb", devices_per_node=4)
 
 
 def _block_costs(recompute=None):
@@ -68,13 +69,66 @@ def test_full_recompute_re_gathers_all_but_the_last_scatter():
     assert counts == {"all_gather": 4 + 2, "reduce_scatter": 4 + 1}
 
 
-def test_the_layer_after_a_run_pays_its_entry_and_exit():
+def test_the_runs_last_layer_pays_its_entry_and_exit_and_any_other_prices_a_cut():
     graph = gpt_like_graph(layers=3, hidden=64, seq=16, heads=4, vocab=128)
     s = Strategy(1, 1, 2, 1, 2, "1f1b", "ddp", precision="fp32", sequence_parallel=True)
-    ln_f = layer_choice_cost(graph, graph.layer("ln_f"), A100, s, False, None)
-    assert [(c.kind, c.nbytes) for c in ln_f.tp_collectives] == [("all_gather", 4096), ("all_gather", 4096)]
+    block0, block2, ln_f = (layer_choice_cost(graph, graph.layer(name), A100, s, name != "ln_f", None)
+                            for name in ("blocks.0", "blocks.2", "ln_f"))
+    pair = [("all_gather", 4096), ("all_gather", 4096)]
+    assert [(c.kind, c.nbytes) for c in block2.tp_collectives][-2:] == pair and block2.cut_s == 0
+    assert len(block0.tp_collectives) == len(block2.tp_collectives) - 2
+    # a pipeline cut after blocks.0 gathers the stream there and splits it again on the next stage
+    assert [(c.kind, c.nbytes) for c in block0.cut_collectives] == pair and block0.cut_s > 0
+    assert ln_f.tp_collectives == () and ln_f.cut_s == 0
     plain = layer_choice_cost(graph, graph.layer("ln_f"), A100, Strategy(1, 1, 2, 1, 2, "1f1b", "ddp"), False, None)
     assert plain.tp_collectives == ()
+
+
+def _pipelined(stages: list[list[str]], sequence_parallel=True) -> tuple:
+    """A pp2×tp2 plan of a 3-block synthetic GPT cut as ``stages``, with sequence parallelism."""
+    from autoplan.plan import Mesh, ModelInfo
+
+    graph = gpt_like_graph(layers=3, hidden=64, seq=16, heads=4, vocab=128)
+    styles = {}
+    for i in range(3):
+        styles.update({f"blocks.{i}.attn.qkv": "colwise", f"blocks.{i}.attn.proj": "rowwise",
+                       f"blocks.{i}.mlp.fc": "colwise", f"blocks.{i}.mlp.proj": "rowwise"})
+        if sequence_parallel:
+            styles.update({f"blocks.{i}.ln1": "sequence", f"blocks.{i}.ln2": "sequence"})
+    plan = autoplan.Plan(
+        model=ModelInfo(graph.model_name, graph.fingerprint, graph.num_params), cluster=A100_4,
+        global_batch_size=4, microbatch_size=1, microbatches=4, mesh=Mesh(pp=2, tp=2),
+        schedule="1f1b", data_parallel="ddp", stages=tuple(autoplan.Stage(tuple(s)) for s in stages),
+        tensor_parallel=styles, precision="fp32", sequence_parallel=sequence_parallel)
+    return graph, plan
+
+
+def test_each_stage_pays_its_own_piece_of_a_run():
+    from autoplan.cost.plan_cost import estimate_breakdown
+    from autoplan.cost.traffic import plan_collectives
+
+    def gathers(stages):
+        graph, plan = _pipelined(stages)
+        per_rank = plan_collectives(graph, plan)
+        return [sum(c.count for c in rank if c.kind == "all_gather") for rank in per_rank], \
+            [sum(c.count for c in rank if c.kind == "all_reduce") for rank in per_rank], graph, plan
+
+    head = ["tok", "pos"]
+    # cut inside the run: blocks.0 | blocks.1-2 (m = 4 microbatches; per block and microbatch 4 gathers, as pp = 1)
+    inside, norms, graph, plan = gathers([head + ["blocks.0"], ["blocks.1", "blocks.2", "ln_f", "head"]])
+    assert inside == [4 * (4 * 1 + 2), 4 * (4 * 2 + 2)]     # each stage: its blocks' gathers + one entry and exit
+    assert norms == [4, 8]                         # each stage's norm weights and biases (2 norms per block)
+    # cut right after the run: stage 0 gathers it, the stage after has nothing to gather
+    after, _, _, _ = gathers([head + ["blocks.0", "blocks.1", "blocks.2"], ["ln_f", "head"]])
+    assert after == [4 * (4 * 3 + 2), 0]
+    # priced in the step: the cut's gathers on stage 0's rank, and the same communication as one stage holding both
+    ranks = estimate_breakdown(graph, plan).ranks
+    cut = layer_choice_cost(graph, graph.layer("blocks.0"), A100_4, Strategy.of(plan), True, None).cut_s
+    block_s = [layer_choice_cost(graph, graph.layer(f"blocks.{i}"), A100_4, Strategy.of(plan), True, None).tp_comm_s
+               for i in range(3)]
+    assert ranks[0].tp_comm_s == pytest.approx(block_s[0] + cut, rel=1e-12)
+    assert ranks[1].tp_comm_s == pytest.approx(block_s[1] + block_s[2], rel=1e-12)
+    assert cut == pytest.approx(block_s[2] - block_s[1], rel=1e-9)   # one entry + exit, as the run's last pays
 
 
 def test_layer_choices_force_sharding_and_whole_recompute():
@@ -91,8 +145,7 @@ def test_options_are_validated():
             PlanOptions(sequence_parallel=bad)
     with pytest.raises(ValueError, match="pins tp=1"):
         PlanOptions(mesh={"tp": 1}, sequence_parallel=True)
-    with pytest.raises(ValueError, match="needs pp = 1"):
-        PlanOptions(mesh={"pp": 2}, sequence_parallel=True)
+    assert PlanOptions(mesh={"pp": 2}, sequence_parallel=True).sequence_parallel is True   # with pipelines too
     assert _parser().parse_args(["plan", "m:f", "--sequence-parallel", "on"]).sequence_parallel == "on"
 
 
@@ -113,6 +166,17 @@ def test_solver_plans_it_and_the_plan_round_trips():
     off = search(graph, A100, PlanOptions(global_batch_size=8, mesh={"tp": 2, "pp": 1}, sequence_parallel=False))
     assert not off.sequence_parallel and "sequence_parallel" not in off.to_dict()   # the v1 form, unchanged
     auto = search(graph, A100, PlanOptions(global_batch_size=8, mesh={"tp": 2, "pp": 1}))
+    assert auto.predicted.step_time_s <= min(plan.predicted.step_time_s, off.predicted.step_time_s) * (1 + 1e-9)
+
+
+def test_solver_plans_it_with_a_pipeline():
+    graph = gpt_like_graph(layers=4, hidden=256, seq=128, heads=4, vocab=512)
+    options = dict(global_batch_size=8, microbatch_size=1, schedule="1f1b")
+    plan = search(graph, A100_4, PlanOptions(mesh={"tp": 2, "pp": 2}, sequence_parallel=True, **options))
+    assert plan.sequence_parallel and plan.mesh.pp == 2
+    assert autoplan.Plan.from_dict(plan.to_dict()) == plan
+    off = search(graph, A100_4, PlanOptions(mesh={"tp": 2, "pp": 2}, sequence_parallel=False, **options))
+    auto = search(graph, A100_4, PlanOptions(mesh={"tp": 2, "pp": 2}, **options))
     assert auto.predicted.step_time_s <= min(plan.predicted.step_time_s, off.predicted.step_time_s) * (1 + 1e-9)
 
 

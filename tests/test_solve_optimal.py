@@ -106,12 +106,11 @@ def test_bounds_never_exceed_a_strategys_optimum(case, tightens):
     """The pruning is exact: both lower bounds sit at or below every strategy's true optimum (inf: no fit)."""
     make_graph, memory_gib, shape, options = CASES[case]
     graph, cluster = make_graph(), small_cluster(memory_gib, **shape)
-    segments = segments_of(graph.layers)
     cache = LayerCostCache(graph, cluster)
     tight = 0
     for strategy, optimum in brute_force_per_strategy(graph, cluster, options).items():
-        tables = StrategyTables(graph, cluster, strategy, segments, cache, options.recompute,
-                                options.global_batch_size)
+        tables = StrategyTables(graph, cluster, strategy, segments_of(graph.layers, strategy.sequence_parallel),
+                                cache, options.recompute, options.global_batch_size)
         simple, refined = lower_bound_s(tables), refined_bound(tables).bound_s
         assert simple <= refined
         if optimum is None:

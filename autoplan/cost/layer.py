@@ -43,6 +43,10 @@ class LayerCost:
     matmul_params: int = 0
     # the tensor-parallel collectives of one microbatch (forward, backward, recompute), priced as tp_comm_s
     tp_collectives: tuple[Collective, ...] = ()
+    # what a pipeline cut right after the layer adds to the stage before it, per microbatch, beside the send:
+    # a sequence-parallel run cut there is gathered and split again (autoplan.cost.sequence.sequence_edge_collectives)
+    cut_s: float = 0.0
+    cut_collectives: tuple[Collective, ...] = ()
 
     @property
     def total_s(self) -> float:

@@ -235,23 +235,28 @@ def layer_cost_context(graph: ModelGraph, layer: Layer, cluster: Cluster, strate
 def _with_sequence_parallel(graph: ModelGraph, layer: Layer, cluster: Cluster, strategy: Strategy, tp_on: bool,
                             recompute: RecomputeOption | None, base: cost.LayerCost) -> cost.LayerCost:
     """``base`` under sequence parallelism (:mod:`autoplan.cost.sequence`): a sharded layer that allows it splits
-    its stream; the layer that pays a run's entry and exit adds their all-gathers and, spread over the step's
-    microbatches, the per-step all-reduce of the norm weights' gradients."""
+    its stream and pays, spread over the step's microbatches, the per-step all-reduce of its norm weights'
+    gradients. The last layer of a run pays the run's entry and exit; any other layer of a run prices a pipeline
+    cut after it (``cut_s``): the stage before the cut gathers the stream and the stage after splits it again,
+    the same two all-gathers, so each stage's piece of a run pays one entry and one exit."""
     from dataclasses import replace
 
     from . import sequence
 
+    if not (tp_on and sequence.sequence_parallel_applies(layer, strategy.tp)):
+        return base
     figures = dict(traced_batch_size=graph.batch_size, traced_dtype_bytes=graph.dtype_bytes, cluster=cluster,
                    tp=strategy.tp, microbatch_size=strategy.microbatch_size, precision=strategy.precision)
-    result = sequence.sequence_parallel_cost(layer, base, recompute=recompute, **figures) if tp_on else base
-    stream_bytes = sequence.sequence_edge_payers(graph.layers, strategy.tp).get(layer.index)
-    if stream_bytes is None:
-        return result
+    result = sequence.sequence_parallel_cost(layer, base, recompute=recompute, **figures)
     scale = strategy.microbatch_size / graph.batch_size * PRECISION_BYTES[strategy.precision] / graph.dtype_bytes
-    edges = sequence.sequence_edge_collectives(stream_bytes * scale, strategy.tp)
-    norms_s = sequence.collectives_s(sequence.norm_gradient_collectives(graph.layers, strategy.tp), cluster)
-    return replace(result, tp_collectives=result.tp_collectives + edges,
-                   tp_comm_s=result.tp_comm_s + sequence.collectives_s(edges, cluster) + norms_s / strategy.microbatches)
+    edges = sequence.sequence_edge_collectives(layer.output_bytes * scale, strategy.tp)
+    edges_s = sequence.collectives_s(edges, cluster)
+    norms_s = sequence.collectives_s(sequence.norm_gradient_collectives([layer], strategy.tp), cluster)
+    tp_comm_s = result.tp_comm_s + norms_s / strategy.microbatches
+    following = graph.layers[layer.index + 1] if layer.index + 1 < len(graph.layers) else None
+    if following is None or not sequence.sequence_parallel_applies(following, strategy.tp):
+        return replace(result, tp_collectives=result.tp_collectives + edges, tp_comm_s=tp_comm_s + edges_s)
+    return replace(result, tp_comm_s=tp_comm_s, cut_s=edges_s, cut_collectives=edges)
 
 
 def _dtensor_params(strategy: Strategy, tp_on: bool) -> bool:
@@ -291,6 +296,9 @@ def compose(strategy: Strategy, cluster: Cluster, stages: Sequence[Sequence[cost
     last = len(stages) - 1
     last_rank = last % strategy.pp
     boundary = [s[-1].boundary_bytes for s in stages]
+    # a cut's price on the stage before it: the sends, and a sequence-parallel run gathered and split there
+    cut_s = [stage_p2p_s(strategy, cluster, boundary[k]) + stages[k][-1].cut_s if k < last else 0.0
+             for k in range(len(stages))]
     copy_per_param = weight_copy_bytes_per_param(strategy)
     ranks = []
     for r in range(strategy.pp):
@@ -305,7 +313,7 @@ def compose(strategy: Strategy, cluster: Cluster, stages: Sequence[Sequence[cost
             rank=r, stages=tuple(own), layers=len(layers),
             compute_s=sum(c.forward_s + c.backward_s for c in layers),
             recompute_s=sum(c.recompute_s for c in layers),
-            tp_comm_s=sum(c.tp_comm_s for c in layers),
+            tp_comm_s=sum(c.tp_comm_s for c in layers) + sum(stages[k][-1].cut_s for k in own if k < last),
             p2p_s=sum(stage_p2p_s(strategy, cluster, boundary[k]) for k in own if k < last),
             num_params=params, dp_sync_s=sync, optimizer_s=opt,
             model_state_bytes=rank_state_bytes(strategy, params),
@@ -319,8 +327,7 @@ def compose(strategy: Strategy, cluster: Cluster, stages: Sequence[Sequence[cost
     slow = max(ranks, key=lambda r: (r.microbatch_s, -r.rank))
     tail = max(ranks, key=lambda r: (r.tail_s, -r.rank))
     m = strategy.microbatches
-    stage_s = [sum(c.total_s for c in stage) + (stage_p2p_s(strategy, cluster, boundary[k]) if k < last else 0.0)
-               for k, stage in enumerate(stages)]
+    stage_s = [sum(c.total_s for c in stage) + cut_s[k] for k, stage in enumerate(stages)]
     bubble = strategy.bubble_stage_times * max(stage_s)
     step = m * slow.microbatch_s + bubble + tail.tail_s
     return PlanCost(
@@ -331,8 +338,7 @@ def compose(strategy: Strategy, cluster: Cluster, stages: Sequence[Sequence[cost
         stage_times=tuple(
             StageTime(sum(c.forward_s for c in stage), sum(c.backward_s for c in stage),
                       sum(c.recompute_s for c in stage),
-                      sum(c.tp_comm_s for c in stage)
-                      + (stage_p2p_s(strategy, cluster, boundary[k]) if k < last else 0.0))
+                      sum(c.tp_comm_s for c in stage) + cut_s[k])
             for k, stage in enumerate(stages)),
     )
 

@@ -19,10 +19,15 @@ What changes against plain tensor parallelism (:func:`autoplan.cost.layer_cost`)
 * **Elementwise time**: the ops on the split stream (norms, dropout, residual adds) touch 1/t of their bytes, at
   memory bandwidth (the FORWARD_PASSES / BACKWARD_PASSES rule of :mod:`autoplan.cost.layer`).
 * **Once per run of such layers**: the stream is split on entry (a local slice; its backward all-gathers the
-  input's gradient) and gathered on exit (an all-gather; its backward is a slice), charged to the layer after
-  the run (:func:`sequence_edge_collectives`); and once per step each norm weight's gradient, a partial sum over
+  input's gradient) and gathered on exit (an all-gather; its backward is a slice), charged to the run's last
+  layer (:func:`sequence_edge_collectives`); and once per step each norm weight's gradient, a partial sum over
   the tp ranks, is all-reduced (:func:`norm_gradient_collectives`; Megatron all-reduces the same gradients,
-  §4.2.2's "layer-norm weights").
+  §4.2.2's "layer-norm weights"), charged to the layer that holds the norm.
+* **Pipeline stages** cut runs: each stage gathers the stream where its piece of a run ends and splits it where
+  its piece starts, so stages send whole activations (replicated over the tp ranks, as under plain TP). A cut
+  inside a run therefore adds one exit (on the stage before it) and one entry (on the stage after): the same two
+  all-gathers, priced on the layer before the cut as ``LayerCost.cut_s`` / ``cut_collectives`` and paid only
+  where the plan cuts there. Each stage's piece of a run thus pays one entry and one exit, on that stage.
 
 Example (a GPT block at h = 64, s = 16, tp = 2: the pair collectives turn into gathers and scatters):
     >>> from autoplan import Cluster
@@ -152,14 +157,14 @@ def sequence_parallel_cost(layer: Layer, base: LayerCost, *, traced_batch_size: 
 
 def sequence_edge_payers(layers: list[Layer], tp: int) -> dict[int, int]:
     """For each run of neighbouring sequence-parallel layers, the index of the layer that is charged its entry
-    and exit (the one after the run, else the one before it, else the run's last) → the bytes of the split
-    stream as traced (the run's last layer's output).
+    and exit (the run's last: the stage that gathers the stream holds it, also when a pipeline cuts right after
+    the run) → the bytes of the split stream as traced (that layer's output).
 
     Example:
         >>> from autoplan.synthetic import gpt_like_graph
         >>> g = gpt_like_graph(layers=3, seq=16)                    # tok pos blocks.0-2 ln_f head
-        >>> list(sequence_edge_payers(g.layers, 2))                 # ln_f pays for the run of blocks
-        [5]
+        >>> sequence_edge_payers(g.layers, 2) == {4: g.layer("blocks.2").output_bytes}
+        True
     """
     on = [sequence_parallel_applies(layer, tp) for layer in layers]
     payers: dict[int, int] = {}
@@ -171,15 +176,15 @@ def sequence_edge_payers(layers: list[Layer], tp: int) -> dict[int, int]:
         j = i
         while j + 1 < len(layers) and on[j + 1]:
             j += 1
-        payer = j + 1 if j + 1 < len(layers) else (i - 1 if i > 0 else j)
-        payers[payer] = payers.get(payer, 0) + layers[j].output_bytes
+        payers[j] = layers[j].output_bytes
         i = j + 1
     return payers
 
 
 def sequence_edge_collectives(stream_bytes: float, tp: int) -> tuple[Collective, ...]:
-    """One run's entry and exit, for one microbatch of ``stream_bytes`` (the whole stream): the exit's forward
-    all-gather and the entry's backward all-gather of the input gradient (the slices cost nothing).
+    """One run's entry and exit (or a pipeline cut inside a run: the exit before it, the entry after it), for one
+    microbatch of ``stream_bytes`` (the whole stream): the exit's forward all-gather and the entry's backward
+    all-gather of the input gradient (the slices cost nothing).
 
     Example:
         >>> [(c.kind, c.nbytes) for c in sequence_edge_collectives(4096, 2)]

@@ -45,8 +45,9 @@ def plan_collectives(graph: ModelGraph, plan: Plan) -> tuple[tuple[Collective, .
         for c in costs:
             params[k % strategy.pp] += c.num_params
             out += [Collective(t.kind, t.nbytes, t.count * m, t.group_size, t.axis) for t in c.tp_collectives]
-        if k < last:  # the stage's output, forward
+        if k < last:  # the stage's output, forward, and a sequence-parallel run cut there gathered and split
             out.append(Collective("send", costs[-1].boundary_bytes, m, 2, "pp"))
+            out += [Collective(t.kind, t.nbytes, t.count * m, t.group_size, t.axis) for t in costs[-1].cut_collectives]
         if k > 0:  # the gradient of the stage's input, back
             out.append(Collective("send", stages[k - 1][-1].boundary_bytes, m, 2, "pp"))
     if strategy.sequence_parallel:  # once per step: the norm weights' partial gradients (autoplan.cost.sequence)

@@ -157,7 +157,7 @@ def enumerate_strategies(graph: ModelGraph, cluster: Cluster, options: PlanOptio
                 m = per_replica // mb
                 for schedule, v in _schedules(pp, m, num_layers, options.schedule):
                     for kind in _dp_kinds(dp, options.data_parallel):
-                        for sp in _sequence_parallel_choices(tp, pp, tp in sp_degrees, options.sequence_parallel):
+                        for sp in _sequence_parallel_choices(tp, tp in sp_degrees, options.sequence_parallel):
                             strategies.append(Strategy(pp, dp, tp, mb, m, schedule, kind, v, options.precision,
                                                        options.optimizer, sp))
     if not strategies:
@@ -165,10 +165,11 @@ def enumerate_strategies(graph: ModelGraph, cluster: Cluster, options: PlanOptio
     return strategies
 
 
-def _sequence_parallel_choices(tp: int, pp: int, possible: bool, pinned: str | bool) -> list[bool]:
-    """Sequence parallelism off and/or on for one mesh: on needs tp > 1, pp = 1 (stages exchange whole
-    activations) and a layer that can run it at this tp; ``True`` then forces it, ``"auto"`` prices both."""
-    able = tp > 1 and pp == 1 and possible
+def _sequence_parallel_choices(tp: int, possible: bool, pinned: str | bool) -> list[bool]:
+    """Sequence parallelism off and/or on for one mesh: on needs tp > 1 and a layer that can run it at this tp
+    (under a pipeline each stage splits and gathers its own piece of a run); ``True`` then forces it, ``"auto"``
+    prices both."""
+    able = tp > 1 and possible
     if pinned is True:
         return [True] if able else ([False] if tp == 1 else [])
     return [False, True] if able and pinned == "auto" else [False]

@@ -60,11 +60,12 @@ class Segment:
         return self.stop - self.start
 
 
-def segments_of(layers: Sequence[Layer]) -> list[Segment]:
-    """Maximal runs of neighbouring layers with equal signatures (the layer that pays a sequence-parallel run's
-    entry and exit, :func:`autoplan.cost.sequence.sequence_edge_payers`, is a segment of its own)."""
+def segments_of(layers: Sequence[Layer], sequence_parallel: bool = False) -> list[Segment]:
+    """Maximal runs of neighbouring layers with equal signatures (for a strategy with ``sequence_parallel``, the
+    layer that pays a run's entry and exit, :func:`autoplan.cost.sequence.sequence_edge_payers`, is a segment of
+    its own: the last block costs more than the others)."""
     out: list[Segment] = []
-    payers = sequence_edge_payers(list(layers), 0)
+    payers = sequence_edge_payers(list(layers), 0) if sequence_parallel else {}
     for i, layer in enumerate(layers):
         sig = _signature(layer) + (layer.sequence_parallel, i in payers)
         if out and out[-1].signature == sig:
@@ -195,9 +196,10 @@ class StrategyTables:
 
     @cached_property
     def p2p_s(self) -> list[float]:
-        """Send time of a cut after layer i, for one microbatch (forward activation + backward gradient)."""
+        """Send time of a cut after layer i, for one microbatch (forward activation + backward gradient), and a
+        sequence-parallel run's gather and split there (``LayerCost.cut_s``: the same for every choice)."""
         per_segment = [stage_p2p_s(self.strategy, self.cluster, rows[0].layer_cost.boundary_bytes)
-                       for rows in self.choices]
+                       + rows[0].layer_cost.cut_s for rows in self.choices]
         return [per_segment[g] for g in self.segment_of]
 
     @cached_property
@@ -258,11 +260,11 @@ def build_tables(graph: ModelGraph, cluster: Cluster, options: PlanOptions) -> l
         >>> [t.strategy.describe() for t in tables][:2]
         ['pp2×dp4×tp1 1f1b mb=1×2 ddp', 'pp2×dp4×tp1 1f1b mb=1×2 fsdp']
     """
-    segments = segments_of(graph.layers)
+    segments = {sp: segments_of(graph.layers, sp) for sp in (False, True)}
     cache = LayerCostCache(graph, cluster)
     batch = global_batch_size(graph, options)
-    return [StrategyTables(graph, cluster, strategy, segments, cache, options.recompute, batch,
-                           tp_pinned="tp" in options.mesh)
+    return [StrategyTables(graph, cluster, strategy, segments[strategy.sequence_parallel], cache, options.recompute,
+                           batch, tp_pinned="tp" in options.mesh)
             for strategy in enumerate_strategies(graph, cluster, options)]
 
 
