@@ -13,209 +13,40 @@ original FQNs — tensor parallelism, recompute, FSDP and state dicts address th
   every stage;
 - any other layer before ``c`` returns NaN (integers: zeros) of the shape and dtype the layer would return (run
   once per input signature on fake tensors): its value is never used, only its shape;
-- the first layer at or after ``d`` stops the forward; the stage returns the tensors carried across ``d``.
+- the first layer at or after ``d`` stops the forward; the stage returns the tensors carried across ``d``;
+- a *free* layer (stateless, run at several places: T5's ``encoder.dropout``) is the original module in every
+  stage; each of its calls between layers is made by one stage and carried from there like a layer's output
+  (a later stage's call returns the received tensor, so every stage reads the same dropout mask).
 
-Soundness is proven before any stage exists, by :func:`analyse_cuts`: one forward on fake tensors tags every
-tensor with the layers whose outputs it derives from. A layer's parameters and buffers are tagged as *inside* it,
-and its outputs are re-tagged as its outputs when it returns. So the layers each layer and the model output use,
-directly or through code between layers, are known exactly, and the carried set of a cut is the non-replicated
-layers before it that anything after it uses. A cut is refused when a later layer uses a value made inside an
-earlier layer other than through its output, when a carried output holds a non-tensor, or when a layer runs twice
-or has two names; parameters outside every layer refuse the split as a whole.
+Soundness is proven before any stage exists, by :func:`autoplan.trace.cut_proof.analyse_cuts` (one forward on
+fake tensors that tags every tensor with the layers it derives from), which also says what each cut carries.
 
 Example:
     >>> import torch
-    >>> from autoplan.trace.skeleton import analyse_cuts
+    >>> from autoplan.trace.skeleton import analyse_cuts, skeleton_stages
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
-    >>> cuts = analyse_cuts(model, ["0", "1", "2"], (torch.randn(3, 4),), {})
-    >>> cuts.blocker is None, cuts.carried(2)
-    (True, [1])
+    >>> x = torch.randn(3, 4)
+    >>> first, second = skeleton_stages(model, [["0"], ["1", "2"]], analyse_cuts(model, ["0", "1", "2"], (x,), {}))
+    >>> torch.equal(second(*first(model_inputs=((x,), {})), model_inputs=((x,), {})), model(x))
+    True
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ..names import in_module
 from .adapters import trace_kwargs
+from .cut_proof import CutAnalysis, analyse_cuts
 from .measure import FakeKernels, describe_tensor, fake_inputs, fake_state
 
 __all__ = ["CutAnalysis", "analyse_cuts", "skeleton_stages", "stands_in"]
-
-_OUT = -1  # the model's output, as a consumer
-
-
-@dataclass
-class CutAnalysis:
-    """What one fake forward learned about the layer chain ``layers`` (see the module docstring)."""
-
-    layers: list[str]
-    replicated: set[int] = field(default_factory=set)  # parameter-free layers computed from model inputs only
-    uses: dict[int, set[int]] = field(default_factory=dict)  # consumer (layer index or _OUT) -> layers it uses
-    bad_outputs: dict[int, str] = field(default_factory=dict)  # layer -> why its output cannot be sent
-    outputs: dict[int, tuple] = field(default_factory=dict)  # layer -> (treespec, which leaves are tensors)
-    blocker: str | None = None  # why the model cannot be split at all (None: every cut is sound)
-
-    def carried(self, cut: int) -> list[int]:
-        """Layers before ``cut`` whose outputs a stage starting at ``cut`` (or a later one) needs.
-
-        Example: see the module docstring.
-        """
-        consumers = [*range(cut, len(self.layers)), _OUT]
-        used = set().union(*(self.uses.get(j, set()) for j in consumers))
-        return sorted(i for i in used if i < cut and i not in self.replicated)
-
-
-class _Tagger(TorchDispatchMode):
-    """Tags every op's outputs with the union of its inputs' tags; records what each running layer consumes."""
-
-    def __init__(self, tags: WeakIdKeyDictionary, state: dict):
-        super().__init__()
-        self.tags, self.state = tags, state
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        found: set = set()
-        for t in pytree.tree_leaves((args, kwargs)):
-            if isinstance(t, torch.Tensor):
-                found |= self.tags.get(t, frozenset())
-        if found:
-            current = self.state["current"]
-            if current is not None:
-                self.state["consumed"].setdefault(current, set()).update(found)
-            for t in pytree.tree_leaves(out):
-                if isinstance(t, torch.Tensor):
-                    self.tags[t] = frozenset(found | self.tags.get(t, frozenset()))
-        return out
-
-
-def _foreign(tag: tuple, consumer: int) -> bool:
-    """Whether a value tagged ``tag`` comes from outside layer ``consumer``."""
-    return consumer not in tag[1] if tag[0] == "in" else tag[1] != consumer
-
-
-def _structural_blocker(model: nn.Module, layers: Sequence[str]) -> str | None:
-    ids: dict[int, str] = {}
-    for name in layers:
-        module = model.get_submodule(name) if name else model
-        if id(module) in ids:
-            return f"layers {ids[id(module)]!r} and {name!r} are one module under two names"
-        ids[id(module)] = name
-    if "" in layers:
-        return "the whole model is one layer"
-    names: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):  # a tied weight: any of its names will do
-        names.setdefault(id(p), []).append(name)
-    outside = [ns[0] for ns in names.values()
-               if not any(in_module(n.rpartition(".")[0], l) for n in ns for l in layers)]
-    if outside:
-        return (f"parameters {outside[:3]} belong to no layer of the chain (a stage holding them could not run the "
-                f"code between layers that uses them)")
-    return None
-
-
-def analyse_cuts(model: nn.Module, layers: Sequence[str], args: tuple, kwargs: dict) -> CutAnalysis:
-    """Which layer outputs cross each cut of ``layers`` (the chain, in call order) and whether every cut is sound,
-    from one forward of ``model(*args, **kwargs)`` on fake tensors. The model is not changed.
-
-    Example: see the module docstring.
-    """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    result = CutAnalysis(list(layers))
-    result.blocker = _structural_blocker(model, layers)
-    if result.blocker is not None:
-        return result
-    index = {id(model.get_submodule(name)): i for i, name in enumerate(layers)}
-    tags: WeakIdKeyDictionary = WeakIdKeyDictionary()
-    state: dict[str, Any] = {"current": None, "consumed": {}, "calls": {}}
-    has_params = {i: any(True for _ in model.get_submodule(n).parameters()) for i, n in enumerate(layers)}
-
-    def pre(module, _args):
-        i = index[id(module)]
-        state["calls"][i] = state["calls"].get(i, 0) + 1
-        state["current"] = i
-
-    def post(module, _args, output):
-        i = index[id(module)]
-        state["current"] = None
-        consumed = state["consumed"].get(i, set())
-        if not has_params[i] and not any(_foreign(tag, i) for tag in consumed):  # its own buffers are constants
-            result.replicated.add(i)
-            for leaf in pytree.tree_leaves(output):  # made from constants: the same on every stage
-                if isinstance(leaf, torch.Tensor):
-                    tags[leaf] = frozenset()
-            return
-        leaves, spec = pytree.tree_flatten(output)
-        result.outputs[i] = (spec, tuple(isinstance(leaf, torch.Tensor) for leaf in leaves))
-        for leaf in leaves:
-            if isinstance(leaf, torch.Tensor):
-                tags[leaf] = frozenset({("out", i)})
-            elif leaf is not None:
-                result.bad_outputs[i] = f"its output holds a {type(leaf).__name__}, not only tensors"
-
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    handles = []
-    try:
-        with fake_mode:
-            fake = fake_state(model)
-            f_args, f_kwargs = fake_inputs(args, trace_kwargs(model, kwargs))
-        owners: dict[int, set[int]] = {}
-        for name, t in fake.items():  # a tied weight is inside every layer that holds it
-            owners.setdefault(id(t), set()).update(
-                i for i, l in enumerate(layers) if in_module(name.rpartition(".")[0], l))
-        for t in fake.values():
-            if owners[id(t)]:
-                tags[t] = frozenset({("in", frozenset(owners[id(t)]))})
-        for i, name in enumerate(layers):
-            module = model.get_submodule(name)
-            handles += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
-        with fake_mode, FakeKernels(), _Tagger(tags, state), torch.no_grad():
-            out = torch.func.functional_call(model, fake, f_args, f_kwargs, strict=False)
-    except Exception as exc:  # noqa: BLE001 - the reason is reported as the blocker
-        result.blocker = f"its forward did not run on fake tensors for the split analysis ({type(exc).__name__}: {exc})"
-        return result
-    finally:
-        for h in handles:
-            h.remove()
-    if hasattr(out, "to_tuple"):
-        out = out.to_tuple()
-    out_tags: set = set()
-    for leaf in pytree.tree_leaves(out):
-        if isinstance(leaf, torch.Tensor):
-            out_tags |= tags.get(leaf, frozenset())
-    state["consumed"][_OUT] = out_tags
-    twice = [layers[i] for i, n in state["calls"].items() if n > 1]
-    never = [name for i, name in enumerate(layers) if i not in state["calls"]]
-    if twice or never:
-        result.blocker = (f"layers {twice or never} run {'more than once' if twice else 'never'} in one forward, so "
-                          f"a stage cannot stop after a given layer")
-        return result
-    for consumer, found in state["consumed"].items():
-        inside = sorted({layers[min(t[1])] for t in found if t[0] == "in" and _foreign(t, consumer)})
-        if inside:
-            where = "the model's output" if consumer == _OUT else f"layer {layers[consumer]!r}"
-            result.blocker = (f"{where} uses values made inside {inside} other than through their outputs, which "
-                              f"a stage boundary cannot carry")
-            return result
-        result.uses[consumer] = {t[1] for t in found if t[0] == "out"}
-    for cut in range(1, len(layers)):
-        carried = result.carried(cut)
-        bad = [f"{layers[i]!r} ({result.bad_outputs[i]})" for i in carried if i in result.bad_outputs]
-        if not carried or bad:
-            result.blocker = (f"the cut before {layers[cut]!r} would carry " +
-                              (", ".join(bad) if bad else "nothing (the stages after it do not use the ones before)"))
-            return result
-    return result
 
 
 # ------------------------------------------------------------------------------------------------ stage modules
@@ -229,8 +60,10 @@ class _Run:
     """One stage forward's state, shared by the stage and its stand-ins."""
 
     def __init__(self):
-        self.received: dict[int, Any] = {}
-        self.stash: dict[int, Any] = {}
+        self.received: dict[Any, Any] = {}  # carried in: layer index or free call -> value
+        self.stash: dict[Any, Any] = {}  # made here and carried out
+        self.stash_calls: set[tuple] = set()  # free calls this stage makes and carries out
+        self.calls: dict[int, int] = {}  # free layer -> calls so far in this forward
         self.device: torch.device | None = None
 
 
@@ -320,6 +153,32 @@ class _Stand(nn.Module):
         return pytree.tree_map(make, self._shapes[key])
 
 
+class _Free(nn.Module):
+    """A free layer in a stage: the original module (a registered child, so ``train()``/``eval()`` reach it) whose
+    calls carried into this stage return the received tensors and whose calls carried out are kept."""
+
+    def __init__(self, module: nn.Module, run: _Run, index: int):
+        super().__init__()
+        self.module, self._index = module, index
+        object.__setattr__(self, "_run", run)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["module"], name)
+
+    def forward(self, *args, **kwargs):
+        run = self._run
+        n = run.calls[self._index] = run.calls.get(self._index, 0) + 1
+        if (self._index, n) in run.received:
+            return run.received[(self._index, n)]
+        output = self.module(*args, **kwargs)
+        if (self._index, n) in run.stash_calls:
+            run.stash[(self._index, n)] = output
+        return output
+
+
 def stands_in(module: nn.Module) -> bool:
     """Whether ``module`` is a skeleton stage's stand-in for a layer the stage does not hold.
 
@@ -382,6 +241,9 @@ def skeleton_stages(model: nn.Module, stages: Sequence[Sequence[str]], analysis:
         run = _Run()
         replace: dict[str, nn.Module] = {}
         for i, name in enumerate(names):
+            if i in analysis.free:  # runs wherever it is called; its carried calls come and go through run
+                replace[name] = _Free(model.get_submodule(name), run, i)
+                continue
             if c <= i < d or (i < c and i in analysis.replicated):
                 continue
             role = "exit" if i >= d else "carried" if i in carried_in else "placeholder"
@@ -391,7 +253,7 @@ def skeleton_stages(model: nn.Module, stages: Sequence[Sequence[str]], analysis:
             if not held & {id(p) for p in model.get_submodule(name).parameters()}:
                 replace[name] = _Stand(name, "placeholder", run, -1, _meta_copy(model.get_submodule(name)))
         root = _skeleton(model, "", replace)
-        _make_stage(root, model, run, names, (c, d), (carried_in, carried_out), analysis.outputs)
+        _make_stage(root, model, run, names, (c, d), (carried_in, carried_out), analysis)
         modules.append(root)
     return modules
 
@@ -413,9 +275,11 @@ def _weights_outside_layers(model: nn.Module, layers: list[str]) -> list[str]:
 
 
 def _make_stage(root: nn.Module, model: nn.Module, run: _Run, names: list[str], span: tuple[int, int],
-                carried: tuple[list[int], list[int] | None], outputs: dict[int, tuple]) -> None:
+                carried: tuple[list, list | None], analysis: CutAnalysis) -> None:
     forward = type(model).forward
     (c, d), (carried_in, carried_out) = span, carried
+    outputs, position = analysis.outputs, analysis.position
+    run.stash_calls = {v for v in carried_out or () if not isinstance(v, int)}
     hooks: list = []
     shape = _Output()
 
@@ -428,7 +292,7 @@ def _make_stage(root: nn.Module, model: nn.Module, run: _Run, names: list[str], 
         args, kwargs = model_inputs
         kwargs = trace_kwargs(model, dict(kwargs))
         flat = iter(received)
-        run.received, run.stash = {}, {}
+        run.received, run.stash, run.calls = {}, {}, {}
         run.device = next((t.device for t in [*received, *pytree.tree_leaves((args, kwargs))]
                            if isinstance(t, torch.Tensor)), None)
         for i in carried_in:
@@ -436,7 +300,7 @@ def _make_stage(root: nn.Module, model: nn.Module, run: _Run, names: list[str], 
             run.received[i] = pytree.tree_unflatten([next(flat) if x else None for x in is_tensor], spec)
         if carried_out is not None and not hooks:  # installed at the first call: after TP/FSDP hooks
             for i in carried_out:
-                if c <= i < d:
+                if isinstance(i, int) and c <= i < d:
                     hooks.append(root.get_submodule(names[i]).register_forward_hook(stash_hook(i)))
         try:
             output = forward(root, *args, **kwargs)
@@ -446,7 +310,7 @@ def _make_stage(root: nn.Module, model: nn.Module, run: _Run, names: list[str], 
             return shape.flatten(output)
         values = []
         for i in carried_out:
-            value = run.received[i] if i < c else run.stash[i]
+            value = run.received[i] if position(i) < c else run.stash[i]
             values += [t.contiguous() for t in pytree.tree_leaves(value) if isinstance(t, torch.Tensor)]
         run.received, run.stash = {}, {}
         return tuple(values)

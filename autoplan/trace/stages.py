@@ -29,7 +29,8 @@ import torch
 from torch import fx, nn
 
 from ..errors import TraceError
-from .skeleton import analyse_cuts, skeleton_stages
+from .cut_proof import analyse_cuts
+from .skeleton import skeleton_stages
 
 __all__ = ["split_into_stages", "pipeline_split_blocker"]
 
@@ -49,7 +50,7 @@ def pipeline_split_blocker(model: nn.Module, layers: Sequence[str] | None = None
                            example_inputs: tuple[tuple, dict] | None = None) -> str | None:
     """Why ``model`` cannot be split into pipeline stages at ``layers`` (default: every submodule), or ``None`` when
     it can: its forward traces with torch.fx around them, or else (given ``example_inputs`` as ``(args, kwargs)``)
-    :func:`autoplan.trace.skeleton.analyse_cuts` proves every cut of the chain sound.
+    :func:`autoplan.trace.cut_proof.analyse_cuts` proves every cut of the chain sound.
 
     Example:
         >>> from autoplan.models import MLP
