@@ -21,10 +21,14 @@ What is measured, each figure the one the cost model reads (docs/cost_model.md, 
   the optimizer step run at.
 - per-layer overheads: forward + backward of a GPT block so small (hidden 16, 4 tokens, batch 1) that its FLOPs
   take nanoseconds, so what is timed is the fixed part. Plain eager (``layer_overhead_s``, rank 0 alone); the
-  same block tensor-parallel over the world with DTensor (``tp_layer_overhead_s``) and wrapped by FSDP2
-  ``fully_shard`` (``fsdp_layer_overhead_s``), each the extra time per forward-equivalent (backward runs about
-  twice the forward's kernels: a third of forward + backward) once its collectives (priced from the table below)
+  same block tensor-parallel with DTensor and wrapped by FSDP2 ``fully_shard``, over groups of 2, 4, … ranks up
+  to a node (``group_layer_overhead``, per group size; ``tp_layer_overhead_s`` / ``fsdp_layer_overhead_s`` keep
+  the largest group's), each the extra time per forward-equivalent (backward runs about twice the forward's
+  kernels: a third of forward + backward) once its collectives (priced at that group size from the table below)
   and the ranks' sharing are taken out.
+- robustness: the concurrency's and the overheads' timings are medians of interleaved rounds (a burst of load
+  from other jobs slows one sample of each figure, not every sample of one), with more rounds while they
+  disagree; ``calibrate.last_spread`` reports each figure's spread.
 - collectives (``collective_times``): all-reduce, all-gather, reduce-scatter and send of several message sizes
   over groups of 2 consecutive ranks and of every rank of a node, all groups of a size at once, as
   (bytes, seconds) points; and the alpha-beta figures of the intra- and inter-node links from a 4-byte and a
@@ -53,15 +57,15 @@ import torch.distributed as dist
 
 from .cluster import Cluster
 from .execute.world import World
-from .microbench import (COLLECTIVE_SIZES_BYTES, _timed, _tiny_block, allreduce_time_s,
-                         block_step_time_s, collective_time_s, layer_overhead_time_s, matmul_efficiency, matmul_flops,
-                         memory_bandwidth_Bps, monotone, optimizer_tensor_time_s, overlap_fraction,
+from .microbench import (COLLECTIVE_SIZES_BYTES, _timed, _tiny_block, allreduce_time_s, block_step_time_s,
+                         collective_time_s, interleaved_medians, layer_overhead_time_s, matmul_efficiency,
+                         matmul_flops, memory_bandwidth_Bps, monotone, optimizer_tensor_time_s, overlap_fraction,
                          ring_bandwidth_Bps)
 from .vocabulary import PRECISIONS
 
 # The measurements themselves live in autoplan.microbench; they are re-exported here, where they are composed.
-__all__ = ["main", "calibrate", "monotone", "matmul_flops", "matmul_efficiency", "memory_bandwidth_Bps",
-           "layer_overhead_time_s", "block_step_time_s", "optimizer_tensor_time_s", "allreduce_time_s",
+__all__ = ["main", "calibrate", "group_overheads_s", "monotone", "matmul_flops", "matmul_efficiency",
+           "memory_bandwidth_Bps", "interleaved_medians", "layer_overhead_time_s", "block_step_time_s", "optimizer_tensor_time_s", "allreduce_time_s",
            "collective_time_s", "ring_bandwidth_Bps", "overlap_fraction"]
 
 
@@ -107,56 +111,106 @@ def _collective_table(local: int, nodes: int, sizes: list[int], me: int, device:
     return table
 
 
-def _framework_overheads(device: torch.device, plain_s: float, contention: float,
-                         cluster: Cluster) -> tuple[float, float, float]:
-    """Extra fixed seconds per forward of a DTensor tensor-parallel and of an FSDP2-wrapped tiny block over the
-    world (collective): each measured with every rank busy, less its collectives (the cluster's table) and
-    divided by ``contention`` (the ranks' sharing), less the plain block's ``plain_s``, a third of the rest;
-    and the optimizer's seconds per DTensor parameter (the FSDP2 block's, divided by ``contention``)."""
+def _group_sizes(local: int) -> list[int]:
+    """Group sizes the per-group figures are measured at: 2, 4, … up to the ranks of a node, each dividing it."""
+    return [n for n in (2 ** k for k in range(1, local.bit_length())) if local % n == 0]
+
+
+def _framework_overheads(device: torch.device, plain_s: float, contention: float, cluster: Cluster,
+                         rounds: int = 3) -> tuple[dict, float, dict[str, float]]:
+    """Extra fixed seconds per forward of a tiny block made tensor-parallel with DTensor (the executor's
+    ``ColwiseParallel`` → ``RowwiseParallel`` pairs) and wrapped by FSDP2 ``fully_shard``, at every group size
+    n of :func:`_group_sizes` (the world cut into groups of n consecutive ranks, all groups at once, as the
+    executor's meshes place them): the block's time with every rank busy, less its collectives priced at n from
+    the cluster's table, divided by ``contention`` (the ranks' sharing), a third of it (forward 1×, backward 2×)
+    less the plain block's ``plain_s``. The collectives' cost and the hooks' both depend on n (on ranks sharing
+    cores a collective waits for every member to be scheduled), so one size's figure misprices the others.
+    Every figure is the median of ``rounds`` interleaved samples (:func:`interleaved_medians`).
+
+    Returns ({"tp": {n: s}, "fsdp": {n: s}}, the optimizer's seconds per DTensor parameter (the world-size FSDP
+    block's, divided by ``contention``), {figure: relative spread}). Collective."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     from .cost.collectives import group_allgather_s, group_allreduce_s, group_reduce_scatter_s
 
-    n = dist.get_world_size()
-    mesh = init_device_mesh(device.type, (n,))
-    block, x = _tiny_block(device)
-    out_bytes = x.numel() * 4
-    parallelize_module(block, mesh, {"attn.qkv": ColwiseParallel(), "attn.proj": RowwiseParallel(),
-                                     "mlp.fc": ColwiseParallel(), "mlp.proj": RowwiseParallel()})
-    tp_total = _slowest(block_step_time_s(block, x, iters=3, repeats=3), device)
-    tp_comm = 4 * group_allreduce_s(out_bytes, cluster, n, 1)  # two pairs: forward g and backward f each
-    block, x = _tiny_block(device)
-    param_bytes = sum(p.numel() for p in block.parameters()) * 4
-    fully_shard(block, mesh=mesh, reshard_after_forward=True)
-    fsdp_total = _slowest(block_step_time_s(block, x, iters=3, repeats=3), device)
-    dtensor_optimizer_s = _slowest(optimizer_tensor_time_s(block, x, iters=9), device) / contention
-    fsdp_comm = (2 * group_allgather_s(param_bytes, cluster, n, 1)
-                 + group_reduce_scatter_s(param_bytes, cluster, n, 1))
-    extra = [max(0.0, (total - comm) / contention / 3 - plain_s)
-             for total, comm in ((tp_total, tp_comm), (fsdp_total, fsdp_comm))]
-    return extra[0], extra[1], dtensor_optimizer_s
+    world = dist.get_world_size()
+    sizes = _group_sizes(cluster.devices_per_node if world > cluster.devices_per_node else world)
+    measures, comm_s = {}, {}
+    fsdp_block = None
+    for n in sizes:
+        mesh = init_device_mesh(device.type, (world // n, n), mesh_dim_names=("rest", "group"))["group"]
+        tp_block, x = _tiny_block(device)
+        out_bytes = x.numel() * 4
+        parallelize_module(tp_block, mesh, {"attn.qkv": ColwiseParallel(), "attn.proj": RowwiseParallel(),
+                                            "mlp.fc": ColwiseParallel(), "mlp.proj": RowwiseParallel()})
+        fsdp_block, _ = _tiny_block(device)
+        param_bytes = sum(p.numel() for p in fsdp_block.parameters()) * 4
+        fully_shard(fsdp_block, mesh=mesh, reshard_after_forward=True)
+        measures[f"tp{n}"] = lambda b=tp_block, x=x: _slowest(block_step_time_s(b, x, iters=3, repeats=1), device)
+        measures[f"fsdp{n}"] = lambda b=fsdp_block, x=x: _slowest(block_step_time_s(b, x, iters=3, repeats=1),
+                                                                  device)
+        comm_s[f"tp{n}"] = 4 * group_allreduce_s(out_bytes, cluster, n, 1)  # forward g and backward f, two pairs
+        comm_s[f"fsdp{n}"] = (2 * group_allgather_s(param_bytes, cluster, n, 1)
+                              + group_reduce_scatter_s(param_bytes, cluster, n, 1))
+    totals, spread = interleaved_medians(measures, rounds=rounds)
+    table = group_overheads_s(totals, comm_s, contention, plain_s)
+    _, x = _tiny_block(device)
+    dtensor_optimizer_s = _slowest(optimizer_tensor_time_s(fsdp_block, x, iters=9), device) / contention
+    return table, dtensor_optimizer_s, spread
 
 
-def _concurrency(device: torch.device, ranks: int) -> float:
-    """ranks × rate with every rank busy / rate of rank 0 alone, over a tiny block's forward + backward (the
-    dispatch-bound work) and a 256² matmul (the compute-bound work); the mean of the two. On CPU ranks it is at
-    most the cores this process may run on over its threads: other jobs loading the machine while rank 0 runs
-    alone would otherwise make sharing look like independence."""
+def group_overheads_s(totals_s: dict[str, float], comm_s: dict[str, float], contention: float,
+                      plain_s: float) -> dict[str, dict[int, float]]:
+    """Per wrapper and group size, a layer's extra fixed forward seconds from a tiny block's measured forward +
+    backward ``totals_s`` (keys ``"tp4"``, ``"fsdp2"``…: wrapper and group size, every rank busy): less the
+    block's collectives ``comm_s`` (same keys), divided by ``contention``, a third of the rest (forward 1×,
+    backward 2×) less the plain block's ``plain_s``, at least 0 — what
+    :func:`autoplan.cost.layer_cost` adds to ``plain_s`` for a layer so wrapped, so that the cost model gives the
+    tiny block back its measured time at every group size.
+
+    Example (ranks sharing two cores four ways: contention 2):
+        >>> group_overheads_s({"tp2": 0.030, "tp4": 0.036, "fsdp4": 0.015},
+        ...                   {"tp2": 0.006, "tp4": 0.024, "fsdp4": 0.003}, contention=2.0, plain_s=0.001)
+        {'tp': {2: 0.003, 4: 0.001}, 'fsdp': {4: 0.001}}
+    """
+    table: dict[str, dict[int, float]] = {}
+    for key, total in totals_s.items():
+        kind, n = key.rstrip("0123456789"), int(key[len(key.rstrip("0123456789")):])
+        extra = (total - comm_s[key]) / contention / 3 - plain_s
+        table.setdefault(kind, {})[n] = round(max(0.0, extra), 12)
+    return table
+
+
+def _concurrency(device: torch.device, ranks: int, rounds: int = 3) -> tuple[float, float, dict[str, float]]:
+    """(ranks × rate with every rank busy / rate of rank 0 alone, the plain block's fixed forward seconds alone,
+    spreads). Taken over a tiny block's forward + backward (the dispatch-bound work) and a 256² matmul (the
+    compute-bound work), the mean of the two, each timing the median of ``rounds`` interleaved samples (a load
+    spike from other jobs during one "alone" sample would otherwise read as sharing or as independence), at most
+    ``ranks``. It is not capped at the cores: under other jobs' load rank 0 alone gets less than a core too, and
+    what the cost model needs is the ratio of the two rates as measured (the alone figures × ranks / concurrency
+    = every rank busy). The block alone, a third of its forward + backward, is the plain layer overhead
+    (:func:`layer_overhead_time_s`)."""
     block, x = _tiny_block(device)
     a = torch.randn(256, 256, device=device)
-    work = [lambda: block_step_time_s(block, x, iters=10, repeats=3), lambda: _timed(lambda: a @ a, device, 0.05)]
-    ratios = []
-    for fn in work:
-        alone = _alone(fn, device)
-        dist.barrier()
-        together = _slowest(fn(), device)
-        ratios.append(ranks * alone / together)
-    measured = statistics.mean(ratios)
-    if device.type == "cpu" and hasattr(os, "sched_getaffinity"):
-        measured = min(measured, len(os.sched_getaffinity(0)) / torch.get_num_threads())
-    return measured
+    work = {"block": lambda: block_step_time_s(block, x, iters=10, repeats=3),
+            "matmul": lambda: _timed(lambda: a @ a, device, 0.05)}
+    measures = {}
+    for name, fn in work.items():
+        measures[f"{name} alone"] = lambda fn=fn: _alone(fn, device)
+        measures[f"{name} together"] = lambda fn=fn: (dist.barrier(), _slowest(fn(), device))[1]
+    medians, spread = interleaved_medians(measures, rounds=rounds)
+    measured = statistics.mean(ranks * medians[f"{name} alone"] / medians[f"{name} together"] for name in work)
+    return min(float(ranks), measured), medians["block alone"] / 3, spread
+
+
+def _cores_per_rank_short(device: torch.device, ranks: int) -> bool:
+    """Whether the CPU cores this process may run on cannot give each of ``ranks`` its threads: the ranks share
+    processors whatever a loaded machine made the concurrency look like."""
+    if device.type != "cpu" or not hasattr(os, "sched_getaffinity"):
+        return False
+    return len(os.sched_getaffinity(0)) / torch.get_num_threads() < 0.9 * ranks
 
 
 def _overlap(device: torch.device, num_bytes: int) -> float:
@@ -181,9 +235,12 @@ def _overlap(device: torch.device, num_bytes: int) -> float:
     return overlap_fraction(comm, compute_s, _slowest(_timed(both, device, 0, 3), device))
 
 
-def calibrate(size_bytes: int, matmul_n: int) -> Cluster:
+def calibrate(size_bytes: int, matmul_n: int, rounds: int = 3) -> Cluster:
     """Measure this job and return its :class:`Cluster` (collective: every rank calls it). The overlap
-    measurement is left in ``calibrate.last_overlap`` (a float; ``None`` in a world of one).
+    measurement is left in ``calibrate.last_overlap`` (a float; ``None`` in a world of one), and how far the
+    ``rounds`` interleaved samples of each figure of the concurrency and the per-layer overheads disagree in
+    ``calibrate.last_spread`` ({figure: relative spread}, :func:`autoplan.microbench.relative_spread`; figures
+    past 0.15 got up to two more rounds).
 
     Example: ``calibrate(2**24, 1024).to_dict()`` under torchrun.
     """
@@ -192,9 +249,12 @@ def calibrate(size_bytes: int, matmul_n: int) -> Cluster:
     device = world.device(cluster.device.kind)
     world.init_process_group(cluster.device.kind)
     ranks = world.size if world.distributed else 1
-    concurrency = _concurrency(device, ranks) if world.distributed else float(ranks)
+    calibrate.last_spread = {}
+    concurrency, plain_s = float(ranks), None
+    if world.distributed:
+        concurrency, plain_s, calibrate.last_spread = _concurrency(device, ranks, rounds)
     # Near the world size: every rank has its own device (no sharing to model).
-    shared = concurrency < 0.9 * ranks
+    shared = concurrency < 0.9 * ranks or _cores_per_rank_short(device, ranks)
     contention = max(1.0, ranks / concurrency) if shared else 1.0
 
     def alone(fn: Callable[[], float]) -> float:
@@ -218,7 +278,8 @@ def calibrate(size_bytes: int, matmul_n: int) -> Cluster:
         holder = [efficiency]
         dist.broadcast_object_list(holder, src=0)
         efficiency = holder[0]
-    plain_s = alone(lambda: layer_overhead_time_s(device, iters=10, repeats=5))
+    if plain_s is None or not shared:  # the concurrency's block alone is rank 0's figure, right when shared
+        plain_s = alone(lambda: layer_overhead_time_s(device, iters=10, repeats=5))
     optimizer_s = alone(lambda: optimizer_tensor_time_s(*_tiny_block(device)))
     bandwidth_Bps = 1 / alone(lambda: 1 / memory_bandwidth_Bps(device, num_bytes=2**26, iters=3))
     device_fields = dict(peak_flops=flops, layer_overhead_s=plain_s, memory_bandwidth_Bps=bandwidth_Bps,
@@ -237,9 +298,12 @@ def calibrate(size_bytes: int, matmul_n: int) -> Cluster:
         changes["collective_times"] = _collective_table(local, nodes, sizes, world.rank, device)
         changes["compute_concurrency"] = concurrency if shared else 0.0
         measured = replace(cluster, **changes)
-        tp_s, fsdp_s, dtensor_optimizer_s = _framework_overheads(device, plain_s, contention, measured)
-        device_fields.update(tp_layer_overhead_s=tp_s, fsdp_layer_overhead_s=fsdp_s,
-                             dtensor_optimizer_tensor_overhead_s=dtensor_optimizer_s)
+        table, dtensor_optimizer_s, spread = _framework_overheads(device, plain_s, contention, measured, rounds)
+        calibrate.last_spread.update(spread)
+        # the size-free figures: the largest group's (what a reader of the older fields gets)
+        device_fields.update(tp_layer_overhead_s=table["tp"][max(table["tp"])],
+                             fsdp_layer_overhead_s=table["fsdp"][max(table["fsdp"])],
+                             group_layer_overhead=table, dtensor_optimizer_tensor_overhead_s=dtensor_optimizer_s)
         calibrate.last_overlap = _overlap(device, size_bytes)
     changes["device"] = replace(cluster.device, **device_fields)
     return replace(cluster, name=f"calibrated-{cluster.device.kind}", **changes)

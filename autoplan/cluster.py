@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import MISSING, asdict, dataclass, fields
 
-from .cluster_tables import _collective_table, _efficiency_table, _interpolate_log
+from .cluster_tables import _collective_table, _efficiency_table, _group_overhead_table, _interpolate_log
 from .vocabulary import PRECISIONS
 
 __all__ = ["Device", "Cluster", "PRESETS"]
@@ -48,6 +48,9 @@ class Device:
         matmul_efficiency: per precision, measured ``(flops_per_matmul, fraction_of_peak)`` points, increasing in
             FLOPs; the cost model interpolates the fraction for each matmul's size (log-linear, clamped at the
             ends) in place of ``achievable_flops_fraction``. Empty (the presets): one fraction for every size.
+        group_layer_overhead: per wrapper (``"tp"``, ``"fsdp"``), measured ``(group size, seconds)`` points of its
+            extra fixed forward seconds per layer, in place of the two size-free figures above (interpolated in log
+            group size, :func:`autoplan.cluster_tables.group_layer_overhead_s`). Empty (the presets): size-free.
 
     Example:
         >>> d = Device("toy", 16 * GiB, {"fp32": 1e12, "bf16": 4e12, "fp16": 4e12}, achievable_flops_fraction=0.5)
@@ -69,6 +72,7 @@ class Device:
     dtensor_optimizer_tensor_overhead_s: float = 0.0  # the same per DTensor parameter
     # precision → ((flops_per_matmul, fraction_of_peak), ...), measured by autoplan.calibrate
     matmul_efficiency: tuple[tuple[str, tuple[tuple[float, float], ...]], ...] = ()
+    group_layer_overhead: tuple[tuple[str, tuple[tuple[int, float], ...]], ...] = ()  # kind → ((n, s), ...)
 
     def __post_init__(self) -> None:
         if self.memory_bytes <= 0:
@@ -99,6 +103,7 @@ class Device:
             if not getattr(self, attr) >= 0:
                 raise ValueError(f"Device.{attr} must be ≥ 0 seconds, got {getattr(self, attr)}")
         object.__setattr__(self, "matmul_efficiency", _efficiency_table(self.matmul_efficiency))
+        object.__setattr__(self, "group_layer_overhead", _group_overhead_table(self.group_layer_overhead))
 
     def __hash__(self) -> int:
         # peak_flops is a dict: hash its items so clusters can key caches.
@@ -106,7 +111,7 @@ class Device:
                      self.achievable_flops_fraction, self.memory_headroom_bytes, self.memory_bandwidth_Bps,
                      self.kind, self.layer_overhead_s, self.tp_layer_overhead_s, self.fsdp_layer_overhead_s,
                      self.optimizer_tensor_overhead_s, self.dtensor_optimizer_tensor_overhead_s,
-                     self.matmul_efficiency))
+                     self.matmul_efficiency, self.group_layer_overhead))
 
     @property
     def usable_memory_bytes(self) -> int:
@@ -389,6 +394,10 @@ class Cluster:
                                                    for p, pts in self.device.matmul_efficiency}
         else:
             del data["device"]["matmul_efficiency"]
+        data["device"]["group_layer_overhead"] = {k: {str(n): s for n, s in pts}
+                                                  for k, pts in self.device.group_layer_overhead}
+        if not self.device.group_layer_overhead:
+            del data["device"]["group_layer_overhead"]
         if self.collective_times:
             table: dict = {}
             for kind, n, points in self.collective_times:

@@ -57,3 +57,52 @@ def _collective_table(table) -> tuple[tuple[str, int, tuple[tuple[float, float],
                              f"got {points!r}")
         out.append((kind, int(n), pts))
     return tuple(sorted(out))
+
+
+#: The wrappers whose fixed per-layer cost ``Device.group_layer_overhead`` holds per group size.
+GROUP_OVERHEAD_KINDS = ("tp", "fsdp")
+
+
+def _group_overhead_table(table) -> tuple[tuple[str, tuple[tuple[int, float], ...]], ...]:
+    """``group_layer_overhead`` as sorted, hashable tuples, from the JSON dict ``{kind: {"n": seconds}}`` or from
+    ``(kind, ((n, seconds), ...))`` pairs; checked.
+
+    Example:
+        >>> _group_overhead_table({"tp": {"4": 2e-3, "2": 1e-3}})
+        (('tp', ((2, 0.001), (4, 0.002))),)
+    """
+    items = table.items() if isinstance(table, dict) else table
+    out = []
+    for kind, points in items:
+        pairs = points.items() if isinstance(points, dict) else points
+        if kind not in GROUP_OVERHEAD_KINDS:
+            raise ValueError(f"Device.group_layer_overhead has unknown kind {kind!r}; use {GROUP_OVERHEAD_KINDS}")
+        pts = tuple(sorted((int(n), float(s)) for n, s in pairs))
+        if not pts or any(not (n >= 2 and s >= 0) for n, s in pts):
+            raise ValueError(f"Device.group_layer_overhead[{kind!r}] needs (group size ≥ 2, seconds ≥ 0) points, "
+                             f"got {points!r}; write it with autoplan.calibrate")
+        out.append((kind, pts))
+    return tuple(sorted(out))
+
+
+def group_layer_overhead_s(device, kind: str, group_size: int) -> float:
+    """Extra fixed forward seconds of a layer under ``kind`` ("tp": DTensor tensor parallelism, "fsdp": an FSDP2
+    unit) over a group of ``group_size`` ranks: the device's measured points for ``kind``
+    (``Device.group_layer_overhead``) interpolated in log group size and clamped to the end points, or the
+    size-free figure (``tp_layer_overhead_s`` / ``fsdp_layer_overhead_s``) when there are none.
+
+    Example:
+        >>> from autoplan.cluster import Device
+        >>> d = Device("toy", 2**30, {"fp32": 1e9, "bf16": 1e9, "fp16": 1e9}, tp_layer_overhead_s=5e-3,
+        ...            group_layer_overhead={"tp": {"2": 1e-3, "8": 4e-3}})
+        >>> [round(group_layer_overhead_s(d, "tp", n) * 1e3, 3) for n in (2, 4, 16)]
+        [1.0, 2.5, 4.0]
+        >>> group_layer_overhead_s(d, "fsdp", 4)      # no points for FSDP: the size-free figure
+        0.0
+    """
+    if kind not in GROUP_OVERHEAD_KINDS:
+        raise ValueError(f"unknown overhead kind {kind!r}; use {GROUP_OVERHEAD_KINDS}")
+    points = dict(device.group_layer_overhead).get(kind)
+    if not points:
+        return device.tp_layer_overhead_s if kind == "tp" else device.fsdp_layer_overhead_s
+    return _interpolate_log(tuple((float(n), s) for n, s in points), float(group_size))

@@ -19,7 +19,8 @@ from .vocabulary import torch_dtype
 
 __all__ = ["matmul_flops", "matmul_efficiency", "memory_bandwidth_Bps", "layer_overhead_time_s", "block_step_time_s",
            "optimizer_tensor_time_s", "allreduce_time_s", "collective_time_s", "ring_bandwidth_Bps",
-           "overlap_fraction", "monotone", "MATMUL_SIZES", "COLLECTIVE_SIZES_BYTES"]
+           "overlap_fraction", "monotone", "interleaved_medians", "relative_spread", "MATMUL_SIZES",
+           "COLLECTIVE_SIZES_BYTES"]
 
 #: Message sizes of the collective table (bytes): latency-bound to bandwidth-bound, up to ``--size-mb``.
 COLLECTIVE_SIZES_BYTES = (4096, 65536, 2**19)
@@ -257,3 +258,42 @@ def monotone(values: list[float]) -> list[float]:
             (m1, c1), (m2, c2) = blocks.pop(-2), blocks.pop()
             blocks.append([(m1 * c1 + m2 * c2) / (c1 + c2), c1 + c2])
     return [m for m, c in blocks for _ in range(int(c))]
+
+
+def relative_spread(values: list[float]) -> float:
+    """How far repeated timings of one thing disagree: the median absolute deviation over the median (0: all
+    equal). Robust to one outlier among three or more, which a load spike makes.
+
+    Example:
+        >>> round(relative_spread([1.0, 1.1, 0.9]), 3), relative_spread([1.0, 1.0, 5.0])
+        (0.1, 0.0)
+    """
+    mid = statistics.median(values)
+    return statistics.median(abs(v - mid) for v in values) / mid if mid > 0 else 0.0
+
+
+def interleaved_medians(measures: dict[str, Callable[[], float]], rounds: int = 3, extra_rounds: int = 2,
+                        tolerance: float = 0.15) -> tuple[dict[str, float], dict[str, float]]:
+    """Each of ``measures`` (name → a call returning seconds or a rate) taken ``rounds`` times, one of each in
+    turn per round, so that a burst of load from other jobs slows one sample of every figure rather than every
+    sample of one; then up to ``extra_rounds`` more rounds while any figure's :func:`relative_spread` exceeds
+    ``tolerance``. Returns (name → median, name → relative spread). Collective when the calls are: every rank
+    decides on the same values when each call returns the slowest rank's figure.
+
+    Example (one figure disturbed once by a spike; the other spread until a fourth round):
+        >>> spike, noisy = iter([1.0, 9.0, 1.0, 1.0]), iter([1.0, 2.0, 1.5, 1.5])
+        >>> medians, spreads = interleaved_medians({"a": lambda: next(spike), "b": lambda: next(noisy)},
+        ...                                        rounds=3, extra_rounds=2, tolerance=0.2)
+        >>> medians, {k: round(v, 3) for k, v in spreads.items()}
+        ({'a': 1.0, 'b': 1.5}, {'a': 0.0, 'b': 0.167})
+    """
+    if rounds < 1 or extra_rounds < 0:
+        raise ValueError(f"rounds must be ≥ 1 and extra_rounds ≥ 0, got {rounds} and {extra_rounds}")
+    samples: dict[str, list[float]] = {name: [] for name in measures}
+    for round_ in range(rounds + extra_rounds):
+        if round_ >= rounds and all(relative_spread(v) <= tolerance for v in samples.values()):
+            break
+        for name, fn in measures.items():
+            samples[name].append(fn())
+    return ({name: statistics.median(v) for name, v in samples.items()},
+            {name: relative_spread(v) for name, v in samples.items()})

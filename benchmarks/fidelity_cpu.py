@@ -11,17 +11,20 @@ plan is applied and trained for ``--steps`` timed steps (train step + AdamW step
 ``--rounds`` interleaved rounds over the layouts. The machine's load drifts (other jobs share its cores), so
 every round after the first calibrates again and re-prices the same plans on its own figures
 (:func:`autoplan.cost.plan_cost.estimate`): each round's prediction is paired with the steps measured right
-after its calibration. Per layout, the mean of the rounds' predictions is compared with the median of all the
-rounds' steps. Printed: predicted vs measured per layout, the Spearman
-rank correlation over the pinned layouts, the median relative error, and the automatic plan's measured time
-against the fastest pinned layout's. Goals: Spearman ≥ 0.9, median error ≤ 15%, automatic within 5% of the
-fastest.
+after its calibration. Per layout, the median of the rounds' predictions (one calibration caught by a burst of
+load is outvoted) is compared with the median of all the rounds' steps. Printed: predicted vs measured per
+layout, the Spearman rank correlation over the pinned layouts, the median relative error, and the automatic
+plan's measured time against the fastest pinned layout's; then the same figures of each round on its own (its
+calibration against its own steps: how much a single calibration can be trusted), the machine's load average
+around each round and the calibration's spreads. Goals: Spearman ≥ 0.9, median error ≤ 15%, automatic within
+5% of the fastest.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -94,10 +97,19 @@ def spearman(xs: list[float], ys: list[float]) -> float:
     return 1 - 6 * sum((a - b) ** 2 for a, b in zip(rx, ry)) / (n * (n * n - 1))
 
 
+def round_figures(rows: list[dict], measured: dict[str, float], k: int) -> dict:
+    """Spearman and median |error| of round ``k``'s predictions against that round's own measured medians."""
+    pinned = [r for r in rows if r["layout"] != "automatic"]
+    pred = [r["round_predicted_s"][k] for r in pinned]
+    meas = [measured[r["layout"]] for r in pinned]
+    return {"spearman": spearman(pred, meas),
+            "median_abs_error": statistics.median(abs(p - m) / m for p, m in zip(pred, meas))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=4, help="timed steps per layout (one more warms up)")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds over the layouts")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the layouts")
     parser.add_argument("--out", help="write the figures as JSON here (rank 0)")
     args = parser.parse_args()
     dist.init_process_group("gloo")
@@ -114,20 +126,28 @@ def main() -> None:
     plans = {name: autoplan.Plan.from_dict(d) for name, d in box[0].items()}
     graph = autoplan.trace(fresh_model(), batches[0][0])
     steps: dict[str, list[float]] = {name: [] for name in plans}
+    round_steps: list[dict[str, float]] = []
     predictions: dict[str, list] = {name: [] for name in plans}
     calibrations = [cluster.to_dict()]
+    spreads = [dict(calibrate.last_spread)]
+    load = [os.getloadavg()[0]]
     for round_ in range(args.rounds):
         if round_:
             cluster = calibrate(size_bytes=2**22, matmul_n=512)
             calibrations.append(cluster.to_dict())
+            spreads.append(dict(calibrate.last_spread))
+        round_steps.append({})
         for name, plan in plans.items():
             predictions[name].append(estimate(graph, replace(plan, cluster=cluster)))
-            steps[name] += measure(plan, batches)
+            times = measure(plan, batches)
+            steps[name] += times
+            round_steps[-1][name] = statistics.median(times)
+        load.append(os.getloadavg()[0])
     rows = []
     for name, plan in plans.items():
         measured = statistics.median(steps[name])
         ps = predictions[name]
-        predicted = statistics.mean(p.step_time_s for p in ps)
+        predicted = statistics.median(p.step_time_s for p in ps)
         rows.append({"layout": name, "plan": f"{plan.mesh} {plan.data_parallel} {plan.schedule} "
                      f"mb={plan.microbatch_size}×{plan.microbatches} recompute={len(plan.recompute)}",
                      "predicted_s": predicted, "measured_s": measured,
@@ -143,16 +163,24 @@ def main() -> None:
             "spearman": spearman([r["predicted_s"] for r in pinned], [r["measured_s"] for r in pinned]),
             "median_abs_error": statistics.median(abs(r["error"]) for r in pinned),
             "automatic_over_fastest": auto["measured_s"] / fastest["measured_s"], "fastest": fastest["layout"],
+            "rounds": [round_figures(rows, measured, k) for k, measured in enumerate(round_steps)],
+            "load_average_1min": load, "calibration_spread": spreads,
             "comm_overlap": overlap, "calibrated": calibrations,
         }
         for r in rows:
             parts = " ".join(f"{k} {v * 1e3:.0f}" for k, v in r["predicted_parts_s"].items() if v > 0)
             print(f"{r['layout']:>18} | {r['plan']:<48} | predicted {r['predicted_s'] * 1e3:7.1f} ms measured "
                   f"{r['measured_s'] * 1e3:7.1f} ms error {r['error']:+.0%} | {parts}")
-        d = cluster.device
-        print(f"calibrated: concurrency {cluster.compute_concurrency:.2f}, layer overhead {d.layer_overhead_s * 1e6:.0f}"
-              f" µs (+{d.tp_layer_overhead_s * 1e6:.0f} TP, +{d.fsdp_layer_overhead_s * 1e6:.0f} FSDP), fp32 "
-              f"{d.peak_flops['fp32'] / 1e9:.1f} GFLOP/s, all-reduce/compute overlap {overlap:.2f}")
+        for k, (c, figures) in enumerate(zip(calibrations, summary["rounds"])):
+            d = c["device"]
+            groups = "; ".join(f"{kind} " + ", ".join(f"n={n} {v * 1e6:.0f}" for n, v in pts.items())
+                               for kind, pts in d.get("group_layer_overhead", {}).items())
+            print(f"round {k}: load {load[k]:.1f}→{load[k + 1]:.1f}; calibrated concurrency "
+                  f"{c.get('compute_concurrency', 0):.2f}, layer overhead {d['layer_overhead_s'] * 1e6:.0f} µs "
+                  f"(+ {groups} µs), fp32 {d['peak_flops']['fp32'] / 1e9:.1f} GFLOP/s; worst spread "
+                  f"{max(spreads[k].values(), default=0):.2f}; alone: Spearman {figures['spearman']:.2f}, "
+                  f"median |error| {figures['median_abs_error']:.0%}")
+        print(f"all-reduce/compute overlap {overlap:.2f}")
         print(f"Spearman {summary['spearman']:.2f}; median |error| {summary['median_abs_error']:.0%}; automatic "
               f"{summary['automatic_over_fastest']:.2f}× the fastest pinned layout ({fastest['layout']})")
         if args.out:

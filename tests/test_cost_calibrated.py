@@ -10,10 +10,10 @@ from dataclasses import replace
 import pytest
 
 from autoplan import Cluster
-from autoplan.calibrate import monotone, overlap_fraction
+from autoplan.calibrate import group_overheads_s, interleaved_medians, monotone, overlap_fraction
 from autoplan.cost import (compute_contention, group_allgather_s, group_allreduce_s, group_p2p_s,
                            layer_step_overhead_s)
-from autoplan.cost.plan_cost import Strategy, layer_choice_cost
+from autoplan.cost.plan_cost import Strategy, layer_choice_cost, layer_cost_context
 from autoplan.cost.step import data_parallel_sync_s
 from autoplan.synthetic import gpt_like_graph
 
@@ -105,3 +105,64 @@ def test_measured_figures_survive_json_and_presets_write_none_of_them():
 def test_calibration_helpers():
     assert monotone([3.0, 1.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])  # a larger message never takes less time
     assert overlap_fraction(0.1, 0.3, 0.3) == 1.0 and overlap_fraction(0.1, 0.3, 0.4) == 0.0
+
+
+GROUPED = replace(MEASURED, device=replace(MEASURED.device, layer_overhead_s=1e-4,
+                                           group_layer_overhead={"tp": {"2": 2e-3, "4": 1e-3}, "fsdp": {"2": 4e-4}}))
+
+
+def test_wrapper_overheads_are_read_at_the_layout_s_own_group_size():
+    graph = gpt_like_graph(layers=2, hidden=64, seq=16, heads=4, vocab=100)
+    block = graph.layer("blocks.0")
+    flat = replace(GROUPED, device=replace(GROUPED.device, group_layer_overhead=()))
+
+    def overhead_s(cluster, dp, tp, kind):
+        # forward seconds less those of the same layer with no fixed overheads: o (× contention 2)
+        strategy = Strategy(1, dp, tp, 1, 1, "1f1b", kind, precision="fp32")
+        bare = replace(cluster, device=replace(cluster.device, layer_overhead_s=0.0, tp_layer_overhead_s=0.0,
+                                               fsdp_layer_overhead_s=0.0, group_layer_overhead=()))
+        return (layer_choice_cost(graph, block, cluster, strategy, tp > 1, None).forward_s
+                - layer_choice_cost(graph, block, bare, strategy, tp > 1, None).forward_s) / 2
+
+    assert overhead_s(GROUPED, 1, 4, "ddp") == pytest.approx(1e-4 + 1e-3)
+    assert overhead_s(GROUPED, 2, 2, "ddp") == pytest.approx(1e-4 + 2e-3)  # tp = 2: its own, larger figure
+    assert overhead_s(GROUPED, 2, 2, "fsdp") == pytest.approx(1e-4 + 2e-3 + 4e-4)  # an FSDP unit of 2 ranks
+    # FSDP over 4 ranks has no point of its own: the nearest measured size (2), clamped
+    assert overhead_s(GROUPED, 4, 1, "fsdp") == pytest.approx(1e-4 + 4e-4)
+    # without a table: the size-free figures, whatever the group
+    assert overhead_s(flat, 2, 2, "fsdp") == pytest.approx(1e-4 + 1e-3 + 5e-4)
+    assert layer_cost_context(graph, block, GROUPED, Strategy(1, 2, 2, 1, 1, "1f1b", "fsdp"), True)[1] == 2
+
+
+def test_group_overheads_come_from_the_tiny_block_s_time_at_each_size():
+    # the block's forward + backward at tp = 2 and 4 (every rank busy) less its collectives at that size, over
+    # the contention, a third, less the plain block: the cost model then gives each size its measured time back
+    table = group_overheads_s({"tp2": 0.060, "tp4": 0.066}, {"tp2": 0.006, "tp4": 0.030}, contention=2.0,
+                              plain_s=0.002)
+    assert table == {"tp": {2: pytest.approx(0.007), 4: pytest.approx(0.004)}}
+    assert group_overheads_s({"fsdp4": 0.001}, {"fsdp4": 0.002}, 2.0, 0.001) == {"fsdp": {4: 0.0}}  # never < 0
+    again = Cluster.from_dict(json.loads(json.dumps(GROUPED.to_dict())))
+    assert again == GROUPED and hash(again) == hash(GROUPED)
+    assert again.to_dict()["device"]["group_layer_overhead"]["tp"] == {"2": 2e-3, "4": 1e-3}
+    with pytest.raises(ValueError, match="group_layer_overhead"):
+        replace(CPU.device, group_layer_overhead={"ddp": {"2": 1e-3}})
+    with pytest.raises(ValueError, match="group size"):
+        replace(CPU.device, group_layer_overhead={"tp": {"1": 1e-3}})
+
+
+def test_interleaved_measurements_outvote_a_load_spike_and_repeat_while_they_disagree():
+    calls = []
+
+    def figure(values):
+        values = iter(values)
+        return lambda: calls.append(1) or next(values)
+
+    # one sample of "a" hit by a spike: its median ignores it, and no round is added (spread 0)
+    medians, spread = interleaved_medians({"a": figure([1.0, 8.0, 1.0]), "b": figure([2.0, 2.0, 2.1])})
+    assert medians == {"a": 1.0, "b": 2.0} and len(calls) == 6 and spread["a"] == 0.0
+    # samples that disagree get more rounds (of every figure, still interleaved), up to the limit
+    calls.clear()
+    medians, spread = interleaved_medians({"a": figure([1.0, 2.0, 3.0, 2.0, 2.0])}, rounds=3, extra_rounds=2)
+    assert medians == {"a": 2.0} and len(calls) == 5 and spread["a"] == 0.0
+    with pytest.raises(ValueError, match="rounds"):
+        interleaved_medians({"a": figure([1.0])}, rounds=0)

@@ -15,6 +15,7 @@ from .._checks import check_non_negative as _check_non_negative
 from .._checks import check_positive_int as _check_positive_int
 from .._checks import check_precision as _check_precision
 from ..cluster import Cluster
+from ..cluster_tables import group_layer_overhead_s
 from ..graph import Layer, RecomputeOption, TensorParallelGroup
 from ..names import in_module
 from ..vocabulary import PRECISION_BYTES
@@ -158,7 +159,7 @@ def _priced_s(collectives: tuple[Collective, ...], cluster: Cluster, tp_stride: 
 
 def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int, cluster: Cluster, tp: int,
                microbatch_size: int, precision: str, recompute: RecomputeOption | None = None,
-               tp_stride: int = 1, contention: float = 1.0, fsdp_unit: bool = False,
+               tp_stride: int = 1, contention: float = 1.0, fsdp_unit: bool | int = False,
                per_step_s: float = 0.0) -> LayerCost:
     """Cost of ``layer`` for one microbatch of ``microbatch_size`` samples on one device.
 
@@ -182,7 +183,9 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
     autograd adds its own dispatch per node) — and a recompute one more forward's worth. This is what makes many
     small microbatches cost more than few large ones. A tensor-parallel layer adds ``tp_layer_overhead_s``
     (DTensor dispatch) and, with ``fsdp_unit``, a layer wrapped by ``fully_shard`` adds
-    ``fsdp_layer_overhead_s`` (its hooks), each charged like ``layer_overhead_s``.
+    ``fsdp_layer_overhead_s`` (its hooks), each charged like ``layer_overhead_s``; a calibrated device holds
+    both per group size (:func:`autoplan.cluster_tables.group_layer_overhead_s`), read at ``tp`` and at
+    ``fsdp_unit`` when that is the FSDP group's size (an int ≥ 2; ``True``: a unit of unknown size).
 
     Matmuls are priced at the efficiency of their own size when the device has a calibrated table
     (:meth:`autoplan.Device.achievable_flops`). ``contention`` (≥ 1) stretches everything the rank computes —
@@ -239,8 +242,10 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
         forward_flops = layer.forward_flops - group_flops + group_flops / tp
     flops_ratio = forward_flops / layer.forward_flops if layer.forward_flops > 0 else 1.0
     device = cluster.device
-    overhead_s = (device.layer_overhead_s + (device.tp_layer_overhead_s if groups else 0.0)
-                  + (device.fsdp_layer_overhead_s if fsdp_unit else 0.0))
+    fsdp_group = fsdp_unit if fsdp_unit is not True and fsdp_unit >= 2 else 0
+    overhead_s = (device.layer_overhead_s + (group_layer_overhead_s(device, "tp", tp) if groups else 0.0)
+                  + ((group_layer_overhead_s(device, "fsdp", fsdp_group) if fsdp_group else
+                      device.fsdp_layer_overhead_s) if fsdp_unit else 0.0))
     pair_sharded = any(_group_kind(g) == "pair" for g in groups)
     matmul_s = _forward_matmul_s(layer, groups, tp, pair_sharded, batch_scale, cluster, precision)
     # backward and recompute run matmuls of the forward's sizes (a linear's two gradients): the forward's rate

@@ -206,25 +206,26 @@ def layer_choice_cost(graph: ModelGraph, layer: Layer, cluster: Cluster, strateg
 
 
 def layer_cost_context(graph: ModelGraph, layer: Layer, cluster: Cluster, strategy: Strategy, tp_on: bool,
-                       largest_layer_params: int | None = None) -> tuple[float, bool, float]:
+                       largest_layer_params: int | None = None) -> tuple[float, int, float]:
     """What :func:`layer_choice_cost` reads from the whole strategy besides its tp degree, microbatch size,
     precision and sequence parallelism: ``(contention, fsdp_unit, per_step_s)`` — ranks sharing processors
-    (pp, microbatches, schedule), whether ``layer`` is an FSDP unit of its own (dp, data-parallel kind) and its
-    fixed per-step seconds. A memo of layer costs across strategies must key on these too.
+    (pp, microbatches, schedule), the size of ``layer``'s FSDP group when it is an FSDP unit of its own (dp,
+    data-parallel kind; 0 when it is not: the per-layer hooks cost per group size) and its fixed per-step
+    seconds. A memo of layer costs across strategies must key on these too.
     ``largest_layer_params``: the graph's largest layer, when the caller has it (saves a scan per call).
 
-    Example (FSDP over 4 ranks makes the block a unit of its own; DDP does not):
+    Example (FSDP over 4 ranks makes the block a unit of its own, of 4 ranks; DDP does not):
         >>> from autoplan import Cluster
         >>> from autoplan.synthetic import gpt_like_graph
         >>> graph = gpt_like_graph(layers=2, hidden=64, seq=16, heads=4, vocab=100)
         >>> block, c = graph.layer("blocks.0"), Cluster.preset("a100-80gb")
         >>> [layer_cost_context(graph, block, c, Strategy(1, 4, 1, 1, 1, "1f1b", kind), False)[1]
         ...  for kind in ("ddp", "fsdp")]
-        [False, True]
+        [0, 4]
     """
     contention = cost.compute_contention(cluster, pp=strategy.pp, microbatches=strategy.microbatches,
                                          schedule=strategy.schedule, virtual_stages=strategy.virtual_stages)
-    fsdp_unit = _fsdp_unit(graph, layer, strategy, largest_layer_params)
+    fsdp_unit = strategy.dp if _fsdp_unit(graph, layer, strategy, largest_layer_params) else 0
     per_step_s = cost.layer_step_overhead_s(
         cluster, param_tensors=len(layer.param_names), dtensor=_dtensor_params(strategy, tp_on),
         fsdp_unit=fsdp_unit, dp=strategy.dp, stride=strategy.tp, precision=strategy.precision,
