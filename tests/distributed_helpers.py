@@ -87,7 +87,7 @@ def layout(kind: str, name: str, *, pp=1, dp=1, tp=1, data_parallel="ddp", sched
 
 #: Layouts also run with recompute: one per way recompute meets a wrapper (FSDP units, DTensor under TP, a
 #: pipeline stage, interleaved virtual stages); the quick smoke world adds fsdp2xtp2 and dp2xpp2-1f1b.
-RECOMPUTED_LAYOUTS = ("fsdp4", "tp4", "dp2xtp2", "fsdp2xpp2-1f1b", "pp4-interleaved", "pp2xtp2-1f1b")
+RECOMPUTED_LAYOUTS = ("fsdp4", "tp4", "dp2xtp2", "fsdp2xpp2-1f1b", "pp4-interleaved", "pp2xtp2-1f1b-sp")
 
 
 def all_layouts(kind: str) -> list[dict]:
@@ -104,6 +104,9 @@ def all_layouts(kind: str) -> list[dict]:
     meshes = {"pp4": dict(pp=4), "dp2xpp2": dict(pp=2, dp=2), "pp2xtp2": dict(pp=2, tp=2)}
     base += [(f"{mesh}-{schedule}", dict(meshes[mesh], schedule=schedule))
              for mesh, names in schedules.items() for schedule in names]
+    if kind == "gpt":  # pp2×tp2 under 1F1B with sequence parallelism: each stage splits and gathers its piece
+        base = [(f"{name}-sp", dict(kw, sequence_parallel=True)) if name == "pp2xtp2-1f1b" else (name, kw)
+                for name, kw in base]
     cases = [layout(kind, name, recompute=rc, **kw) for name, kw in base
              for rc in ((False, True) if name in RECOMPUTED_LAYOUTS else (False,))]
     if kind == "gpt":  # sequence parallelism splits the blocks' residual stream around their norms

@@ -42,6 +42,7 @@ CASES = [
     _case("fsdp2xpp2-gpipe", 4, pp=2, dp=2, data_parallel="fsdp", schedule="gpipe"),
     _case("tp4-sp", 2, tp=4, sequence_parallel=True),
     _case("tp2xdp2-sp", 2, tp=2, dp=2, recompute=True, sequence_parallel=True),
+    _case("pp2xtp2-1f1b-sp", 4, pp=2, tp=2, sequence_parallel=True),  # a run cut by the stages: each splits and gathers
 ]
 
 
