@@ -5,8 +5,9 @@ When the layers that share one tensor sit on different pipeline ranks, each rank
 last microbatch and before the optimizer: one all-reduce per tied group over the pipeline ranks that hold it,
 at each (dp, tp) coordinate. Its bytes are the tied tensor's gradient (fp32, ``GRAD_REDUCE_BYTES``) as this
 rank holds it: divided by tp when the holding module is tensor-parallel (a vocabulary-parallel embedding or
-head), and by dp under FSDP (each rank syncs its shard). The ranks are ``dp·tp`` apart per pipeline step, so
-the group's stride is that times the pipeline distance between its first and last holder.
+head), and by dp under FSDP (each rank syncs its shard). Pipeline ranks are ``dp·tp`` devices apart, so the
+group spans ``dp·tp`` times the pipeline distance from its first holder to its last: it is priced as a group of
+its size spread evenly over that span (inter-node as soon as the span leaves a node).
 
 Example (a GPT-like chain with the head tied to the embedding, embedding and head on two pipeline ranks):
     >>> import autoplan
@@ -21,6 +22,9 @@ Example (a GPT-like chain with the head tied to the embedding, embedding and hea
     ...     stages=(autoplan.Stage(tuple(names[:3])), autoplan.Stage(tuple(names[3:]))))
     >>> [[(c.kind, c.nbytes, c.count, c.group_size) for c in rank] for rank in tied_gradient_collectives(g, plan)]
     [[('all_reduce', 25600, 1, 2)], [('all_reduce', 25600, 1, 2)]]
+    >>> first, last = tied_gradient_sync_s(g, plan, plan.cluster)
+    >>> first == last > 0
+    True
 """
 
 from __future__ import annotations
@@ -87,7 +91,9 @@ def tied_gradient_sync_s(graph: ModelGraph, plan: Plan, cluster: Cluster) -> tup
     seconds = [0.0] * plan.mesh.pp
     step = plan.mesh.dp * plan.mesh.tp
     for ranks, nbytes in _groups(graph, plan):
-        stride = step * (ranks[-1] - ranks[0]) // (len(ranks) - 1)
+        # the pipeline ranks tied are not evenly spaced over the world (0 and pp − 1): price them as a group
+        # of their size spread over the ranks they span, so that it leaves a node exactly when they do
+        stride = max(1, step * (ranks[-1] - ranks[0] + 1) // len(ranks))
         for r in ranks:
             seconds[r] += group_allreduce_s(nbytes, cluster, len(ranks), stride)
     return tuple(seconds)
