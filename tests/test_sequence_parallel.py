@@ -219,3 +219,31 @@ def test_trace_finds_the_norms_and_names_what_blocks_it():
     with pytest.raises(ValueError, match="0.gate"):
         search(graph, autoplan.Cluster.preset("cpu", devices_per_node=2),
                PlanOptions(precision="fp32", sequence_parallel=True))
+
+
+def test_a_pipeline_stage_never_sends_a_sequence_shard():
+    """Each stage gathers its runs where they end; a run's inner output read past the stage would leave as a
+    DTensor (its local shard sent as if whole): the stage's hook refuses it before anything is sent."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from autoplan.execute.tensor_parallel import check_stage_outputs_whole
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+
+        class Leaky(nn.Module):
+            def forward(self, x):
+                return x, DTensor.from_local(x, mesh, (Shard(1),), run_check=False)
+
+        stage = Leaky()
+        check_stage_outputs_whole(stage, 1)
+        with pytest.raises(autoplan.PlanMismatchError, match="stage 1 would send a sequence-parallel DTensor"):
+            stage(torch.ones(1, 4, 2))
+    finally:
+        dist.destroy_process_group()

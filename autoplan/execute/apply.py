@@ -37,7 +37,7 @@ from .pipeline import TiedGradientGroup, build_schedule, local_stage_indices, ti
 from .recompute import apply_recompute
 from ..trace.skeleton import stands_in
 from ..trace.stages import split_into_stages
-from .tensor_parallel import apply_tensor_parallel, tied_parameter_names
+from .tensor_parallel import apply_tensor_parallel, check_stage_outputs_whole, tied_parameter_names
 from .validate import check_plan_matches
 from .world import World
 
@@ -170,6 +170,8 @@ def _apply(model: nn.Module, parts: list[nn.Module], plan: Plan, loss_fn, init_w
         if m.tp > 1:
             counts["tp"] += apply_tensor_parallel(root, _held_styles(root, plan.tensor_parallel), mesh["tp"],
                                                   plan.stages[k].layers if m.pp > 1 else plan.layers)
+            if m.pp > 1 and plan.sequence_parallel:  # stages exchange whole activations, never a shard
+                check_stage_outputs_whole(root, k)
         recompute = plan.stages[k].recompute if m.pp > 1 else plan.recompute
         counts["recompute"] += apply_recompute(root, recompute)
         runner = root

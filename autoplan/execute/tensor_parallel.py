@@ -39,6 +39,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, PrepareModuleOutput,
                                                RowwiseParallel, SequenceParallel, parallelize_module)
+from torch.utils._pytree import tree_leaves
 
 from ..errors import PlanMismatchError
 from ..names import tied_parameter_names  # noqa: F401  (re-exported: apply and data_parallel use it)
@@ -47,7 +48,7 @@ from ..vocabulary import tp_style_kind
 from .tp_styles import style_for
 
 __all__ = ["parallel_style", "apply_tensor_parallel", "sequence_parallel_runs", "reduce_sequence_parallel_gradients",
-           "tied_parameter_names"]
+           "check_stage_outputs_whole", "tied_parameter_names"]
 
 #: The residual stream's sequence dim inside a sequence-parallel layer (inputs are (batch, sequence, hidden)).
 SEQUENCE_DIM = 1
@@ -202,6 +203,31 @@ def _check_stream_output(name: str, module: nn.Module, inputs, output) -> None:
             f"sequence-parallel layer {name!r} returned {type(output).__name__}, not its residual stream as a "
             f"DTensor; this model's layers cannot run sequence-parallel: re-plan with sequence_parallel=False"
         )
+
+
+def check_stage_outputs_whole(stage: nn.Module, index: int) -> None:
+    """A pipeline stage under sequence parallelism must hand the next stage whole tensors: each of its runs is
+    gathered where it ends, but a run's inner output used past the stage (a layer's output read again by a later
+    stage) would leave as a DTensor, whose local shard the pipeline would send as if it were whole. Checked on
+    every forward (a hook); a ``PlanMismatchError`` before anything is sent.
+
+    Example:
+        >>> import torch
+        >>> stage = torch.nn.Linear(2, 2)
+        >>> check_stage_outputs_whole(stage, 0)
+        >>> stage(torch.ones(1, 2)).shape
+        torch.Size([1, 2])
+    """
+
+    def whole(module: nn.Module, inputs, output) -> None:
+        if any(isinstance(x, DTensor) for x in tree_leaves(output)):
+            raise PlanMismatchError(
+                f"pipeline stage {index} would send a sequence-parallel DTensor to the next stage (a layer's output "
+                f"inside a run of sequence-parallel layers is read past the stage's end); cut the stages at the end "
+                f"of a layer whose output only the next layer reads, or re-plan with sequence_parallel=False"
+            )
+
+    stage.register_forward_hook(whole)
 
 
 def reduce_sequence_parallel_gradients(modules) -> int:
