@@ -58,7 +58,10 @@ def test_llama_and_gpt2_pipelines_match_one_process(tmp_path):
     # Llama pp2xtp2 with a checkpoint and state dict round trip; GPT-2 pp2xdp2, its tied embedding and head in
     # different stages (the other two meshes run in the matrix below; tests/test_execute.py checks the same split
     # of both in one process, in the quick tier)
+    # Llama pp2xtp2 also with sequence parallelism: the skeleton stages cut the run of decoder layers, each stage
+    # splits and gathers its own piece
     cases = [{"family": "llama", "mesh": {"pp": 2, "tp": 2}, "checkpoint": str(tmp_path / "checkpoint_llama")},
+             {"family": "llama", "mesh": {"pp": 2, "tp": 2}, "sequence_parallel": True},
              {"family": "gpt2", "mesh": {"pp": 2, "dp": 2}}]
     check(run_world(cases, tmp_path, timeout_s=600, worker=WORKER))
 
