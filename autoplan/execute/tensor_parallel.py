@@ -22,6 +22,9 @@ what follows (the final norm, the head, the loss) sees whole tensors. Between th
 residual stream is a DTensor, so an op the layer runs on it follows DTensor's global-tensor semantics (or raises):
 a sequence-dependent op outside the pairs cannot silently see a shard. The norm weights' gradients come back as
 partial sums over the tp ranks and are all-reduced once per step (:func:`reduce_sequence_parallel_gradients`).
+A pipeline stage is given its own layers, so runs are cut at the stage boundaries: each stage splits and gathers
+its own piece and stages exchange whole activations, as under plain tensor parallelism
+(:func:`check_stage_outputs_whole` refuses a shard that would leave a stage).
 
 Example:
     >>> from autoplan.execute.tensor_parallel import parallel_style
