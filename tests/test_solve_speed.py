@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import torch
 
 import autoplan
 from autoplan.options import PlanOptions
@@ -56,3 +57,54 @@ def test_alternatives_judged_on_first_read_equal_those_judged_at_once():
         [{k: v for k, v in d.items() if k != "wall_s"} for d in as_json][1]
     assert autoplan.Plan.from_dict(lazy.to_dict()).search.alternatives == eager.search.alternatives
     assert "Alternatives" in lazy.explain() and lazy.explain() == eager.explain()
+
+
+class _Swap(torch.nn.Module):
+    """A pair whose forward may swap the halves of its hidden features: sound unswapped, unsound swapped, with
+    the same class, parameter shapes and inputs either way."""
+
+    def __init__(self, swap: bool):
+        super().__init__()
+        self.swap = swap
+        self.up, self.down = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = torch.relu(self.up(x))
+        if self.swap:
+            h = torch.cat([h[..., 8:], h[..., :8]], dim=-1)
+        return x + self.down(h)
+
+
+def test_tp_verdicts_are_reused_only_for_blocks_that_read_the_same(monkeypatch):
+    from autoplan.trace import tp_check
+    from autoplan.trace.tp_groups import DetectedGroup
+
+    def pairs(model):
+        return [DetectedGroup({f"{i}.up": "colwise", f"{i}.down": "rowwise"}, 16, f"{i}.down", (f"{i}.up", f"{i}.down"))
+                for i in range(len(model))]
+
+    checked = []
+    real = tp_check._check_one
+    monkeypatch.setattr(tp_check, "_check_one", lambda model, group, *a: checked.append(group) or real(model, group, *a))
+    monkeypatch.setattr(tp_check, "VERDICTS", tp_check.VERDICTS.__class__())
+    x = torch.randn(2, 8)
+    same = torch.nn.Sequential(_Swap(False), _Swap(False), _Swap(False))
+    kept, dropped = tp_check.check_tp_groups(same, pairs(same), (x,), {})
+    assert len(kept) == 3 and dropped == [] and len(checked) == 1  # identical blocks: one check
+    # a block that differs only in an attribute its forward reads is checked on its own, and dropped
+    mixed = torch.nn.Sequential(_Swap(False), _Swap(True))
+    kept, dropped = tp_check.check_tp_groups(mixed, pairs(mixed), (x,), {})
+    assert [g.styles for g in kept] == [pairs(mixed)[0].styles] and [d.styles for d in dropped] == [pairs(mixed)[1].styles]
+    assert len(checked) == 2 and "computes other numbers" in dropped[0].reason and "1's code" in dropped[0].reason
+    # the same structure traced again: both verdicts reused, the reason naming this model's module
+    again = torch.nn.Sequential(_Swap(True), _Swap(False))
+    kept, dropped = tp_check.check_tp_groups(again, pairs(again), (x,), {})
+    assert len(checked) == 2 and [d.styles for d in dropped] == [pairs(again)[0].styles] and len(kept) == 1
+    assert "0's code" in dropped[0].reason
+    # other inputs (a longer feature row cannot pass; a longer batch of rows can) or other weights' shapes: checked
+    kept, dropped = tp_check.check_tp_groups(same, pairs(same), (torch.randn(2, 3, 8),), {})
+    assert len(checked) == 3 and len(kept) == 3
+    wide = torch.nn.Sequential(_Swap(False))
+    wide[0].up, wide[0].down = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
+    tp_check.check_tp_groups(wide, pairs(wide), (x,), {})
+    assert len(checked) == 4

@@ -4,7 +4,8 @@ A group found in the op graph (:mod:`autoplan.trace.tp_groups`) is a guess from 
 how the module's own code treats the sharded features. A fused ``qkv`` read by ``.split(n_embd)``, a fused
 ``gate_up`` read by ``.chunk(2)``, a ``view(B, T, num_heads, head_dim)`` with the global head count or a key/value
 projection the detection missed all make a Megatron split wrong, by a crash or, worse, by wrong numbers. So each
-candidate is checked once per structure (repeated blocks share one check) on small real tensors:
+candidate is checked once per structure (blocks, or traces, whose check would read the same code, attributes, shapes and
+inputs share one verdict: :mod:`autoplan.trace.tp_check_key`) on small real tensors:
 
 1. the group's parent module (the innermost module holding all of its linears) gets fresh random weights (the
    model's own may be on the meta device), and its inputs are those of the example batch, recorded on fake
@@ -43,6 +44,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import types
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -53,6 +55,7 @@ from torch.utils import _pytree as pytree
 from .measure import TensorSpec
 from ..vocabulary import fused_parts, tp_style_kind
 from .opgraph import is_conv1d
+from .tp_check_key import VERDICTS, verdict_key
 from .tp_groups import DetectedGroup
 
 __all__ = ["DroppedGroup", "check_tp_groups", "record_parents", "TOLERANCE", "local_head_owners", "divide_head_attributes"]
@@ -164,22 +167,10 @@ def _smallest_prime(n: int) -> int:
     return n
 
 
-def _structure_key(model: nn.Module, parent: str, styles: dict[str, str]) -> tuple:
-    """Equal for the same group in identical repeated blocks (one check serves them all)."""
-    module = model.get_submodule(parent) if parent else model
-    rel = tuple(sorted((fqn[len(parent) + 1:] if parent else fqn, style) for fqn, style in styles.items()))
-    shapes = tuple((n, tuple(p.shape)) for n, p in module.named_parameters())
-    return (type(module).__qualname__, rel, shapes)
-
-
 def record_parents(model: nn.Module, groups: list[DetectedGroup]) -> set[str]:
-    """The modules whose inputs :func:`check_tp_groups` needs: one parent per distinct group structure."""
-    representative: dict[tuple, str] = {}
-    for g in groups:
-        if "rowwise" in g.styles.values():
-            parent = _parent_of(list(g.styles))
-            representative.setdefault(_structure_key(model, parent, g.styles), parent)
-    return set(representative.values())
+    """The modules whose inputs :func:`check_tp_groups` needs: the parent of every candidate pair (what it is
+    called with is part of what decides its verdict)."""
+    return {_parent_of(list(g.styles)) for g in groups if "rowwise" in g.styles.values()}
 
 
 def _record_inputs(model: nn.Module, parents: set[str], args: tuple, kwargs: dict) -> dict[str, tuple]:
@@ -404,6 +395,12 @@ def _check_on(model: nn.Module, group: DetectedGroup, parent: str, parent_module
                                        _random(tuple(reference.shape), generator), transposed)
 
 
+def _checker() -> tuple:
+    """This module's functions and constants: a verdict is reused only by the check that gave it."""
+    return tuple((k, v) for k, v in sorted(globals().items())
+                 if not k.startswith("__") and isinstance(v, (types.FunctionType, int, float)))
+
+
 def check_tp_groups(model: nn.Module, groups: list[DetectedGroup], args: tuple, kwargs: dict,
                     recorded: dict[str, tuple] | None = None) -> tuple[list[DetectedGroup], list[DroppedGroup]]:
     """``(sound groups, dropped groups with reasons)``; see the module docstring for the method. ``recorded``: the
@@ -412,23 +409,29 @@ def check_tp_groups(model: nn.Module, groups: list[DetectedGroup], args: tuple, 
     if not pairs:
         return list(groups), []
     parents = {id(g): _parent_of(list(g.styles)) for g in pairs}
-    keys = {id(g): _structure_key(model, parents[id(g)], g.styles) for g in pairs}
-    representative: dict[tuple, DetectedGroup] = {}
-    for g in pairs:
-        representative.setdefault(keys[id(g)], g)  # the first of each structure, as record_parents picks it
     batch = next((t.shape[0] for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)), None)
     if recorded is None:
-        recorded = _record_inputs(model, {parents[id(g)] for g in representative.values()}, args, kwargs)
-    verdicts: dict[tuple, str | None] = {}
-    for key, rep in representative.items():
-        parent = parents[id(rep)]
-        if parent not in recorded:
-            verdicts[key] = f"{parent or 'the model'} is never called by forward as a module"
+        recorded = _record_inputs(model, set(parents.values()), args, kwargs)
+    verdicts: dict[int, str | None] = {}
+    here: dict[tuple, str | None] = {}  # this model's verdicts, word for word (its blocks share one reason)
+    for g in pairs:
+        parent = parents[id(g)]
+        module = model.get_submodule(parent) if parent else model
+        key = verdict_key(module, parent, g.styles, g.divisor, recorded.get(parent), batch,
+                          _checker())
+        found = (here[key],) if key in here else VERDICTS.get(key, parent)
+        if found is not None:  # proven before: a repeated block, or the same structure traced again
+            verdicts[id(g)] = found[0]
+        elif parent not in recorded:
+            verdicts[id(g)] = f"{parent or 'the model'} is never called by forward as a module"
         else:
-            verdicts[key] = _check_one(model, rep, parent, recorded[parent], batch)
+            verdicts[id(g)] = _check_one(model, g, parent, recorded[parent], batch)
+            VERDICTS.put(key, parent, verdicts[id(g)])
+        if key is not None:
+            here[key] = verdicts[id(g)]
     kept, dropped = [], []
     for g in groups:
-        verdict = verdicts[keys[id(g)]] if id(g) in keys else None
+        verdict = verdicts.get(id(g))  # a group without a rowwise end is not checked
         if verdict is None:
             kept.append(g)
         else:
