@@ -7,8 +7,9 @@ memory bandwidth, per-layer overheads of eager, DTensor and FSDP layers, collect
 and message size, all-reduce/compute overlap). Rank 0 then plans a small GPT on the calibrated cluster once per
 layout, pinning the mesh, the data-parallel kind, the schedule and recompute (the planner still picks the
 microbatches, stage cuts and tensor-parallel styles), and once with nothing pinned (the automatic plan). Every
-plan is applied and trained for ``--steps`` timed steps (train step + AdamW step) after one warm-up step, in
-``--rounds`` interleaved rounds over the layouts. The machine's load drifts (other jobs share its cores), so
+plan is applied once (all stay built) and warmed up by one step; then each of ``--rounds`` rounds takes
+``--steps`` timed steps (train step + AdamW step) of every layout, one step of each in turn, so that a burst of
+load from other jobs slows a step of every layout rather than all steps of one. The machine's load drifts, so
 every round after the first calibrates again and re-prices the same plans on its own figures
 (:func:`autoplan.cost.plan_cost.estimate`): each round's prediction is paired with the steps measured right
 after its calibration. Per layout, the median of the rounds' predictions (one calibration caught by a burst of
@@ -67,21 +68,27 @@ def data(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(x[:, :-1], x[:, 1:]) for x in t]
 
 
-def measure(plan: autoplan.Plan, batches) -> list[float]:
-    """Seconds of each timed train step + optimizer step of ``plan`` (the slowest rank's, via barriers)."""
-    pm = autoplan.parallelize(fresh_model(), plan=plan)
-    opt = torch.optim.AdamW(pm.parameters(), lr=1e-3)
-    times = []
-    for i, (inputs, targets) in enumerate(batches):
+class Trainer:
+    """One layout applied once, stepped on demand: every layout stays built, so that the benchmark can take its
+    steps in turn with every other layout's and all of them meet the same load from other jobs."""
+
+    def __init__(self, plan: autoplan.Plan, batches) -> None:
+        self.pm = autoplan.parallelize(fresh_model(), plan=plan)
+        self.opt = torch.optim.AdamW(self.pm.parameters(), lr=1e-3)
+        self.batches, self.calls = batches, 0
+        self.step()  # the first step warms up allocations and dispatch caches
+
+    def step(self) -> float:
+        """Seconds of one train step + optimizer step (the slowest rank's, via barriers)."""
+        inputs, targets = self.batches[self.calls % len(self.batches)]
+        self.calls += 1
         dist.barrier()
         start = time.perf_counter()
-        pm.train_step(inputs, targets)
-        opt.step()
-        opt.zero_grad()
+        self.pm.train_step(inputs, targets)
+        self.opt.step()
+        self.opt.zero_grad()
         dist.barrier()
-        if i > 0:  # the first step warms up allocations and dispatch caches
-            times.append(time.perf_counter() - start)
-    return times
+        return time.perf_counter() - start
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
@@ -108,7 +115,7 @@ def round_figures(rows: list[dict], measured: dict[str, float], k: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per layout (one more warms up)")
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per layout and round (one more warms up)")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the layouts")
     parser.add_argument("--out", help="write the figures as JSON here (rank 0)")
     args = parser.parse_args()
@@ -131,17 +138,21 @@ def main() -> None:
     calibrations = [cluster.to_dict()]
     spreads = [dict(calibrate.last_spread)]
     load = [os.getloadavg()[0]]
+    trainers = {name: Trainer(plan, batches) for name, plan in plans.items()}
     for round_ in range(args.rounds):
         if round_:
             cluster = calibrate(size_bytes=2**22, matmul_n=512)
             calibrations.append(cluster.to_dict())
             spreads.append(dict(calibrate.last_spread))
-        round_steps.append({})
+        round_times: dict[str, list[float]] = {name: [] for name in plans}
         for name, plan in plans.items():
             predictions[name].append(estimate(graph, replace(plan, cluster=cluster)))
-            times = measure(plan, batches)
+        for _ in range(args.steps):  # one step of each layout in turn
+            for name, trainer in trainers.items():
+                round_times[name].append(trainer.step())
+        for name, times in round_times.items():
             steps[name] += times
-            round_steps[-1][name] = statistics.median(times)
+        round_steps.append({name: statistics.median(times) for name, times in round_times.items()})
         load.append(os.getloadavg()[0])
     rows = []
     for name, plan in plans.items():
@@ -175,8 +186,9 @@ def main() -> None:
             d = c["device"]
             groups = "; ".join(f"{kind} " + ", ".join(f"n={n} {v * 1e6:.0f}" for n, v in pts.items())
                                for kind, pts in d.get("group_layer_overhead", {}).items())
+            slowdown = ", ".join(f"{b:.0f}: {f:.2f}" for b, f in c.get("busy_slowdown", ()))
             print(f"round {k}: load {load[k]:.1f}→{load[k + 1]:.1f}; calibrated concurrency "
-                  f"{c.get('compute_concurrency', 0):.2f}, layer overhead {d['layer_overhead_s'] * 1e6:.0f} µs "
+                  f"{c.get('compute_concurrency', 0):.2f} (slowdown per ranks busy {slowdown}), layer overhead {d['layer_overhead_s'] * 1e6:.0f} µs "
                   f"(+ {groups} µs), fp32 {d['peak_flops']['fp32'] / 1e9:.1f} GFLOP/s; worst spread "
                   f"{max(spreads[k].values(), default=0):.2f}; alone: Spearman {figures['spearman']:.2f}, "
                   f"median |error| {figures['median_abs_error']:.0%}")
