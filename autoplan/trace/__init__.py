@@ -119,7 +119,8 @@ def _trace_all(model: torch.nn.Module, args: tuple, kwargs: dict, batch_size: in
     """Every module of ``model`` traced: the op graph, one fake forward and backward, the layer chain."""
     export_args, export_kwargs = _on_model_device(model, args, kwargs)
     op_graph = build_op_graph(model, export_args, export_kwargs)
-    candidates = detect_tp_groups(op_graph, model)
+    refused: list = []  # pairs whose parent hands out another head-shaped tensor: never offered, reported
+    candidates = detect_tp_groups(op_graph, model, refused)
     try:
         m = measure(model, args, kwargs, record_inputs=record_parents(model, candidates)
                     | input_owners([c.styles for c in candidates]))
@@ -192,7 +193,7 @@ def _trace_all(model: torch.nn.Module, args: tuple, kwargs: dict, batch_size: in
         tied_numels=_tied_numels(model),
         method=op_graph.method,
         trace_s=time.perf_counter() - started,
-        tp_dropped=[(d.styles, d.reason) for d in dropped],
+        tp_dropped=[(d.styles, d.reason) for d in dropped] + refused,
         pipeline_blocker=pipeline_split_blocker(model, names, (args, kwargs)) if len(names) > 1 else None,
     )
 

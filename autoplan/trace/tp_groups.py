@@ -6,7 +6,8 @@
 * rowwise: the single ``nn.Linear`` of the same parent reached from the colwise outputs through other ops
   (activation, attention, reshapes) without another linear, and whose output leaves the block: it feeds a
   residual add, the model output, or a module outside the pair's (a block stacked straight onto the next one);
-  then one all-reduce of its output per forward makes the pair exact;
+  then one all-reduce of its output per forward makes the pair exact, provided the pair's parent module hands the
+  rest of the model nothing else (T5's first cross-attention returns a head-shaped position bias: left out);
 * vocab_embedding: an ``nn.Embedding`` looked up with a model input (token ids);
 * vocab_head: an ``nn.Linear`` whose output is the model output and whose features are a vocabulary size.
 
@@ -168,8 +169,10 @@ def _heads_or_features(g, node: str, out_features: int) -> int:
     return out_features
 
 
-def detect_tp_groups(op_graph: OpGraph, model: nn.Module) -> list[DetectedGroup]:
-    """Every tensor-parallel group found in ``op_graph`` (see the module docstring for the rules)."""
+def detect_tp_groups(op_graph: OpGraph, model: nn.Module,
+                     refused: list[tuple[dict[str, str], str]] | None = None) -> list[DetectedGroup]:
+    """Every tensor-parallel group found in ``op_graph`` (see the module docstring for the rules). Pairs left out
+    because their parent hands out another tensor are appended to ``refused`` as ``(styles, reason)``."""
     g = op_graph.nx
     modules = dict(model.named_modules())
     linear_nodes = op_graph.linear_of
@@ -216,6 +219,13 @@ def detect_tp_groups(op_graph: OpGraph, model: nn.Module) -> list[DetectedGroup]
                 divisor = gcd(divisor, _heads_or_features(g, piece, out_features // parts))
         divisor = gcd(divisor, linear_features(modules[linear_nodes[row]])[0])
         styles[linear_nodes[row]] = "rowwise"
+        parent = _common_parent(list(styles))
+        if _hands_out_more(g, op_graph.order, parent, row):
+            if refused is not None:
+                refused.append((styles, f"{parent} hands the rest of the model a tensor besides its rowwise output "
+                                        f"(a position bias or attention weights shaped by its heads), which a shard "
+                                        f"would make with the local heads only"))
+            continue
         used.update(col_nodes)
         used.add(row)
         groups.append(DetectedGroup(styles, divisor, row, (linear_nodes[col_nodes[0]], linear_nodes[row])))
@@ -226,6 +236,39 @@ def detect_tp_groups(op_graph: OpGraph, model: nn.Module) -> list[DetectedGroup]
             groups.append(DetectedGroup({fqn: "vocab_head"}, out_features, node, (fqn, None)))
     vocab = {fqn for grp in groups for fqn, style in grp.styles.items() if style.startswith("vocab")}
     return [grp for grp in groups if not _tied_outside(model, grp.styles, vocab)]
+
+
+def _common_parent(fqns: list[str]) -> str:
+    """The innermost module holding every one of ``fqns`` (the module the soundness check shards)."""
+    parts = [f.split(".") for f in fqns]
+    common = []
+    for names in zip(*(p[:-1] for p in parts)):
+        if len(set(names)) > 1:
+            break
+        common.append(names[0])
+    return ".".join(common)
+
+
+def _hands_out_more(g, order: list[str], parent: str, row: str) -> bool:
+    """Whether the pair's parent module hands the rest of the model a tensor other than what it makes from the
+    rowwise output: the all-reduce makes only that one whole. T5's cross-attention returns a zero position bias
+    shaped by its head count, which later blocks add to their scores: with the heads divided by t on the shard,
+    that tensor (and an attention-weights tensor read outside) would be a shard's, not the model's."""
+    if parent == "":
+        return False
+    downstream, pending = {row}, [row]
+    while pending:  # what the parent makes from the rowwise output (residual add, norm, dropout): whole
+        for s in g.successors(pending.pop()):
+            if s not in downstream and _inside(g.nodes[s]["module"], parent):
+                downstream.add(s)
+                pending.append(s)
+    for n in order:
+        attrs = g.nodes[n]
+        if attrs["op"] in ("placeholder", "output") or n in downstream or not _inside(attrs["module"], parent):
+            continue
+        if any(g.nodes[s]["op"] == "output" or not _inside(g.nodes[s]["module"], parent) for s in g.successors(n)):
+            return True
+    return False
 
 
 def _tied_outside(model: nn.Module, styles: dict[str, str], vocab: set[str]) -> bool:
