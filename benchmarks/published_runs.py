@@ -167,6 +167,14 @@ def published_plan(graph: autoplan.ModelGraph, row: dict, *, virtual: int | None
     tp, pp = row["tp"], row["pp"]
     dp = row["gpus"] // (tp * pp)
     per_rank = row["layers"] // pp
+    if recompute == "selective":
+        # the cost model prices a recompute entry only through the layer's options (one it lacks is priced as no
+        # recompute at all), so a graph without the core's option must not get here
+        lacking = [layer.name for layer in graph.layers if layer.name.startswith("blocks.") and not any(
+            option.module == f"{layer.name}.attn.core" for option in layer.recompute_options)]
+        if lacking:
+            raise ValueError(f"{lacking[:3]} have no option to recompute their attention core; trace the row with "
+                             f"trace_2022 (or with_selective_recompute) first")
     if virtual is None:
         label = row["label"]
         virtual = per_rank // LAYERS_PER_VIRTUAL_STAGE[label] if label in LAYERS_PER_VIRTUAL_STAGE else 1
