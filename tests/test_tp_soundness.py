@@ -87,6 +87,39 @@ def test_a_pair_feeding_the_next_blocks_colwise_directly_is_found_and_proven_and
                       {"1.gate": "colwise", "1.up": "colwise", "1.down": "rowwise"}]
 
 
+class _BiasOut(nn.Module):
+    """Returns, besides its output, a tensor shaped by its head count that the next block reads (T5's cross-attention
+    position bias): a shard would hand out its local heads' shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.n_heads, self.q, self.o = 4, nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x, bias=None):
+        h = self.o(torch.relu(self.q(x)))
+        return h, (x.new_zeros(1, self.n_heads, 1) if bias is None else bias)
+
+
+class _TwoBias(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = _BiasOut(), _BiasOut()
+
+    def forward(self, x):
+        h, bias = self.a(x)
+        h2, bias = self.b(h, bias)
+        return h2 + bias.sum()
+
+
+def test_a_pair_whose_parent_hands_out_another_tensor_is_not_offered_and_says_why():
+    model, x = _TwoBias(), torch.randn(2, 8)
+    refused: list = []
+    groups = detect_tp_groups(build_op_graph(model, (x,), {}), model, refused)
+    assert [g.styles for g in groups] == [{"b.q": "colwise", "b.o": "rowwise"}]
+    assert [styles for styles, _ in refused] == [{"a.q": "colwise", "a.o": "rowwise"}]
+    assert "hands the rest of the model a tensor besides its rowwise output" in refused[0][1]
+
+
 def test_nanogpt_fused_qkv_split_by_position_is_dropped_and_its_mlp_kept():
     model, idx = models_hf.fused_qkv_gpt()
     graph = autoplan.trace(model, idx)
