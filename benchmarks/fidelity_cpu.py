@@ -13,7 +13,8 @@ load from other jobs slows a step of every layout rather than all steps of one. 
 every round after the first calibrates again and re-prices the same plans on its own figures
 (:func:`autoplan.cost.plan_cost.estimate`): each round's prediction is paired with the steps measured right
 after its calibration. Per layout, the median of the rounds' predictions (one calibration caught by a burst of
-load is outvoted) is compared with the median of all the rounds' steps. Printed: predicted vs measured per
+load is outvoted) is compared with the median of all the rounds' steps (pooled over layouts whose plans are
+identical: the automatic plan is often one of the pinned ones). Printed: predicted vs measured per
 layout, the Spearman rank correlation over the pinned layouts, the median relative error, and the automatic
 plan's measured time against the fastest pinned layout's; then the same figures of each round on its own (its
 calibration against its own steps: how much a single calibration can be trusted), the machine's load average
@@ -154,15 +155,19 @@ def main() -> None:
             steps[name] += times
         round_steps.append({name: statistics.median(times) for name, times in round_times.items()})
         load.append(os.getloadavg()[0])
+    # Identical plans (the automatic plan is often one of the pinned ones) are one layout: their steps are
+    # pooled, so that the automatic/fastest ratio compares layouts, not two samples of the same one.
+    same = {name: [other for other in plans if box[0][other] == box[0][name]] for name in plans}
     rows = []
     for name, plan in plans.items():
-        measured = statistics.median(steps[name])
+        measured = statistics.median([t for other in same[name] for t in steps[other]])
         ps = predictions[name]
         predicted = statistics.median(p.step_time_s for p in ps)
         rows.append({"layout": name, "plan": f"{plan.mesh} {plan.data_parallel} {plan.schedule} "
                      f"mb={plan.microbatch_size}×{plan.microbatches} recompute={len(plan.recompute)}",
                      "predicted_s": predicted, "measured_s": measured,
                      "error": (predicted - measured) / measured, "steps_s": steps[name],
+                     "same_plan_as": [other for other in same[name] if other != name],
                      "round_predicted_s": [p.step_time_s for p in ps],
                      "predicted_parts_s": {k: statistics.mean(getattr(p, f"{k}_s") for p in ps)
                                            for k in ("compute", "recompute", "comm", "bubble", "optimizer")}})
@@ -181,7 +186,8 @@ def main() -> None:
         for r in rows:
             parts = " ".join(f"{k} {v * 1e3:.0f}" for k, v in r["predicted_parts_s"].items() if v > 0)
             print(f"{r['layout']:>18} | {r['plan']:<48} | predicted {r['predicted_s'] * 1e3:7.1f} ms measured "
-                  f"{r['measured_s'] * 1e3:7.1f} ms error {r['error']:+.0%} | {parts}")
+                  f"{r['measured_s'] * 1e3:7.1f} ms error {r['error']:+.0%} | {parts}"
+                  + (f" | same plan as {', '.join(r['same_plan_as'])}" if r["same_plan_as"] else ""))
         for k, (c, figures) in enumerate(zip(calibrations, summary["rounds"])):
             d = c["device"]
             groups = "; ".join(f"{kind} " + ", ".join(f"n={n} {v * 1e6:.0f}" for n, v in pts.items())
