@@ -48,8 +48,8 @@ def plan(
 
     ``sequence_parallel``: Megatron sequence parallelism (Korthikanti et al. 2022) in the tensor-parallel layers
     that allow it — ``"auto"`` prices every tensor-parallel layout with and without it and keeps the faster,
-    ``True`` uses it wherever tp > 1 (``ValueError`` when tp = 1 or pp > 1 is pinned, or when no layer of the
-    model can run it), ``False`` never.
+    ``True`` uses it wherever tp > 1, with or without pipeline stages (``ValueError`` when tp = 1 is pinned, or
+    when no layer of the model can run it), ``False`` never.
 
     Example:
         >>> import torch, autoplan
