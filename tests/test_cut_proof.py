@@ -97,3 +97,23 @@ def test_t5_stages_cut_anywhere_train_like_the_whole_model():
         logits.sum().backward()
         for name, p in model.named_parameters():  # the tied embedding sums its three gradients in another order
             assert torch.allclose(p.grad, grads[name], rtol=1e-5, atol=1e-5 * grads[name].abs().max()), name
+
+
+def test_the_proof_is_reused_for_the_same_unchanged_model_and_made_again_when_anything_changes():
+    import types
+
+    model, x = _SharedDropout(), torch.randn(8, 4)
+    layers = ["a", "drop", "b", "c"]
+    first = analyse_cuts(model, layers, (x,), {})
+    assert analyse_cuts(model, layers, (x,), {}) is first  # applying a plan after tracing: no second forward
+    assert analyse_cuts(model, layers, (torch.randn(4, 4),), {}) is not first  # other input shapes
+    assert analyse_cuts(_SharedDropout(), layers, (x,), {}) is not first  # another model object
+    model.drop.p = 0.1  # a plain attribute
+    second = analyse_cuts(model, layers, (x,), {})
+    assert second is not first
+    model.b = nn.Linear(4, 4)  # a module swapped
+    assert analyse_cuts(model, layers, (x,), {}) is not second
+    # a patched forward that reads a's weight directly: the proof is made again, and refuses it
+    model.forward = types.MethodType(lambda self, x: self.c(self.b(self.drop(self.a(x)))) + self.a.weight.sum(),
+                                     model)
+    assert "made inside ['a']" in analyse_cuts(model, layers, (x,), {}).blocker

@@ -113,6 +113,8 @@ def apply_plan(model: nn.Module, plan: Plan, loss_fn=None, init_weights: Callabl
     if meta and init_weights is False:
         check_loadable(model)
     sync_batch_norm = check_batch_norm(model, plan.mesh.dp, plan.microbatches, plan.cluster.device.kind)
+    # the group first: a split that needs the cut proof runs it once, on rank 0, and every rank gets its verdict
+    world.init_process_group(plan.cluster.device.kind, timeout_s)
     parts = [model]
     if plan.mesh.pp > 1:
         from .batch import Inputs
@@ -120,7 +122,6 @@ def apply_plan(model: nn.Module, plan: Plan, loss_fn=None, init_weights: Callabl
         given = Inputs.of(example_inputs) if example_inputs is not None else None
         inputs = (given.args, given.kwargs) if given is not None else None
         parts = split_into_stages(model, [s.layers for s in plan.stages], inputs)
-    world.init_process_group(plan.cluster.device.kind, timeout_s)
     with fail_together("autoplan.parallelize"):
         applied = _apply(model, parts, plan, loss_fn, init_weights, meta, sync_batch_norm)
     applied.inputs_to_every_stage = any(getattr(part, "takes_model_inputs", False) for part in parts)

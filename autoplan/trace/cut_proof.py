@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -40,7 +41,7 @@ from ..names import in_module
 from .adapters import trace_kwargs
 from .measure import FakeKernels, fake_inputs, fake_state
 
-__all__ = ["CutAnalysis", "analyse_cuts", "Value"]
+__all__ = ["CutAnalysis", "analyse_cuts", "agreed_analysis", "Value"]
 
 _OUT = -1  # the model's output, as a consumer
 
@@ -133,13 +134,86 @@ def _structural_blocker(model: nn.Module, layers: Sequence[str]) -> str | None:
     return None
 
 
+#: model -> {(layers, inputs, model signature): analysis}: tracing proves the cuts, applying the plan in the same
+#: process reuses the proof; the key changes when the model does (a module swapped, a parameter replaced or
+#: reshaped, a forward patched, a plain attribute or the config changed), and the entry dies with the model
+_PROVEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def analyse_cuts(model: nn.Module, layers: Sequence[str], args: tuple, kwargs: dict) -> CutAnalysis:
     """Which values cross each cut of ``layers`` (the chain, in call order) and whether every cut is sound, from
     one forward of ``model(*args, **kwargs)`` on fake tensors (two when stateless layers run more than once: the
-    second treats them as free). The model is not changed.
+    second treats them as free). The model is not changed. The same model object, unchanged, asked again about
+    the same layers and inputs gets the analysis already made.
 
     Example: see the module docstring.
     """
+    key = _key(model, layers, args, kwargs)
+    cached = _PROVEN.get(model, {}).get(key) if key is not None else None
+    if cached is not None:
+        return cached
+    result = _analyse(model, layers, args, kwargs)
+    if key is not None:
+        _PROVEN.setdefault(model, {})[key] = result
+    return result
+
+
+def agreed_analysis(model: nn.Module, layers: Sequence[str], args: tuple, kwargs: dict) -> CutAnalysis:
+    """:func:`analyse_cuts` run once, on rank 0, and sent to every rank when a process group is up (every rank
+    holds the same model, checked against the plan), so that the ranks build their stages from one proof and refuse
+    together; an error on rank 0 is raised on every rank. Without a process group: :func:`analyse_cuts`.
+
+    Example:
+        >>> import torch
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> agreed_analysis(model, ["0", "1", "2"], (torch.randn(3, 4),), {}).carried(1)
+        [0]
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return analyse_cuts(model, layers, args, kwargs)
+    box: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = analyse_cuts(model, layers, args, kwargs)
+        except Exception as exc:  # noqa: BLE001 - sent on, so that no rank waits for a proof that never comes
+            box[0] = (type(exc).__name__, str(exc))
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], tuple):
+        name, message = box[0]
+        raise ValueError(f"the pipeline cut analysis failed on rank 0 ({name}: {message})")
+    return box[0]
+
+
+def _key(model: nn.Module, layers: Sequence[str], args: tuple, kwargs: dict) -> tuple | None:
+    """What the analysis depends on, or None when an input cannot be told apart from another by value."""
+    leaves, spec = pytree.tree_flatten((args, trace_kwargs(model, kwargs)))
+    inputs = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            inputs.append((tuple(leaf.shape), leaf.dtype, leaf.device.type))
+        elif leaf is None or isinstance(leaf, (bool, int, float, str)):
+            inputs.append((type(leaf), leaf))
+        else:
+            return None
+    return tuple(layers), str(spec), tuple(inputs), _signature(model)
+
+
+def _signature(model: nn.Module) -> tuple:
+    parts: list = []
+    for name, module in model.named_modules():
+        plain = sorted((k, v) for k, v in vars(module).items()
+                       if v is None or isinstance(v, (bool, int, float, str)))
+        config = getattr(module, "config", None)
+        parts.append((name, type(module), type(module).forward, vars(module).get("forward"), tuple(plain),
+                      repr(config.to_dict()) if hasattr(config, "to_dict") else None))
+    for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        parts.append((name, id(t), tuple(t.shape), t.dtype, t.device.type))
+    return tuple(parts)
+
+
+def _analyse(model: nn.Module, layers: Sequence[str], args: tuple, kwargs: dict) -> CutAnalysis:
     result = CutAnalysis(list(layers))
     result.blocker = _structural_blocker(model, layers)
     if result.blocker is not None:

@@ -29,7 +29,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import TraceError
-from .cut_proof import analyse_cuts
+from .cut_proof import agreed_analysis, analyse_cuts
 from .skeleton import skeleton_stages
 
 __all__ = ["split_into_stages", "pipeline_split_blocker"]
@@ -153,7 +153,7 @@ def split_into_stages(model: nn.Module, stages: Sequence[Sequence[str]],
             raise TraceError(f"{exc} Models that torch.fx cannot trace (transformers 5) are split with the help of "
                              f"example inputs: pass them to autoplan.parallelize") from exc.__cause__
         layers = [fqn for stage in stages for fqn in stage]
-        analysis = analyse_cuts(model, layers, *example_inputs)
+        analysis = agreed_analysis(model, layers, *example_inputs)  # once, on rank 0, when a group is up
         if analysis.blocker is not None:
             raise TraceError(f"{type(model).__name__} cannot be split into pipeline stages: {analysis.blocker}. "
                              f"Re-plan with mesh={{'pp': 1}} (data and tensor parallelism need no split)") from exc
