@@ -1,16 +1,33 @@
 """Planning wall time against model depth and cluster size, for GPT-shaped models traced on the meta device.
 
     python benchmarks/planning_time.py            # headline models, depths 12 → 192 layers, 8 → 4,096 A100s
-    python benchmarks/planning_time.py --quick    # the headline models only (about a minute)
-    python benchmarks/planning_time.py --out results.json
+    python benchmarks/planning_time.py --quick    # the headline models only (a few minutes)
+    python benchmarks/planning_time.py --quick --repeats 5 --out results.json
 
 Headline rows time the two halves of ``autoplan.plan`` on one model each — ``autoplan.trace`` and
 :func:`autoplan.solve.search` — and their total: GPT-3 175B on 1,024 A100s (the README's example), a 24-layer
-GPT (hidden 4096) on 64 and Llama-2-7B (transformers' default ``LlamaConfig``, 512 tokens) on 32. Wall seconds
-and the process's CPU seconds are both reported: on a machine shared with other jobs the wall clock stretches,
-CPU time much less. In the grid each model is traced once and planned for every cluster size. Published
-planning times of other planners sit beside the table for scale; they ran other searches on other machines, so
-only the order of magnitude compares.
+GPT (hidden 4096) on 64 and Llama-2-7B (transformers' default ``LlamaConfig``, 512 tokens) on 32. Each figure is
+the median of ``--repeats`` runs, and the earlier path is timed beside the current one in the same process, so
+that their ratio holds on a busy machine:
+
+- ``trace_s``: a trace with no soundness verdicts remembered (what a process's first trace pays), and
+  ``trace_again_s``: the same model traced again, the tensor-parallel verdicts reused
+  (:mod:`autoplan.trace.tp_check_key`);
+- ``search_s``: the search up to the chosen plan (``autoplan.plan`` returns then), ``alternatives_s``: judging
+  the alternatives on the first read of ``plan.search.alternatives``, and ``eager_search_s``: the search that
+  judges them before returning (``lazy_alternatives=False``, the earlier path); both plans are compared field by
+  field (``same_plan``);
+- ``total_s`` = trace + search, ``eager_total_s`` = trace + eager search.
+
+``--cpu-deadline`` counts the search's overall deadline (``time_limit_s``, 10 s) in this process's CPU seconds
+instead of wall seconds: on a machine so busy that 10 s of wall time is not enough for a search of a few CPU
+seconds, the wall-clock deadline would otherwise cut the search short (``FEASIBLE``, or no layout at all), and
+the plans would no longer be the ones a quiet machine finds.
+
+Wall seconds and the process's CPU seconds are both reported: on a machine shared with other jobs the wall
+clock stretches, CPU time much less. In the grid each model is traced once and planned for every cluster size.
+Published planning times of other planners sit beside the table for scale; they ran other searches on other
+machines, so only the order of magnitude compares.
 """
 
 from __future__ import annotations
@@ -19,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -30,6 +48,7 @@ from autoplan.errors import InfeasiblePlanError  # noqa: E402
 from autoplan.models import gpt  # noqa: E402
 from autoplan.options import PlanOptions  # noqa: E402
 from autoplan.solve import search  # noqa: E402
+from autoplan.trace.tp_check_key import VERDICTS  # noqa: E402
 
 # As reported by each project (other search spaces, other machines).
 PUBLISHED = [
@@ -86,22 +105,72 @@ HEADLINE = [  # (name, build, devices, global batch)
 ]
 
 
-def headline() -> list[dict]:
-    """trace, search and their total (wall and CPU seconds) for the headline models."""
+class _CpuClock:
+    """Stands in for the search module's ``time``: its deadline then counts CPU seconds (``--cpu-deadline``)."""
+
+    perf_counter = staticmethod(time.process_time)
+
+
+def _plan_fields(plan) -> dict:
+    d = plan.to_dict()
+    d["search"] = {k: v for k, v in d["search"].items() if k != "wall_s"}
+    return d
+
+
+def headline(repeats: int = 1, only: str | None = None) -> list[dict]:
+    """trace, search, alternatives and their totals (median wall and CPU seconds over ``repeats`` runs), with
+    the earlier paths (no remembered verdicts, alternatives judged before returning) timed beside them."""
     rows = []
     for name, build, devices, batch in HEADLINE:
+        if only and only.lower() not in name.lower():
+            continue
         model, inputs = build()
-        graph, trace_s, trace_cpu_s = _timed(lambda: autoplan.trace(model, inputs))
         cluster = autoplan.Cluster.preset("a100-80gb", nodes=max(1, devices // 8), devices_per_node=min(8, devices))
-        plan, search_s, search_cpu_s = _timed(lambda: search(graph, cluster, PlanOptions(global_batch_size=batch)))
+        options = PlanOptions(global_batch_size=batch)
+        runs: dict[str, list[float]] = {}
+        same, deadline_hit = True, 0
+        for r in range(repeats):
+            VERDICTS.clear()
+            graph, *t = _timed(lambda: autoplan.trace(model, inputs))
+            _, *t_again = _timed(lambda: autoplan.trace(model, inputs))
+            first_lazy = r % 2 == 0  # alternate the order, so that neither path always runs on a warmer process
+            try:
+                for lazy in ((True, False) if first_lazy else (False, True)):
+                    if lazy:
+                        plan, *s = _timed(lambda: search(graph, cluster, options))
+                        _, *a = _timed(lambda: plan.search.alternatives.resolve())
+                    else:
+                        eager, *e = _timed(lambda: search(graph, cluster, options, lazy_alternatives=False))
+            except InfeasiblePlanError as exc:  # the 10 s wall-clock deadline, on a machine busy with other jobs
+                print(f"  run {r + 1}: {str(exc)[:100]}…", flush=True)
+                deadline_hit += 1
+                continue
+            # a plan cut short by the wall-clock deadline (FEASIBLE) may differ by chance: only proven ones compare
+            if plan.search.status == eager.search.status == "OPTIMAL":
+                same = same and _plan_fields(plan) == _plan_fields(eager)
+            for key, (wall, cpu) in {"trace": t, "trace_again": t_again, "search": s, "alternatives": a,
+                                     "eager_search": e}.items():
+                runs.setdefault(f"{key}_s", []).append(wall)
+                runs.setdefault(f"{key}_cpu_s", []).append(cpu)
+        if not runs:
+            print(f"{name:18} {devices:5d} GPUs  every run hit the search's deadline", flush=True)
+            continue
+        med = {k: statistics.median(v) for k, v in runs.items()}
+        for unit in ("_s", "_cpu_s"):
+            med[f"total{unit}"] = statistics.median(
+                [a + b for a, b in zip(runs[f"trace{unit}"], runs[f"search{unit}"])])
+            med[f"eager_total{unit}"] = statistics.median(
+                [a + b for a, b in zip(runs[f"trace{unit}"], runs[f"eager_search{unit}"])])
         row = {"model": name, "params": graph.num_params, "layers": len(graph.layers), "devices": devices,
-               "global_batch_size": batch, "trace_s": trace_s, "search_s": search_s, "total_s": trace_s + search_s,
-               "trace_cpu_s": trace_cpu_s, "search_cpu_s": search_cpu_s, "total_cpu_s": trace_cpu_s + search_cpu_s,
+               "global_batch_size": batch, "repeats": repeats, **med, "runs": runs, "same_plan": same,
+               "deadline_hit": deadline_hit,
                "status": plan.search.status, "mesh": str(plan.mesh), "step_time_s": plan.predicted.step_time_s}
         rows.append(row)
-        print(f"{name:18} {devices:5d} GPUs  trace {trace_s:5.2f} s ({trace_cpu_s:.2f} CPU)  search {search_s:5.2f} s "
-              f"({search_cpu_s:.2f} CPU)  total {trace_s + search_s:5.2f} s ({trace_cpu_s + search_cpu_s:.2f} CPU)  "
-              f"{plan.search.status} {plan.mesh} → {plan.predicted.step_time_s:.2f} s", flush=True)
+        print(f"{name:18} {devices:5d} GPUs  trace {med['trace_s']:5.2f} s (again {med['trace_again_s']:5.2f})  "
+              f"search {med['search_s']:5.2f} s + alternatives {med['alternatives_s']:5.2f} s (eager "
+              f"{med['eager_search_s']:5.2f} s)  total {med['total_s']:5.2f} s (eager {med['eager_total_s']:5.2f}; "
+              f"CPU {med['total_cpu_s']:.2f} vs {med['eager_total_cpu_s']:.2f})  {plan.search.status} {plan.mesh} → "
+              f"{plan.predicted.step_time_s:.2f} s{'' if same else '  PLANS DIFFER'}", flush=True)
     return rows
 
 
@@ -133,13 +202,21 @@ def _line(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the headline models only (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="the headline models only (a few minutes)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per headline figure (their median)")
+    parser.add_argument("--only", help="the headline models whose name contains this (e.g. 'GPT-3')")
+    parser.add_argument("--cpu-deadline", action="store_true",
+                        help="count the search's deadline in CPU seconds (for a machine busy with other jobs)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "planning_time.json"))
     args = parser.parse_args(argv)
+    if args.cpu_deadline:
+        import autoplan.solve as solve_module
+
+        solve_module.time = _CpuClock
     print("headline: trace + search = autoplan.plan")
-    top = headline()
+    top = headline(args.repeats, args.only)
     result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                          "platform": platform.platform()}, "headline": top}
+                          "platform": platform.platform()}, "headline": top, "cpu_deadline": args.cpu_deadline}
     if not args.quick:
         print()
         print(HEADER)
