@@ -157,7 +157,8 @@ def main() -> None:
         load.append(os.getloadavg()[0])
     # Identical plans (the automatic plan is often one of the pinned ones) are one layout: their steps are
     # pooled, so that the automatic/fastest ratio compares layouts, not two samples of the same one.
-    same = {name: [other for other in plans if box[0][other] == box[0][name]] for name in plans}
+    layout = {name: {k: v for k, v in d.items() if k != "search"} for name, d in box[0].items()}  # not how found
+    same = {name: [other for other in plans if layout[other] == layout[name]] for name in plans}
     rows = []
     for name, plan in plans.items():
         measured = statistics.median([t for other in same[name] for t in steps[other]])
