@@ -160,3 +160,10 @@ def test_plan_for_another_model_is_rejected():
     names = [l.name for l in GRAPH.layers]
     with pytest.raises(ValueError, match="model order"):
         estimate(GRAPH, make_plan(stages=(Stage(tuple(names[4:])), Stage(tuple(names[:4])))))
+
+
+def test_recomputing_a_module_no_layer_offers_is_refused_not_priced_as_nothing():
+    names = [l.name for l in GRAPH.layers]
+    plan = make_plan(stages=(Stage(tuple(names[:4]), ("blocks.1.mlp.fc",)), Stage(tuple(names[4:]))))
+    with pytest.raises(ValueError, match=r"blocks\.1\.mlp\.fc.*recompute option"):
+        estimate(GRAPH, plan)

@@ -360,6 +360,14 @@ def _layer_choices(graph: ModelGraph, plan: Plan) -> list[list[tuple[Layer, bool
     stages = []
     for stage in plan.stages:
         wanted = set(stage.recompute)
+        offered = {o.module for name in stage.layers for o in by_name[name].recompute_options}
+        unpriced = sorted(wanted - offered)
+        if unpriced:
+            # pricing such a module as "no recompute" would be a wrong number with no error
+            raise ValueError(
+                f"plan recomputes {unpriced[:5]}, which no layer of its stage offers as a recompute option (offered: "
+                f"{sorted(offered)[:8]}); recompute a whole layer or one of the children its trace lists, or re-plan"
+            )
         rows = []
         for name in stage.layers:
             layer = by_name[name]
