@@ -64,9 +64,9 @@ from .microbench import (COLLECTIVE_SIZES_BYTES, _timed, _tiny_block, allreduce_
 from .vocabulary import PRECISIONS
 
 # The measurements themselves live in autoplan.microbench; they are re-exported here, where they are composed.
-__all__ = ["main", "calibrate", "group_overheads_s", "busy_levels", "monotone", "matmul_flops", "matmul_efficiency",
-           "memory_bandwidth_Bps", "interleaved_medians", "layer_overhead_time_s", "block_step_time_s",
-           "optimizer_tensor_time_s", "allreduce_time_s", "collective_time_s", "ring_bandwidth_Bps", "overlap_fraction"]
+__all__ = ["main", "calibrate", "group_overheads_s", "monotone", "matmul_flops", "matmul_efficiency",
+           "memory_bandwidth_Bps", "interleaved_medians", "layer_overhead_time_s", "block_step_time_s", "optimizer_tensor_time_s", "allreduce_time_s",
+           "collective_time_s", "ring_bandwidth_Bps", "overlap_fraction"]
 
 
 def _slowest(value: float, device: torch.device) -> float:
@@ -183,50 +183,26 @@ def group_overheads_s(totals_s: dict[str, float], comm_s: dict[str, float], cont
     return table
 
 
-def _busy(fn: Callable[[], float], busy: int, device: torch.device) -> float:
-    """``fn()`` timed on ranks 0 … ``busy`` − 1 at once while the others wait in a barrier; the slowest of them,
-    on every rank (collective)."""
-    value = fn() if dist.get_rank() < busy else 0.0
-    dist.barrier()
-    return _slowest(value, device)
-
-
-def busy_levels(ranks: int) -> list[int]:
-    """The numbers of ranks busy at once the slowdown is measured at: every count up to 8 ranks, then powers of
-    two and the world.
-
-    Example:
-        >>> busy_levels(4), busy_levels(32)
-        ([1, 2, 3, 4], [1, 2, 4, 8, 16, 32])
-    """
-    if ranks <= 8:
-        return list(range(1, ranks + 1))
-    return sorted({2 ** k for k in range(ranks.bit_length()) if 2 ** k <= ranks} | {ranks})
-
-
-def _concurrency(device: torch.device, ranks: int, rounds: int = 3) -> tuple[float, list, float, dict[str, float]]:
-    """(ranks × rate with every rank busy / rate of rank 0 alone, [(ranks busy, slowdown against alone)], the
-    plain block's fixed forward seconds alone, spreads). Taken over a tiny block's forward + backward (the
-    dispatch-bound work) and a 256² matmul (the compute-bound work), the mean of the two, with 1, 2, … ranks
-    busy at once (:func:`busy_levels`; the others wait in a barrier), each timing the median of ``rounds``
-    interleaved samples (a load spike from other jobs during one sample would otherwise read as sharing or as
-    independence). The concurrency is at most ``ranks`` and not capped at the cores: under other jobs' load
-    rank 0 alone gets less than a core too, and what the cost model needs is the ratio of the rates as measured
-    (the alone figures × slowdown = so many ranks busy). Other jobs also take the time that waiting ranks free,
-    so the slowdown at b ranks busy is measured rather than taken as b / concurrency. The block alone, a third
-    of its forward + backward, is the plain layer overhead (:func:`layer_overhead_time_s`)."""
+def _concurrency(device: torch.device, ranks: int, rounds: int = 3) -> tuple[float, float, dict[str, float]]:
+    """(ranks × rate with every rank busy / rate of rank 0 alone, the plain block's fixed forward seconds alone,
+    spreads). Taken over a tiny block's forward + backward (the dispatch-bound work) and a 256² matmul (the
+    compute-bound work), the mean of the two, each timing the median of ``rounds`` interleaved samples (a load
+    spike from other jobs during one "alone" sample would otherwise read as sharing or as independence), at most
+    ``ranks``. It is not capped at the cores: under other jobs' load rank 0 alone gets less than a core too, and
+    what the cost model needs is the ratio of the two rates as measured (the alone figures × ranks / concurrency
+    = every rank busy). The block alone, a third of its forward + backward, is the plain layer overhead
+    (:func:`layer_overhead_time_s`)."""
     block, x = _tiny_block(device)
     a = torch.randn(256, 256, device=device)
     work = {"block": lambda: block_step_time_s(block, x, iters=10, repeats=3),
             "matmul": lambda: _timed(lambda: a @ a, device, 0.05)}
-    levels = busy_levels(ranks)
-    measures = {f"{name} busy {b}": (lambda fn=fn, b=b: _busy(fn, b, device))
-                for b in levels for name, fn in work.items()}
+    measures = {}
+    for name, fn in work.items():
+        measures[f"{name} alone"] = lambda fn=fn: _alone(fn, device)
+        measures[f"{name} together"] = lambda fn=fn: (dist.barrier(), _slowest(fn(), device))[1]
     medians, spread = interleaved_medians(measures, rounds=rounds)
-    slowdown = [(b, statistics.mean(medians[f"{name} busy {b}"] / medians[f"{name} busy 1"] for name in work))
-                for b in levels]
-    measured = ranks / slowdown[-1][1]
-    return min(float(ranks), measured), slowdown, medians["block busy 1"] / 3, spread
+    measured = statistics.mean(ranks * medians[f"{name} alone"] / medians[f"{name} together"] for name in work)
+    return min(float(ranks), measured), medians["block alone"] / 3, spread
 
 
 def _cores_per_rank_short(device: torch.device, ranks: int) -> bool:
@@ -274,9 +250,9 @@ def calibrate(size_bytes: int, matmul_n: int, rounds: int = 3) -> Cluster:
     world.init_process_group(cluster.device.kind)
     ranks = world.size if world.distributed else 1
     calibrate.last_spread = {}
-    concurrency, plain_s, slowdown = float(ranks), None, []
+    concurrency, plain_s = float(ranks), None
     if world.distributed:
-        concurrency, slowdown, plain_s, calibrate.last_spread = _concurrency(device, ranks, rounds)
+        concurrency, plain_s, calibrate.last_spread = _concurrency(device, ranks, rounds)
     # Near the world size: every rank has its own device (no sharing to model).
     shared = concurrency < 0.9 * ranks or _cores_per_rank_short(device, ranks)
     contention = max(1.0, ranks / concurrency) if shared else 1.0
@@ -321,9 +297,6 @@ def calibrate(size_bytes: int, matmul_n: int, rounds: int = 3) -> Cluster:
         sizes = sorted({b for b in COLLECTIVE_SIZES_BYTES if b < size_bytes} | {size_bytes})
         changes["collective_times"] = _collective_table(local, nodes, sizes, world.rank, device)
         changes["compute_concurrency"] = concurrency if shared else 0.0
-        # at least 1 (waiting ranks never make a busy one faster than alone), never decreasing in busy
-        factors = monotone([max(1.0, f) for _, f in slowdown])
-        changes["busy_slowdown"] = tuple(zip([b for b, _ in slowdown], factors)) if shared else ()
         measured = replace(cluster, **changes)
         table, dtensor_optimizer_s, spread = _framework_overheads(device, plain_s, contention, measured, rounds)
         calibrate.last_spread.update(spread)

@@ -12,8 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import MISSING, asdict, dataclass, fields
 
-from .cluster_tables import (_busy_table, _collective_table, _efficiency_table, _group_overhead_table,
-                             _interpolate_log)
+from .cluster_tables import _collective_table, _efficiency_table, _group_overhead_table, _interpolate_log
 from .vocabulary import PRECISIONS
 
 __all__ = ["Device", "Cluster", "PRESETS"]
@@ -264,8 +263,6 @@ class Cluster:
       job with more ranks than cores): rate of all ranks busy × ranks / rate of one rank alone. 0 means every
       rank has its own device. The device's rates are then one rank's alone, and the cost model slows a
       layout's compute by the ranks busy at once over this (:func:`autoplan.cost.compute_contention`).
-    - ``busy_slowdown``: measured ``(ranks busy at once, how much slower than alone each computes)`` points, in
-      place of ``busy / compute_concurrency`` (other jobs' load makes the slowdown far from proportional).
 
     Example:
         >>> c = Cluster(nodes=2, devices_per_node=4, device=PRESETS["a100-80gb"]["device"])
@@ -284,7 +281,6 @@ class Cluster:
     # ((kind, group_size, ((bytes, seconds), ...)), ...) measured by autoplan.calibrate; see the docstring
     collective_times: tuple[tuple[str, int, tuple[tuple[float, float], ...]], ...] = ()
     compute_concurrency: float = 0.0
-    busy_slowdown: tuple[tuple[float, float], ...] = ()  # ((ranks busy, slowdown), ...), autoplan.calibrate
 
     def __post_init__(self) -> None:
         for attr in ("nodes", "devices_per_node"):
@@ -300,7 +296,6 @@ class Cluster:
             if not getattr(self, attr) >= 0:
                 raise ValueError(f"Cluster.{attr} must be ≥ 0, got {getattr(self, attr)}")
         object.__setattr__(self, "collective_times", _collective_table(self.collective_times))
-        object.__setattr__(self, "busy_slowdown", _busy_table(self.busy_slowdown))
 
     def collective_points(self, kind: str, group_size: int) -> tuple[tuple[float, float], ...]:
         """The measured ``(bytes, seconds)`` points of ``kind`` over ``group_size`` ranks, or ``()``.
@@ -412,8 +407,6 @@ class Cluster:
             del data["collective_times"]
         if self.compute_concurrency == 0:
             del data["compute_concurrency"]
-        if not self.busy_slowdown:
-            del data["busy_slowdown"]
         return data
 
     @classmethod

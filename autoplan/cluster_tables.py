@@ -106,32 +106,3 @@ def group_layer_overhead_s(device, kind: str, group_size: int) -> float:
     if not points:
         return device.tp_layer_overhead_s if kind == "tp" else device.fsdp_layer_overhead_s
     return _interpolate_log(tuple((float(n), s) for n, s in points), float(group_size))
-
-
-def _busy_table(points) -> tuple[tuple[float, float], ...]:
-    """``Cluster.busy_slowdown`` as sorted, hashable pairs (JSON gives lists); checked.
-
-    Example:
-        >>> _busy_table([[4, 2.5], [1, 1.0]])
-        ((1.0, 1.0), (4.0, 2.5))
-    """
-    pts = tuple(sorted((float(b), float(f)) for b, f in points))
-    if any(not (b >= 1 and f > 0) for b, f in pts):
-        raise ValueError(f"Cluster.busy_slowdown needs (ranks busy ≥ 1, slowdown > 0) points, got {points!r}; "
-                         f"write it with autoplan.calibrate")
-    return pts
-
-
-def interpolate_linear(points: tuple[tuple[float, float], ...], x: float) -> float:
-    """Piecewise-linear interpolation of sorted ``points`` (x, y), clamped to the end values.
-
-    Example:
-        >>> interpolate_linear(((1.0, 1.0), (2.0, 1.2), (4.0, 2.0)), 3.0)
-        1.6
-    """
-    if x <= points[0][0]:
-        return points[0][1]
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
-        if x <= x1:
-            return y0 + (x - x0) / (x1 - x0) * (y1 - y0) if x1 > x0 else y1
-    return points[-1][1]

@@ -193,9 +193,8 @@ def main() -> None:
             d = c["device"]
             groups = "; ".join(f"{kind} " + ", ".join(f"n={n} {v * 1e6:.0f}" for n, v in pts.items())
                                for kind, pts in d.get("group_layer_overhead", {}).items())
-            slowdown = ", ".join(f"{b:.0f}: {f:.2f}" for b, f in c.get("busy_slowdown", ()))
             print(f"round {k}: load {load[k]:.1f}→{load[k + 1]:.1f}; calibrated concurrency "
-                  f"{c.get('compute_concurrency', 0):.2f} (slowdown per ranks busy {slowdown}), layer overhead {d['layer_overhead_s'] * 1e6:.0f} µs "
+                  f"{c.get('compute_concurrency', 0):.2f}, layer overhead {d['layer_overhead_s'] * 1e6:.0f} µs "
                   f"(+ {groups} µs), fp32 {d['peak_flops']['fp32'] / 1e9:.1f} GFLOP/s; worst spread "
                   f"{max(spreads[k].values(), default=0):.2f}; alone: Spearman {figures['spearman']:.2f}, "
                   f"median |error| {figures['median_abs_error']:.0%}")

@@ -166,19 +166,3 @@ def test_interleaved_measurements_outvote_a_load_spike_and_repeat_while_they_dis
     assert medians == {"a": 2.0} and len(calls) == 5 and spread["a"] == 0.0
     with pytest.raises(ValueError, match="rounds"):
         interleaved_medians({"a": figure([1.0])}, rounds=0)
-
-
-def test_measured_slowdown_per_ranks_busy_replaces_busy_over_concurrency():
-    # under other jobs' load, two ranks busy of four are 2.2× slower than one alone, not 1× (2 / c with c = 2):
-    # the other jobs take the processor time that waiting pipeline ranks free
-    loaded = replace(MEASURED, busy_slowdown=[[1, 1.0], [2, 2.2], [3, 2.4], [4, 2.6]])
-    assert compute_contention(loaded, pp=1, microbatches=4, schedule="1f1b") == pytest.approx(2.6)
-    # pp = 2, one microbatch, GPipe: busy = 4 · 1 / (1 + 1) = 2 ranks on average
-    assert compute_contention(loaded, pp=2, microbatches=1, schedule="gpipe") == pytest.approx(2.2)
-    assert compute_contention(MEASURED, pp=2, microbatches=1, schedule="gpipe") == 1.0  # 2 / c
-    # between measured counts: linear (pp = 4, m = 8, 1F1B: busy 32 / 11)
-    assert compute_contention(loaded, pp=4, microbatches=8, schedule="1f1b") == pytest.approx(2.4 + (32 / 11 - 3) * 0.2)
-    again = Cluster.from_dict(json.loads(json.dumps(loaded.to_dict())))
-    assert again == loaded and hash(again) == hash(loaded) and "busy_slowdown" not in MEASURED.to_dict()
-    with pytest.raises(ValueError, match="busy_slowdown"):
-        replace(CPU, busy_slowdown=[[0, 1.0]])

@@ -12,7 +12,6 @@ from __future__ import annotations
 from .._checks import check_positive_int as _check_positive_int
 from .._checks import check_precision as _check_precision
 from ..cluster import Cluster
-from ..cluster_tables import interpolate_linear
 from ..vocabulary import DATA_PARALLEL_KINDS, PRECISION_BYTES, SCHEDULES
 from .collectives import Collective
 from .collectives import check_group as _check_group
@@ -290,10 +289,7 @@ def compute_contention(cluster: Cluster, *, pp: int, microbatches: int, schedule
     this makes it max((m + b)·T, m·T·W/c) for a stage time T alone: the critical path when few ranks are busy,
     the total work over c processors otherwise — a pipeline's idle ranks hand their processor to the busy
     ones, so its bubble costs less than on dedicated devices. Without a pipeline every rank is busy: W / c.
-    ``autoplan.calibrate`` measures c (all ranks' rate over one rank's alone) and one rank's rates, and the
-    slowdown itself at 1 … W ranks busy (``cluster.busy_slowdown``), which is used instead when present,
-    interpolated linearly in busy: with other jobs loading the processors, ranks that wait free less than
-    busy / c says (the other jobs take the freed time).
+    ``autoplan.calibrate`` measures c (all ranks' rate over one rank's alone) and one rank's rates.
 
     Example:
         >>> from autoplan import Cluster
@@ -305,9 +301,6 @@ def compute_contention(cluster: Cluster, *, pp: int, microbatches: int, schedule
         1.455
         >>> compute_contention(Cluster.preset("a100-80gb"), pp=4, microbatches=8, schedule="1f1b")
         1.0
-        >>> loaded = replace(c, busy_slowdown=((1, 1.0), (2, 2.2), (4, 2.6)))          # measured under load
-        >>> round(compute_contention(loaded, pp=4, microbatches=8, schedule="1f1b"), 3)
-        2.382
     """
     _check_positive_int("microbatches", microbatches)
     concurrency = cluster.compute_concurrency
@@ -315,8 +308,6 @@ def compute_contention(cluster: Cluster, *, pp: int, microbatches: int, schedule
         return 1.0
     bubble = bubble_microbatches(schedule, pp, virtual_stages) if pp > 1 else 0.0  # in rank-times
     busy = cluster.world_size * microbatches / (microbatches + bubble)
-    if cluster.busy_slowdown:
-        return max(1.0, interpolate_linear(cluster.busy_slowdown, busy))
     return max(1.0, busy / concurrency)
 
 
