@@ -72,6 +72,7 @@ def test_a_layer_with_buffers_run_twice_is_still_refused(norm):
     assert "run more than once" in cuts.blocker and "without parameters or buffers" in cuts.blocker
 
 
+@pytest.mark.slow  # the quick tier has the free-layer rules on a toy model; the family matrix runs T5 pp2xtp2
 def test_t5_stages_cut_anywhere_train_like_the_whole_model():
     pytest.importorskip("transformers")
     import models_hf

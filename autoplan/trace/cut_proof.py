@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -179,7 +180,9 @@ def agreed_analysis(model: nn.Module, layers: Sequence[str], args: tuple, kwargs
             box[0] = analyse_cuts(model, layers, args, kwargs)
         except Exception as exc:  # noqa: BLE001 - sent on, so that no rank waits for a proof that never comes
             box[0] = (type(exc).__name__, str(exc))
-    dist.broadcast_object_list(box, src=0)
+    with warnings.catch_warnings():  # unpickling a treespec warns about its own deprecated LeafSpec check
+        warnings.simplefilter("ignore", FutureWarning)
+        dist.broadcast_object_list(box, src=0)
     if isinstance(box[0], tuple):
         name, message = box[0]
         raise ValueError(f"the pipeline cut analysis failed on rank 0 ({name}: {message})")
