@@ -53,10 +53,17 @@ class TensorParallelGroup:
 
 @dataclass(frozen=True)
 class RecomputeOption:
-    """Recomputing ``module`` (the layer itself = full, a child = selective) in backward.
+    """Recomputing ``module`` (the layer itself = full; a module inside it, at any depth = selective, e.g.
+    Megatron's attention core ``blocks.0.attn.core``) in backward.
 
     Saves ``saved_activation_bytes`` of the layer's activations (only the module's input stays alive)
-    and costs one more forward of the module, ``forward_flops``.
+    and costs one more forward of the module, ``forward_flops``. The trace offers the layer and each module in it
+    that saves at least a quarter of the layer's bytes, less any that another option matches in bytes for fewer
+    FLOPs (see ``autoplan.trace``).
+
+    Example:
+        >>> RecomputeOption("blocks.0.attn.core", saved_activation_bytes=5 << 20, forward_flops=10**9).module
+        'blocks.0.attn.core'
     """
 
     module: str

@@ -9,7 +9,8 @@ Korthikanti et al. 2022 Tables 4-5 (sequence parallelism and selective recompute
 Korthikanti et al. 2022 (``benchmarks/data/korthikanti22.json``: Table 3's 22B, 175B, 530B and 1T models at
 tp 8, no data parallelism) are rebuilt the same way with Megatron-LM's attention core in a module of its own
 (``attn.core``), under each Table 5 column: full recompute of every block without sequence parallelism, and
-sequence parallelism (the norms' ``sequence`` style) with only the core recomputed (:func:`with_selective_recompute`);
+sequence parallelism (the norms' ``sequence`` style) with only the core recomputed (the recompute option the trace
+offers for each block's ``attn.core``, a module two levels inside the block);
 Table 4's five settings are priced for one block of the 22B model.
 
 Each row of ``shared/calibration/megatron_sc21_table1.json`` (A100-80GB DGX nodes, sequence 2048, vocabulary
@@ -27,7 +28,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +40,6 @@ import autoplan  # noqa: E402
 from autoplan.cost.plan_cost import _layer_choices, estimate_breakdown, layer_choice_cost  # noqa: E402
 from autoplan.cost.strategy import Strategy  # noqa: E402
 from autoplan.cost.sequence import sequence_parallel_applies  # noqa: E402
-from autoplan.graph import RecomputeOption  # noqa: E402
 from autoplan.models import Attention, Block, gpt  # noqa: E402
 from autoplan.plan import Mesh, ModelInfo, Plan, SearchInfo, Stage  # noqa: E402
 
@@ -104,40 +103,6 @@ class Megatron22Attention(Attention):
         return self.proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
-class _CoreProbe(torch.nn.Module):
-    """The attention's qkv linear and core alone: traced to measure what recomputing the core saves and costs."""
-
-    def __init__(self, hidden: int, heads: int):
-        super().__init__()
-        self.head_dim = hidden // heads
-        self.qkv = torch.nn.Linear(hidden, 3 * hidden)
-        self.core = AttentionCore(self.head_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, -1, 3, self.head_dim).unbind(dim=3)
-        return self.core(*(t.transpose(1, 2) for t in (q, k, v)))
-
-
-def with_selective_recompute(graph: autoplan.ModelGraph, row: dict) -> autoplan.ModelGraph:
-    """``graph`` (traced with ``core_module``) with a recompute option for each block's ``attn.core``.
-
-    The planner offers recompute of a layer or of a child of it; the attention core is a grandchild of a block
-    (the child ``attn`` also holds the qkv and projection linears, which Megatron-LM does not recompute). Its
-    option is measured the way the trace measures a child's: the core traced on its own (behind the qkv linear
-    that feeds it, one sequence, meta device) saves its activations less its inputs and costs its forward FLOPs.
-    """
-    probe = autoplan.trace(_CoreProbe(row["hidden"], row["heads"]).to("meta"),
-                           torch.empty(1, SEQ_LEN, row["hidden"], device="meta"))
-    core = next(option for option in probe.layer("core").recompute_options if option.module == "core")
-    layers = tuple(
-        replace(layer, recompute_options=layer.recompute_options + (
-            RecomputeOption(f"{layer.name}.attn.core", core.saved_activation_bytes, core.forward_flops),))
-        if layer.name.startswith("blocks.") else layer
-        for layer in graph.layers)
-    return replace(graph, layers=layers)
-
-
 def load_rows(path: Path = TABLE) -> list[dict]:
     """The published rows (see the module docstring)."""
     return json.loads(path.read_text())["rows"]
@@ -162,8 +127,8 @@ def published_plan(graph: autoplan.ModelGraph, row: dict, *, virtual: int | None
                    sequence_parallel: bool = False, recompute: str = "full") -> Plan:
     """The published layout of ``row`` as a :class:`Plan` over ``graph`` (see the module docstring): ``virtual``
     stages per rank (default: SC'21's script), Megatron sequence parallelism on or off, and ``recompute``
-    ``"full"`` (every block), ``"selective"`` (every block's ``attn.core``, see
-    :func:`with_selective_recompute`) or ``"none"``."""
+    ``"full"`` (every block), ``"selective"`` (every block's ``attn.core``, offered by the trace of a row traced
+    with ``core_module``) or ``"none"``."""
     tp, pp = row["tp"], row["pp"]
     dp = row["gpus"] // (tp * pp)
     per_rank = row["layers"] // pp
@@ -174,7 +139,7 @@ def published_plan(graph: autoplan.ModelGraph, row: dict, *, virtual: int | None
             option.module == f"{layer.name}.attn.core" for option in layer.recompute_options)]
         if lacking:
             raise ValueError(f"{lacking[:3]} have no option to recompute their attention core; trace the row with "
-                             f"trace_2022 (or with_selective_recompute) first")
+                             f"trace_2022 first")
     if virtual is None:
         label = row["label"]
         virtual = per_rank // LAYERS_PER_VIRTUAL_STAGE[label] if label in LAYERS_PER_VIRTUAL_STAGE else 1
@@ -241,8 +206,8 @@ def load_2022(path: Path = KORTHIKANTI) -> dict:
 
 
 def trace_2022(row: dict) -> autoplan.ModelGraph:
-    """A Table 3 model with Megatron-LM's 2022 blocks and the selective-recompute option for each core."""
-    return with_selective_recompute(trace_row(row, core_module=True), row)
+    """A Table 3 model with Megatron-LM's 2022 blocks: the trace offers recompute of each block's ``attn.core``."""
+    return trace_row(row, core_module=True)
 
 
 def predict_2022(row: dict, published: dict, graph: autoplan.ModelGraph | None = None) -> list[dict]:

@@ -29,7 +29,7 @@ from torch.utils import _pytree as pytree
 
 from .fingerprint import model_fingerprint
 from ..graph import Layer, ModelGraph, RecomputeOption, TensorParallelGroup
-from ..names import tied_parameter_names
+from ..names import in_module, tied_parameter_names
 from .chain import (
     LayerLocator,
     choose_layer_names,
@@ -49,7 +49,8 @@ from .repeat import trace_repeated
 
 __all__ = ["trace", "normalize_inputs"]
 
-#: a child of a layer is offered for selective recompute when it saves at least this share of the layer's bytes
+#: a module inside a layer (at any depth) is offered for selective recompute when it saves at least this share of
+#: the layer's bytes
 SELECTIVE_MIN_SHARE = 0.25
 
 
@@ -171,7 +172,8 @@ def _trace_all(model: torch.nn.Module, args: tuple, kwargs: dict, batch_size: in
                 output_bytes=boundary[i],
                 param_names=tuple(layer_param_names[i]),
                 tp_groups=tuple(groups_by_layer.get(i, ())),
-                recompute_options=_recompute_options(model, name, act[i], fwd[i], m, module_fwd, module_act),
+                recompute_options=_recompute_options(model, name, act[i], fwd[i], m, module_fwd, module_act,
+                                                      groups_by_layer.get(i, ())),
                 sequence_parallel=sequence_parallel_layer(model, name, groups_by_layer.get(i, []), m, act[i],
                                                           boundary[i]),
             )
@@ -248,22 +250,51 @@ def _per_module(m: Measurement) -> tuple[dict[str, int], dict[str, int]]:
     return fwd, act
 
 
-def _recompute_options(model, name, layer_act, layer_fwd, m, module_fwd, module_act) -> tuple[RecomputeOption, ...]:
+def _recompute_options(model, name, layer_act, layer_fwd, m, module_fwd, module_act,
+                       groups=()) -> tuple[RecomputeOption, ...]:
+    """The layer itself (full recompute) first, then each module inside it at any depth (pre-order) that saves at
+    least ``SELECTIVE_MIN_SHARE`` of the layer's bytes: Megatron-style blocks keep the attention core (QKᵀ, softmax,
+    dropout, ·V) a level below the attention module, ``blocks.i.attn.core``.
+
+    A module's option is measured as the layer's: its saved bytes (its own and its descendants') less its input,
+    which stays alive, and its forward FLOPs. An option is left out when another one frees at least its bytes for
+    no more FLOPs and re-runs no more tensor-parallel pairs (``groups``): a wrapper around a single child, T5's
+    ``SelfAttention`` beside the ``layer.0`` holding it and its norm. The cost model prices an option by those
+    figures (memory freed; time: its FLOPs, one memory-bound pass over the bytes it frees, the pairs' collectives),
+    so the option left out could win only by the pass over the bytes it does not free, which are exactly what
+    recompute is asked for; options that trade bytes for FLOPs are all kept (``attn`` frees more than
+    ``attn.core`` for its two linears; GPT-2's ``mlp.act`` frees less than ``mlp`` for no matmul). With the share
+    rule this keeps the list short (a GPT block: the block, ``attn``, ``mlp``; a T5 block at most 4; a linear
+    saves only its input, so it has none).
+    """
     if layer_act <= 0:
         return ()
     call = m.calls.get(name)
     kept = call.input_bytes if call is not None else 0
     options = [RecomputeOption(name, layer_act - kept, layer_fwd)] if layer_act > kept else []
     module = model.get_submodule(name) if name else model
-    for child_name, _ in module.named_children():
-        fqn = f"{name}.{child_name}" if name else child_name
-        child_act = module_act.get(fqn, 0)
-        if fqn not in m.calls or child_act < SELECTIVE_MIN_SHARE * layer_act:
+    for relative, _ in module.named_modules():
+        fqn = f"{name}.{relative}" if name else relative
+        module_bytes = module_act.get(fqn, 0)
+        if not relative or fqn not in m.calls or module_bytes < SELECTIVE_MIN_SHARE * layer_act:
             continue
-        saved = max(0, child_act - m.calls[fqn].input_bytes)
+        saved = max(0, module_bytes - m.calls[fqn].input_bytes)
         if saved > 0:
             options.append(RecomputeOption(fqn, saved, module_fwd.get(fqn, 0)))
-    return tuple(options)
+
+    def pairs(option: RecomputeOption) -> frozenset[int]:
+        return frozenset(i for i, g in enumerate(groups) if all(in_module(s, option.module) for s in g.styles))
+
+    def beats(k: int, j: int) -> bool:  # options[k] makes options[j] useless (a tie keeps the earlier one)
+        a, b = options[k], options[j]
+        same = (a.saved_activation_bytes, a.forward_flops, pairs(a)) == (b.saved_activation_bytes, b.forward_flops,
+                                                                         pairs(b))
+        return (a.saved_activation_bytes >= b.saved_activation_bytes and a.forward_flops <= b.forward_flops
+                and pairs(a) <= pairs(b) and (k < j or not same))
+
+    first = 1 if options and options[0].module == name else 0  # the full option is always offered
+    return tuple(o for j, o in enumerate(options)
+                 if j < first or not any(beats(k, j) for k in range(len(options)) if k != j))
 
 
 def _bias_numel(model, fqn: str) -> int:
