@@ -11,8 +11,8 @@ What is measured, each figure the one the cost model reads (docs/cost_model.md, 
 
 - ``compute_concurrency``: ranks that compute at full speed at once. A tiny GPT block's forward + backward and a
   matmul are timed on rank 0 alone (the others wait in a barrier) and on every rank at once; concurrency =
-  ranks × rate(all) / rate(alone). When it is near the world size every rank has its own device and it is
-  stored as 0; below (four gloo ranks on two cores) the device figures below are one rank's alone and the cost
+  ranks × rate(all) / rate(alone). When it is near the world size and the ranks have a core each, every rank has
+  its own device and it is stored as 0; below (four gloo ranks on two cores) the device figures below are one rank's alone and the cost
   model stretches them by the ranks busy at once (:func:`autoplan.cost.compute_contention`).
 - matmul FLOP/s per precision (``peak_flops``, rank 0 alone): the best rate over square ``n×n @ n×n`` matmuls
   (2n³ FLOPs each) of several sizes; ``matmul_efficiency`` keeps each size's rate as a fraction of it, which the
