@@ -88,23 +88,29 @@ def test_tp_verdicts_are_reused_only_for_blocks_that_read_the_same(monkeypatch):
     monkeypatch.setattr(tp_check, "_check_one", lambda model, group, *a: checked.append(group) or real(model, group, *a))
     monkeypatch.setattr(tp_check, "VERDICTS", tp_check.VERDICTS.__class__())
     x = torch.randn(2, 8)
-    same = torch.nn.Sequential(_Swap(False), _Swap(False), _Swap(False))
+    def stack(*swaps):
+        blocks = torch.nn.Sequential(*(_Swap(swap) for swap in swaps))
+        for i, block in enumerate(blocks):
+            block.layer_idx = i  # each block's own index (as transformers' layers hold it) is no difference
+        return blocks
+
+    same = stack(False, False, False)
     kept, dropped = tp_check.check_tp_groups(same, pairs(same), (x,), {})
     assert len(kept) == 3 and dropped == [] and len(checked) == 1  # identical blocks: one check
     # a block that differs only in an attribute its forward reads is checked on its own, and dropped
-    mixed = torch.nn.Sequential(_Swap(False), _Swap(True))
+    mixed = stack(False, True)
     kept, dropped = tp_check.check_tp_groups(mixed, pairs(mixed), (x,), {})
     assert [g.styles for g in kept] == [pairs(mixed)[0].styles] and [d.styles for d in dropped] == [pairs(mixed)[1].styles]
     assert len(checked) == 2 and "computes other numbers" in dropped[0].reason and "1's code" in dropped[0].reason
     # the same structure traced again: both verdicts reused, the reason naming this model's module
-    again = torch.nn.Sequential(_Swap(True), _Swap(False))
+    again = stack(True, False)
     kept, dropped = tp_check.check_tp_groups(again, pairs(again), (x,), {})
     assert len(checked) == 2 and [d.styles for d in dropped] == [pairs(again)[0].styles] and len(kept) == 1
     assert "0's code" in dropped[0].reason
     # other inputs (a longer feature row cannot pass; a longer batch of rows can) or other weights' shapes: checked
     kept, dropped = tp_check.check_tp_groups(same, pairs(same), (torch.randn(2, 3, 8),), {})
     assert len(checked) == 3 and len(kept) == 3
-    wide = torch.nn.Sequential(_Swap(False))
+    wide = stack(False)
     wide[0].up, wide[0].down = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
     tp_check.check_tp_groups(wide, pairs(wide), (x,), {})
     assert len(checked) == 4

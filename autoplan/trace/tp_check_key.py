@@ -8,7 +8,8 @@ traces, share one check only when their keys are equal:
 - per submodule (by relative name): its class object and every function its class defines (a patched method
   is another key), its parameters' and buffers' names, shapes and dtypes (a real buffer's values too: a mask
   or a rotary table enters the numbers), and every plain attribute (``training``, head counts, flags, a
-  ``config`` object's fields, functions such as an activation);
+  ``config`` object's fields, functions such as an activation) except a block's own index in its stack
+  (``layer_idx``), which the repeated-stack trace already treats as the only way its blocks may differ;
 - the inputs recorded for the parent's first call (shapes, dtypes, non-tensor values), with the batch dimension
   as the check cuts it;
 - the styles relative to the parent, the degree, and the check's own constants.
@@ -26,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import enum
+import re
 import types
 from collections import OrderedDict
 
@@ -41,7 +43,9 @@ _SKIPPED = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"
             "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
             "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"}
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-_MAX_DEPTH = 4
+_MAX_DEPTH = 8
+#: attributes that may hold a block's own index in its stack (transformers' ``layer_idx``)
+_INDEX_NAME = re.compile(r"^(layer|block)_?(idx|index|id|number)$")
 _MAX_BUFFER_VALUES = 1 << 22  # a real buffer larger than this makes its module uncacheable
 
 
@@ -106,15 +110,26 @@ def _tensor_key(t: torch.Tensor, values: bool) -> tuple:
     return key
 
 
-def module_key(module: nn.Module) -> tuple:
-    """Everything of ``module`` and its submodules that a check may read; :class:`Uncacheable` if unsure."""
+def _block_indices(fqn: str) -> set[int]:
+    """The list positions on a module's path (``model.layers.3.self_attn`` → {3})."""
+    return {int(part) for part in fqn.split(".") if part.isdigit()}
+
+
+def module_key(module: nn.Module, fqn: str = "") -> tuple:
+    """Everything of ``module`` (at ``fqn`` in its model) and its submodules that a check may read;
+    :class:`Uncacheable` if unsure. A block's own index (an int attribute named like ``layer_idx`` equal to a
+    list position on the module's path) is left out, as the repeated-stack trace
+    (:mod:`autoplan.trace.repeat`) leaves it out: the blocks of a stack differ only there, and the stack's
+    blocks already share one traced block's groups."""
     out = []
     for name, m in module.named_modules():
         attrs = vars(m)
         if any(attrs.get(h) for h in _HOOKS) or attrs.get("_forward_pre_hooks_with_kwargs") \
                 or attrs.get("_forward_hooks_with_kwargs"):
             raise Uncacheable(f"a hook on {name or 'the module'}")
-        plain = tuple(sorted((k, describe_value(v)) for k, v in attrs.items()
+        own = _block_indices(f"{fqn}.{name}" if fqn and name else fqn or name)
+        plain = tuple(sorted((k, ("block index",) if _INDEX_NAME.match(k) and type(v) is int and v in own
+                              else describe_value(v)) for k, v in attrs.items()
                              if k not in _SKIPPED and k not in _HOOKS))
         params = tuple((n, _tensor_key(p, False), p.requires_grad) for n, p in m.named_parameters(recurse=False))
         buffers = tuple((n, _tensor_key(b, True)) for n, b in m.named_buffers(recurse=False))
@@ -146,7 +161,7 @@ def verdict_key(module: nn.Module, parent: str, styles: dict[str, str], divisor:
         lambda x: ("tensor", (1,) + tuple(x.shape[1:]) if batch is not None and x.shape and x.shape[0] == batch
                    else tuple(x.shape), x.dtype) if isinstance(x, TensorSpec) else x, recorded)
     try:
-        return module_key(module), rel, divisor, describe_value(inputs), constants
+        return module_key(module, parent), rel, divisor, describe_value(inputs), constants
     except Uncacheable:
         return None
 
