@@ -110,3 +110,21 @@ def test_parallelize_recomputes_the_core_with_the_numbers_of_one_process():
     grads = dict(reference.named_parameters())
     for name, param in pm.named_parameters():
         torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_wrapper_that_frees_what_its_child_frees_offers_one_option():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 16))
+            self.ff = nn.Sequential(nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16)))
+
+        def forward(self, x):
+            x = x + self.attn(x)
+            return x + self.ff(x)
+
+    graph = autoplan.trace(nn.Sequential(Residual(), Residual()), torch.randn(8, 16))
+    options = graph.layer("0").recompute_options
+    # ff.0 frees ff's bytes for ff's FLOPs: left out; attn frees less than ff but re-runs another pair: kept
+    assert [o.module for o in options] == ["0", "0.attn", "0.ff"]
+    assert len({(o.saved_activation_bytes, o.forward_flops) for o in options}) == len(options)
