@@ -113,12 +113,14 @@ def test_full_recompute_keeps_only_the_replicated_input():
     assert tp.tp_comm_s == pytest.approx(5 * 0.096)
 
 
-def test_selective_recompute_in_proportion_to_tp():
+def test_selective_recompute_frees_its_bytes_as_sharded_when_they_fit_in_the_pairs():
     c = cost(recompute=SELECTIVE)
     assert (c.activation_bytes, c.transient_bytes, c.recompute_s) == (650, 150, pytest.approx(0.3))
     tp = cost(tp=2, recompute=SELECTIVE)
-    # 500 B after TP; the option frees 150 × 500/800 of them.
-    assert (tp.activation_bytes, tp.transient_bytes) == (406, 94)
+    # 500 B after TP (200 outside the pairs, 600/2 inside). The option's 150 B fit in the pairs' 600, so they are
+    # taken as sharded: each rank frees 75 (an average share, 150 × 500/800 = 94, over-states what a core inside
+    # a pair frees, and the predicted memory would fall below what the rank keeps).
+    assert (tp.activation_bytes, tp.transient_bytes) == (425, 75)
     assert tp.recompute_s == pytest.approx(300 * 0.5 / 1000)
     # The attention pair is the module's last: its all-reduce is not re-run, so no collective is added.
     assert tp.tp_comm_s == pytest.approx(4 * 0.064)

@@ -252,7 +252,6 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
     seconds_per_flop = (matmul_s / (forward_flops * batch_scale) if forward_flops * batch_scale > 0
                         else 1 / device.achievable_flops(precision))
     activation = layer.activation_bytes - group_activation + group_activation / tp
-    activation_ratio = activation / layer.activation_bytes if layer.activation_bytes > 0 else 1.0
 
     recompute_s = 0.0
     kept_activation = activation
@@ -263,10 +262,15 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
             # Full recompute keeps the checkpoint input, which TP does not shard (Korthikanti et al. 2022 §5).
             kept_activation = min(activation, layer.activation_bytes - saved)
         else:
-            kept_activation = activation - saved * activation_ratio
+            # A module's saved bytes lie partly inside the layer's pairs (each rank frees 1/t of them) and partly
+            # outside (each rank frees them whole). The trace records no such split per option, so the pairs'
+            # bytes are taken first: the freed bytes are never over-stated (an attention core inside a pair frees
+            # exactly saved/t), and the memory predicted is never below what the rank keeps.
+            in_pairs = min(saved, group_activation)
+            kept_activation = activation - (saved - in_pairs + in_pairs / tp)
         kept_activation = max(0.0, kept_activation)
         recompute_s = contention * (recompute.forward_flops * batch_scale * flops_ratio * seconds_per_flop
-                                    + memory_bound_s(FORWARD_PASSES * saved * activation_ratio * bytes_scale,
+                                    + memory_bound_s(FORWARD_PASSES * (activation - kept_activation) * bytes_scale,
                                                      cluster)
                                     + overhead_s)
         inside = [g for g in groups if all(in_module(m, recompute.module) for m in g.styles)]
