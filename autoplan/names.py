@@ -45,6 +45,20 @@ def owner_index(fqn: str, modules: Sequence[str]) -> int | None:
     return best
 
 
+def tied_holders(tied: Sequence[Sequence[str]], layers: Sequence[str]) -> list[tuple[str, list[int]]]:
+    """Each tied weight (its first name) with the indices of the ``layers`` that hold one of its names.
+
+    Example:
+        >>> tied_holders([["tok.weight", "head.weight"]], ["tok", "blocks.0", "head"])
+        [('tok.weight', [0, 2])]
+    """
+    out = []
+    for names in tied:
+        held = sorted({i for i in (owner_index(name.rpartition(".")[0], layers) for name in names) if i is not None})
+        out.append((names[0], held))
+    return out
+
+
 def tied_parameter_names(module: "nn.Module") -> list[list[str]]:
     """Groups of parameter FQNs that name one tensor (two or more names each), in model order.
 

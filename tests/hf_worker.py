@@ -86,6 +86,12 @@ def plan_on_rank_0(family: str, model: torch.nn.Module, inputs: tuple, case: dic
         options = PlanOptions(mesh=case["mesh"], precision="fp32", data_parallel=case.get("data_parallel", "auto"),
                               sequence_parallel=case.get("sequence_parallel", "auto"))
         box[0] = search(_GRAPHS[family], cluster, options).to_dict()
+        if "cuts" in case:  # pinned stage boundaries, two stages per pipeline rank under the interleaved schedule
+            layers = [name for stage in box[0]["stages"] for name in stage["layers"]]
+            bounds = [0, *case["cuts"], len(layers)]
+            box[0]["stages"] = [{"layers": layers[a:b], "recompute": []} for a, b in zip(bounds, bounds[1:])]
+            box[0].update(schedule="interleaved", virtual_stages=(len(bounds) - 1) // case["mesh"]["pp"],
+                          microbatches=2, microbatch_size=box[0]["global_batch_size"] // case["mesh"].get("dp", 1) // 2)
     if not dist.is_initialized():
         dist.init_process_group("gloo")
     dist.broadcast_object_list(box, src=0)
@@ -151,6 +157,7 @@ def roundtrip(pm, opt, data, state: dict, path: str) -> dict:
 def case_name(case: dict) -> str:
     kind = f":{case['data_parallel']}" if "data_parallel" in case else ""
     kind += ":sp" if case.get("sequence_parallel") is True else ""
+    kind += ":cuts" + ",".join(map(str, case["cuts"])) if "cuts" in case else ""
     return f"{case['family']}:{'x'.join(f'{k}{v}' for k, v in case['mesh'].items())}{kind}"
 
 

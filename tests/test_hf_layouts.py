@@ -62,7 +62,10 @@ def test_llama_and_gpt2_pipelines_match_one_process(tmp_path):
     # splits and gathers its own piece
     cases = [{"family": "llama", "mesh": {"pp": 2, "tp": 2}, "checkpoint": str(tmp_path / "checkpoint_llama")},
              {"family": "llama", "mesh": {"pp": 2, "tp": 2}, "sequence_parallel": True},
-             {"family": "gpt2", "mesh": {"pp": 2, "dp": 2}}]
+             {"family": "gpt2", "mesh": {"pp": 2, "dp": 2}},
+             # four interleaved stages: pipeline rank 0 holds BART's shared embedding in two of them (the encoder's
+             # and the decoder's), whose gradients must be averaged over the microbatches once, not per stage
+             {"family": "bart", "mesh": {"pp": 2, "tp": 2}, "cuts": [1, 3, 6]}]
     check(run_world(cases, tmp_path, timeout_s=600, worker=WORKER))
 
 

@@ -107,3 +107,44 @@ def test_a_loaded_plan_with_a_lone_colwise_changes_nothing(tmp_path):
         autoplan.parallelize(model, plan=str(path))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not hasattr(model.blocks[0].mlp.fc.weight, "placements")  # not a DTensor: nothing was sharded
+
+
+class _InnerTie(torch.nn.Module):
+    """An encoder-decoder in miniature: the decoder's embedding (an inner layer) shares the encoder's weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc_emb = torch.nn.Embedding(32, 16)
+        self.enc = torch.nn.Linear(16, 16)
+        self.dec_emb = torch.nn.Embedding(32, 16)
+        self.dec_emb.weight = self.enc_emb.weight
+        self.dec = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 32)
+
+    def forward(self, ids):
+        return self.head(self.dec(self.dec_emb(ids) + self.enc(self.enc_emb(ids))))
+
+
+def test_interleaved_stages_of_one_rank_sharing_a_tied_weight_are_refused_under_data_parallelism():
+    from autoplan.errors import PlanMismatchError
+    from autoplan.execute.manual import manual_plan
+    from autoplan.execute.validate import check_plan_matches
+
+    model = _InnerTie()
+    stages = [["enc_emb"], ["enc"], ["dec_emb"], ["dec", "head"]]  # stages 0 and 2 run on pipeline rank 0
+    plan = manual_plan(model, stages, pp=2, dp=2, global_batch_size=8, microbatches=2, schedule="interleaved")
+    with pytest.raises(PlanMismatchError, match=r"stages \[0, 2\] hold the tied weight 'enc_emb.weight'"):
+        check_plan_matches(plan, model, world_size=4)
+    check_plan_matches(manual_plan(model, stages, pp=2, tp=2, global_batch_size=8, microbatches=2,
+                                   schedule="interleaved"), model, world_size=4)  # no data parallelism: sound
+    moved = [["enc_emb"], ["enc", "dec_emb"], ["dec"], ["head"]]  # stages 0 and 1: two ranks
+    check_plan_matches(manual_plan(model, moved, pp=2, dp=2, global_batch_size=8, microbatches=2,
+                                   schedule="interleaved"), model, world_size=4)
+    # the planner never offers such a layout: under dp > 1 it keeps to 1f1b / gpipe, and says why when pinned
+    ids = torch.randint(0, 32, (8, 4))
+    cluster = autoplan.Cluster.preset("cpu", devices_per_node=4)
+    planned = autoplan.plan(model, ids, cluster=cluster, mesh={"pp": 2, "dp": 2}, precision="fp32")
+    assert planned.schedule != "interleaved"
+    with pytest.raises(ValueError, match="tied weight 'enc_emb.weight'"):
+        autoplan.plan(model, ids, cluster=cluster, mesh={"pp": 2, "dp": 2}, schedule="interleaved",
+                      precision="fp32")

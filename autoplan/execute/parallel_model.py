@@ -56,7 +56,7 @@ from .batch import Inputs, as_args, check_targets, checked_loss, guard_token_ids
 from .mesh import rank_at
 from .guards import check_ddp_gradients, fail_together
 from .materialize import held_tensors
-from .pipeline import sync_tied_gradients
+from .pipeline import average_microbatch_gradients, sync_tied_gradients
 from .tensor_parallel import reduce_sequence_parallel_gradients
 
 __all__ = ["ParallelModel"]
@@ -278,6 +278,8 @@ class ParallelModel:
             else:
                 step(*(args.args if first else ()), **(args.kwargs if first else {}),
                      target=targets if last else None, losses=losses, **kwargs)
+        if backward:
+            average_microbatch_gradients([s.runner for s in a.stages], a.plan.microbatches)
         loss = torch.stack([l.detach().float() for l in losses]).mean() if last else torch.zeros((), device=a.device)
         pp = a.plan.mesh.pp
         src = rank_at(a.plan.mesh, (len(a.plan.stages) - 1) % pp, a.coords["dp"], a.coords["tp"])

@@ -2,8 +2,9 @@
 schedule, and the gradient sync of weights tied across stages.
 
 Stage ``k`` runs on pipeline rank ``k % pp`` (with ``virtual_stages`` > 1, each rank holds that many stages and the
-interleaved 1F1B schedule of Narayanan et al. SC'21 §2.2 runs them). The schedules average gradients over
-microbatches (``scale_grads``), so a mean loss per microbatch gives the gradient of the mean over the batch.
+interleaved 1F1B schedule of Narayanan et al. SC'21 §2.2 runs them). Gradients are averaged over microbatches
+once per step (:func:`average_microbatch_gradients`), so a mean loss per microbatch gives the gradient of the mean
+over the batch.
 
 Example:
     >>> from autoplan.execute.pipeline import local_stage_indices
@@ -25,7 +26,8 @@ from ..plan import Mesh, Plan
 from .mesh import rank_at
 from .validate import owning_layer
 
-__all__ = ["local_stage_indices", "build_schedule", "TiedGradientGroup", "tied_gradient_groups"]
+__all__ = ["local_stage_indices", "build_schedule", "average_microbatch_gradients", "TiedGradientGroup",
+           "tied_gradient_groups"]
 
 _SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -49,11 +51,36 @@ def build_schedule(plan: Plan, modules: Sequence[tuple[int, nn.Module]], pp_grou
     """
     num_stages = len(plan.stages)
     stages = [PipelineStage(module, k, num_stages, device, group=pp_group) for k, module in modules]
+    # Each stage would divide its module's gradients by the microbatch count when its own last backward ends; a
+    # weight two of this rank's stages share (an embedding tied to a later stage under an interleaved schedule)
+    # would be divided twice, once part-way through its accumulation: average_microbatch_gradients does it once.
     if plan.schedule == "interleaved":
-        return ScheduleInterleaved1F1B(stages, n_microbatches=plan.microbatches, loss_fn=loss_fn)
+        return ScheduleInterleaved1F1B(stages, n_microbatches=plan.microbatches, loss_fn=loss_fn, scale_grads=False)
     if len(stages) != 1:
         raise ValueError(f"schedule {plan.schedule!r} runs one stage per rank; this rank has {len(stages)}")
-    return _SCHEDULES[plan.schedule](stages[0], n_microbatches=plan.microbatches, loss_fn=loss_fn)
+    return _SCHEDULES[plan.schedule](stages[0], n_microbatches=plan.microbatches, loss_fn=loss_fn,
+                                     scale_grads=False)
+
+
+@torch.no_grad()
+def average_microbatch_gradients(modules: Sequence[nn.Module], microbatches: int) -> None:
+    """Divide every gradient of this rank's stage ``modules`` by ``microbatches``, once per parameter even where
+    several stages hold it, after the schedule's backward (and FSDP's reduction) is done.
+
+    Example:
+        >>> shared = torch.nn.Linear(2, 2)
+        >>> stages = [torch.nn.Sequential(shared), torch.nn.Sequential(shared, torch.nn.Linear(2, 2))]
+        >>> for p in shared.parameters(): p.grad = torch.full_like(p, 4.0)
+        >>> average_microbatch_gradients(stages, 4)
+        >>> shared.weight.grad[0, 0].item(), stages[1][1].weight.grad is None
+        (1.0, True)
+    """
+    seen: set[int] = set()
+    for module in modules:
+        for param in module.parameters():
+            if param.grad is not None and id(param) not in seen:
+                seen.add(id(param))
+                param.grad.div_(microbatches)
 
 
 @dataclass

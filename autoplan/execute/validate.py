@@ -17,7 +17,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import PlanMismatchError
-from ..names import owner_index
+from ..names import owner_index, tied_holders, tied_parameter_names
 from ..trace.fingerprint import model_fingerprint
 from ..trace.opgraph import is_conv1d
 from ..trace.tp_groups import linear_features
@@ -83,6 +83,18 @@ def check_plan_matches(plan: Plan, model: nn.Module, world_size: int) -> None:
             if owning_layer(fqn, stage.layers) is None:
                 raise PlanMismatchError(
                     f"stage {index} recomputes {fqn!r}, which is not inside its layers {list(stage.layers)}; {_REPLAN}"
+                )
+    if plan.mesh.dp > 1 and len(plan.stages) > plan.mesh.pp:
+        stage_of = {layer: k for k, stage in enumerate(plan.stages) for layer in stage.layers}
+        for name, held in tied_holders(tied_parameter_names(model), layers):
+            stages = sorted({stage_of[layers[i]] for i in held})
+            ranks = [k % plan.mesh.pp for k in stages]
+            if len(set(ranks)) < len(ranks):
+                raise PlanMismatchError(
+                    f"stages {stages} hold the tied weight {name!r} and two of them run on one pipeline rank "
+                    f"(stage k on rank k mod pp = {plan.mesh.pp}); data parallelism (dp = {plan.mesh.dp}) cannot "
+                    f"wrap one parameter in two stage modules. Move the stage boundaries, use dp = 1 or the 1f1b "
+                    f"or gpipe schedule, or {_REPLAN}"
                 )
     for fqn, style in plan.tensor_parallel.items():
         if fqn not in modules:

@@ -17,6 +17,7 @@ from ..cluster import Cluster
 from ..cost.plan_cost import Strategy
 from ..cost.sequence import sequence_parallel_applies
 from ..graph import Layer, ModelGraph, RecomputeOption, fsdp_blocks_tensor_parallel
+from ..names import tied_holders
 from ..options import PlanOptions
 
 __all__ = ["divisors", "LayerChoice", "layer_choices", "enumerate_strategies", "global_batch_size",
@@ -141,6 +142,7 @@ def enumerate_strategies(graph: ModelGraph, cluster: Cluster, options: PlanOptio
         raise ValueError(f"mesh pp={pins['pp']} needs pipeline stages, but {graph.model_name} cannot be split into "
                          f"them: {blocker}")
     strategies: list[Strategy] = []
+    inner_tie = _inner_tied_weight(graph)
     sp_degrees = _sequence_parallel_degrees(graph, cluster, options)
     for tp in _tp_degrees(graph, cluster, options):
         for pp in divisors(world // tp):
@@ -156,6 +158,8 @@ def enumerate_strategies(graph: ModelGraph, cluster: Cluster, options: PlanOptio
                     continue
                 m = per_replica // mb
                 for schedule, v in _schedules(pp, m, num_layers, options.schedule):
+                    if schedule == "interleaved" and dp > 1 and inner_tie:
+                        continue
                     for kind in _dp_kinds(dp, options.data_parallel):
                         for sp in _sequence_parallel_choices(tp, tp in sp_degrees, options.sequence_parallel):
                             strategies.append(Strategy(pp, dp, tp, mb, m, schedule, kind, v, options.precision,
@@ -197,6 +201,17 @@ def _sequence_parallel_degrees(graph: ModelGraph, cluster: Cluster, options: Pla
         raise ValueError(f"sequence_parallel=True, but no layer of {graph.model_name} can run it: {why}. "
                          f"Use sequence_parallel='auto' or False")
     return degrees
+
+
+def _inner_tied_weight(graph: ModelGraph) -> str | None:
+    """A tied weight that a layer other than the chain's first and last holds (BART's and T5's shared embedding
+    in the decoder), or None. An interleaved schedule may put two stages holding it on one pipeline rank, and data
+    parallelism cannot wrap one parameter in two stage modules, so such plans keep dp = 1 or another schedule
+    (stage k runs on rank k mod pp: the first and last layer are never on one rank when pp > 1)."""
+    last = len(graph.layers) - 1
+    names = [layer.name for layer in graph.layers]
+    return next((name for name, held in tied_holders(graph.tied_parameters, names)
+                 if any(0 < i < last for i in held) and len(held) > 1), None)
 
 
 def _schedules(pp: int, microbatches: int, num_layers: int, pinned: str) -> list[tuple[str, int]]:
@@ -248,6 +263,9 @@ def _no_strategy_message(graph: ModelGraph, cluster: Cluster, options: PlanOptio
             elif schedule in ("1f1b", "interleaved") and per_replica // (mb_pin or 1) < pp:
                 reasons.append(f"{mesh}: {per_replica // (mb_pin or 1)} microbatches, but {schedule} needs at least "
                                f"pp = {pp}")
+            elif schedule == "interleaved" and dp > 1 and _inner_tied_weight(graph):
+                reasons.append(f"{mesh}: interleaved stages of one rank could both hold the tied weight "
+                               f"{_inner_tied_weight(graph)!r}, which data parallelism cannot wrap twice")
             elif schedule == "interleaved":
                 reasons.append(f"{mesh}: interleaved needs microbatches divisible by pp = {pp} (and pp × 2 ≤ "
                                f"{layers} layers)")
