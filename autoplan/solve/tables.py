@@ -86,6 +86,7 @@ class LayerCostCache:
         self._payers: dict[int, set[int]] = {}
         self._signature_ids: dict[tuple, int] = {}
         self._contexts: dict[tuple, tuple[float, bool, float]] = {}
+        self._contention: dict[tuple, float] = {}
         self._largest_params = max((l.num_params for l in graph.layers), default=0)
         self.tied_groups = tied_layer_groups(graph)
 
@@ -106,9 +107,16 @@ class LayerCostCache:
         # a small int stands for the (long, nested) signature: hashing it on every call would cost more
         sig_id = self._signature_ids.setdefault(signature, len(self._signature_ids))
         # what the cost reads from the rest of the strategy (contention, FSDP unit, per-step seconds): few
-        # distinct values, but a strategy that differs there must not share a cost
-        context_key = (strategy.pp, strategy.dp, strategy.tp, strategy.microbatches, strategy.schedule,
-                       strategy.virtual_stages, strategy.data_parallel, strategy.precision, choice.tp_on,
+        # distinct values, but a strategy that differs there must not share a cost. The schedule is read only
+        # through the compute contention, so its value (few: 1.0 on dedicated devices) stands for it in the key.
+        shape = (strategy.pp, strategy.microbatches, strategy.schedule, strategy.virtual_stages)
+        contention = self._contention.get(shape)
+        if contention is None:
+            contention = self._contention[shape] = cost.compute_contention(
+                self.cluster, pp=strategy.pp, microbatches=strategy.microbatches, schedule=strategy.schedule,
+                virtual_stages=strategy.virtual_stages)
+        context_key = (strategy.pp, strategy.dp, strategy.tp, strategy.microbatches, contention,
+                       strategy.data_parallel, strategy.precision, choice.tp_on,
                        len(layer.param_names), layer.num_params == 0, layer.num_params * 8 >= self._largest_params)
         context = self._contexts.get(context_key)
         if context is None:
