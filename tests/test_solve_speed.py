@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 import torch
 
 import autoplan
@@ -114,3 +115,35 @@ def test_tp_verdicts_are_reused_only_for_blocks_that_read_the_same(monkeypatch):
     wide[0].up, wide[0].down = torch.nn.Linear(8, 32), torch.nn.Linear(32, 8)
     tp_check.check_tp_groups(wide, pairs(wide), (x,), {})
     assert len(checked) == 4
+
+
+def test_pruned_search_returns_the_optimum_of_pricing_every_strategy():
+    """Branch and bound skips strategies by their bounds; pricing every strategy (greedy and CP-SAT on each, no
+    incumbent) must find nothing faster than the plan it returns, and the plan must be OPTIMAL."""
+    from autoplan.solve.bounds import refined_bound
+    from autoplan.solve.cpsat import solve_strategy
+    from autoplan.solve.greedy import greedy
+    from autoplan.solve.tables import build_tables
+
+    graph = gpt_like_graph(layers=4, hidden=1024, seq=1024, vocab=8000)
+    cluster = autoplan.Cluster.preset("a100-40gb")
+    options = PlanOptions(global_batch_size=16, recompute="none")
+    plan = search(graph, cluster, options)
+    best_s, priced = float("inf"), 0
+    for tables in build_tables(graph, cluster, options):
+        bound = refined_bound(tables)
+        if bound.bound_s == float("inf"):
+            continue
+        found = greedy(tables)
+        if found is not None and found[1].fits:
+            best_s = min(best_s, found[1].step_time_s)
+        result = solve_strategy(tables, bound, cutoff_s=None, hint=None, time_limit_s=5.0)
+        assert result.status in ("OPTIMAL", "INFEASIBLE")
+        if result.assignment is not None:
+            cost = tables.evaluate(result.assignment)
+            if cost.fits:
+                best_s = min(best_s, cost.step_time_s)
+        priced += 1
+    assert priced > 20 and plan.search.candidates > priced // 2
+    assert plan.search.status == "OPTIMAL"
+    assert plan.predicted.step_time_s == pytest.approx(best_s, rel=1e-9)
