@@ -182,8 +182,11 @@ def rank_figures(strategy: Strategy, rank: RankCost) -> RankFigures:
 
 
 def layer_choice_cost(graph: ModelGraph, layer: Layer, cluster: Cluster, strategy: Strategy, tp_on: bool,
-                      recompute: RecomputeOption | None) -> cost.LayerCost:
+                      recompute: RecomputeOption | None,
+                      context: tuple[float, int, float] | None = None) -> cost.LayerCost:
     """:func:`autoplan.cost.layer_cost` of ``layer`` under ``strategy``, sharded by ``tp`` iff ``tp_on``.
+    ``context``: :func:`layer_cost_context`'s answer, when the caller has it (or, for a lower bound, a relaxed
+    one: no FSDP unit and no per-step seconds only remove non-negative terms).
 
     Example (a GPT block at h = 64: tp = 2 halves its 12h² matmul weights, not its 13h norms and biases):
         >>> from autoplan import Cluster
@@ -194,7 +197,7 @@ def layer_choice_cost(graph: ModelGraph, layer: Layer, cluster: Cluster, strateg
         ...  for tp_on in (False, True)]
         [49984, 25408]
     """
-    contention, fsdp_unit, per_step_s = layer_cost_context(graph, layer, cluster, strategy, tp_on)
+    contention, fsdp_unit, per_step_s = context or layer_cost_context(graph, layer, cluster, strategy, tp_on)
     result = cost.layer_cost(
         layer, traced_batch_size=graph.batch_size, traced_dtype_bytes=graph.dtype_bytes, cluster=cluster,
         tp=strategy.tp if tp_on else 1, microbatch_size=strategy.microbatch_size, precision=strategy.precision,

@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import heapq
 import time
 from dataclasses import dataclass, field, replace
 
@@ -50,7 +51,7 @@ from .bounds import RefinedBound, lower_bound_s, memory_lower_bound_bytes, refin
 from .cpsat import ModelResult, solve_strategy
 from .greedy import greedy
 from .space import global_batch_size
-from .tables import Assignment, StrategyTables, build_tables
+from .tables import Assignment, LazyTables, StrategyTables
 from .alternatives import LazyAlternatives, infeasible_error
 
 __all__ = ["search", "DEFAULT_TIME_LIMIT_S"]
@@ -69,6 +70,7 @@ class _Record:
     cost: PlanCost | None = None
     exact: bool = False  # CP-SAT proved this the strategy's optimum
     status: str = "pruned"  # pruned | memory | greedy | OPTIMAL | FEASIBLE | INFEASIBLE | UNKNOWN | timeout
+    known: bool = True  # the bounds are exact (else lower_bound_s is a cheaper bound below the exact one)
 
 
 @dataclass
@@ -77,10 +79,25 @@ class _Search:
     cluster: Cluster
     options: PlanOptions
     deadline: float
-    tables: list[StrategyTables] = field(default_factory=list)
+    tables: "LazyTables | list[StrategyTables]" = field(default_factory=list)
     records: list[_Record] = field(default_factory=list)
     best: int | None = None
     frozen: bool = False  # once the plan is chosen, judging alternatives must not change it
+
+    def know(self, i: int) -> None:
+        """Strategy ``i``'s exact bounds (from its full tables), in place of its cheap bound."""
+        rec = self.records[i]
+        if not rec.known:
+            tables = self.tables[i]
+            rec.lower_bound_s, rec.memory_lower_bound_bytes = lower_bound_s(tables), memory_lower_bound_bytes(tables)
+            rec.known = True
+            if rec.memory_lower_bound_bytes > self.cluster.device.usable_memory_bytes:
+                rec.status = "memory"
+
+    def complete(self) -> None:
+        """Exact bounds of every strategy (what judging alternatives reads), as if all had been built."""
+        for i in range(len(self.records)):
+            self.know(i)
 
     def refined_bound(self, i: int) -> RefinedBound:
         """The strategy's memory-aware lower bound (computed once)."""
@@ -158,23 +175,59 @@ def search(graph: ModelGraph, cluster: Cluster, options: PlanOptions, *, lazy_al
     limit_s = options.time_limit_s or DEFAULT_TIME_LIMIT_S
     batch = global_batch_size(graph, options)
     state = _Search(graph, cluster, options, deadline=start + limit_s)
-    state.tables = build_tables(graph, cluster, options)
-    strategies = [tables.strategy for tables in state.tables]
-    state.records = [_Record(lower_bound_s(t), memory_lower_bound_bytes(t)) for t in state.tables]
+    state.tables = LazyTables(graph, cluster, options)
+    strategies = state.tables.strategies
+    # Every strategy first gets a cheap bound from relaxed tables (≤ its exact lower bound); its full tables and
+    # exact bounds are built only when that cheap bound comes up in the increasing order and still beats the
+    # incumbent. Popping a heap of (bound, index), exact bounds replacing cheap ones as they surface, visits the
+    # strategies in exactly the order of sorting them by their exact bounds.
+    state.records = []
+    heap = []
+    for i in range(len(strategies)):
+        cheap_s = lower_bound_s(state.tables.relaxed(i))
+        state.records.append(_Record(cheap_s, 0.0, known=False))
+        heap.append((cheap_s, i))
+    heapq.heapify(heap)
     capacity = cluster.device.usable_memory_bytes
-    order = sorted(range(len(strategies)), key=lambda i: (state.records[i].lower_bound_s, i))
-    order = [i for i in order if _memory_possible(state, i, capacity)]
+
+    def next_exact() -> int | None:
+        """The memory-possible strategy of least exact lower bound not yet visited (None: none left)."""
+        while heap:
+            bound_s, i = heap[0]
+            if state.records[i].known:
+                heapq.heappop(heap)
+                return i
+            state.know(i)
+            if _memory_possible(state, i, capacity):
+                heapq.heapreplace(heap, (state.records[i].lower_bound_s, i))
+            else:
+                heapq.heappop(heap)
+        return None
 
     # Upper bounds: greedy layouts, cheapest bound first.
-    for i in order:
-        if state.records[i].lower_bound_s >= state.best_s() or time.perf_counter() > state.deadline:
+    order: list[int] = []
+    while heap:
+        i = next_exact()
+        if i is None:
             break
+        if state.records[i].lower_bound_s >= state.best_s() or time.perf_counter() > state.deadline:
+            heapq.heappush(heap, (state.records[i].lower_bound_s, i))
+            break
+        order.append(i)
         if state.refined(i) >= state.best_s():
             continue
         found = greedy(state.tables[i])
         state.records[i].status = "greedy"
         if found is not None:
             state.offer(i, found[0], found[1], exact=False, status="greedy")
+    while heap and heap[0][0] < state.best_s():  # every strategy whose exact bound is below the incumbent
+        _, i = heapq.heappop(heap)
+        if state.records[i].known:
+            order.append(i)
+        else:
+            state.know(i)
+            if _memory_possible(state, i, capacity):
+                heapq.heappush(heap, (state.records[i].lower_bound_s, i))
 
     # Exact: CP-SAT on every strategy whose refined bound beats the incumbent, most promising first.
     candidates = [i for i in order if state.records[i].lower_bound_s < state.best_s()]

@@ -122,6 +122,7 @@ class LazyAlternatives(Sequence):
 def judge_alternatives(state: "_Search") -> list[Alternative]:
     """The best layout of other meshes, schedules, the other DP kind, and without recompute, each with why it
     lost."""
+    state.complete()
     chosen_i = state.best
     chosen = state.tables[chosen_i].strategy
     best = state.records[chosen_i].cost

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from types import SimpleNamespace
 from typing import Sequence
 
 from .. import cost
@@ -32,7 +33,7 @@ from ..options import PlanOptions
 from .space import LayerChoice, enumerate_strategies, global_batch_size, layer_choices
 
 __all__ = ["Segment", "segments_of", "LayerCostCache", "ChoiceCost", "StrategyTables", "Assignment",
-           "build_tables", "example_tables", "tied_layer_groups"]
+           "build_tables", "LazyTables", "example_tables", "tied_layer_groups"]
 
 #: Per stage, the (layer index, choice) pairs it runs, in model order.
 Assignment = list[list[tuple[int, LayerChoice]]]
@@ -99,7 +100,20 @@ class LayerCostCache:
             hit = self._choices[key] = layer_choices(layer, tp, recompute, sequence_parallel, fsdp)
         return hit
 
-    def get(self, layer: Layer, signature: tuple, strategy: Strategy, choice: LayerChoice) -> cost.LayerCost:
+    def contention(self, strategy: Strategy) -> float:
+        """:func:`autoplan.cost.compute_contention` of the strategy, memoised by what it reads."""
+        shape = (strategy.pp, strategy.microbatches, strategy.schedule, strategy.virtual_stages)
+        hit = self._contention.get(shape)
+        if hit is None:
+            hit = self._contention[shape] = cost.compute_contention(
+                self.cluster, pp=strategy.pp, microbatches=strategy.microbatches, schedule=strategy.schedule,
+                virtual_stages=strategy.virtual_stages)
+        return hit
+
+    def get(self, layer: Layer, signature: tuple, strategy: Strategy, choice: LayerChoice,
+            relaxed: bool = False) -> cost.LayerCost:
+        """The cost of ``choice`` for ``layer``; ``relaxed``: a lower bound on it (no FSDP unit overhead, no
+        per-step seconds: both only add non-negative seconds), shared by every data-parallel kind and size."""
         if strategy.sequence_parallel and strategy.tp not in self._payers:
             self._payers[strategy.tp] = set(sequence_edge_payers(self.graph.layers, strategy.tp))
         sp = strategy.sequence_parallel and (strategy.tp, strategy.microbatches,
@@ -109,24 +123,23 @@ class LayerCostCache:
         # what the cost reads from the rest of the strategy (contention, FSDP unit, per-step seconds): few
         # distinct values, but a strategy that differs there must not share a cost. The schedule is read only
         # through the compute contention, so its value (few: 1.0 on dedicated devices) stands for it in the key.
-        shape = (strategy.pp, strategy.microbatches, strategy.schedule, strategy.virtual_stages)
-        contention = self._contention.get(shape)
-        if contention is None:
-            contention = self._contention[shape] = cost.compute_contention(
-                self.cluster, pp=strategy.pp, microbatches=strategy.microbatches, schedule=strategy.schedule,
-                virtual_stages=strategy.virtual_stages)
+        contention = self.contention(strategy)
         context_key = (strategy.pp, strategy.dp, strategy.tp, strategy.microbatches, contention,
                        strategy.data_parallel, strategy.precision, choice.tp_on,
                        len(layer.param_names), layer.num_params == 0, layer.num_params * 8 >= self._largest_params)
-        context = self._contexts.get(context_key)
-        if context is None:
-            context = self._contexts[context_key] = layer_cost_context(
-                self.graph, layer, self.cluster, strategy, choice.tp_on, self._largest_params)
+        if relaxed:
+            context = (contention, 0, 0.0)
+        else:
+            context = self._contexts.get(context_key)
+            if context is None:
+                context = self._contexts[context_key] = layer_cost_context(
+                    self.graph, layer, self.cluster, strategy, choice.tp_on, self._largest_params)
         key = (sig_id, strategy.tp if choice.tp_on else 1, strategy.microbatch_size, strategy.precision,
                choice.recompute, sp, context)
         hit = self._memo.get(key)
         if hit is None:
-            hit = layer_choice_cost(self.graph, layer, self.cluster, strategy, choice.tp_on, choice.option(layer))
+            hit = layer_choice_cost(self.graph, layer, self.cluster, strategy, choice.tp_on, choice.option(layer),
+                                    context)
             self._memo[key] = hit
         return hit
 
@@ -153,10 +166,12 @@ class StrategyTables:
     """Everything the search needs about one strategy, computed once."""
 
     def __init__(self, graph: ModelGraph, cluster: Cluster, strategy: Strategy, segments: list[Segment],
-                 cache: LayerCostCache, recompute: str, global_batch_size: int, tp_pinned: bool = False):
+                 cache: LayerCostCache, recompute: str, global_batch_size: int, tp_pinned: bool = False,
+                 relaxed: bool = False):
         """Cost every allowed choice of every segment under ``strategy`` (memoised across strategies). With
         ``tp_pinned`` (the user pinned mesh["tp"] > 1) every layer that can shard does: a pinned degree is a
-        request to shard, not to replicate the work over the tp ranks."""
+        request to shard, not to replicate the work over the tp ranks. ``relaxed``: every row's seconds are a
+        lower bound (:meth:`LayerCostCache.get`), for :func:`autoplan.solve.bounds.lower_bound_s` only."""
         self.graph, self.cluster, self.strategy, self.segments = graph, cluster, strategy, segments
         self.cache, self.global_batch_size = cache, global_batch_size
         self.capacity_bytes = cluster.device.usable_memory_bytes
@@ -186,7 +201,7 @@ class StrategyTables:
             if tp_pinned and any(c.tp_on for c in allowed):
                 allowed = [c for c in allowed if c.tp_on]
             for choice in allowed:
-                lc = cache.get(layer, seg.signature, strategy, choice)
+                lc = cache.get(layer, seg.signature, strategy, choice, relaxed)
                 rows.append(ChoiceCost(choice, lc, lc.total_s, lc.num_params, lc.activation_bytes,
                                        lc.transient_bytes + fsdp_gather_bytes(strategy, lc.num_params),
                                        weight_copy_bytes_per_param(strategy) * lc.matmul_params))
@@ -274,6 +289,66 @@ def build_tables(graph: ModelGraph, cluster: Cluster, options: PlanOptions) -> l
     return [StrategyTables(graph, cluster, strategy, segments[strategy.sequence_parallel], cache, options.recompute,
                            batch, tp_pinned="tp" in options.mesh)
             for strategy in enumerate_strategies(graph, cluster, options)]
+
+
+class LazyTables:
+    """The tables of every strategy the options allow, in :func:`build_tables`' order, each built when first
+    read; :meth:`relaxed` gives a strategy's cheaper tables whose seconds bound the real ones from below (what
+    lets the search skip the tables of strategies that cannot win).
+
+    Example:
+        >>> from autoplan import Cluster
+        >>> from autoplan.synthetic import gpt_like_graph
+        >>> from autoplan.solve.bounds import lower_bound_s
+        >>> lazy = LazyTables(gpt_like_graph(layers=4), Cluster.preset("a100-80gb"),
+        ...                   PlanOptions(global_batch_size=8, mesh={"pp": 2, "tp": 1}, microbatch_size=1))
+        >>> len(lazy), lazy.built(1), lower_bound_s(lazy.relaxed(1)) <= lower_bound_s(lazy[1]), lazy.built(1)
+        (10, False, True, True)
+    """
+
+    def __init__(self, graph: ModelGraph, cluster: Cluster, options: PlanOptions):
+        self._segments = {sp: segments_of(graph.layers, sp) for sp in (False, True)}
+        self._cache = LayerCostCache(graph, cluster)
+        self._args = (graph, cluster, options.recompute, global_batch_size(graph, options), "tp" in options.mesh)
+        self.strategies = enumerate_strategies(graph, cluster, options)
+        self._built: dict[int, StrategyTables] = {}
+        self._relaxed: dict[tuple, list[list[ChoiceCost]]] = {}
+
+    def _make(self, i: int, relaxed: bool) -> StrategyTables:
+        graph, cluster, recompute, batch, tp_pinned = self._args
+        strategy = self.strategies[i]
+        return StrategyTables(graph, cluster, strategy, self._segments[strategy.sequence_parallel], self._cache,
+                              recompute, batch, tp_pinned=tp_pinned, relaxed=relaxed)
+
+    def relaxed(self, i: int) -> "StrategyTables | SimpleNamespace":
+        """What :func:`autoplan.solve.bounds.lower_bound_s` reads of strategy ``i``'s tables, with lower-bound
+        seconds. Relaxed rows read neither the data-parallel size nor the schedule (but for the contention and
+        whether FSDP shards, which limits tensor parallelism): strategies that differ only there share them."""
+        s = self.strategies[i]
+        key = (s.tp, s.microbatch_size, s.microbatches, s.precision, s.sequence_parallel,
+               self._cache.contention(s), s.data_parallel == "fsdp" and s.dp > 1)
+        rows = self._relaxed.get(key)
+        if rows is None:
+            rows = self._relaxed[key] = self._make(i, relaxed=True).choices
+        return SimpleNamespace(strategy=s, choices=rows, segments=self._segments[s.sequence_parallel],
+                               bubble=s.bubble_stage_times / s.virtual_stages,
+                               tail_terms=rank_tail_terms(s, self._args[1]))
+
+    def built(self, i: int) -> bool:
+        """Whether strategy ``i``'s tables have been built."""
+        return i in self._built
+
+    def __len__(self) -> int:
+        return len(self.strategies)
+
+    def __getitem__(self, i: int) -> StrategyTables:
+        hit = self._built.get(i)
+        if hit is None:
+            hit = self._built[i] = self._make(i, relaxed=False)
+        return hit
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
 
 
 def example_tables(**options) -> StrategyTables:
