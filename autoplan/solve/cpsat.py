@@ -382,10 +382,16 @@ def _chords(values: list[float]) -> tuple[int, list[tuple[float, float]]]:
 def _add_hint(model: cp_model.CpModel, tables: StrategyTables, hint: Assignment, v: _Vars) -> None:
     """Feed a known layout as the solver's starting point (OR-Tools add_hint), every variable it fixes."""
     counts: dict[tuple[int, int, int], int] = {}
+    index: list[dict] = []  # per segment, each choice's first row (one lookup per layer, not a scan)
+    for rows in tables.choices:
+        first: dict = {}
+        for j, ch in enumerate(rows):
+            first.setdefault(ch.choice, j)
+        index.append(first)
     for k, stage in enumerate(hint):
         for i, choice in stage:
             g = tables.segment_of[i]
-            c = next((j for j, ch in enumerate(tables.choices[g]) if ch.choice == choice), None)
+            c = index[g].get(choice)
             if c is None:
                 return  # a choice this model does not offer: no hint rather than a wrong one
             counts[k, g, c] = counts.get((k, g, c), 0) + 1

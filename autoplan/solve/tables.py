@@ -323,9 +323,10 @@ class LazyTables:
     def relaxed(self, i: int) -> "StrategyTables | SimpleNamespace":
         """What :func:`autoplan.solve.bounds.lower_bound_s` reads of strategy ``i``'s tables, with lower-bound
         seconds. Relaxed rows read neither the data-parallel size nor the schedule (but for the contention and
-        whether FSDP shards, which limits tensor parallelism): strategies that differ only there share them."""
+        whether FSDP shards, which limits tensor parallelism), nor the microbatch count without sequence
+        parallelism: strategies that differ only there share them."""
         s = self.strategies[i]
-        key = (s.tp, s.microbatch_size, s.microbatches, s.precision, s.sequence_parallel,
+        key = (s.tp, s.microbatch_size, s.sequence_parallel and s.microbatches, s.precision, s.sequence_parallel,
                self._cache.contention(s), s.data_parallel == "fsdp" and s.dp > 1)
         rows = self._relaxed.get(key)
         if rows is None:
