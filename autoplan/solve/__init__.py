@@ -5,7 +5,9 @@
    follows), schedule (GPipe, 1F1B, interleaved with 2–4 virtual stages), DDP or FSDP — all pins honoured.
 2. For each, an exact lower bound on its step time (:func:`autoplan.solve.bounds.lower_bound_s`: perfectly
    balanced stages at each layer's fastest choice, no memory limit) and on its memory; strategies whose memory
-   bound exceeds the device are dropped.
+   bound exceeds the device are dropped. A cheaper bound below it (relaxed rows,
+   :meth:`autoplan.solve.tables.LazyTables.relaxed`) comes first: a strategy's full tables are built only when
+   that bound, taken in increasing order, still beats the incumbent.
 3. In increasing lower-bound order, a greedy layout (:mod:`autoplan.solve.greedy`) gives an upper bound; the
    best one found is the incumbent.
 4. Strategies still below the incumbent get a memory-aware bound
