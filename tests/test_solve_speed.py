@@ -147,3 +147,10 @@ def test_pruned_search_returns_the_optimum_of_pricing_every_strategy():
     assert priced > 20 and plan.search.candidates > priced // 2
     assert plan.search.status == "OPTIMAL"
     assert plan.predicted.step_time_s == pytest.approx(best_s, rel=1e-9)
+
+
+def test_a_time_limit_spent_before_any_layout_still_returns_one_marked_feasible():
+    graph = gpt_like_graph(layers=4, hidden=256, seq=128, vocab=1000)
+    plan = search(graph, autoplan.Cluster.preset("a100-80gb"), PlanOptions(global_batch_size=16, time_limit_s=1e-9))
+    assert plan.search.status == "FEASIBLE" and plan.search.gap > 0
+    assert plan.predicted.step_time_s > 0 and plan.mesh.world_size == 8

@@ -212,7 +212,10 @@ def search(graph: ModelGraph, cluster: Cluster, options: PlanOptions, *, lazy_al
         i = next_exact()
         if i is None:
             break
-        if state.records[i].lower_bound_s >= state.best_s() or time.perf_counter() > state.deadline:
+        # past the deadline the greedy layouts go on until one fits (each is cheap): a busy machine that spends the
+        # time limit on tables still returns a plan, marked FEASIBLE with its gap, rather than none
+        late = time.perf_counter() > state.deadline and state.best is not None
+        if state.records[i].lower_bound_s >= state.best_s() or late:
             heapq.heappush(heap, (state.records[i].lower_bound_s, i))
             break
         order.append(i)
