@@ -248,6 +248,7 @@ def _no_strategy_message(graph: ModelGraph, cluster: Cluster, options: PlanOptio
     pins = {k: v for k, v in (("mesh", options.mesh), ("microbatch_size", options.microbatch_size),
                                ("schedule", options.schedule)) if v not in ({}, None, "auto")}
     mb_pin, schedule = options.microbatch_size, options.schedule
+    inner_tie = _inner_tied_weight(graph)
     reasons: list[str] = []
     for tp in _tp_degrees(graph, cluster, options):
         for pp in divisors(world // tp):
@@ -263,9 +264,9 @@ def _no_strategy_message(graph: ModelGraph, cluster: Cluster, options: PlanOptio
             elif schedule in ("1f1b", "interleaved") and per_replica // (mb_pin or 1) < pp:
                 reasons.append(f"{mesh}: {per_replica // (mb_pin or 1)} microbatches, but {schedule} needs at least "
                                f"pp = {pp}")
-            elif schedule == "interleaved" and dp > 1 and _inner_tied_weight(graph):
+            elif schedule == "interleaved" and dp > 1 and inner_tie:
                 reasons.append(f"{mesh}: interleaved stages of one rank could both hold the tied weight "
-                               f"{_inner_tied_weight(graph)!r}, which data parallelism cannot wrap twice")
+                               f"{inner_tie!r}, which data parallelism cannot wrap twice")
             elif schedule == "interleaved":
                 reasons.append(f"{mesh}: interleaved needs microbatches divisible by pp = {pp} (and pp × 2 ≤ "
                                f"{layers} layers)")
