@@ -31,17 +31,12 @@ from __future__ import annotations
 
 from ..cluster import Cluster
 from ..graph import ModelGraph
+from ..names import owner_index
 from ..plan import Plan
 from .collectives import Collective, group_allreduce_s
 from .step import GRAD_REDUCE_BYTES
 
 __all__ = ["tied_gradient_collectives", "tied_gradient_sync_s"]
-
-
-def _owner(module: str, layers: tuple[str, ...]) -> str | None:
-    """The plan layer that holds ``module`` (the longest layer name it equals or lies under)."""
-    found = [name for name in layers if name == module or not name or module.startswith(name + ".")]
-    return max(found, key=len) if found else None
 
 
 def _groups(graph: ModelGraph, plan: Plan) -> list[tuple[list[int], int]]:
@@ -54,9 +49,10 @@ def _groups(graph: ModelGraph, plan: Plan) -> list[tuple[list[int], int]]:
     for names, numel in zip(graph.tied_parameters, graph.tied_numels):
         holders: dict[int, bool] = {}
         for name in names:
-            layer = _owner(name.rpartition(".")[0], plan.layers)
-            if layer is None:
+            index = owner_index(name.rpartition(".")[0], plan.layers)
+            if index is None:
                 continue
+            layer = plan.layers[index]
             rank = stage_of[layer] % plan.mesh.pp
             holders[rank] = holders.get(rank, False) or name.rpartition(".")[0] in plan.tensor_parallel
         if len(holders) < 2:
