@@ -226,6 +226,8 @@ class Plan:
     virtual_stages: int = 1  # stages per pipeline rank (interleaved schedule)
     # Megatron sequence parallelism in the layers holding "sequence"-style modules (Korthikanti et al. 2022)
     sequence_parallel: bool = False
+    # experts of mixture-of-experts layers sharded over this many data-parallel ranks (1: off; see execute.experts)
+    expert_parallel: int = 1
     predicted: Predicted | None = None
     search: SearchInfo = field(default_factory=SearchInfo)
 
@@ -286,6 +288,9 @@ class Plan:
         _check(m.tp > 1 or not self.tensor_parallel, "tensor_parallel styles given but mesh.tp is 1")
         check_tp_pairs(self.tensor_parallel)
         check_sequence_parallel(self)
+        _check(isinstance(self.expert_parallel, int) and self.expert_parallel >= 1 and m.dp % self.expert_parallel == 0,
+               f"expert_parallel={self.expert_parallel!r} must be a positive int dividing dp={m.dp} (the experts are "
+               f"sharded over data-parallel ranks)")
 
     # -- derived ----------------------------------------------------------------------------------------------
     @property
@@ -324,6 +329,7 @@ class Plan:
             "stages": [s.to_dict() for s in self.stages],
             "tensor_parallel": dict(self.tensor_parallel),
             **({"sequence_parallel": True} if self.sequence_parallel else {}),  # absent: off (plans before it)
+            **({"expert_parallel": self.expert_parallel} if self.expert_parallel > 1 else {}),  # absent: 1
             "predicted": self.predicted.to_dict() if self.predicted else None,
             "search": self.search.to_dict(),
         }

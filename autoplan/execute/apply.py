@@ -29,6 +29,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from ..cost.step import fsdp_keeps_weights
 from ..plan import Plan
 from .data_parallel import apply_data_parallel, low_precision_dtype
+from .experts import apply_expert_parallel, check_expert_parallel
 from .guards import (agree_on_initial_weights, check_batch_norm, check_not_parallelized, fail_together,
                      mark_parallelized, watch_replaced_parameters)
 from .materialize import check_loadable, held_tensors, init_weights_by_module, on_meta, retie, shared_seed
@@ -106,6 +107,7 @@ def apply_plan(model: nn.Module, plan: Plan, loss_fn=None, init_weights: Callabl
     world = World.current()
     check_not_parallelized(model)
     check_plan_matches(plan, model, world.size)
+    check_expert_parallel(model, plan)
     if init_weights is not None and init_weights is not False and not callable(init_weights):
         raise ValueError(f"init_weights must be a function of a module, None (reset_parameters()) or False (load "
                          f"a state dict or checkpoint next), got {init_weights!r}")
@@ -165,7 +167,7 @@ def _apply(model: nn.Module, parts: list[nn.Module], plan: Plan, loss_fn, init_w
 
     indices = local_stage_indices(len(plan.stages), m.pp, coords["pp"]) if m.pp > 1 else [0]
     stages: list[LocalStage] = []
-    counts = {"tp": 0, "recompute": 0}
+    counts = {"tp": 0, "recompute": 0, "ep": 0}
     for k in indices:
         root = parts[k]
         if m.tp > 1:
@@ -175,6 +177,8 @@ def _apply(model: nn.Module, parts: list[nn.Module], plan: Plan, loss_fn, init_w
                 check_stage_outputs_whole(root, k)
         recompute = plan.stages[k].recompute if m.pp > 1 else plan.recompute
         counts["recompute"] += apply_recompute(root, recompute)
+        if plan.expert_parallel > 1:  # before DDP, which must know to leave the experts' weights alone
+            counts["ep"] += apply_expert_parallel(root, mesh["dp"], plan.expert_parallel)
         runner = root
         data_parallel = m.dp > 1 and any(p.requires_grad for p in root.parameters())
         classic_ddp = data_parallel and plan.data_parallel == "ddp" and m.tp == 1 and m.pp == 1
@@ -191,6 +195,8 @@ def _apply(model: nn.Module, parts: list[nn.Module], plan: Plan, loss_fn, init_w
         stages.append(LocalStage(k, root, runner))
     if m.tp > 1:
         _info(world, "applied tensor parallel (tp=%d) to %d modules", m.tp, counts["tp"])
+    if counts["ep"]:
+        _info(world, "applied expert parallel (ep=%d) to %d experts modules", plan.expert_parallel, counts["ep"])
     if counts["recompute"]:
         _info(world, "applied activation recompute to %d modules", counts["recompute"])
     if m.dp > 1:

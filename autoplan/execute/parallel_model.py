@@ -54,6 +54,7 @@ from ..plan import Plan
 from .apply import AppliedPlan
 from .batch import Inputs, as_args, check_targets, checked_loss, guard_token_ids
 from .mesh import rank_at
+from .experts import fill_expert_gradients
 from .guards import check_ddp_gradients, fail_together
 from .materialize import held_tensors
 from .pipeline import average_microbatch_gradients, sync_tied_gradients
@@ -175,6 +176,8 @@ class ParallelModel:
                 reduce_sequence_parallel_gradients(self.modules_on_rank)
             # every name of a tied weight (named_parameters lists it once, under whichever name comes first)
             sync_tied_gradients(a.tied_groups, held_tensors([s.module for s in a.stages]))
+            if a.plan.expert_parallel > 1:
+                fill_expert_gradients(self.modules_on_rank)
             mean = self._global_mean(a, loss)
         if isinstance(a.stages[0].runner, DistributedDataParallel):  # after the step's collectives: alike on all
             check_ddp_gradients(self.named_parameters())

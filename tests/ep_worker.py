@@ -1,0 +1,120 @@
+"""One torchrun rank of the expert-parallel checks: tiny Mixtral / Qwen2-MoE trained with their experts sharded over
+the data-parallel ranks (ep = dp = 4), against one process; rank 0 writes the results.
+
+    python -m torch.distributed.run --nproc_per_node 4 tests/ep_worker.py cases.json results.pt
+
+Each case: a plan pinned by hand (``manual_plan``, no tracing) with ``expert_parallel`` = dp, two AdamW steps over
+two microbatches, the collectives of one step counted by ``CommDebugMode``, the experts this rank holds, and
+optionally a checkpoint / state-dict round trip. Every rank computes the one-process reference itself.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+
+import autoplan  # noqa: E402
+import models_hf  # noqa: E402
+from autoplan.execute.manual import manual_plan  # noqa: E402
+from distributed_helpers import serve_cases  # noqa: E402
+from hf_worker import GLOBAL_BATCH, LR, batches, loss_fn, no_dropout, roundtrip  # noqa: E402
+
+MICROBATCHES = 2
+IGNORED = ("wait_tensor", "_wrap_tensor_autograd")  # bookkeeping, not collectives
+
+
+def full_gradients(named) -> dict:
+    """Every parameter's gradient, whole (a DTensor's gathered: collective)."""
+    return {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
+            for name, p in named}
+
+
+def one_process(case: dict, data) -> tuple[list[float], dict, dict]:
+    """The reference: AdamW over whole global batches in one process; its losses, first-step gradients and final
+    state."""
+    model = build(case)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    losses, grads = [], {}
+    for inputs, targets in data:
+        loss = loss_fn(model(*inputs), targets)
+        loss.backward()
+        grads = grads or full_gradients(model.named_parameters())
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, grads, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def build(case: dict) -> torch.nn.Module:
+    torch.manual_seed(1234)
+    more = {"experts_implementation": case["experts"]} if case.get("experts") else {}
+    model, _ = models_hf.FAMILIES[case["family"]](**more)
+    return no_dropout(model)
+
+
+def counted_step(pm, opt, inputs, targets) -> tuple[float, dict, dict]:
+    """One training step, counting the functional collectives (``_c10d_functional`` ops) it dispatched, forward
+    and backward, by op name. DDP's bucketed all-reduce is not one of them (its reducer calls the process group)."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: Counter = Counter()
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "_c10d_functional" and func.__name__.split(".")[0] not in IGNORED:
+                counts[func.__name__.split(".")[0]] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        loss = pm.train_step(inputs, targets)
+    grads = full_gradients(pm.named_parameters())
+    opt.step()
+    opt.zero_grad()
+    return loss, dict(counts), grads
+
+
+def run_case(case: dict) -> dict:
+    import torch.distributed as dist
+
+    data = batches(case["family"])
+    model = build(case)
+    dp = int(dist.get_world_size()) if dist.is_initialized() else 4
+    plan = manual_plan(model, [[""]], dp=dp, global_batch_size=GLOBAL_BATCH, microbatches=MICROBATCHES)
+    plan = plan.replace(expert_parallel=case.get("ep", dp))
+    pm = autoplan.parallelize(model, data[0][0], loss_fn=loss_fn, plan=plan)
+    opt = torch.optim.AdamW(pm.parameters(), lr=LR)
+    held = {name: tuple(p.to_local().shape) for name, p in pm.named_parameters() if "experts" in name}
+    losses, counts, grads = [], {}, {}
+    for inputs, targets in data:
+        loss, step_counts, step_grads = counted_step(pm, opt, inputs, targets)
+        losses.append(loss)
+        counts, grads = counts or step_counts, grads or step_grads
+    state = pm.full_state_dict()
+    result = {"losses": losses, "held": held, "counts": counts, "plan": pm.plan.to_dict()}
+    if case.get("checkpoint"):
+        result["roundtrip"] = roundtrip(pm, opt, data, state, case["checkpoint"])
+    if state:  # rank 0
+        ref_losses, ref_grads, ref_state = one_process(case, data)
+        result["ref_losses"] = ref_losses
+        # the gradients themselves (AdamW would hide a wrong scale): relative to the largest of each tensor
+        result["grad_rel_diff"] = max((grads[k] - g).abs().max().item() / max(g.abs().max().item(), 1e-12)
+                                      for k, g in ref_grads.items())
+        diffs = {k: (state[k].float() - v.float()).abs().max().item() for k, v in ref_state.items() if k in state}
+        result["missing"] = sorted(set(ref_state) - set(state))
+        result["max_weight_diff"] = max(diffs.values())
+        result["worst_weight"] = max(diffs, key=diffs.get)
+        result["full_shapes"] = {k: tuple(v.shape) for k, v in state.items() if "experts" in k}
+    return result
+
+
+def case_name(case: dict) -> str:
+    return f"{case['family']}:{case.get('experts') or 'default'}"
+
+
+if __name__ == "__main__":
+    serve_cases(sys.argv[1], sys.argv[2], run_case, case_name)
