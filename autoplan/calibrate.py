@@ -21,7 +21,8 @@ What is measured, each figure the one the cost model reads (docs/cost_model.md, 
   the optimizer step run at.
 - per-layer overheads: forward + backward of a GPT block so small (hidden 16, 4 tokens, batch 1) that its FLOPs
   take nanoseconds, so what is timed is the fixed part. Plain eager (``layer_overhead_s``, rank 0 alone); the
-  same block tensor-parallel with DTensor and wrapped by FSDP2 ``fully_shard``, over groups of 2, 4, … ranks up
+  same block tensor-parallel with DTensor, wrapped by FSDP2 ``fully_shard`` (resharding after forward, and keeping
+  its weights between microbatches) and by FSDP2's ``replicate``, over groups of 2, 4, … ranks up
   to a node (``group_layer_overhead``, per group size; ``tp_layer_overhead_s`` / ``fsdp_layer_overhead_s`` keep
   the largest group's), each the extra time per forward-equivalent (backward runs about twice the forward's
   kernels: a third of forward + backward) once its collectives (priced at that group size from the table below)
@@ -119,7 +120,9 @@ def _group_sizes(local: int) -> list[int]:
 def _framework_overheads(device: torch.device, plain_s: float, contention: float, cluster: Cluster,
                          rounds: int = 3) -> tuple[dict, float, dict[str, float]]:
     """Extra fixed seconds per forward of a tiny block made tensor-parallel with DTensor (the executor's
-    ``ColwiseParallel`` → ``RowwiseParallel`` pairs) and wrapped by FSDP2 ``fully_shard``, at every group size
+    ``ColwiseParallel`` → ``RowwiseParallel`` pairs), wrapped by FSDP2 ``fully_shard`` (resharding after forward,
+    and keeping its weights with the gradient sync off: "fsdp_keep") and by ``replicate`` with the gradient sync
+    off, at every group size
     n of :func:`_group_sizes` (the world cut into groups of n consecutive ranks, all groups at once, as the
     executor's meshes place them): the block's time with every rank busy, less its collectives priced at n from
     the cluster's table, divided by ``contention`` (the ranks' sharing), a third of it (forward 1×, backward 2×)
@@ -127,8 +130,9 @@ def _framework_overheads(device: torch.device, plain_s: float, contention: float
     cores a collective waits for every member to be scheduled), so one size's figure misprices the others.
     Every figure is the median of ``rounds`` interleaved samples (:func:`interleaved_medians`).
 
-    Returns ({"tp": {n: s}, "fsdp": {n: s}}, the optimizer's seconds per DTensor parameter (the world-size FSDP
+    Returns ({"tp": {n: s}, "fsdp": {n: s}, "fsdp_keep": {n: s}, "replicate": {n: s}}, the optimizer's seconds per DTensor parameter (the world-size FSDP
     block's, divided by ``contention``), {figure: relative spread}). Collective."""
+    from torch.distributed._composable.replicate_with_fsdp import replicate
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
@@ -148,12 +152,24 @@ def _framework_overheads(device: torch.device, plain_s: float, contention: float
         fsdp_block, _ = _tiny_block(device)
         param_bytes = sum(p.numel() for p in fsdp_block.parameters()) * 4
         fully_shard(fsdp_block, mesh=mesh, reshard_after_forward=True)
-        measures[f"tp{n}"] = lambda b=tp_block, x=x: _slowest(block_step_time_s(b, x, iters=3, repeats=1), device)
-        measures[f"fsdp{n}"] = lambda b=fsdp_block, x=x: _slowest(block_step_time_s(b, x, iters=3, repeats=1),
-                                                                  device)
+        # What the executor runs under several microbatches or a pipeline: units that keep their gathered weights
+        # and accumulate unreduced gradients (no collective after the warm-up's gather), and replicate() roots with
+        # the gradient sync off (their all-reduce is the data-parallel sync, priced apart).
+        keep_block, _ = _tiny_block(device)
+        fully_shard(keep_block, mesh=mesh, reshard_after_forward=False)
+        keep_block.set_requires_gradient_sync(False)
+        keep_block.set_reshard_after_backward(False)
+        replicate_block, _ = _tiny_block(device)
+        replicate(replicate_block, mesh=mesh)
+        replicate_block.set_requires_gradient_sync(False)
+        blocks = {"tp": tp_block, "fsdp": fsdp_block, "fsdp_keep": keep_block, "replicate": replicate_block}
+        for kind, block in blocks.items():
+            measures[f"{kind}{n}"] = lambda b=block, x=x: _slowest(block_step_time_s(b, x, iters=3, repeats=1),
+                                                                   device)
         comm_s[f"tp{n}"] = 4 * group_allreduce_s(out_bytes, cluster, n, 1)  # forward g and backward f, two pairs
         comm_s[f"fsdp{n}"] = (2 * group_allgather_s(param_bytes, cluster, n, 1)
                               + group_reduce_scatter_s(param_bytes, cluster, n, 1))
+        comm_s[f"fsdp_keep{n}"] = comm_s[f"replicate{n}"] = 0.0
     totals, spread = interleaved_medians(measures, rounds=rounds)
     table = group_overheads_s(totals, comm_s, contention, plain_s)
     _, x = _tiny_block(device)

@@ -48,7 +48,8 @@ class Device:
         matmul_efficiency: per precision, measured ``(flops_per_matmul, fraction_of_peak)`` points, increasing in
             FLOPs; the cost model interpolates the fraction for each matmul's size (log-linear, clamped at the
             ends) in place of ``achievable_flops_fraction``. Empty (the presets): one fraction for every size.
-        group_layer_overhead: per wrapper (``"tp"``, ``"fsdp"``), measured ``(group size, seconds)`` points of its
+        group_layer_overhead: per wrapper (``"tp"``, ``"fsdp"``, ``"fsdp_keep"``, ``"replicate"``:
+            :data:`autoplan.cluster_tables.GROUP_OVERHEAD_KINDS`), measured ``(group size, seconds)`` points of its
             extra fixed forward seconds per layer, in place of the two size-free figures above (interpolated in log
             group size, :func:`autoplan.cluster_tables.group_layer_overhead_s`). Empty (the presets): size-free.
 

@@ -59,8 +59,12 @@ def _collective_table(table) -> tuple[tuple[str, int, tuple[tuple[float, float],
     return tuple(sorted(out))
 
 
-#: The wrappers whose fixed per-layer cost ``Device.group_layer_overhead`` holds per group size.
-GROUP_OVERHEAD_KINDS = ("tp", "fsdp")
+#: The wrappers whose fixed per-layer cost ``Device.group_layer_overhead`` holds per group size: DTensor tensor
+#: parallelism ("tp"), an FSDP2 unit that reshards after forward ("fsdp", ZeRO-3: it gathers again for backward), one
+#: that keeps its gathered weights between microbatches ("fsdp_keep": reshard and gradient sync off, what the executor
+#: runs under several microbatches or a pipeline) and FSDP2's ``replicate`` root ("replicate": DDP composed with
+#: tensor or pipeline parallelism, gradient sync off; its all-reduce is the data-parallel sync's).
+GROUP_OVERHEAD_KINDS = ("tp", "fsdp", "fsdp_keep", "replicate")
 
 
 def _group_overhead_table(table) -> tuple[tuple[str, tuple[tuple[int, float], ...]], ...]:
@@ -86,10 +90,11 @@ def _group_overhead_table(table) -> tuple[tuple[str, tuple[tuple[int, float], ..
 
 
 def group_layer_overhead_s(device, kind: str, group_size: int) -> float:
-    """Extra fixed forward seconds of a layer under ``kind`` ("tp": DTensor tensor parallelism, "fsdp": an FSDP2
-    unit) over a group of ``group_size`` ranks: the device's measured points for ``kind``
-    (``Device.group_layer_overhead``) interpolated in log group size and clamped to the end points, or the
-    size-free figure (``tp_layer_overhead_s`` / ``fsdp_layer_overhead_s``) when there are none.
+    """Extra fixed forward seconds of a layer under ``kind`` (:data:`GROUP_OVERHEAD_KINDS`) over a group of
+    ``group_size`` ranks: the device's measured points for ``kind`` (``Device.group_layer_overhead``) interpolated
+    in log group size and clamped to the end points, or, when there are none, the size-free figure
+    (``tp_layer_overhead_s`` / ``fsdp_layer_overhead_s``); a cluster calibrated before "fsdp_keep" and
+    "replicate" were measured reads the "fsdp" figure for the first and 0 for the second, as it was priced then.
 
     Example:
         >>> from autoplan.cluster import Device
@@ -104,5 +109,9 @@ def group_layer_overhead_s(device, kind: str, group_size: int) -> float:
         raise ValueError(f"unknown overhead kind {kind!r}; use {GROUP_OVERHEAD_KINDS}")
     points = dict(device.group_layer_overhead).get(kind)
     if not points:
+        if kind == "replicate":
+            return 0.0
+        if kind == "fsdp_keep":
+            return group_layer_overhead_s(device, "fsdp", group_size)
         return device.tp_layer_overhead_s if kind == "tp" else device.fsdp_layer_overhead_s
     return _interpolate_log(tuple((float(n), s) for n, s in points), float(group_size))

@@ -84,6 +84,17 @@ def test_per_step_costs_are_spread_over_microbatches():
     # an FSDP unit: DTensor optimizer launches + its all-gather and reduce-scatter latencies (one gather: m > 1)
     unit = layer_step_overhead_s(MEASURED, param_tensors=12, dtensor=True, fsdp_unit=True, microbatches=4, **kwargs)
     assert unit == pytest.approx((12 * 1e-4 + 2e-3 + 2.5e-3) / 4)
+    # ranks sharing processors stretch the optimizer's launches (the rank's compute), not the collectives'
+    # latencies, which are measured with every rank taking part
+    shared = layer_step_overhead_s(MEASURED, param_tensors=12, dtensor=True, fsdp_unit=True, microbatches=4,
+                                   contention=2.0, **kwargs)
+    assert shared == pytest.approx((2 * 12 * 1e-4 + 2e-3 + 2.5e-3) / 4)
+    graph = gpt_like_graph(layers=2, hidden=64, seq=16, heads=4, vocab=100)
+    block, strategy = graph.layer("blocks.0"), Strategy(1, 4, 1, 1, 4, "1f1b", "fsdp", precision="fp32")
+    contention, _, per_step_s = layer_cost_context(graph, block, MEASURED, strategy, False)
+    bare = layer_choice_cost(graph, block, MEASURED, strategy, False, None, (contention, 4, 0.0))
+    with_step = layer_choice_cost(graph, block, MEASURED, strategy, False, None, (contention, 4, per_step_s))
+    assert contention == 2.0 and with_step.backward_s - bare.backward_s == pytest.approx(per_step_s)
     assert layer_step_overhead_s(Cluster.preset("a100-80gb"), param_tensors=12, dtensor=True, fsdp_unit=False,
                                  microbatches=1, **kwargs) == 0.0
 
@@ -132,6 +143,39 @@ def test_wrapper_overheads_are_read_at_the_layout_s_own_group_size():
     # without a table: the size-free figures, whatever the group
     assert overhead_s(flat, 2, 2, "fsdp") == pytest.approx(1e-4 + 1e-3 + 5e-4)
     assert layer_cost_context(graph, block, GROUPED, Strategy(1, 2, 2, 1, 1, "1f1b", "fsdp"), True)[1] == 2
+
+
+def test_fsdp_units_that_keep_their_weights_and_stage_roots_pay_their_own_measured_hooks():
+    from autoplan.cost import data_parallel_root_s
+    from autoplan.cost.plan_cost import rank_tail_s, rank_tail_terms
+
+    graph = gpt_like_graph(layers=2, hidden=64, seq=16, heads=4, vocab=100)
+    block = graph.layer("blocks.0")
+    hooks = replace(GROUPED, device=replace(GROUPED.device, group_layer_overhead={
+        "tp": {"2": 2e-3}, "fsdp": {"2": 4e-4}, "fsdp_keep": {"2": 1e-4}, "replicate": {"2": 3e-4}}))
+
+    def forward_s(cluster, microbatches, pp=1):
+        strategy = Strategy(pp, 2, 1, 1, microbatches, "1f1b", "fsdp", precision="fp32")
+        return layer_choice_cost(graph, block, cluster, strategy, False, None).forward_s
+
+    # one microbatch: the unit reshards after forward (ZeRO-3); several: it keeps its weights, the cheaper hooks
+    assert forward_s(hooks, 1) - forward_s(GROUPED, 1) == pytest.approx(0.0)
+    assert forward_s(hooks, 4) - forward_s(GROUPED, 4) == pytest.approx(2.0 * (1e-4 - 4e-4))
+    # a cluster measured before "fsdp_keep" existed prices both as "fsdp", as before
+    assert forward_s(GROUPED, 4) - forward_s(GROUPED, 1) == pytest.approx(0.0)
+    # the stage roots: replicate() under pp × DDP, (m·v + pp − 1) stage-times of 3 forward-equivalents, contended
+    contention = compute_contention(hooks, pp=2, microbatches=4, schedule="1f1b")
+    root = data_parallel_root_s(hooks, dp=2, data_parallel="ddp", tp=1, pp=2, microbatches=4, schedule="1f1b")
+    assert root == pytest.approx((4 + 1) * 3 * 3e-4 * contention)
+    assert data_parallel_root_s(hooks, dp=4, data_parallel="ddp", tp=1, pp=1, microbatches=4,
+                                schedule="1f1b") == 0.0  # classic DDP: no FSDP2 root
+    assert data_parallel_root_s(GROUPED, dp=2, data_parallel="ddp", tp=1, pp=2, microbatches=4,
+                                schedule="1f1b") == 0.0  # not measured: not charged, as before
+    # it is a per-step constant of the layout: the tail (and so the solver's α) carries it, whatever the rank holds
+    s = Strategy(2, 2, 1, 1, 4, "1f1b", "ddp", precision="fp32")
+    alpha_s, beta_s = rank_tail_terms(s, hooks)
+    assert alpha_s - rank_tail_terms(s, GROUPED)[0] == pytest.approx(root)
+    assert sum(rank_tail_s(s, hooks, 10**6)) == pytest.approx(alpha_s + beta_s * 10**6)
 
 
 def test_group_overheads_come_from_the_tiny_block_s_time_at_each_size():

@@ -160,7 +160,7 @@ def _priced_s(collectives: tuple[Collective, ...], cluster: Cluster, tp_stride: 
 def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int, cluster: Cluster, tp: int,
                microbatch_size: int, precision: str, recompute: RecomputeOption | None = None,
                tp_stride: int = 1, contention: float = 1.0, fsdp_unit: bool | int = False,
-               per_step_s: float = 0.0) -> LayerCost:
+               per_step_s: float = 0.0, fsdp_keeps_weights: bool = False) -> LayerCost:
     """Cost of ``layer`` for one microbatch of ``microbatch_size`` samples on one device.
 
     Figures in ``layer`` are for ``traced_batch_size`` samples at ``traced_dtype_bytes`` per element and are
@@ -185,14 +185,18 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
     (DTensor dispatch) and, with ``fsdp_unit``, a layer wrapped by ``fully_shard`` adds
     ``fsdp_layer_overhead_s`` (its hooks), each charged like ``layer_overhead_s``; a calibrated device holds
     both per group size (:func:`autoplan.cluster_tables.group_layer_overhead_s`), read at ``tp`` and at
-    ``fsdp_unit`` when that is the FSDP group's size (an int ≥ 2; ``True``: a unit of unknown size).
+    ``fsdp_unit`` when that is the FSDP group's size (an int ≥ 2; ``True``: a unit of unknown size); with
+    ``fsdp_keeps_weights`` (:func:`autoplan.cost.fsdp_keeps_weights`) the unit's hooks neither gather nor reshard
+    per microbatch and the "fsdp_keep" figure is read instead.
 
     Matmuls are priced at the efficiency of their own size when the device has a calibrated table
     (:meth:`autoplan.Device.achievable_flops`). ``contention`` (≥ 1) stretches everything the rank computes —
     matmuls, memory-bound ops, overhead, not the collectives, which are measured with every rank taking part —
     when ranks share processors (:func:`autoplan.cost.compute_contention`). ``per_step_s`` is the layer's fixed
     work per step outside its microbatches, already divided by the step's microbatches
-    (:func:`autoplan.cost.layer_step_overhead_s`): charged with backward, so that m microbatches add it once.
+    (:func:`autoplan.cost.layer_step_overhead_s`, as the rank spends them: its compute part already stretched by
+    the contention, its collectives' latencies not): charged with backward as it is, so that m microbatches add it
+    once.
 
     Example:
         >>> from autoplan.graph import Layer
@@ -244,8 +248,8 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
     device = cluster.device
     fsdp_group = fsdp_unit if fsdp_unit is not True and fsdp_unit >= 2 else 0
     overhead_s = (device.layer_overhead_s + (group_layer_overhead_s(device, "tp", tp) if groups else 0.0)
-                  + ((group_layer_overhead_s(device, "fsdp", fsdp_group) if fsdp_group else
-                      device.fsdp_layer_overhead_s) if fsdp_unit else 0.0))
+                  + ((group_layer_overhead_s(device, "fsdp_keep" if fsdp_keeps_weights else "fsdp", fsdp_group)
+                      if fsdp_group else device.fsdp_layer_overhead_s) if fsdp_unit else 0.0))
     pair_sharded = any(_group_kind(g) == "pair" for g in groups)
     matmul_s = _forward_matmul_s(layer, groups, tp, pair_sharded, batch_scale, cluster, precision)
     # backward and recompute run matmuls of the forward's sizes (a linear's two gradients): the forward's rate
@@ -301,8 +305,8 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
         forward_s=contention * (matmul_s + overhead_s
                                 + memory_bound_s(FORWARD_PASSES * activation * bytes_scale, cluster)),
         backward_s=contention * (layer.backward_flops * flops_ratio * batch_scale * seconds_per_flop
-                                 + 2 * overhead_s + per_step_s + memory_bound_s(BACKWARD_PASSES * activation * bytes_scale,
-                                                                   cluster)),
+                                 + 2 * overhead_s + memory_bound_s(BACKWARD_PASSES * activation * bytes_scale,
+                                                                   cluster)) + per_step_s,
         recompute_s=recompute_s,
         tp_comm_s=_priced_s(tp_collectives, cluster, tp_stride),
         num_params=num_params,

@@ -21,7 +21,8 @@ from .memory import state_bytes_per_param
 __all__ = ["GRAD_REDUCE_BYTES", "fsdp_keeps_weights", "fsdp_held_bytes_per_param", "data_parallel_collectives", "data_parallel_sync_s",
            "data_parallel_sync_terms", "optimizer_step_bytes_per_param",
            "optimizer_step_s",
-           "in_flight_microbatches", "bubble_microbatches", "compute_contention", "layer_step_overhead_s"]
+           "in_flight_microbatches", "bubble_microbatches", "compute_contention", "layer_step_overhead_s",
+           "data_parallel_root_kind", "data_parallel_root_s"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -312,17 +313,21 @@ def compute_contention(cluster: Cluster, *, pp: int, microbatches: int, schedule
 
 
 def layer_step_overhead_s(cluster: Cluster, *, param_tensors: int, dtensor: bool, fsdp_unit: bool, dp: int,
-                          stride: int, precision: str, microbatches: int, pp: int) -> float:
-    """A layer's fixed seconds per step outside its microbatches, divided by the step's ``microbatches`` (the
-    caller charges it once per microbatch, :func:`autoplan.cost.layer_cost`'s ``per_step_s``):
+                          stride: int, precision: str, microbatches: int, pp: int, contention: float = 1.0) -> float:
+    """A layer's fixed seconds per step outside its microbatches, as the rank spends them, divided by the step's
+    ``microbatches`` (the caller charges it once per microbatch, :func:`autoplan.cost.layer_cost`'s
+    ``per_step_s``, which adds it as it is):
 
     - the optimizer step and ``zero_grad`` launch per parameter tensor whatever its size:
       ``param_tensors`` × ``device.optimizer_tensor_overhead_s``, or the DTensor figure when the parameters are
-      DTensors (FSDP2, ``replicate``, tensor parallelism), whose every op dispatches through DTensor;
+      DTensors (FSDP2, ``replicate``, tensor parallelism), whose every op dispatches through DTensor; this is
+      the rank's own compute, stretched by ``contention`` (:func:`compute_contention`) like the rest of it;
     - an FSDP unit of its own issues its own all-gathers and reduce-scatter per step
       (:func:`data_parallel_collectives`' counts per unit): each pays the latency of one collective, the time
       of the smallest message measured (or the ring formula's α). The data-parallel sync of the step prices
-      their bytes, once for all units.
+      their bytes, once for all units. Collectives are measured with every rank taking part, so their time is
+      not stretched (multiplying it by the contention, as this did before, charged dp4 FSDP's latencies about
+      three times on the 2-core machine: +37 … +42% in the benchmark runs that used one microbatch).
 
     Both are 0 on a device without calibrated figures and without FSDP.
 
@@ -334,11 +339,16 @@ def layer_step_overhead_s(cluster: Cluster, *, param_tensors: int, dtensor: bool
         >>> round(layer_step_overhead_s(c, param_tensors=12, dtensor=False, fsdp_unit=False, dp=4, stride=1,
         ...                             precision="fp32", microbatches=4, pp=1) * 1e6)      # 12 × 100 µs / 4
         300
+        >>> round(layer_step_overhead_s(c, param_tensors=12, dtensor=False, fsdp_unit=False, dp=4, stride=1,
+        ...                             precision="fp32", microbatches=4, pp=1, contention=2.0) * 1e6)
+        600
     """
     _check_positive_int("microbatches", microbatches)
+    if not contention >= 1:
+        raise ValueError(f"contention must be ≥ 1 (how much slower than alone a rank computes), got {contention}")
     device = cluster.device
     per_tensor_s = device.dtensor_optimizer_tensor_overhead_s if dtensor else device.optimizer_tensor_overhead_s
-    total_s = param_tensors * per_tensor_s
+    total_s = contention * param_tensors * per_tensor_s
     if fsdp_unit and dp > 1:
         from .collectives import collective_latency_s
 
@@ -346,3 +356,59 @@ def layer_step_overhead_s(cluster: Cluster, *, param_tensors: int, dtensor: bool
                                             microbatches=microbatches, pp=pp)
         total_s += sum(c.count * collective_latency_s(cluster, c.kind, dp, stride) for c in records)
     return total_s / microbatches
+
+
+def data_parallel_root_kind(*, dp: int, data_parallel: str, tp: int, pp: int, microbatches: int) -> str | None:
+    """The FSDP2 wrapper on each pipeline stage's root module (:mod:`autoplan.execute.data_parallel`), as a
+    :data:`autoplan.cluster_tables.GROUP_OVERHEAD_KINDS` figure: ``fully_shard`` under FSDP ("fsdp", or
+    "fsdp_keep" when :func:`fsdp_keeps_weights`), ``replicate`` under DDP composed with tensor or pipeline
+    parallelism, none for classic DDP (its reducer's hooks are per gradient bucket, inside autograd) or dp = 1.
+
+    Example:
+        >>> [data_parallel_root_kind(dp=2, data_parallel=k, tp=1, pp=2, microbatches=4) for k in ("ddp", "fsdp")]
+        ['replicate', 'fsdp_keep']
+        >>> data_parallel_root_kind(dp=4, data_parallel="ddp", tp=1, pp=1, microbatches=4) is None
+        True
+    """
+    if dp == 1:
+        return None
+    if data_parallel == "fsdp":
+        return "fsdp_keep" if fsdp_keeps_weights(microbatches, pp) else "fsdp"
+    return "replicate" if tp > 1 or pp > 1 else None
+
+
+def data_parallel_root_s(cluster: Cluster, *, dp: int, data_parallel: str, tp: int, pp: int, microbatches: int,
+                         schedule: str, virtual_stages: int = 1) -> float:
+    """Seconds a step spends in the hooks of the stage roots' data-parallel wrappers
+    (:func:`data_parallel_root_kind`) on its critical path.
+
+    FSDP2's ``fully_shard`` and ``replicate`` put one state on each stage's root module, whose pre- and
+    post-forward and pre- and post-backward hooks run for every microbatch of every stage (torch's pipeline
+    stages call the root once per microbatch), whatever layers the root holds; the layers that are FSDP units of
+    their own pay their own hooks (:func:`autoplan.cost.layer_cost`). Each root costs the wrapper's measured
+    figure f at the data-parallel group's size (``Device.group_layer_overhead``, per forward-equivalent: forward
+    1×, backward 2×, as a layer's overhead) stretched by :func:`compute_contention`, c: 3·f·c per stage and
+    microbatch. A pipeline rank runs v stages per microbatch, and the bubble is (pp − 1) stage-times
+    (:func:`autoplan.cost.plan_cost.compose`), so a step pays (m·v + pp − 1)·3·f·c — the same for every rank,
+    hence a per-step constant of the layout. 0 without a measured figure (the presets).
+
+    Example (pp = 2, dp = 2 under DDP: ``replicate`` roots; 1 ms of hooks per forward, no sharing):
+        >>> from dataclasses import replace
+        >>> c = Cluster.preset("cpu")
+        >>> c = replace(c, device=replace(c.device, group_layer_overhead={"replicate": {"2": 1e-3}}))
+        >>> round(data_parallel_root_s(c, dp=2, data_parallel="ddp", tp=1, pp=2, microbatches=4,
+        ...                            schedule="1f1b") * 1e3, 3)                    # (4 + 1) × 3 × 1 ms
+        15.0
+    """
+    from ..cluster_tables import group_layer_overhead_s
+
+    kind = data_parallel_root_kind(dp=dp, data_parallel=data_parallel, tp=tp, pp=pp, microbatches=microbatches)
+    if kind is None:
+        return 0.0
+    per_forward_s = group_layer_overhead_s(cluster.device, kind, dp)
+    if per_forward_s == 0:
+        return 0.0
+    contention = compute_contention(cluster, pp=pp, microbatches=microbatches, schedule=schedule,
+                                    virtual_stages=virtual_stages)
+    stage_times = microbatches * virtual_stages + pp - 1
+    return stage_times * 3 * per_forward_s * contention

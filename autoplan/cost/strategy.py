@@ -69,7 +69,9 @@ class Strategy:
 
 
 def rank_tail_s(strategy: Strategy, cluster: Cluster, num_params: float) -> tuple[float, float]:
-    """(data-parallel sync, optimizer step) seconds of a pipeline rank holding ``num_params`` after TP.
+    """(data-parallel sync, optimizer step) seconds of a pipeline rank holding ``num_params`` after TP. The sync
+    includes the stage roots' data-parallel hooks over the step (:func:`autoplan.cost.data_parallel_root_s`,
+    0 on the presets).
 
     FSDP runs the optimizer on its 1/dp shard only (ZeRO-3, Rajbhandari et al. 2020 §5.3).
 
@@ -81,10 +83,18 @@ def rank_tail_s(strategy: Strategy, cluster: Cluster, num_params: float) -> tupl
     """
     sync = cost.data_parallel_sync_s(int(num_params), cluster, dp=strategy.dp, stride=strategy.tp,
                                      data_parallel=strategy.data_parallel, precision=strategy.precision,
-                                     microbatches=strategy.microbatches, pp=strategy.pp)
+                                     microbatches=strategy.microbatches, pp=strategy.pp) + _root_s(strategy, cluster)
     shard = num_params / strategy.dp if strategy.data_parallel == "fsdp" else num_params
     opt = cost.optimizer_step_s(int(-(-shard // 1)), cluster, strategy.precision, strategy.optimizer)
     return sync, opt
+
+
+def _root_s(strategy: Strategy, cluster: Cluster) -> float:
+    """The stage roots' data-parallel hooks over a step (:func:`autoplan.cost.data_parallel_root_s`): a per-step
+    constant of the layout, so it joins the data-parallel tail, where the solver sees it in α."""
+    return cost.data_parallel_root_s(cluster, dp=strategy.dp, data_parallel=strategy.data_parallel, tp=strategy.tp,
+                                     pp=strategy.pp, microbatches=strategy.microbatches, schedule=strategy.schedule,
+                                     virtual_stages=strategy.virtual_stages)
 
 
 def rank_tail_terms(strategy: Strategy, cluster: Cluster) -> tuple[float, float]:
@@ -108,6 +118,7 @@ def rank_tail_terms(strategy: Strategy, cluster: Cluster) -> tuple[float, float]
     latency_s, sync_per_param_s = cost.data_parallel_sync_terms(
         cluster, dp=strategy.dp, stride=strategy.tp, data_parallel=strategy.data_parallel,
         precision=strategy.precision, microbatches=strategy.microbatches, pp=strategy.pp)
+    latency_s += _root_s(strategy, cluster)
     shard = strategy.dp if strategy.data_parallel == "fsdp" else 1
     optimizer_per_param_s = (cost.optimizer_step_bytes_per_param(strategy.precision, strategy.optimizer)
                              / cluster.device.memory_bandwidth_Bps / shard)
