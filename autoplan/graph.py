@@ -26,7 +26,7 @@ from .vocabulary import fused_parts
 if TYPE_CHECKING:  # pragma: no cover
     import networkx
 
-__all__ = ["TensorParallelGroup", "RecomputeOption", "SequenceParallelLayer", "Layer", "ModelGraph",
+__all__ = ["TensorParallelGroup", "RecomputeOption", "SequenceParallelLayer", "ExpertsLayer", "Layer", "ModelGraph",
            "fsdp_blocks_tensor_parallel"]
 
 
@@ -98,6 +98,22 @@ class SequenceParallelLayer:
 
 
 @dataclass(frozen=True)
+class ExpertsLayer:
+    """The routed experts of one layer (mixture of experts): what expert parallelism shards and moves.
+    ``num_params``: the experts' weights of all ``modules`` experts modules of the layer; ``tokens``: the tokens
+    each module is called with over the example batch, each routed to ``top_k`` of ``num_experts`` experts;
+    ``hidden``: the width of a token."""
+
+    modules: int
+    num_experts: int
+    top_k: int
+    num_params: int
+    tokens: int
+    hidden: int
+    names: tuple[str, ...] = ()  # the experts modules' FQNs
+
+
+@dataclass(frozen=True)
 class Layer:
     """One link of the layer chain: a module (or a run of ops) between two possible pipeline cuts.
 
@@ -160,6 +176,8 @@ class ModelGraph:
     tp_dropped: list[tuple[dict[str, str], str]] = field(default_factory=list)
     # why the executor cannot split the model into pipeline stages (None: it can); the planner then keeps pp = 1
     pipeline_blocker: str | None = None
+    # the routed experts of mixture-of-experts layers, by layer name (empty: no experts module)
+    experts: dict[str, ExpertsLayer] = field(default_factory=dict)
 
     @property
     def param_bytes(self) -> int:

@@ -403,8 +403,13 @@ def estimate_breakdown(graph: ModelGraph, plan: Plan) -> PlanCost:
         [layer_choice_cost(graph, layer, plan.cluster, strategy, tp_on, option) for layer, tp_on, option in rows]
         for rows in _layer_choices(graph, plan)
     ]
-    return compose(strategy, plan.cluster, stages, plan.global_batch_size,
-                   tied_gradient_sync_s(graph, plan, plan.cluster))
+    result = compose(strategy, plan.cluster, stages, plan.global_batch_size,
+                     tied_gradient_sync_s(graph, plan, plan.cluster))
+    if plan.expert_parallel > 1:  # experts sharded over dp ranks (autoplan.cost.experts)
+        from .experts import with_expert_parallel
+
+        result = with_expert_parallel(graph, plan, result)
+    return result
 
 
 def estimate(graph: ModelGraph, plan: Plan) -> Predicted:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
+from .experts import experts_by_layer
 from .fingerprint import model_fingerprint
 from ..graph import Layer, ModelGraph, RecomputeOption, TensorParallelGroup
 from ..names import in_module, tied_parameter_names
@@ -113,7 +114,9 @@ def trace(model: torch.nn.Module, example_inputs: Any = None) -> ModelGraph:
     # a stack of identical blocks is traced at reduced depth and replicated (autoplan.trace.repeat), else in full
     graph = trace_repeated(model, lambda copy: _trace_all(copy, args, kwargs, batch_size, started),
                            lambda expanded, whole: _whole_model(expanded, whole, args, kwargs, started))
-    return graph if graph is not None else _trace_all(model, args, kwargs, batch_size, started)
+    graph = graph if graph is not None else _trace_all(model, args, kwargs, batch_size, started)
+    graph.experts = experts_by_layer(model, graph)  # routed experts: what expert parallelism would shard
+    return graph
 
 
 def _trace_all(model: torch.nn.Module, args: tuple, kwargs: dict, batch_size: int, started: float) -> ModelGraph:

@@ -1,0 +1,158 @@
+"""Expert parallelism priced: the routed experts sharded over ``ep`` = dp ranks (:mod:`autoplan.execute.experts`).
+
+What changes against the same layout without it (GShard, Lepikhin et al. 2020 §2.2; Megatron-Core's "allgather"
+token dispatcher, which the executor runs):
+
+- **Memory.** Each rank holds E/ep experts: the experts' weights, gradients and optimizer states are divided by
+  ``ep`` (the dense part is held as before). While an MoE layer runs, the group's gathered tokens and the partial
+  sums of the local experts (``ep·T·H`` elements each) are transient buffers.
+- **Gradient sync.** The experts' gradients leave DDP's all-reduce (each rank's are its own experts'); the
+  dispatch's backward already summed every rank's contribution.
+- **Dispatch.** Per experts module and microbatch, forward: all-gathers of the tokens (``ep·T·H``), of their
+  top-k weights (``ep·T·k``) and indices (``ep·T·k`` int64), and a reduce-scatter of the partial sums
+  (``ep·T·H``); backward: an all-gather of the output gradient and reduce-scatters of the tokens' and the
+  weights' gradients — 4 all-gathers and 3 reduce-scatters, on the critical path (the executor issues them
+  synchronously), over the dp group. A recomputed experts module issues its forward ones again.
+  ``T`` is the tokens of one rank's microbatch; elements travel at the traced dtype (under autocast the residual
+  stream the experts read stays in the parameters' dtype).
+- **FLOPs.** Unchanged when routing is even: each rank computes ``ep·T·k / ep`` routed pairs, as without it. An
+  uneven router makes the busiest rank set the pace; a trace on random weights cannot tell how uneven.
+
+Example (a synthetic two-layer graph whose first layer holds 8 experts of 1000 weights each):
+    >>> from autoplan.graph import ExpertsLayer
+    >>> from autoplan.synthetic import mlp_graph
+    >>> graph = mlp_graph(widths=(64, 64, 64), batch=8)
+    >>> graph.experts = {"layers.0": ExpertsLayer(1, 8, 2, 8000, tokens=8, hidden=64)}
+    >>> [(c.kind, c.count, c.nbytes) for c in dispatch_collectives(graph, "layers.0", ep=4, microbatch_size=2)]
+    [('all_gather', 2, 2048.0), ('all_gather', 1, 64.0), ('all_gather', 1, 128.0), ('reduce_scatter', 2, 2048.0), ('reduce_scatter', 1, 64.0)]
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .. import cost
+from ..errors import PlanMismatchError
+from ..graph import ModelGraph
+from ..names import in_module
+from .collectives import Collective
+
+__all__ = ["expert_params", "dispatch_collectives", "expert_parallel_refusal", "with_expert_parallel"]
+
+INDEX_BYTES = 8  # top-k indices are int64
+
+
+def expert_params(graph: ModelGraph, layers=None) -> int:
+    """The routed experts' weights of ``layers`` (names; default: every layer of ``graph``).
+
+    Example:
+        >>> from autoplan.synthetic import mlp_graph
+        >>> expert_params(mlp_graph(widths=(8, 8), batch=2))
+        0
+    """
+    wanted = None if layers is None else set(layers)
+    return sum(e.num_params for name, e in graph.experts.items() if wanted is None or name in wanted)
+
+
+def dispatch_collectives(graph: ModelGraph, layer: str, ep: int, microbatch_size: int,
+                         recomputed: bool = False) -> list[Collective]:
+    """The dispatch collectives of ``layer``'s experts modules for one microbatch of ``microbatch_size`` samples
+    per rank, forward and backward, over ``ep`` ranks of the "dp" axis (see the module docstring).
+
+    Example: see the module docstring (a recomputed layer gathers its tokens, weights and indices once more).
+    """
+    e = graph.experts[layer]
+    element = graph.dtype_bytes
+    gathered = ep * e.tokens * microbatch_size / graph.batch_size  # tokens of the whole group
+    tokens_bytes = gathered * e.hidden * element
+    weights_bytes, index_bytes = gathered * e.top_k * element, gathered * e.top_k * INDEX_BYTES
+    forward = 2 if recomputed else 1
+    n = e.modules
+
+    def c(kind: str, nbytes: float, count: int) -> Collective:
+        return Collective(kind, nbytes, count=count * n, group_size=ep, axis="dp")
+
+    return [c("all_gather", tokens_bytes, forward + 1),      # tokens in forward, output gradient in backward
+            c("all_gather", weights_bytes, forward), c("all_gather", index_bytes, forward),
+            c("reduce_scatter", tokens_bytes, forward + 1),  # partial sums in forward, tokens' gradient backward
+            c("reduce_scatter", weights_bytes, 1)]
+
+
+def expert_parallel_refusal(graph: ModelGraph, plan) -> str | None:
+    """Why ``plan`` cannot shard ``graph``'s experts over ``plan.expert_parallel`` ranks (None: it can): the
+    layouts the executor runs it with, a model without experts, a count of experts ep does not divide.
+
+    Example:
+        >>> import autoplan
+        >>> from autoplan.synthetic import mlp_graph
+        >>> expert_parallel_refusal(mlp_graph(widths=(8, 8), batch=2), autoplan.Plan.example()) is None
+        True
+    """
+    from ..execute.experts import SUPPORTED
+
+    ep, m = plan.expert_parallel, plan.mesh
+    if ep <= 1:
+        return None
+    if m.tp > 1 or m.pp > 1 or plan.data_parallel != "ddp" or ep != m.dp:
+        return f"expert parallelism runs with {SUPPORTED}; this plan has {m}, {plan.data_parallel}, ep={ep}"
+    if not graph.experts:
+        return "the model has no experts module (3-D gate_up_proj / down_proj weights and num_experts)"
+    uneven = sorted({e.num_experts for e in graph.experts.values() if e.num_experts % ep})
+    if uneven:
+        return f"ep={ep} does not divide the {uneven[0]} experts of a layer"
+    return None
+
+
+def with_expert_parallel(graph: ModelGraph, plan, base):
+    """``base`` (:func:`autoplan.cost.plan_cost.compose`'s answer for ``plan`` without expert parallelism) with
+    ``plan.expert_parallel`` priced in: see the module docstring. ``PlanMismatchError`` when the plan cannot
+    shard the experts (:func:`expert_parallel_refusal`).
+
+    Example:
+        >>> import autoplan
+        >>> from autoplan.graph import ExpertsLayer
+        >>> from autoplan.plan import Mesh, ModelInfo
+        >>> from autoplan.synthetic import mlp_graph
+        >>> from autoplan.cost.plan_cost import estimate_breakdown
+        >>> graph = mlp_graph(widths=(256, 1024, 256), batch=32)
+        >>> graph.experts = {"layers.0": ExpertsLayer(1, 4, 2, 200_000, tokens=32, hidden=256)}
+        >>> plan = autoplan.Plan(model=ModelInfo("MLP", graph.fingerprint, graph.num_params),
+        ...     cluster=autoplan.Cluster.preset("a100-80gb", devices_per_node=4), global_batch_size=32,
+        ...     microbatch_size=8, microbatches=1, mesh=Mesh(dp=4), schedule="1f1b", data_parallel="ddp",
+        ...     stages=(autoplan.Stage(("layers.0", "layers.1")),))
+        >>> off, on = estimate_breakdown(graph, plan), estimate_breakdown(graph, plan.replace(expert_parallel=4))
+        >>> off.ranks[0].num_params - on.ranks[0].num_params        # 3/4 of the experts live elsewhere
+        150000
+        >>> on.ranks[0].tp_comm_s > off.ranks[0].tp_comm_s          # the dispatch collectives
+        True
+    """
+    reason = expert_parallel_refusal(graph, plan)
+    if reason is not None:
+        raise PlanMismatchError(f"cannot price expert parallelism: {reason}; re-plan with expert_parallel=False")
+    from .plan_cost import rank_state_bytes, rank_tail_s
+
+    ep, strategy, cluster = plan.expert_parallel, base.strategy, plan.cluster
+    (rank,) = base.ranks  # pp = 1
+    experts = expert_params(graph)
+    held = rank.num_params - experts + experts // ep
+    recomputed = set(plan.recompute)
+    comm_s, gathered_bytes = 0.0, 0
+    for name, e in graph.experts.items():
+        again = any(in_module(module, rc) for module in e.names for rc in recomputed)
+        for c in dispatch_collectives(graph, name, ep, plan.microbatch_size, again):
+            run = cost.group_allgather_s if c.kind == "all_gather" else cost.group_reduce_scatter_s
+            comm_s += c.count * run(c.nbytes, cluster, ep, strategy.tp)
+        gathered_bytes = max(gathered_bytes, int(2 * ep * e.tokens * plan.microbatch_size / graph.batch_size
+                                                 * e.hidden * graph.dtype_bytes))
+    sync_s = rank.dp_sync_s - rank_tail_s(strategy, cluster, rank.num_params)[0] \
+        + rank_tail_s(strategy, cluster, rank.num_params - experts)[0]
+    optimizer_s = rank_tail_s(strategy, cluster, held)[1]
+    new = replace(rank, num_params=held, tp_comm_s=rank.tp_comm_s + comm_s, dp_sync_s=sync_s,
+                  optimizer_s=optimizer_s, model_state_bytes=rank_state_bytes(strategy, held),
+                  transient_bytes=rank.transient_bytes + gathered_bytes)
+    m = strategy.microbatches
+    step = base.step_time_s + m * comm_s + new.tail_s - rank.tail_s
+    stages = tuple(replace(s, comm_s=s.comm_s + comm_s) for s in base.stage_times)
+    return replace(base, ranks=(new,), step_time_s=step, comm_s=base.comm_s + m * comm_s + sync_s - rank.dp_sync_s,
+                   optimizer_s=optimizer_s, samples_per_s=base.global_batch_size / step if step > 0 else 0.0,
+                   stage_times=stages)
