@@ -13,7 +13,7 @@ from __future__ import annotations
 __all__ = [
     "PRECISIONS", "PRECISION_BYTES", "LOW_PRECISIONS", "OPTIMIZERS", "DATA_PARALLEL_KINDS", "SCHEDULES",
     "RECOMPUTE_MODES", "TP_STYLES", "SEQUENCE_PARALLEL_MODES", "MESH_AXES", "torch_dtype", "FUSED_COLWISE",
-    "tp_style_kind", "fused_parts",
+    "tp_style_kind", "fused_parts", "DTENSOR_SUFFIX", "keeps_dtensor",
 ]
 
 #: Training precisions: fp32, or mixed precision with bf16/fp16 compute over fp32 master weights.
@@ -36,6 +36,25 @@ TP_STYLES = ("colwise", "rowwise", "vocab_embedding", "vocab_head", "sequence")
 #: ``colwise:K``: a colwise projection that fuses K equal parts (``colwise:3`` for q, k, v in one ``qkv`` linear,
 #: ``colwise:2`` for a fused gate/up): rank r of t holds output rows r of t of every part, [q_r; k_r; v_r].
 FUSED_COLWISE = "colwise:"
+#: ``colwise/dtensor``, ``colwise:K/dtensor``: the projection hands its output on as a DTensor of the global shape and
+#: the module's code between the linears runs on DTensors (code that reshapes with sizes read from its input, as
+#: nanoGPT's ``view(B, T, n_head, C // n_head)``); the rowwise linear takes that DTensor. See
+#: :mod:`autoplan.execute.tp_dtensor`.
+DTENSOR_SUFFIX = "/dtensor"
+
+
+def keeps_dtensor(style: str) -> bool:
+    """Whether a colwise style hands its output on as a global-shape DTensor (``…/dtensor``).
+
+    Example:
+        >>> keeps_dtensor("colwise:3/dtensor"), keeps_dtensor("colwise:3")
+        (True, False)
+    """
+    return isinstance(style, str) and style.startswith("colwise") and style.endswith(DTENSOR_SUFFIX)
+
+
+def _plain(style: str) -> str:
+    return style[:-len(DTENSOR_SUFFIX)] if keeps_dtensor(style) else style
 
 
 def tp_style_kind(style: str) -> str:
@@ -46,7 +65,7 @@ def tp_style_kind(style: str) -> str:
         >>> tp_style_kind("colwise:3"), tp_style_kind("rowwise")
         ('colwise', 'rowwise')
     """
-    return "colwise" if fused_parts(style) > 1 else style
+    return "colwise" if fused_parts(style) > 1 else _plain(style)
 
 
 def fused_parts(style: str) -> int:
@@ -56,6 +75,7 @@ def fused_parts(style: str) -> int:
         >>> fused_parts("colwise:3"), fused_parts("colwise"), fused_parts("colwise:x")
         (3, 1, 1)
     """
+    style = _plain(style)
     if isinstance(style, str) and style.startswith(FUSED_COLWISE) and style[len(FUSED_COLWISE):].isdigit():
         parts = int(style[len(FUSED_COLWISE):])
         return parts if parts >= 2 else 1

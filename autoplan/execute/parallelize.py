@@ -48,10 +48,9 @@ def _plan_everywhere(model: nn.Module, example_inputs: tuple, cluster: Cluster |
     # A model the executor cannot split is planned without pipeline stages: tracing records why
     # (graph.pipeline_blocker, the executor's own check) and the search keeps pp = 1, saying so in plan.search.notes.
     world = World.current()
-    world.init_process_group(cluster.device.kind, timeout_s)
-    world = World.current()
     payload: dict[str, Any] = {}
-    if world.rank == 0:
+
+    def plan_here() -> None:
         try:
             inputs = example_inputs[0] if len(example_inputs) == 1 else example_inputs
             payload["plan"] = json.dumps(make_plan(model, inputs, cluster=cluster, **plan_kwargs).to_dict())
@@ -59,6 +58,17 @@ def _plan_everywhere(model: nn.Module, example_inputs: tuple, cluster: Cluster |
             if not world.distributed:
                 raise
             payload["error"] = (type(exc).__name__, str(exc))
+
+    # Rank 0 plans before the process group exists when it can: the trace-time check of a tensor-parallel group's
+    # DTensor form makes a process group of its own (autoplan.trace.tp_check_global), which it cannot inside one.
+    # The other ranks wait for it in init_process_group.
+    before = world.rank == 0 and not (dist.is_available() and dist.is_initialized())
+    if before:
+        plan_here()
+    world.init_process_group(cluster.device.kind, timeout_s)
+    world = World.current()
+    if world.rank == 0 and not before:
+        plan_here()
     if world.distributed:
         box = [payload]
         dist.broadcast_object_list(box, src=0)

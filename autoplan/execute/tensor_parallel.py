@@ -4,7 +4,9 @@ Styles (Megatron-LM, Shoeybi et al. 2019 §3): ``colwise`` → ``ColwiseParallel
 ``rowwise`` → ``RowwiseParallel()`` (input features sharded, output all-reduced), ``vocab_embedding`` →
 ``RowwiseParallel(input_layouts=Replicate())`` on an ``nn.Embedding`` (vocabulary rows sharded),
 ``vocab_head`` → ``ColwiseParallel(output_layouts=Replicate())`` (vocabulary sharded, logits gathered);
-``colwise:K`` (a projection fusing K equal parts) → :class:`~autoplan.execute.tp_styles.FusedColwise`, and GPT-2's
+``colwise:K`` (a projection fusing K equal parts) → :class:`~autoplan.execute.tp_styles.FusedColwise`, a
+``…/dtensor`` colwise style → the same style handing on a global-shape DTensor (:mod:`autoplan.execute.tp_dtensor`:
+nanoGPT's attention, whose views read sizes from its input), and GPT-2's
 ``Conv1D`` under ``colwise``/``rowwise`` → the ``Conv1D`` styles of :mod:`autoplan.execute.tp_styles`.
 An attention module that keeps its head count in attributes (``num_heads``, ``embed_dim``…) gets them divided by
 the tp degree, so code such as ``view(B, T, self.num_heads, head_dim)`` sees its local heads.
@@ -47,7 +49,8 @@ from torch.utils._pytree import tree_leaves
 from ..errors import PlanMismatchError
 from ..names import tied_parameter_names  # noqa: F401  (re-exported: apply and data_parallel use it)
 from ..trace.tp_check import divide_head_attributes, local_head_owners
-from ..vocabulary import tp_style_kind
+from ..vocabulary import keeps_dtensor, tp_style_kind
+from .tp_dtensor import keep_fused_parts_local, register_cpu_attention_sharding
 from .tp_styles import style_for
 
 __all__ = ["parallel_style", "apply_tensor_parallel", "sequence_parallel_runs", "reduce_sequence_parallel_gradients",
@@ -150,9 +153,17 @@ def apply_tensor_parallel(root: nn.Module, styles: dict[str, str], tp_mesh: Devi
         parallelize_module(last, tp_mesh, PrepareModuleOutput(
             output_layouts=(Shard(SEQUENCE_DIM),), desired_output_layouts=(Replicate(),), use_local_output=True))
     # An attention module that counts its heads in attributes now computes on its local heads (as torchtitan sets
-    # n_heads // tp); tracing proved each group sound under exactly this change.
-    divide_head_attributes(local_head_owners(root, [f for f, s in styles.items() if tp_style_kind(s) == "colwise"]),
-                           tp_mesh.size())
+    # n_heads // tp); tracing proved each group sound under exactly this change. A module whose colwise output
+    # stays a global-shape DTensor keeps its global counts (its code sees global shapes) and cuts a fused output
+    # into its parts locally (autoplan.execute.tp_dtensor).
+    global_fqns = [f for f, s in styles.items() if keeps_dtensor(s)]
+    if global_fqns:
+        register_cpu_attention_sharding()
+        for fqn in global_fqns:
+            owner = fqn.rpartition(".")[0]
+            keep_fused_parts_local(root.get_submodule(owner) if owner else root)
+    divide_head_attributes(local_head_owners(root, [f for f, s in styles.items() if tp_style_kind(s) == "colwise"
+                                                    and not keeps_dtensor(s)]), tp_mesh.size())
     params = dict(root.named_parameters(remove_duplicate=False))
     for names in tied:
         keep = params[names[0]]

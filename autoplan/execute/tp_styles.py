@@ -39,7 +39,7 @@ from torch.distributed.tensor.placement_types import _StridedShard
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
 from ..trace.opgraph import is_conv1d
-from ..vocabulary import fused_parts, tp_style_kind
+from ..vocabulary import fused_parts, keeps_dtensor, tp_style_kind
 
 __all__ = ["Conv1DColwise", "Conv1DRowwise", "FusedColwise", "strided", "fsdp_placement", "style_for"]
 
@@ -171,7 +171,8 @@ def fsdp_placement(param) -> Shard | None:
 
 
 def style_for(style: str, module: nn.Module | None, **layouts) -> ParallelStyle:
-    """The ``ParallelStyle`` for plan style ``style`` on ``module``: :class:`FusedColwise` for ``colwise:K``, the
+    """The ``ParallelStyle`` for plan style ``style`` on ``module`` (a ``…/dtensor`` colwise style hands on a DTensor,
+    ``use_local_output=False``): :class:`FusedColwise` for ``colwise:K``, the
     ``Conv1D`` styles above for a GPT-2 ``Conv1D`` under ``colwise``/``rowwise``, else torch's ``ColwiseParallel``/``RowwiseParallel`` (``layouts``:
     their ``input_layouts``/``output_layouts``/``use_local_output`` keywords).
 
@@ -182,8 +183,10 @@ def style_for(style: str, module: nn.Module | None, **layouts) -> ParallelStyle:
     if tp_style_kind(style) not in ("colwise", "rowwise"):
         raise ValueError(f"style_for takes 'colwise', 'colwise:K' or 'rowwise', got {style!r}")
     conv = module is not None and is_conv1d(module)
+    if keeps_dtensor(style):  # the output goes on as a global-shape DTensor (autoplan.execute.tp_dtensor)
+        layouts = {**layouts, "use_local_output": False}
     if fused_parts(style) > 1:
         return FusedColwise(fused_parts(style), **layouts)
-    if style == "colwise":
+    if tp_style_kind(style) == "colwise":
         return (Conv1DColwise if conv else ColwiseParallel)(**layouts)
     return (Conv1DRowwise if conv else RowwiseParallel)(**layouts)

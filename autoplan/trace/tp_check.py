@@ -46,14 +46,14 @@ from __future__ import annotations
 import copy
 import types
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
 from .measure import TensorSpec
-from ..vocabulary import fused_parts, tp_style_kind
+from ..vocabulary import DTENSOR_SUFFIX, fused_parts, tp_style_kind
 from .opgraph import is_conv1d
 from .tp_check_key import VERDICTS, verdict_key
 from .tp_groups import DetectedGroup
@@ -67,6 +67,8 @@ _PERIOD = 65521  # largest prime below 2**16
 
 #: largest relative difference (max |sharded − unsharded| / max |unsharded|) of a sound group in fp32
 TOLERANCE = 1e-4
+#: the verdict of a group sound only in its DTensor form (colwise styles ``…/dtensor``)
+KEPT_AS_DTENSOR = "kept with global-shape DTensors between its linears"
 
 
 @dataclass(frozen=True)
@@ -275,7 +277,7 @@ def _rowwise_output(parent_module: nn.Module, row_module: nn.Module, state: dict
 
 def _replica_gradient_error(parent_module: nn.Module, row_module: nn.Module, state: dict, parent: str,
                             styles: dict[str, str], t: int, args, kwargs, probe: torch.Tensor,
-                            transposed: frozenset = frozenset()) -> str | None:
+                            transposed: frozenset = frozenset(), share=None) -> str | None:
     """Parameters the shard leaves whole on every rank (a norm between the colwise and rowwise linears) must get
     the full gradient on each rank, since nothing sums them over the tp ranks: compare each rank's gradient (the
     all-reduce hands every rank the full output gradient, ``probe``) with the unsharded one."""
@@ -307,7 +309,7 @@ def _replica_gradient_error(parent_module: nn.Module, row_module: nn.Module, sta
 
     reference = gradients(state)
     for rank in range(t):
-        got = gradients(_shard_state(state, parent, styles, rank, t, transposed))
+        got = gradients((share or _shard_state)(state, parent, styles, rank, t, transposed))
         for name, ref, g in zip(replicated, reference, got):
             error = _relative_error(g, ref)
             if not error <= TOLERANCE:
@@ -332,6 +334,17 @@ def _local_heads(model: nn.Module, styles: dict[str, str], t: int):
     finally:
         for owner, name, value in undo:
             setattr(owner, name, value)
+
+
+def as_dtensor_styles(styles: dict[str, str]) -> dict[str, str]:
+    """A group's styles in its DTensor form: each colwise style marked ``…/dtensor``.
+
+    Example:
+        >>> as_dtensor_styles({"attn.c_attn": "colwise:3", "attn.c_proj": "rowwise"})
+        {'attn.c_attn': 'colwise:3/dtensor', 'attn.c_proj': 'rowwise'}
+    """
+    return {f: s + DTENSOR_SUFFIX if tp_style_kind(s) == "colwise" and not s.endswith(DTENSOR_SUFFIX) else s
+            for f, s in styles.items()}
 
 
 def _relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
@@ -380,19 +393,37 @@ def _check_on(model: nn.Module, group: DetectedGroup, parent: str, parent_module
                 total = part if total is None else total + part
     except Exception as exc:  # noqa: BLE001 - any failure of the sharded forward means the group is unsound
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return f"{parent or 'the model'}'s forward fails on a {t}-way shard ({type(exc).__name__}: {first[:160]})"
+        local = f"{parent or 'the model'}'s forward fails on a {t}-way shard ({type(exc).__name__}: {first[:160]})"
+        return _or_global(local, model, group, parent, parent_module, state, args, kwargs, reference, t, numeric,
+                          transposed, generator)
     if total.shape != reference.shape:
         return f"a {t}-way shard gives output shape {tuple(total.shape)} instead of {tuple(reference.shape)}"
     if not numeric:
         return None
     error = _relative_error(total, reference)
     if not error <= TOLERANCE:
-        return (f"a {t}-way shard computes other numbers (relative difference {error:.1e}): {parent or 'the model'}'s "
-                f"code reads the sharded features by their global layout (a fused projection cut by position, "
-                f"or a projection the group misses)")
+        local = (f"a {t}-way shard computes other numbers (relative difference {error:.1e}): {parent or 'the model'}'s "
+                 f"code reads the sharded features by their global layout (a fused projection cut by position, "
+                 f"or a projection the group misses)")
+        return _or_global(local, model, group, parent, parent_module, state, args, kwargs, reference, t, numeric,
+                          transposed, generator)
     with _local_heads(model, styles, t):
         return _replica_gradient_error(parent_module, row_module, state, parent, styles, t, args, kwargs,
                                        _random(tuple(reference.shape), generator), transposed)
+
+
+def _or_global(local: str, model, group, parent, parent_module, state, args, kwargs, reference, t, numeric,
+               transposed, generator) -> str | None:
+    """The local-tensor shard failed (``local`` says how): the group is kept in its DTensor form when that is proven
+    (:mod:`autoplan.trace.tp_check_global`), with :data:`KEPT_AS_DTENSOR` as its verdict, else dropped with both
+    reasons."""
+    from .tp_check_global import global_shard_error
+
+    if not numeric:
+        return local
+    error = global_shard_error(model, group.styles, parent, parent_module, state, args, kwargs, reference, t,
+                               transposed, generator)
+    return KEPT_AS_DTENSOR if error is None else f"{local}; {error}"
 
 
 def _checker() -> tuple:
@@ -434,6 +465,8 @@ def check_tp_groups(model: nn.Module, groups: list[DetectedGroup], args: tuple, 
         verdict = verdicts.get(id(g))  # a group without a rowwise end is not checked
         if verdict is None:
             kept.append(g)
+        elif verdict == KEPT_AS_DTENSOR:
+            kept.append(replace(g, styles=as_dtensor_styles(g.styles)))
         else:
             dropped.append(DroppedGroup(dict(g.styles), verdict))
     return kept, dropped

@@ -79,7 +79,15 @@ def _inside(module: str, scope: str) -> bool:
     return scope == "" or module == scope or module.startswith(scope + ".")
 
 
-def _leaves_block(g, start: str, scope: str, depth: int = 4) -> bool:
+def _passes_through(attrs: dict, modules: dict) -> bool:
+    """An op that hands on its input's features as they are: a pass-through function, or a parameter-free
+    ``nn.Dropout``/``nn.Identity`` module (nanoGPT's ``resid_dropout`` after its rowwise projection)."""
+    if attrs["op"] == "call_module":
+        return isinstance(modules.get(attrs["target"]), (nn.Dropout, nn.Identity))
+    return _base_target(attrs["target"]) in _PASS_THROUGH
+
+
+def _leaves_block(g, start: str, scope: str, depth: int = 4, modules: dict | None = None) -> bool:
     """Whether the rowwise output leaves the pair's block whole: it reaches a residual add, the model output, or
     (a block stacked straight onto the next one, with no residual) an op of a module outside ``scope``, the module
     the pair was found in. The all-reduce makes the output whole, so any reader outside the block is sound; what is
@@ -94,7 +102,7 @@ def _leaves_block(g, start: str, scope: str, depth: int = 4) -> bool:
                     return True
                 if not _inside(g.nodes[s]["module"], scope):
                     return True
-                if target in _PASS_THROUGH or target in ("mul",):
+                if _passes_through(g.nodes[s], modules or {}) or target in ("mul",):
                     nxt.append(s)
         frontier = nxt
     return False
@@ -203,7 +211,7 @@ def detect_tp_groups(op_graph: OpGraph, model: nn.Module,
         if row is None and "." in parent:
             scope = _parent(parent)
             row = _find_rowwise(g, col_nodes, scope, op_graph, modules)
-        if row is not None and _leaves_block(g, row, scope):
+        if row is not None and _leaves_block(g, row, scope, modules=modules):
             col_by_row.setdefault(row, []).extend(col_nodes)
     used: set[str] = set()
     for row, col_nodes in col_by_row.items():

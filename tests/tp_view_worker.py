@@ -1,0 +1,36 @@
+"""One rank of the nanoGPT tensor-parallel world: ``autoplan.parallelize`` with a pinned dp2×tp2 mesh (rank 0 plans),
+three AdamW steps; rank 0 saves the plan's styles, the losses and the full state dict."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+import autoplan
+import nanogpt
+
+LR = 1e-3
+
+
+def main(out: str) -> None:
+    torch.set_num_threads(1)
+    model = nanogpt.build()
+    data = nanogpt.batches()
+    pm = autoplan.parallelize(model, data[0][0], loss_fn=nanogpt.loss_fn, mesh={"dp": 2, "tp": 2},
+                              cluster=autoplan.Cluster.preset("cpu", devices_per_node=4), data_parallel="ddp")
+    opt = torch.optim.AdamW(pm.parameters(), lr=LR)
+    losses = []
+    for inputs, targets in data:
+        losses.append(pm.train_step(inputs, targets))
+        opt.step()
+        opt.zero_grad()
+    state = pm.full_state_dict()
+    if dist.get_rank() == 0:
+        torch.save({"styles": pm.plan.tensor_parallel, "losses": losses, "state": state,
+                    "notes": list(pm.plan.search.notes)}, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
