@@ -40,6 +40,7 @@ def plan(
     time_limit_s: float | None = None,
     tp_across_nodes: bool = False,
     sequence_parallel: str | bool = "auto",
+    expert_parallel: str | bool = False,
 ) -> Plan:
     """Trace ``model`` on ``example_inputs`` and return the fastest layout that fits ``cluster``.
 
@@ -51,6 +52,12 @@ def plan(
     ``True`` uses it wherever tp > 1, with or without pipeline stages (``ValueError`` when tp = 1 is pinned, or
     when no layer of the model can run it), ``False`` never.
 
+    ``expert_parallel``: shard the routed experts of a mixture-of-experts model (transformers' Mixtral, Qwen2-MoE)
+    over the data-parallel ranks, each holding E/dp experts (:mod:`autoplan.execute.experts`) — ``True`` plans a
+    data-parallel layout by DDP (tp = pp = 1) with it (``ValueError`` when the model has no experts module or dp
+    does not divide their number), ``"auto"`` adds it to the best plan found where that layout allows it and it is
+    priced faster (:mod:`autoplan.cost.experts`), ``False`` (default) never.
+
     Example:
         >>> import torch, autoplan
         >>> m = torch.nn.Linear(32, 32)
@@ -58,19 +65,24 @@ def plan(
         ...               precision="fp32").mesh.world_size
         2
     """
+    from .cost.experts import plan_expert_parallel
     from .solve import search
 
+    if expert_parallel is True:  # the one layout it runs with: dp alone, by DDP
+        mesh = {"tp": 1, "pp": 1, **(mesh or {})}
+        data_parallel = "ddp" if data_parallel == "auto" else data_parallel
     options = PlanOptions(
         global_batch_size=global_batch_size, precision=precision, optimizer=optimizer, mesh=mesh or {},
         microbatch_size=microbatch_size, recompute=recompute, data_parallel=data_parallel, schedule=schedule,
         time_limit_s=time_limit_s, tp_across_nodes=tp_across_nodes, sequence_parallel=sequence_parallel,
+        expert_parallel=expert_parallel,
     )
     if cluster is None:
         cluster = Cluster.detect()
     if not isinstance(cluster, Cluster):
         raise ValueError(f"cluster must be an autoplan.Cluster, got {type(cluster).__name__}")
     graph = trace(model, example_inputs)
-    result = search(graph, cluster, options)
+    result = plan_expert_parallel(graph, search(graph, cluster, options), options.expert_parallel)
     tokens = tokens_per_sample(example_inputs)
     if tokens is not None:
         result = result.replace(model=replace(result.model, tokens_per_sample=tokens))

@@ -42,6 +42,7 @@ class PlanOptions:
     time_limit_s: float | None = None
     tp_across_nodes: bool = False  # allow tensor-parallel groups that span nodes
     sequence_parallel: str | bool = "auto"  # Megatron sequence parallelism: "auto" (searched), True, False
+    expert_parallel: str | bool = False  # MoE experts sharded over the dp ranks: False, True, "auto" (if faster)
 
     def __post_init__(self) -> None:
         for name, choices in _CHOICES.items():
@@ -68,5 +69,12 @@ class PlanOptions:
         if sp is True and mesh.get("tp", 2) == 1:
             raise ValueError("sequence_parallel=True needs tensor parallelism, but mesh pins tp=1; pin tp > 1, leave "
                              "tp unpinned, or use sequence_parallel='auto'")
+        ep = self.expert_parallel
+        if not (ep == "auto" or isinstance(ep, bool)):
+            raise ValueError(f"expert_parallel must be 'auto', True or False, got {ep!r}")
+        if ep is True and (mesh.get("tp", 1) > 1 or mesh.get("pp", 1) > 1 or self.data_parallel == "fsdp"):
+            raise ValueError(f"expert_parallel=True runs with data parallelism by DDP alone (tp = pp = 1), but "
+                             f"mesh={mesh} and data_parallel={self.data_parallel!r} are pinned; unpin them or use "
+                             f"expert_parallel='auto' (chosen only where the plan allows it)")
         if self.time_limit_s is not None and self.time_limit_s <= 0:
             raise ValueError(f"time_limit_s must be positive, got {self.time_limit_s}")
