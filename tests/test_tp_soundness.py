@@ -120,14 +120,15 @@ def test_a_pair_whose_parent_hands_out_another_tensor_is_not_offered_and_says_wh
     assert "hands the rest of the model a tensor besides its rowwise output" in refused[0][1]
 
 
-def test_nanogpt_fused_qkv_split_by_position_is_dropped_and_its_mlp_kept():
+def test_nanogpt_fused_qkv_split_by_position_is_kept_in_its_dtensor_form_with_its_mlp():
     model, idx = models_hf.fused_qkv_gpt()
     graph = autoplan.trace(model, idx)
     block = graph.layer("h.0")
-    assert [sorted(g.styles) for g in block.tp_groups] == [["h.0.mlp.c_fc", "h.0.mlp.c_proj"]]
-    reasons = {tuple(sorted(styles)): reason for styles, reason in graph.tp_dropped}
-    assert set(reasons) == {("h.0.attn.c_attn", "h.0.attn.c_proj"), ("h.1.attn.c_attn", "h.1.attn.c_proj")}
-    assert "2-way shard" in reasons[("h.0.attn.c_attn", "h.0.attn.c_proj")]
+    # view(B, T, n_head, C // n_head) with C from the input: no local-tensor shard is right (the check drops that
+    # one), the global-shape DTensor form is proven and kept
+    assert [g.styles for g in block.tp_groups] == [{"h.0.attn.c_attn": "colwise:3/dtensor", "h.0.attn.c_proj": "rowwise"},
+                                                   {"h.0.mlp.c_fc": "colwise", "h.0.mlp.c_proj": "rowwise"}]
+    assert graph.tp_dropped == []
 
 
 def test_head_counts_are_divided_on_the_shard_and_restorable():
@@ -154,10 +155,10 @@ def test_families_keep_exactly_their_sound_groups(family, kept, dropped):
 def test_pinned_tp_shards_every_sound_group_and_says_why_when_nothing_can_be_sharded():
     cluster = autoplan.Cluster.preset("cpu", devices_per_node=4)
     model, idx = models_hf.fused_qkv_gpt()
-    plan = autoplan.plan(model, idx, cluster=cluster, mesh={"dp": 2, "tp": 2}, precision="fp32")
-    assert {"h.0.mlp.c_fc", "h.0.mlp.c_proj", "h.1.mlp.c_fc", "h.1.mlp.c_proj"} <= set(plan.tensor_parallel)
-    assert any("not sharded: h.0.attn.c_attn+h.0.attn.c_proj and 1 more" in n for n in plan.search.notes)
-    assert "not sharded" in plan.explain()
+    plan = autoplan.plan(model, idx, cluster=cluster, mesh={"dp": 2, "tp": 2}, precision="fp32", data_parallel="ddp")
+    assert {f"h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")} \
+        <= set(plan.tensor_parallel)
+    assert plan.tensor_parallel["h.1.attn.c_attn"] == "colwise:3/dtensor"
     mlp = nn.Sequential(nn.Linear(8, 8), nn.Tanh())  # no colwise → rowwise pair at all
     plan = autoplan.plan(mlp, torch.randn(4, 8), cluster=cluster, mesh={"tp": 2}, precision="fp32")
     assert plan.tensor_parallel == {}

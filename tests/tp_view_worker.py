@@ -1,4 +1,4 @@
-"""One rank of the nanoGPT tensor-parallel world: ``autoplan.parallelize`` with a pinned dp2×tp2 mesh (rank 0 plans),
+"""One rank of the nanoGPT tensor-parallel world: ``autoplan.parallelize`` with a pinned tp2 mesh (rank 0 plans),
 three AdamW steps; rank 0 saves the plan's styles, the losses and the full state dict."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ def main(out: str) -> None:
     torch.set_num_threads(1)
     model = nanogpt.build()
     data = nanogpt.batches()
-    pm = autoplan.parallelize(model, data[0][0], loss_fn=nanogpt.loss_fn, mesh={"dp": 2, "tp": 2},
-                              cluster=autoplan.Cluster.preset("cpu", devices_per_node=4), data_parallel="ddp")
+    pm = autoplan.parallelize(model, data[0][0], loss_fn=nanogpt.loss_fn, mesh={"tp": 2},
+                              cluster=autoplan.Cluster.preset("cpu", devices_per_node=2), data_parallel="ddp")
     opt = torch.optim.AdamW(pm.parameters(), lr=LR)
     losses = []
     for inputs, targets in data:

@@ -53,8 +53,9 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .measure import TensorSpec
-from ..vocabulary import DTENSOR_SUFFIX, fused_parts, tp_style_kind
+from ..vocabulary import fused_parts, tp_style_kind
 from .opgraph import is_conv1d
+from .tp_check_global import KEPT_AS_DTENSOR, as_dtensor_styles, or_global_verdict as _or_global
 from .tp_check_key import VERDICTS, verdict_key
 from .tp_groups import DetectedGroup
 
@@ -67,8 +68,6 @@ _PERIOD = 65521  # largest prime below 2**16
 
 #: largest relative difference (max |sharded − unsharded| / max |unsharded|) of a sound group in fp32
 TOLERANCE = 1e-4
-#: the verdict of a group sound only in its DTensor form (colwise styles ``…/dtensor``)
-KEPT_AS_DTENSOR = "kept with global-shape DTensors between its linears"
 
 
 @dataclass(frozen=True)
@@ -336,17 +335,6 @@ def _local_heads(model: nn.Module, styles: dict[str, str], t: int):
             setattr(owner, name, value)
 
 
-def as_dtensor_styles(styles: dict[str, str]) -> dict[str, str]:
-    """A group's styles in its DTensor form: each colwise style marked ``…/dtensor``.
-
-    Example:
-        >>> as_dtensor_styles({"attn.c_attn": "colwise:3", "attn.c_proj": "rowwise"})
-        {'attn.c_attn': 'colwise:3/dtensor', 'attn.c_proj': 'rowwise'}
-    """
-    return {f: s + DTENSOR_SUFFIX if tp_style_kind(s) == "colwise" and not s.endswith(DTENSOR_SUFFIX) else s
-            for f, s in styles.items()}
-
-
 def _relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
     """Largest absolute difference over the reference's largest magnitude (1 when the reference is all zeros)."""
     return (got - reference).abs().max().item() / (reference.abs().max().item() or 1.0)
@@ -410,20 +398,6 @@ def _check_on(model: nn.Module, group: DetectedGroup, parent: str, parent_module
     with _local_heads(model, styles, t):
         return _replica_gradient_error(parent_module, row_module, state, parent, styles, t, args, kwargs,
                                        _random(tuple(reference.shape), generator), transposed)
-
-
-def _or_global(local: str, model, group, parent, parent_module, state, args, kwargs, reference, t, numeric,
-               transposed, generator) -> str | None:
-    """The local-tensor shard failed (``local`` says how): the group is kept in its DTensor form when that is proven
-    (:mod:`autoplan.trace.tp_check_global`), with :data:`KEPT_AS_DTENSOR` as its verdict, else dropped with both
-    reasons."""
-    from .tp_check_global import global_shard_error
-
-    if not numeric:
-        return local
-    error = global_shard_error(model, group.styles, parent, parent_module, state, args, kwargs, reference, t,
-                               transposed, generator)
-    return KEPT_AS_DTENSOR if error is None else f"{local}; {error}"
 
 
 def _checker() -> tuple:

@@ -51,9 +51,26 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..vocabulary import fused_parts, tp_style_kind
+from ..vocabulary import DTENSOR_SUFFIX, fused_parts, tp_style_kind
 
-__all__ = ["global_shard_error"]
+__all__ = ["as_dtensor_styles", "or_global_verdict", "KEPT_AS_DTENSOR"]
+
+#: the verdict of a group sound only in its DTensor form (colwise styles ``…/dtensor``); no letter or digit, so the
+#: verdict cache, which swaps a parent's name inside a verdict for a placeholder, never changes it
+KEPT_AS_DTENSOR = "<=>"
+
+
+def as_dtensor_styles(styles: dict[str, str]) -> dict[str, str]:
+    """A group's styles in its DTensor form: each colwise style marked ``…/dtensor``.
+
+    Example:
+        >>> as_dtensor_styles({"attn.c_attn": "colwise:3", "attn.c_proj": "rowwise"})
+        {'attn.c_attn': 'colwise:3/dtensor', 'attn.c_proj': 'rowwise'}
+    """
+    return {f: s + DTENSOR_SUFFIX if tp_style_kind(s) == "colwise" and not s.endswith(DTENSOR_SUFFIX) else s
+            for f, s in styles.items()}
+
+
 
 
 def _zeroed_share(tensor: torch.Tensor, dim: int, parts: int, rank: int, t: int) -> torch.Tensor:
@@ -111,7 +128,7 @@ def _dtensor_error(parent_module: nn.Module, row_fqn: str, state: dict, parent: 
     from torch.distributed.tensor import DTensor
 
     from ..execute.tensor_parallel import apply_tensor_parallel
-    from .tp_check import _relative_error, TOLERANCE, as_dtensor_styles
+    from .tp_check import _relative_error, TOLERANCE
 
     if dist.is_available() and dist.is_initialized():
         return ("its DTensor form is proven on a process group of its own, which cannot be made inside an "
@@ -151,7 +168,7 @@ def _dtensor_error(parent_module: nn.Module, row_fqn: str, state: dict, parent: 
     return None
 
 
-def global_shard_error(model: nn.Module, styles: dict[str, str], parent: str, parent_module: nn.Module, state: dict,
+def _global_shard_error(model: nn.Module, styles: dict[str, str], parent: str, parent_module: nn.Module, state: dict,
                        args, kwargs, reference: torch.Tensor, t: int, transposed: frozenset,
                        generator: torch.Generator) -> str | None:
     """None when the group ``styles`` is sound in its DTensor form at degree ``t`` (see the module docstring), else
@@ -167,3 +184,20 @@ def global_shard_error(model: nn.Module, styles: dict[str, str], parent: str, pa
            (model.get_submodule(f) for f in styles)):
         return "its DTensor form shards only 2-D weights"
     return _dtensor_error(parent_module, row_fqn, state, parent, styles, args, kwargs, reference)
+
+
+def or_global_verdict(local: str, model, group, parent, parent_module, state, args, kwargs, reference, t, numeric,
+                      transposed, generator) -> str | None:
+    """The verdict of a group whose local-tensor shard failed (``local`` says how): :data:`KEPT_AS_DTENSOR` when its
+    DTensor form is proven (see the module docstring), else both reasons; ``local`` alone for a parent checked on
+    the meta device (shapes only: the DTensor form needs numbers).
+
+    Example:
+        >>> or_global_verdict("fails", None, None, "", None, {}, (), {}, None, 2, False, frozenset(), None)
+        'fails'
+    """
+    if not numeric:
+        return local
+    error = _global_shard_error(model, group.styles, parent, parent_module, state, args, kwargs, reference, t,
+                                transposed, generator)
+    return KEPT_AS_DTENSOR if error is None else f"{local}; {error}"
