@@ -213,7 +213,8 @@ def format_plan(plan) -> str:
                      f"{plan.microbatch_size} (global batch {plan.global_batch_size})"),
         ("data parallel", f"{plan.data_parallel.upper()}, {plan.precision}, {plan.optimizer}"),
         ("tensor parallel", f"{len(plan.tensor_parallel)} modules ({tp_text})" if plan.tensor_parallel else "none"),
-    ])
+    ] + ([("expert parallel", f"experts sharded over the {plan.expert_parallel} dp ranks")]
+         if plan.expert_parallel > 1 else []))
     lines.append("")
     lines += _table(_stage_rows(plan))
     if p is not None:
