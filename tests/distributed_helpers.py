@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 
-from autoplan.models import GPT, MLP, GPTConfig
+from autoplan.models import GPT, MLP, Attention, GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("execute_worker.py")
 GLOBAL_BATCH = 16
-STEPS = 3
+STEPS = 2  # the second step's loss and the final weights depend on the first step's gradients and AdamW's state
 LR = 1e-3
 
 GPT_CONFIG = GPTConfig(vocab_size=64, seq_len=8, hidden=32, layers=6, heads=4)
@@ -26,8 +26,44 @@ MLP_DEPTH = 8  # Linear+ReLU pairs, then a Linear: 17 modules
 MLP_LAYERS = [f"layers.{i}" for i in range(2 * MLP_DEPTH + 1)]
 
 
+class Core(torch.nn.Module):
+    """QKᵀ, causal softmax and ·V with the scores materialised (Megatron-LM's ``CoreAttention``)."""
+
+    def forward(self, q, k, v):
+        T = q.shape[-2]
+        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        return scores.masked_fill(causal, float("-inf")).softmax(-1) @ v
+
+
+class NestedAttention(Attention):
+    """The GPT's attention with its core in a module of its own, two levels inside a block (``attn.core``)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__(cfg)
+        self.core = Core()
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, -1, 3, self.head_dim).unbind(dim=3)  # -1: a tensor-parallel shard too
+        out = self.core(*(t.transpose(1, 2) for t in (q, k, v)))
+        return self.proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def with_nested_cores(model: GPT, cfg: GPTConfig) -> GPT:
+    """``model`` with each block's attention replaced by a :class:`NestedAttention` holding the same weights."""
+    for block in model.blocks:
+        attn = NestedAttention(cfg)
+        attn.load_state_dict(block.attn.state_dict())
+        block.attn = attn
+    return model
+
+
 def build_model(kind: str) -> torch.nn.Module:
+    """``gpt``, ``gpt-core`` (the same GPT, its attention cores nested modules) or ``mlp``."""
     torch.manual_seed(1234)
+    if kind == "gpt-core":
+        return with_nested_cores(GPT(GPT_CONFIG), GPT_CONFIG)
     return GPT(GPT_CONFIG) if kind == "gpt" else MLP(16, 32, depth=MLP_DEPTH)
 
 
@@ -36,7 +72,7 @@ def batches(kind: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(99)
     out = []
     for _ in range(STEPS):
-        if kind == "gpt":
+        if kind.startswith("gpt"):
             tokens = torch.randint(0, GPT_CONFIG.vocab_size, (GLOBAL_BATCH, GPT_CONFIG.seq_len + 1), generator=g)
             out.append((tokens[:, :-1], tokens[:, 1:]))
         else:
@@ -142,7 +178,7 @@ def serve_cases(spec: str, out: str, run_case, name_of=lambda case: case["name"]
             rank = dist.get_rank() if dist.is_initialized() else 0
             print(f"rank {rank}: {name_of(case)} failed\n{traceback.format_exc()}", file=sys.stderr, flush=True)
             os._exit(1)
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if os.environ.get("RANK", "0") == "0":  # a case may have shut the process group down (it must come last)
         torch.save(results, out)
     if dist.is_initialized():
         dist.barrier()
@@ -166,6 +202,14 @@ def torchrun(worker: Path, args: list, nproc: int = 4, timeout_s: int = 240) -> 
         raise AssertionError(f"torchrun world timed out after {timeout_s} s:\n{stderr[-8000:]}") from None
     if proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{stdout[-4000:]}\n{stderr[-8000:]}")
+
+
+def selected_tests(request) -> set[str]:
+    """The names (parameters included) of the tests of the requesting test's module that this session runs.
+
+    A module whose tests share one world (a module-scoped fixture; a world costs seconds of start-up per rank) puts
+    in it only the cases of these tests, so that ``-m 'not slow'`` or ``-k`` starts a smaller world."""
+    return {item.name for item in request.session.items if getattr(item, "module", None) is request.module}
 
 
 def run_world(cases: list[dict], tmp_path: Path, nproc: int = 4, timeout_s: int = 240, worker: Path = WORKER) -> dict:
@@ -196,7 +240,7 @@ def train_one_process(model: torch.nn.Module, steps, lr: float = LR, loss_fn=Non
 
 
 def reference(kind: str) -> dict:
-    """Losses and final state of three AdamW steps on one process over the whole global batch, then the loss
+    """Losses and final state of :data:`STEPS` AdamW steps on one process over the whole global batch, then the loss
     and outputs of the trained model on the first batch."""
     from autoplan.execute.batch import default_loss
 

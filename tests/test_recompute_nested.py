@@ -15,7 +15,8 @@ from autoplan.cost.layer import layer_cost
 from autoplan.cluster import Cluster
 from autoplan.execute.manual import manual_plan
 from autoplan.execute.recompute import apply_recompute, is_recomputed
-from autoplan.models import GPT, Attention, GPTConfig
+from autoplan.models import GPT, GPTConfig
+from distributed_helpers import with_nested_cores
 from test_trace_activations import real_saved_bytes
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -27,36 +28,11 @@ LAYERS = ["tok", "pos", "blocks.0", "blocks.1", "ln_f", "head"]
 CORES = ["blocks.0.attn.core", "blocks.1.attn.core"]
 
 
-class Core(nn.Module):
-    """QKᵀ, causal softmax and ·V with the scores materialised (Megatron-LM's ``CoreAttention``)."""
-
-    def forward(self, q, k, v):
-        T = q.shape[-2]
-        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
-        return scores.masked_fill(causal, float("-inf")).softmax(-1) @ v
-
-
-class NestedAttention(Attention):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__(cfg)
-        self.core = Core()
-
-    def forward(self, x):
-        B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, -1, 3, self.head_dim).unbind(dim=3)
-        out = self.core(*(t.transpose(1, 2) for t in (q, k, v)))
-        return self.proj(out.transpose(1, 2).reshape(B, T, -1))
-
-
 def nested_gpt() -> GPT:
+    """The GPT with Megatron-LM's ``CoreAttention`` (QKᵀ, causal softmax and ·V, scores materialised) nested two
+    levels inside each block; tests/test_execute_distributed.py applies the same recompute under dp2×tp2."""
     torch.manual_seed(0)
-    model = GPT(CONFIG)
-    for block in model.blocks:
-        attn = NestedAttention(CONFIG)
-        attn.load_state_dict(block.attn.state_dict())
-        block.attn = attn
-    return model
+    return with_nested_cores(GPT(CONFIG), CONFIG)
 
 
 def batch():
