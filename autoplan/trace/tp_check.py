@@ -22,8 +22,9 @@ inputs share one verdict: :mod:`autoplan.trace.tp_check_key`) on small real tens
 4. parameters left whole on every rank but used between the linears (a norm on the sharded heads) must get the
    full gradient on each rank, since nothing sums them over the tp ranks: each rank's gradient is compared with
    the unsharded one;
-5. the group is kept when the sum equals the reference (relative error under :data:`TOLERANCE`); otherwise it is
-   dropped and the reason (the error raised, or the size of the difference) is recorded. A parent of more than
+5. the group is kept when the sum equals the reference (relative error under :data:`TOLERANCE`); otherwise its
+   DTensor form (global-shape DTensors between the linears, :mod:`autoplan.trace.tp_check_global`) is checked and
+   kept when sound, or the group is dropped and the reasons (the error raised, or the size of the difference) kept. A parent of more than
    :data:`NUMERIC_CHECK_MAX_PARAMS` parameters runs on the meta device instead, which checks shapes only.
 
 Vocabulary groups (embedding rows, LM head columns) are not checked: their sharded result is all-reduced or
