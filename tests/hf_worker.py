@@ -3,8 +3,9 @@ under an automatic plan pinned to that mesh and compare with one process; rank 0
 
     python -m torch.distributed.run --nproc_per_node 4 tests/hf_worker.py cases.json results.pt
 
-Every rank computes the one-process reference itself (toy models: milliseconds), so the comparison needs no
-second launch. Dropout is switched off in both runs so that they may agree to float rounding.
+Before the first case the ranks share out the families: each traces its families once, plans their cases and
+trains their one-process references (toy models: milliseconds), so the comparison needs no second launch and
+tracing runs on every core. Dropout is switched off in both runs so that they may agree to float rounding.
 """
 
 from __future__ import annotations
@@ -68,41 +69,63 @@ def reference(family: str) -> dict:
     return {"losses": losses, "state": state}
 
 
-_GRAPHS: dict = {}  # rank 0: each family is traced once per world and planned for each of its meshes
-
-
-def plan_on_rank_0(family: str, model: torch.nn.Module, inputs: tuple, case: dict) -> autoplan.Plan:
-    """What ``autoplan.parallelize(model, inputs, mesh=..., precision="fp32")`` plans on rank 0 and broadcasts,
-    from one trace per family."""
-    import torch.distributed as dist
+def _plan_case(graph, case: dict) -> dict:
+    """What ``autoplan.parallelize(model, inputs, mesh=..., precision="fp32")`` plans on rank 0 and broadcasts, from
+    the family's one trace; pinned stage boundaries where the case names cuts."""
     from autoplan.options import PlanOptions
     from autoplan.solve import search
 
-    box = [None]
-    if int(os.environ["RANK"]) == 0:
-        cluster = autoplan.Cluster.preset("cpu", devices_per_node=int(os.environ["WORLD_SIZE"]))
-        if family not in _GRAPHS:
-            _GRAPHS[family] = autoplan.trace(model, inputs)
-        options = PlanOptions(mesh=case["mesh"], precision="fp32", data_parallel=case.get("data_parallel", "auto"),
-                              sequence_parallel=case.get("sequence_parallel", "auto"))
-        box[0] = search(_GRAPHS[family], cluster, options).to_dict()
-        if "cuts" in case:  # pinned stage boundaries, two stages per pipeline rank under the interleaved schedule
-            layers = [name for stage in box[0]["stages"] for name in stage["layers"]]
-            bounds = [0, *case["cuts"], len(layers)]
-            box[0]["stages"] = [{"layers": layers[a:b], "recompute": []} for a, b in zip(bounds, bounds[1:])]
-            box[0].update(schedule="interleaved", virtual_stages=(len(bounds) - 1) // case["mesh"]["pp"],
-                          microbatches=2, microbatch_size=box[0]["global_batch_size"] // case["mesh"].get("dp", 1) // 2)
+    cluster = autoplan.Cluster.preset("cpu", devices_per_node=int(os.environ["WORLD_SIZE"]))
+    options = PlanOptions(mesh=case["mesh"], precision="fp32", data_parallel=case.get("data_parallel", "auto"),
+                          sequence_parallel=case.get("sequence_parallel", "auto"))
+    plan = search(graph, cluster, options).to_dict()
+    if "cuts" in case:  # pinned stage boundaries, two stages per pipeline rank under the interleaved schedule
+        layers = [name for stage in plan["stages"] for name in stage["layers"]]
+        bounds = [0, *case["cuts"], len(layers)]
+        plan["stages"] = [{"layers": layers[a:b], "recompute": []} for a, b in zip(bounds, bounds[1:])]
+        plan.update(schedule="interleaved", virtual_stages=(len(bounds) - 1) // case["mesh"]["pp"],
+                    microbatches=2, microbatch_size=plan["global_batch_size"] // case["mesh"].get("dp", 1) // 2)
+    return plan
+
+
+def prepare(cases: list[dict]) -> tuple[dict, dict]:
+    """Every case's plan (on every rank) and every family's one-process reference (on rank 0), before the first
+    case. Tracing is the world's largest cost and planning needs no process group, so the families are shared out:
+    rank r traces families r, r + world size, … once each, plans their cases and trains their references; the
+    plans are then exchanged. A failure on any rank stops every rank."""
+    import torch.distributed as dist
+
     if not dist.is_initialized():
         dist.init_process_group("gloo")
-    dist.broadcast_object_list(box, src=0)
-    return autoplan.Plan.from_dict(box[0])
+    rank, size = dist.get_rank(), dist.get_world_size()
+    families = list(dict.fromkeys(case["family"] for case in cases))
+    plans, references, error = {}, {}, None
+    try:
+        for family in families[rank::size]:
+            graph = autoplan.trace(build(family), batches(family)[0][0])
+            plans.update({case_name(c): _plan_case(graph, c) for c in cases if c["family"] == family})
+            references[family] = reference(family)
+    except Exception:
+        import traceback
+
+        error = f"rank {rank}: preparing {family} failed\n{traceback.format_exc()}"
+    gathered = [None] * size
+    dist.all_gather_object(gathered, (plans, error))
+    errors = [e for _, e in gathered if e]
+    if errors:
+        print("\n".join(errors), file=sys.stderr, flush=True)
+        os._exit(1)
+    out = [None] * size if rank == 0 else None
+    dist.gather_object(references, out, dst=0)
+    all_plans = {name: plan for part, _ in gathered for name, plan in part.items()}
+    return all_plans, ({k: v for part in out for k, v in part.items()} if rank == 0 else {})
 
 
-def run_case(case: dict) -> dict:
+def run_case(case: dict, plans: dict, references: dict) -> dict:
     family = case["family"]
     data = batches(family)
     model = build(family)
-    plan = plan_on_rank_0(family, model, data[0][0], case)
+    plan = autoplan.Plan.from_dict(plans[case_name(case)])
     pm = autoplan.parallelize(model, data[0][0], loss_fn=loss_fn, plan=plan)
     opt = torch.optim.AdamW(pm.parameters(), lr=LR)
     losses = []
@@ -116,7 +139,7 @@ def run_case(case: dict) -> dict:
     if case.get("checkpoint"):
         result["roundtrip"] = roundtrip(pm, opt, data, state, case["checkpoint"])
     if state:  # rank 0
-        ref = reference(family)
+        ref = references[family]
         result["ref_losses"] = ref["losses"]
         diffs = {k: (state[k].float() - v.float()).abs().max().item() for k, v in ref["state"].items() if k in state}
         result["missing"] = sorted(set(ref["state"]) - set(state))
@@ -162,7 +185,10 @@ def case_name(case: dict) -> str:
 
 
 def main(spec: str, out: str) -> None:
-    serve_cases(spec, out, run_case, case_name)
+    import json
+
+    plans, references = prepare(json.loads(open(spec).read()))
+    serve_cases(spec, out, lambda case: run_case(case, plans, references), case_name)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 one process, with tensor parallelism that actually shards wherever tracing proved a group sound, and pipelines
 (skeleton stages, autoplan.trace.skeleton) alone and with data or tensor parallelism.
 
-One torchrun world per layout runs every family in turn (tests/hf_worker.py); each rank also trains the one-process
-reference, and rank 0 compares: losses within rel 1e-5, final weights within 1e-4 (fp32, dropout off).
+The tests of this module share one torchrun world (tests/hf_worker.py) that runs the cases of every selected test:
+each family is traced once per world, its one-process reference trained once, and rank 0 compares: losses within
+rel 1e-5, final weights within 1e-4 (fp32, dropout off).
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import pytest
 
 pytest.importorskip("transformers", reason="the family matrix needs transformers")
 
-from distributed_helpers import REPO, run_world  # noqa: E402
+from distributed_helpers import REPO, run_world, selected_tests  # noqa: E402
 
 import models_hf  # noqa: E402
+from hf_worker import case_name  # noqa: E402
 
 pytestmark = [pytest.mark.filterwarnings("ignore")]
 
@@ -53,40 +55,66 @@ def check(results: dict) -> None:
 PIPELINED = list(models_hf.FAMILIES)
 
 
-@pytest.mark.slow
-def test_llama_and_gpt2_pipelines_match_one_process(tmp_path):
+def pipeline_cases(tmp) -> list[dict]:
     # Llama pp2xtp2 with a checkpoint and state dict round trip; GPT-2 pp2xdp2, its tied embedding and head in
     # different stages (the other two meshes run in the matrix below; tests/test_execute.py checks the same split
     # of both in one process, in the quick tier)
     # Llama pp2xtp2 also with sequence parallelism: the skeleton stages cut the run of decoder layers, each stage
     # splits and gathers its own piece
-    cases = [{"family": "llama", "mesh": {"pp": 2, "tp": 2}, "checkpoint": str(tmp_path / "checkpoint_llama")},
-             {"family": "llama", "mesh": {"pp": 2, "tp": 2}, "sequence_parallel": True},
-             {"family": "gpt2", "mesh": {"pp": 2, "dp": 2}},
-             # four interleaved stages: pipeline rank 0 holds BART's shared embedding in two of them (the encoder's
-             # and the decoder's), whose gradients must be averaged over the microbatches once, not per stage
-             {"family": "bart", "mesh": {"pp": 2, "tp": 2}, "cuts": [1, 3, 6]}]
-    check(run_world(cases, tmp_path, timeout_s=600, worker=WORKER))
+    return [{"family": "llama", "mesh": {"pp": 2, "tp": 2}, "checkpoint": str(tmp / "checkpoint_llama")},
+            {"family": "llama", "mesh": {"pp": 2, "tp": 2}, "sequence_parallel": True},
+            {"family": "gpt2", "mesh": {"pp": 2, "dp": 2}},
+            # four interleaved stages: pipeline rank 0 holds BART's shared embedding in two of them (the encoder's
+            # and the decoder's), whose gradients must be averaged over the microbatches once, not per stage
+            {"family": "bart", "mesh": {"pp": 2, "tp": 2}, "cuts": [1, 3, 6]}]
 
 
-@pytest.mark.slow
-def test_every_family_dp2xtp2_and_tp4_and_pipelines_match_one_process(tmp_path):
-    # one world for both layouts (a world costs seconds to start); tp4 where 4 divides the heads or features:
-    # 4 heads over 2 key/value heads, so Llama's tp4 shards its MLPs, OPT's and BERT's their attention too
+def matrix_cases(tmp) -> list[dict]:
+    # dp2xtp2 for every family; tp4 where 4 divides the heads or features: 4 heads over 2 key/value heads, so
+    # Llama's tp4 shards its MLPs, OPT's and BERT's their attention too
     families = list(models_hf.FAMILIES) + ["fused_qkv_gpt", "phi3_mha"]
     cases = [{"family": f, "mesh": {"dp": 2, "tp": 2}} for f in families]
     # FSDP over a fused projection's part-by-part shard: dp shards the weight's other dim
     cases.append({"family": "phi3", "mesh": {"dp": 2, "tp": 2}, "data_parallel": "fsdp"})
     for case in cases:
         if case["family"] in FUSED:
-            case["checkpoint"] = str(tmp_path / f"checkpoint_{case['family']}_{case.get('data_parallel', 'auto')}")
+            case["checkpoint"] = str(tmp / f"checkpoint_{case['family']}_{case.get('data_parallel', 'auto')}")
     cases += [{"family": f, "mesh": {"tp": 4}} for f in ("opt", "bert", "llama")]
     # sequence parallelism forced: Llama's RMSNorms; BART's post-norm layers and its decoder's cross-attention,
     # whose keys and values read the encoder's whole output
     cases += [{"family": f, "mesh": {"dp": 2, "tp": 2}, "sequence_parallel": True} for f in ("llama", "bart")]
     # pipelines: each family is traced once per world (tests/hf_worker.py), so these cost a search and two steps;
     # pp2xtp2 for every family, pp2xdp2 where the split differs most (a tied weight or an encoder output crossing
-    # the cut); the test above runs Llama and GPT-2
+    # the cut); the pipelines test runs Llama's pp2xtp2 and GPT-2's pp2xdp2
     cases += [{"family": f, "mesh": {"pp": 2, "tp": 2}} for f in PIPELINED if f != "llama"]
     cases += [{"family": f, "mesh": {"pp": 2, "dp": 2}} for f in ("bart", "vit")]
-    check(run_world(cases, tmp_path, timeout_s=1500, worker=WORKER))
+    return cases
+
+
+TESTS = {"test_llama_and_gpt2_pipelines_match_one_process": pipeline_cases,
+         "test_every_family_dp2xtp2_and_tp4_and_pipelines_match_one_process": matrix_cases}
+
+
+@pytest.fixture(scope="module")
+def world(request, tmp_path_factory):
+    """(tmp dir, {case name: rank 0's result}) of one world running the cases of every selected test here."""
+    tmp = tmp_path_factory.mktemp("hf_world")
+    cases = [case for test, cases_of in TESTS.items() if test in selected_tests(request) for case in cases_of(tmp)]
+    return tmp, run_world(cases, tmp, timeout_s=max(600, 40 * len(cases)), worker=WORKER)
+
+
+def check_own(world, test: str) -> None:
+    tmp, results = world
+    names = [case_name(case) for case in TESTS[test](tmp)]
+    assert len(set(names)) == len(names)
+    check({name: results[name] for name in names})
+
+
+@pytest.mark.slow
+def test_llama_and_gpt2_pipelines_match_one_process(world):
+    check_own(world, "test_llama_and_gpt2_pipelines_match_one_process")
+
+
+@pytest.mark.slow
+def test_every_family_dp2xtp2_and_tp4_and_pipelines_match_one_process(world):
+    check_own(world, "test_every_family_dp2xtp2_and_tp4_and_pipelines_match_one_process")
