@@ -108,15 +108,17 @@ def spearman(xs: list[float], ys: list[float]) -> float:
 
 def median_figures(calibrations: list):
     """The figure-by-figure median of calibrations of one machine (cluster dicts of the same shape: every number
-    is the median of the numbers at its place; names and structure are the first's).
+    is the median of the numbers at its place; names and structure are the first's). A figure one calibration
+    leaves out is 0 there (``Cluster.to_dict`` writes no zero overheads).
 
     Example:
-        >>> median_figures([{"a": 1.0, "t": [[1, 2.0]]}, {"a": 3.0, "t": [[1, 9.0]]}, {"a": 2.0, "t": [[1, 4.0]]}])
-        {'a': 2.0, 't': [[1, 4.0]]}
+        >>> median_figures([{"a": 1.0, "t": [[1, 2.0]]}, {"a": 3.0, "t": [[1, 9.0]]}, {"t": [[1, 4.0]]}])
+        {'a': 1.0, 't': [[1, 4.0]]}
     """
     first = calibrations[0]
     if isinstance(first, dict):
-        return {k: median_figures([c[k] for c in calibrations]) for k in first}
+        keys = list(dict.fromkeys(k for c in calibrations for k in c))
+        return {k: median_figures([c.get(k, 0.0) for c in calibrations]) for k in keys}
     if isinstance(first, list):
         return [median_figures([c[i] for c in calibrations]) for i in range(len(first))]
     if isinstance(first, (int, float)) and not isinstance(first, bool):
