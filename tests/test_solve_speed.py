@@ -154,3 +154,66 @@ def test_a_time_limit_spent_before_any_layout_still_returns_one_marked_feasible(
     plan = search(graph, autoplan.Cluster.preset("a100-80gb"), PlanOptions(global_batch_size=16, time_limit_s=1e-9))
     assert plan.search.status == "FEASIBLE" and plan.search.gap > 0
     assert plan.predicted.step_time_s > 0 and plan.mesh.world_size == 8
+
+
+def _tied_gpt(vocab: int = 32000, hidden: int = 256):
+    graph = gpt_like_graph(layers=4, hidden=hidden, seq=128, heads=4, vocab=vocab)
+    graph.tied_parameters, graph.tied_numels = [("tok.weight", "head.weight")], [vocab * hidden]
+    return graph
+
+
+def test_search_objective_prices_the_tied_weight_sync_as_the_plan_predicts():
+    """Embedding and head on two pipeline ranks sync their tied gradient once per step: the layouts the search
+    compares (greedy, CP-SAT's objective) carry that all-reduce, as plan.predicted does."""
+    from autoplan.cost.plan_cost import estimate
+    from autoplan.plan import SearchInfo
+    from autoplan.solve import build_plan
+    from autoplan.solve.bounds import refined_bound
+    from autoplan.solve.cpsat import solve_strategy
+    from autoplan.solve.greedy import greedy
+    from autoplan.solve.tables import build_tables
+
+    graph, cluster = _tied_gpt(), autoplan.Cluster.preset("a100-80gb", nodes=2)
+    options = PlanOptions(global_batch_size=16, mesh={"pp": 2, "tp": 2}, microbatch_size=1, schedule="1f1b")
+    checked = 0
+    for tables in build_tables(graph, cluster, options):
+        assignment, cost = greedy(tables)
+        tied = tables.tied_sync_s(assignment)
+        assert len(tied) == 2 and min(tied) > 1e-4 * cost.step_time_s  # embedding and head apart: both pay
+        result = solve_strategy(tables, refined_bound(tables), cutoff_s=None, hint=None, time_limit_s=5.0)
+        solved = tables.evaluate(result.assignment)
+        assert result.status == "OPTIMAL" and result.objective_s == pytest.approx(solved.step_time_s, rel=1e-6)
+        assert solved.step_time_s <= cost.step_time_s * (1 + 1e-9)
+        plan = build_plan(graph, cluster, tables.strategy, result.assignment, 16,
+                          SearchInfo(solver="cp-sat", status="OPTIMAL", wall_s=0.0, candidates=1))
+        assert estimate(graph, plan).step_time_s == pytest.approx(solved.step_time_s, rel=1e-12)
+        checked += 1
+    assert checked == 4  # DDP and FSDP, sequence parallelism on and off
+    plan = search(graph, cluster, options)
+    assert plan.predicted.step_time_s == pytest.approx(
+        min(tables.evaluate(solve_strategy(tables, refined_bound(tables), cutoff_s=None, hint=None,
+                                           time_limit_s=5.0).assignment).step_time_s
+            for tables in build_tables(graph, cluster, options)), rel=1e-9)
+
+
+def test_bounds_counting_a_sequence_parallel_run_whole_stay_below_each_strategys_optimum():
+    """The refined bound counts a sequence-parallel run's last block (a segment of its own, dearer) as one more
+    block, and bounds an interleaved schedule's slowest stage: still never above what CP-SAT proves optimal, and
+    above the bound without either."""
+    from autoplan.solve.bounds import refined_bound
+    from autoplan.solve.cpsat import solve_strategy
+    from autoplan.solve.tables import build_tables
+
+    graph, cluster = gpt_like_graph(layers=8, hidden=256, seq=128, heads=4, vocab=1000), \
+        autoplan.Cluster.preset("a100-80gb")
+    options = PlanOptions(global_batch_size=16, mesh={"pp": 2, "tp": 2}, microbatch_size=1, sequence_parallel=True,
+                          data_parallel="ddp")
+    seen = set()
+    for tables in build_tables(graph, cluster, options):
+        bound = refined_bound(tables)
+        assert len(bound.segments) == 2 and bound.segments[0] == bound.segment  # the blocks and the last block
+        result = solve_strategy(tables, bound, cutoff_s=None, hint=None, time_limit_s=5.0)
+        assert result.status == "OPTIMAL"
+        assert bound.bound_s <= tables.evaluate(result.assignment).step_time_s * (1 + 1e-9)
+        seen.add((tables.strategy.schedule, tables.strategy.virtual_stages))
+    assert {("1f1b", 1), ("interleaved", 2), ("gpipe", 1)} <= seen

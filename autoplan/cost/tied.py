@@ -29,37 +29,50 @@ Example (a GPT-like chain with the head tied to the embedding, embedding and hea
 
 from __future__ import annotations
 
+from typing import Callable
+
 from ..cluster import Cluster
 from ..graph import ModelGraph
 from ..names import owner_index
-from ..plan import Plan
+from ..plan import Mesh, Plan
 from .collectives import Collective, group_allreduce_s
 from .step import GRAD_REDUCE_BYTES
 
-__all__ = ["tied_gradient_collectives", "tied_gradient_sync_s"]
+__all__ = ["tied_gradient_collectives", "tied_gradient_sync_s", "tied_sync_by_rank"]
 
 
-def _groups(graph: ModelGraph, plan: Plan) -> list[tuple[list[int], int]]:
-    """Per tied group held on two pipeline ranks or more: (the holding pipeline ranks, gradient bytes a rank
-    syncs)."""
-    if plan.mesh.pp == 1:
-        return []
+def _plan_holder(plan: Plan) -> Callable[[str], tuple[int, bool] | None]:
+    """What a plan says of a tied weight's module: (the pipeline rank holding it, tensor-parallel sharded)."""
     stage_of = {layer: k for k, stage in enumerate(plan.stages) for layer in stage.layers}
+
+    def holder(module: str) -> tuple[int, bool] | None:
+        index = owner_index(module, plan.layers)
+        if index is None:
+            return None
+        return stage_of[plan.layers[index]] % plan.mesh.pp, module in plan.tensor_parallel
+
+    return holder
+
+
+def _groups(graph: ModelGraph, mesh: Mesh, fsdp: bool,
+            holder: Callable[[str], tuple[int, bool] | None]) -> list[tuple[list[int], int]]:
+    """Per tied group held on two pipeline ranks or more: (the holding pipeline ranks, gradient bytes a rank
+    syncs). ``holder(module)``: the pipeline rank holding a tied weight's module and whether it is sharded there."""
+    if mesh.pp == 1:
+        return []
     out = []
     for names, numel in zip(graph.tied_parameters, graph.tied_numels):
         holders: dict[int, bool] = {}
         for name in names:
-            index = owner_index(name.rpartition(".")[0], plan.layers)
-            if index is None:
+            held = holder(name.rpartition(".")[0])
+            if held is None:
                 continue
-            layer = plan.layers[index]
-            rank = stage_of[layer] % plan.mesh.pp
-            holders[rank] = holders.get(rank, False) or name.rpartition(".")[0] in plan.tensor_parallel
+            rank, sharded = held
+            holders[rank] = holders.get(rank, False) or sharded
         if len(holders) < 2:
             continue
         tp_sharded = any(holders.values())
-        shards = (plan.mesh.tp if tp_sharded and plan.mesh.tp > 1 else 1) * (
-            plan.mesh.dp if plan.data_parallel == "fsdp" else 1)
+        shards = (mesh.tp if tp_sharded and mesh.tp > 1 else 1) * (mesh.dp if fsdp else 1)
         out.append((sorted(holders), numel * GRAD_REDUCE_BYTES // shards))
     return out
 
@@ -68,7 +81,7 @@ def tied_gradient_collectives(graph: ModelGraph, plan: Plan) -> tuple[tuple[Coll
     """Per pipeline rank, the tied-weight gradient all-reduces one of its devices issues per step (see the
     module docstring)."""
     per_rank: list[list[Collective]] = [[] for _ in range(plan.mesh.pp)]
-    for ranks, nbytes in _groups(graph, plan):
+    for ranks, nbytes in _groups(graph, plan.mesh, plan.data_parallel == "fsdp", _plan_holder(plan)):
         for r in ranks:
             per_rank[r].append(Collective("all_reduce", nbytes, 1, len(ranks), "pp"))
     return tuple(tuple(rank) for rank in per_rank)
@@ -84,9 +97,29 @@ def tied_gradient_sync_s(graph: ModelGraph, plan: Plan, cluster: Cluster) -> tup
         >>> tied_gradient_sync_s(g, autoplan.Plan.example(), cluster)
         (0.0,)
     """
-    seconds = [0.0] * plan.mesh.pp
-    step = plan.mesh.dp * plan.mesh.tp
-    for ranks, nbytes in _groups(graph, plan):
+    return tied_sync_by_rank(graph, cluster, plan.mesh, plan.data_parallel == "fsdp", _plan_holder(plan))
+
+
+def tied_sync_by_rank(graph: ModelGraph, cluster: Cluster, mesh: Mesh, fsdp: bool,
+                      holder: Callable[[str], tuple[int, bool] | None]) -> tuple[float, ...]:
+    """:func:`tied_gradient_sync_s` of a layout given as ``holder(module)`` → (the pipeline rank holding that
+    tied weight's module, whether it is tensor-parallel sharded there) or ``None``: what the search prices for
+    a layout before it is a plan.
+
+    Example: the embedding on pipeline rank 0 and the head on rank 1 of a 2-stage pipeline.
+        >>> import autoplan
+        >>> from autoplan.synthetic import gpt_like_graph
+        >>> g = gpt_like_graph(layers=2, hidden=64, seq=16, heads=4, vocab=100)
+        >>> g.tied_parameters, g.tied_numels = [("tok.weight", "head.weight")], [100 * 64]
+        >>> cluster = autoplan.Cluster.preset("a100-80gb")
+        >>> apart = tied_sync_by_rank(g, cluster, Mesh(pp=2, dp=4), False, lambda m: (int(m == "head"), False))
+        >>> together = tied_sync_by_rank(g, cluster, Mesh(pp=2, dp=4), False, lambda m: (0, False))
+        >>> apart[0] == apart[1] > 0, together
+        (True, (0.0, 0.0))
+    """
+    seconds = [0.0] * mesh.pp
+    step = mesh.dp * mesh.tp
+    for ranks, nbytes in _groups(graph, mesh, fsdp, holder):
         # the pipeline ranks tied are not evenly spaced over the world (0 and pp − 1): price them as a group
         # of their size spread over the ranks they span, so that it leaves a node exactly when they do
         stride = max(1, step * (ranks[-1] - ranks[0] + 1) // len(ranks))

@@ -38,6 +38,7 @@ class RefinedBound:
     bound_s: float
     segment: int | None = None
     rank_need_s: tuple[tuple[float, ...], ...] = ()
+    segments: tuple[int, ...] = ()  # the segments whose layers n counts: ``segment`` and those counted as its layers
 
 
 def _tail_s(tables: "StrategyTables", params: float) -> float:
@@ -71,12 +72,16 @@ def refined_bound(tables: "StrategyTables") -> RefinedBound:
 
     Relaxation: keep the segment with the most work (N identical layers) and, of the other layers, only the
     first (on rank 0) and the last (on the last stage's rank) at their fastest and leanest; let each of the N
-    layers mix its choices fractionally. Rank r, with in-flight count f_r, capacity C less its fixed bytes, and
+    layers mix its choices fractionally. A segment none of whose choices beats that mix (on or above the hull φ_r
+    below, for every rank) counts as more of the N layers (a sequence-parallel run's last block, which also pays
+    the run's entry and exit): replacing a layer by a cheaper one only lowers the bound. Rank r, with in-flight count f_r, capacity C less its fixed bytes, and
     fixed seconds τ_r (its fixed layers, and one cheapest send per stage that is not the last), running n of the
     layers needs at least τ_r + n·φ_r(C_r/n) seconds per microbatch, where φ_r is the lower convex hull of the
     choices' (bytes σ·P_c + W_c + f_r·A_c, seconds t_c) points (σ = model-state bytes per parameter). Ranks hold
     whole layers, so the per-microbatch bound is the least t with Σ_r max{n : τ_r + n·φ_r(C_r/n) ≤ t} ≥ N,
-    found by bisection.
+    found by bisection. Interleaved (v stages per rank), the bubble's slowest stage is bounded the same way per
+    stage, by time alone: the least s with Σ_k max{n : τ_k + n·t_min ≤ s} ≥ N (τ_k: the first or last layer at
+    its fastest, the cheapest send of a stage that is not the last), at least the rank bound / v.
 
     Example:
         >>> from autoplan.solve.tables import example_tables
@@ -119,11 +124,16 @@ def refined_bound(tables: "StrategyTables") -> RefinedBound:
         rank_keys.append(key)
         groups[key] = groups.get(key, 0) + 1
     cap = float(tables.capacity_bytes)
+    hulls = {key: LowerHull([(c.fixed_bytes(sigma) + key[0] * c.activation_bytes, c.time_s) for c in rows])
+             for key in groups}
+    counted = (g,) + tuple(h for h in range(1, len(tables.segments) - 1)
+                           if h != g and _no_cheaper(tables.choices[h], sigma, hulls))
+    n_layers = sum(tables.segments[h].size for h in counted)
     # need[key][n]: least seconds a rank of this kind needs to run n of the layers (inf: does not fit)
     need: dict[tuple, list[float]] = {}
     for key in groups:
         f, fixed_s, fixed_bytes = key
-        phi = LowerHull([(c.fixed_bytes(sigma) + f * c.activation_bytes, c.time_s) for c in rows])
+        phi = hulls[key]
         budget = cap - fixed_bytes
         if budget >= 0:
             n = np.arange(1, n_layers + 1, dtype=np.float64)
@@ -133,10 +143,44 @@ def refined_bound(tables: "StrategyTables") -> RefinedBound:
     rank_need = tuple(tuple(need[key]) for key in rank_keys)
     least = _least_enough(groups, need, n_layers)
     if least is None:
-        return RefinedBound(float("inf"), g, rank_need)
+        return RefinedBound(float("inf"), g, rank_need, counted)
     per_mb = least * (1 - 1e-9)  # a margin for the float sums of the exact cost
     tail_s = _tail_s(tables, _leanest_params(tables) / s.pp)
-    return RefinedBound(max(base, (s.microbatches + tables.bubble) * per_mb + tail_s), g, rank_need)
+    if s.virtual_stages > 1:  # M·t_max + b·s_max, s_max ≥ t_max / v and ≥ the stage bound
+        stage_s = _least_stage_s(tables, g, n_layers, min_send) * (1 - 1e-9)
+        step_s = s.microbatches * per_mb + s.bubble_stage_times * max(per_mb / s.virtual_stages, stage_s)
+    else:
+        step_s = (s.microbatches + tables.bubble) * per_mb
+    return RefinedBound(max(base, step_s + tail_s), g, rank_need, counted)
+
+
+def _no_cheaper(rows: list, sigma: float, hulls: dict[tuple, "LowerHull"]) -> bool:
+    """Whether no choice in ``rows`` lies below any of the hulls φ (each key's first entry: the in-flight count
+    its bytes are taken at), so that a layer of these rows may be counted as one of the hulls' layers."""
+    for key, phi in hulls.items():
+        for c in rows:
+            if phi(c.fixed_bytes(sigma) + key[0] * c.activation_bytes) > c.time_s:
+                return False
+    return True
+
+
+def _least_stage_s(tables: "StrategyTables", g: int, n_layers: int, min_send: float) -> float:
+    """The least time s of the slowest stage: stages hold ``n_layers`` layers at segment ``g``'s fastest time
+    between them, the first stage also the chain's first layer and the last stage its last, each stage but the
+    last one send (time alone, no memory)."""
+    s = tables.strategy
+    t_min = min(c.time_s for c in tables.choices[g])
+    first = min(c.time_s for c in tables.choices[0]) if g != 0 else 0.0
+    last = min(c.time_s for c in tables.choices[-1]) if g != len(tables.segments) - 1 else 0.0
+    kinds: dict[float, int] = {}
+    for k in range(s.num_stages):
+        fixed_s = (first if k == 0 else 0.0) + (last if k == s.num_stages - 1 else 0.0) + \
+            (min_send if k < s.num_stages - 1 else 0.0)
+        kinds[fixed_s] = kinds.get(fixed_s, 0) + 1
+    n = np.arange(0, n_layers + 1, dtype=np.float64)
+    need = {key: (key + n * t_min).tolist() for key in kinds}
+    least = _least_enough(kinds, need, n_layers)
+    return least if least is not None else 0.0
 
 
 def _least_enough(groups: dict[tuple, int], need: dict[tuple, list[float]], n_layers: int) -> float | None:

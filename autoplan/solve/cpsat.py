@@ -21,7 +21,8 @@ Constraints (one helper per family):
     T_r = Σ_{k≡r} T_k ≤ t_max                                     per-microbatch time of rank r     _rank_time
     T_r ≥ a_rj + b_rj·Σ_{k≡r} n_kG                                refined-bound cuts: n layers of   _bound_cuts
                                                                  the largest segment G need ≥ need_r(n), convex
-    α + β·Σ_{k≡r} Σ_gc P_gc·m_kgc ≤ tail_max                     DP sync + optimizer of rank r     _rank_tail
+    α + β·Σ_{k≡r} Σ_gc P_gc·m_kgc + τ_r ≤ tail_max                DP sync + optimizer of rank r     _rank_tail
+                                                                 (τ_r: tied-weight sync)          _tied_ticks
     Σ_{k≡r} Σ_gc (σ·P_gc + W_gc + f_r·A_gc)·m_kgc + R_r + Σ_{k≡r}(o_{k−1} + o_k)
         + [r = (S−1) mod pp]·loss ≤ C,  R_r ≥ R_gc·u_kgc for k ≡ r  memory of rank r (loss buffers:   _rank_memory
                                                                  a constant of the last rank)
@@ -144,14 +145,17 @@ def solve_strategy(tables: StrategyTables, bound: RefinedBound, *, cutoff_s: flo
     s_max = model.new_int_var(0, horizon, "s_max")
     tail_hi = scale.ticks(alpha_s) + sum(max(tail_ticks[g, c] for c in range(len(rows))) * seg.size
                                          for g, (rows, seg) in enumerate(zip(tables.choices, tables.segments)))
+    tied = _tied_ticks(tables, scale, v)
+    tail_hi += max((sum(max(off, on) for off, on, _ in terms) for terms in tied), default=0)
     tail_max = model.new_int_var(0, tail_hi, "tail_max")
     need, need_table = _need_rows(bound, scale, s.virtual_stages, horizon, tables.num_layers)
     for r in range(s.pp):
         time_r = _rank_time(model, tables, v, t_ticks, r, s_max, t_max)
         if need is not None:
-            _bound_cuts(model, tables, v, r, time_r, bound.segment, need[r],
+            _bound_cuts(model, tables, v, r, time_r, bound.segments or (bound.segment,), need[r],
                         need_table[r] if need_table is not None else None, horizon)
-        model.add(scale.ticks(alpha_s) + _rank_tail(tables, v, tail_ticks, r) <= tail_max)
+        tied_r = sum(off + (on - off) * x if x is not None else off for off, on, x in tied[r]) if tied else 0
+        model.add(scale.ticks(alpha_s) + _rank_tail(tables, v, tail_ticks, r) + tied_r <= tail_max)
         _rank_memory(model, tables, scale, v, r)
     objective = _objective(model, tables, scale, t_max, s_max, tail_max, cutoff_s, lower_bound_s)
     if hint is not None:
@@ -261,15 +265,15 @@ def _need_rows(bound: RefinedBound, scale: Scale, virtual_stages: int, horizon: 
     return need, table
 
 
-def _bound_cuts(model: cp_model.CpModel, tables: StrategyTables, v: _Vars, r: int, time_r: list, big: int,
+def _bound_cuts(model: cp_model.CpModel, tables: StrategyTables, v: _Vars, r: int, time_r: list, big: tuple[int, ...],
                 need_r: tuple[int, list[tuple[float, float]]], table_r: list[int] | None, horizon: int) -> None:
-    """T_r ≥ a_rj + b_rj·Σ_{k≡r} n_kG: a rank running n of the largest segment G's layers needs at least need_r(n)
-    seconds (the refined bound's per-rank relaxation). need_r is convex in n, so every chord through
+    """T_r ≥ a_rj + b_rj·Σ_{k≡r} n_kG: a rank running n of the largest segment G's layers (and of the segments the
+    bound counts with it, ``big``) needs at least need_r(n) seconds (the refined bound's per-rank relaxation). need_r is convex in n, so every chord through
     neighbouring integers lies below it at all integers: in ticks rounded down, less a margin of one tick per
     layer for the rounding of the terms of T_r; n ≤ the most that fit in memory."""
     L = tables.num_layers
     own = _own_stages(tables, r)
-    count = sum(v.y[k + 1][big] - v.y[k][big] for k in own)
+    count = sum(v.y[k + 1][g] - v.y[k][g] for k in own for g in big)
     n_max, chords = need_r
     for intercept, slope in chords:
         model.add(sum(time_r) >= math.floor(intercept) - L + math.floor(slope) * count)
@@ -285,6 +289,23 @@ def _rank_tail(tables: StrategyTables, v: _Vars, tail_ticks: dict, r: int):
     parameters (the caller adds α and bounds the sum by tail_max)."""
     return sum(tail_ticks[g, c] * v.m[k, g, c] for k in _own_stages(tables, r)
                for g in range(len(tables.segments)) for c in range(len(tables.choices[g])))
+
+
+def _tied_ticks(tables: StrategyTables, scale: Scale, v: _Vars) -> list[list[tuple[int, int, object]]]:
+    """Per rank, the tied-weight sync (:attr:`StrategyTables.tied_sync_terms`) as (ticks unsharded, ticks
+    sharded, the 0/1 expression "sharded", or None when fixed): the term rank r adds to its tail."""
+    terms = tables.tied_sync_terms
+    if not terms:
+        return []
+    out: list[list[tuple[int, int, object]]] = [[] for _ in range(tables.strategy.pp)]
+    for decider, off, on in terms:
+        x = None
+        if decider is not None:
+            x = sum(v.m[k, decider, c] for k in range(tables.strategy.num_stages)
+                    for c, ch in enumerate(tables.choices[decider]) if ch.choice.tp_on)
+        for r in range(tables.strategy.pp):
+            out[r].append((scale.ticks(off[r]), scale.ticks(on[r]), x))
+    return out
 
 
 def _rank_memory(model: cp_model.CpModel, tables: StrategyTables, scale: Scale, v: _Vars, r: int) -> None:

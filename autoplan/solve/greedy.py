@@ -3,7 +3,8 @@ that error messages quote.
 
 For each "level" ℓ, every layer takes its ℓ-th fastest non-dominated choice (ℓ = 0: fastest, the last:
 leanest); stages are then cut by binary search on the per-stage time limit, filling each stage while its
-device memory still fits (one stage per rank), or by balancing time (interleaved).
+device memory still fits (one stage per rank), by balancing time, and by spreading the longest run of layers of
+one kind (the blocks) evenly over the stages.
 
 Example:
     >>> from autoplan.solve.tables import example_tables
@@ -81,6 +82,9 @@ def _partitions(tables: "StrategyTables", picks: list["ChoiceCost"],
                 for r in range(min(s.pp, stages))]
     mem = [per_rank[k % s.pp] for k in range(stages)]
     out = [_balanced(tables, picks, mem[0] if memory_first else times)]
+    even = None if memory_first else _even_cuts(tables)
+    if even is not None:
+        out.append(_assign(even, picks))
     if s.virtual_stages == 1 and stages > 1:
         cap = float("inf") if memory_first else tables.capacity_bytes
         cut = _threshold_cuts(tables, times, mem, picks, mem if memory_first else None, cap)
@@ -103,6 +107,25 @@ def _balanced(tables: "StrategyTables", picks: list["ChoiceCost"], weights: list
                 k += 1
     cuts.append(n)
     return _assign(cuts, picks)
+
+
+def _even_cuts(tables: "StrategyTables") -> list[int] | None:
+    """Cuts that spread the chain's longest run of layers of one kind (a transformer's blocks) evenly over the
+    stages, the layers before and after it joining the first and the last stage; None when the run is shorter
+    than the stages are many."""
+    layers, segments, n = tables.graph.layers, tables.segments, tables.num_layers
+    stages = tables.strategy.num_stages
+    g = max(range(len(segments)), key=lambda j: (segments[j].size, -j))
+    kind = layers[segments[g].start].kind
+    start, stop = segments[g].start, segments[g].stop
+    while start > 0 and layers[start - 1].kind == kind:
+        start -= 1
+    while stop < n and layers[stop].kind == kind:
+        stop += 1
+    run = stop - start
+    if stages < 2 or run < stages:
+        return None
+    return [0] + [start + (k * run + stages // 2) // stages for k in range(1, stages)] + [n]
 
 
 def _threshold_cuts(tables: "StrategyTables", times: list[float], mem: list[list[float]],

@@ -27,9 +27,11 @@ from ..cost.plan_cost import (PlanCost, Strategy, compose, fsdp_gather_bytes, in
                               loss_bytes, rank_state_bytes_per_param, rank_tail_terms, stage_p2p_s,
                               weight_copy_bytes_per_param)
 from ..cost.sequence import sequence_edge_payers
+from ..cost.tied import tied_sync_by_rank
 from ..graph import Layer, ModelGraph
 from ..names import owner_index
 from ..options import PlanOptions
+from ..plan import Mesh
 from .space import LayerChoice, enumerate_strategies, global_batch_size, layer_choices
 
 __all__ = ["Segment", "segments_of", "LayerCostCache", "ChoiceCost", "StrategyTables", "Assignment",
@@ -90,6 +92,17 @@ class LayerCostCache:
         self._contention: dict[tuple, float] = {}
         self._largest_params = max((l.num_params for l in graph.layers), default=0)
         self.tied_groups = tied_layer_groups(graph)
+        # per tied group, each name's module → (the layer owning it, whether a tensor-parallel style names it)
+        names = [layer.name for layer in graph.layers]
+        self.tied_modules: list[dict[str, tuple[int, bool]]] = []
+        for tied in graph.tied_parameters:
+            owned = {}
+            for fqn in tied:
+                module = fqn.rpartition(".")[0]
+                i = owner_index(module, names)
+                if i is not None:
+                    owned[module] = (i, any(module in g.styles for g in graph.layers[i].tp_groups))
+            self.tied_modules.append(owned)
 
     def choices(self, layer: Layer, tp: int, recompute: str, sequence_parallel: bool,
                 fsdp: bool = False) -> list[LayerChoice]:
@@ -240,11 +253,68 @@ class StrategyTables:
         """σ: model-state bytes per parameter of a rank, on one device."""
         return rank_state_bytes_per_param(self.strategy)
 
+    # -- tied weights -------------------------------------------------------------------------------------
+    def _tied_sync(self, holders: dict[int, tuple[int, bool]], group: int | None = None) -> tuple[float, ...]:
+        """:func:`autoplan.cost.tied.tied_sync_by_rank` with ``holders[layer] = (stage, sharded)`` (only group
+        ``group`` when given)."""
+        s = self.strategy
+        modules = {m: v for k, owned in enumerate(self.cache.tied_modules) if group in (None, k)
+                   for m, v in owned.items()}
+
+        def holder(module: str) -> tuple[int, bool] | None:
+            owner = modules.get(module)
+            if owner is None or owner[0] not in holders:
+                return None
+            stage, tp_on = holders[owner[0]]
+            return stage % s.pp, tp_on and owner[1] and s.tp > 1
+
+        return tied_sync_by_rank(self.graph, self.cluster, Mesh(s.pp, s.dp, s.tp), s.data_parallel == "fsdp",
+                                 holder)
+
+    def tied_sync_s(self, assignment: Assignment) -> tuple[float, ...]:
+        """Per pipeline rank, the all-reduce of weights tied across pipeline ranks (:mod:`autoplan.cost.tied`)
+        under ``assignment``; empty when there is none to pay (one stage per model, no tied weight)."""
+        if self.strategy.pp == 1 or not self.cache.tied_modules:
+            return ()
+        owners = {i for owned in self.cache.tied_modules for i, _ in owned.values()}
+        holders = {i: (k, choice.tp_on) for k, stage in enumerate(assignment) for i, choice in stage if i in owners}
+        return self._tied_sync(holders)
+
+    @cached_property
+    def tied_sync_terms(self) -> list[tuple[int | None, tuple[float, ...], tuple[float, ...]]]:
+        """The tied-weight sync as the CP-SAT model prices it: per tied group whose owning layers are the chain's
+        first or last (so on pipeline rank 0 and the last stage's rank whatever the cuts), (the segment whose
+        tensor-parallel choice decides whether it is sharded, or None when that is fixed; per-rank seconds
+        unsharded; sharded). A group owned by an inner layer (its rank follows the cuts) is not listed: the
+        model counts 0 for it, a lower bound, while :meth:`evaluate` prices it exactly."""
+        s = self.strategy
+        if s.pp == 1:
+            return []
+        last_layer, terms = self.num_layers - 1, []
+        for k, owned in enumerate(self.cache.tied_modules):
+            layers = {i for i, _ in owned.values()}
+            if len(layers) < 2 or not layers <= {0, last_layer}:
+                continue
+            stage = {0: 0, last_layer: s.num_stages - 1}
+            off = self._tied_sync({i: (stage[i], False) for i in layers}, k)
+            on = self._tied_sync({i: (stage[i], True) for i in layers}, k)
+            decider = None
+            if off != on:
+                first = self.segment_of[min(layers)]
+                flags = {c.choice.tp_on for c in self.choices[first]}
+                if flags == {True}:
+                    off = on
+                elif flags == {True, False}:
+                    decider = first  # a singleton segment (the chain's first layer), agreeing with its tied peers
+            terms.append((decider, off, on))
+        return terms
+
     # -- evaluation -----------------------------------------------------------------------------------------
     def evaluate(self, assignment: Assignment) -> PlanCost:
-        """The exact cost (:func:`autoplan.cost.plan_cost.compose`) of an assignment."""
+        """The exact cost (:func:`autoplan.cost.plan_cost.compose`) of an assignment, the tied-weight sync
+        included (as :func:`autoplan.cost.plan_cost.estimate` prices the plan)."""
         stages = [[self._cost(i, choice) for i, choice in stage] for stage in assignment]
-        return compose(self.strategy, self.cluster, stages, self.global_batch_size)
+        return compose(self.strategy, self.cluster, stages, self.global_batch_size, self.tied_sync_s(assignment))
 
     def _cost(self, i: int, choice: LayerChoice) -> cost.LayerCost:
         for c in self.choices[self.segment_of[i]]:
