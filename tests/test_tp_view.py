@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 import autoplan
@@ -38,6 +39,30 @@ def test_nanogpt_attention_is_offered_in_its_dtensor_form_and_a_global_head_bias
                        for t in self.c_attn(x).split(self.n_embd, dim=2))
             y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.head_bias.expand(-1, T, T))
             return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+    class SeparateProjections(nn.Module):  # q, k, v apart, heads viewed with the input's width: colwise/dtensor
+        def __init__(self):
+            super().__init__()
+            self.n_head, (self.q, self.k, self.v, self.o) = 2, (nn.Linear(8, 8) for _ in range(4))
+
+        def forward(self, x):
+            B, T, C = x.shape
+            q, k, v = (p(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for p in (self.q, self.k, self.v))
+            y = torch.softmax(q @ k.transpose(-2, -1) / 2.0, dim=-1) @ v
+            return x + self.o(y.transpose(1, 2).reshape(B, T, C))
+
+    # inside an initialized process group the DTensor form cannot be proven: dropped with the way out, and that
+    # verdict is not remembered, so the same structure traced outside one is checked and kept
+    model, x = nn.Sequential(SeparateProjections()), torch.randn(2, 4, 8)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        graph = autoplan.trace(model, x)
+    finally:
+        dist.destroy_process_group()
+    assert graph.layers[0].tp_groups == () and "plan before init_process_group" in graph.tp_dropped[0][1]
+    graph = autoplan.trace(model, x)
+    assert graph.layers[0].tp_groups[0].styles == {"0.q": "colwise/dtensor", "0.k": "colwise/dtensor",
+                                                   "0.v": "colwise/dtensor", "0.o": "rowwise"}
 
     graph = autoplan.trace(nn.Sequential(BiasedAttention(nanogpt.GPTConfig())), torch.randn(2, 8, 16))
     assert [layer.tp_groups for layer in graph.layers] == [()]

@@ -56,7 +56,7 @@ from torch.utils import _pytree as pytree
 from .measure import TensorSpec
 from ..vocabulary import fused_parts, tp_style_kind
 from .opgraph import is_conv1d
-from .tp_check_global import KEPT_AS_DTENSOR, as_dtensor_styles, or_global_verdict as _or_global
+from .tp_check_global import INSIDE_A_WORLD, KEPT_AS_DTENSOR, as_dtensor_styles, or_global_verdict as _or_global
 from .tp_check_key import VERDICTS, verdict_key
 from .tp_groups import DetectedGroup
 
@@ -432,7 +432,8 @@ def check_tp_groups(model: nn.Module, groups: list[DetectedGroup], args: tuple, 
             verdicts[id(g)] = f"{parent or 'the model'} is never called by forward as a module"
         else:
             verdicts[id(g)] = _check_one(model, g, parent, recorded[parent], batch)
-            VERDICTS.put(key, parent, verdicts[id(g)])
+            if not (verdicts[id(g)] or "").endswith(INSIDE_A_WORLD):
+                VERDICTS.put(key, parent, verdicts[id(g)])
         if key is not None:
             here[key] = verdicts[id(g)]
     kept, dropped = [], []

@@ -53,11 +53,15 @@ from torch import nn
 
 from ..vocabulary import DTENSOR_SUFFIX, fused_parts, tp_style_kind
 
-__all__ = ["as_dtensor_styles", "or_global_verdict", "KEPT_AS_DTENSOR"]
+__all__ = ["as_dtensor_styles", "or_global_verdict", "KEPT_AS_DTENSOR", "INSIDE_A_WORLD"]
 
 #: the verdict of a group sound only in its DTensor form (colwise styles ``…/dtensor``); no letter or digit, so the
 #: verdict cache, which swaps a parent's name inside a verdict for a placeholder, never changes it
 KEPT_AS_DTENSOR = "<=>"
+#: why the DTensor form is not proven inside an initialized process group (such a verdict is not remembered: the
+#: same group traced outside one is checked)
+INSIDE_A_WORLD = ("its DTensor form is proven on a process group of its own, which cannot be made inside an "
+                  "initialized one: plan before init_process_group and pass the plan to autoplan.parallelize")
 
 
 def as_dtensor_styles(styles: dict[str, str]) -> dict[str, str]:
@@ -131,8 +135,7 @@ def _dtensor_error(parent_module: nn.Module, row_fqn: str, state: dict, parent: 
     from .tp_check import _relative_error, TOLERANCE
 
     if dist.is_available() and dist.is_initialized():
-        return ("its DTensor form is proven on a process group of its own, which cannot be made inside an "
-                "initialized one: plan before init_process_group and pass the plan to autoplan.parallelize")
+        return INSIDE_A_WORLD
     prefix = parent + "." if parent else ""
     clone = copy.deepcopy(parent_module)
     if any(p.is_meta for p in [*clone.parameters(), *clone.buffers()]):
