@@ -23,8 +23,11 @@ Example (a synthetic two-layer graph whose first layer holds 8 experts of 1000 w
     >>> from autoplan.synthetic import mlp_graph
     >>> graph = mlp_graph(widths=(64, 64, 64), batch=8)
     >>> graph.experts = {"layers.0": ExpertsLayer(1, 8, 2, 8000, tokens=8, hidden=64)}
-    >>> [(c.kind, c.count, c.nbytes) for c in dispatch_collectives(graph, "layers.0", ep=4, microbatch_size=2)]
-    [('all_gather', 2, 2048.0), ('all_gather', 1, 64.0), ('all_gather', 1, 128.0), ('reduce_scatter', 2, 2048.0), ('reduce_scatter', 1, 64.0)]
+    >>> got = dispatch_collectives(graph, "layers.0", ep=4, microbatch_size=2)   # 8 tokens of the group
+    >>> [(c.kind, c.count) for c in got]
+    [('all_gather', 2), ('all_gather', 1), ('all_gather', 1), ('reduce_scatter', 2), ('reduce_scatter', 1)]
+    >>> [c.nbytes for c in got]     # tokens 8·64·4 B, top-k weights 8·2·4 B, indices 8·2·8 B
+    [2048.0, 64.0, 128.0, 2048.0, 64.0]
 """
 
 from __future__ import annotations
