@@ -1,7 +1,7 @@
 """One torchrun rank of the expert-parallel checks: tiny Mixtral / Qwen2-MoE trained with their experts sharded over
-the data-parallel ranks (ep = dp = 4), against one process; rank 0 writes the results.
+the data-parallel ranks (ep = dp = the world size), against one process; rank 0 writes the results.
 
-    python -m torch.distributed.run --nproc_per_node 4 tests/ep_worker.py cases.json results.pt
+    python -m torch.distributed.run --nproc_per_node 2 tests/ep_worker.py cases.json results.pt
 
 Each case: a plan pinned by hand (``manual_plan``, no tracing) with ``expert_parallel`` = dp, two AdamW steps over
 two microbatches, the collectives of one step counted by ``CommDebugMode``, the experts this rank holds, and
@@ -10,6 +10,7 @@ optionally a checkpoint / state-dict round trip. Every rank computes the one-pro
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -79,11 +80,9 @@ def counted_step(pm, opt, inputs, targets) -> tuple[float, dict, dict]:
 
 
 def run_case(case: dict) -> dict:
-    import torch.distributed as dist
-
     data = batches(case["family"])
     model = build(case)
-    dp = int(dist.get_world_size()) if dist.is_initialized() else 4
+    dp = int(os.environ["WORLD_SIZE"])
     plan = manual_plan(model, [[""]], dp=dp, global_batch_size=GLOBAL_BATCH, microbatches=MICROBATCHES)
     plan = plan.replace(expert_parallel=case.get("ep", dp))
     pm = autoplan.parallelize(model, data[0][0], loss_fn=loss_fn, plan=plan)
