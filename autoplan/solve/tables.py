@@ -27,12 +27,10 @@ from ..cost.plan_cost import (PlanCost, Strategy, compose, fsdp_gather_bytes, in
                               loss_bytes, rank_state_bytes_per_param, rank_tail_terms, stage_p2p_s,
                               weight_copy_bytes_per_param)
 from ..cost.sequence import sequence_edge_payers
-from ..cost.tied import tied_sync_by_rank
 from ..graph import Layer, ModelGraph
-from ..names import owner_index
 from ..options import PlanOptions
-from ..plan import Mesh
 from .space import LayerChoice, enumerate_strategies, global_batch_size, layer_choices
+from .tied import tied_layer_groups, tied_modules, tied_sync_s, tied_sync_terms
 
 __all__ = ["Segment", "segments_of", "LayerCostCache", "ChoiceCost", "StrategyTables", "Assignment",
            "build_tables", "LazyTables", "example_tables", "tied_layer_groups"]
@@ -92,17 +90,7 @@ class LayerCostCache:
         self._contention: dict[tuple, float] = {}
         self._largest_params = max((l.num_params for l in graph.layers), default=0)
         self.tied_groups = tied_layer_groups(graph)
-        # per tied group, each name's module → (the layer owning it, whether a tensor-parallel style names it)
-        names = [layer.name for layer in graph.layers]
-        self.tied_modules: list[dict[str, tuple[int, bool]]] = []
-        for tied in graph.tied_parameters:
-            owned = {}
-            for fqn in tied:
-                module = fqn.rpartition(".")[0]
-                i = owner_index(module, names)
-                if i is not None:
-                    owned[module] = (i, any(module in g.styles for g in graph.layers[i].tp_groups))
-            self.tied_modules.append(owned)
+        self.tied_modules = tied_modules(graph)
 
     def choices(self, layer: Layer, tp: int, recompute: str, sequence_parallel: bool,
                 fsdp: bool = False) -> list[LayerChoice]:
@@ -253,61 +241,16 @@ class StrategyTables:
         """σ: model-state bytes per parameter of a rank, on one device."""
         return rank_state_bytes_per_param(self.strategy)
 
-    # -- tied weights -------------------------------------------------------------------------------------
-    def _tied_sync(self, holders: dict[int, tuple[int, bool]], group: int | None = None) -> tuple[float, ...]:
-        """:func:`autoplan.cost.tied.tied_sync_by_rank` with ``holders[layer] = (stage, sharded)`` (only group
-        ``group`` when given)."""
-        s = self.strategy
-        modules = {m: v for k, owned in enumerate(self.cache.tied_modules) if group in (None, k)
-                   for m, v in owned.items()}
-
-        def holder(module: str) -> tuple[int, bool] | None:
-            owner = modules.get(module)
-            if owner is None or owner[0] not in holders:
-                return None
-            stage, tp_on = holders[owner[0]]
-            return stage % s.pp, tp_on and owner[1] and s.tp > 1
-
-        return tied_sync_by_rank(self.graph, self.cluster, Mesh(s.pp, s.dp, s.tp), s.data_parallel == "fsdp",
-                                 holder)
-
+    # -- tied weights (autoplan.solve.tied) ---------------------------------------------------------------
     def tied_sync_s(self, assignment: Assignment) -> tuple[float, ...]:
-        """Per pipeline rank, the all-reduce of weights tied across pipeline ranks (:mod:`autoplan.cost.tied`)
-        under ``assignment``; empty when there is none to pay (one stage per model, no tied weight)."""
-        if self.strategy.pp == 1 or not self.cache.tied_modules:
-            return ()
-        owners = {i for owned in self.cache.tied_modules for i, _ in owned.values()}
-        holders = {i: (k, choice.tp_on) for k, stage in enumerate(assignment) for i, choice in stage if i in owners}
-        return self._tied_sync(holders)
+        """Per pipeline rank, the all-reduce of weights tied across pipeline ranks under ``assignment``
+        (:func:`autoplan.solve.tied.tied_sync_s`)."""
+        return tied_sync_s(self, assignment)
 
     @cached_property
     def tied_sync_terms(self) -> list[tuple[int | None, tuple[float, ...], tuple[float, ...]]]:
-        """The tied-weight sync as the CP-SAT model prices it: per tied group whose owning layers are the chain's
-        first or last (so on pipeline rank 0 and the last stage's rank whatever the cuts), (the segment whose
-        tensor-parallel choice decides whether it is sharded, or None when that is fixed; per-rank seconds
-        unsharded; sharded). A group owned by an inner layer (its rank follows the cuts) is not listed: the
-        model counts 0 for it, a lower bound, while :meth:`evaluate` prices it exactly."""
-        s = self.strategy
-        if s.pp == 1:
-            return []
-        last_layer, terms = self.num_layers - 1, []
-        for k, owned in enumerate(self.cache.tied_modules):
-            layers = {i for i, _ in owned.values()}
-            if len(layers) < 2 or not layers <= {0, last_layer}:
-                continue
-            stage = {0: 0, last_layer: s.num_stages - 1}
-            off = self._tied_sync({i: (stage[i], False) for i in layers}, k)
-            on = self._tied_sync({i: (stage[i], True) for i in layers}, k)
-            decider = None
-            if off != on:
-                first = self.segment_of[min(layers)]
-                flags = {c.choice.tp_on for c in self.choices[first]}
-                if flags == {True}:
-                    off = on
-                elif flags == {True, False}:
-                    decider = first  # a singleton segment (the chain's first layer), agreeing with its tied peers
-            terms.append((decider, off, on))
-        return terms
+        """The tied-weight sync as the CP-SAT model prices it (:func:`autoplan.solve.tied.tied_sync_terms`)."""
+        return tied_sync_terms(self)
 
     # -- evaluation -----------------------------------------------------------------------------------------
     def evaluate(self, assignment: Assignment) -> PlanCost:
@@ -436,25 +379,6 @@ def example_tables(**options) -> StrategyTables:
 
     graph = gpt_like_graph(layers=4, hidden=256, seq=128, vocab=1000)
     return build_tables(graph, Cluster.preset("a100-80gb"), PlanOptions(global_batch_size=8, **options))[0]
-
-
-def tied_layer_groups(graph: ModelGraph) -> list[list[int]]:
-    """Indices of the layers that own each group of tied parameters (``graph.tied_parameters``).
-
-    Example:
-        >>> from autoplan.synthetic import gpt_like_graph
-        >>> g = gpt_like_graph(layers=1)
-        >>> g.tied_parameters = [("tok.weight", "head.weight")]
-        >>> tied_layer_groups(g)
-        [[0, 4]]
-    """
-    names = [layer.name for layer in graph.layers]
-    groups = []
-    for tied in graph.tied_parameters:
-        owners = sorted({o for o in (owner_index(fqn, names) for fqn in tied) if o is not None})
-        if len(owners) > 1:
-            groups.append(owners)
-    return groups
 
 
 def _sorted(rows: list[ChoiceCost]) -> list[ChoiceCost]:
