@@ -4,8 +4,9 @@ the data-parallel ranks (ep = dp = the world size), against one process; rank 0 
     python -m torch.distributed.run --nproc_per_node 2 tests/ep_worker.py cases.json results.pt
 
 Each case: a plan pinned by hand (``manual_plan``, no tracing) with ``expert_parallel`` = dp, two AdamW steps over
-two microbatches, the collectives of one step counted by ``CommDebugMode``, the experts this rank holds, and
-optionally a checkpoint / state-dict round trip. Every rank computes the one-process reference itself.
+two microbatches, the collectives of one step counted (``_c10d_functional`` ops), the experts this rank holds, and
+optionally a checkpoint / state-dict round trip. ``"meta": true`` builds the model on meta (each rank allocates and
+initializes only its experts) and then loads the reference's initial weights with ``load_state_dict``. Every rank computes the one-process reference itself.
 """
 
 from __future__ import annotations
@@ -49,10 +50,10 @@ def one_process(case: dict, data) -> tuple[list[float], dict, dict]:
     return losses, grads, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def build(case: dict) -> torch.nn.Module:
+def build(case: dict, device=None) -> torch.nn.Module:
     torch.manual_seed(1234)
     more = {"experts_implementation": case["experts"]} if case.get("experts") else {}
-    model, _ = models_hf.FAMILIES[case["family"]](**more)
+    model, _ = models_hf.FAMILIES[case["family"]](device=device, **more)
     return no_dropout(model)
 
 
@@ -81,11 +82,13 @@ def counted_step(pm, opt, inputs, targets) -> tuple[float, dict, dict]:
 
 def run_case(case: dict) -> dict:
     data = batches(case["family"])
-    model = build(case)
+    model = build(case, "meta" if case.get("meta") else None)
     dp = int(os.environ["WORLD_SIZE"])
     plan = manual_plan(model, [[""]], dp=dp, global_batch_size=GLOBAL_BATCH, microbatches=MICROBATCHES)
     plan = plan.replace(expert_parallel=case.get("ep", dp))
     pm = autoplan.parallelize(model, data[0][0], loss_fn=loss_fn, plan=plan)
+    if case.get("meta"):  # each rank allocated and initialized only its experts; now the reference's weights
+        pm.load_state_dict(build(case).state_dict())
     opt = torch.optim.AdamW(pm.parameters(), lr=LR)
     held = {name: tuple(p.to_local().shape) for name, p in pm.named_parameters() if "experts" in name}
     losses, counts, grads = [], {}, {}
@@ -112,7 +115,7 @@ def run_case(case: dict) -> dict:
 
 
 def case_name(case: dict) -> str:
-    return f"{case['family']}:{case.get('experts') or 'default'}"
+    return f"{case['family']}:{case.get('experts') or 'default'}{':meta' if case.get('meta') else ''}"
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Quick tier: pricing (memory, gradient sync, dispatch collectives), the plan field and option, and every refusal,
 on a hand-written toy MoE (torch.fx traces it in milliseconds). Slow tier: one world of 2 gloo ranks trains tiny
-Mixtral (grouped_mm experts, with a checkpoint and state-dict round trip) and Qwen2-MoE (eager experts) under
+Mixtral (grouped_mm experts, with a checkpoint and state-dict round trip) and Qwen2-MoE (eager experts, built on
+meta and loaded) under
 dp2 + ep2 against one process, checks that each rank holds E/2 experts and counts the collectives issued against
 the cost model's.
 """
@@ -169,7 +170,7 @@ def test_dp2_with_experts_sharded_matches_one_process(tmp_path):
     from distributed_helpers import REPO, run_world
 
     cases = [{"family": "mixtral", "checkpoint": str(tmp_path / "checkpoint")},
-             {"family": "qwen2_moe", "experts": "eager"}]
+             {"family": "qwen2_moe", "experts": "eager", "meta": True}]  # built on meta, then loaded
     # 2 ranks, not 4: each rank imports transformers (~9 CPU-seconds), and ep = 2 holds 2 of the 4 experts per
     # rank, so the local offsets and the other rank's sentinel pairs are both exercised
     results = run_world(cases, tmp_path, nproc=EP, worker=REPO / "tests" / "ep_worker.py", timeout_s=400)
