@@ -103,7 +103,8 @@ def parallelize(
     - ``example_inputs`` is the GLOBAL batch the model trains on (dim 0 of every input is the batch). When it is
       ``None`` and no plan is given, planning and applying wait for the first ``train_step``/``evaluate``/call,
       whose inputs serve as the example.
-    - Under torchrun the default process group is created if needed (gloo for CPU plans, nccl for CUDA plans);
+    - Under torchrun the default process group is created if needed (gloo for CPU plans, nccl for CUDA plans;
+      rank 0 plans before creating it, so that the trace-time check can use a process group of its own);
       a single process without torchrun is a world of one and needs none.
     - The plan is checked first: another model's fingerprint, another world size, or modules the model lacks raise
       :class:`autoplan.PlanMismatchError` before anything is changed. The model is then changed in place (tensor
