@@ -163,6 +163,13 @@ def test_fsdp_units_that_keep_their_weights_and_stage_roots_pay_their_own_measur
     assert forward_s(hooks, 4) - forward_s(GROUPED, 4) == pytest.approx(2.0 * (1e-4 - 4e-4))
     # a cluster measured before "fsdp_keep" existed prices both as "fsdp", as before
     assert forward_s(GROUPED, 4) - forward_s(GROUPED, 1) == pytest.approx(0.0)
+    # a layer owning a tied weight (a GPT's token embedding) stays with the stage root, as the executor does
+    big = replace(graph.layer("tok"), num_params=block.num_params, param_names=("tok.weight",))
+    tied = replace(graph, layers=[big if l.name == "tok" else l for l in graph.layers],
+                   tied_parameters=(("tok.weight", "head.weight"),))
+    fsdp = Strategy(1, 2, 1, 1, 1, "1f1b", "fsdp", precision="fp32")
+    assert layer_cost_context(graph, replace(big, param_names=()), hooks, fsdp, False)[1] == 2
+    assert layer_cost_context(tied, big, hooks, fsdp, False)[1] == 0
     # the stage roots: replicate() under pp × DDP, (m·v + pp − 1) stage-times of 3 forward-equivalents, contended
     contention = compute_contention(hooks, pp=2, microbatches=4, schedule="1f1b")
     root = data_parallel_root_s(hooks, dp=2, data_parallel="ddp", tp=1, pp=2, microbatches=4, schedule="1f1b")

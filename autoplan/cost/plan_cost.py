@@ -272,10 +272,13 @@ def _dtensor_params(strategy: Strategy, tp_on: bool) -> bool:
 
 
 def _fsdp_unit(graph: ModelGraph, layer: Layer, strategy: Strategy, largest_layer_params: int | None = None) -> bool:
-    """Whether the executor wraps ``layer`` in an FSDP unit of its own: FSDP over dp > 1 and the layer holds at
+    """Whether the executor wraps ``layer`` in an FSDP unit of its own: FSDP over dp > 1, the layer owns no tied
+    weight (those stay with the stage root, ``autoplan.execute.data_parallel.shardable_layers``) and holds at
     least 1/8 of the largest layer's parameters (``autoplan.execute.data_parallel.UNIT_MIN_FRACTION``)."""
     if strategy.data_parallel != "fsdp" or strategy.dp == 1 or layer.num_params == 0:
         return False
+    if any(name in group for group in graph.tied_parameters for name in layer.param_names):
+        return False  # a GPT's tied token embedding: its hooks are the root's (cost.data_parallel_root_s)
     if largest_layer_params is None:
         largest_layer_params = max(l.num_params for l in graph.layers)
     return layer.num_params * 8 >= largest_layer_params

@@ -127,7 +127,8 @@ class LayerCostCache:
         contention = self.contention(strategy)
         context_key = (strategy.pp, strategy.dp, strategy.tp, strategy.microbatches, contention,
                        strategy.data_parallel, strategy.precision, choice.tp_on,
-                       len(layer.param_names), layer.num_params == 0, layer.num_params * 8 >= self._largest_params)
+                       len(layer.param_names), layer.num_params == 0, layer.num_params * 8 >= self._largest_params,
+                       any(n in g for g in self.graph.tied_parameters for n in layer.param_names))  # FSDP root's
         if relaxed:
             context = (contention, 0, 0.0)
         else:
