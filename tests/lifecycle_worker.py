@@ -24,7 +24,7 @@ import autoplan  # noqa: E402
 from autoplan.execute.manual import manual_plan  # noqa: E402
 from autoplan.models import GPT  # noqa: E402
 from distributed_helpers import GPT_CONFIG, LR, build_model  # noqa: E402
-from lifecycle_helpers import six_batches  # noqa: E402
+from lifecycle_helpers import SAVE_AT, lifecycle_batches  # noqa: E402
 
 
 def _parallelize(model, case_plan: dict, **kwargs):
@@ -46,27 +46,28 @@ def _train(pm, opt, batches) -> list[float]:
 
 
 def meta_init(case: dict) -> dict:
-    """Build on meta under a per-rank seed (rank 0's decides), init, train three steps."""
+    """Build on meta under a per-rank seed (rank 0's decides), init, train SAVE_AT steps."""
     rank = int(os.environ["RANK"])
     torch.manual_seed(7 if rank == 0 else 1000 + rank)
     pm = _parallelize(_meta_gpt(), case["plan"])
     init = pm.full_state_dict()
     opt = torch.optim.AdamW(pm.parameters(), lr=LR)
-    losses = _train(pm, opt, six_batches()[:3])
+    losses = _train(pm, opt, lifecycle_batches()[:SAVE_AT])
     return {"init": init, "losses": losses, "state": pm.full_state_dict()}
 
 
 def resume(case: dict) -> dict:
-    """Train three steps under layout A (a real model), save; build on meta under layout B, load, train three more."""
+    """Train SAVE_AT steps under layout A (a real model), save; build on meta under layout B, load, train as many
+    more."""
     path = os.path.join(case["dir"], case["name"].replace(":", "_"))
     pm = _parallelize(build_model("gpt"), case["a"])
     opt = torch.optim.AdamW(pm.parameters(), lr=LR)
-    losses = _train(pm, opt, six_batches()[:3])
-    pm.save_checkpoint(path, optimizer=opt, extra={"step": 3})
+    losses = _train(pm, opt, lifecycle_batches()[:SAVE_AT])
+    pm.save_checkpoint(path, optimizer=opt, extra={"step": SAVE_AT})
     pm_b = _parallelize(_meta_gpt(), case["b"], init_weights=False)
     opt_b = torch.optim.AdamW(pm_b.parameters(), lr=LR)
     extra = pm_b.load_checkpoint(path, optimizer=opt_b)
-    losses += _train(pm_b, opt_b, six_batches()[3:])
+    losses += _train(pm_b, opt_b, lifecycle_batches()[SAVE_AT:])
     return {"losses": losses, "extra": extra, "state": pm_b.full_state_dict()}
 
 
@@ -107,7 +108,7 @@ def guards(case: dict) -> dict:
     model = build_model("gpt")
     stale = torch.optim.AdamW(model.parameters(), lr=LR)
     pm = _parallelize(model, plan)
-    inputs, targets = six_batches()[0]
+    inputs, targets = lifecycle_batches()[0]
     pm.train_step(inputs, targets)
     out["stale_optimizer"] = _error_of(stale.step)
 
@@ -154,7 +155,7 @@ def fail_together(case: dict) -> dict:
 
     model = build_model("gpt")
     pm = autoplan.parallelize(model, plan=manual_plan(model, **case["plan"]), loss_fn=loss_fn)
-    inputs, targets = six_batches()[0]
+    inputs, targets = lifecycle_batches()[0]
     start = time.monotonic()
     error = _error_of(lambda: pm.train_step(inputs, targets))
     return {"error": error, "seconds": time.monotonic() - start}

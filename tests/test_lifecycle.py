@@ -12,7 +12,7 @@ import autoplan
 from autoplan.execute.manual import manual_plan
 from autoplan.models import GPT
 from distributed_helpers import GPT_CONFIG, LR, build_model, layout
-from lifecycle_helpers import run_lifecycle_world, six_batches, six_step_reference, train_reference
+from lifecycle_helpers import SAVE_AT, lifecycle_batches, lifecycle_reference, run_lifecycle_world, train_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -47,7 +47,7 @@ RESUME_PAIRS = [
 def _check_resume(results: dict, name: str, reference: tuple[list[float], dict]) -> None:
     losses, state = reference
     got = results[name]
-    assert got["extra"] == {"step": 3}
+    assert got["extra"] == {"step": SAVE_AT}
     assert got["losses"] == pytest.approx(losses, rel=1e-5), name
     _assert_states_close(got["state"], state, name)
 
@@ -62,12 +62,12 @@ def _meta_cases(keys: list[str]) -> list[dict]:
 
 def _check_meta(results: dict, keys: list[str]) -> None:
     """Initial weights bit for bit those of a world of one (same seed on rank 0, other ranks' seeds ignored);
-    then three steps like one process from those weights."""
+    then SAVE_AT steps like one process from those weights."""
     init = _meta_reference()
     assert torch.equal(init["tok.weight"], init["head.weight"])  # still tied
     model = build_model("gpt")
     model.load_state_dict(init)
-    losses, state = train_reference(model, six_batches()[:3])
+    losses, state = train_reference(model, lifecycle_batches()[:SAVE_AT])
     for key in keys:
         got = results[f"meta:{key}"]
         for k, v in init.items():
@@ -106,25 +106,25 @@ def test_meta_init_resume_loading_and_guards(tmp_path):
     ranks = run_lifecycle_world(cases, tmp_path)
     results = ranks[0]
     _check_meta(results, ["fsdp2xpp2"])
-    reference = six_step_reference()
+    reference = lifecycle_reference()
     _check_resume(results, name, reference)
     full = build_model("gpt").state_dict()
     for how in ("rank0", "safetensors", "everywhere"):
         _assert_states_close(results["load"][how], full, how)
     _check_guards(ranks)
 
-    # the checkpoint saved by 4 ranks under fsdp4 after 3 steps, resumed by one process
+    # the checkpoint saved by 4 ranks under fsdp4 after SAVE_AT steps, resumed by one process
     with torch.device("meta"):
         meta = GPT(GPT_CONFIG)
     pm = autoplan.parallelize(meta, plan=manual_plan(meta, **_plan("one")), init_weights=False)
     opt = torch.optim.AdamW(pm.parameters(), lr=LR)
-    assert pm.load_checkpoint(tmp_path / name.replace(":", "_"), optimizer=opt) == {"step": 3}
+    assert pm.load_checkpoint(tmp_path / name.replace(":", "_"), optimizer=opt) == {"step": SAVE_AT}
     losses = []
-    for inputs, targets in six_batches()[3:]:
+    for inputs, targets in lifecycle_batches()[SAVE_AT:]:
         losses.append(pm.train_step(inputs, targets))
         opt.step()
         opt.zero_grad()
-    assert losses == pytest.approx(reference[0][3:], rel=1e-5)
+    assert losses == pytest.approx(reference[0][SAVE_AT:], rel=1e-5)
     _assert_states_close(pm.full_state_dict(), reference[1], "world of one")
 
 
@@ -144,6 +144,6 @@ def test_resume_across_every_axis(tmp_path):
         assert got["fail-in-apply"]["seconds"] < 30, got["fail-in-apply"]
     results = ranks[0]
     _check_meta(results, ["dp2xtp2"])
-    reference = six_step_reference()
+    reference = lifecycle_reference()
     for name, _, _ in RESUME_PAIRS[1:]:
         _check_resume(results, name, reference)
