@@ -3,6 +3,8 @@ on): FLOPs, activations, layers, TP groups, mixture-of-experts layers."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -14,6 +16,14 @@ from autoplan.models import GPTConfig, gpt_forward_flops  # noqa: E402
 import models_hf  # noqa: E402
 from models_hf import BATCH, SEQ, VOCAB  # noqa: E402
 from test_trace_activations import real_saved_bytes  # noqa: E402
+
+
+@functools.cache
+def traced(family: str):
+    """(model, example inputs, graph) of a family's default toy model, traced once per session: several tests here
+    read the same trace (they only read the graph; a real forward and backward leaves the weights as they are)."""
+    model, inputs = models_hf.FAMILIES[family]()
+    return model, inputs, autoplan.trace(model, inputs)
 
 
 def _close(predicted: float, expected: float, share: float) -> bool:
@@ -31,8 +41,7 @@ def llama_forward_flops(cfg, batch: int, seq: int) -> int:
 
 
 def test_gpt2_traces_by_export_with_flops_activations_and_tied_head():
-    model, inputs = models_hf.hf_gpt2()
-    graph = autoplan.trace(model, inputs)
+    model, inputs, graph = traced("gpt2")
     assert graph.method == "export" and graph.batch_size == BATCH
     cfg = GPTConfig(vocab_size=VOCAB, seq_len=SEQ, hidden=32, layers=2, heads=4)
     assert _close(graph.forward_flops, gpt_forward_flops(cfg, BATCH), 0.02)
@@ -50,8 +59,7 @@ def test_gpt2_traces_by_export_with_flops_activations_and_tied_head():
 
 
 def test_llama_layers_flops_and_tensor_parallel_groups():
-    model, inputs = models_hf.hf_llama()
-    graph = autoplan.trace(model, inputs)
+    model, _, graph = traced("llama")
     assert graph.method == "export"
     assert [layer.name for layer in graph.layers] == [
         "model.embed_tokens", "model.rotary_emb", "model.layers.0", "model.layers.1", "model.norm", "lm_head",
@@ -80,8 +88,8 @@ def test_llama_activation_bytes_match_real_forward():
 
 @pytest.mark.parametrize("builder", ["hf_qwen2", "hf_mistral", "hf_bert", "hf_t5", "hf_vit"])
 def test_more_families_trace_with_exact_params_and_activations(builder):
-    model, inputs = getattr(models_hf, builder)()
-    graph = autoplan.trace(model, inputs)
+    assert models_hf.FAMILIES[builder[3:]] is getattr(models_hf, builder)
+    model, inputs, graph = traced(builder[3:])
     assert graph.method == "export"
     assert graph.num_params == sum(p.numel() for p in model.parameters())
     assert graph.forward_flops > 0 and len(graph.layers) >= 4
@@ -130,9 +138,8 @@ QUICK_FAMILIES = ("llama",)  # GPT-2 and BART trace in other quick tests
     f if f in QUICK_FAMILIES else pytest.param(f, marks=pytest.mark.slow) for f in models_hf.FAMILIES
 ])
 def test_every_family_traces_with_its_default_config(family):
-    model, inputs = models_hf.FAMILIES[family]()
+    model, _, graph = traced(family)
     assert getattr(model.config, "use_cache", True) is not False  # the default: a cache object in the output
-    graph = autoplan.trace(model, inputs)
     assert graph.method == "export"
     assert graph.num_params == sum(p.numel() for p in model.parameters())
     assert graph.forward_flops > 0 and graph.backward_flops > graph.forward_flops
@@ -152,9 +159,12 @@ def mixtral_forward_flops(cfg, batch: int, seq: int) -> int:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mixture_of_experts_grouped_matmuls_are_counted_exactly(dtype):
     # transformers runs the experts as one aten._grouped_mm per projection; its fake kernel takes bf16 only
-    model, inputs = models_hf.hf_mixtral()
-    model = model.to(dtype)
-    graph = autoplan.trace(model, inputs)
+    if dtype == torch.float32:
+        model, _, graph = traced("mixtral")
+    else:
+        model, inputs = models_hf.hf_mixtral()
+        model = model.to(dtype)
+        graph = autoplan.trace(model, inputs)
     assert graph.forward_flops == mixtral_forward_flops(model.config, BATCH, SEQ)
     # backward: about twice the forward (input and weight gradients of every matmul)
     assert 1.9 < graph.backward_flops / graph.forward_flops < 2.2
