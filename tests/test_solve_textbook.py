@@ -101,3 +101,23 @@ def test_layers_sharing_a_tied_weight_agree_on_tensor_parallelism(tp):
     tied = search(graph(tied=True), A100, options)
     assert "head" not in tied.tensor_parallel and "tok" not in tied.tensor_parallel
     assert any(name.startswith("blocks.") for name in tied.tensor_parallel)
+
+
+def test_a_pinned_tp_is_not_planned_with_fsdp_that_would_leave_fused_biased_projections_whole():
+    from autoplan.graph import TensorParallelGroup
+    from autoplan.solve.space import enumerate_strategies
+
+    graph = gpt_like_graph(layers=2)
+    fused = []
+    for layer in graph.layers:
+        if layer.name.startswith("blocks."):
+            group = TensorParallelGroup({f"{layer.name}.attn.qkv": "colwise:3", f"{layer.name}.attn.proj": "rowwise"},
+                                        4, 0, 0, 0, 0, 0)
+            layer = dataclasses.replace(layer, tp_groups=(group,), param_names=(f"{layer.name}.attn.qkv.bias",))
+        fused.append(layer)
+    graph = dataclasses.replace(graph, layers=fused)
+    cluster = Cluster.preset("a100-80gb", nodes=1, devices_per_node=4)
+    pinned = enumerate_strategies(graph, cluster, PlanOptions(global_batch_size=8, mesh={"dp": 2, "tp": 2}))
+    assert {s.data_parallel for s in pinned} == {"ddp"}
+    free = enumerate_strategies(graph, cluster, PlanOptions(global_batch_size=8))
+    assert "fsdp" in {s.data_parallel for s in free if s.tp == 2}

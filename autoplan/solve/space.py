@@ -160,7 +160,7 @@ def enumerate_strategies(graph: ModelGraph, cluster: Cluster, options: PlanOptio
                 for schedule, v in _schedules(pp, m, num_layers, options.schedule):
                     if schedule == "interleaved" and dp > 1 and inner_tie:
                         continue
-                    for kind in _dp_kinds(dp, options.data_parallel):
+                    for kind in _dp_kinds(dp, options.data_parallel, _fsdp_blocks_pinned_tp(graph, options, tp)):
                         for sp in _sequence_parallel_choices(tp, tp in sp_degrees, options.sequence_parallel):
                             strategies.append(Strategy(pp, dp, tp, mb, m, schedule, kind, v, options.precision,
                                                        options.optimizer, sp))
@@ -229,10 +229,21 @@ def _schedules(pp: int, microbatches: int, num_layers: int, pinned: str) -> list
     return out
 
 
-def _dp_kinds(dp: int, pinned: str) -> list[str]:
+def _fsdp_blocks_pinned_tp(graph: ModelGraph, options: PlanOptions, tp: int) -> bool:
+    """Whether a pinned tp > 1 would leave some layer whole under FSDP that it shards under DDP (a fused projection
+    with a bias): a pinned tp is meant to shard every layer it soundly can."""
+    if tp == 1 or "tp" not in options.mesh:
+        return False
+    return any(layer.tp_divisor and layer.tp_divisor % tp == 0 and fsdp_blocks_tensor_parallel(layer)
+               for layer in graph.layers)
+
+
+def _dp_kinds(dp: int, pinned: str, fsdp_blocks_tp: bool = False) -> list[str]:
     if pinned != "auto":
         return [pinned]
-    return ["ddp", "fsdp"] if dp > 1 else ["ddp"]  # FSDP over one rank shards nothing
+    if dp == 1:
+        return ["ddp"]  # FSDP over one rank shards nothing
+    return ["ddp"] if fsdp_blocks_tp else ["ddp", "fsdp"]
 
 
 _PROBING = False  # set while _no_strategy_message tries other batch sizes (their failures need no message)
