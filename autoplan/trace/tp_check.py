@@ -237,9 +237,10 @@ def _colwise_share(tensor: torch.Tensor, dim: int, parts: int, rank: int, t: int
 
 
 def _shard_state(state: dict, parent: str, styles: dict[str, str], rank: int, t: int,
-                 transposed: frozenset = frozenset()) -> dict:
+                 transposed: frozenset = frozenset(), cut=_colwise_share) -> dict:
     """``state`` with each styled linear cut to rank ``rank``'s share, as ColwiseParallel/RowwiseParallel do;
-    ``transposed``: the FQNs whose weight is stored ``(in, out)`` (GPT-2's ``Conv1D``), cut on the other dim."""
+    ``transposed``: the FQNs whose weight is stored ``(in, out)`` (GPT-2's ``Conv1D``), cut on the other dim;
+    ``cut(tensor, dim, parts, rank, t)``: how a share is taken (by default, sliced out)."""
     out = dict(state)
     prefix = parent + "." if parent else ""
     for fqn, style in styles.items():
@@ -247,11 +248,11 @@ def _shard_state(state: dict, parent: str, styles: dict[str, str], rank: int, t:
         weight, bias = out[f"{rel}.weight"], out.get(f"{rel}.bias")
         out_dim, in_dim = (1, 0) if fqn in transposed else (0, 1)
         if tp_style_kind(style) == "colwise":
-            out[f"{rel}.weight"] = _colwise_share(weight, out_dim, fused_parts(style), rank, t)
+            out[f"{rel}.weight"] = cut(weight, out_dim, fused_parts(style), rank, t)
             if bias is not None:
-                out[f"{rel}.bias"] = _colwise_share(bias, 0, fused_parts(style), rank, t)
+                out[f"{rel}.bias"] = cut(bias, 0, fused_parts(style), rank, t)
         else:  # rowwise: input features sharded, the bias added once after the all-reduce
-            out[f"{rel}.weight"] = weight.chunk(t, dim=in_dim)[rank]
+            out[f"{rel}.weight"] = cut(weight, in_dim, 1, rank, t)
             if bias is not None and rank > 0:
                 out[f"{rel}.bias"] = torch.zeros_like(bias)
     return out

@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..vocabulary import DTENSOR_SUFFIX, fused_parts, tp_style_kind
+from ..vocabulary import DTENSOR_SUFFIX, tp_style_kind
 
 __all__ = ["as_dtensor_styles", "or_global_verdict", "KEPT_AS_DTENSOR", "INSIDE_A_WORLD"]
 
@@ -91,21 +91,9 @@ def _zeroed_share(tensor: torch.Tensor, dim: int, parts: int, rank: int, t: int)
 def _global_share(state: dict, parent: str, styles: dict[str, str], rank: int, t: int,
                   transposed: frozenset = frozenset()) -> dict:
     """Rank ``rank``'s share at the global shapes: other ranks' colwise rows and rowwise columns zeroed."""
-    out = dict(state)
-    prefix = parent + "." if parent else ""
-    for fqn, style in styles.items():
-        rel = fqn[len(prefix):]
-        weight, bias = out[f"{rel}.weight"], out.get(f"{rel}.bias")
-        out_dim, in_dim = (1, 0) if fqn in transposed else (0, 1)
-        if tp_style_kind(style) == "colwise":
-            out[f"{rel}.weight"] = _zeroed_share(weight, out_dim, fused_parts(style), rank, t)
-            if bias is not None:
-                out[f"{rel}.bias"] = _zeroed_share(bias, 0, fused_parts(style), rank, t)
-        else:
-            out[f"{rel}.weight"] = _zeroed_share(weight, in_dim, 1, rank, t)
-            if bias is not None and rank > 0:
-                out[f"{rel}.bias"] = torch.zeros_like(bias)
-    return out
+    from .tp_check import _shard_state  # tp_check imports this module
+
+    return _shard_state(state, parent, styles, rank, t, transposed, cut=_zeroed_share)
 
 
 def _numbers_error(parent_module, row_module, state, parent, styles, t, args, kwargs, reference, transposed,
