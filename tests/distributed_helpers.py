@@ -239,6 +239,17 @@ def train_one_process(model: torch.nn.Module, steps, lr: float = LR, loss_fn=Non
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def train_parallel(pm, steps, lr: float = LR):
+    """The same AdamW steps through a parallelized model's ``train_step``. Returns (optimizer, losses, full state)."""
+    opt = torch.optim.AdamW(pm.parameters(), lr=lr)  # built before the first step (DDP over TP hides parameters)
+    losses = []
+    for inputs, targets in steps:
+        losses.append(pm.train_step(inputs, targets))
+        opt.step()
+        opt.zero_grad()
+    return opt, losses, pm.full_state_dict()
+
+
 def reference(kind: str) -> dict:
     """Losses and final state of :data:`STEPS` AdamW steps on one process over the whole global batch, then the loss
     and outputs of the trained model on the first batch."""

@@ -20,7 +20,7 @@ sys.path.insert(0, __file__.rsplit("/", 1)[0])
 
 import autoplan  # noqa: E402
 import models_hf  # noqa: E402
-from distributed_helpers import serve_cases, train_one_process  # noqa: E402
+from distributed_helpers import serve_cases, train_one_process, train_parallel  # noqa: E402
 
 GLOBAL_BATCH, STEPS, LR = 8, 2, 1e-3
 
@@ -127,13 +127,7 @@ def run_case(case: dict, plans: dict, references: dict) -> dict:
     model = build(family)
     plan = autoplan.Plan.from_dict(plans[case_name(case)])
     pm = autoplan.parallelize(model, data[0][0], loss_fn=loss_fn, plan=plan)
-    opt = torch.optim.AdamW(pm.parameters(), lr=LR)
-    losses = []
-    for inputs, targets in data:
-        losses.append(pm.train_step(inputs, targets))
-        opt.step()
-        opt.zero_grad()
-    state = pm.full_state_dict()
+    opt, losses, state = train_parallel(pm, data)
     result = {"losses": losses, "plan": pm.plan.to_dict(), "sharded": len(pm.plan.tensor_parallel),
               "notes": list(pm.plan.search.notes)}
     if case.get("checkpoint"):

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 import autoplan
 import nanogpt
+from distributed_helpers import train_parallel
 
 LR = 1e-3
 
@@ -20,13 +21,7 @@ def main(out: str) -> None:
     data = nanogpt.batches()
     pm = autoplan.parallelize(model, data[0][0], loss_fn=nanogpt.loss_fn, mesh={"tp": 2},
                               cluster=autoplan.Cluster.preset("cpu", devices_per_node=2), data_parallel="ddp")
-    opt = torch.optim.AdamW(pm.parameters(), lr=LR)
-    losses = []
-    for inputs, targets in data:
-        losses.append(pm.train_step(inputs, targets))
-        opt.step()
-        opt.zero_grad()
-    state = pm.full_state_dict()
+    _, losses, state = train_parallel(pm, data, LR)
     if dist.get_rank() == 0:
         torch.save({"styles": pm.plan.tensor_parallel, "losses": losses, "state": state,
                     "notes": list(pm.plan.search.notes)}, out)
