@@ -75,6 +75,7 @@ from .strategy import (Strategy, fsdp_gather_bytes, in_flight, loss_bytes, p2p_l
                        weight_copy_bytes_per_param)
 
 __all__ = ["Strategy", "RankCost", "PlanCost", "estimate", "estimate_breakdown", "compose", "layer_choice_cost",
+           "owns_tied_weight",
            "layer_cost_context", "rank_tail_s", "rank_tail_terms", "rank_state_bytes", "rank_state_bytes_per_param",
            "weight_copy_bytes_per_param", "loss_bytes", "fsdp_gather_bytes", "p2p_link", "stage_p2p_s", "in_flight"]
 
@@ -271,13 +272,29 @@ def _dtensor_params(strategy: Strategy, tp_on: bool) -> bool:
     return tp_on or (strategy.dp > 1 and (strategy.data_parallel == "fsdp" or composed))
 
 
+def owns_tied_weight(graph: ModelGraph, layer: Layer) -> bool:
+    """Whether ``layer`` holds a parameter tied to another (``graph.tied_parameters``): the executor leaves such a
+    layer with its stage root instead of an FSDP unit of its own.
+
+    Example:
+        >>> from dataclasses import replace
+        >>> from autoplan.synthetic import gpt_like_graph
+        >>> g = gpt_like_graph(layers=1)
+        >>> g.tied_parameters = [("tok.weight", "head.weight")]
+        >>> tok, block = replace(g.layers[0], param_names=("tok.weight",)), g.layers[2]
+        >>> owns_tied_weight(g, tok), owns_tied_weight(g, block)
+        (True, False)
+    """
+    return any(name in group for group in graph.tied_parameters for name in layer.param_names)
+
+
 def _fsdp_unit(graph: ModelGraph, layer: Layer, strategy: Strategy, largest_layer_params: int | None = None) -> bool:
     """Whether the executor wraps ``layer`` in an FSDP unit of its own: FSDP over dp > 1, the layer owns no tied
     weight (those stay with the stage root, ``autoplan.execute.data_parallel.shardable_layers``) and holds at
     least 1/8 of the largest layer's parameters (``autoplan.execute.data_parallel.UNIT_MIN_FRACTION``)."""
     if strategy.data_parallel != "fsdp" or strategy.dp == 1 or layer.num_params == 0:
         return False
-    if any(name in group for group in graph.tied_parameters for name in layer.param_names):
+    if owns_tied_weight(graph, layer):
         return False  # a GPT's tied token embedding: its hooks are the root's (cost.data_parallel_root_s)
     if largest_layer_params is None:
         largest_layer_params = max(l.num_params for l in graph.layers)

@@ -23,9 +23,8 @@ from typing import Sequence
 from .. import cost
 from ..cluster import Cluster
 from ..cost.plan_cost import (PlanCost, Strategy, compose, fsdp_gather_bytes, in_flight, layer_choice_cost,
-                              layer_cost_context,
-                              loss_bytes, rank_state_bytes_per_param, rank_tail_terms, stage_p2p_s,
-                              weight_copy_bytes_per_param)
+                              layer_cost_context, loss_bytes, owns_tied_weight, rank_state_bytes_per_param,
+                              rank_tail_terms, stage_p2p_s, weight_copy_bytes_per_param)
 from ..cost.sequence import sequence_edge_payers
 from ..graph import Layer, ModelGraph
 from ..options import PlanOptions
@@ -128,7 +127,7 @@ class LayerCostCache:
         context_key = (strategy.pp, strategy.dp, strategy.tp, strategy.microbatches, contention,
                        strategy.data_parallel, strategy.precision, choice.tp_on,
                        len(layer.param_names), layer.num_params == 0, layer.num_params * 8 >= self._largest_params,
-                       any(n in g for g in self.graph.tied_parameters for n in layer.param_names))  # FSDP root's
+                       owns_tied_weight(self.graph, layer))  # left with the FSDP root
         if relaxed:
             context = (contention, 0, 0.0)
         else:
