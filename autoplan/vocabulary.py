@@ -13,7 +13,7 @@ from __future__ import annotations
 __all__ = [
     "PRECISIONS", "PRECISION_BYTES", "LOW_PRECISIONS", "OPTIMIZERS", "DATA_PARALLEL_KINDS", "SCHEDULES",
     "RECOMPUTE_MODES", "TP_STYLES", "SEQUENCE_PARALLEL_MODES", "MESH_AXES", "torch_dtype", "FUSED_COLWISE",
-    "tp_style_kind", "fused_parts", "DTENSOR_SUFFIX", "keeps_dtensor",
+    "tp_style_kind", "fused_parts", "fused_sizes", "part_sizes", "DTENSOR_SUFFIX", "keeps_dtensor",
 ]
 
 #: Training precisions: fp32, or mixed precision with bf16/fp16 compute over fp32 master weights.
@@ -35,6 +35,8 @@ RECOMPUTE_MODES = ("auto", "none", "full", "selective")
 TP_STYLES = ("colwise", "rowwise", "vocab_embedding", "vocab_head", "sequence")
 #: ``colwise:K``: a colwise projection that fuses K equal parts (``colwise:3`` for q, k, v in one ``qkv`` linear,
 #: ``colwise:2`` for a fused gate/up): rank r of t holds output rows r of t of every part, [q_r; k_r; v_r].
+#: ``colwise:a+b+c``: the same for parts of unequal sizes, given in output features (Phi-3's ``qkv_proj`` with grouped
+#: key/value heads: ``colwise:512+128+128``); rank r computes with rows r of t of every part.
 FUSED_COLWISE = "colwise:"
 #: ``colwise/dtensor``, ``colwise:K/dtensor``: the projection hands its output on as a DTensor of the global shape and
 #: the module's code between the linears runs on DTensors (code that reshapes with sizes read from its input, as
@@ -69,17 +71,52 @@ def tp_style_kind(style: str) -> str:
 
 
 def fused_parts(style: str) -> int:
-    """How many equal parts a ``colwise:K`` style's projection fuses (K ≥ 2); 1 for every other style.
+    """How many parts a ``colwise:K`` (K equal parts, K ≥ 2) or ``colwise:a+b+c`` style's projection fuses; 1 for
+    every other style.
 
     Example:
-        >>> fused_parts("colwise:3"), fused_parts("colwise"), fused_parts("colwise:x")
-        (3, 1, 1)
+        >>> fused_parts("colwise:3"), fused_parts("colwise:8+4+4"), fused_parts("colwise"), fused_parts("colwise:x")
+        (3, 3, 1, 1)
     """
+    sizes = fused_sizes(style)
+    if sizes is not None:
+        return len(sizes)
     style = _plain(style)
     if isinstance(style, str) and style.startswith(FUSED_COLWISE) and style[len(FUSED_COLWISE):].isdigit():
         parts = int(style[len(FUSED_COLWISE):])
         return parts if parts >= 2 else 1
     return 1
+
+
+def fused_sizes(style: str) -> tuple[int, ...] | None:
+    """The part sizes (output features) of a ``colwise:a+b+c`` style, at least two positive ones; ``None`` for every
+    other style (``colwise:K`` parts are equal: :func:`part_sizes` gives them for a projection's width).
+
+    Example:
+        >>> fused_sizes("colwise:8+4+4"), fused_sizes("colwise:3"), fused_sizes("colwise:8+")
+        ((8, 4, 4), None, None)
+    """
+    style = _plain(style)
+    if not (isinstance(style, str) and style.startswith(FUSED_COLWISE) and "+" in style):
+        return None
+    fields = style[len(FUSED_COLWISE):].split("+")
+    if not all(f.isdigit() and int(f) > 0 for f in fields):
+        return None
+    return tuple(int(f) for f in fields)
+
+
+def part_sizes(style: str, features: int) -> tuple[int, ...]:
+    """The sizes of the parts a colwise style cuts a projection's ``features`` output features into, each split over
+    the tp ranks on its own: the given ones (``colwise:a+b+c``), K equal ones (``colwise:K``), or one.
+
+    Example:
+        >>> part_sizes("colwise:3", 24), part_sizes("colwise:8+4+4", 16), part_sizes("colwise", 16)
+        ((8, 8, 8), (8, 4, 4), (16,))
+    """
+    sizes = fused_sizes(style)
+    if sizes is not None:
+        return sizes
+    return (features // fused_parts(style),) * fused_parts(style)
 
 
 #: What the user may ask of sequence parallelism: the planner decides, always where tp > 1, never.

@@ -21,7 +21,7 @@ from ..names import owner_index, tied_holders, tied_parameter_names
 from ..trace.fingerprint import model_fingerprint
 from ..trace.opgraph import is_conv1d
 from ..trace.tp_groups import linear_features
-from ..vocabulary import fused_parts, tp_style_kind
+from ..vocabulary import fused_parts, part_sizes, tp_style_kind
 from ..plan import Plan
 
 __all__ = ["check_plan_matches", "owning_layer"]
@@ -103,7 +103,8 @@ def check_plan_matches(plan: Plan, model: nn.Module, world_size: int) -> None:
             )
         if style == "sequence":  # a norm: SequenceParallel replicates whatever weights it has
             continue
-        parts, style = fused_parts(style), tp_style_kind(style)  # colwise:K: K fused parts, each split over tp
+        # colwise:K, colwise:a+b+c: fused parts, each split over tp
+        fused, parts, style = style, fused_parts(style), tp_style_kind(style)
         kind = _STYLE_MODULES[style]
         conv1d = style in ("colwise", "rowwise") and is_conv1d(modules[fqn])  # GPT-2's transposed linear
         if not (isinstance(modules[fqn], kind) or conv1d):
@@ -114,7 +115,14 @@ def check_plan_matches(plan: Plan, model: nn.Module, world_size: int) -> None:
         module = modules[fqn]
         sharded_dim = {"colwise": "out_features", "vocab_head": "out_features", "rowwise": "in_features",
                        "vocab_embedding": "num_embeddings"}[style]
-        size = (getattr(module, sharded_dim) if not conv1d else linear_features(module)[style == "colwise"]) // parts
+        features = getattr(module, sharded_dim) if not conv1d else linear_features(module)[style == "colwise"]
+        sizes = part_sizes(fused, features)
+        if sum(sizes) != features:
+            raise PlanMismatchError(
+                f"tensor_parallel[{fqn!r}] = {fused!r} cuts {sharded_dim}={features} into parts {list(sizes)}, "
+                f"which do not add up to it; {_REPLAN}"
+            )
+        size = next((s for s in sizes if s % plan.mesh.tp), sizes[0])
         if size % plan.mesh.tp:
             raise PlanMismatchError(
                 f"tensor_parallel[{fqn!r}] = {style!r} splits {sharded_dim}={size} over tp={plan.mesh.tp} ranks, "
@@ -127,7 +135,7 @@ def check_plan_matches(plan: Plan, model: nn.Module, world_size: int) -> None:
         one_dim = [name for name, p in module.named_parameters(recurse=False) if p.dim() == 1]
         if parts > 1 and one_dim and plan.data_parallel == "fsdp" and plan.mesh.dp > 1:
             raise PlanMismatchError(
-                f"tensor_parallel[{fqn!r}] = {style}:{parts} splits the fused projection's 1-D {one_dim[0]} part by "
+                f"tensor_parallel[{fqn!r}] = {fused} splits the fused projection's 1-D {one_dim[0]} part by "
                 f"part over tp, which leaves FSDP (dp={plan.mesh.dp}) no dim to shard it on; plan with "
                 f"data_parallel='ddp', or leave {fqn!r} unsharded ({_REPLAN})"
             )
