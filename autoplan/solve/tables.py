@@ -326,6 +326,20 @@ class LazyTables:
         self.strategies = enumerate_strategies(graph, cluster, options)
         self._built: dict[int, StrategyTables] = {}
         self._relaxed: dict[tuple, list[list[ChoiceCost]]] = {}
+        # Strategies sharing a relaxed key share its rows, priced for the one of most microbatches: the only
+        # term a relaxed row reads from the microbatch count (a sequence-parallel layer's norm-gradient
+        # all-reduce, spread over the microbatches) only shrinks as the count grows, so those rows bound every
+        # strategy of the key from below, and one key per (tp, microbatch size, …) leaves 2.5× fewer to price.
+        self._relaxed_key = [self._key_of(s) for s in self.strategies]
+        self._relaxed_by: dict[tuple, int] = {}
+        for i, key in enumerate(self._relaxed_key):
+            j = self._relaxed_by.setdefault(key, i)
+            if self.strategies[i].microbatches > self.strategies[j].microbatches:
+                self._relaxed_by[key] = i
+
+    def _key_of(self, s: Strategy) -> tuple:
+        return (s.tp, s.microbatch_size, s.precision, s.sequence_parallel, self._cache.contention(s),
+                s.data_parallel == "fsdp" and s.dp > 1)
 
     def _make(self, i: int, relaxed: bool) -> StrategyTables:
         graph, cluster, recompute, batch, tp_pinned = self._args
@@ -336,14 +350,14 @@ class LazyTables:
     def relaxed(self, i: int) -> "StrategyTables | SimpleNamespace":
         """What :func:`autoplan.solve.bounds.lower_bound_s` reads of strategy ``i``'s tables, with lower-bound
         seconds. Relaxed rows read neither the data-parallel size nor the schedule (but for the contention and
-        whether FSDP shards, which limits tensor parallelism), nor the microbatch count without sequence
-        parallelism: strategies that differ only there share them."""
+        whether FSDP shards, which limits tensor parallelism), nor the microbatch count (priced at the most
+        microbatches of the strategies that share them, the least seconds): strategies that differ only there
+        share them."""
         s = self.strategies[i]
-        key = (s.tp, s.microbatch_size, s.sequence_parallel and s.microbatches, s.precision, s.sequence_parallel,
-               self._cache.contention(s), s.data_parallel == "fsdp" and s.dp > 1)
+        key = self._relaxed_key[i]
         rows = self._relaxed.get(key)
         if rows is None:
-            rows = self._relaxed[key] = self._make(i, relaxed=True).choices
+            rows = self._relaxed[key] = self._make(self._relaxed_by[key], relaxed=True).choices
         return SimpleNamespace(strategy=s, choices=rows, segments=self._segments[s.sequence_parallel],
                                bubble=s.bubble_stage_times / s.virtual_stages,
                                tail_terms=rank_tail_terms(s, self._args[1]))
