@@ -211,7 +211,8 @@ def format_plan(plan) -> str:
         ("mesh", f"pp{m.pp} × dp{m.dp} × tp{m.tp}  (pipeline × data × tensor)"),
         ("schedule", f"{schedule}; {plan.microbatches} microbatch{'' if plan.microbatches == 1 else 'es'} of "
                      f"{plan.microbatch_size} (global batch {plan.global_batch_size})"),
-        ("data parallel", f"{plan.data_parallel.upper()}, {plan.precision}, {plan.optimizer}"),
+        ("data parallel", f"{plan.data_parallel.upper()}, {plan.precision}, {plan.optimizer}"
+                          f"{_fsdp_reshard_text(plan)}"),
         ("tensor parallel", f"{len(plan.tensor_parallel)} modules ({tp_text})" if plan.tensor_parallel else "none"),
     ] + ([("expert parallel", f"experts sharded over the {plan.expert_parallel} dp ranks")]
          if plan.expert_parallel > 1 else []))
@@ -265,6 +266,17 @@ def _timeline_lines(plan) -> list[str]:
             f"  {legend},", f"  {ALTERNATING} forward and backward in turn, · idle (pipeline bubble)"]
 
 
+def _fsdp_reshard_text(plan) -> str:
+    """How FSDP treats its gathered weights between microbatches, where that is a choice (several microbatches,
+    dp > 1): kept through the step, or resharded every microbatch (``Plan.fsdp_reshard``)."""
+    if plan.data_parallel != "fsdp" or plan.mesh.dp == 1 or (plan.microbatches == 1 and plan.mesh.pp == 1):
+        return ""
+    if plan.fsdp_keeps_weights:
+        return "; gathered weights kept through the step (1 all-gather + 1 reduce-scatter per unit and step)"
+    return ("; resharded every microbatch (ZeRO-3: 2 all-gathers + 1 reduce-scatter per unit and microbatch, "
+            "one unit's weights gathered at a time)")
+
+
 def explain_plan(plan) -> str:
     """Why this plan: its cost split, then the best alternatives the search weighed and why each lost.
 
@@ -276,7 +288,7 @@ def explain_plan(plan) -> str:
     m, p = plan.mesh, plan.predicted
     v = f" v={plan.virtual_stages}" if plan.virtual_stages > 1 else ""
     label = (f"pp{m.pp}×dp{m.dp}×tp{m.tp} {plan.schedule}{v} mb={plan.microbatch_size}×{plan.microbatches} "
-             f"{plan.data_parallel}")
+             f"{plan.data_parallel}{' reshard/mb' if plan.fsdp_reshard == 'microbatch' else ''}")
     if p is None:
         return f"{label}: no prediction recorded (plan made by hand); run autoplan.plan() to compare layouts"
     lines = [f"Chosen: {label}, predicted {format_seconds(p.step_time_s)} per step "

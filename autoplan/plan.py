@@ -228,6 +228,9 @@ class Plan:
     sequence_parallel: bool = False
     # experts of mixture-of-experts layers sharded over this many data-parallel ranks (1: off; see execute.experts)
     expert_parallel: int = 1
+    # FSDP between microbatches: "step" keeps the gathered weights through the step (several microbatches or a
+    # pipeline), "microbatch" reshards after every forward and backward (autoplan.cost.fsdp_keeps_weights)
+    fsdp_reshard: str = "step"
     predicted: Predicted | None = None
     search: SearchInfo = field(default_factory=SearchInfo)
 
@@ -291,6 +294,15 @@ class Plan:
         _check(isinstance(self.expert_parallel, int) and self.expert_parallel >= 1 and m.dp % self.expert_parallel == 0,
                f"expert_parallel={self.expert_parallel!r} must be a positive int dividing dp={m.dp} (the experts are "
                f"sharded over data-parallel ranks)")
+        try:
+            from .cost.step import check_fsdp_reshard
+
+            check_fsdp_reshard(self.fsdp_reshard, m.pp)
+        except ValueError as exc:
+            raise ValueError(f"plan {exc}") from None
+        _check(self.fsdp_reshard == "step" or self.data_parallel == "fsdp",
+               f"fsdp_reshard={self.fsdp_reshard!r} applies to FSDP only, but data_parallel is "
+               f"{self.data_parallel!r}; use data_parallel='fsdp' or drop fsdp_reshard")
 
     # -- derived ----------------------------------------------------------------------------------------------
     @property
@@ -300,6 +312,20 @@ class Plan:
     @property
     def recompute(self) -> tuple[str, ...]:
         return tuple(module for stage in self.stages for module in stage.recompute)
+
+    @property
+    def fsdp_keeps_weights(self) -> bool:
+        """Whether FSDP keeps its gathered weights through a step of this plan: the executor's and the cost model's
+        one rule, :func:`autoplan.cost.fsdp_keeps_weights` of its microbatches, pipeline degree and ``fsdp_reshard``.
+
+        Example:
+            >>> from autoplan.synthetic import pipeline_plan
+            >>> pipeline_plan("gpipe").fsdp_keeps_weights
+            True
+        """
+        from .cost.step import fsdp_keeps_weights
+
+        return fsdp_keeps_weights(self.microbatches, self.mesh.pp, self.fsdp_reshard)
 
     @property
     def mixed_precision(self) -> str:
@@ -330,6 +356,7 @@ class Plan:
             "tensor_parallel": dict(self.tensor_parallel),
             **({"sequence_parallel": True} if self.sequence_parallel else {}),  # absent: off (plans before it)
             **({"expert_parallel": self.expert_parallel} if self.expert_parallel > 1 else {}),  # absent: 1
+            **({"fsdp_reshard": self.fsdp_reshard} if self.fsdp_reshard != "step" else {}),  # absent: "step"
             "predicted": self.predicted.to_dict() if self.predicted else None,
             "search": self.search.to_dict(),
         }

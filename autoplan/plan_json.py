@@ -147,7 +147,7 @@ def _notes(search: dict) -> tuple[str, ...]:
 
 _TOP_KEYS = ("autoplan_plan", "model", "cluster", "global_batch_size", "microbatch_size", "microbatches", "mesh",
              "schedule", "virtual_stages", "data_parallel", "precision", "optimizer", "stages", "tensor_parallel",
-             "sequence_parallel", "expert_parallel", "predicted", "search")
+             "sequence_parallel", "expert_parallel", "fsdp_reshard", "predicted", "search")
 
 
 def plan_from_dict(data: Any):
@@ -199,6 +199,7 @@ def plan_from_dict(data: Any):
         virtual_stages=_value(data, "virtual_stages", "", int, 1),
         sequence_parallel=_boolean(data, "sequence_parallel", False),
         expert_parallel=_value(data, "expert_parallel", "", int, 1),
+        fsdp_reshard=_value(data, "fsdp_reshard", "", str, "step"),
         predicted=_predicted(data) if predicted is not None else None,
         search=_search(data),
     )

@@ -1,5 +1,7 @@
 """One torchrun rank of the collective-count tests: for every case, what this rank issues in one training step
 (counted by tests/comm_counter.py) beside what the cost model charges (autoplan.cost.traffic.plan_collectives).
+A case with ``"numerics": true`` first trains the reference's AdamW steps and returns their losses and the final
+full state dict, for the parent to compare with one process.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/collective_worker.py cases.json results.pt
 """
@@ -21,7 +23,7 @@ import autoplan  # noqa: E402
 from autoplan.cost.traffic import plan_collectives  # noqa: E402
 from autoplan.execute.manual import manual_plan  # noqa: E402
 from comm_counter import counted_collectives  # noqa: E402
-from distributed_helpers import batches, build_model  # noqa: E402
+from distributed_helpers import batches, build_model, train_parallel  # noqa: E402
 
 
 _GRAPHS: dict[str, autoplan.ModelGraph] = {}
@@ -30,12 +32,19 @@ _GRAPHS: dict[str, autoplan.ModelGraph] = {}
 def run_case(case: dict) -> dict:
     model = build_model(case["kind"])
     inputs, targets = batches(case["kind"])[0]
-    plan = manual_plan(model, **case["plan"])
+    args = dict(case["plan"])
+    reshard = args.pop("fsdp_reshard", "step")  # a plan field manual_plan leaves at its default
+    plan = manual_plan(model, **args).replace(fsdp_reshard=reshard)
     if case["kind"] not in _GRAPHS:  # every case of a kind traces the same model and batch: once per rank
         _GRAPHS[case["kind"]] = autoplan.trace(build_model(case["kind"]), (inputs,))
     graph = _GRAPHS[case["kind"]]
     pm = autoplan.parallelize(model, plan=plan)
-    pm.train_step(inputs, targets)  # warm-up: DDP rebuilds its buckets after the first step
+    numerics = {}
+    if case.get("numerics"):  # the reference's steps: also the warm-up
+        _, losses, state = train_parallel(pm, batches(case["kind"]))
+        numerics = {"losses": losses, "state": state}
+    else:
+        pm.train_step(inputs, targets)  # warm-up: DDP rebuilds its buckets after the first step
     if plan.sequence_parallel:  # as after opt.zero_grad(): a norm's partial gradient is reduced once per step
         for p in pm.parameters():
             p.grad = None
@@ -46,7 +55,7 @@ def run_case(case: dict) -> dict:
     charged = plan_collectives(graph, plan)[coords["pp"]]
     return {"rank": dist.get_rank(), "coords": dict(coords), "units": units,
             "issued": [(c.kind, c.nbytes) for c in issued],
-            "charged": [(c.kind, c.nbytes, c.count, c.axis) for c in charged]}
+            "charged": [(c.kind, c.nbytes, c.count, c.axis) for c in charged], **numerics}
 
 
 def main(spec: str, out: str) -> None:

@@ -14,8 +14,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
-from distributed_helpers import GPT_CONFIG, layout, run_world
+from distributed_helpers import GPT_CONFIG, layout, reference, run_world
 
 WORKER = Path(__file__).with_name("collective_worker.py")
 #: Below this a collective is control traffic the step time does not price (a loss scalar); the tiny GPT's smallest
@@ -23,10 +24,14 @@ WORKER = Path(__file__).with_name("collective_worker.py")
 CONTROL_BYTES = 64
 
 
-def _case(name: str, microbatches: int, **kw) -> dict:
+def _case(name: str, microbatches: int, fsdp_reshard: str = "step", **kw) -> dict:
     case = layout("gpt", name, **kw)
     case["plan"]["microbatches"] = microbatches
     case["name"] = f"{case['name']}:mb{microbatches}"
+    if fsdp_reshard != "step":
+        case["plan"]["fsdp_reshard"] = fsdp_reshard
+        case["name"] += f":reshard-{fsdp_reshard}"
+        case["numerics"] = True  # a new executor path: trains like one process too
     return case
 
 
@@ -34,6 +39,7 @@ CASES = [
     _case("ddp4", 2, dp=4),
     _case("fsdp4", 1, dp=4, data_parallel="fsdp"),
     _case("fsdp4", 4, dp=4, data_parallel="fsdp"),
+    _case("fsdp4", 4, dp=4, data_parallel="fsdp", fsdp_reshard="microbatch"),  # ZeRO-3 per microbatch: 2m AG, m RS
     _case("tp4", 2, tp=4),
     _case("tp2xdp2", 2, tp=2, dp=2, recompute=True),
     _case("fsdp2xtp2", 2, tp=2, dp=2, data_parallel="fsdp"),
@@ -95,3 +101,9 @@ def test_issued_collectives_equal_charged(tmp_path):
             if problems:
                 failures.append(f"{case['name']} rank {rank['rank']} {rank['coords']}: " + "; ".join(problems))
     assert not failures, "\n".join(failures)
+    ref = reference("gpt")
+    for case in (c for c in CASES if c.get("numerics")):
+        got = results[case["name"]][0]
+        assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5), case["name"]
+        for key, value in ref["state"].items():
+            assert torch.allclose(got["state"][key], value, atol=1e-4, rtol=1e-4), (case["name"], key)

@@ -203,7 +203,7 @@ def layer_choice_cost(graph: ModelGraph, layer: Layer, cluster: Cluster, strateg
         layer, traced_batch_size=graph.batch_size, traced_dtype_bytes=graph.dtype_bytes, cluster=cluster,
         tp=strategy.tp if tp_on else 1, microbatch_size=strategy.microbatch_size, precision=strategy.precision,
         recompute=recompute, tp_stride=1, contention=contention, fsdp_unit=fsdp_unit, per_step_s=per_step_s,
-        fsdp_keeps_weights=cost.fsdp_keeps_weights(strategy.microbatches, strategy.pp),
+        fsdp_keeps_weights=strategy.fsdp_keeps_weights,
     )
     if strategy.sequence_parallel:
         result = _with_sequence_parallel(graph, layer, cluster, strategy, tp_on, recompute, result)
@@ -234,7 +234,7 @@ def layer_cost_context(graph: ModelGraph, layer: Layer, cluster: Cluster, strate
     per_step_s = cost.layer_step_overhead_s(
         cluster, param_tensors=len(layer.param_names), dtensor=_dtensor_params(strategy, tp_on),
         fsdp_unit=fsdp_unit, dp=strategy.dp, stride=strategy.tp, precision=strategy.precision,
-        microbatches=strategy.microbatches, pp=strategy.pp, contention=contention)
+        microbatches=strategy.microbatches, pp=strategy.pp, contention=contention, reshard=strategy.fsdp_reshard)
     return contention, fsdp_unit, per_step_s
 
 

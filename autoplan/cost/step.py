@@ -18,7 +18,8 @@ from .collectives import check_group as _check_group
 from .collectives import collective_terms
 from .memory import state_bytes_per_param
 
-__all__ = ["GRAD_REDUCE_BYTES", "fsdp_keeps_weights", "fsdp_held_bytes_per_param", "data_parallel_collectives", "data_parallel_sync_s",
+__all__ = ["GRAD_REDUCE_BYTES", "FSDP_RESHARD_MODES", "check_fsdp_reshard", "fsdp_keeps_weights",
+           "fsdp_held_bytes_per_param", "data_parallel_collectives", "data_parallel_sync_s",
            "data_parallel_sync_terms", "optimizer_step_bytes_per_param",
            "optimizer_step_s",
            "in_flight_microbatches", "bubble_microbatches", "compute_contention", "layer_step_overhead_s",
@@ -36,47 +37,87 @@ __all__ = ["GRAD_REDUCE_BYTES", "fsdp_keeps_weights", "fsdp_held_bytes_per_param
 GRAD_REDUCE_BYTES = 4
 
 
-def fsdp_keeps_weights(microbatches: int, pp: int) -> bool:
-    """Whether FSDP keeps each unit's gathered weights from the step's first forward to its last backward.
+#: How FSDP treats its gathered weights between the microbatches of a step (``Plan.fsdp_reshard``): ``"step"``
+#: keeps them from the first forward to the last backward when there are several microbatches or a pipeline
+#: (ZeRO-2-style accumulation: one all-gather and one reduce-scatter per unit and step); ``"microbatch"``
+#: reshards after every forward and backward and reduce-scatters every microbatch's gradients (ZeRO-3 with gradient
+#: accumulation: 2·m all-gathers and m reduce-scatters per unit, one unit's weights gathered at a time).
+FSDP_RESHARD_MODES = ("step", "microbatch")
 
-    With several microbatches or a pipeline the executor passes ``reshard_after_forward=False`` to
-    ``fully_shard`` (as torchtitan does under pipeline parallelism) and, between microbatches, neither reshards
-    nor reduces (``set_reshard_after_backward`` / ``set_requires_gradient_sync``; torch's pipeline stages do the
-    same): one all-gather and one reduce-scatter per unit and step, where resharding would gather twice per
-    microbatch. The price is memory: the stage's unsharded weights and gradient accumulators live through the
-    step (:func:`autoplan.cost.fsdp_held_bytes`). With one microbatch and no pipeline, FSDP reshards after
-    forward (ZeRO-3): two all-gathers, one reduce-scatter, one layer's weights at a time.
+
+def check_fsdp_reshard(reshard: str, pp: int) -> None:
+    """``ValueError`` unless ``reshard`` is one of :data:`FSDP_RESHARD_MODES` and the layout can run it.
+
+    Per-microbatch resharding needs pp = 1: torch.distributed.pipelining's stages turn resharding after backward
+    and the gradient sync off before every microbatch's backward (``backward_maybe_with_nosync``) and reduce once
+    after the last, so a pipelined FSDP stage keeps its gathered weights through the step whatever it is asked.
+
+    Example:
+        >>> check_fsdp_reshard("microbatch", pp=1)
+        >>> try:
+        ...     check_fsdp_reshard("microbatch", pp=2)
+        ... except ValueError as e:
+        ...     print(str(e)[:57])
+        fsdp_reshard='microbatch' needs pp = 1, got pp = 2: torch
+    """
+    if reshard not in FSDP_RESHARD_MODES:
+        raise ValueError(f"fsdp_reshard must be one of {FSDP_RESHARD_MODES}, got {reshard!r}")
+    if reshard == "microbatch" and pp > 1:
+        raise ValueError(
+            f"fsdp_reshard='microbatch' needs pp = 1, got pp = {pp}: torch's pipeline stages keep FSDP's gathered "
+            f"weights between microbatches (they turn resharding after backward off before each microbatch's "
+            f"backward); use fsdp_reshard='step' or a layout without pipeline parallelism")
+
+
+def fsdp_keeps_weights(microbatches: int, pp: int, reshard: str = "step") -> bool:
+    """Whether FSDP keeps each unit's gathered weights from the step's first forward to its last backward: the
+    one rule the executor applies (:mod:`autoplan.execute.apply`, :mod:`autoplan.execute.parallel_model`) and the
+    cost model prices, a function of the plan's ``microbatches``, ``mesh.pp`` and ``fsdp_reshard``.
+
+    ``reshard="step"`` (the default, and every plan written before the choice existed) with several microbatches
+    or a pipeline: the executor passes ``reshard_after_forward=False`` to ``fully_shard`` (as torchtitan does
+    under pipeline parallelism) and, between microbatches, neither reshards nor reduces
+    (``set_reshard_after_backward`` / ``set_requires_gradient_sync``; torch's pipeline stages do the same): one
+    all-gather and one reduce-scatter per unit and step. The price is memory: the stage's unsharded weights and
+    gradient accumulators live through the step (:func:`fsdp_held_bytes_per_param`). ``reshard="microbatch"``
+    (pp = 1, :func:`check_fsdp_reshard`), or one microbatch without a pipeline: FSDP reshards after every forward
+    and backward (ZeRO-3): two all-gathers and one reduce-scatter per unit and microbatch, one unit's weights at
+    a time.
 
     Example:
         >>> fsdp_keeps_weights(microbatches=1, pp=1), fsdp_keeps_weights(microbatches=4, pp=1)
         (False, True)
+        >>> fsdp_keeps_weights(microbatches=4, pp=1, reshard="microbatch")
+        False
     """
     _check_positive_int("microbatches", microbatches)
     _check_positive_int("pp", pp)
-    return microbatches > 1 or pp > 1
+    check_fsdp_reshard(reshard, pp)
+    return reshard == "step" and (microbatches > 1 or pp > 1)
 
 
-def fsdp_held_bytes_per_param(precision: str, data_parallel: str, dp: int, microbatches: int, pp: int) -> int:
+def fsdp_held_bytes_per_param(precision: str, data_parallel: str, dp: int, microbatches: int, pp: int,
+                              reshard: str = "step") -> int:
     """Bytes per parameter (after TP) that FSDP keeps unsharded through a step when :func:`fsdp_keeps_weights`:
     the gathered weights at the compute precision and the unsharded gradient accumulators, fp32
     (:data:`GRAD_REDUCE_BYTES`: FSDP2 accumulates unreduced gradients in ``reduce_dtype`` between microbatches,
-    and a pipeline stage reduces only after its last backward). 0 for DDP, dp = 1 and ZeRO-3 steps.
+    and a pipeline stage reduces only after its last backward). 0 for DDP, dp = 1 and resharding steps.
 
     Example:
         >>> fsdp_held_bytes_per_param("bf16", "fsdp", dp=8, microbatches=4, pp=1)   # bf16 weight + fp32 grad
         6
-        >>> fsdp_held_bytes_per_param("bf16", "fsdp", dp=8, microbatches=1, pp=1)
+        >>> fsdp_held_bytes_per_param("bf16", "fsdp", dp=8, microbatches=4, pp=1, reshard="microbatch")
         0
     """
     _check_precision(precision)
     _check_positive_int("dp", dp)
-    if data_parallel != "fsdp" or dp == 1 or not fsdp_keeps_weights(microbatches, pp):
+    if data_parallel != "fsdp" or dp == 1 or not fsdp_keeps_weights(microbatches, pp, reshard):
         return 0
     return PRECISION_BYTES[precision] + GRAD_REDUCE_BYTES
 
 
 def data_parallel_collectives(num_params: int, *, dp: int, data_parallel: str, precision: str,
-                              microbatches: int = 1, pp: int = 1,
+                              microbatches: int = 1, pp: int = 1, reshard: str = "step",
                               grad_reduce_bytes: int = GRAD_REDUCE_BYTES) -> tuple[Collective, ...]:
     """The data-parallel collectives one device issues per step for ``num_params`` (after tensor parallelism,
     before FSDP sharding), as :class:`~autoplan.cost.collectives.Collective` records: what
@@ -84,13 +125,17 @@ def data_parallel_collectives(num_params: int, *, dp: int, data_parallel: str, p
 
     DDP: one all-reduce of the gradients (``no_sync`` / no gradient sync before the last microbatch). FSDP: a
     reduce-scatter of the gradients and one all-gather of the weights per step when
-    :func:`fsdp_keeps_weights`, else two (forward and backward, ZeRO-3). Bytes are summed over FSDP units:
-    per unit the counts are these.
+    :func:`fsdp_keeps_weights`, else, per microbatch, two all-gathers (forward and backward) and a reduce-scatter
+    (ZeRO-3; ``reshard="microbatch"`` with m microbatches: 2·m and m). Bytes are summed over FSDP units: per unit
+    the counts are these.
 
     Example:
         >>> [(c.kind, c.nbytes, c.count) for c in data_parallel_collectives(
         ...     1000, dp=2, data_parallel="fsdp", precision="bf16", microbatches=4)]
         [('all_gather', 2000, 1), ('reduce_scatter', 4000, 1)]
+        >>> [(c.kind, c.count) for c in data_parallel_collectives(
+        ...     1000, dp=2, data_parallel="fsdp", precision="bf16", microbatches=4, reshard="microbatch")]
+        [('all_gather', 8), ('reduce_scatter', 4)]
     """
     if isinstance(num_params, bool) or not isinstance(num_params, int) or num_params < 0:
         raise ValueError(f"num_params must be an int ≥ 0, got {num_params!r}")
@@ -104,17 +149,21 @@ def data_parallel_collectives(num_params: int, *, dp: int, data_parallel: str, p
     grad_bytes = num_params * grad_reduce_bytes
     if data_parallel == "ddp":
         return (Collective("all_reduce", grad_bytes, 1, dp, "dp"),)
-    gathers = 1 if fsdp_keeps_weights(microbatches, pp) else 2
+    if fsdp_keeps_weights(microbatches, pp, reshard):
+        gathers, scatters = 1, 1
+    else:  # every microbatch gathers for forward, again for backward, and reduce-scatters (ZeRO-3)
+        gathers, scatters = 2 * microbatches, microbatches
     return (Collective("all_gather", num_params * PRECISION_BYTES[precision], gathers, dp, "dp"),
-            Collective("reduce_scatter", grad_bytes, 1, dp, "dp"))
+            Collective("reduce_scatter", grad_bytes, scatters, dp, "dp"))
 
 
 def data_parallel_sync_s(num_params: int, cluster: Cluster, *, dp: int, stride: int, data_parallel: str,
                          precision: str, grad_reduce_bytes: int = GRAD_REDUCE_BYTES, microbatches: int = 1,
-                         pp: int = 1) -> float:
+                         pp: int = 1, reshard: str = "step") -> float:
     """Gradient synchronisation of one device's ``num_params`` per step: DDP all-reduce of gradients; FSDP
     all-gathers of weights plus a reduce-scatter of gradients (ZeRO §7), counted by
-    :func:`data_parallel_collectives` (two all-gathers with one microbatch and no pipeline, one otherwise).
+    :func:`data_parallel_collectives` (two all-gathers and a reduce-scatter per microbatch when FSDP reshards,
+    one each per step when it keeps its weights: :func:`fsdp_keeps_weights`).
 
     ``num_params`` is what the device's stage holds after tensor parallelism and before FSDP sharding; the
     data-parallel group is ``dp`` ranks ``stride`` (= tp) apart. Gradients travel at ``grad_reduce_bytes`` per
@@ -135,19 +184,20 @@ def data_parallel_sync_s(num_params: int, cluster: Cluster, *, dp: int, stride: 
     latency_s, seconds_per_param = data_parallel_sync_terms(cluster, dp=dp, stride=stride,
                                                             data_parallel=data_parallel, precision=precision,
                                                             grad_reduce_bytes=grad_reduce_bytes,
-                                                            microbatches=microbatches, pp=pp)
+                                                            microbatches=microbatches, pp=pp, reshard=reshard)
     return latency_s + num_params * seconds_per_param
 
 
 def data_parallel_sync_terms(cluster: Cluster, *, dp: int, stride: int, data_parallel: str, precision: str,
                              grad_reduce_bytes: int = GRAD_REDUCE_BYTES, microbatches: int = 1,
-                             pp: int = 1) -> tuple[float, float]:
+                             pp: int = 1, reshard: str = "step") -> tuple[float, float]:
     """(latency_s, seconds_per_param) of :func:`data_parallel_sync_s`, which is affine in the parameters.
 
     Each collective of :func:`data_parallel_collectives` is priced by
     :func:`autoplan.cost.collective_terms`: measured per kind and group size when the cluster was calibrated,
     else the ring formulas, where an all-reduce is two all-gathers' time and a reduce-scatter one. DDP:
-    AR(g·Ψ); FSDP: k·AG(p·Ψ) + RS(g·Ψ) with k = 2, or 1 when :func:`fsdp_keeps_weights`.
+    AR(g·Ψ); FSDP: k·AG(p·Ψ) + j·RS(g·Ψ) with k = 2·m, j = m (m microbatches resharding each, one without a
+    pipeline), or k = j = 1 when :func:`fsdp_keeps_weights`.
 
     Example:
         >>> c = Cluster.preset("a100-80gb")
@@ -166,7 +216,8 @@ def data_parallel_sync_terms(cluster: Cluster, *, dp: int, stride: int, data_par
         return 0.0, 0.0
     # One parameter's collectives, each kind at its own (latency, seconds per byte).
     records = data_parallel_collectives(1, dp=dp, data_parallel=data_parallel, precision=precision,
-                                        microbatches=microbatches, pp=pp, grad_reduce_bytes=grad_reduce_bytes)
+                                        microbatches=microbatches, pp=pp, reshard=reshard,
+                                        grad_reduce_bytes=grad_reduce_bytes)
     terms = [(c, collective_terms(cluster, c.kind, dp, stride)) for c in records]
     return (sum(c.count * latency_s for c, (latency_s, _) in terms),
             sum(c.count * c.nbytes * per_byte for c, (_, per_byte) in terms))
@@ -313,7 +364,8 @@ def compute_contention(cluster: Cluster, *, pp: int, microbatches: int, schedule
 
 
 def layer_step_overhead_s(cluster: Cluster, *, param_tensors: int, dtensor: bool, fsdp_unit: bool, dp: int,
-                          stride: int, precision: str, microbatches: int, pp: int, contention: float = 1.0) -> float:
+                          stride: int, precision: str, microbatches: int, pp: int, contention: float = 1.0,
+                          reshard: str = "step") -> float:
     """A layer's fixed seconds per step outside its microbatches, as the rank spends them, divided by the step's
     ``microbatches`` (the caller charges it once per microbatch, :func:`autoplan.cost.layer_cost`'s
     ``per_step_s``, which adds it as it is):
@@ -353,12 +405,13 @@ def layer_step_overhead_s(cluster: Cluster, *, param_tensors: int, dtensor: bool
         from .collectives import collective_latency_s
 
         records = data_parallel_collectives(1, dp=dp, data_parallel="fsdp", precision=precision,
-                                            microbatches=microbatches, pp=pp)
+                                            microbatches=microbatches, pp=pp, reshard=reshard)
         total_s += sum(c.count * collective_latency_s(cluster, c.kind, dp, stride) for c in records)
     return total_s / microbatches
 
 
-def data_parallel_root_kind(*, dp: int, data_parallel: str, tp: int, pp: int, microbatches: int) -> str | None:
+def data_parallel_root_kind(*, dp: int, data_parallel: str, tp: int, pp: int, microbatches: int,
+                            reshard: str = "step") -> str | None:
     """The FSDP2 wrapper on each pipeline stage's root module (:mod:`autoplan.execute.data_parallel`), as a
     :data:`autoplan.cluster_tables.GROUP_OVERHEAD_KINDS` figure: ``fully_shard`` under FSDP ("fsdp", or
     "fsdp_keep" when :func:`fsdp_keeps_weights`), ``replicate`` under DDP composed with tensor or pipeline
@@ -373,12 +426,12 @@ def data_parallel_root_kind(*, dp: int, data_parallel: str, tp: int, pp: int, mi
     if dp == 1:
         return None
     if data_parallel == "fsdp":
-        return "fsdp_keep" if fsdp_keeps_weights(microbatches, pp) else "fsdp"
+        return "fsdp_keep" if fsdp_keeps_weights(microbatches, pp, reshard) else "fsdp"
     return "replicate" if tp > 1 or pp > 1 else None
 
 
 def data_parallel_root_s(cluster: Cluster, *, dp: int, data_parallel: str, tp: int, pp: int, microbatches: int,
-                         schedule: str, virtual_stages: int = 1) -> float:
+                         schedule: str, virtual_stages: int = 1, reshard: str = "step") -> float:
     """Seconds a step spends in the hooks of the stage roots' data-parallel wrappers
     (:func:`data_parallel_root_kind`) on its critical path.
 
@@ -402,7 +455,8 @@ def data_parallel_root_s(cluster: Cluster, *, dp: int, data_parallel: str, tp: i
     """
     from ..cluster_tables import group_layer_overhead_s
 
-    kind = data_parallel_root_kind(dp=dp, data_parallel=data_parallel, tp=tp, pp=pp, microbatches=microbatches)
+    kind = data_parallel_root_kind(dp=dp, data_parallel=data_parallel, tp=tp, pp=pp, microbatches=microbatches,
+                                   reshard=reshard)
     if kind is None:
         return 0.0
     per_forward_s = group_layer_overhead_s(cluster.device, kind, dp)

@@ -38,6 +38,12 @@ class Strategy:
     precision: str = "bf16"
     optimizer: str = "adamw"
     sequence_parallel: bool = False  # Megatron sequence parallelism in every layer that allows it (tp > 1)
+    fsdp_reshard: str = "step"  # FSDP between microbatches: keep the gathered weights, or reshard ("microbatch")
+
+    @cached_property
+    def fsdp_keeps_weights(self) -> bool:
+        """:func:`autoplan.cost.fsdp_keeps_weights` of this layout (``Plan.fsdp_keeps_weights``'s rule)."""
+        return cost.fsdp_keeps_weights(self.microbatches, self.pp, self.fsdp_reshard)
 
     @property
     def num_stages(self) -> int:
@@ -55,16 +61,18 @@ class Strategy:
         return round(cost.bubble_microbatches(self.schedule, self.pp, self.virtual_stages) * self.virtual_stages)
 
     def describe(self) -> str:
-        """``pp2×dp4×tp1 1f1b mb=2×8 ddp`` (with ``v=2`` for interleaved)."""
+        """``pp2×dp4×tp1 1f1b mb=2×8 ddp`` (with ``v=2`` for interleaved, ``fsdp reshard/mb`` for FSDP that
+        reshards every microbatch)."""
         v = f" v={self.virtual_stages}" if self.virtual_stages > 1 else ""
+        reshard = " reshard/mb" if self.fsdp_reshard == "microbatch" else ""
         return (f"pp{self.pp}×dp{self.dp}×tp{self.tp}{'+sp' if self.sequence_parallel else ''} {self.schedule}{v} "
-                f"mb={self.microbatch_size}×{self.microbatches} {self.data_parallel}")
+                f"mb={self.microbatch_size}×{self.microbatches} {self.data_parallel}{reshard}")
 
     @classmethod
     def of(cls, plan: Plan) -> "Strategy":
         return cls(plan.mesh.pp, plan.mesh.dp, plan.mesh.tp, plan.microbatch_size, plan.microbatches,
                    plan.schedule, plan.data_parallel, plan.virtual_stages, plan.precision, plan.optimizer,
-                   plan.sequence_parallel)
+                   plan.sequence_parallel, plan.fsdp_reshard)
 
 
 
@@ -83,7 +91,8 @@ def rank_tail_s(strategy: Strategy, cluster: Cluster, num_params: float) -> tupl
     """
     sync = cost.data_parallel_sync_s(int(num_params), cluster, dp=strategy.dp, stride=strategy.tp,
                                      data_parallel=strategy.data_parallel, precision=strategy.precision,
-                                     microbatches=strategy.microbatches, pp=strategy.pp) + _root_s(strategy, cluster)
+                                     microbatches=strategy.microbatches, pp=strategy.pp,
+                                     reshard=strategy.fsdp_reshard) + _root_s(strategy, cluster)
     shard = num_params / strategy.dp if strategy.data_parallel == "fsdp" else num_params
     opt = cost.optimizer_step_s(int(-(-shard // 1)), cluster, strategy.precision, strategy.optimizer)
     return sync, opt
@@ -94,7 +103,7 @@ def _root_s(strategy: Strategy, cluster: Cluster) -> float:
     constant of the layout, so it joins the data-parallel tail, where the solver sees it in α."""
     return cost.data_parallel_root_s(cluster, dp=strategy.dp, data_parallel=strategy.data_parallel, tp=strategy.tp,
                                      pp=strategy.pp, microbatches=strategy.microbatches, schedule=strategy.schedule,
-                                     virtual_stages=strategy.virtual_stages)
+                                     virtual_stages=strategy.virtual_stages, reshard=strategy.fsdp_reshard)
 
 
 def rank_tail_terms(strategy: Strategy, cluster: Cluster) -> tuple[float, float]:
@@ -117,7 +126,7 @@ def rank_tail_terms(strategy: Strategy, cluster: Cluster) -> tuple[float, float]
     """
     latency_s, sync_per_param_s = cost.data_parallel_sync_terms(
         cluster, dp=strategy.dp, stride=strategy.tp, data_parallel=strategy.data_parallel,
-        precision=strategy.precision, microbatches=strategy.microbatches, pp=strategy.pp)
+        precision=strategy.precision, microbatches=strategy.microbatches, pp=strategy.pp, reshard=strategy.fsdp_reshard)
     latency_s += _root_s(strategy, cluster)
     shard = strategy.dp if strategy.data_parallel == "fsdp" else 1
     optimizer_per_param_s = (cost.optimizer_step_bytes_per_param(strategy.precision, strategy.optimizer)
@@ -142,7 +151,7 @@ def _held(strategy: Strategy) -> int:
     """FSDP's weights and gradient accumulators kept unsharded through a step of several microbatches or a
     pipeline (:func:`autoplan.cost.fsdp_held_bytes_per_param`), per parameter."""
     return cost.fsdp_held_bytes_per_param(strategy.precision, strategy.data_parallel, strategy.dp,
-                                          strategy.microbatches, strategy.pp)
+                                          strategy.microbatches, strategy.pp, strategy.fsdp_reshard)
 
 
 def rank_state_bytes(strategy: Strategy, num_params: int) -> int:

@@ -56,7 +56,8 @@ def plan_collectives(graph: ModelGraph, plan: Plan) -> tuple[tuple[Collective, .
                                                                    strategy.tp)
     for r in range(strategy.pp):
         per_rank[r] += data_parallel_collectives(params[r], dp=strategy.dp, data_parallel=strategy.data_parallel,
-                                                 precision=strategy.precision, microbatches=m, pp=strategy.pp)
+                                                 precision=strategy.precision, microbatches=m, pp=strategy.pp,
+                                                 reshard=strategy.fsdp_reshard)
     for r, tied in enumerate(tied_gradient_collectives(graph, plan)):  # once per step (autoplan.cost.tied)
         per_rank[r] += tied
     return tuple(tuple(rank) for rank in per_rank)

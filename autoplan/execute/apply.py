@@ -26,7 +26,6 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from ..cost.step import fsdp_keeps_weights
 from ..plan import Plan
 from .data_parallel import apply_data_parallel, low_precision_dtype
 from .experts import apply_expert_parallel, check_expert_parallel
@@ -189,7 +188,7 @@ def _apply(model: nn.Module, parts: list[nn.Module], plan: Plan, loss_fn, init_w
             layers = plan.stages[k].layers if m.pp > 1 else plan.layers
             runner = apply_data_parallel(root, plan.data_parallel, mesh["dp"], layers, plan.precision,
                                          composed=m.tp > 1 or m.pp > 1,
-                                         keep_weights=fsdp_keeps_weights(plan.microbatches, m.pp))
+                                         keep_weights=plan.fsdp_keeps_weights)
             if meta and not classic_ddp:
                 materialize(root)
         stages.append(LocalStage(k, root, runner))

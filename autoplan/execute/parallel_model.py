@@ -256,9 +256,11 @@ class ParallelModel:
             sync = nullcontext()
             if backward and isinstance(runner, DistributedDataParallel) and not last:
                 sync = runner.no_sync()
-            if backward and isinstance(runner, FSDPModule):
+            if backward and isinstance(runner, FSDPModule) and a.plan.fsdp_keeps_weights:
                 # Reduce and reshard once, after the last microbatch: the weights stay gathered in between
                 # (reshard_after_forward=False, see autoplan.cost.fsdp_keeps_weights), one all-gather per step.
+                # Resharding per microbatch (fsdp_reshard="microbatch") keeps FSDP2's defaults: every backward
+                # reshards and reduce-scatters.
                 runner.set_requires_gradient_sync(last)
                 runner.set_reshard_after_backward(last)
             with sync:

@@ -312,6 +312,7 @@ def build_plan(graph: ModelGraph, cluster: Cluster, strategy: Strategy, assignme
         schedule=strategy.schedule, data_parallel=strategy.data_parallel, stages=tuple(stages),
         tensor_parallel=tensor_parallel, precision=strategy.precision, optimizer=strategy.optimizer,
         virtual_stages=strategy.virtual_stages, sequence_parallel="sequence" in tensor_parallel.values(),
+        fsdp_reshard=strategy.fsdp_reshard,
         search=replace(search_info, notes=search_info.notes + _pipeline_notes(graph) +
                        tensor_parallel_notes(graph, strategy.tp, tensor_parallel,
                                              strategy.data_parallel == "fsdp" and strategy.dp > 1)),

@@ -162,8 +162,9 @@ def enumerate_strategies(graph: ModelGraph, cluster: Cluster, options: PlanOptio
                         continue
                     for kind in _dp_kinds(dp, options.data_parallel, _fsdp_blocks_pinned_tp(graph, options, tp)):
                         for sp in _sequence_parallel_choices(tp, tp in sp_degrees, options.sequence_parallel):
-                            strategies.append(Strategy(pp, dp, tp, mb, m, schedule, kind, v, options.precision,
-                                                       options.optimizer, sp))
+                            for reshard in _fsdp_reshards(kind, dp, pp, m):
+                                strategies.append(Strategy(pp, dp, tp, mb, m, schedule, kind, v, options.precision,
+                                                           options.optimizer, sp, reshard))
     if not strategies:
         raise ValueError(_no_strategy_message(graph, cluster, options, batch))
     return strategies
@@ -244,6 +245,16 @@ def _dp_kinds(dp: int, pinned: str, fsdp_blocks_tp: bool = False) -> list[str]:
     if dp == 1:
         return ["ddp"]  # FSDP over one rank shards nothing
     return ["ddp"] if fsdp_blocks_tp else ["ddp", "fsdp"]
+
+
+def _fsdp_reshards(kind: str, dp: int, pp: int, microbatches: int) -> list[str]:
+    """How FSDP may treat its gathered weights between microbatches (``Plan.fsdp_reshard``): keep them through
+    the step, and, with several microbatches and no pipeline, also reshard per microbatch (ZeRO-3 with gradient
+    accumulation: :func:`autoplan.cost.fsdp_keeps_weights`). The two differ only there; a pipeline's stages keep
+    them whatever they are asked (:func:`autoplan.cost.check_fsdp_reshard`)."""
+    if kind == "fsdp" and dp > 1 and pp == 1 and microbatches > 1:
+        return ["step", "microbatch"]
+    return ["step"]
 
 
 _PROBING = False  # set while _no_strategy_message tries other batch sizes (their failures need no message)

@@ -125,7 +125,7 @@ class LayerCostCache:
         # through the compute contention, so its value (few: 1.0 on dedicated devices) stands for it in the key.
         contention = self.contention(strategy)
         context_key = (strategy.pp, strategy.dp, strategy.tp, strategy.microbatches, contention,
-                       strategy.data_parallel, strategy.precision, choice.tp_on,
+                       strategy.data_parallel, strategy.fsdp_reshard, strategy.precision, choice.tp_on,
                        len(layer.param_names), layer.num_params == 0, layer.num_params * 8 >= self._largest_params,
                        owns_tied_weight(self.graph, layer))  # left with the FSDP root
         if relaxed:
@@ -135,8 +135,10 @@ class LayerCostCache:
             if context is None:
                 context = self._contexts[context_key] = layer_cost_context(
                     self.graph, layer, self.cluster, strategy, choice.tp_on, self._largest_params)
+        # an FSDP unit's hooks cost what the way it runs them costs: keeping its weights, or resharding
+        keeps = context[1] > 0 and strategy.fsdp_keeps_weights
         key = (sig_id, strategy.tp if choice.tp_on else 1, strategy.microbatch_size, strategy.precision,
-               choice.recompute, sp, context)
+               choice.recompute, sp, context, keeps)
         hit = self._memo.get(key)
         if hit is None:
             hit = layer_choice_cost(self.graph, layer, self.cluster, strategy, choice.tp_on, choice.option(layer),
