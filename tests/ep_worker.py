@@ -4,7 +4,8 @@ the data-parallel ranks (ep = dp = the world size), against one process; rank 0 
     python -m torch.distributed.run --nproc_per_node 2 tests/ep_worker.py cases.json results.pt
 
 Each case: a plan pinned by hand (``manual_plan``, no tracing) with ``expert_parallel`` = dp, two AdamW steps over
-two microbatches, the collectives of one step counted (``_c10d_functional`` ops), the experts this rank holds, and
+two microbatches, the collectives of one step counted (``_c10d_functional`` ops; with ``"data_parallel": "fsdp"``
+every c10d collective, by ``tests/comm_counter.py``, FSDP's own included), the experts this rank holds, and
 optionally a checkpoint / state-dict round trip. ``"meta": true`` builds the model on meta (each rank allocates and
 initializes only its experts) and then loads the reference's initial weights with ``load_state_dict``. Every rank computes the one-process reference itself.
 """
@@ -15,6 +16,7 @@ import os
 import sys
 
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 
@@ -57,9 +59,10 @@ def build(case: dict, device=None) -> torch.nn.Module:
     return no_dropout(model)
 
 
-def counted_step(pm, opt, inputs, targets) -> tuple[float, dict, dict]:
+def counted_step(pm, opt, inputs, targets, every: bool = False) -> tuple[float, dict | list, dict]:
     """One training step, counting the functional collectives (``_c10d_functional`` ops) it dispatched, forward
-    and backward, by op name. DDP's bucketed all-reduce is not one of them (its reducer calls the process group)."""
+    and backward, by op name. DDP's bucketed all-reduce is not one of them (its reducer calls the process group).
+    ``every``: instead, every collective the process group ran, as sorted ``(kind, bytes)`` pairs."""
     from collections import Counter
 
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -72,19 +75,29 @@ def counted_step(pm, opt, inputs, targets) -> tuple[float, dict, dict]:
                 counts[func.__name__.split(".")[0]] += 1
             return func(*args, **(kwargs or {}))
 
-    with Count():
-        loss = pm.train_step(inputs, targets)
+    if every:
+        from comm_counter import counted_collectives
+
+        with counted_collectives() as issued:
+            loss = pm.train_step(inputs, targets)
+        found: dict | list = sorted((c.kind, int(c.nbytes)) for c in issued)
+    else:
+        with Count():
+            loss = pm.train_step(inputs, targets)
+        found = dict(counts)
     grads = full_gradients(pm.named_parameters())
     opt.step()
     opt.zero_grad()
-    return loss, dict(counts), grads
+    return loss, found, grads
 
 
 def run_case(case: dict) -> dict:
     data = batches(case["family"])
     model = build(case, "meta" if case.get("meta") else None)
     dp = int(os.environ["WORLD_SIZE"])
-    plan = manual_plan(model, [[""]], dp=dp, global_batch_size=GLOBAL_BATCH, microbatches=MICROBATCHES)
+    kind = case.get("data_parallel", "ddp")
+    plan = manual_plan(model, [case.get("layers", [""])], dp=dp, global_batch_size=GLOBAL_BATCH,
+                       microbatches=MICROBATCHES, data_parallel=kind, precision=case.get("precision", "fp32"))
     plan = plan.replace(expert_parallel=case.get("ep", dp))
     pm = autoplan.parallelize(model, data[0][0], loss_fn=loss_fn, plan=plan)
     if case.get("meta"):  # each rank allocated and initialized only its experts; now the reference's weights
@@ -93,7 +106,7 @@ def run_case(case: dict) -> dict:
     held = {name: tuple(p.to_local().shape) for name, p in pm.named_parameters() if "experts" in name}
     losses, counts, grads = [], {}, {}
     for inputs, targets in data:
-        loss, step_counts, step_grads = counted_step(pm, opt, inputs, targets)
+        loss, step_counts, step_grads = counted_step(pm, opt, inputs, targets, every=kind == "fsdp")
         losses.append(loss)
         counts, grads = counts or step_counts, grads or step_grads
     state = pm.full_state_dict()
@@ -111,11 +124,30 @@ def run_case(case: dict) -> dict:
         result["max_weight_diff"] = max(diffs.values())
         result["worst_weight"] = max(diffs, key=diffs.get)
         result["full_shapes"] = {k: tuple(v.shape) for k, v in state.items() if "experts" in k}
+        if kind == "fsdp":
+            result.update(charged(case, data, plan))
+            result["units"] = sum(isinstance(m, FSDPModule) for root in pm.modules_on_rank for m in root.modules())
     return result
 
 
+def charged(case: dict, data, plan) -> dict:
+    """What the cost model charges for one step of ``plan`` (traced here: ~3 CPU-seconds), as
+    ``(kind, bytes, count, axis)``: every collective (:func:`autoplan.cost.traffic.plan_collectives`) and the
+    experts' dispatch among them."""
+    from autoplan.cost.experts import expert_parallel_collectives
+    from autoplan.cost.plan_cost import estimate_breakdown
+    from autoplan.cost.traffic import plan_collectives
+
+    graph = autoplan.trace(build(case), data[0][0])
+    estimate_breakdown(graph, plan)  # priced without error
+    rows = lambda got: [(c.kind, c.nbytes, c.count, c.axis) for c in got]  # noqa: E731
+    return {"charged": rows(plan_collectives(graph, plan)[0]),
+            "dispatch": rows(t for got in expert_parallel_collectives(graph, plan).values() for t in got)}
+
+
 def case_name(case: dict) -> str:
-    return f"{case['family']}:{case.get('experts') or 'default'}{':meta' if case.get('meta') else ''}"
+    return (f"{case['family']}:{case.get('experts') or 'default'}{':meta' if case.get('meta') else ''}"
+            f"{':' + case['data_parallel'] if case.get('data_parallel') else ''}")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,14 @@
 
 Quick tier: pricing (memory, gradient sync, dispatch collectives), the plan field and option, and every refusal,
 on a hand-written toy MoE (torch.fx traces it in milliseconds). Slow tier: one world of 2 gloo ranks trains tiny
-Mixtral (grouped_mm experts, with a checkpoint and state-dict round trip) and Qwen2-MoE (eager experts, built on
-meta and loaded) under
-dp2 + ep2 against one process, checks that each rank holds E/2 experts and counts the collectives issued against
-the cost model's.
+Mixtral (grouped_mm experts, with a checkpoint and state-dict round trip; by DDP, then with FSDP for the dense part)
+and Qwen2-MoE (eager experts, built on meta and loaded) under dp2 + ep2 against one process, checks that each rank
+holds E/2 experts and counts the collectives issued against the cost model's.
 """
 
 from __future__ import annotations
+
+from collections import Counter
 
 import pytest
 import torch
@@ -108,6 +109,26 @@ def test_pricing_divides_the_experts_state_and_adds_the_dispatch():
     assert estimate_breakdown(graph, _plan(4, recompute=("layers.0",))[1]).ranks[0].tp_comm_s > rb.tp_comm_s
 
 
+def test_pricing_under_fsdp_leaves_the_experts_out_of_fsdp():
+    from autoplan.cost.plan_cost import Strategy, rank_state_bytes
+
+    graph, ddp = _plan()  # 2 microbatches: FSDP keeps each unit's gathered weights and gradients through a step
+    off = ddp.replace(data_parallel="fsdp")
+    on = off.replace(expert_parallel=4)
+    a, b = estimate_breakdown(graph, off), estimate_breakdown(graph, on)
+    ra, rb = a.ranks[0], b.ranks[0]
+    experts, dense = 400_000, ra.num_params - 400_000
+    assert rb.num_params == ra.num_params  # before FSDP's sharding: the experts' 1/ep is its 1/dp
+    per_param = autoplan.cost.state_bytes_per_param("bf16", "adamw").total
+    # the dense part as FSDP holds it (sharded, plus what it keeps unsharded through the step); the experts 1/ep
+    assert rb.model_state_bytes == rank_state_bytes(Strategy.of(on), dense) + experts // 4 * per_param
+    assert rb.model_state_bytes < ra.model_state_bytes  # FSDP no longer keeps the experts gathered
+    assert rb.dp_sync_s < ra.dp_sync_s  # FSDP gathers and reduce-scatters the dense weights only
+    assert rb.transient_bytes < ra.transient_bytes  # the layer's gathered weights: its dense ones
+    assert rb.compute_s == ra.compute_s
+    assert b.fits and b.step_time_s > 0
+
+
 def test_plan_field_is_additive_and_validated():
     graph, plan = _plan(ep=4)
     d = plan.to_dict()
@@ -131,9 +152,11 @@ def test_executor_refuses_what_it_cannot_run_before_changing_the_model():
     wide = manual_plan(model, [[""]], dp=8, global_batch_size=8).replace(expert_parallel=8)
     with pytest.raises(autoplan.PlanMismatchError, match="has 4 experts, which ep=8 ranks cannot share evenly"):
         check_expert_parallel(model, wide)
+    check_expert_parallel(model, manual_plan(model, [[""]], dp=4, global_batch_size=8, data_parallel="fsdp")
+                          .replace(expert_parallel=4))  # FSDP for the dense part
     for other in (manual_plan(model, [[""]], dp=2, tp=2, global_batch_size=8).replace(expert_parallel=2),
-                  manual_plan(model, [[""]], dp=4, global_batch_size=8, data_parallel="fsdp")
-                  .replace(expert_parallel=4),
+                  manual_plan(model, [["0", "1"], ["2", "3"]], dp=2, pp=2, global_batch_size=8,
+                              microbatches=2).replace(expert_parallel=2),
                   manual_plan(model, [[""]], dp=4, global_batch_size=8).replace(expert_parallel=2)):
         with pytest.raises(autoplan.PlanMismatchError, match="expert parallelism runs only with dp only"):
             check_expert_parallel(model, other)
@@ -169,8 +192,12 @@ def test_dp2_with_experts_sharded_matches_one_process(tmp_path):
     pytest.importorskip("transformers")
     from distributed_helpers import REPO, run_world
 
+    layers = ["model.embed_tokens", "model.rotary_emb", "model.layers.0", "model.layers.1", "model.norm", "lm_head"]
     cases = [{"family": "mixtral", "checkpoint": str(tmp_path / "checkpoint")},
-             {"family": "qwen2_moe", "experts": "eager", "meta": True}]  # built on meta, then loaded
+             {"family": "qwen2_moe", "experts": "eager", "meta": True},  # built on meta, then loaded
+             # FSDP for the dense part (a unit per layer, as the planner's), the experts left out of it
+             {"family": "mixtral", "data_parallel": "fsdp", "layers": layers,
+              "checkpoint": str(tmp_path / "fsdp_checkpoint")}]
     # 2 ranks, not 4: each rank imports transformers (~9 CPU-seconds), and ep = 2 holds 2 of the 4 experts per
     # rank, so the local offsets and the other rank's sentinel pairs are both exercised
     results = run_world(cases, tmp_path, nproc=EP, worker=REPO / "tests" / "ep_worker.py", timeout_s=400)
@@ -186,9 +213,36 @@ def test_dp2_with_experts_sharded_matches_one_process(tmp_path):
         assert got["losses"] == pytest.approx(got["ref_losses"], rel=1e-5), name
         assert got["grad_rel_diff"] <= 1e-5, name  # the gradients themselves: AdamW would hide a wrong scale
         assert got["missing"] == [] and got["max_weight_diff"] <= 1e-4, (name, got["worst_weight"])
-        assert got["counts"] == {"all_gather_into_tensor": charged["all_gather"],
-                                 "reduce_scatter_tensor": charged["reduce_scatter"]}, name
+        if got["plan"]["data_parallel"] == "ddp":
+            assert got["counts"] == {"all_gather_into_tensor": charged["all_gather"],
+                                     "reduce_scatter_tensor": charged["reduce_scatter"]}, name
         assert got["plan"]["expert_parallel"] == EP
         assert len(got["held"]) == 4 and all(shape[0] == 4 // EP for shape in got["held"].values()), got["held"]
         assert all(shape[0] == 4 for shape in got["full_shapes"].values())  # the full state dict is whole
-    assert results["mixtral:default"]["roundtrip"] == {"checkpoint": 0.0, "state_dict": 0.0, "on_disk": 0.0}
+    for name in ("mixtral:default", "mixtral:default:fsdp"):
+        assert results[name]["roundtrip"] == {"checkpoint": 0.0, "state_dict": 0.0, "on_disk": 0.0}, name
+    _issued_equal_charged(results["mixtral:default:fsdp"])
+
+
+def _issued_equal_charged(got: dict) -> None:
+    """Every collective of an EP + FSDP step, counted at the process group, against the cost model's list
+    (``autoplan.cost.traffic.plan_collectives``): the dispatch per microbatch, then FSDP's all-gather and
+    reduce-scatter of the dense weights per unit — the experts' weights in neither."""
+    dispatch = [(kind, nbytes, count * 2, axis) for kind, nbytes, count, axis in got["dispatch"]]  # 2 microbatches
+    assert got["charged"][:len(dispatch)] == dispatch
+    fsdp = got["charged"][len(dispatch):]
+    assert [kind for kind, *_ in fsdp] == ["all_gather", "reduce_scatter"]  # once per unit and step: kept weights
+    want_count, want_bytes = Counter(), Counter()
+    for kind, nbytes, count, _ in dispatch:
+        want_count[kind] += count
+        want_bytes[kind] += nbytes * count
+    for kind, nbytes, count, _ in fsdp:  # the records sum the bytes over units: per unit, the count
+        want_count[kind] += count * got["units"]
+        want_bytes[kind] += nbytes * count
+    issued_count, issued_bytes = Counter(), Counter()
+    for kind, nbytes in got["counts"]:
+        if kind != "all_reduce":  # the loss's mean, 4 bytes
+            issued_count[kind] += 1
+            issued_bytes[kind] += nbytes
+    assert got["counts"].count(("all_reduce", 4)) == len([k for k, _ in got["counts"] if k == "all_reduce"])
+    assert (issued_count, issued_bytes) == (want_count, want_bytes)

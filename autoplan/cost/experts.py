@@ -4,17 +4,20 @@ What changes against the same layout without it (GShard, Lepikhin et al. 2020 §
 token dispatcher, which the executor runs):
 
 - **Memory.** Each rank holds E/ep experts: the experts' weights, gradients and optimizer states are divided by
-  ``ep`` (the dense part is held as before). While an MoE layer runs, the group's gathered tokens and the partial
-  sums of the local experts (``ep·T·H`` elements each) are transient buffers.
-- **Gradient sync.** The experts' gradients leave DDP's all-reduce (each rank's are its own experts'); the
-  dispatch's backward already summed every rank's contribution.
+  ``ep`` (the dense part is held as before: whole under DDP, sharded by FSDP). Under FSDP (ep = dp) the experts
+  are left out of it: never gathered, so neither FSDP's per-layer gathered weights nor the unsharded weights and
+  gradient accumulators it keeps through a step of several microbatches count them. While an MoE layer runs, the
+  group's gathered tokens and the partial sums of the local experts (``ep·T·H`` elements each) are transient
+  buffers, and under FSDP's mixed precision the local experts' low-precision copy.
+- **Gradient sync.** The experts' gradients leave DDP's all-reduce, or FSDP's all-gathers and reduce-scatters
+  (each rank's are its own experts'); the dispatch's backward already summed every rank's contribution.
 - **Dispatch.** Per experts module and microbatch, forward: all-gathers of the tokens (``ep·T·H``), of their
   top-k weights (``ep·T·k``) and indices (``ep·T·k`` int64), and a reduce-scatter of the partial sums
   (``ep·T·H``); backward: an all-gather of the output gradient and reduce-scatters of the tokens' and the
   weights' gradients — 4 all-gathers and 3 reduce-scatters, on the critical path (the executor issues them
   synchronously), over the dp group. A recomputed experts module issues its forward ones again.
-  ``T`` is the tokens of one rank's microbatch; elements travel at the traced dtype (under autocast the residual
-  stream the experts read stays in the parameters' dtype).
+  ``T`` is the tokens of one rank's microbatch; tokens travel at the traced dtype under DDP (autocast keeps the
+  residual stream in the parameters' dtype) and at the compute dtype under FSDP's mixed precision.
 - **FLOPs.** Unchanged when routing is even: each rank computes ``ep·T·k / ep`` routed pairs, as without it. An
   uneven router makes the busiest rank set the pace; a trace on random weights cannot tell how uneven.
 
@@ -38,10 +41,11 @@ from .. import cost
 from ..errors import PlanMismatchError
 from ..graph import ModelGraph
 from ..names import in_module
+from ..vocabulary import LOW_PRECISIONS, PRECISION_BYTES
 from .collectives import Collective
 
-__all__ = ["expert_params", "dispatch_collectives", "expert_parallel_refusal", "with_expert_parallel",
-           "plan_expert_parallel"]
+__all__ = ["expert_params", "dispatch_collectives", "element_bytes", "expert_parallel_collectives",
+           "expert_parallel_refusal", "with_expert_parallel", "plan_expert_parallel"]
 
 INDEX_BYTES = 8  # top-k indices are int64
 
@@ -59,17 +63,20 @@ def expert_params(graph: ModelGraph, layers=None) -> int:
 
 
 def dispatch_collectives(graph: ModelGraph, layer: str, ep: int, microbatch_size: int,
-                         recomputed: bool = False) -> list[Collective]:
+                         recomputed: bool = False, element_bytes: int | None = None) -> list[Collective]:
     """The dispatch collectives of ``layer``'s experts modules for one microbatch of ``microbatch_size`` samples
     per rank, forward and backward, over ``ep`` ranks of the "dp" axis (see the module docstring).
+    ``element_bytes``: of the tokens (default: the traced dtype's; see :func:`element_bytes`); the top-k weights
+    travel at the traced dtype (Mixtral's router keeps its softmax in fp32; Qwen2-MoE's casts it back: at most 2×
+    of ``T·k`` elements).
 
     Example: see the module docstring (a recomputed layer gathers its tokens, weights and indices once more).
     """
     e = graph.experts[layer]
-    element = graph.dtype_bytes
+    element = graph.dtype_bytes if element_bytes is None else element_bytes
     gathered = ep * e.tokens * microbatch_size / graph.batch_size  # tokens of the whole group
     tokens_bytes = gathered * e.hidden * element
-    weights_bytes, index_bytes = gathered * e.top_k * element, gathered * e.top_k * INDEX_BYTES
+    weights_bytes, index_bytes = gathered * e.top_k * graph.dtype_bytes, gathered * e.top_k * INDEX_BYTES
     forward = 2 if recomputed else 1
     n = e.modules
 
@@ -80,6 +87,47 @@ def dispatch_collectives(graph: ModelGraph, layer: str, ep: int, microbatch_size
             c("all_gather", weights_bytes, forward), c("all_gather", index_bytes, forward),
             c("reduce_scatter", tokens_bytes, forward + 1),  # partial sums in forward, tokens' gradient backward
             c("reduce_scatter", weights_bytes, 1)]
+
+
+def element_bytes(graph: ModelGraph, plan) -> int:
+    """Bytes per element of the tokens the experts read under ``plan``: FSDP's mixed precision casts the model's
+    inputs to the compute dtype, so the residual stream is low precision; under DDP's autocast it stays in the
+    parameters' (the traced) dtype.
+
+    Example:
+        >>> import autoplan
+        >>> from autoplan.synthetic import mlp_graph
+        >>> plan = autoplan.Plan.example()
+        >>> element_bytes(mlp_graph(widths=(8, 8), batch=2), plan.replace(precision="bf16"))   # DDP: fp32
+        4
+    """
+    if plan.data_parallel == "fsdp" and plan.precision in LOW_PRECISIONS:
+        return PRECISION_BYTES[plan.precision]
+    return graph.dtype_bytes
+
+
+def expert_parallel_collectives(graph: ModelGraph, plan) -> dict[str, list[Collective]]:
+    """Per layer holding experts, the dispatch collectives of one microbatch under ``plan`` (its
+    ``expert_parallel`` ranks, microbatch size, recompute and precision): what the step is priced from and what
+    :func:`autoplan.cost.traffic.plan_collectives` lists.
+
+    Example:
+        >>> import autoplan
+        >>> from autoplan.graph import ExpertsLayer
+        >>> from autoplan.synthetic import mlp_graph
+        >>> graph = mlp_graph(widths=(8, 8), batch=2)
+        >>> graph.experts = {"layers.0": ExpertsLayer(1, 4, 2, 100, tokens=2, hidden=8)}
+        >>> plan = autoplan.Plan.example()
+        >>> sum(c.count for c in expert_parallel_collectives(graph, plan)["layers.0"])   # 4 + 3 per microbatch
+        7
+    """
+    recomputed = set(plan.recompute)
+    out = {}
+    for name, e in graph.experts.items():
+        again = any(in_module(module, rc) for module in e.names for rc in recomputed)
+        out[name] = dispatch_collectives(graph, name, max(plan.expert_parallel, 1), plan.microbatch_size, again,
+                                         element_bytes(graph, plan))
+    return out
 
 
 def expert_parallel_refusal(graph: ModelGraph, plan) -> str | None:
@@ -97,7 +145,7 @@ def expert_parallel_refusal(graph: ModelGraph, plan) -> str | None:
     ep, m = plan.expert_parallel, plan.mesh
     if ep <= 1:
         return None
-    if m.tp > 1 or m.pp > 1 or plan.data_parallel != "ddp" or ep != m.dp:
+    if m.tp > 1 or m.pp > 1 or plan.data_parallel not in ("ddp", "fsdp") or ep != m.dp:
         return f"expert parallelism runs with {SUPPORTED}; this plan has {m}, {plan.data_parallel}, ep={ep}"
     if not graph.experts:
         return "the model has no experts module (3-D gate_up_proj / down_proj weights and num_experts)"
@@ -133,27 +181,42 @@ def with_expert_parallel(graph: ModelGraph, plan, base):
     reason = expert_parallel_refusal(graph, plan)
     if reason is not None:
         raise PlanMismatchError(f"cannot price expert parallelism: {reason}; re-plan with expert_parallel=False")
-    from .plan_cost import rank_state_bytes, rank_tail_s
+    from .plan_cost import _layer_choices, layer_choice_cost, rank_state_bytes, rank_tail_s
+    from .strategy import fsdp_gather_bytes
 
     ep, strategy, cluster = plan.expert_parallel, base.strategy, plan.cluster
     (rank,) = base.ranks  # pp = 1
     experts = expert_params(graph)
-    held = rank.num_params - experts + experts // ep
-    recomputed = set(plan.recompute)
-    comm_s, gathered_bytes = 0.0, 0
-    for name, e in graph.experts.items():
-        again = any(in_module(module, rc) for module in e.names for rc in recomputed)
-        for c in dispatch_collectives(graph, name, ep, plan.microbatch_size, again):
+    dense = rank.num_params - experts
+    fsdp = strategy.data_parallel == "fsdp"
+    # num_params is before FSDP's sharding: under FSDP (ep = dp) the experts' 1/ep is FSDP's 1/dp already
+    held = rank.num_params if fsdp else dense + experts // ep
+    state = rank_state_bytes(strategy, dense) + cost.model_state_bytes(
+        experts // ep, strategy.precision, strategy.optimizer, 1, "ddp")  # no FSDP gathering or holding
+    comm_s, transient = 0.0, 0
+    dispatch = expert_parallel_collectives(graph, plan)
+    for name, collectives in dispatch.items():
+        for c in collectives:
             run = cost.group_allgather_s if c.kind == "all_gather" else cost.group_reduce_scatter_s
             comm_s += c.count * run(c.nbytes, cluster, ep, strategy.tp)
-        gathered_bytes = max(gathered_bytes, int(2 * ep * e.tokens * plan.microbatch_size / graph.batch_size
-                                                 * e.hidden * graph.dtype_bytes))
+    # each layer's transient: FSDP gathers its dense weights only; a layer with experts holds the group's gathered
+    # tokens and partial sums, and under FSDP's mixed precision its local experts cast to the compute dtype
+    element = element_bytes(graph, plan)
+    cast = PRECISION_BYTES[plan.precision] if fsdp and plan.precision in LOW_PRECISIONS else 0
+    (rows,) = _layer_choices(graph, plan)
+    for layer, tp_on, option in rows:
+        c = layer_choice_cost(graph, layer, cluster, strategy, tp_on, option)
+        e = graph.experts.get(layer.name)
+        own = e.num_params if e is not None else 0
+        extra = 0 if e is None else int(2 * ep * e.tokens * plan.microbatch_size / graph.batch_size * e.hidden
+                                        * element) + own // ep * cast
+        transient = max(transient, c.transient_bytes + fsdp_gather_bytes(strategy, c.num_params - own) + extra)
     sync_s = rank.dp_sync_s - rank_tail_s(strategy, cluster, rank.num_params)[0] \
-        + rank_tail_s(strategy, cluster, rank.num_params - experts)[0]
-    optimizer_s = rank_tail_s(strategy, cluster, held)[1]
+        + rank_tail_s(strategy, cluster, dense)[0]
+    updated = (-(-dense // strategy.dp) if fsdp else dense) + experts // ep  # FSDP updates its shard only
+    optimizer_s = cost.optimizer_step_s(updated, cluster, strategy.precision, strategy.optimizer)
     new = replace(rank, num_params=held, tp_comm_s=rank.tp_comm_s + comm_s, dp_sync_s=sync_s,
-                  optimizer_s=optimizer_s, model_state_bytes=rank_state_bytes(strategy, held),
-                  transient_bytes=rank.transient_bytes + gathered_bytes)
+                  optimizer_s=optimizer_s, model_state_bytes=state, transient_bytes=transient)
     m = strategy.microbatches
     step = base.step_time_s + m * comm_s + new.tail_s - rank.tail_s
     stages = tuple(replace(s, comm_s=s.comm_s + comm_s) for s in base.stage_times)

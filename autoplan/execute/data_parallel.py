@@ -84,6 +84,19 @@ def _mp_policy(precision: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
 
 
+def _leave_experts_alone(root: nn.Module, policy: MixedPrecisionPolicy) -> set[nn.Parameter] | None:
+    """The experts' weights expert parallelism sharded over dp (:mod:`autoplan.execute.experts`): FSDP ignores
+    them (no sharding, gathering, casting or gradient reduction), so their dispatch casts them to the policy's
+    compute dtype itself."""
+    from .experts import expert_modules, sharded_expert_parameters
+
+    experts = sharded_expert_parameters(root)
+    for _, module in expert_modules(root):
+        if getattr(module, "_autoplan_ep", None) is not None:
+            module._autoplan_ep_dtype = policy.param_dtype
+    return experts or None
+
+
 def apply_data_parallel(root: nn.Module, kind: str, dp_mesh: DeviceMesh, layers: Sequence[str], precision: str,
                         composed: bool, keep_weights: bool = False) -> nn.Module:
     """Wrap ``root`` for data parallelism of ``kind`` ("ddp" or "fsdp"); returns the module to call (the DDP wrapper,
@@ -99,11 +112,12 @@ def apply_data_parallel(root: nn.Module, kind: str, dp_mesh: DeviceMesh, layers:
     if kind == "fsdp":
         policy = _mp_policy(precision)
         reshard = not keep_weights
+        experts = _leave_experts_alone(root, policy)
         for fqn in shardable_layers(root, layers):
             fully_shard(root.get_submodule(fqn), mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard,
-                        shard_placement_fn=fsdp_placement)  # fused tp projections: the other dim
+                        shard_placement_fn=fsdp_placement, ignored_params=experts)  # fused tp: the other dim
         fully_shard(root, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard,
-                    shard_placement_fn=fsdp_placement)
+                    shard_placement_fn=fsdp_placement, ignored_params=experts)
         return root
     if kind != "ddp":
         raise ValueError(f"data_parallel must be 'ddp' or 'fsdp', got {kind!r}")

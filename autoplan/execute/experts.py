@@ -18,7 +18,9 @@ runs Megatron-Core's "allgather" token dispatcher with torch's autograd-aware fu
 Backward is the same collectives' autograd: the output gradient is all-gathered, the gathered inputs' gradients
 reduce-scattered. So an expert's gradient is the sum of every rank's loss gradient; the data-parallel wrapper
 averages the other weights over dp, so the experts' local gradients are scaled by 1/ep (= 1/dp) and kept out of
-the data-parallel sync (DDP's ignore list). The sharded weights are DTensors (``Shard(0)`` over the dp mesh):
+the data-parallel sync (DDP's ignore list; FSDP's ``ignored_params``, so that FSDP neither shards, gathers nor
+casts them: under its mixed precision the dispatch casts the local experts to the compute dtype itself). The
+sharded weights are DTensors (``Shard(0)`` over the dp mesh):
 ``full_state_dict``, ``load_state_dict`` and distributed checkpoints handle them as any sharded weight.
 
 Example (which modules of a model would be sharded; a module without 3-D expert weights has none):
@@ -37,10 +39,11 @@ from torch import nn
 from ..errors import PlanMismatchError
 
 __all__ = ["expert_modules", "check_expert_parallel", "apply_expert_parallel", "expert_parameter_names",
-           "fill_expert_gradients", "SUPPORTED"]
+           "sharded_expert_parameters", "fill_expert_gradients", "SUPPORTED"]
 
-#: What expert parallelism has been checked against one process with: data parallelism alone, by classic DDP.
-SUPPORTED = "dp only (tp = 1, pp = 1), data_parallel='ddp', ep = dp"
+#: What expert parallelism has been checked against one process with: data parallelism alone (classic DDP, or
+#: FSDP2 for the dense part with the experts left out of it).
+SUPPORTED = "dp only (tp = 1, pp = 1), data_parallel 'ddp' or 'fsdp', ep = dp"
 
 
 def expert_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -85,7 +88,7 @@ def check_expert_parallel(model: nn.Module, plan) -> None:
         return
     m = plan.mesh
     fix = "re-plan with expert_parallel=False, or with autoplan.plan(..., expert_parallel=True) on a dp-only mesh"
-    if m.tp > 1 or m.pp > 1 or plan.data_parallel != "ddp" or ep != m.dp:
+    if m.tp > 1 or m.pp > 1 or plan.data_parallel not in ("ddp", "fsdp") or ep != m.dp:
         raise PlanMismatchError(
             f"the plan shards experts over ep={ep} ranks on mesh {m} with data_parallel={plan.data_parallel!r}; "
             f"expert parallelism runs only with {SUPPORTED}; {fix}")
@@ -120,6 +123,17 @@ def expert_parameter_names(model: nn.Module) -> list[str]:
     return [f"{name}.{p}" if name else p for name, _ in expert_modules(model) for p in ("gate_up_proj", "down_proj")]
 
 
+def sharded_expert_parameters(root: nn.Module) -> set[nn.Parameter]:
+    """The expert weights :func:`apply_expert_parallel` sharded in ``root`` (what FSDP must leave alone).
+
+    Example:
+        >>> sharded_expert_parameters(torch.nn.Linear(2, 2))
+        set()
+    """
+    return {getattr(module, pname) for _, module in expert_modules(root)
+            if getattr(module, "_autoplan_ep", None) is not None for pname in ("gate_up_proj", "down_proj")}
+
+
 def apply_expert_parallel(root: nn.Module, dp_mesh, ep: int) -> int:
     """Shard every experts module of ``root`` over the 1-D ``dp_mesh`` (``ep`` = its size; checked first by
     :func:`check_expert_parallel`) and keep their weights out of DDP's gradient sync; returns how many modules.
@@ -145,6 +159,7 @@ def apply_expert_parallel(root: nn.Module, dp_mesh, ep: int) -> int:
         module._is_expert_parallel = True  # transformers' kernels skip (batched_mm: zero-weight) sentinel pairs
         module._autoplan_ep = (dp_mesh.get_group(), ep, rank * local, total)
         module._autoplan_ep_inner = False
+        module._autoplan_ep_dtype = None  # FSDP's mixed-precision compute dtype (autoplan.execute.data_parallel)
         module.forward = MethodType(_dispatched_forward(module.forward), module)
     ignored = list(getattr(root, "_ddp_params_and_buffers_to_ignore", [])) + expert_parameter_names(root)
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(root, ignored)
@@ -171,8 +186,10 @@ def _dispatched_forward(original):
         for pname in ("gate_up_proj", "down_proj"):
             weight = getattr(self, pname).to_local()
             if weight.requires_grad:
-                # every rank's loss reaches these experts, but DDP averages the rest over dp = ep ranks
+                # every rank's loss reaches these experts, but DDP and FSDP average the rest over dp = ep ranks
                 weight.register_hook(lambda grad: grad / ep)
+            if self._autoplan_ep_dtype is not None:  # FSDP casts the rest; its gradient comes back in fp32
+                weight = weight.to(self._autoplan_ep_dtype)
             params[pname] = weight
         self._autoplan_ep_inner = True
         try:
