@@ -54,6 +54,12 @@ def plan_collectives(graph: ModelGraph, plan: Plan) -> tuple[tuple[Collective, .
         for k, rows in enumerate(_layer_choices(graph, plan)):
             per_rank[k % strategy.pp] += norm_gradient_collectives([layer for layer, tp_on, _ in rows if tp_on],
                                                                    strategy.tp)
+    if plan.expert_parallel > 1:  # the experts' dispatch per microbatch; their weights leave the dp collectives
+        from .experts import expert_params, expert_parallel_collectives
+
+        per_rank[0] += [Collective(t.kind, t.nbytes, t.count * m, t.group_size, t.axis)
+                        for got in expert_parallel_collectives(graph, plan).values() for t in got]
+        params[0] -= expert_params(graph)
     for r in range(strategy.pp):
         per_rank[r] += data_parallel_collectives(params[r], dp=strategy.dp, data_parallel=strategy.data_parallel,
                                                  precision=strategy.precision, microbatches=m, pp=strategy.pp,
