@@ -157,6 +157,7 @@ def _trace_all(model: torch.nn.Module, args: tuple, kwargs: dict, batch_size: in
     module_fwd, module_act = _per_module(m)
 
     layers = []
+    returned: dict = {}  # one fake forward per block structure and inputs (sequence parallelism's check)
     for i, name in enumerate(names):
         num_params = sum(first_names[p].numel() for p in layer_param_names[i])
         param_bytes = sum(first_names[p].numel() * first_names[p].element_size() for p in layer_param_names[i])
@@ -178,7 +179,7 @@ def _trace_all(model: torch.nn.Module, args: tuple, kwargs: dict, batch_size: in
                 recompute_options=_recompute_options(model, name, act[i], fwd[i], m, module_fwd, module_act,
                                                       groups_by_layer.get(i, ())),
                 sequence_parallel=sequence_parallel_layer(model, name, groups_by_layer.get(i, []), m, act[i],
-                                                          boundary[i]),
+                                                          boundary[i], returned),
             )
         )
 

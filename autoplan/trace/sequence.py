@@ -31,6 +31,7 @@ from ..graph import SequenceParallelLayer, TensorParallelGroup
 from ..names import in_module
 from ..vocabulary import tp_style_kind
 from .measure import Measurement, TensorSpec
+from .repeat import block_signature
 
 __all__ = ["input_owners", "sequence_parallel_layer", "is_norm"]
 
@@ -93,14 +94,30 @@ def _returned(layer: nn.Module, recorded: tuple) -> object:
     return tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
 
 
+def _returned_key(layer: nn.Module, recorded: tuple) -> tuple:
+    """What :func:`_returned` reads: the layer's structure (:func:`autoplan.trace.repeat.block_signature`, the
+    check that a stack's blocks repeat) and its recorded inputs (shapes and dtypes, plain values, any other object
+    by identity). Two layers with equal keys run the same code on the same fake inputs."""
+    from torch.utils import _pytree as pytree
+
+    leaves, spec = pytree.tree_flatten(recorded)
+    inputs = tuple(("tensor", tuple(x.shape), x.dtype) if isinstance(x, TensorSpec)
+                   else (type(x), x) if isinstance(x, (int, float, bool, str, type(None))) else ("object", id(x))
+                   for x in leaves)
+    return block_signature(layer), str(spec), inputs
+
+
 def _blocked(reason: str) -> SequenceParallelLayer:
     return SequenceParallelLayer(blocker=reason)
 
 
 def sequence_parallel_layer(model: nn.Module, name: str, groups: list[TensorParallelGroup], m: Measurement,
-                            layer_activation_bytes: int, output_bytes: int) -> SequenceParallelLayer | None:
+                            layer_activation_bytes: int, output_bytes: int,
+                            returned: dict | None = None) -> SequenceParallelLayer | None:
     """What sequence parallelism would shard in layer ``name`` (its groups and saved bytes as traced), with the
     reason in ``blocker`` when it cannot run there; ``None`` for a layer without a Megatron pair.
+    ``returned``: a memo of the layer's fake forward, shared by the layers of one trace (identical blocks given
+    identical inputs run it once).
 
     Example: see the module docstring.
     """
@@ -123,9 +140,13 @@ def sequence_parallel_layer(model: nn.Module, name: str, groups: list[TensorPara
     for size in first.shape:
         stream_bytes *= int(size)
     layer = model.get_submodule(name)
-    returned = _returned(layer, recorded)
-    if returned != tuple(first.shape):
-        return _blocked(f"it returns {returned}, not one tensor shaped like its input {tuple(first.shape)}")
+    if returned is None:
+        shape = _returned(layer, recorded)
+    else:
+        key = _returned_key(layer, recorded)
+        shape = returned[key] if key in returned else returned.setdefault(key, _returned(layer, recorded))
+    if shape != tuple(first.shape):
+        return _blocked(f"it returns {shape}, not one tensor shaped like its input {tuple(first.shape)}")
     paired = {fqn for g in pairs for fqn in g.styles}
     scopes = {fqn.rpartition(".")[0] for fqn in paired}  # a pair's parent: everything under it runs gathered
     norms = []
