@@ -16,17 +16,18 @@ dim 0, so the tied weight keeps one DTensor and one gradient.
 Sequence parallelism (Korthikanti et al. 2022 §4.2.2; ``plan.sequence_parallel``): inside each *sequence-parallel
 layer* (a plan layer holding modules of style ``sequence``, its norms) the residual stream is a DTensor sharded on
 the sequence dim, ``Shard(1)``. The layer's first input is split there (a local slice, as ``PrepareModuleInput``
-does), its norms run on their own tokens (``SequenceParallel``: replicated weights), each colwise linear
-all-gathers its input (``ColwiseParallel(input_layouts=Shard(1))``; a plain input, such as cross-attention's encoder
-states, is marked whole first), each rowwise linear reduce-scatters its output (``RowwiseParallel(output_layouts=
-Shard(1))``), and the last layer of a run of such layers all-gathers its output again (``PrepareModuleOutput``), so
-what follows (the final norm, the head, the loss) sees whole tensors. Between those points every tensor of the
-residual stream is a DTensor, so an op the layer runs on it follows DTensor's global-tensor semantics (or raises):
-a sequence-dependent op outside the pairs cannot silently see a shard. The norm weights' gradients come back as
-partial sums over the tp ranks and are all-reduced once per step (:func:`reduce_sequence_parallel_gradients`).
-A pipeline stage is given its own layers, so runs are cut at the stage boundaries: each stage splits and gathers
-its own piece and stages exchange whole activations, as under plain tensor parallelism
-(:func:`check_stage_outputs_whole` refuses a shard that would leave a stage).
+does), its norms run on their own tokens (``SequenceParallel``: replicated weights), each colwise linear all-gathers
+its input (from ``Shard(1)`` to the ``Replicate()`` its ``ColwiseParallel`` takes; linears sharing an input share
+one gather and save its shard, as Megatron does: :mod:`autoplan.execute.sp_gather`; a plain input, such as
+cross-attention's encoder states, is marked whole first), each rowwise linear reduce-scatters its output
+(``RowwiseParallel(output_layouts=Shard(1))``), and the last layer of a run of such layers all-gathers its output
+again (``PrepareModuleOutput``), so what follows (the final norm, the head, the loss) sees whole tensors. Between
+those points every tensor of the residual stream is a DTensor, so an op the layer runs on it follows DTensor's
+global-tensor semantics (or raises): a sequence-dependent op outside the pairs cannot silently see a shard. The norm
+weights' gradients come back as partial sums over the tp ranks and are all-reduced once per step
+(:func:`reduce_sequence_parallel_gradients`). A pipeline stage is given its own layers, so runs are cut at the stage
+boundaries: each stage splits and gathers its own piece and stages exchange whole activations, as under plain tensor
+parallelism (:func:`check_stage_outputs_whole` refuses a shard that would leave a stage).
 
 Example:
     >>> from autoplan.execute.tensor_parallel import parallel_style
@@ -50,6 +51,7 @@ from ..errors import PlanMismatchError
 from ..names import tied_parameter_names  # noqa: F401  (re-exported: apply and data_parallel use it)
 from ..trace.tp_check import divide_head_attributes, local_head_owners
 from ..vocabulary import keeps_dtensor, tp_style_kind
+from .sp_gather import keep_colwise_inputs_sharded
 from .tp_dtensor import keep_fused_parts_local, register_cpu_attention_sharding
 from .tp_styles import style_for
 
@@ -78,9 +80,11 @@ def parallel_style(style: str, module: nn.Module | None = None, sequence_paralle
             return style_for(style, module)
         if tp_style_kind(style) == "colwise":
             # Its input from the stream is a DTensor (a norm's output, or the layer's input), all-gathered from
-            # Shard(1) to Replicate(); apply_tensor_parallel marks a plain input (cross-attention's encoder
-            # states) whole first, so that it is never taken for a shard.
-            return style_for(style, module, input_layouts=Shard(SEQUENCE_DIM))
+            # Shard(1) to Replicate() by a hook of autoplan.execute.sp_gather before this style sees it (a second
+            # redistribution here would turn the gradient's reduce-scatter into an all-reduce);
+            # apply_tensor_parallel marks a plain input (cross-attention's encoder states) whole first, so that it
+            # is never taken for a shard.
+            return style_for(style, module, input_layouts=Replicate())
         # a DTensor out: the residual add and the next norm stay in DTensor semantics
         return style_for(style, module, output_layouts=Shard(SEQUENCE_DIM), use_local_output=False)
     if style == "sequence":
@@ -143,6 +147,10 @@ def apply_tensor_parallel(root: nn.Module, styles: dict[str, str], tp_mesh: Devi
     parallelize_module(root, tp_mesh, {
         fqn: parallel_style(style, root.get_submodule(fqn), any(_inside(fqn, layer) for layer in in_sp))
         for fqn, style in styles.items()})
+    # Megatron's storage: each shared colwise input gathered once, its shard saved, gathered again in backward
+    paired = {kind: [f for f, s in styles.items() if tp_style_kind(s) == kind and any(_inside(f, x) for x in in_sp)]
+              for kind in ("colwise", "rowwise")}
+    keep_colwise_inputs_sharded(root, paired["colwise"], paired["rowwise"], in_sp)
     for run in runs:
         for layer in run:
             # The stream, the layer's first positional input (its other inputs pass as they are): PrepareModuleInput
