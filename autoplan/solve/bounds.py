@@ -100,9 +100,11 @@ def refined_bound(tables: "StrategyTables") -> RefinedBound:
     last_rank = (s.num_stages - 1) % s.pp
     min_send = min(tables.p2p_s) if s.num_stages > 1 else 0.0
 
+    flights = tables.in_flight
+
     def fixed(r: int) -> tuple[float, float]:
         """(seconds, bytes) rank r pays outside the N layers, at least."""
-        f = in_flight(s, r)
+        f = flights[r]
         t = min_send * (s.virtual_stages - (1 if r == last_rank else 0))
         m = 0.0
         ends = []
@@ -120,7 +122,7 @@ def refined_bound(tables: "StrategyTables") -> RefinedBound:
     groups: dict[tuple, int] = {}  # ranks of one kind (in-flight count, fixed seconds, fixed bytes) → how many
     rank_keys = []
     for r in range(s.pp):
-        key = (in_flight(s, r),) + fixed(r)
+        key = (flights[r],) + fixed(r)
         rank_keys.append(key)
         groups[key] = groups.get(key, 0) + 1
     cap = float(tables.capacity_bytes)
@@ -131,17 +133,20 @@ def refined_bound(tables: "StrategyTables") -> RefinedBound:
     n_layers = sum(tables.segments[h].size for h in counted)
     # need[key][n]: least seconds a rank of this kind needs to run n of the layers (inf: does not fit)
     need: dict[tuple, list[float]] = {}
+    finite = []  # the candidate limits, gathered as arrays (a set of ~20 × N floats built in Python costs more)
+    n = np.arange(1, n_layers + 1, dtype=np.float64)
     for key in groups:
         f, fixed_s, fixed_bytes = key
         phi = hulls[key]
         budget = cap - fixed_bytes
         if budget >= 0:
-            n = np.arange(1, n_layers + 1, dtype=np.float64)
-            need[key] = [fixed_s] + (fixed_s + n * phi.at(budget / n)).tolist()
+            row = fixed_s + n * phi.at(budget / n)
+            finite.append(row[np.isfinite(row)])
+            need[key] = [fixed_s] + row.tolist()
         else:
             need[key] = [float("inf")] * (n_layers + 1)
     rank_need = tuple(tuple(need[key]) for key in rank_keys)
-    least = _least_enough(groups, need, n_layers)
+    least = _least_enough(groups, need, n_layers, np.unique(np.concatenate(finite)).tolist() if finite else [])
     if least is None:
         return RefinedBound(float("inf"), g, rank_need, counted)
     per_mb = least * (1 - 1e-9)  # a margin for the float sums of the exact cost
@@ -183,9 +188,12 @@ def _least_stage_s(tables: "StrategyTables", g: int, n_layers: int, min_send: fl
     return least if least is not None else 0.0
 
 
-def _least_enough(groups: dict[tuple, int], need: dict[tuple, list[float]], n_layers: int) -> float | None:
-    """The least per-microbatch time at which the ranks together can hold all ``n_layers`` (None: never)."""
-    values = sorted({v for row in need.values() for v in row[1:] if v != float("inf")})
+def _least_enough(groups: dict[tuple, int], need: dict[tuple, list[float]], n_layers: int,
+                  values: list[float] | None = None) -> float | None:
+    """The least per-microbatch time at which the ranks together can hold all ``n_layers`` (None: never).
+    ``values``: the distinct finite entries of the rows past n = 0, ascending, when the caller has them."""
+    if values is None:
+        values = sorted({v for row in need.values() for v in row[1:] if v != float("inf")})
 
     def enough(limit_s: float) -> bool:
         total = 0
@@ -262,7 +270,7 @@ class LowerHull:
         if len(m) == 1:
             return np.where(xs < m[0], np.inf, t[0])
         right = np.searchsorted(m, xs, side="right")  # hull[right] is the first point beyond x
-        inner = np.clip(right, 1, len(m) - 1)
+        inner = np.minimum(np.maximum(right, 1), len(m) - 1)  # np.clip's dispatch costs more on short arrays
         m1, t1, m2, t2 = m[inner - 1], t[inner - 1], m[inner], t[inner]
         with np.errstate(divide="ignore", invalid="ignore"):
             mixed = t1 + (t2 - t1) * (xs - m1) / (m2 - m1)
