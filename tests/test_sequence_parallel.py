@@ -12,7 +12,7 @@ import autoplan
 from autoplan.cli import _parser
 from autoplan.cost import layer_cost
 from autoplan.cost.plan_cost import Strategy, layer_choice_cost
-from autoplan.cost.sequence import sequence_parallel_cost
+from autoplan.cost.sequence import collectives_s, sequence_parallel_cost
 from autoplan.options import PlanOptions
 from autoplan.solve import search
 from autoplan.solve.space import layer_choices
@@ -39,34 +39,64 @@ def test_activation_bytes_hand_worked():
     block, base, sp = _block_costs()
     assert block.activation_bytes == 79872
     assert base.activation_bytes == 79872 - 55296 + 55296 // 2 == 52224
-    # Sequence parallelism splits the norms' inputs (4·4096) over t; the two pairs' first inputs (2·4096) stay
-    # whole (DTensor saves the gathered input): 52224 − 16384/2 = 44032.
-    assert sp.activation_bytes == 52224 - 8192 == 44032
+    # Sequence parallelism splits the norms' inputs (4·4096) over t, and the two pairs' first inputs (2·4096) are
+    # kept as their shards (Megatron's storage): 52224 − (16384 + 8192)/2 = 39936, the paper's 34sbh/t + 5as²b/t
+    # (§4.2.2), half of the block's 79872.
+    assert sp.activation_bytes == 52224 - 12288 == 79872 // 2
 
 
 def test_full_recompute_keeps_the_input_slice():
     block, base, sp = _block_costs(recompute="full")
     assert base.activation_bytes == 4096            # the checkpointed input, whole under plain TP
     assert sp.activation_bytes == 2048              # this rank's slice of it (Table 2, last row: 2sbh/t)
-    assert sp.transient_bytes == 44032 - 2048       # the layer's split activations, rematerialised
+    # the layer's split activations, rematerialised, with the pairs' gathered inputs whole (the checkpoint, not
+    # the shard, keeps them while it recomputes: 39936 + 2·4096/2)
+    assert sp.transient_bytes == 44032 - 2048
 
 
 def test_collectives_turn_into_gathers_and_scatters_of_equal_ring_bytes():
     _, base, sp = _block_costs()
     assert sorted((c.kind, c.nbytes, c.count) for c in base.tp_collectives) == [("all_reduce", 4096, 1)] * 4
-    # per pair: forward all-gather (before colwise) + reduce-scatter (after rowwise); backward the reverse
+    # per pair: forward all-gather (before colwise) + reduce-scatter (after rowwise); backward the reverse, and the
+    # saved shard of the pair's input gathered again for the colwise weight gradient
     assert sorted((c.kind, c.nbytes, c.count) for c in sp.tp_collectives) == (
-        [("all_gather", 4096, 1)] * 4 + [("reduce_scatter", 4096, 1)] * 4)
-    assert sp.tp_comm_s == pytest.approx(base.tp_comm_s, rel=1e-12)   # AG + RS = AR on a ring (§4.2.2)
+        [("all_gather", 4096, 1)] * 6 + [("reduce_scatter", 4096, 1)] * 4)
+    regather = [c for c in sp.tp_collectives if c.kind == "all_gather"][:1]
+    # AG + RS = AR on a ring (§4.2.2), plus the two gathers again in backward
+    assert sp.tp_comm_s == pytest.approx(base.tp_comm_s + 2 * collectives_s(tuple(regather), A100), rel=1e-12)
     assert sp.forward_s < base.forward_s and sp.backward_s < base.backward_s   # norms on 1/t of the tokens
 
 
-def test_full_recompute_re_gathers_all_but_the_last_scatter():
-    _, _, sp = _block_costs(recompute="full")
+def _counts(cost) -> dict:
     counts = {}
-    for c in sp.tp_collectives:
+    for c in cost.tp_collectives:
         counts[c.kind] = counts.get(c.kind, 0) + c.count
-    assert counts == {"all_gather": 4 + 2, "reduce_scatter": 4 + 1}
+    return counts
+
+
+def test_full_recompute_re_gathers_all_but_the_last_scatter():
+    # the recomputation gathers each pair's input once; the checkpoint keeps no shard to gather again
+    assert _counts(_block_costs(recompute="full")[2]) == {"all_gather": 4 + 2, "reduce_scatter": 4 + 1}
+
+
+def test_one_gather_per_shared_input():
+    """Llama's q, k, v (and gate, up) read one input: one all-gather of it in forward, one reduce-scatter of its
+    gradient and one gather again in backward, per pair, whatever the number of colwise linears."""
+    from dataclasses import replace
+
+    block, _, _ = _block_costs()
+    split = []
+    for g in block.tp_groups:
+        styles = dict(g.styles)
+        for fqn, style in g.styles.items():
+            if style == "colwise":
+                del styles[fqn]
+                styles.update({f"{fqn}_{part}": "colwise" for part in "qkv"})
+        split.append(replace(g, styles=styles))
+    block = replace(block, tp_groups=tuple(split))
+    figures = dict(traced_batch_size=1, traced_dtype_bytes=4, cluster=A100, tp=2, microbatch_size=1, precision="fp32")
+    sp = sequence_parallel_cost(block, layer_cost(block, **figures), **figures)
+    assert _counts(sp) == {"all_gather": 6, "reduce_scatter": 4}
 
 
 def test_the_runs_last_layer_pays_its_entry_and_exit_and_any_other_prices_a_cut():
@@ -114,13 +144,13 @@ def test_each_stage_pays_its_own_piece_of_a_run():
             [sum(c.count for c in rank if c.kind == "all_reduce") for rank in per_rank], graph, plan
 
     head = ["tok", "pos"]
-    # cut inside the run: blocks.0 | blocks.1-2 (m = 4 microbatches; per block and microbatch 4 gathers, as pp = 1)
+    # cut inside the run: blocks.0 | blocks.1-2 (m = 4 microbatches; per block and microbatch 6 gathers, as pp = 1)
     inside, norms, graph, plan = gathers([head + ["blocks.0"], ["blocks.1", "blocks.2", "ln_f", "head"]])
-    assert inside == [4 * (4 * 1 + 2), 4 * (4 * 2 + 2)]     # each stage: its blocks' gathers + one entry and exit
+    assert inside == [4 * (6 * 1 + 2), 4 * (6 * 2 + 2)]     # each stage: its blocks' gathers + one entry and exit
     assert norms == [4, 8]                         # each stage's norm weights and biases (2 norms per block)
     # cut right after the run: stage 0 gathers it, the stage after has nothing to gather
     after, _, _, _ = gathers([head + ["blocks.0", "blocks.1", "blocks.2"], ["ln_f", "head"]])
-    assert after == [4 * (4 * 3 + 2), 0]
+    assert after == [4 * (6 * 3 + 2), 0]
     # priced in the step: the cut's gathers on stage 0's rank, and the same communication as one stage holding both
     ranks = estimate_breakdown(graph, plan).ranks
     cut = layer_choice_cost(graph, graph.layer("blocks.0"), A100_4, Strategy.of(plan), True, None).cut_s
@@ -245,5 +275,77 @@ def test_a_pipeline_stage_never_sends_a_sequence_shard():
         check_stage_outputs_whole(stage, 1)
         with pytest.raises(autoplan.PlanMismatchError, match="stage 1 would send a sequence-parallel DTensor"):
             stage(torch.ones(1, 4, 2))
+    finally:
+        dist.destroy_process_group()
+
+
+def _gpt_under_sequence_parallel(layers: int, mesh):
+    """autoplan's GPT (h = 64, s = 16, a = 4) with every block's pairs and norms sharded over ``mesh``."""
+    from autoplan.execute.tensor_parallel import apply_tensor_parallel
+    from autoplan.models import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=128, seq_len=16, hidden=64, layers=layers, heads=4))
+    styles = {}
+    for i in range(layers):
+        styles.update({f"blocks.{i}.attn.qkv": "colwise", f"blocks.{i}.attn.proj": "rowwise",
+                       f"blocks.{i}.mlp.fc": "colwise", f"blocks.{i}.mlp.proj": "rowwise",
+                       f"blocks.{i}.ln1": "sequence", f"blocks.{i}.ln2": "sequence"})
+    blocks = [f"blocks.{i}" for i in range(layers)]
+    apply_tensor_parallel(model, styles, mesh, ["tok", "pos", *blocks, "ln_f", "head"])
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_a_block_keeps_its_pairs_inputs_as_shards_measured_as_priced():
+    """What a sequence-parallel block keeps after forward, measured with torch's MemTracker on a fake 2-rank world
+    (one block's bytes: two blocks' less one's), equals the cost model's: the norms' side and each pair's input at
+    1/t, Megatron's storage (the shard saved, gathered again in backward), not DTensor's gathered input; and the
+    collectives one step issues are those charged (one gather per pair's input, one again in backward)."""
+    pytest.importorskip("torch.distributed._tools.mem_tracker", reason="needs torch's MemTracker")
+    import torch.distributed as dist
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.debug import CommDebugMode
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from autoplan.models import GPT, GPTConfig
+
+    graph = autoplan.trace(GPT(GPTConfig(vocab_size=128, seq_len=16, hidden=64, layers=2, heads=4)),
+                           torch.randint(0, 128, (1, 16)))
+    block, sp_layer = graph.layer("blocks.0"), graph.layer("blocks.0").sequence_parallel
+    figures = dict(traced_batch_size=1, traced_dtype_bytes=4, cluster=A100, tp=2, microbatch_size=1, precision="fp32")
+    base = layer_cost(block, **figures)
+    priced = sequence_parallel_cost(block, base, **figures)
+    assert priced.activation_bytes == base.activation_bytes - (sp_layer.sharded_bytes + sp_layer.shared_input_bytes) / 2
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        tokens = torch.randint(0, 128, (1, 16))
+
+        def kept_after_forward(layers: int) -> int:
+            model = _gpt_under_sequence_parallel(layers, mesh)
+            tracker = MemTracker()
+            tracker.track_external(model)
+            with tracker:
+                before = sum(d.get("Total", 0) for d in tracker.get_tracker_snapshot("current").values())
+                logits = model(tokens)
+                after = sum(d.get("Total", 0) for d in tracker.get_tracker_snapshot("current").values())
+            del logits
+            return after - before
+
+        assert kept_after_forward(2) - kept_after_forward(1) == priced.activation_bytes
+
+        model = _gpt_under_sequence_parallel(1, mesh)
+        with CommDebugMode() as issued:
+            model(tokens).sum().backward()
+        counts = {str(op).split(".")[-1]: n for op, n in issued.get_comm_counts().items()}
+        charged = _counts(priced)
+        # the block's, plus the run's exit (a gather in forward) and entry (a gather of the input's gradient)
+        assert counts == {"all_gather_into_tensor": charged["all_gather"] + 2,
+                          "reduce_scatter_tensor": charged["reduce_scatter"]}
     finally:
         dist.destroy_process_group()

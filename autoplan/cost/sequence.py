@@ -4,18 +4,25 @@ sequence (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large T
 What changes against plain tensor parallelism (:func:`autoplan.cost.layer_cost`), per layer and microbatch:
 
 * **Collectives** (§4.2.2, the g / ḡ operators): a pair's forward all-reduce becomes an all-gather of the pair's
-  input before its colwise linear plus a reduce-scatter of its output after the rowwise one; backward does the
+  input before its colwise linears plus a reduce-scatter of its output after the rowwise one; backward does the
   reverse. A ring all-gather and a reduce-scatter each move (t−1)/t of the tensor, an all-reduce twice that, so
   the bytes on the wire are the same (§4.2.2: "the communication bandwidth used ... is the same"). The executor
-  (DTensor ``ColwiseParallel(input_layouts=Shard(1))``) gathers once per colwise linear, so a pair with separate
-  q, k, v linears pays three all-gathers; that is what is charged.
+  (:mod:`autoplan.execute.sp_gather`) gathers a pair's input once however many colwise linears read it (q, k, v),
+  and reduce-scatters its gradient once.
+* **The gather again in backward** (§4.2.2, Megatron's storage): the colwise linears keep the input's shard, not
+  the gathered input, and gather it once more per pair in backward for their weight gradients: one more all-gather
+  of the pair's input per pair and microbatch, charged in ``tp_comm_s`` like every tensor-parallel collective,
+  i.e. not overlapped. Megatron-LM overlaps it with the input-gradient GEMM; autoplan's executor issues it
+  synchronously where autograd needs the tensor, so the charge is what autoplan runs (an upper bound for
+  Megatron's step). A pair whose colwise linears run inside a checkpoint (recompute) has no such gather: the
+  recomputation gathers its input again in forward instead (charged with the rest of the recomputed forward).
 * **Activations** (§4.2, Eq. 1–2 and Table 2): per layer, without recompute, plain TP keeps
   sbh·(10 + 24/t + 5as/(ht)) bytes (Eq. 2) and TP with sequence parallelism sbh/t·(34 + 5as/h) (§4.2.2). Here the
   traced bytes outside the pairs — the norms' inputs and statistics, the dropout masks and outputs, Eq. 2's 10sbh
-  — are divided by t, except the pairs' first inputs: DTensor's colwise linear saves the input it all-gathered,
-  whole, where Megatron keeps the shard and gathers again in backward. So a GPT block keeps 4sbh bytes (the QKV
-  and first MLP linears' inputs) more than the paper's 34sbh/t; the cost model charges what the executor keeps.
-  With full recompute only the layer's input is kept, sbh·2/t instead of 2sbh (Table 2, last row).
+  — and the pairs' first inputs (each pair's input once, the QKV and first MLP linears' 4sbh) are divided by t:
+  a GPT block keeps exactly the paper's 34sbh/t + 5as²b/t. With full recompute only the layer's input is kept,
+  sbh·2/t instead of 2sbh (Table 2, last row); while it recomputes, the layer holds its gathered inputs whole
+  (the checkpoint, not the shard, keeps them: ``transient_bytes``).
 * **Elementwise time**: the ops on the split stream (norms, dropout, residual adds) touch 1/t of their bytes, at
   memory bandwidth (the FORWARD_PASSES / BACKWARD_PASSES rule of :mod:`autoplan.cost.layer`).
 * **Once per run of such layers**: the stream is split on entry (a local slice; its backward all-gathers the
@@ -56,7 +63,7 @@ from ..vocabulary import PRECISION_BYTES, tp_style_kind
 from .collectives import Collective, group_allgather_s, group_allreduce_s, group_reduce_scatter_s
 from .layer import BACKWARD_PASSES, FORWARD_PASSES, LayerCost, memory_bound_s
 
-__all__ = ["sequence_parallel_applies", "sequence_parallel_cost", "sequence_edge_collectives",
+__all__ = ["sequence_parallel_applies", "sequence_parallel_cost", "backward_regathers", "sequence_edge_collectives",
            "sequence_edge_payers", "norm_gradient_collectives", "collectives_s"]
 
 
@@ -94,15 +101,47 @@ def collectives_s(collectives: tuple[Collective, ...], cluster: Cluster, stride:
 
 
 def _pair_collectives(group: TensorParallelGroup, scale: float, tp: int):
-    """(forward, backward) of one pair: each colwise linear all-gathers the pair's input (and reduce-scatters its
-    gradient back), each rowwise one reduce-scatters the output (and all-gathers its gradient)."""
-    styles = [tp_style_kind(s) for s in group.styles.values()]  # colwise:K gathers its input like colwise
-    cols, rows = styles.count("colwise"), styles.count("rowwise")
-    gather_in = Collective("all_gather", group.input_bytes * scale, cols, tp, "tp")
+    """(forward, backward) of one pair: its input all-gathered once, whatever the number of colwise linears that
+    read it (q, k, v share one gather: :mod:`autoplan.execute.sp_gather`), and its gradient reduce-scattered back
+    once; each rowwise linear reduce-scatters its output (and all-gathers its gradient)."""
+    rows = [tp_style_kind(s) for s in group.styles.values()].count("rowwise")
+    gather_in = Collective("all_gather", group.input_bytes * scale, 1, tp, "tp")
     scatter_out = Collective("reduce_scatter", group.output_bytes * scale, rows, tp, "tp")
     backward = (Collective("all_gather", group.output_bytes * scale, rows, tp, "tp"),
-                Collective("reduce_scatter", group.input_bytes * scale, cols, tp, "tp"))
+                Collective("reduce_scatter", group.input_bytes * scale, 1, tp, "tp"))
     return (gather_in, scatter_out), backward
+
+
+def _regathers(layer: Layer, scale: float, tp: int, recompute: RecomputeOption | None):
+    """(pair, its input's all-gather again in backward) for each pair whose colwise linears save the shard."""
+    return [(g, _pair_collectives(g, scale, tp)[0][0]) for g in layer.tp_groups
+            if not _colwise_recomputed(g, recompute)]
+
+
+def backward_regathers(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int, tp: int,
+                       microbatch_size: int, precision: str, recompute: RecomputeOption | None = None
+                       ) -> tuple[tuple[TensorParallelGroup, Collective], ...]:
+    """The all-gathers :func:`sequence_parallel_cost` charges in backward for the shards the colwise linears keep
+    (one per pair outside a checkpoint), each with its pair: what Megatron-LM overlaps with the input-gradient GEMM
+    and autoplan's executor runs where autograd needs the tensor. Empty where sequence parallelism does not apply.
+
+    Example (a GPT block, tp = 2: the attention's and the MLP's inputs, 4096 bytes each in fp32):
+        >>> from autoplan.synthetic import gpt_like_graph
+        >>> block = gpt_like_graph(layers=1, hidden=64, seq=16, heads=4).layer("blocks.0")
+        >>> [(c.kind, c.nbytes) for _, c in backward_regathers(block, traced_batch_size=1, traced_dtype_bytes=4,
+        ...                                                   tp=2, microbatch_size=1, precision="fp32")]
+        [('all_gather', 4096.0), ('all_gather', 4096.0)]
+    """
+    if not sequence_parallel_applies(layer, tp):
+        return ()
+    scale = microbatch_size / traced_batch_size * PRECISION_BYTES[precision] / traced_dtype_bytes
+    return tuple(_regathers(layer, scale, tp, recompute))
+
+
+def _colwise_recomputed(group: TensorParallelGroup, recompute: RecomputeOption | None) -> bool:
+    """Whether a checkpoint runs around the pair's colwise linears (then it, not the shard, keeps their input)."""
+    return recompute is not None and any(in_module(m, recompute.module) for m, s in group.styles.items()
+                                         if tp_style_kind(s) == "colwise")
 
 
 def sequence_parallel_cost(layer: Layer, base: LayerCost, *, traced_batch_size: int, traced_dtype_bytes: int,
@@ -124,6 +163,8 @@ def sequence_parallel_cost(layer: Layer, base: LayerCost, *, traced_batch_size: 
         fwd, bwd = _pair_collectives(group, scale, tp)
         forward += fwd
         backward += bwd
+    # the shards saved in place of the gathered inputs, gathered again for the weight gradients
+    backward += [again for _, again in _regathers(layer, scale, tp, recompute)]
     again: list[Collective] = []
     if recompute is not None:
         inside = [g for g in layer.tp_groups if all(in_module(m, recompute.module) for m in g.styles)]
@@ -133,16 +174,20 @@ def sequence_parallel_cost(layer: Layer, base: LayerCost, *, traced_batch_size: 
             # reduce-scatter only feeds the residual add, which saves nothing (as for plain TP's all-reduce).
             again += [gather_in] + ([scatter_out] if i < len(inside) - 1 else [])
     collectives = tuple(c for c in forward + backward + again if c.count)
-    # Bytes the split stream saves less (the traced figures, scaled): the shareable part over t, and each colwise
-    # linear's gathered input in place of the one shared input (module docstring).
-    relief = (sp.sharded_bytes * (1 - 1 / tp) + sp.shared_input_bytes - sp.gathered_bytes) * scale
+    # Bytes the split stream saves less (the traced figures, scaled): the norms' side over t, and each pair's
+    # input kept as its shard (module docstring). A checkpoint re-running a colwise linear holds its gathered
+    # input while it recomputes (the executor leaves the saving to the checkpoint there): the transient relief.
+    relief = (sp.sharded_bytes + sp.shared_input_bytes) * (1 - 1 / tp) * scale
+    gathered_again = any(_colwise_recomputed(g, recompute) for g in layer.tp_groups)
+    relief_recomputing = (sp.sharded_bytes * (1 - 1 / tp) + sp.shared_input_bytes - sp.gathered_bytes) * scale \
+        if gathered_again else relief
     full = recompute is not None and recompute.module == layer.name
     unsplit = base.activation_bytes + base.transient_bytes  # what plain TP holds before recompute frees it
     if full:
         kept = base.activation_bytes / tp  # the checkpointed input is this rank's slice of the stream
     else:
         kept = max(base.activation_bytes / tp, base.activation_bytes - relief)
-    transient = max(0.0, unsplit - relief - kept) if recompute is not None else 0.0
+    transient = max(0.0, unsplit - relief_recomputing - kept) if recompute is not None else 0.0
     stream_bytes = sp.sharded_bytes * (1 - 1 / tp) * scale
     return replace(
         base,
