@@ -53,10 +53,11 @@ def plan(
     when no layer of the model can run it), ``False`` never.
 
     ``expert_parallel``: shard the routed experts of a mixture-of-experts model (transformers' Mixtral, Qwen2-MoE)
-    over the data-parallel ranks, each holding E/dp experts (:mod:`autoplan.execute.experts`) — ``True`` plans a
-    data-parallel layout by DDP (tp = pp = 1) with it (``ValueError`` when the model has no experts module or dp
-    does not divide their number), ``"auto"`` adds it to the best plan found where that layout allows it and it is
-    priced faster (:mod:`autoplan.cost.experts`), ``False`` (default) never.
+    over the data-parallel ranks, each holding E/dp experts (:mod:`autoplan.execute.experts`) — ``True`` plans the
+    fastest data-parallel layout (tp = pp = 1, DDP or FSDP for the rest) with it (``ValueError`` when the model has
+    no experts module or dp does not divide their number), ``"auto"`` compares that layout with the best one
+    without it and keeps the faster that fits (:mod:`autoplan.solve.experts`; a model without experts costs
+    nothing more), ``False`` (default) never.
 
     Example:
         >>> import torch, autoplan
@@ -65,12 +66,9 @@ def plan(
         ...               precision="fp32").mesh.world_size
         2
     """
-    from .cost.experts import plan_expert_parallel
     from .solve import search
+    from .solve.experts import plan_with_expert_parallel
 
-    if expert_parallel is True:  # the one layout it runs with: dp alone, by DDP
-        mesh = {"tp": 1, "pp": 1, **(mesh or {})}
-        data_parallel = "ddp" if data_parallel == "auto" else data_parallel
     options = PlanOptions(
         global_batch_size=global_batch_size, precision=precision, optimizer=optimizer, mesh=mesh or {},
         microbatch_size=microbatch_size, recompute=recompute, data_parallel=data_parallel, schedule=schedule,
@@ -82,7 +80,7 @@ def plan(
     if not isinstance(cluster, Cluster):
         raise ValueError(f"cluster must be an autoplan.Cluster, got {type(cluster).__name__}")
     graph = trace(model, example_inputs)
-    result = plan_expert_parallel(graph, search(graph, cluster, options), options.expert_parallel)
+    result = plan_with_expert_parallel(graph, cluster, options, search)
     tokens = tokens_per_sample(example_inputs)
     if tokens is not None:
         result = result.replace(model=replace(result.model, tokens_per_sample=tokens))

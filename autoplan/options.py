@@ -72,9 +72,9 @@ class PlanOptions:
         ep = self.expert_parallel
         if not (ep == "auto" or isinstance(ep, bool)):
             raise ValueError(f"expert_parallel must be 'auto', True or False, got {ep!r}")
-        if ep is True and (mesh.get("tp", 1) > 1 or mesh.get("pp", 1) > 1 or self.data_parallel == "fsdp"):
-            raise ValueError(f"expert_parallel=True runs with data parallelism by DDP alone (tp = pp = 1), but "
-                             f"mesh={mesh} and data_parallel={self.data_parallel!r} are pinned; unpin them or use "
-                             f"expert_parallel='auto' (chosen only where the plan allows it)")
+        if ep is True and (mesh.get("tp", 1) > 1 or mesh.get("pp", 1) > 1):
+            raise ValueError(f"expert_parallel=True runs with data parallelism alone (tp = pp = 1, DDP or FSDP), "
+                             f"but mesh={mesh} is pinned; unpin tp and pp or use expert_parallel='auto' (chosen only "
+                             f"where the plan allows it)")
         if self.time_limit_s is not None and self.time_limit_s <= 0:
             raise ValueError(f"time_limit_s must be positive, got {self.time_limit_s}")

@@ -7,7 +7,8 @@ Each case: a plan pinned by hand (``manual_plan``, no tracing) with ``expert_par
 two microbatches, the collectives of one step counted (``_c10d_functional`` ops; with ``"data_parallel": "fsdp"``
 every c10d collective, by ``tests/comm_counter.py``, FSDP's own included), the experts this rank holds, and
 optionally a checkpoint / state-dict round trip. ``"meta": true`` builds the model on meta (each rank allocates and
-initializes only its experts) and then loads the reference's initial weights with ``load_state_dict``. Every rank computes the one-process reference itself.
+initializes only its experts) and then loads the reference's initial weights with ``load_state_dict``. Every rank
+computes the one-process reference itself.
 """
 
 from __future__ import annotations

@@ -10,18 +10,22 @@ holds E/2 experts and counts the collectives issued against the cost model's.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
 from torch import nn
 
 import autoplan
-from autoplan.cost.experts import dispatch_collectives, expert_params, plan_expert_parallel
+from autoplan.cost.experts import dispatch_collectives, expert_params
 from autoplan.cost.plan_cost import estimate_breakdown
 from autoplan.execute.experts import check_expert_parallel, expert_modules
 from autoplan.execute.manual import manual_plan
 from autoplan.graph import ExpertsLayer
+from autoplan.options import PlanOptions
 from autoplan.plan import Mesh, ModelInfo
+from autoplan.solve import search
+from autoplan.solve.experts import plan_with_expert_parallel, search_expert_parallel
 from autoplan.synthetic import mlp_graph
 
 E, K, H, I, T = 4, 2, 16, 24, 8  # experts, top-k, hidden, expert width, tokens per sample
@@ -138,7 +142,7 @@ def test_plan_field_is_additive_and_validated():
         plan.replace(expert_parallel=3)
     with pytest.raises(ValueError, match="expert_parallel must be 'auto', True or False"):
         autoplan.plan(nn.Linear(2, 2), torch.randn(2, 2), expert_parallel="yes")
-    with pytest.raises(ValueError, match="expert_parallel=True runs with data parallelism by DDP alone"):
+    with pytest.raises(ValueError, match=r"expert_parallel=True runs with data parallelism alone \(tp = pp = 1"):
         autoplan.plan(nn.Linear(2, 2), torch.randn(2, 2), mesh={"tp": 2}, expert_parallel=True)
 
 
@@ -171,20 +175,64 @@ def test_planner_shards_the_experts_when_asked_or_when_faster():
     cluster = autoplan.Cluster.preset("a100-80gb", devices_per_node=4)
     graph = autoplan.trace(model, x)
     on = autoplan.plan(model, x, cluster=cluster, precision="fp32", expert_parallel=True)
-    assert (on.expert_parallel, on.mesh.dp, on.mesh.tp, on.mesh.pp, on.data_parallel) == (4, 4, 1, 1, "ddp")
+    assert (on.expert_parallel, on.mesh.dp, on.mesh.tp, on.mesh.pp) == (4, 4, 1, 1)
     assert "experts sharded over the 4 dp ranks" in str(on)
-    off = on.replace(expert_parallel=1, predicted=None)
     assert on.predicted == estimate_breakdown(graph, on).predicted
-    assert max(on.predicted.peak_memory_bytes) < max(estimate_breakdown(graph, off).predicted.peak_memory_bytes)
-    auto = plan_expert_parallel(graph, off.replace(predicted=estimate_breakdown(graph, off).predicted), "auto")
-    assert "expert parallelism (ep=4) priced" in auto.search.notes[-1]
-    chosen = estimate_breakdown(graph, on).step_time_s < estimate_breakdown(graph, off).step_time_s
-    assert (auto.expert_parallel == 4) == chosen
-    three, plan = _plan()
-    three.experts = {"layers.0": ExpertsLayer(1, 3, 2, 300_000, tokens=32, hidden=256)}
-    with pytest.raises(ValueError, match="ep=4 does not divide the 3 experts"):
-        plan_expert_parallel(three, plan, True)
-    assert plan_expert_parallel(three, plan, "auto") is plan
+    pinned = autoplan.plan(model, x, cluster=cluster, precision="fp32", expert_parallel=True, data_parallel="fsdp")
+    assert (pinned.expert_parallel, pinned.data_parallel) == (4, "fsdp")  # FSDP for the dense part
+    auto = autoplan.plan(model, x, cluster=cluster, precision="fp32", expert_parallel="auto")
+    off = autoplan.plan(model, x, cluster=cluster, precision="fp32")
+    assert "expert parallelism (ep=4, " in auto.search.notes[-1]
+    assert (auto.expert_parallel == 4) == (on.predicted.step_time_s < off.predicted.step_time_s)
+    three = _moe_graph(experts=3)
+    options = PlanOptions(global_batch_size=32, expert_parallel=True)
+    with pytest.raises(ValueError, match="ep = dp = 4 does not divide the 3 experts"):
+        plan_with_expert_parallel(three, cluster, options, search)
+    plain = plan_with_expert_parallel(three, cluster, replace(options, expert_parallel="auto"), search)
+    assert plain.expert_parallel == 1 and "expert parallelism not used: ep = dp = 4" in plain.search.notes[-1]
+
+
+def _moe_graph(width: int = 4096, share: float = 0.95, tokens: int = 32, experts: int = 8):
+    """A synthetic two-layer graph whose layers hold ``share`` of their weights in ``experts`` experts each (no
+    tensor-parallel group: the planner cannot shard them by TP), called with ``tokens`` tokens per batch of 32."""
+    graph = mlp_graph(widths=(width, width, width), batch=32)
+    graph.layers = [replace(layer, tp_groups=()) for layer in graph.layers]
+    graph.experts = {layer.name: ExpertsLayer(1, experts, 2, int(layer.num_params * share), tokens=tokens,
+                                              hidden=width, names=(layer.name,)) for layer in graph.layers}
+    return graph
+
+
+def _small_devices(mib: int, nodes_of: int = 4) -> autoplan.Cluster:
+    base = autoplan.Cluster.preset("a100-80gb", devices_per_node=nodes_of)
+    return replace(base, device=replace(base.device, memory_bytes=mib * 2**20, memory_headroom_bytes=0))
+
+
+def test_auto_finds_a_layout_that_fits_only_with_the_experts_sharded():
+    # 2 layers of 16.8 M weights, 95% in experts, bf16 + AdamW by DDP on 4 devices of 200 MiB: a replica needs
+    # 537 MB of model states, a pipeline stage 268 MB; with the experts over 4 ranks, 155 MB
+    graph, cluster = _moe_graph(), _small_devices(200)
+    options = PlanOptions(global_batch_size=32, data_parallel="ddp", expert_parallel="auto")
+    with pytest.raises(autoplan.InfeasiblePlanError):
+        search(graph, cluster, options)
+    plan = plan_with_expert_parallel(graph, cluster, options, search)
+    assert (plan.expert_parallel, plan.mesh.dp, plan.data_parallel) == (4, 4, "ddp")
+    assert plan.predicted == estimate_breakdown(graph, plan).predicted and estimate_breakdown(graph, plan).fits
+    assert "without it no layout fits: chosen" in plan.search.notes[-1]
+    with pytest.raises(autoplan.InfeasiblePlanError, match="no dp-only layout with the experts sharded fits"):
+        plan_with_expert_parallel(graph, _small_devices(100), replace(options, expert_parallel=True), search)
+
+
+def test_auto_keeps_the_layout_without_experts_sharded_when_that_is_faster():
+    # experts 10% of the weights, 16k tokens per batch: the dispatch moves far more than sharding saves
+    graph, cluster = _moe_graph(width=1024, share=0.1, tokens=32 * 512), autoplan.Cluster.preset("a100-80gb",
+                                                                                                 devices_per_node=4)
+    options = PlanOptions(global_batch_size=32, expert_parallel="auto")
+    plan = plan_with_expert_parallel(graph, cluster, options, search)
+    off = search(graph, cluster, options)
+    ep = search_expert_parallel(graph, cluster, options).plan
+    assert ep is not None and ep.predicted.step_time_s > off.predicted.step_time_s
+    assert plan.expert_parallel == 1 and (plan.mesh, plan.predicted) == (off.mesh, off.predicted)
+    assert plan.search.notes[-1].endswith("not chosen") and f"{ep.predicted.step_time_s:.4g} s" in plan.search.notes[-1]
 
 
 @pytest.mark.slow

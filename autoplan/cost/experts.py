@@ -45,7 +45,7 @@ from ..vocabulary import LOW_PRECISIONS, PRECISION_BYTES
 from .collectives import Collective
 
 __all__ = ["expert_params", "dispatch_collectives", "element_bytes", "expert_parallel_collectives",
-           "expert_parallel_refusal", "with_expert_parallel", "plan_expert_parallel"]
+           "expert_parallel_refusal", "with_expert_parallel"]
 
 INDEX_BYTES = 8  # top-k indices are int64
 
@@ -224,49 +224,3 @@ def with_expert_parallel(graph: ModelGraph, plan, base):
                    optimizer_s=optimizer_s, samples_per_s=base.global_batch_size / step if step > 0 else 0.0,
                    stage_times=stages)
 
-
-def plan_expert_parallel(graph: ModelGraph, plan, mode: str | bool):
-    """``plan`` with its experts sharded over its dp ranks as ``mode`` asks (``autoplan.plan(...,
-    expert_parallel=mode)``): ``False`` leaves it; ``True`` shards them (``ValueError`` naming why it cannot);
-    ``"auto"`` shards them where the layout allows it and the step is priced faster within memory, and notes
-    the comparison in ``plan.search.notes``.
-
-    Example (a model without experts: "auto" leaves the plan as it is, True refuses):
-        >>> import autoplan
-        >>> from autoplan.plan import Mesh, ModelInfo
-        >>> from autoplan.synthetic import mlp_graph
-        >>> graph = mlp_graph(widths=(64, 64), batch=8)
-        >>> plan = autoplan.Plan(model=ModelInfo("MLP", graph.fingerprint, graph.num_params),
-        ...     cluster=autoplan.Cluster.preset("cpu", devices_per_node=4), global_batch_size=8, microbatch_size=2,
-        ...     microbatches=1, mesh=Mesh(dp=4), schedule="1f1b", data_parallel="ddp",
-        ...     stages=(autoplan.Stage(("layers.0",)),))
-        >>> plan_expert_parallel(graph, plan, "auto") is plan
-        True
-        >>> try:
-        ...     plan_expert_parallel(graph, plan, True)
-        ... except ValueError as e:
-        ...     print(str(e)[:75])
-        expert_parallel=True cannot shard this model's experts: the model has no ex
-    """
-    from dataclasses import replace as replace_field
-
-    from .plan_cost import estimate_breakdown
-
-    if mode is False:
-        return plan
-    candidate = plan.replace(expert_parallel=plan.mesh.dp)
-    reason = "data parallelism is 1" if plan.mesh.dp == 1 else expert_parallel_refusal(graph, candidate)
-    if reason is not None:
-        if mode is True:
-            raise ValueError(f"expert_parallel=True cannot shard this model's experts: {reason}; use "
-                             f"expert_parallel=False or 'auto'")
-        return plan
-    on = estimate_breakdown(graph, candidate)
-    if mode is True:
-        return candidate.replace(predicted=on.predicted)
-    off = plan.predicted.step_time_s if plan.predicted else estimate_breakdown(graph, plan).step_time_s
-    chosen = on.fits and on.step_time_s < off
-    note = (f"expert parallelism (ep={plan.mesh.dp}) priced {on.step_time_s:.4g} s per step against "
-            f"{off:.4g} s without{'' if on.fits else ', and does not fit'}: {'chosen' if chosen else 'not chosen'}")
-    base = candidate.replace(predicted=on.predicted) if chosen else plan
-    return base.replace(search=replace_field(base.search, notes=tuple(base.search.notes) + (note,)))
