@@ -23,6 +23,8 @@ import models_hf  # noqa: E402
 from distributed_helpers import serve_cases, train_one_process, train_parallel  # noqa: E402
 
 GLOBAL_BATCH, STEPS, LR = 8, 2, 1e-3
+#: rank 0's seed for the cases that build their model on meta (``init_on_meta``)
+META_SEED = 7
 
 
 def no_dropout(model: torch.nn.Module) -> torch.nn.Module:
@@ -124,8 +126,13 @@ def prepare(cases: list[dict]) -> tuple[dict, dict]:
 def run_case(case: dict, plans: dict, references: dict) -> dict:
     family = case["family"]
     data = batches(family)
-    model = build(family)
     plan = autoplan.Plan.from_dict(plans[case_name(case)])
+    if case.get("init_on_meta"):  # built on meta: each rank initializes its shards; rank 0 returns the whole
+        model, _ = (models_hf.FAMILIES.get(family) or getattr(models_hf, family))(device="meta")
+        torch.manual_seed(META_SEED)
+        pm = autoplan.parallelize(model, data[0][0], loss_fn=loss_fn, plan=plan)
+        return {"init": pm.full_state_dict(), "plan": pm.plan.to_dict()}
+    model = build(family)
     pm = autoplan.parallelize(model, data[0][0], loss_fn=loss_fn, plan=plan)
     opt, losses, state = train_parallel(pm, data)
     result = {"losses": losses, "plan": pm.plan.to_dict(), "sharded": len(pm.plan.tensor_parallel),
@@ -175,6 +182,7 @@ def case_name(case: dict) -> str:
     kind = f":{case['data_parallel']}" if "data_parallel" in case else ""
     kind += ":sp" if case.get("sequence_parallel") is True else ""
     kind += ":cuts" + ",".join(map(str, case["cuts"])) if "cuts" in case else ""
+    kind += ":meta" if case.get("init_on_meta") else ""
     return f"{case['family']}:{'x'.join(f'{k}{v}' for k, v in case['mesh'].items())}{kind}"
 
 

@@ -23,14 +23,44 @@ pytestmark = [pytest.mark.filterwarnings("ignore")]
 WORKER = REPO / "tests" / "hf_worker.py"
 #: families with no sound tensor-parallel group (GPT-2 and Phi-3 shard their fused projections part by part)
 NOTHING_SOUND: set[str] = set()
-#: families whose fused projections (colwise:K) a pinned dp2xtp2 must shard, with a checkpoint round trip
-FUSED = {"gpt2": "transformer.h.0.attn.c_attn", "phi3": "model.layers.0.mlp.gate_up_proj",
-         "phi3_mha": "model.layers.0.self_attn.qkv_proj"}
+#: families whose fused projections a pinned dp2xtp2 must shard (module: style), with a checkpoint round trip; the
+#: Phi-3 toy has grouped key/value heads (4 query, 2 key/value heads of 8): its qkv_proj's parts are unequal
+FUSED = {"gpt2": {"transformer.h.0.attn.c_attn": "colwise:3"},
+         "phi3": {"model.layers.0.mlp.gate_up_proj": "colwise:2",
+                  "model.layers.0.self_attn.qkv_proj": "colwise:32+16+16"},
+         "phi3_mha": {"model.layers.0.self_attn.qkv_proj": "colwise:3"}}
+
+
+def meta_reference(family: str) -> dict:
+    """The initial weights of ``family``'s toy model built on meta and parallelized in a world of one, under rank 0's
+    seed of the ``init_on_meta`` cases."""
+    import torch
+
+    import autoplan
+    from autoplan.execute.manual import manual_plan
+    from hf_worker import META_SEED
+
+    model, _ = models_hf.FAMILIES[family](device="meta")
+    torch.manual_seed(META_SEED)
+    return autoplan.parallelize(model, plan=manual_plan(model, [[""]], global_batch_size=8)).full_state_dict()
+
+
+def check_meta(got: dict, family: str) -> None:
+    """Initialization on meta is the same tensors, bit for bit and in the original order, sharded or not."""
+    import torch
+
+    want = meta_reference(family)
+    assert list(got["init"]) == list(want)
+    assert [k for k, v in want.items() if not torch.equal(got["init"][k], v)] == []
 
 
 def check(results: dict) -> None:
     for name, got in results.items():
         family = name.split(":")[0]
+        if name.endswith(":meta"):
+            assert {m: got["plan"]["tensor_parallel"].get(m) for m in FUSED[family]} == FUSED[family], name
+            check_meta(got, family)
+            continue
         assert got["losses"] == pytest.approx(got["ref_losses"], rel=1e-5), name
         assert got["missing"] == [], name
         assert got["max_weight_diff"] <= 1e-4, (name, got["worst_weight"], got["max_weight_diff"])
@@ -45,8 +75,8 @@ def check(results: dict) -> None:
             assert got["plan"]["sequence_parallel"] is True, name
         if "roundtrip" in got:
             assert got["roundtrip"] == {"checkpoint": 0.0, "state_dict": 0.0, "on_disk": 0.0}, name
-        if family in FUSED and name.endswith(":dp2xtp2"):
-            assert got["plan"]["tensor_parallel"][FUSED[family]].startswith("colwise:"), name
+        if family in FUSED and (name.endswith(":dp2xtp2") or name.endswith(":dp2xtp2:fsdp")):
+            assert {m: got["plan"]["tensor_parallel"].get(m) for m in FUSED[family]} == FUSED[family], name
             # the checkpoint and the full state dict give and take the original fused weights, in order
             assert got["roundtrip"] == {"checkpoint": 0.0, "state_dict": 0.0, "on_disk": 0.0}, name
 
@@ -74,10 +104,13 @@ def matrix_cases(tmp) -> list[dict]:
     # Llama's tp4 shards its MLPs, OPT's and BERT's their attention too
     families = list(models_hf.FAMILIES) + ["fused_qkv_gpt", "phi3_mha"]
     cases = [{"family": f, "mesh": {"dp": 2, "tp": 2}} for f in families]
-    # FSDP over a fused projection's part-by-part shard: dp shards the weight's other dim
+    # FSDP over a fused projection's part-by-part shard: dp shards the weight's other dim (Phi-3's gate_up_proj;
+    # its qkv_proj of unequal parts is stored as a plain colwise shard, which FSDP shards on dim 0)
     cases.append({"family": "phi3", "mesh": {"dp": 2, "tp": 2}, "data_parallel": "fsdp"})
+    # Phi-3 built on meta: each rank initializes its shards of the fused projections (qkv_proj of unequal parts)
+    cases.append({"family": "phi3", "mesh": {"dp": 2, "tp": 2}, "init_on_meta": True})
     for case in cases:
-        if case["family"] in FUSED:
+        if case["family"] in FUSED and not case.get("init_on_meta"):
             case["checkpoint"] = str(tmp / f"checkpoint_{case['family']}_{case.get('data_parallel', 'auto')}")
     cases += [{"family": f, "mesh": {"tp": 4}} for f in ("opt", "bert", "llama")]
     # sequence parallelism forced: Llama's RMSNorms; BART's post-norm layers and its decoder's cross-attention,

@@ -142,7 +142,6 @@ def test_head_counts_are_divided_on_the_shard_and_restorable():
 
 @pytest.mark.parametrize("family, kept, dropped", [
     ("opt", 4, 0),    # view(bsz, -1, num_heads, head_dim): sound once num_heads counts the local heads
-    ("phi3", 2, 2),   # fused gate_up_proj (chunk(2)) kept part by part; GQA qkv_proj sliced at unequal offsets
     ("bart", 10, 0),  # cross-attention: q reads the decoder, k and v the encoder, all in one group
 ])
 def test_families_keep_exactly_their_sound_groups(family, kept, dropped):
@@ -205,3 +204,32 @@ def test_gpt2_conv1d_pairs_and_fused_qkv_are_proposed_and_proven_and_wrong_layou
     monkeypatch.setitem(check_tp_groups.__globals__, "is_conv1d", lambda module: False)
     kept, dropped = check_tp_groups(model, [g for g in groups if g.styles == mlp], (), kwargs, recorded)
     assert kept == [] and [d.styles for d in dropped] == [mlp]
+
+
+def test_phi3_grouped_kv_qkv_is_kept_by_its_part_sizes_and_other_cuts_or_too_few_kv_heads_are_dropped():
+    from dataclasses import replace
+
+    from autoplan.trace.measure import measure
+    from autoplan.trace.tp_check import record_parents
+
+    # Phi-3 with 4 query and 2 key/value heads of 8 features: qkv_proj is sliced at unequal offsets (32 + 16 + 16)
+    model, inputs = models_hf.FAMILIES["phi3"]()
+    kwargs = {**inputs, "use_cache": False}
+    groups = [g for g in detect_tp_groups(build_op_graph(model, (), kwargs), model) if "rowwise" in g.styles.values()]
+    qkv = "model.layers.0.self_attn.qkv_proj"
+    attn = next(g for g in groups if qkv in g.styles)
+    assert attn.styles[qkv] == "colwise:32+16+16" and attn.divisor == 2  # the divisor divides the kv heads too
+    recorded = measure(model, (), kwargs, record_inputs=record_parents(model, groups)).inputs
+    kept, dropped = check_tp_groups(model, groups, (), kwargs, recorded)
+    assert len(kept) == 4 and dropped == []  # attention and the fused gate/up MLP of both layers
+    # the same projection cut as equal parts, in another order, or as one block mixes q, k and v heads: dropped
+    for wrong in ("colwise:3", "colwise:16+16+32", "colwise"):
+        kept, dropped = check_tp_groups(model, [replace(attn, styles={**attn.styles, qkv: wrong})], (), kwargs,
+                                        recorded)
+        assert kept == [] and "computes other numbers" in dropped[0].reason, wrong
+    # a single key/value head: no tp degree gives every rank whole key/value heads, so attention stays whole
+    model, inputs = models_hf.hf_phi3(num_key_value_heads=1)
+    graph = autoplan.trace(model, inputs)
+    assert [styles[qkv] for styles, _ in graph.tp_dropped if qkv in styles] == ["colwise:32+8+8"]
+    assert "the tp degree must divide the key/value heads" in graph.tp_dropped[0][1]
+    assert len([g for layer in graph.layers for g in layer.tp_groups if "rowwise" in g.styles.values()]) == 2

@@ -23,6 +23,16 @@ this layout — so the parameter stays one DTensor of the original global shape 
 and the matmul keeps the strided layout with no communication (its output is ``_StridedShard(-1, K)``, handed on
 as the local tensor).
 
+A projection fusing parts of unequal sizes (plan style ``colwise:a+b+c``: Phi-3's ``qkv_proj`` with grouped
+key/value heads, q of ``num_heads·head_dim`` rows, k and v of ``num_key_value_heads·head_dim`` each) has no DTensor
+placement for [q_r; k_r; v_r] (``_StridedShard`` cuts K equal parts, and a placement subclass does not survive
+DTensor's own ops). :class:`FusedRowsColwise` stores its weight as ``ColwiseParallel`` does, ``Shard(0)``: rows r of
+t of the whole fused weight, an ordinary DTensor in the original order for state dicts, checkpoints, initialization,
+FSDP and the optimizer. In forward one all-to-all over the tp ranks hands each rank the rows it computes with, rows
+r of t of every part ([q_r; k_r; v_r]: whole key/value heads with their query heads), and in backward the inverse
+all-to-all hands each gradient row back to the rank that stores it: a permutation of rows, exact, at the cost of
+moving about ``(t-1)/t`` of the rank's share of that weight each way per forward.
+
 Example:
     >>> from transformers.pytorch_utils import Conv1D
     >>> from autoplan.execute.tp_styles import style_for
@@ -32,6 +42,11 @@ Example:
 
 from __future__ import annotations
 
+import types
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
@@ -39,9 +54,10 @@ from torch.distributed.tensor.placement_types import _StridedShard
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
 from ..trace.opgraph import is_conv1d
-from ..vocabulary import fused_parts, keeps_dtensor, tp_style_kind
+from ..vocabulary import fused_parts, fused_sizes, keeps_dtensor, tp_style_kind
 
-__all__ = ["Conv1DColwise", "Conv1DRowwise", "FusedColwise", "strided", "fsdp_placement", "style_for"]
+__all__ = ["Conv1DColwise", "Conv1DRowwise", "FusedColwise", "FusedRowsColwise", "compute_rows", "strided",
+           "fsdp_placement", "style_for"]
 
 
 def _shard_parameters(module: nn.Module, mesh: DeviceMesh, placements: dict, src_data_rank) -> None:
@@ -138,6 +154,102 @@ class FusedColwise(ColwiseParallel):
                                                        "bias": _StridedShard(0, split_factor=parts)}, local_output)
 
 
+def compute_rows(sizes: tuple[int, ...], rank: int, t: int) -> torch.Tensor:
+    """The rows of a fused weight of parts ``sizes`` that rank ``rank`` of ``t`` computes with, in order: rows r of t
+    of every part.
+
+    Example:
+        >>> compute_rows((4, 2, 2), 1, 2).tolist()
+        [2, 3, 5, 7]
+    """
+    starts = [sum(sizes[:p]) for p in range(len(sizes))]
+    return torch.cat([torch.arange(start + rank * size // t, start + (rank + 1) * size // t)
+                      for start, size in zip(starts, sizes)])
+
+
+class _RowExchange(torch.autograd.Function):
+    """This rank's stored rows (``Shard(0)``: rows r of t of the whole weight) → the rows it computes with, by one
+    all-to-all; backward: the inverse all-to-all, each gradient row back to the rank that stores it."""
+
+    @staticmethod
+    def forward(ctx, stored, send_index, send_counts, recv_counts, group):
+        ctx.send_index, ctx.send_counts, ctx.recv_counts, ctx.group = send_index, send_counts, recv_counts, group
+        out = stored.new_empty((sum(recv_counts),) + tuple(stored.shape[1:]))
+        dist.all_to_all_single(out, stored.index_select(0, send_index.to(stored.device)).contiguous(), recv_counts,
+                               send_counts, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        back = grad.new_empty((sum(ctx.send_counts),) + tuple(grad.shape[1:]))
+        dist.all_to_all_single(back, grad.contiguous(), ctx.send_counts, ctx.recv_counts, group=ctx.group)
+        stored = torch.empty_like(back)
+        stored[ctx.send_index.to(back.device)] = back
+        return stored, None, None, None, None
+
+
+def _exchange_plan(sizes: tuple[int, ...], rank: int, t: int) -> tuple[torch.Tensor, list[int], list[int]]:
+    """``(send index, send counts, receive counts)`` of the all-to-all that turns rank ``rank``'s stored rows into
+    its compute rows. Every rank's compute rows ascend, so what arrives, source by source, is already in order."""
+    per_rank = sum(sizes) // t
+    send, send_counts = [], []
+    for dest in range(t):
+        rows = compute_rows(sizes, dest, t)
+        mine = rows[(rows >= rank * per_rank) & (rows < (rank + 1) * per_rank)] - rank * per_rank
+        send.append(mine)
+        send_counts.append(len(mine))
+    rows = compute_rows(sizes, rank, t)
+    recv_counts = [int(((rows >= s * per_rank) & (rows < (s + 1) * per_rank)).sum()) for s in range(t)]
+    return torch.cat(send), send_counts, recv_counts
+
+
+def _fused_rows_forward(plan, module: nn.Linear, input):
+    """``nn.Linear.forward`` with the weight's (and bias's) compute rows: the output's local features are this
+    rank's [q_r; k_r; v_r]."""
+    send_index, send_counts, recv_counts = plan
+
+    def compute(param):
+        if param is None:
+            return None
+        mesh = param.device_mesh
+        rows = _RowExchange.apply(param.to_local(), send_index, send_counts, recv_counts, mesh.get_group())
+        return DTensor.from_local(rows, mesh, [Shard(0)], run_check=False)
+
+    return F.linear(input, compute(module.weight), compute(module.bias))
+
+
+class FusedRowsColwise(ColwiseParallel):
+    """``ColwiseParallel`` for an ``nn.Linear`` that fuses parts of unequal ``sizes`` (output features): stored as
+    ``Shard(0)``, computed with rows r of t of every part (see the module docstring).
+
+    Example:
+        >>> FusedRowsColwise((32, 16, 16)).sizes
+        (32, 16, 16)
+    """
+
+    def __init__(self, sizes: tuple[int, ...], **layouts):
+        super().__init__(**layouts)
+        if len(sizes) < 2:
+            raise ValueError(f"FusedRowsColwise needs at least 2 fused parts, got {sizes}")
+        self.sizes = tuple(sizes)
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        style = "colwise:" + "+".join(map(str, self.sizes))
+        if not isinstance(module, nn.Linear):
+            raise ValueError(f"{style} shards an nn.Linear, not a {type(module).__name__}")
+        t = device_mesh.size()
+        if sum(self.sizes) != module.out_features or any(size % t for size in self.sizes):
+            raise ValueError(f"{style} does not cut the {module.out_features} output features into parts that "
+                             f"{t} tp ranks divide; re-plan for this model and mesh")
+        if not self.use_local_output:
+            raise ValueError(f"{style} hands on its local output only: a projection of unequal fused parts has no "
+                             f"DTensor form")
+        _distribute(self, module, device_mesh, {"weight": Shard(0), "bias": Shard(0)})
+        plan = _exchange_plan(self.sizes, device_mesh.get_local_rank(), t)
+        module.forward = types.MethodType(lambda mod, input: _fused_rows_forward(plan, mod, input), module)
+        return module
+
+
 def strided(tensor) -> bool:
     """Whether ``tensor`` is a DTensor with a ``_StridedShard`` placement alone on its dim (a fused projection's
     part-by-part shard): a layout torch.distributed.checkpoint cannot write as one chunk per rank.
@@ -172,7 +284,8 @@ def fsdp_placement(param) -> Shard | None:
 
 def style_for(style: str, module: nn.Module | None, **layouts) -> ParallelStyle:
     """The ``ParallelStyle`` for plan style ``style`` on ``module`` (a ``…/dtensor`` colwise style hands on a DTensor,
-    ``use_local_output=False``): :class:`FusedColwise` for ``colwise:K``, the
+    ``use_local_output=False``): :class:`FusedColwise` for ``colwise:K``, :class:`FusedRowsColwise` for
+    ``colwise:a+b+c``, the
     ``Conv1D`` styles above for a GPT-2 ``Conv1D`` under ``colwise``/``rowwise``, else torch's ``ColwiseParallel``/``RowwiseParallel`` (``layouts``:
     their ``input_layouts``/``output_layouts``/``use_local_output`` keywords).
 
@@ -185,6 +298,8 @@ def style_for(style: str, module: nn.Module | None, **layouts) -> ParallelStyle:
     conv = module is not None and is_conv1d(module)
     if keeps_dtensor(style):  # the output goes on as a global-shape DTensor (autoplan.execute.tp_dtensor)
         layouts = {**layouts, "use_local_output": False}
+    if fused_sizes(style) is not None:
+        return FusedRowsColwise(fused_sizes(style), **layouts)
     if fused_parts(style) > 1:
         return FusedColwise(fused_parts(style), **layouts)
     if tp_style_kind(style) == "colwise":

@@ -13,10 +13,9 @@ inputs share one verdict: :mod:`autoplan.trace.tp_check_key`) on small real tens
 2. the reference: the parent's forward, keeping the rowwise linear's output;
 3. the shard, exactly as ``ColwiseParallel``/``RowwiseParallel`` lay it out for degree ``t`` (the smallest prime
    of the group's divisor): for each rank ``r``, the colwise linears keep output rows ``r``-th of ``t`` (and their
-   bias; a fused ``colwise:K`` linear the ``r``-th of ``t`` of each of its K parts; a ``Conv1D`` the columns of its
-   ``(in, out)`` weight, with its ``nf`` set to the local width), the rowwise linear input columns ``r``-th of
-   ``t`` and its bias on one rank only; the parent's forward
-   runs with these slices and the rowwise partial outputs are summed (the all-reduce);
+   bias; a fused ``colwise:K`` or ``colwise:a+b+c`` linear the ``r``-th of ``t`` of each of its parts; a ``Conv1D``
+   the columns of its ``(in, out)`` weight, with its ``nf`` set to the local width), the rowwise linear input
+   columns ``r``-th of ``t`` and its bias on one rank only; the parent's forward runs with these slices and the rowwise partial outputs are summed (the all-reduce);
    an attention module that counts its heads in attributes (``num_heads``, ``embed_dim``…) sees them divided by
    ``t`` meanwhile, as the executor sets them (torchtitan's ``n_heads // tp``);
 4. parameters left whole on every rank but used between the linears (a norm on the sharded heads) must get the
@@ -54,7 +53,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from .measure import TensorSpec
-from ..vocabulary import fused_parts, tp_style_kind
+from ..vocabulary import fused_sizes, part_sizes, tp_style_kind
 from .opgraph import is_conv1d
 from .tp_check_global import INSIDE_A_WORLD, KEPT_AS_DTENSOR, as_dtensor_styles, or_global_verdict as _or_global
 from .tp_check_key import VERDICTS, verdict_key
@@ -230,17 +229,18 @@ def _random_state(module: nn.Module, generator: torch.Generator, device: str = "
     return state
 
 
-def _colwise_share(tensor: torch.Tensor, dim: int, parts: int, rank: int, t: int) -> torch.Tensor:
-    """Rank ``rank``'s output features: the r-th of t of each of the ``parts`` equal parts ([q_r; k_r; v_r] of a
-    fused qkv), as DTensor's ``_StridedShard(dim, split_factor=parts)`` lays them out (``Shard(dim)`` for one)."""
-    return torch.cat([part.chunk(t, dim=dim)[rank] for part in tensor.chunk(parts, dim=dim)], dim=dim)
+def _colwise_share(tensor: torch.Tensor, dim: int, sizes: tuple[int, ...], rank: int, t: int) -> torch.Tensor:
+    """Rank ``rank``'s output features: the r-th of t of each part of ``sizes`` ([q_r; k_r; v_r] of a fused qkv), as
+    DTensor's ``_StridedShard(dim, split_factor=K)`` lays out K equal parts (``Shard(dim)`` for one) and
+    :class:`~autoplan.execute.tp_styles.FusedRowsColwise` hands unequal ones to the matmul."""
+    return torch.cat([part.chunk(t, dim=dim)[rank] for part in tensor.split(list(sizes), dim=dim)], dim=dim)
 
 
 def _shard_state(state: dict, parent: str, styles: dict[str, str], rank: int, t: int,
                  transposed: frozenset = frozenset(), cut=_colwise_share) -> dict:
     """``state`` with each styled linear cut to rank ``rank``'s share, as ColwiseParallel/RowwiseParallel do;
     ``transposed``: the FQNs whose weight is stored ``(in, out)`` (GPT-2's ``Conv1D``), cut on the other dim;
-    ``cut(tensor, dim, parts, rank, t)``: how a share is taken (by default, sliced out)."""
+    ``cut(tensor, dim, part sizes, rank, t)``: how a share is taken (by default, sliced out)."""
     out = dict(state)
     prefix = parent + "." if parent else ""
     for fqn, style in styles.items():
@@ -248,11 +248,12 @@ def _shard_state(state: dict, parent: str, styles: dict[str, str], rank: int, t:
         weight, bias = out[f"{rel}.weight"], out.get(f"{rel}.bias")
         out_dim, in_dim = (1, 0) if fqn in transposed else (0, 1)
         if tp_style_kind(style) == "colwise":
-            out[f"{rel}.weight"] = cut(weight, out_dim, fused_parts(style), rank, t)
+            sizes = part_sizes(style, weight.shape[out_dim])
+            out[f"{rel}.weight"] = cut(weight, out_dim, sizes, rank, t)
             if bias is not None:
-                out[f"{rel}.bias"] = cut(bias, 0, fused_parts(style), rank, t)
+                out[f"{rel}.bias"] = cut(bias, 0, sizes, rank, t)
         else:  # rowwise: input features sharded, the bias added once after the all-reduce
-            out[f"{rel}.weight"] = cut(weight, in_dim, 1, rank, t)
+            out[f"{rel}.weight"] = cut(weight, in_dim, (weight.shape[in_dim],), rank, t)
             if bias is not None and rank > 0:
                 out[f"{rel}.bias"] = torch.zeros_like(bias)
     return out
@@ -345,6 +346,11 @@ def _relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
 def _check_one(model: nn.Module, group: DetectedGroup, parent: str, recorded: tuple, batch: int) -> str | None:
     """None when the group shards soundly at degree t, else the reason it does not."""
     if group.divisor < 2:
+        unequal = next((s for s in group.styles.values() if fused_sizes(s)), None)
+        if unequal is not None:  # grouped key/value heads: a rank must hold whole ones, with their query heads
+            return (f"no degree above 1 divides the heads of every part of its fused projection ({unequal}): each "
+                    f"rank must hold whole key/value heads with their query heads, so the tp degree must divide the "
+                    f"key/value heads")
         return "no degree above 1 divides its heads/features"
     parent_module = model.get_submodule(parent) if parent else model
     numeric = sum(p.numel() for p in parent_module.parameters()) <= NUMERIC_CHECK_MAX_PARAMS

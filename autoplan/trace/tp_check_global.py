@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..vocabulary import DTENSOR_SUFFIX, tp_style_kind
+from ..vocabulary import DTENSOR_SUFFIX, fused_sizes, tp_style_kind
 
 __all__ = ["as_dtensor_styles", "or_global_verdict", "KEPT_AS_DTENSOR", "INSIDE_A_WORLD"]
 
@@ -77,12 +77,13 @@ def as_dtensor_styles(styles: dict[str, str]) -> dict[str, str]:
 
 
 
-def _zeroed_share(tensor: torch.Tensor, dim: int, parts: int, rank: int, t: int) -> torch.Tensor:
-    """``tensor`` with every slice on ``dim`` that is not rank ``rank``'s (of each of ``parts`` equal parts) zeroed."""
+def _zeroed_share(tensor: torch.Tensor, dim: int, sizes: tuple[int, ...], rank: int, t: int) -> torch.Tensor:
+    """``tensor`` with every slice on ``dim`` that is not rank ``rank``'s (of each part of ``sizes``) zeroed."""
     keep = torch.zeros(tensor.shape[dim], dtype=torch.bool)
-    part = tensor.shape[dim] // parts
-    for p in range(parts):
-        keep[p * part + rank * part // t: p * part + (rank + 1) * part // t] = True
+    start = 0
+    for part in sizes:
+        keep[start + rank * part // t: start + (rank + 1) * part // t] = True
+        start += part
     shape = [1] * tensor.dim()
     shape[dim] = -1
     return tensor * keep.view(shape).to(tensor.dtype)
@@ -192,6 +193,8 @@ def or_global_verdict(local: str, model, group, parent, parent_module, state, ar
     """
     if not numeric:
         return local
+    if any(fused_sizes(style) for style in group.styles.values()):
+        return f"{local}; a projection of unequal fused parts has no DTensor form"
     error = _global_shard_error(model, group.styles, parent, parent_module, state, args, kwargs, reference, t,
                                 transposed, generator)
     return KEPT_AS_DTENSOR if error is None else f"{local}; {error}"

@@ -2,7 +2,8 @@
 
 * colwise: the ``nn.Linear`` modules of one parent module that read the same tensor (attention q/k/v or a fused
   qkv; MLP fc, or gate and up); ``colwise:K`` when the output is cut on its last dim into K equal parts by
-  ``split``/``chunk`` (a fused qkv: K = 3; a fused gate/up: K = 2), which the executor shards part by part;
+  ``split``/``chunk`` (a fused qkv: K = 3; a fused gate/up: K = 2), ``colwise:a+b+c`` when slices of unequal sizes
+  cover it (Phi-3's qkv with grouped key/value heads), which the executor shards part by part;
 * rowwise: the single ``nn.Linear`` of the same parent reached from the colwise outputs through other ops
   (activation, attention, reshapes) without another linear, and whose output leaves the block: it feeds a
   residual add, the model output, or a module outside the pair's (a block stacked straight onto the next one);
@@ -134,21 +135,22 @@ def _input_of(g, node: str, fqn: str) -> str | None:
     return current
 
 
-def _fused_parts(g, node: str, out_features: int) -> tuple[int, list[str]]:
-    """``(K, part nodes)`` when the projection's output is cut on its last dim into K equal parts (``split`` /
-    ``chunk``, or K equal slices that cover it: a fused qkv or gate/up); ``(1, [])`` otherwise (unequal parts, as in
-    Phi-3's ``qkv_proj`` with grouped heads, stay plain and meet the soundness check as they are)."""
+def _fused_parts(g, node: str, out_features: int, order: dict[str, int]) -> tuple[tuple[int, ...], list[str]]:
+    """``(part sizes, part nodes)`` when the projection's output is cut on its last dim into parts: K equal ones
+    (``split`` / ``chunk``, or K equal slices that cover it: a fused qkv or gate/up), or unequal slices that cover it
+    (Phi-3's ``qkv_proj`` with grouped key/value heads: ``qkv[..., :q]``, ``qkv[..., q:q + kv]``, …), taken in the
+    order the code slices them (the soundness check proves that order, or drops the group); ``((), [])`` otherwise.
+    ``order``: each node's position in the graph."""
     shape = g.nodes[node]["shape"] or ()
 
     def same_but_last(piece: tuple) -> bool:
         return len(piece) == len(shape) and piece[:-1] == shape[:-1]
 
-    # slices on the last dim (Phi-3's qkv[..., :q], qkv[..., q:q + kv], …): K equal ones that cover the output
-    slices = [s for s in g.successors(node) if _base_target(g.nodes[s]["target"]) == "slice"
-              and same_but_last(g.nodes[s]["shape"] or ())]
-    widths = {g.nodes[s]["shape"][-1] for s in slices}
-    if len(slices) > 1 and len(widths) == 1 and widths.pop() * len(slices) == out_features:
-        return len(slices), slices
+    slices = sorted((s for s in g.successors(node) if _base_target(g.nodes[s]["target"]) == "slice"
+                     and same_but_last(g.nodes[s]["shape"] or ())), key=order.get)
+    widths = [g.nodes[s]["shape"][-1] for s in slices]
+    if len(slices) > 1 and all(widths) and sum(widths) == out_features:
+        return tuple(widths), slices
     for s in g.successors(node):
         if _base_target(g.nodes[s]["target"]) not in ("split", "split_with_sizes", "chunk"):
             continue
@@ -158,8 +160,17 @@ def _fused_parts(g, node: str, out_features: int) -> tuple[int, list[str]]:
         if len(widths) == 1 and len(shapes) == len(pieces):
             width = widths.pop()
             if 0 < width < out_features and out_features % width == 0:
-                return out_features // width, pieces
-    return 1, []
+                return (width,) * (out_features // width), pieces
+    return (), []
+
+
+def _colwise_style(sizes: tuple[int, ...]) -> str:
+    """The plan style of a colwise projection cut into parts of ``sizes`` (none: not fused)."""
+    if len(sizes) < 2:
+        return "colwise"
+    if len(set(sizes)) == 1:
+        return f"{FUSED_COLWISE}{len(sizes)}"
+    return FUSED_COLWISE + "+".join(map(str, sizes))
 
 
 def _heads_or_features(g, node: str, out_features: int) -> int:
@@ -214,6 +225,7 @@ def detect_tp_groups(op_graph: OpGraph, model: nn.Module,
         if row is not None and _leaves_block(g, row, scope, modules=modules):
             col_by_row.setdefault(row, []).extend(col_nodes)
     used: set[str] = set()
+    order = {n: i for i, n in enumerate(op_graph.order)}
     for row, col_nodes in col_by_row.items():
         if row in used or any(c in used or c in col_by_row for c in col_nodes):
             continue
@@ -221,10 +233,12 @@ def detect_tp_groups(op_graph: OpGraph, model: nn.Module,
         styles = {}
         for c in col_nodes:
             out_features = linear_features(modules[linear_nodes[c]])[1]
-            parts, pieces = _fused_parts(g, c, out_features)
-            styles[linear_nodes[c]] = f"{FUSED_COLWISE}{parts}" if parts > 1 else "colwise"
-            for piece in pieces or [c]:  # a fused projection's heads show in the views of its parts
-                divisor = gcd(divisor, _heads_or_features(g, piece, out_features // parts))
+            sizes, pieces = _fused_parts(g, c, out_features, order)
+            styles[linear_nodes[c]] = _colwise_style(sizes)
+            # a fused projection's heads show in the views of its parts (grouped key/value heads: the divisor
+            # divides the key/value heads too, so each rank holds whole ones with their query heads)
+            for piece, width in zip(pieces, sizes) if pieces else [(c, out_features)]:
+                divisor = gcd(divisor, _heads_or_features(g, piece, width))
         divisor = gcd(divisor, linear_features(modules[linear_nodes[row]])[0])
         styles[linear_nodes[row]] = "rowwise"
         parent = _common_parent(list(styles))
