@@ -4,7 +4,9 @@ Styles (Megatron-LM, Shoeybi et al. 2019 §3): ``colwise`` → ``ColwiseParallel
 ``rowwise`` → ``RowwiseParallel()`` (input features sharded, output all-reduced), ``vocab_embedding`` →
 ``RowwiseParallel(input_layouts=Replicate())`` on an ``nn.Embedding`` (vocabulary rows sharded),
 ``vocab_head`` → ``ColwiseParallel(output_layouts=Replicate())`` (vocabulary sharded, logits gathered);
-``colwise:K`` (a projection fusing K equal parts) → :class:`~autoplan.execute.tp_styles.FusedColwise`, a
+``colwise:K`` (a projection fusing K equal parts) → :class:`~autoplan.execute.tp_styles.FusedColwise`,
+``colwise:a+b+c`` (unequal parts: Phi-3's qkv with grouped key/value heads) →
+:class:`~autoplan.execute.tp_styles.FusedRowsColwise`, a
 ``…/dtensor`` colwise style → the same style handing on a global-shape DTensor (:mod:`autoplan.execute.tp_dtensor`:
 nanoGPT's attention, whose views read sizes from its input), and GPT-2's
 ``Conv1D`` under ``colwise``/``rowwise`` → the ``Conv1D`` styles of :mod:`autoplan.execute.tp_styles`.
