@@ -222,14 +222,35 @@ def test_phi3_grouped_kv_qkv_is_kept_by_its_part_sizes_and_other_cuts_or_too_few
     recorded = measure(model, (), kwargs, record_inputs=record_parents(model, groups)).inputs
     kept, dropped = check_tp_groups(model, groups, (), kwargs, recorded)
     assert len(kept) == 4 and dropped == []  # attention and the fused gate/up MLP of both layers
-    # the same projection cut as equal parts, in another order, or as one block mixes q, k and v heads: dropped
-    for wrong in ("colwise:3", "colwise:16+16+32", "colwise"):
+    # the same projection cut as equal halves, as its parts in another order, or as one block mixes q, k and v
+    # heads: dropped
+    for wrong in ("colwise:2", "colwise:16+16+32", "colwise"):
         kept, dropped = check_tp_groups(model, [replace(attn, styles={**attn.styles, qkv: wrong})], (), kwargs,
                                         recorded)
-        assert kept == [] and "computes other numbers" in dropped[0].reason, wrong
+        assert kept == [] and dropped[0].reason.startswith("a 2-way shard computes other numbers"), wrong
     # a single key/value head: no tp degree gives every rank whole key/value heads, so attention stays whole
     model, inputs = models_hf.hf_phi3(num_key_value_heads=1)
     graph = autoplan.trace(model, inputs)
     assert [styles[qkv] for styles, _ in graph.tp_dropped if qkv in styles] == ["colwise:32+8+8"]
     assert "the tp degree must divide the key/value heads" in graph.tp_dropped[0][1]
     assert len([g for layer in graph.layers for g in layer.tp_groups if "rowwise" in g.styles.values()]) == 2
+
+
+def test_the_unequal_parts_exchange_hands_each_rank_its_rows_and_every_gradient_row_back():
+    from autoplan.execute.tp_styles import _exchange_plan, compute_rows
+
+    # the executor's all-to-all simulated in one process, on row numbers: stored rows r of t of the whole weight in,
+    # rows r of t of every part out; backward's inverse exchange puts every row back where it is stored
+    for sizes, t in [((32, 16, 16), 2), ((5120, 1280, 1280), 5), ((40, 10, 10), 10), ((8, 4, 4, 8), 4)]:
+        stored = torch.arange(sum(sizes)).chunk(t)
+        plans = [_exchange_plan(sizes, r, t) for r in range(t)]  # (send index, send counts, receive counts)
+        sent = [stored[s][plans[s][0]].split(plans[s][1]) for s in range(t)]
+        received = [torch.cat([sent[s][r] for s in range(t)]) for r in range(t)]
+        for r in range(t):
+            assert plans[r][2] == [len(sent[s][r]) for s in range(t)]
+            assert torch.equal(received[r], compute_rows(sizes, r, t)), (sizes, t, r)
+        returned = [received[r].split(plans[r][2]) for r in range(t)]
+        for s in range(t):
+            back = torch.empty_like(stored[s])
+            back[plans[s][0]] = torch.cat([returned[r][s] for r in range(t)])
+            assert torch.equal(back, stored[s]), (sizes, t, s)
