@@ -217,3 +217,22 @@ def test_bounds_counting_a_sequence_parallel_run_whole_stay_below_each_strategys
         assert bound.bound_s <= tables.evaluate(result.assignment).step_time_s * (1 + 1e-9)
         seen.add((tables.strategy.schedule, tables.strategy.virtual_stages))
     assert {("1f1b", 1), ("interleaved", 2), ("gpipe", 1)} <= seen
+
+
+def test_relaxed_rows_shared_across_microbatch_counts_stay_below_each_strategys_exact_bound():
+    """Strategies that differ only in microbatch count (and data-parallel size, schedule) share relaxed rows
+    priced at their most microbatches: the cheap bound still never exceeds any one's exact lower bound, with
+    sequence parallelism (whose norm-gradient all-reduce is spread over the microbatches) on and off."""
+    from autoplan.solve.bounds import lower_bound_s
+    from autoplan.solve.tables import LazyTables
+
+    graph = gpt_like_graph(layers=8, hidden=256, seq=128, heads=4, vocab=1000)
+    lazy = LazyTables(graph, autoplan.Cluster.preset("a100-80gb", devices_per_node=8),
+                      PlanOptions(global_batch_size=32))
+    counts = {}
+    for i, s in enumerate(lazy.strategies):
+        assert lower_bound_s(lazy.relaxed(i)) <= lower_bound_s(lazy[i])
+        counts.setdefault((s.tp, s.microbatch_size, s.sequence_parallel), set()).add(s.microbatches)
+    assert any(sp and len(m) > 1 for (_, _, sp), m in counts.items())  # rows shared across microbatch counts
+    assert len(lazy._relaxed) < len({(s.tp, s.microbatch_size, s.sequence_parallel, s.microbatches,
+                                      s.data_parallel == "fsdp" and s.dp > 1) for s in lazy.strategies})
