@@ -55,9 +55,9 @@ def plan(
     ``expert_parallel``: shard the routed experts of a mixture-of-experts model (transformers' Mixtral, Qwen2-MoE)
     over the data-parallel ranks, each holding E/dp experts (:mod:`autoplan.execute.experts`) — ``True`` plans the
     fastest data-parallel layout (tp = pp = 1, DDP or FSDP for the rest) with it (``ValueError`` when the model has
-    no experts module or dp does not divide their number), ``"auto"`` compares that layout with the best one
-    without it and keeps the faster that fits (:mod:`autoplan.solve.experts`; a model without experts costs
-    nothing more), ``False`` (default) never.
+    no experts module or dp does not divide their number, :class:`autoplan.InfeasiblePlanError` when no such layout
+    fits), ``"auto"`` compares that layout with the best one without it and keeps the faster that fits
+    (:mod:`autoplan.solve.experts`; a model without experts costs nothing more), ``False`` (default) never.
 
     Example:
         >>> import torch, autoplan

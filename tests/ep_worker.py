@@ -5,14 +5,16 @@ the data-parallel ranks (ep = dp = the world size), against one process; rank 0 
 
 Each case: a plan pinned by hand (``manual_plan``, no tracing) with ``expert_parallel`` = dp, two AdamW steps over
 two microbatches, the collectives of one step counted (``_c10d_functional`` ops; with ``"data_parallel": "fsdp"``
-every c10d collective, by ``tests/comm_counter.py``, FSDP's own included), the experts this rank holds, and
-optionally a checkpoint / state-dict round trip. ``"meta": true`` builds the model on meta (each rank allocates and
+every c10d collective, by ``tests/comm_counter.py``, FSDP's own included; ``"fsdp_reshard": "microbatch"``: FSDP
+reshards and reduce-scatters per microbatch), the experts this rank holds, and optionally a checkpoint / state-dict
+round trip. ``"meta": true`` builds the model on meta (each rank allocates and
 initializes only its experts) and then loads the reference's initial weights with ``load_state_dict``. Every rank
 computes the one-process reference itself.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -99,7 +101,7 @@ def run_case(case: dict) -> dict:
     kind = case.get("data_parallel", "ddp")
     plan = manual_plan(model, [case.get("layers", [""])], dp=dp, global_batch_size=GLOBAL_BATCH,
                        microbatches=MICROBATCHES, data_parallel=kind, precision=case.get("precision", "fp32"))
-    plan = plan.replace(expert_parallel=case.get("ep", dp))
+    plan = plan.replace(expert_parallel=case.get("ep", dp), fsdp_reshard=case.get("fsdp_reshard", "step"))
     pm = autoplan.parallelize(model, data[0][0], loss_fn=loss_fn, plan=plan)
     if case.get("meta"):  # each rank allocated and initialized only its experts; now the reference's weights
         pm.load_state_dict(build(case).state_dict())
@@ -128,6 +130,11 @@ def run_case(case: dict) -> dict:
         if kind == "fsdp":
             result.update(charged(case, data, plan))
             result["units"] = sum(isinstance(m, FSDPModule) for root in pm.modules_on_rank for m in root.modules())
+            # FSDP2 pads each weight's dim 0 to a multiple of dp (Qwen2-MoE's shared_expert_gate, [1, H]) and moves
+            # the padding; the cost model charges the weights themselves
+            result["padding_bytes"] = sum((-(-p.shape[0] // dp) * dp - p.shape[0]) * math.prod(p.shape[1:])
+                                          * p.element_size() for name, p in pm.named_parameters()
+                                          if "experts." not in name)
     return result
 
 
@@ -152,4 +159,7 @@ def case_name(case: dict) -> str:
 
 
 if __name__ == "__main__":
+    import faulthandler
+
+    faulthandler.enable(all_threads=True)  # a rank that aborts in C++ (gloo) says where, before the others fail
     serve_cases(sys.argv[1], sys.argv[2], run_case, case_name)

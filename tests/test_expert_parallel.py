@@ -1,10 +1,12 @@
 """Expert parallelism: the routed experts of a MoE model sharded over the data-parallel ranks.
 
-Quick tier: pricing (memory, gradient sync, dispatch collectives), the plan field and option, and every refusal,
-on a hand-written toy MoE (torch.fx traces it in milliseconds). Slow tier: one world of 2 gloo ranks trains tiny
-Mixtral (grouped_mm experts, with a checkpoint and state-dict round trip; by DDP, then with FSDP for the dense part)
-and Qwen2-MoE (eager experts, built on meta and loaded) under dp2 + ep2 against one process, checks that each rank
-holds E/2 experts and counts the collectives issued against the cost model's.
+Quick tier: pricing (memory, gradient sync, dispatch collectives, under DDP and FSDP), the plan field and option,
+every refusal, and the planner's choice with and without the experts sharded, on a hand-written toy MoE (torch.fx
+traces it in milliseconds) and synthetic graphs. Slow tier: one world of 2 gloo ranks trains tiny Mixtral
+(grouped_mm experts, with a checkpoint and state-dict round trip; by DDP, then with FSDP for the dense part) and
+Qwen2-MoE (eager experts by DDP, built on meta and loaded; its default experts by FSDP resharding per microbatch)
+under dp2 + ep2 against one process, checks that each rank holds E/2 experts and counts the collectives issued
+against the cost model's.
 """
 
 from __future__ import annotations
@@ -245,7 +247,9 @@ def test_dp2_with_experts_sharded_matches_one_process(tmp_path):
              {"family": "qwen2_moe", "experts": "eager", "meta": True},  # built on meta, then loaded
              # FSDP for the dense part (a unit per layer, as the planner's), the experts left out of it
              {"family": "mixtral", "data_parallel": "fsdp", "layers": layers,
-              "checkpoint": str(tmp_path / "fsdp_checkpoint")}]
+              "checkpoint": str(tmp_path / "fsdp_checkpoint")},
+             # and resharding per microbatch (ZeRO-3 with gradient accumulation), with a shared expert
+             {"family": "qwen2_moe", "data_parallel": "fsdp", "fsdp_reshard": "microbatch", "layers": layers}]
     # 2 ranks, not 4: each rank imports transformers (~9 CPU-seconds), and ep = 2 holds 2 of the 4 experts per
     # rank, so the local offsets and the other rank's sentinel pairs are both exercised
     results = run_world(cases, tmp_path, nproc=EP, worker=REPO / "tests" / "ep_worker.py", timeout_s=400)
@@ -269,24 +273,26 @@ def test_dp2_with_experts_sharded_matches_one_process(tmp_path):
         assert all(shape[0] == 4 for shape in got["full_shapes"].values())  # the full state dict is whole
     for name in ("mixtral:default", "mixtral:default:fsdp"):
         assert results[name]["roundtrip"] == {"checkpoint": 0.0, "state_dict": 0.0, "on_disk": 0.0}, name
-    _issued_equal_charged(results["mixtral:default:fsdp"])
+    _issued_equal_charged(results["mixtral:default:fsdp"], per_unit={"all_gather": 1, "reduce_scatter": 1})
+    _issued_equal_charged(results["qwen2_moe:default:fsdp"], per_unit={"all_gather": 4, "reduce_scatter": 2})
+    assert results["qwen2_moe:default:fsdp"]["padding_bytes"] == 2 * 32 * 4  # [1, 32] → [2, 32] in each layer
 
 
-def _issued_equal_charged(got: dict) -> None:
+def _issued_equal_charged(got: dict, per_unit: dict) -> None:
     """Every collective of an EP + FSDP step, counted at the process group, against the cost model's list
-    (``autoplan.cost.traffic.plan_collectives``): the dispatch per microbatch, then FSDP's all-gather and
-    reduce-scatter of the dense weights per unit — the experts' weights in neither."""
+    (``autoplan.cost.traffic.plan_collectives``): the dispatch per microbatch, then FSDP's all-gathers and
+    reduce-scatters of the dense weights, ``per_unit`` of each per unit and step — the experts' weights in neither."""
     dispatch = [(kind, nbytes, count * 2, axis) for kind, nbytes, count, axis in got["dispatch"]]  # 2 microbatches
     assert got["charged"][:len(dispatch)] == dispatch
     fsdp = got["charged"][len(dispatch):]
-    assert [kind for kind, *_ in fsdp] == ["all_gather", "reduce_scatter"]  # once per unit and step: kept weights
+    assert {kind: count for kind, _, count, _ in fsdp} == per_unit  # kept through the step, or resharded
     want_count, want_bytes = Counter(), Counter()
     for kind, nbytes, count, _ in dispatch:
         want_count[kind] += count
         want_bytes[kind] += nbytes * count
     for kind, nbytes, count, _ in fsdp:  # the records sum the bytes over units: per unit, the count
         want_count[kind] += count * got["units"]
-        want_bytes[kind] += nbytes * count
+        want_bytes[kind] += (nbytes + got["padding_bytes"]) * count  # FSDP2 also moves its dim-0 padding
     issued_count, issued_bytes = Counter(), Counter()
     for kind, nbytes in got["counts"]:
         if kind != "all_reduce":  # the loss's mean, 4 bytes
