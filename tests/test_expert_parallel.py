@@ -224,6 +224,20 @@ def test_auto_finds_a_layout_that_fits_only_with_the_experts_sharded():
         plan_with_expert_parallel(graph, _small_devices(100), replace(options, expert_parallel=True), search)
 
 
+def test_layouts_with_experts_sharded_recompute_only_what_they_must():
+    graph, big = _moe_graph(width=2048, share=0.9), 400 << 20  # 400 MiB of activations per layer and batch of 32
+    graph.layers = [replace(layer, activation_bytes=big, recompute_options=tuple(
+        replace(o, saved_activation_bytes=big) for o in layer.recompute_options)) for layer in graph.layers]
+    options = PlanOptions(global_batch_size=32, data_parallel="ddp", microbatch_size=8)
+    roomy = search_expert_parallel(graph, _small_devices(200), options).plan
+    tight = search_expert_parallel(graph, _small_devices(120), options).plan
+    assert roomy.recompute == () and tight.recompute == ("layers.0", "layers.1")
+    assert tight.predicted.step_time_s > roomy.predicted.step_time_s
+    assert max(tight.predicted.peak_memory_bytes) <= 120 << 20 < max(roomy.predicted.peak_memory_bytes)
+    found = search_expert_parallel(graph, _small_devices(60), options)
+    assert found.plan is None and found.least_bytes == max(tight.predicted.peak_memory_bytes)
+
+
 def test_auto_keeps_the_layout_without_experts_sharded_when_that_is_faster():
     # experts 10% of the weights, 16k tokens per batch: the dispatch moves far more than sharding saves
     graph, cluster = _moe_graph(width=1024, share=0.1, tokens=32 * 512), autoplan.Cluster.preset("a100-80gb",

@@ -123,16 +123,21 @@ def _fastest_recompute(graph: ModelGraph, cluster: Cluster, strategy: Strategy, 
         return priced(chosen)
     whole = sorted((o for layer in graph.layers for o in layer.recompute_options if o.module == layer.name),
                    key=lambda o: -o.saved_activation_bytes / max(o.forward_flops, 1))
+    order = {layer.name: layer.index for layer in graph.layers}
+
+    def first(k: int) -> list[str]:  # the k best whole layers, listed in model order as the search lists them
+        return sorted((o.module for o in whole[:k]), key=order.__getitem__)
+
     none = priced([])
     if none is None or none[1].fits:
         return none
     low, high = 0, len(whole)  # fits with all `high` recomputed, not with `low`
-    top = priced([o.module for o in whole])
+    top = priced(first(len(whole)))
     if top is None or not top[1].fits:
         return top
     while high - low > 1:
         mid = (low + high) // 2
-        got = priced([o.module for o in whole[:mid]])
+        got = priced(first(mid))
         if got is not None and got[1].fits:
             high, top = mid, got
         else:
