@@ -6,13 +6,13 @@ weights as 3-D parameters (``gate_up_proj`` [E, 2I, H], ``down_proj`` [E, H, I])
 ``ep`` = dp ranks, rank ``r`` of the data-parallel group holds experts ``[r·E/ep, (r+1)·E/ep)`` only, and each call
 runs Megatron-Core's "allgather" token dispatcher with torch's autograd-aware functional collectives:
 
-1. all-gather the group's tokens, their top-k indices and weights (``all_gather_tensor_autograd``): every rank
+1. all-gather the group's tokens, their top-k indices and weights (``all_gather_single_autograd``): every rank
    sees the ``ep·T`` tokens of the group;
 2. run the module's own forward (whichever ``experts_implementation`` the model uses: ``eager``, ``batched_mm``,
    ``grouped_mm``) on the local experts only: a pair routed to another rank's expert gets the sentinel index
    ``E/ep`` and weight 0, which every transformers implementation skips (the same convention transformers' own
    expert parallelism uses, ``_is_expert_parallel``);
-3. reduce-scatter the partial sums back (``reduce_scatter_tensor_autograd``): rank ``r`` gets, for its own ``T``
+3. reduce-scatter the partial sums back (``reduce_scatter_single_autograd``): rank ``r`` gets, for its own ``T``
    tokens, the sum over all experts.
 
 Backward is the same collectives' autograd: the output gradient is all-gathered, the gathered inputs' gradients
@@ -176,9 +176,9 @@ def _dispatched_forward(original):
 
         group, ep, first, total = self._autoplan_ep
         local = self.num_experts
-        tokens = funcol.all_gather_tensor_autograd(hidden_states.contiguous(), 0, group)
-        weights = funcol.all_gather_tensor_autograd(top_k_weights.contiguous(), 0, group)
-        index = funcol.wait_tensor(funcol.all_gather_tensor(top_k_index.contiguous(), 0, group)) - first
+        tokens = funcol.all_gather_single_autograd(hidden_states.contiguous(), 0, group)
+        weights = funcol.all_gather_single_autograd(top_k_weights.contiguous(), 0, group)
+        index = funcol.wait_tensor(funcol.all_gather_single(top_k_index.contiguous(), 0, group)) - first
         elsewhere = (index < 0) | (index >= local)
         index = index.masked_fill(elsewhere, local)  # the sentinel every transformers implementation skips
         weights = weights.masked_fill(elsewhere, 0.0)
@@ -196,7 +196,7 @@ def _dispatched_forward(original):
             partial = torch.func.functional_call(self, params, (tokens, index, weights))
         finally:
             self._autoplan_ep_inner = False
-        return funcol.reduce_scatter_tensor_autograd(partial.contiguous(), "sum", 0, group)
+        return funcol.reduce_scatter_single_autograd(partial.contiguous(), "sum", 0, group)
 
     return forward
 
