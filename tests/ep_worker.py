@@ -3,7 +3,8 @@ the data-parallel ranks (ep = dp = the world size), against one process; rank 0 
 
     python -m torch.distributed.run --nproc_per_node 2 tests/ep_worker.py cases.json results.pt
 
-Each case: a plan pinned by hand (``manual_plan``, no tracing) with ``expert_parallel`` = dp, two AdamW steps over
+Each case: a plan pinned by hand (``manual_plan``, no tracing) with ``expert_parallel`` = dp, or with
+``"planned": true`` the one ``autoplan.plan(..., expert_parallel=True)`` finds, two AdamW steps over
 two microbatches, the collectives of one step counted (``_c10d_functional`` ops; with ``"data_parallel": "fsdp"``
 every c10d collective, by ``tests/comm_counter.py``, FSDP's own included; ``"fsdp_reshard": "microbatch"``: FSDP
 reshards and reduce-scatters per microbatch), the experts this rank holds, and optionally a checkpoint / state-dict
@@ -99,9 +100,14 @@ def run_case(case: dict) -> dict:
     model = build(case, "meta" if case.get("meta") else None)
     dp = int(os.environ["WORLD_SIZE"])
     kind = case.get("data_parallel", "ddp")
-    plan = manual_plan(model, [case.get("layers", [""])], dp=dp, global_batch_size=GLOBAL_BATCH,
-                       microbatches=MICROBATCHES, data_parallel=kind, precision=case.get("precision", "fp32"))
-    plan = plan.replace(expert_parallel=case.get("ep", dp), fsdp_reshard=case.get("fsdp_reshard", "step"))
+    if case.get("planned"):  # the planner's own layout with the experts sharded (autoplan.solve.experts)
+        plan = autoplan.plan(model, data[0][0], cluster=autoplan.Cluster.preset("cpu", devices_per_node=dp),
+                             global_batch_size=GLOBAL_BATCH, precision="fp32", expert_parallel=True,
+                             data_parallel=kind)
+    else:
+        plan = manual_plan(model, [case.get("layers", [""])], dp=dp, global_batch_size=GLOBAL_BATCH,
+                           microbatches=MICROBATCHES, data_parallel=kind, precision=case.get("precision", "fp32"))
+        plan = plan.replace(expert_parallel=case.get("ep", dp), fsdp_reshard=case.get("fsdp_reshard", "step"))
     pm = autoplan.parallelize(model, data[0][0], loss_fn=loss_fn, plan=plan)
     if case.get("meta"):  # each rank allocated and initialized only its experts; now the reference's weights
         pm.load_state_dict(build(case).state_dict())
@@ -155,7 +161,8 @@ def charged(case: dict, data, plan) -> dict:
 
 def case_name(case: dict) -> str:
     return (f"{case['family']}:{case.get('experts') or 'default'}{':meta' if case.get('meta') else ''}"
-            f"{':' + case['data_parallel'] if case.get('data_parallel') else ''}")
+            f"{':' + case['data_parallel'] if case.get('data_parallel') else ''}"
+            f"{':planned' if case.get('planned') else ''}")
 
 
 if __name__ == "__main__":

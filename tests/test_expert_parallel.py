@@ -263,7 +263,8 @@ def test_dp2_with_experts_sharded_matches_one_process(tmp_path):
              {"family": "mixtral", "data_parallel": "fsdp", "layers": layers,
               "checkpoint": str(tmp_path / "fsdp_checkpoint")},
              # and resharding per microbatch (ZeRO-3 with gradient accumulation), with a shared expert
-             {"family": "qwen2_moe", "data_parallel": "fsdp", "fsdp_reshard": "microbatch", "layers": layers}]
+             {"family": "qwen2_moe", "data_parallel": "fsdp", "fsdp_reshard": "microbatch", "layers": layers},
+             {"family": "mixtral", "data_parallel": "fsdp", "planned": True}]  # the planner's layout, traced
     # 2 ranks, not 4: each rank imports transformers (~9 CPU-seconds), and ep = 2 holds 2 of the 4 experts per
     # rank, so the local offsets and the other rank's sentinel pairs are both exercised
     results = run_world(cases, tmp_path, nproc=EP, worker=REPO / "tests" / "ep_worker.py", timeout_s=400)
@@ -285,6 +286,9 @@ def test_dp2_with_experts_sharded_matches_one_process(tmp_path):
         assert got["plan"]["expert_parallel"] == EP
         assert len(got["held"]) == 4 and all(shape[0] == 4 // EP for shape in got["held"].values()), got["held"]
         assert all(shape[0] == 4 for shape in got["full_shapes"].values())  # the full state dict is whole
+    planned = results["mixtral:default:fsdp:planned"]["plan"]
+    assert (planned["expert_parallel"], planned["data_parallel"], planned["search"]["solver"]) == (
+        EP, "fsdp", "expert-parallel")
     for name in ("mixtral:default", "mixtral:default:fsdp"):
         assert results[name]["roundtrip"] == {"checkpoint": 0.0, "state_dict": 0.0, "on_disk": 0.0}, name
     _issued_equal_charged(results["mixtral:default:fsdp"], per_unit={"all_gather": 1, "reduce_scatter": 1})
