@@ -175,6 +175,7 @@ def plan_with_expert_parallel(graph: ModelGraph, cluster: Cluster, options: Plan
                                       capacity_bytes=cluster.device.usable_memory_bytes)
         raise ValueError(f"expert_parallel=True cannot shard this model's experts: {found.why}; use "
                          f"expert_parallel=False or 'auto'")
+    start = time.perf_counter()
     try:
         off: Plan | None = search(graph, cluster, options)
         refused = None
@@ -198,4 +199,5 @@ def plan_with_expert_parallel(graph: ModelGraph, cluster: Cluster, options: Plan
                 f"for the best layout without it ({off.mesh}, {off.data_parallel}): "
                 f"{'chosen' if chosen else 'not chosen'}")
     base = on if chosen else off
-    return base.replace(search=replace(base.search, notes=tuple(base.search.notes) + (note,)))
+    wall = base.search.wall_s if base is off else time.perf_counter() - start  # both searches led to it
+    return base.replace(search=replace(base.search, notes=tuple(base.search.notes) + (note,), wall_s=wall))
