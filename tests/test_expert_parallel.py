@@ -119,7 +119,7 @@ def test_pricing_under_fsdp_leaves_the_experts_out_of_fsdp():
     from autoplan.cost.plan_cost import Strategy, rank_state_bytes
 
     graph, ddp = _plan()  # 2 microbatches: FSDP keeps each unit's gathered weights and gradients through a step
-    off = ddp.replace(data_parallel="fsdp")
+    off = ddp.replace(data_parallel="fsdp", precision="bf16")
     on = off.replace(expert_parallel=4)
     a, b = estimate_breakdown(graph, off), estimate_breakdown(graph, on)
     ra, rb = a.ranks[0], b.ranks[0]
@@ -131,6 +131,7 @@ def test_pricing_under_fsdp_leaves_the_experts_out_of_fsdp():
     assert rb.model_state_bytes < ra.model_state_bytes  # FSDP no longer keeps the experts gathered
     assert rb.dp_sync_s < ra.dp_sync_s  # FSDP gathers and reduce-scatters the dense weights only
     assert rb.transient_bytes < ra.transient_bytes  # the layer's gathered weights: its dense ones
+    assert rb.weight_copy_bytes == ra.weight_copy_bytes + experts // 4 * 2  # the local experts cast to bf16
     assert rb.compute_s == ra.compute_s
     assert b.fits and b.step_time_s > 0
 

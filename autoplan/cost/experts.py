@@ -8,7 +8,8 @@ token dispatcher, which the executor runs):
   are left out of it: never gathered, so neither FSDP's per-layer gathered weights nor the unsharded weights and
   gradient accumulators it keeps through a step of several microbatches count them. While an MoE layer runs, the
   group's gathered tokens and the partial sums of the local experts (``ep·T·H`` elements each) are transient
-  buffers, and under FSDP's mixed precision the local experts' low-precision copy.
+  buffers. In low precision the experts' matmuls read a cast copy of the local experts (autocast's under DDP, the
+  dispatch's under FSDP), which autograd saves until the microbatch's backward: E/ep experts of every layer.
 - **Gradient sync.** The experts' gradients leave DDP's all-reduce, or FSDP's all-gathers and reduce-scatters
   (each rank's are its own experts'); the dispatch's backward already summed every rank's contribution.
 - **Dispatch.** Per experts module and microbatch, forward: all-gathers of the tokens (``ep·T·H``), of their
@@ -200,23 +201,26 @@ def with_expert_parallel(graph: ModelGraph, plan, base):
             run = cost.group_allgather_s if c.kind == "all_gather" else cost.group_reduce_scatter_s
             comm_s += c.count * run(c.nbytes, cluster, ep, strategy.tp)
     # each layer's transient: FSDP gathers its dense weights only; a layer with experts holds the group's gathered
-    # tokens and partial sums, and under FSDP's mixed precision its local experts cast to the compute dtype
+    # tokens and partial sums
     element = element_bytes(graph, plan)
-    cast = PRECISION_BYTES[plan.precision] if fsdp and plan.precision in LOW_PRECISIONS else 0
     (rows,) = _layer_choices(graph, plan)
     for layer, tp_on, option in rows:
         c = layer_choice_cost(graph, layer, cluster, strategy, tp_on, option)
         e = graph.experts.get(layer.name)
         own = e.num_params if e is not None else 0
         extra = 0 if e is None else int(2 * ep * e.tokens * plan.microbatch_size / graph.batch_size * e.hidden
-                                        * element) + own // ep * cast
+                                        * element)
         transient = max(transient, c.transient_bytes + fsdp_gather_bytes(strategy, c.num_params - own) + extra)
     sync_s = rank.dp_sync_s - rank_tail_s(strategy, cluster, rank.num_params)[0] \
         + rank_tail_s(strategy, cluster, dense)[0]
     updated = (-(-dense // strategy.dp) if fsdp else dense) + experts // ep  # FSDP updates its shard only
     optimizer_s = cost.optimizer_step_s(updated, cluster, strategy.precision, strategy.optimizer)
+    # in low precision the experts' matmuls read a cast copy of the local experts (autocast's, or the dispatch's
+    # under FSDP), which autograd keeps from a microbatch's forward to its backward: every layer's at once
+    copy = experts // ep * PRECISION_BYTES[plan.precision] if plan.precision in LOW_PRECISIONS else 0
     new = replace(rank, num_params=held, tp_comm_s=rank.tp_comm_s + comm_s, dp_sync_s=sync_s,
-                  optimizer_s=optimizer_s, model_state_bytes=state, transient_bytes=transient)
+                  optimizer_s=optimizer_s, model_state_bytes=state, transient_bytes=transient,
+                  weight_copy_bytes=rank.weight_copy_bytes + copy)
     m = strategy.microbatches
     step = base.step_time_s + m * comm_s + new.tail_s - rank.tail_s
     stages = tuple(replace(s, comm_s=s.comm_s + comm_s) for s in base.stage_times)
