@@ -6,7 +6,8 @@
 transformers' ``Qwen2MoeForCausalLM`` at Qwen1.5-MoE-A2.7B's sizes (hidden 2048, 24 layers of 60 routed experts of
 width 1408, top-4, a shared expert of width 5632, vocabulary 151,936: 14.3 B parameters, 12.5 B in experts) is
 built on the meta device and traced once; then ``autoplan.plan`` runs with ``expert_parallel`` off, ``True`` (DDP
-and FSDP pinned, and the kind left free) and ``"auto"``. Each row prints the layout, the predicted step time and
+and FSDP pinned, and the kind left free) and ``"auto"`` on 4 A100-80GB (global batch 16), and off and ``"auto"`` on
+6 A100-80GB of one node (global batch 24: 6 ranks of 10 experts each). Each row prints the layout, the predicted step time and
 peak memory per device, the model states per device and the search's CPU seconds; ``"auto"`` also prints its note
 (both prices). Nothing runs on a GPU: these are the cost model's figures for the executor's layouts.
 """
@@ -64,15 +65,18 @@ def main(argv: list[str] | None = None) -> int:
     start = time.process_time()
     graph = autoplan.trace(model, inputs)
     trace_s = time.process_time() - start
-    cluster = autoplan.Cluster.preset("a100-80gb", devices_per_node=4)
+    four, six = (autoplan.Cluster.preset("a100-80gb", devices_per_node=n) for n in (4, 6))
     rows = []
-    for name, kw in (("off", dict(expert_parallel=False)), ("off, dp4 by DDP", dict(mesh={"dp": 4},
-                                                                                      data_parallel="ddp")),
-                     ("off, dp4 by FSDP", dict(mesh={"dp": 4}, data_parallel="fsdp")),
-                     ("True, DDP", dict(expert_parallel=True, data_parallel="ddp")),
-                     ("True, FSDP", dict(expert_parallel=True, data_parallel="fsdp")),
-                     ("True", dict(expert_parallel=True)), ("auto", dict(expert_parallel="auto"))):
-        options = PlanOptions(global_batch_size=16, precision="bf16", **kw)
+    for name, cluster, batch, kw in (
+            ("off", four, 16, dict(expert_parallel=False)),
+            ("off, dp4 by DDP", four, 16, dict(mesh={"dp": 4}, data_parallel="ddp")),
+            ("off, dp4 by FSDP", four, 16, dict(mesh={"dp": 4}, data_parallel="fsdp")),
+            ("True, DDP", four, 16, dict(expert_parallel=True, data_parallel="ddp")),
+            ("True, FSDP", four, 16, dict(expert_parallel=True, data_parallel="fsdp")),
+            ("True", four, 16, dict(expert_parallel=True)), ("auto", four, 16, dict(expert_parallel="auto")),
+            ("6 GPUs: off", six, 24, dict(expert_parallel=False)),
+            ("6 GPUs: auto", six, 24, dict(expert_parallel="auto"))):
+        options = PlanOptions(global_batch_size=batch, precision="bf16", **kw)
         start = time.process_time()
         try:
             plan = plan_with_expert_parallel(graph, cluster, options, search)
@@ -80,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"case": name, "infeasible": str(e)[:200]})
             continue
         rows.append(row(name, graph, plan, time.process_time() - start))
-    print(f"Qwen1.5-MoE-A2.7B-sized ({graph.num_params / 1e9:.1f} B parameters), 4 A100-80GB, 16 × 2048 tokens, "
-          f"bf16; trace {trace_s:.1f} CPU-s")
+    print(f"Qwen1.5-MoE-A2.7B-sized ({graph.num_params / 1e9:.1f} B parameters), A100-80GB, 2048 tokens per sample "
+          f"(global batch 16 on 4 GPUs, 24 on 6), bf16; trace {trace_s:.1f} CPU-s")
     print(f"{'case':<18} {'mesh':<14} {'dp':<5} {'ep':>3} {'m':>3} {'rc':>3} {'step s':>8} {'peak GiB':>9} "
           f"{'states':>7} {'sync s':>7} {'plan s':>7}")
     for r in rows:
