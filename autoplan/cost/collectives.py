@@ -16,14 +16,14 @@ from .._checks import check_positive_int as _check_positive_int
 from ..cluster import Cluster
 
 #: What the cost model charges and what ``tests/comm_counter.py`` counts on the wire, one spelling for both.
-COLLECTIVE_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "send")
+COLLECTIVE_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "send", "all_to_all")
 
 
 @dataclass(frozen=True)
 class Collective:
     """``count`` collectives of one ``kind`` per step on one device, each of ``nbytes`` (an all-gather's
-    result, a reduce-scatter's input, an all-reduce's buffer, a send's payload), over ``group_size`` ranks of
-    the mesh axis ``axis``.
+    result, a reduce-scatter's input, an all-reduce's buffer, a send's payload, an all-to-all's send buffer), over
+    ``group_size`` ranks of the mesh axis ``axis``.
 
     The time functions below price exactly these records, so the count and bytes a plan is charged for can be
     compared with what the executor issues.
@@ -54,12 +54,14 @@ __all__ = [
     "allgather_s",
     "reduce_scatter_s",
     "p2p_s",
+    "alltoall_s",
     "group_link",
     "group_allreduce_s",
     "group_allgather_s",
     "group_allgather_terms",
     "group_reduce_scatter_s",
     "group_p2p_s",
+    "group_alltoall_s",
     "collective_terms",
     "collective_latency_s",
     "measured_collective_s",
@@ -126,6 +128,22 @@ def p2p_s(nbytes: float, *, bandwidth_Bps: float, latency_s: float) -> float:
     _check_non_negative("nbytes", nbytes)
     _check_link(bandwidth_Bps, latency_s)
     return latency_s + nbytes / bandwidth_Bps
+
+
+def alltoall_s(nbytes: float, n: int, *, bandwidth_Bps: float, latency_s: float) -> float:
+    """All-to-all of a send buffer of ``nbytes`` per rank, a 1/n share for each of the n ranks (its own included),
+    by pairwise exchange: (n−1) steps, in each of which a rank sends one share to one other rank and receives one.
+
+    Time = (n−1)/n · nbytes / bandwidth + (n−1) · latency; 0 for n == 1: the pairwise-exchange algorithm of Thakur,
+    Rabenseifner & Gropp 2005 (§4, all-to-all, long messages), and NCCL's all-to-all bus bandwidth factor (n−1)/n
+    (NCCL tests, doc/PERFORMANCE.md). The same as a ring all-gather of that buffer: each rank moves what is not its
+    own, (n−1)/n of it, through its link.
+
+    Example:
+        >>> round(alltoall_s(1e9, 4, bandwidth_Bps=100e9, latency_s=0.0), 4)   # 3/4 GB / 100 GB/s
+        0.0075
+    """
+    return allgather_s(nbytes, n, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
 
 
 def check_group(cluster: Cluster, group_size: int, stride: int) -> None:
@@ -280,6 +298,24 @@ def group_p2p_s(nbytes: float, cluster: Cluster, pp: int, stride: int) -> float:
     return p2p_s(nbytes, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
 
 
+def group_alltoall_s(nbytes: float, cluster: Cluster, group_size: int, stride: int) -> float:
+    """All-to-all of a send buffer of ``nbytes`` per rank over a group laid out as in :func:`group_link`: measured
+    (``cluster.collective_times["all_to_all"]``) inside a node, else :func:`alltoall_s` on the group's link. A group
+    that spans nodes runs at its slowest hop, the NIC, for every share (a two-level form would send only the shares
+    for other nodes over it; the tensor-parallel groups that issue all-to-alls sit inside one node).
+
+    Example:
+        >>> c = Cluster.preset("a100-80gb")                             # 300 GB/s NVLink, 5 µs
+        >>> round(group_alltoall_s(13.1e6, c, 2, 1) * 1e6, 1)           # Phi-3-medium's qkv_proj rows at tp = 2
+        26.8
+    """
+    measured = measured_collective_s(cluster, "all_to_all", group_size, stride, nbytes)
+    if measured is not None:
+        return measured
+    bandwidth_Bps, latency_s = group_link(cluster, group_size, stride)
+    return alltoall_s(nbytes, group_size, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
+
+
 def measured_collective_s(cluster: Cluster, kind: str, group_size: int, stride: int, nbytes: float,
                           span: int | None = None) -> float | None:
     """Seconds of one ``kind`` collective of ``nbytes`` over ``group_size`` ranks ``stride`` apart from the
@@ -336,7 +372,8 @@ def collective_terms(cluster: Cluster, kind: str, group_size: int, stride: int) 
     """(latency_s, seconds_per_byte) of one ``kind`` collective over a group laid out as in :func:`group_link`,
     as an affine function of its bytes (what the data-parallel sync, linear in a rank's parameters, is priced
     from). From measured points: the line through the two largest (data-parallel messages are large); else the
-    alpha-beta formulas (an all-reduce costs two all-gathers, a reduce-scatter one; a send one hop).
+    alpha-beta formulas (an all-reduce costs two all-gathers, a reduce-scatter one; a send one hop; an all-to-all
+    (n−1) steps on the group's link, :func:`group_alltoall_s`).
 
     Example:
         >>> c = Cluster.preset("a100-80gb")                          # 8 GPUs, 300 GB/s NVLink, 5 µs
@@ -356,6 +393,9 @@ def collective_terms(cluster: Cluster, kind: str, group_size: int, stride: int) 
     if kind == "send":
         bandwidth_Bps, latency_s = group_link(cluster, group_size, stride)
         return latency_s, 1 / bandwidth_Bps
+    if kind == "all_to_all":
+        bandwidth_Bps, latency_s = group_link(cluster, group_size, stride)
+        return (group_size - 1) * latency_s, (group_size - 1) / group_size / bandwidth_Bps
     latency_s, per_byte = group_allgather_terms(cluster, group_size, stride)
     weight = 2 if kind == "all_reduce" else 1
     return weight * latency_s, weight * per_byte

@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .._checks import check_non_negative as _check_non_negative
@@ -18,11 +19,12 @@ from ..cluster import Cluster
 from ..cluster_tables import group_layer_overhead_s
 from ..graph import Layer, RecomputeOption, TensorParallelGroup
 from ..names import in_module
-from ..vocabulary import PRECISION_BYTES
+from ..vocabulary import PRECISION_BYTES, fused_sizes
 from .._checks import ceil_div as _ceil_div
 from .collectives import Collective
 from .collectives import check_group as _check_group
-from .collectives import group_allgather_s, group_allreduce_s
+from .collectives import group_allgather_s, group_allreduce_s, group_alltoall_s
+from .row_exchange import row_exchange_collectives
 
 __all__ = ["LayerCost", "compute_s", "memory_bound_s", "layer_cost", "FORWARD_PASSES", "BACKWARD_PASSES"]
 
@@ -153,14 +155,15 @@ def _tp_group_collectives(group: TensorParallelGroup, nbytes: float, tp: int,
 
 def _priced_s(collectives: tuple[Collective, ...], cluster: Cluster, tp_stride: int) -> float:
     """Seconds of ``collectives`` over groups of their size ``tp_stride`` apart (the two-level forms)."""
-    price = {"all_reduce": group_allreduce_s, "all_gather": group_allgather_s}
+    price = {"all_reduce": group_allreduce_s, "all_gather": group_allgather_s, "all_to_all": group_alltoall_s}
     return sum(c.count * price[c.kind](c.nbytes, cluster, c.group_size, tp_stride) for c in collectives)
 
 
 def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int, cluster: Cluster, tp: int,
                microbatch_size: int, precision: str, recompute: RecomputeOption | None = None,
                tp_stride: int = 1, contention: float = 1.0, fsdp_unit: bool | int = False,
-               per_step_s: float = 0.0, fsdp_keeps_weights: bool = False) -> LayerCost:
+               per_step_s: float = 0.0, fsdp_keeps_weights: bool = False,
+               exchanged_elements: Mapping[str, tuple[int, ...]] | None = None) -> LayerCost:
     """Cost of ``layer`` for one microbatch of ``microbatch_size`` samples on one device.
 
     Figures in ``layer`` are for ``traced_batch_size`` samples at ``traced_dtype_bytes`` per element and are
@@ -176,6 +179,12 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
     which TP replicates), costs one more forward of its module (``recompute_s``) and re-runs the forward
     collectives of the TP groups inside that module (added to ``tp_comm_s``); the rematerialised bytes are
     alive only while the layer's backward runs (``transient_bytes``).
+
+    A ``colwise:a+b+c`` projection (unequal fused parts) also exchanges its weight's rows among the tp ranks: one
+    all-to-all per exchanged tensor in forward, one in backward, and again in a recompute that runs it
+    (:mod:`autoplan.cost.row_exchange`). ``exchanged_elements`` maps each such projection of the layer to the
+    elements of those tensors (:func:`autoplan.cost.row_exchange.exchanged_elements`); a sharded layer holding one
+    without an entry is refused.
 
     Fixed overhead: each microbatch's forward also costs ``cluster.device.layer_overhead_s`` whatever its size
     (kernel launches, Python and autograd dispatch), backward twice that — backward runs about two kernels per
@@ -213,6 +222,7 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
     _check_positive_int("tp_stride", tp_stride)
     _check_positive_int("microbatch_size", microbatch_size)
     _check_precision(precision)
+    exchanged_elements = exchanged_elements or {}
     if recompute is not None and not in_module(recompute.module, layer.name):
         raise ValueError(
             f"recompute option for module {recompute.module!r} does not belong to layer {layer.name!r}; "
@@ -295,6 +305,17 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
         tp_backward += bwd
         if group in recompute_groups:
             tp_recompute += fwd
+        for fqn, style in group.styles.items():
+            if fused_sizes(style) is None:
+                continue
+            if fqn not in exchanged_elements:
+                raise ValueError(f"{fqn} ({style}) exchanges its weight's rows among the tp ranks; pass its elements "
+                                 f"as exchanged_elements (autoplan.cost.row_exchange.exchanged_elements)")
+            rows = row_exchange_collectives(exchanged_elements[fqn], tp, PRECISION_BYTES[precision])
+            tp_forward += rows
+            tp_backward += rows
+            if recompute is not None and in_module(fqn, recompute.module):  # its linear saves the rows it got
+                tp_recompute += rows
     tp_collectives = tuple(tp_forward + tp_backward + tp_recompute)
 
     # The linears of every group but a vocabulary embedding (a lookup, which autocast leaves in fp32); a group may

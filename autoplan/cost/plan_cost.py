@@ -69,6 +69,7 @@ from ..cluster import Cluster
 from ..graph import Layer, ModelGraph, RecomputeOption
 from ..plan import Plan, Predicted, RankFigures, StageTime
 # A strategy and its per-rank terms live in .strategy; they are re-exported here, where compose uses them.
+from .row_exchange import exchanged_elements
 from .tied import tied_gradient_sync_s
 from .strategy import (Strategy, fsdp_gather_bytes, in_flight, loss_bytes, p2p_link, rank_state_bytes,
                        rank_state_bytes_per_param, rank_tail_s, rank_tail_terms, stage_p2p_s,
@@ -203,7 +204,7 @@ def layer_choice_cost(graph: ModelGraph, layer: Layer, cluster: Cluster, strateg
         layer, traced_batch_size=graph.batch_size, traced_dtype_bytes=graph.dtype_bytes, cluster=cluster,
         tp=strategy.tp if tp_on else 1, microbatch_size=strategy.microbatch_size, precision=strategy.precision,
         recompute=recompute, tp_stride=1, contention=contention, fsdp_unit=fsdp_unit, per_step_s=per_step_s,
-        fsdp_keeps_weights=strategy.fsdp_keeps_weights,
+        fsdp_keeps_weights=strategy.fsdp_keeps_weights, exchanged_elements=exchanged_elements(graph, layer),
     )
     if strategy.sequence_parallel:
         result = _with_sequence_parallel(graph, layer, cluster, strategy, tp_on, recompute, result)
@@ -254,6 +255,11 @@ def _with_sequence_parallel(graph: ModelGraph, layer: Layer, cluster: Cluster, s
     figures = dict(traced_batch_size=graph.batch_size, traced_dtype_bytes=graph.dtype_bytes, cluster=cluster,
                    tp=strategy.tp, microbatch_size=strategy.microbatch_size, precision=strategy.precision)
     result = sequence.sequence_parallel_cost(layer, base, recompute=recompute, **figures)
+    # the row exchanges of unequal fused parts (autoplan.cost.row_exchange) run as without the split stream
+    rows = tuple(c for c in base.tp_collectives if c.kind == "all_to_all")
+    if rows and result is not base:
+        rows_s = sum(c.count * cost.group_alltoall_s(c.nbytes, cluster, c.group_size, 1) for c in rows)
+        result = replace(result, tp_collectives=result.tp_collectives + rows, tp_comm_s=result.tp_comm_s + rows_s)
     scale = strategy.microbatch_size / graph.batch_size * PRECISION_BYTES[strategy.precision] / graph.dtype_bytes
     edges = sequence.sequence_edge_collectives(layer.output_bytes * scale, strategy.tp)
     edges_s = sequence.collectives_s(edges, cluster)
