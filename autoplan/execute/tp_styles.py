@@ -31,7 +31,9 @@ t of the whole fused weight, an ordinary DTensor in the original order for state
 FSDP and the optimizer. In forward one all-to-all over the tp ranks hands each rank the rows it computes with, rows
 r of t of every part ([q_r; k_r; v_r]: whole key/value heads with their query heads), and in backward the inverse
 all-to-all hands each gradient row back to the rank that stores it: a permutation of rows, exact, at the cost of
-moving about ``(t-1)/t`` of the rank's share of that weight each way per forward.
+moving about ``(t-1)/t`` of the rank's share of that weight each way per forward (one all-to-all of the share for
+the weight, one for a bias, each way; under autocast the share is cast to the compute precision first, as FSDP's
+and ``replicate``'s mixed precision hand it over: priced by :mod:`autoplan.cost.row_exchange`).
 
 Example:
     >>> from transformers.pytorch_utils import Conv1D
@@ -212,7 +214,13 @@ def _fused_rows_forward(plan, module: nn.Linear, input):
         if param is None:
             return None
         mesh = param.device_mesh
-        rows = _RowExchange.apply(param.to_local(), send_index, send_counts, recv_counts, mesh.get_group())
+        local = param.to_local()
+        device = local.device.type
+        if torch.is_autocast_enabled(device) and local.is_floating_point():
+            # the matmul would cast the rows anyway: cast the share first and exchange half the bytes (a cast and a
+            # permutation of rows commute, so the numbers are the same; the cost model prices these bytes)
+            local = local.to(torch.get_autocast_dtype(device))
+        rows = _RowExchange.apply(local, send_index, send_counts, recv_counts, mesh.get_group())
         return DTensor.from_local(rows, mesh, [Shard(0)], run_check=False)
 
     return F.linear(input, compute(module.weight), compute(module.bias))
