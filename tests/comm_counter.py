@@ -11,7 +11,9 @@ input shapes and dtypes. This reads them into :class:`autoplan.cost.Collective` 
   ``_c10d_functional::reduce_scatter_tensor`` (its first). Gloo has no native reduce-scatter and runs it as an
   all-reduce of the input, so one ``gloo:all_reduce`` of that size is dropped for each;
 - all-reduce: every other ``gloo:all_reduce`` (DDP's buckets, DTensor's partial sums, the loss mean);
-- send: ``gloo:send`` (pipeline activations and gradients).
+- send: ``gloo:send`` (pipeline activations and gradients);
+- all-to-all: ``gloo:all_to_all``, whose one shape is the rank's send buffer (the row exchange of a projection of
+  unequal fused parts, autoplan.execute.tp_styles.FusedRowsColwise).
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ def collectives_of(events) -> list[Collective]:
             out.append(Collective("all_reduce", nbytes))
         elif name == "gloo:send":
             out.append(Collective("send", _bytes(e.shapes()[0], e.dtypes()[0])))
+        elif name == "gloo:all_to_all":
+            out.append(Collective("all_to_all", _bytes(e.shapes()[0], e.dtypes()[0])))
     if sum(scattered.values()):
         raise AssertionError(f"reduce-scatters without their gloo all-reduce: {dict(scattered)}")
     return out

@@ -5,7 +5,9 @@ Counted with tests/comm_counter.py (torch.profiler over c10d). Collectives the c
 are below ``CONTROL_BYTES``: the mean-loss all-reduce, the pipeline's loss broadcast. The all-reduce that keeps
 the embedding and the head tied when they sit on different pipeline ranks is charged (autoplan.cost.tied); the
 copy of that weight the head's rank holds without owning it, which FSDP gathers and scatters there too, is not,
-and is added here.
+and is added here. The ``gqa`` cases (tests/models_gqa.py: a fused qkv of unequal parts, ``colwise:32+16+16``) count
+the all-to-alls that hand each rank its rows of every part (autoplan.cost.row_exchange): fp32 under DDP with
+recompute, bf16 under FSDP's mixed precision and under autocast (pp2×tp2).
 """
 
 from __future__ import annotations
@@ -16,7 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from distributed_helpers import GPT_CONFIG, layout, reference, run_world
+import autoplan
+from autoplan.cost import layer_cost
+from autoplan.cost.row_exchange import exchanged_elements
+from distributed_helpers import GLOBAL_BATCH, GPT_CONFIG, STEPS, layout, reference, run_world, train_one_process
+from models_gqa import LAYERS as GQA_LAYERS
+from models_gqa import build_gqa, gqa_batches, gqa_styles
 
 WORKER = Path(__file__).with_name("collective_worker.py")
 #: Below this a collective is control traffic the step time does not price (a loss scalar); the tiny GPT's smallest
@@ -35,6 +42,16 @@ def _case(name: str, microbatches: int, fsdp_reshard: str = "step", **kw) -> dic
     return case
 
 
+def _gqa_case(name: str, *, pp=1, dp=1, data_parallel="ddp", recompute=False, precision="fp32",
+              numerics=False) -> dict:
+    stages = [GQA_LAYERS[:2], GQA_LAYERS[2:]] if pp > 1 else [GQA_LAYERS]
+    kind = "gqa-nobias" if data_parallel == "fsdp" else "gqa"  # FSDP refuses a fused bias split over tp
+    return {"name": f"{kind}:{name}", "kind": kind, "numerics": numerics,
+            "plan": dict(stages=stages, pp=pp, dp=dp, tp=2, global_batch_size=GLOBAL_BATCH, microbatches=2,
+                         data_parallel=data_parallel, tensor_parallel=gqa_styles(), precision=precision,
+                         recompute=["blocks.0", "blocks.1"] if recompute else [])}
+
+
 CASES = [
     _case("ddp4", 2, dp=4),
     _case("fsdp4", 1, dp=4, data_parallel="fsdp"),
@@ -49,6 +66,9 @@ CASES = [
     _case("tp4-sp", 2, tp=4, sequence_parallel=True),
     _case("tp2xdp2-sp", 2, tp=2, dp=2, recompute=True, sequence_parallel=True),
     _case("pp2xtp2-1f1b-sp", 4, pp=2, tp=2, sequence_parallel=True),  # a run cut by the stages: each splits and gathers
+    _gqa_case("dp2xtp2:recompute", dp=2, recompute=True, numerics=True),  # the exchange again in each recompute
+    _gqa_case("fsdp2xtp2:bf16", dp=2, data_parallel="fsdp", precision="bf16"),  # the gathered bf16 weight moves
+    _gqa_case("pp2xtp2:bf16", pp=2, precision="bf16"),  # autocast: the fp32 share is cast before it moves
 ]
 
 
@@ -101,9 +121,54 @@ def test_issued_collectives_equal_charged(tmp_path):
             if problems:
                 failures.append(f"{case['name']} rank {rank['rank']} {rank['coords']}: " + "; ".join(problems))
     assert not failures, "\n".join(failures)
-    ref = reference("gpt")
+    refs = {"gpt": reference("gpt")}
+    refs["gqa"] = dict(zip(("losses", "state"), train_one_process(build_gqa(), gqa_batches(GLOBAL_BATCH, STEPS))))
     for case in (c for c in CASES if c.get("numerics")):
-        got = results[case["name"]][0]
+        got, ref = results[case["name"]][0], refs[case["kind"]]
         assert got["losses"] == pytest.approx(ref["losses"], rel=1e-5), case["name"]
         for key, value in ref["state"].items():
             assert torch.allclose(got["state"][key], value, atol=1e-4, rtol=1e-4), (case["name"], key)
+
+
+def test_row_exchange_charged_per_exchanged_tensor():
+    """A ``colwise:a+b+c`` projection is charged one all-to-all of its rank's share per tensor (weight, bias) each
+    way, at the compute precision, and again under a recompute that runs it; its elements come from the op graph;
+    a sharded layer priced without them is refused."""
+    model = build_gqa()
+    graph = autoplan.trace(model, (gqa_batches(4, 1)[0][0],))
+    assert {fqn: style for layer in graph.layers for g in layer.tp_groups for fqn, style in g.styles.items()} \
+        == gqa_styles()
+    block0, block1 = graph.layer("blocks.0"), graph.layer("blocks.1")
+    assert exchanged_elements(graph, block0) == {"blocks.0.attn.qkv": (64 * 32, 64)}  # weight, bias
+    assert exchanged_elements(graph, block1) == {"blocks.1.attn.qkv": (64 * 32,)}  # no bias
+    figures = dict(traced_batch_size=graph.batch_size, traced_dtype_bytes=graph.dtype_bytes,
+                   cluster=autoplan.Cluster.preset("a100-80gb"), tp=2, microbatch_size=4, precision="bf16")
+
+    def exchanges(**kw):
+        got = layer_cost(block0, exchanged_elements=exchanged_elements(graph, block0), **figures, **kw)
+        return sorted(c.nbytes for c in got.tp_collectives if c.kind == "all_to_all"), got.tp_comm_s
+
+    plain, plain_s = exchanges()
+    assert plain == [64.0, 64.0, 2048.0, 2048.0]  # bf16 shares of 64 × 32 and 64 elements, forward and backward
+    again, again_s = exchanges(recompute=block0.recompute_options[0])
+    assert again == [64.0] * 3 + [2048.0] * 3 and again_s > plain_s
+    with pytest.raises(ValueError, match="exchanged_elements"):
+        layer_cost(block0, **figures)
+
+
+def test_row_exchange_kept_under_sequence_parallelism():
+    """Sequence parallelism re-prices a layer's pair collectives; the row exchanges stay, forward and backward."""
+    from dataclasses import replace
+
+    from autoplan.cost.plan_cost import Strategy, layer_choice_cost
+    from autoplan.graph import SequenceParallelLayer
+
+    graph = autoplan.trace(build_gqa(), (gqa_batches(4, 1)[0][0],))
+    block = replace(graph.layer("blocks.0"), sequence_parallel=SequenceParallelLayer(norms=("ln",), sequence=8))
+    graph.layers[block.index] = block
+    cluster = autoplan.Cluster.preset("a100-80gb")
+    costs = {sp: layer_choice_cost(graph, block, cluster, Strategy(1, 1, 2, 4, 1, "1f1b", "ddp", sequence_parallel=sp),
+                                   True, None) for sp in (False, True)}
+    kinds = {sp: sorted(c.kind for c in cost.tp_collectives) for sp, cost in costs.items()}
+    assert kinds[False].count("all_to_all") == kinds[True].count("all_to_all") == 4  # weight and bias, each way
+    assert "all_gather" in kinds[True]  # the split stream's gathers: the sequence-parallel price was taken
