@@ -41,6 +41,7 @@ def plan(
     tp_across_nodes: bool = False,
     sequence_parallel: str | bool = "auto",
     expert_parallel: str | bool = False,
+    fsdp_reshard: str = "auto",
 ) -> Plan:
     """Trace ``model`` on ``example_inputs`` and return the fastest layout that fits ``cluster``.
 
@@ -59,6 +60,12 @@ def plan(
     fits), ``"auto"`` compares that layout with the best one without it and keeps the faster that fits
     (:mod:`autoplan.solve.experts`; a model without experts costs nothing more), ``False`` (default) never.
 
+    ``fsdp_reshard``: how FSDP treats its gathered weights between the microbatches of a step (``Plan.fsdp_reshard``)
+    — ``"auto"`` prices both and keeps the faster that fits, ``"step"`` keeps them from the first forward to the
+    last backward (one all-gather and one reduce-scatter per unit and step), ``"microbatch"`` reshards after every
+    forward and backward (ZeRO-3 with gradient accumulation: less memory, 2·m all-gathers and m reduce-scatters per
+    unit; FSDP over dp > 1 and no pipeline only, ``ValueError`` when the pins rule that out).
+
     Example:
         >>> import torch, autoplan
         >>> m = torch.nn.Linear(32, 32)
@@ -73,7 +80,7 @@ def plan(
         global_batch_size=global_batch_size, precision=precision, optimizer=optimizer, mesh=mesh or {},
         microbatch_size=microbatch_size, recompute=recompute, data_parallel=data_parallel, schedule=schedule,
         time_limit_s=time_limit_s, tp_across_nodes=tp_across_nodes, sequence_parallel=sequence_parallel,
-        expert_parallel=expert_parallel,
+        expert_parallel=expert_parallel, fsdp_reshard=fsdp_reshard,
     )
     if cluster is None:
         cluster = Cluster.detect()

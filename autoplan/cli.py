@@ -69,6 +69,7 @@ def load_factory(spec: str) -> tuple[Any, Any]:
     return result
 
 
+_ON_OFF = {"auto": "auto", "on": True, "off": False}  # --sequence-parallel / --expert-parallel → plan()'s values
 _PICTURE_HELP = ("also draw the plan (timeline per pipeline rank, memory per device) to FILE.png or FILE.svg; "
                  "needs matplotlib: pip install 'autoplan[viz]'")
 
@@ -118,6 +119,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sequence-parallel", default="auto", choices=("auto", "on", "off"),
                    help="Megatron sequence parallelism with tensor parallelism: searched (auto), wherever tp > 1 "
                         "(on), never (off)")
+    p.add_argument("--expert-parallel", default="off", choices=("auto", "on", "off"),
+                   help="shard a mixture-of-experts model's routed experts over the data-parallel ranks: if faster "
+                        "(auto), always (on), never (off)")
+    p.add_argument("--fsdp-reshard", default="auto", choices=("auto", "step", "microbatch"),
+                   help="FSDP between microbatches: searched (auto), keep the gathered weights through the step "
+                        "(step), reshard after every microbatch, ZeRO-3 with gradient accumulation (microbatch)")
     p.add_argument("--json", default=None, help="also write the plan to this JSON file")
     p.add_argument("--explain", action="store_true", help="also print the cost split and the alternatives")
     p.add_argument("--picture", default=None, metavar="FILE", help=_PICTURE_HELP)
@@ -143,7 +150,8 @@ def _plan(args: argparse.Namespace) -> int:
         optimizer=args.optimizer, mesh=args.mesh, microbatch_size=args.microbatch_size, recompute=args.recompute,
         data_parallel=args.data_parallel, schedule=args.schedule, time_limit_s=args.time_limit,
         tp_across_nodes=args.tp_across_nodes,
-        sequence_parallel={"auto": "auto", "on": True, "off": False}[args.sequence_parallel],
+        sequence_parallel=_ON_OFF[args.sequence_parallel], expert_parallel=_ON_OFF[args.expert_parallel],
+        fsdp_reshard=args.fsdp_reshard,
     )
     _output(plan, args)
     if args.json:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .vocabulary import DATA_PARALLEL_KINDS, MESH_AXES, OPTIMIZERS, PRECISIONS, RECOMPUTE_MODES, SCHEDULES
+from .vocabulary import DATA_PARALLEL_KINDS, FSDP_RESHARD_MODES, MESH_AXES, OPTIMIZERS, PRECISIONS, RECOMPUTE_MODES, SCHEDULES
 
 __all__ = ["PlanOptions"]
 
@@ -24,6 +24,7 @@ _CHOICES = {
     "recompute": RECOMPUTE_MODES,
     "data_parallel": ("auto",) + DATA_PARALLEL_KINDS,
     "schedule": ("auto",) + SCHEDULES,
+    "fsdp_reshard": ("auto",) + FSDP_RESHARD_MODES,
 }
 
 
@@ -43,6 +44,7 @@ class PlanOptions:
     tp_across_nodes: bool = False  # allow tensor-parallel groups that span nodes
     sequence_parallel: str | bool = "auto"  # Megatron sequence parallelism: "auto" (searched), True, False
     expert_parallel: str | bool = False  # MoE experts sharded over the dp ranks: False, True, "auto" (if faster)
+    fsdp_reshard: str = "auto"  # FSDP between microbatches: "auto" (searched), "step" (keep), "microbatch"
 
     def __post_init__(self) -> None:
         for name, choices in _CHOICES.items():
@@ -76,5 +78,9 @@ class PlanOptions:
             raise ValueError(f"expert_parallel=True runs with data parallelism alone (tp = pp = 1, DDP or FSDP), "
                              f"but mesh={mesh} is pinned; unpin tp and pp or use expert_parallel='auto' (chosen only "
                              f"where the plan allows it)")
+        if self.fsdp_reshard == "microbatch" and (self.data_parallel == "ddp" or mesh.get("pp", 1) > 1):
+            raise ValueError(f"fsdp_reshard='microbatch' reshards FSDP's weights between microbatches, which needs "
+                             f"FSDP and no pipeline, but data_parallel={self.data_parallel!r} and mesh={mesh} are "
+                             f"pinned; use data_parallel='fsdp' without pp > 1, or fsdp_reshard='auto'")
         if self.time_limit_s is not None and self.time_limit_s <= 0:
             raise ValueError(f"time_limit_s must be positive, got {self.time_limit_s}")

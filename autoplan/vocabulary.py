@@ -12,7 +12,7 @@ from __future__ import annotations
 
 __all__ = [
     "PRECISIONS", "PRECISION_BYTES", "LOW_PRECISIONS", "OPTIMIZERS", "DATA_PARALLEL_KINDS", "SCHEDULES",
-    "RECOMPUTE_MODES", "TP_STYLES", "SEQUENCE_PARALLEL_MODES", "MESH_AXES", "torch_dtype", "FUSED_COLWISE",
+    "RECOMPUTE_MODES", "FSDP_RESHARD_MODES", "TP_STYLES", "SEQUENCE_PARALLEL_MODES", "MESH_AXES", "torch_dtype", "FUSED_COLWISE",
     "tp_style_kind", "fused_parts", "fused_sizes", "part_sizes", "DTENSOR_SUFFIX", "keeps_dtensor",
 ]
 
@@ -30,6 +30,12 @@ DATA_PARALLEL_KINDS = ("ddp", "fsdp")
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 #: What the user may ask of recompute; a plan records the modules actually recomputed.
 RECOMPUTE_MODES = ("auto", "none", "full", "selective")
+#: How FSDP treats its gathered weights between the microbatches of a step (``Plan.fsdp_reshard``): ``"step"``
+#: keeps them from the first forward to the last backward when there are several microbatches or a pipeline
+#: (ZeRO-2-style accumulation: one all-gather and one reduce-scatter per unit and step); ``"microbatch"``
+#: reshards after every forward and backward and reduce-scatters every microbatch's gradients (ZeRO-3 with gradient
+#: accumulation: 2·m all-gathers and m reduce-scatters per unit, one unit's weights gathered at a time).
+FSDP_RESHARD_MODES = ("step", "microbatch")
 #: Tensor-parallel styles a plan may assign to a module FQN (see docs/concepts.md); ``sequence`` marks a norm run on
 #: its rank's share of the tokens under sequence parallelism (Korthikanti et al. 2022).
 TP_STYLES = ("colwise", "rowwise", "vocab_embedding", "vocab_head", "sequence")

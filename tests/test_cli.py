@@ -20,6 +20,16 @@ def test_plan_writes_json_and_show_prints_it(tmp_path, capsys):
     assert "GPT (34.18K params) on 2 × cpu" in capsys.readouterr().out
 
 
+def test_plan_passes_fsdp_resharding_and_expert_parallelism(capsys):
+    assert main(["plan", "autoplan.models:gpt_debug", "--cluster", "cpu", "--devices-per-node", "2",
+                 "--precision", "fp32", "--fsdp-reshard", "microbatch", "--expert-parallel", "off",
+                 "--global-batch", "8", "--microbatch-size", "1"]) == 0
+    assert "resharded every microbatch" in capsys.readouterr().out
+    assert main(["plan", "autoplan.models:gpt_debug", "--cluster", "cpu", "--devices-per-node", "2",
+                 "--expert-parallel", "on"]) == 2
+    assert "experts" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["show", "/nonexistent/plan.json"], "no plan file at /nonexistent/plan.json"),
     (["plan", "autoplan.models"], "must be MODULE:FACTORY"),

@@ -108,3 +108,24 @@ def test_planner_reshards_per_microbatch_where_keeping_does_not_fit(data_paralle
     small = gpt_like_graph(layers=4, hidden=1024, seq=2048, heads=16, vocab=32000)
     plan = search(small, cluster, options)
     assert plan.data_parallel == "fsdp" and plan.fsdp_reshard == "step"
+
+
+def test_pinned_choice_is_honoured_and_refused_where_it_cannot_run():
+    """``fsdp_reshard="step"`` never reshards (the 13B model above then has no layout at pp = tp = 1);
+    ``"microbatch"`` reshards wherever it plans FSDP, even for a model that would be faster keeping."""
+    cluster = autoplan.Cluster.preset("a100-80gb")
+    pins = dict(global_batch_size=32, microbatch_size=1, mesh={"pp": 1, "tp": 1}, precision="bf16")
+    big = gpt_like_graph(layers=16, hidden=8192, seq=2048, heads=64, vocab=32000)
+    with pytest.raises(autoplan.InfeasiblePlanError):
+        search(big, cluster, PlanOptions(**pins, fsdp_reshard="step"))
+    small = gpt_like_graph(layers=4, hidden=1024, seq=2048, heads=16, vocab=32000)
+    plan = search(small, cluster, PlanOptions(**pins, fsdp_reshard="microbatch"))
+    assert (plan.data_parallel, plan.fsdp_reshard) == ("fsdp", "microbatch")
+    with pytest.raises(ValueError, match="fsdp_reshard='microbatch' reshards FSDP's weights between microbatches"):
+        PlanOptions(data_parallel="ddp", fsdp_reshard="microbatch")
+    with pytest.raises(ValueError, match="needs FSDP and no pipeline"):
+        PlanOptions(mesh={"pp": 2}, fsdp_reshard="microbatch")
+    with pytest.raises(ValueError, match="fsdp_reshard='layer' is not one of"):
+        PlanOptions(fsdp_reshard="layer")
+    with pytest.raises(ValueError, match="fsdp_reshard='microbatch' needs FSDP over dp > 1"):
+        search(small, autoplan.Cluster.preset("a100-80gb", devices_per_node=1), PlanOptions(fsdp_reshard="microbatch"))

@@ -12,13 +12,13 @@ from __future__ import annotations
 from .._checks import check_positive_int as _check_positive_int
 from .._checks import check_precision as _check_precision
 from ..cluster import Cluster
-from ..vocabulary import DATA_PARALLEL_KINDS, PRECISION_BYTES, SCHEDULES
+from ..vocabulary import DATA_PARALLEL_KINDS, FSDP_RESHARD_MODES, PRECISION_BYTES, SCHEDULES
 from .collectives import Collective
 from .collectives import check_group as _check_group
 from .collectives import collective_terms
 from .memory import state_bytes_per_param
 
-__all__ = ["GRAD_REDUCE_BYTES", "FSDP_RESHARD_MODES", "check_fsdp_reshard", "fsdp_keeps_weights",
+__all__ = ["GRAD_REDUCE_BYTES", "check_fsdp_reshard", "fsdp_keeps_weights",
            "fsdp_held_bytes_per_param", "data_parallel_collectives", "data_parallel_sync_s",
            "data_parallel_sync_terms", "optimizer_step_bytes_per_param",
            "optimizer_step_s",
@@ -35,14 +35,6 @@ __all__ = ["GRAD_REDUCE_BYTES", "FSDP_RESHARD_MODES", "check_fsdp_reshard", "fsd
 #: parameters, hence their gradients, are fp32; FSDP2 is given ``MixedPrecisionPolicy(reduce_dtype=float32)``;
 #: Megatron-LM accumulates and all-reduces bf16 gradients in fp32 (``--accumulate-allreduce-grads-in-fp32``).
 GRAD_REDUCE_BYTES = 4
-
-
-#: How FSDP treats its gathered weights between the microbatches of a step (``Plan.fsdp_reshard``): ``"step"``
-#: keeps them from the first forward to the last backward when there are several microbatches or a pipeline
-#: (ZeRO-2-style accumulation: one all-gather and one reduce-scatter per unit and step); ``"microbatch"``
-#: reshards after every forward and backward and reduce-scatters every microbatch's gradients (ZeRO-3 with gradient
-#: accumulation: 2·m all-gathers and m reduce-scatters per unit, one unit's weights gathered at a time).
-FSDP_RESHARD_MODES = ("step", "microbatch")
 
 
 def check_fsdp_reshard(reshard: str, pp: int) -> None:

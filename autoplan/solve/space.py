@@ -162,7 +162,7 @@ def enumerate_strategies(graph: ModelGraph, cluster: Cluster, options: PlanOptio
                         continue
                     for kind in _dp_kinds(dp, options.data_parallel, _fsdp_blocks_pinned_tp(graph, options, tp)):
                         for sp in _sequence_parallel_choices(tp, tp in sp_degrees, options.sequence_parallel):
-                            for reshard in _fsdp_reshards(kind, dp, pp, m):
+                            for reshard in _fsdp_reshards(kind, dp, pp, m, options.fsdp_reshard):
                                 strategies.append(Strategy(pp, dp, tp, mb, m, schedule, kind, v, options.precision,
                                                            options.optimizer, sp, reshard))
     if not strategies:
@@ -247,12 +247,23 @@ def _dp_kinds(dp: int, pinned: str, fsdp_blocks_tp: bool = False) -> list[str]:
     return ["ddp"] if fsdp_blocks_tp else ["ddp", "fsdp"]
 
 
-def _fsdp_reshards(kind: str, dp: int, pp: int, microbatches: int) -> list[str]:
+def _fsdp_reshards(kind: str, dp: int, pp: int, microbatches: int, pinned: str = "auto") -> list[str]:
     """How FSDP may treat its gathered weights between microbatches (``Plan.fsdp_reshard``): keep them through
     the step, and, with several microbatches and no pipeline, also reshard per microbatch (ZeRO-3 with gradient
     accumulation: :func:`autoplan.cost.fsdp_keeps_weights`). The two differ only there; a pipeline's stages keep
-    them whatever they are asked (:func:`autoplan.cost.check_fsdp_reshard`)."""
-    if kind == "fsdp" and dp > 1 and pp == 1 and microbatches > 1:
+    them whatever they are asked (:func:`autoplan.cost.check_fsdp_reshard`). A pinned ``"microbatch"`` leaves
+    only the layouts that can run it (FSDP over dp > 1, no pipeline); a pinned ``"step"`` never reshards.
+
+    Example:
+        >>> _fsdp_reshards("fsdp", dp=4, pp=1, microbatches=4), _fsdp_reshards("fsdp", 4, 1, 4, pinned="step")
+        (['step', 'microbatch'], ['step'])
+        >>> _fsdp_reshards("ddp", 4, 1, 4, pinned="microbatch"), _fsdp_reshards("fsdp", 4, 2, 4, pinned="microbatch")
+        ([], [])
+    """
+    can_reshard = kind == "fsdp" and dp > 1 and pp == 1
+    if pinned == "microbatch":
+        return ["microbatch"] if can_reshard else []
+    if pinned == "auto" and can_reshard and microbatches > 1:
         return ["step", "microbatch"]
     return ["step"]
 
@@ -268,7 +279,8 @@ def _no_strategy_message(graph: ModelGraph, cluster: Cluster, options: PlanOptio
         return ""
     world, layers = cluster.world_size, len(graph.layers)
     pins = {k: v for k, v in (("mesh", options.mesh), ("microbatch_size", options.microbatch_size),
-                               ("schedule", options.schedule)) if v not in ({}, None, "auto")}
+                               ("schedule", options.schedule), ("fsdp_reshard", options.fsdp_reshard))
+            if v not in ({}, None, "auto")}
     mb_pin, schedule = options.microbatch_size, options.schedule
     inner_tie = _inner_tied_weight(graph)
     reasons: list[str] = []
@@ -279,7 +291,9 @@ def _no_strategy_message(graph: ModelGraph, cluster: Cluster, options: PlanOptio
                 continue
             mesh = f"pp{pp}×dp{dp}×tp{tp}"
             per_replica = batch // dp
-            if batch % dp:
+            if options.fsdp_reshard == "microbatch" and not _fsdp_reshards("fsdp", dp, pp, 2, "microbatch"):
+                reasons.append(f"{mesh}: fsdp_reshard='microbatch' needs FSDP over dp > 1 and no pipeline")
+            elif batch % dp:
                 reasons.append(f"{mesh}: {batch} is not a multiple of dp = {dp}")
             elif mb_pin and per_replica % mb_pin:
                 reasons.append(f"{mesh}: batch / dp = {per_replica} is not a multiple of microbatch_size = {mb_pin}")
