@@ -1,8 +1,8 @@
 """One torchrun rank of the collective-count tests: for every case, what this rank issues in one training step
 (counted by tests/comm_counter.py) beside what the cost model charges (autoplan.cost.traffic.plan_collectives).
 A case with ``"numerics": true`` first trains the reference's AdamW steps and returns their losses and the final
-full state dict, for the parent to compare with one process. Kinds ``gqa`` and ``gqa-nobias`` are tests/models_gqa.py's model (a fused
-qkv of unequal parts), the others distributed_helpers' models.
+full state dict, for the parent to compare with one process. Kinds ``gqa`` and ``gqa-nobias`` are
+tests/models_gqa.py's model (a fused qkv of unequal parts), the others distributed_helpers' models.
 
     python -m torch.distributed.run --nproc_per_node 2 tests/collective_worker.py cases.json results.pt
 """

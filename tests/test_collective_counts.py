@@ -149,6 +149,8 @@ def test_row_exchange_charged_per_exchanged_tensor():
         return sorted(c.nbytes for c in got.tp_collectives if c.kind == "all_to_all"), got.tp_comm_s
 
     plain, plain_s = exchanges()
+    got = layer_cost(block0, exchanged_elements=exchanged_elements(graph, block0), **figures)
+    assert {c.moved for c in got.tp_collectives if c.kind == "all_to_all"} == {0.5}  # rank 0 keeps q rows 0-15
     assert plain == [64.0, 64.0, 2048.0, 2048.0]  # bf16 shares of 64 × 32 and 64 elements, forward and backward
     again, again_s = exchanges(recompute=block0.recompute_options[0])
     assert again == [64.0] * 3 + [2048.0] * 3 and again_s > plain_s
@@ -172,3 +174,16 @@ def test_row_exchange_kept_under_sequence_parallelism():
     kinds = {sp: sorted(c.kind for c in cost.tp_collectives) for sp, cost in costs.items()}
     assert kinds[False].count("all_to_all") == kinds[True].count("all_to_all") == 4  # weight and bias, each way
     assert "all_gather" in kinds[True]  # the split stream's gathers: the sequence-parallel price was taken
+
+
+@pytest.mark.parametrize("sizes", [(32, 16, 16), (5120, 1280, 1280), (4096, 1024, 1024), (12, 4, 4, 4), (8, 8, 16)])
+def test_moved_fraction_is_what_the_executor_sends(sizes):
+    """The fraction priced for the busiest rank is what FusedRowsColwise's exchange plan sends off the rank."""
+    from autoplan.cost.row_exchange import moved_fraction
+    from autoplan.execute.tp_styles import _exchange_plan
+
+    for t in (t for t in (2, 4, 5, 8, 10) if not any(size % t for size in sizes)):
+        share = sum(sizes) // t
+        sent = [share - _exchange_plan(sizes, r, t)[1][r] for r in range(t)]
+        received = [share - _exchange_plan(sizes, r, t)[2][r] for r in range(t)]
+        assert moved_fraction(sizes, t) == max(sent + received) / share, (sizes, t)

@@ -26,7 +26,8 @@ class Collective:
     ``group_size`` ranks of the mesh axis ``axis``.
 
     The time functions below price exactly these records, so the count and bytes a plan is charged for can be
-    compared with what the executor issues.
+    compared with what the executor issues. ``moved`` is, for an all-to-all whose shares are unequal, the fraction
+    of ``nbytes`` the busiest rank sends to (and receives from) other ranks; ``None``: a balanced collective's.
 
     Example:
         >>> Collective("all_gather", 1024, count=2, group_size=4).total_bytes
@@ -38,6 +39,7 @@ class Collective:
     count: int = 1
     group_size: int = 2
     axis: str = ""  # the mesh axis of the group: "tp", "dp" or "pp"
+    moved: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in COLLECTIVE_KINDS:
@@ -298,17 +300,26 @@ def group_p2p_s(nbytes: float, cluster: Cluster, pp: int, stride: int) -> float:
     return p2p_s(nbytes, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
 
 
-def group_alltoall_s(nbytes: float, cluster: Cluster, group_size: int, stride: int) -> float:
+def group_alltoall_s(nbytes: float, cluster: Cluster, group_size: int, stride: int,
+                     moved: float | None = None) -> float:
     """All-to-all of a send buffer of ``nbytes`` per rank over a group laid out as in :func:`group_link`: measured
     (``cluster.collective_times["all_to_all"]``) inside a node, else :func:`alltoall_s` on the group's link. A group
     that spans nodes runs at its slowest hop, the NIC, for every share (a two-level form would send only the shares
     for other nodes over it; the tensor-parallel groups that issue all-to-alls sit inside one node).
 
+    ``moved``: the fraction of the buffer the busiest rank sends to (and receives from) other ranks when the shares
+    are unequal (:attr:`Collective.moved`); it is priced as the balanced all-to-all that moves as much, of
+    ``nbytes · moved · n/(n−1)``: the exchange ends when its busiest link has carried its bytes.
+
     Example:
         >>> c = Cluster.preset("a100-80gb")                             # 300 GB/s NVLink, 5 µs
-        >>> round(group_alltoall_s(13.1e6, c, 2, 1) * 1e6, 1)           # Phi-3-medium's qkv_proj rows at tp = 2
-        26.8
+        >>> round(group_alltoall_s(39.3e6, c, 2, 1) * 1e6, 1)           # 19.7 MB leave each rank
+        70.5
+        >>> round(group_alltoall_s(39.3e6, c, 2, 1, moved=1 / 3) * 1e6, 1)   # Phi-3-medium's qkv_proj rows, t = 2
+        48.7
     """
+    if moved is not None and group_size > 1:
+        nbytes = nbytes * moved * group_size / (group_size - 1)
     measured = measured_collective_s(cluster, "all_to_all", group_size, stride, nbytes)
     if measured is not None:
         return measured

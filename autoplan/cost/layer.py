@@ -155,8 +155,13 @@ def _tp_group_collectives(group: TensorParallelGroup, nbytes: float, tp: int,
 
 def _priced_s(collectives: tuple[Collective, ...], cluster: Cluster, tp_stride: int) -> float:
     """Seconds of ``collectives`` over groups of their size ``tp_stride`` apart (the two-level forms)."""
-    price = {"all_reduce": group_allreduce_s, "all_gather": group_allgather_s, "all_to_all": group_alltoall_s}
-    return sum(c.count * price[c.kind](c.nbytes, cluster, c.group_size, tp_stride) for c in collectives)
+    def one(c: Collective) -> float:
+        if c.kind == "all_to_all":
+            return group_alltoall_s(c.nbytes, cluster, c.group_size, tp_stride, c.moved)
+        price = group_allreduce_s if c.kind == "all_reduce" else group_allgather_s
+        return price(c.nbytes, cluster, c.group_size, tp_stride)
+
+    return sum(c.count * one(c) for c in collectives)
 
 
 def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int, cluster: Cluster, tp: int,
@@ -311,7 +316,8 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
             if fqn not in exchanged_elements:
                 raise ValueError(f"{fqn} ({style}) exchanges its weight's rows among the tp ranks; pass its elements "
                                  f"as exchanged_elements (autoplan.cost.row_exchange.exchanged_elements)")
-            rows = row_exchange_collectives(exchanged_elements[fqn], tp, PRECISION_BYTES[precision])
+            rows = row_exchange_collectives(exchanged_elements[fqn], tp, PRECISION_BYTES[precision],
+                                            fused_sizes(style))
             tp_forward += rows
             tp_backward += rows
             if recompute is not None and in_module(fqn, recompute.module):  # its linear saves the rows it got

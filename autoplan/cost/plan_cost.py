@@ -258,7 +258,7 @@ def _with_sequence_parallel(graph: ModelGraph, layer: Layer, cluster: Cluster, s
     # the row exchanges of unequal fused parts (autoplan.cost.row_exchange) run as without the split stream
     rows = tuple(c for c in base.tp_collectives if c.kind == "all_to_all")
     if rows and result is not base:
-        rows_s = sum(c.count * cost.group_alltoall_s(c.nbytes, cluster, c.group_size, 1) for c in rows)
+        rows_s = sum(c.count * cost.group_alltoall_s(c.nbytes, cluster, c.group_size, 1, c.moved) for c in rows)
         result = replace(result, tp_collectives=result.tp_collectives + rows, tp_comm_s=result.tp_comm_s + rows_s)
     scale = strategy.microbatch_size / graph.batch_size * PRECISION_BYTES[strategy.precision] / graph.dtype_bytes
     edges = sequence.sequence_edge_collectives(layer.output_bytes * scale, strategy.tp)

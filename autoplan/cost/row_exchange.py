@@ -9,12 +9,17 @@ the tensor's elements, at the bytes the matmul reads: the compute precision (und
 precision the gathered weight already is; under autocast the executor casts the share before exchanging it). A
 checkpoint that recomputes the projection exchanges again: its linear saves the exchanged weight for backward.
 
+The shares are unequal: a rank keeps the stored rows it also computes with and sends the rest, so what leaves the
+busiest rank (:func:`moved_fraction`) is priced, not the balanced all-to-all's ``(t−1)/t``: for Phi-3-medium's
+``qkv_proj`` (parts 5120 + 1280 + 1280) a third of the share at ``t = 2``, all of it at ``t = 5`` and ``t = 10``.
+
 The trace records a tensor-parallel group's styles, not each projection's input width, so the elements come from the
 op graph: the projection's linear node and its input's last dim.
 
 Example:
-    >>> [(c.kind, c.nbytes) for c in row_exchange_collectives((7680 * 5120,), tp=2, element_bytes=2)]
-    [('all_to_all', 39321600.0)]
+    >>> [(c.kind, c.nbytes, round(c.moved, 3)) for c in row_exchange_collectives((7680 * 5120,), tp=2, element_bytes=2,
+    ...                                                                        sizes=(5120, 1280, 1280))]
+    [('all_to_all', 39321600.0, 0.333)]
 """
 
 from __future__ import annotations
@@ -23,22 +28,40 @@ from ..graph import Layer, ModelGraph
 from ..vocabulary import fused_sizes
 from .collectives import Collective
 
-__all__ = ["exchanged_elements", "row_exchange_collectives"]
+__all__ = ["exchanged_elements", "moved_fraction", "row_exchange_collectives"]
 
 #: op graph (by identity) → {linear FQN: (output, input features)}; a few graphs at a time (the planner's, a test's)
 _LINEARS: dict[int, tuple[object, dict[str, tuple[int, int]]]] = {}
 
 
-def row_exchange_collectives(elements: tuple[int, ...], tp: int, element_bytes: int) -> tuple[Collective, ...]:
-    """One direction's all-to-alls (forward, or backward's inverse) of a projection exchanging tensors of
-    ``elements`` elements each over ``tp`` ranks, ``element_bytes`` per element: one per tensor, each a send buffer
-    of the rank's ``1/tp`` share.
+def row_exchange_collectives(elements: tuple[int, ...], tp: int, element_bytes: int,
+                             sizes: tuple[int, ...]) -> tuple[Collective, ...]:
+    """One direction's all-to-alls (forward, or backward's inverse) of a projection of fused parts ``sizes`` exchanging
+    tensors of ``elements`` elements each over ``tp`` ranks, ``element_bytes`` per element: one per tensor, each a
+    send buffer of the rank's ``1/tp`` share, of which the busiest rank moves :func:`moved_fraction`.
 
     Example:
-        >>> [(c.kind, c.nbytes, c.group_size) for c in row_exchange_collectives((64 * 32, 64), 2, 4)]
-        [('all_to_all', 4096.0, 2), ('all_to_all', 128.0, 2)]
+        >>> [(c.kind, c.nbytes, c.moved) for c in row_exchange_collectives((64 * 32, 64), 2, 4, (32, 16, 16))]
+        [('all_to_all', 4096.0, 0.5), ('all_to_all', 128.0, 0.5)]
     """
-    return tuple(Collective("all_to_all", n / tp * element_bytes, 1, tp, "tp") for n in elements)
+    moved = moved_fraction(sizes, tp)
+    return tuple(Collective("all_to_all", n / tp * element_bytes, 1, tp, "tp", moved) for n in elements)
+
+
+def moved_fraction(sizes: tuple[int, ...], tp: int) -> float:
+    """The largest fraction of its stored rows (rows r of t of the whole fused weight) that a rank sends away, which
+    is also what it receives: its compute rows (rows r of t of every part) less those it stores.
+
+    Example:
+        >>> phi3_medium = (5120, 1280, 1280)
+        >>> moved_fraction((32, 16, 16), 2), moved_fraction(phi3_medium, 2), moved_fraction(phi3_medium, 5)
+        (0.5, 0.3333333333333333, 1.0)
+    """
+    share = sum(sizes) // tp
+    starts = [sum(sizes[:p]) for p in range(len(sizes))]
+    kept = [sum(max(0, min((r + 1) * share, start + (r + 1) * size // tp) - max(r * share, start + r * size // tp))
+                for start, size in zip(starts, sizes)) for r in range(tp)]
+    return (share - min(kept)) / share
 
 
 def exchanged_elements(graph: ModelGraph, layer: Layer) -> dict[str, tuple[int, ...]]:

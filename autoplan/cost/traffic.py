@@ -19,6 +19,8 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..graph import ModelGraph
 from ..plan import Plan
 from .collectives import Collective
@@ -44,7 +46,7 @@ def plan_collectives(graph: ModelGraph, plan: Plan) -> tuple[tuple[Collective, .
         out = per_rank[k % strategy.pp]
         for c in costs:
             params[k % strategy.pp] += c.num_params
-            out += [Collective(t.kind, t.nbytes, t.count * m, t.group_size, t.axis) for t in c.tp_collectives]
+            out += [replace(t, count=t.count * m) for t in c.tp_collectives]
         if k < last:  # the stage's output, forward, and a sequence-parallel run cut there gathered and split
             out.append(Collective("send", costs[-1].boundary_bytes, m, 2, "pp"))
             out += [Collective(t.kind, t.nbytes, t.count * m, t.group_size, t.axis) for t in costs[-1].cut_collectives]
