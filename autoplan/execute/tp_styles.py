@@ -31,8 +31,8 @@ t of the whole fused weight, an ordinary DTensor in the original order for state
 FSDP and the optimizer. In forward one all-to-all over the tp ranks hands each rank the rows it computes with, rows
 r of t of every part ([q_r; k_r; v_r]: whole key/value heads with their query heads), and in backward the inverse
 all-to-all hands each gradient row back to the rank that stores it: a permutation of rows, exact, at the cost of
-moving about ``(t-1)/t`` of the rank's share of that weight each way per forward (one all-to-all of the share for
-the weight, one for a bias, each way; under autocast the share is cast to the compute precision first, as FSDP's
+moving the rows a rank stores but does not compute with each way per forward (a third of its share of Phi-3-medium's
+``qkv_proj`` at t = 2, all of it at t = 5; one all-to-all of the share for the weight, one for a bias, each way; under autocast the share is cast to the compute precision first, as FSDP's
 and ``replicate``'s mixed precision hand it over: priced by :mod:`autoplan.cost.row_exchange`).
 
 Example:
