@@ -8,7 +8,8 @@ Each case: a plan pinned by hand (``manual_plan``, no tracing) with ``expert_par
 two microbatches, the collectives of one step counted (``_c10d_functional`` ops; with ``"data_parallel": "fsdp"``
 every c10d collective, by ``tests/comm_counter.py``, FSDP's own included; ``"fsdp_reshard": "microbatch"``: FSDP
 reshards and reduce-scatters per microbatch), the experts this rank holds, and optionally a checkpoint / state-dict
-round trip. ``"meta": true`` builds the model on meta (each rank allocates and
+round trip. ``"starve": n`` routes every token of Mixtral's layer ``n`` to the lower half of its experts (rank 1's
+experts get none there). ``"meta": true`` builds the model on meta (each rank allocates and
 initializes only its experts) and then loads the reference's initial weights with ``load_state_dict``. Every rank
 computes the one-process reference itself.
 """
@@ -60,7 +61,23 @@ def build(case: dict, device=None) -> torch.nn.Module:
     torch.manual_seed(1234)
     more = {"experts_implementation": case["experts"]} if case.get("experts") else {}
     model, _ = models_hf.FAMILIES[case["family"]](device=device, **more)
+    if "starve" in case:
+        starve_upper_experts(model.model.layers[case["starve"]].mlp.gate)
     return no_dropout(model)
+
+
+def starve_upper_experts(router: torch.nn.Module) -> None:
+    """Route every token of this Mixtral router to experts ``[0, E/2)`` only (its logits for the others ``-inf``):
+    under ep = 2 no token of the group reaches rank 1's experts in this layer, while the router stays trained."""
+
+    def hook(module, args, output):
+        logits = output[0]
+        upper = torch.arange(logits.shape[-1], device=logits.device) >= logits.shape[-1] // 2
+        probs = torch.softmax(logits.float().masked_fill(upper, float("-inf")), dim=-1)
+        top, index = torch.topk(probs, module.top_k, dim=-1)
+        return logits, top / top.sum(dim=-1, keepdim=True), index
+
+    router.register_forward_hook(hook)
 
 
 def counted_step(pm, opt, inputs, targets, every: bool = False) -> tuple[float, dict | list, dict]:
@@ -129,6 +146,10 @@ def run_case(case: dict) -> dict:
         result["grad_rel_diff"] = max((grads[k] - g).abs().max().item() / max(g.abs().max().item(), 1e-12)
                                       for k, g in ref_grads.items())
         diffs = {k: (state[k].float() - v.float()).abs().max().item() for k, v in ref_state.items() if k in state}
+        if "starve" in case:  # the upper experts of that layer got no token: zero gradients here and in one process
+            prefix = f"model.layers.{case['starve']}.mlp.experts."
+            result["starved_grads"] = [g[prefix + p][g[prefix + p].shape[0] // 2:].abs().max().item()
+                                       for g in (grads, ref_grads) for p in ("gate_up_proj", "down_proj")]
         result["missing"] = sorted(set(ref_state) - set(state))
         result["max_weight_diff"] = max(diffs.values())
         result["worst_weight"] = max(diffs, key=diffs.get)
@@ -162,7 +183,7 @@ def charged(case: dict, data, plan) -> dict:
 def case_name(case: dict) -> str:
     return (f"{case['family']}:{case.get('experts') or 'default'}{':meta' if case.get('meta') else ''}"
             f"{':' + case['data_parallel'] if case.get('data_parallel') else ''}"
-            f"{':planned' if case.get('planned') else ''}")
+            f"{':planned' if case.get('planned') else ''}{':starved' if 'starve' in case else ''}")
 
 
 if __name__ == "__main__":

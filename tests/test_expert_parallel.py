@@ -3,7 +3,8 @@
 Quick tier: pricing (memory, gradient sync, dispatch collectives, under DDP and FSDP), the plan field and option,
 every refusal, and the planner's choice with and without the experts sharded, on a hand-written toy MoE (torch.fx
 traces it in milliseconds) and synthetic graphs. Slow tier: one world of 2 gloo ranks trains tiny Mixtral
-(grouped_mm experts, with a checkpoint and state-dict round trip; by DDP, then with FSDP for the dense part) and
+(grouped_mm experts, with a checkpoint and state-dict round trip; by DDP, then with FSDP for the dense part; by DDP
+with one layer routing no token to rank 1's experts, grouped_mm and eager) and
 Qwen2-MoE (eager experts by DDP, built on meta and loaded; its default experts by FSDP resharding per microbatch)
 under dp2 + ep2 against one process, checks that each rank holds E/2 experts and counts the collectives issued
 against the cost model's.
@@ -258,7 +259,10 @@ def test_dp2_with_experts_sharded_matches_one_process(tmp_path):
     from distributed_helpers import REPO, run_world
 
     layers = ["model.embed_tokens", "model.rotary_emb", "model.layers.0", "model.layers.1", "model.norm", "lm_head"]
-    cases = [{"family": "mixtral", "checkpoint": str(tmp_path / "checkpoint")},
+    # layer 0 routes every token to rank 0's experts (rank 1 computes nothing there but must issue the same
+    # backward collectives), layer 1 to both: grouped_mm experts here, eager ones in the next case
+    cases = [{"family": "mixtral", "checkpoint": str(tmp_path / "checkpoint"), "starve": 0},
+             {"family": "mixtral", "experts": "eager", "starve": 0},
              {"family": "qwen2_moe", "experts": "eager", "meta": True},  # built on meta, then loaded
              # FSDP for the dense part (a unit per layer, as the planner's), the experts left out of it
              {"family": "mixtral", "data_parallel": "fsdp", "layers": layers,
@@ -290,7 +294,9 @@ def test_dp2_with_experts_sharded_matches_one_process(tmp_path):
     planned = results["mixtral:default:fsdp:planned"]["plan"]
     assert (planned["expert_parallel"], planned["data_parallel"], planned["search"]["solver"]) == (
         EP, "fsdp", "expert-parallel")
-    for name in ("mixtral:default", "mixtral:default:fsdp"):
+    for name in ("mixtral:default:starved", "mixtral:eager:starved"):
+        assert results[name]["starved_grads"] == [0.0] * 4, name  # here and in one process: exactly zero
+    for name in ("mixtral:default:starved", "mixtral:default:fsdp"):
         assert results[name]["roundtrip"] == {"checkpoint": 0.0, "state_dict": 0.0, "on_disk": 0.0}, name
     _issued_equal_charged(results["mixtral:default:fsdp"], per_unit={"all_gather": 1, "reduce_scatter": 1})
     _issued_equal_charged(results["qwen2_moe:default:fsdp"], per_unit={"all_gather": 4, "reduce_scatter": 2})

@@ -23,6 +23,14 @@ casts them: under its mixed precision the dispatch casts the local experts to th
 sharded weights are DTensors (``Shard(0)`` over the dp mesh):
 ``full_state_dict``, ``load_state_dict`` and distributed checkpoints handle them as any sharded weight.
 
+Every rank builds the same backward collectives, whatever the routing: where no pair of the gathered tokens goes to
+this rank's experts, the eager implementation returns ``zeros_like(tokens)``, unconnected to the tokens, top-k weights
+or experts, so this rank's autograd would skip the all-gathers' reduce-scatters and the reduce-scatter's all-gather
+that the other ranks issue (tiny Mixtral on 2 gloo ranks, every token of layer 0 routed to rank 0's experts: the
+step hung). The partial is therefore added an exact zero, the sum of empty slices of the gathered tokens, top-k
+weights and local expert weights: no value changes (``x + 0.0``), no collective is added, and the unused experts
+get a zero gradient, as in one process.
+
 Each collective is waited where it is issued (``wait_tensor``, autograd-aware), not left in flight as an
 ``AsyncCollectiveTensor`` until its first use: on gloo under torch.profiler (the tests' collective counter), dispatch
 collectives left running in gloo's worker threads while this thread went on came with heap corruption (``malloc():
@@ -204,6 +212,9 @@ def _dispatched_forward(original):
             partial = torch.func.functional_call(self, params, (tokens, index, weights))
         finally:
             self._autoplan_ep_inner = False
+        # an exact zero that ties the partial to the gathered inputs and local experts on every rank, routed pairs
+        # or none: see the module's docstring
+        partial = partial + sum(t[:0].sum() for t in (tokens, weights, *params.values())).to(partial.dtype)
         return wait(funcol.reduce_scatter_single_autograd(partial.contiguous(), "sum", 0, group))
 
     return forward
