@@ -3,6 +3,7 @@ layouts, and the single-process reference they are compared with."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -197,11 +198,32 @@ def torchrun(worker: Path, args: list, nproc: int = 4, timeout_s: int = 240) -> 
     try:
         stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        # torchrun starts each rank in a session of its own: kill them by pid too (found before torchrun dies and
+        # they are re-parented), or they would hold the pipes open and communicate() would never return
+        ranks = _descendants(proc.pid)
         os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=60)
         raise AssertionError(f"torchrun world timed out after {timeout_s} s:\n{stderr[-8000:]}") from None
     if proc.returncode != 0:
         raise AssertionError(f"torchrun failed ({proc.returncode}):\n{stdout[-4000:]}\n{stderr[-8000:]}")
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid``, read from /proc (empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def selected_tests(request) -> set[str]:

@@ -79,6 +79,8 @@ def check(results: dict) -> None:
             assert {m: got["plan"]["tensor_parallel"].get(m) for m in FUSED[family]} == FUSED[family], name
             # the checkpoint and the full state dict give and take the original fused weights, in order
             assert got["roundtrip"] == {"checkpoint": 0.0, "state_dict": 0.0, "on_disk": 0.0}, name
+        if family in FUSED and name.endswith(":tp4"):  # the same fused styles over 4 ranks
+            assert {m: got["plan"]["tensor_parallel"].get(m) for m in FUSED[family]} == FUSED[family], name
 
 
 #: families that pipeline: all (T5's dropout modules run twice per forward; stateless, they are split soundly)
@@ -101,7 +103,8 @@ def pipeline_cases(tmp) -> list[dict]:
 
 def matrix_cases(tmp) -> list[dict]:
     # dp2xtp2 for every family; tp4 where 4 divides the heads or features: 4 heads over 2 key/value heads, so
-    # Llama's tp4 shards its MLPs, OPT's and BERT's their attention too
+    # Llama's tp4 shards its MLPs, the other families' (4 heads each, GPT-2's and nanoGPT's fused c_attn, Phi-3's
+    # qkv_proj with as many key/value heads) their attention too
     families = list(models_hf.FAMILIES) + ["fused_qkv_gpt", "phi3_mha"]
     cases = [{"family": f, "mesh": {"dp": 2, "tp": 2}} for f in families]
     # FSDP over a fused projection's part-by-part shard: dp shards the weight's other dim (Phi-3's gate_up_proj;
@@ -112,15 +115,15 @@ def matrix_cases(tmp) -> list[dict]:
     for case in cases:
         if case["family"] in FUSED and not case.get("init_on_meta"):
             case["checkpoint"] = str(tmp / f"checkpoint_{case['family']}_{case.get('data_parallel', 'auto')}")
-    cases += [{"family": f, "mesh": {"tp": 4}} for f in ("opt", "bert", "llama")]
+    cases += [{"family": f, "mesh": {"tp": 4}}
+              for f in ("opt", "bert", "llama", "gpt2", "bart", "vit", "fused_qkv_gpt", "phi3_mha")]
     # sequence parallelism forced: Llama's RMSNorms; BART's post-norm layers and its decoder's cross-attention,
     # whose keys and values read the encoder's whole output
     cases += [{"family": f, "mesh": {"dp": 2, "tp": 2}, "sequence_parallel": True} for f in ("llama", "bart")]
     # pipelines: each family is traced once per world (tests/hf_worker.py), so these cost a search and two steps;
-    # pp2xtp2 for every family, pp2xdp2 where the split differs most (a tied weight or an encoder output crossing
-    # the cut); the pipelines test runs Llama's pp2xtp2 and GPT-2's pp2xdp2
+    # pp2xtp2 and pp2xdp2 for every family; the pipelines test runs Llama's pp2xtp2 and GPT-2's pp2xdp2
     cases += [{"family": f, "mesh": {"pp": 2, "tp": 2}} for f in PIPELINED if f != "llama"]
-    cases += [{"family": f, "mesh": {"pp": 2, "dp": 2}} for f in ("bart", "vit")]
+    cases += [{"family": f, "mesh": {"pp": 2, "dp": 2}} for f in PIPELINED if f != "gpt2"]
     return cases
 
 
