@@ -56,7 +56,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 __all__ = ["keep_colwise_inputs_sharded"]
 
-#: The residual stream's sequence dim (as :data:`autoplan.execute.tensor_parallel.SEQUENCE_DIM`).
+#: The residual stream's sequence dim inside a sequence-parallel layer (inputs are (batch, sequence, hidden));
+#: :mod:`autoplan.execute.tensor_parallel` shards and gathers on it too.
 SEQUENCE_DIM = 1
 
 

@@ -53,15 +53,12 @@ from ..errors import PlanMismatchError
 from ..names import tied_parameter_names  # noqa: F401  (re-exported: apply and data_parallel use it)
 from ..trace.tp_check import divide_head_attributes, local_head_owners
 from ..vocabulary import keeps_dtensor, tp_style_kind
-from .sp_gather import keep_colwise_inputs_sharded
+from .sp_gather import SEQUENCE_DIM, keep_colwise_inputs_sharded
 from .tp_dtensor import keep_fused_parts_local, register_cpu_attention_sharding
 from .tp_styles import style_for
 
 __all__ = ["parallel_style", "apply_tensor_parallel", "sequence_parallel_runs", "reduce_sequence_parallel_gradients",
            "check_stage_outputs_whole", "tied_parameter_names"]
-
-#: The residual stream's sequence dim inside a sequence-parallel layer (inputs are (batch, sequence, hidden)).
-SEQUENCE_DIM = 1
 
 
 def parallel_style(style: str, module: nn.Module | None = None, sequence_parallel: bool = False) -> ParallelStyle:
