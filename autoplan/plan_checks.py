@@ -1,6 +1,6 @@
 """Consistency checks of a :class:`autoplan.Plan`'s tensor-parallel styles: Megatron pairs complete, and sequence
-parallelism only where it can split a layer's residual stream. Each failure is a ``ValueError`` naming the
-entries and the fix.
+parallelism only where it can split a layer's residual stream and is priced. Each failure is a ``ValueError``
+naming the entries and the fix.
 
 Example:
     >>> from autoplan.plan_checks import check_tp_pairs
@@ -77,6 +77,8 @@ def check_sequence_parallel(plan: "Plan") -> None:
     norms); each such layer must be a plan layer with Megatron pairs inside, below the root. Under a pipeline the
     runs of such layers are cut at the stage boundaries: each stage splits the stream where its run starts and
     gathers it where the run ends, so stages exchange whole activations (:mod:`autoplan.execute.tensor_parallel`).
+    Its pairs must be plain colwise and rowwise linears, the only ones sequence parallelism is priced on
+    (:func:`_check_plain_pairs`).
 
     Example:
         >>> import autoplan
@@ -101,3 +103,28 @@ def check_sequence_parallel(plan: "Plan") -> None:
         check({"colwise", "rowwise"} <= inside and not inside & {"vocab_embedding", "vocab_head"},
                f"sequence-parallel layer {layer!r} (it holds {fqn!r}) needs colwise and rowwise linears inside and "
                f"no vocabulary-parallel module; its styles are {sorted(inside)}")
+        _check_plain_pairs(plan.tensor_parallel, layer)
+
+
+def _check_plain_pairs(styles: dict[str, str], layer: str) -> None:
+    """A sequence-parallel layer's pairs must be plain ``colwise`` → ``rowwise`` linears: the trace offers sequence
+    parallelism only there (``Layer.sequence_parallel``), so the cost model has no split-stream price for a layer
+    holding another colwise form (a fused projection, ``colwise:K`` or ``colwise:a+b+c``, or a ``…/dtensor`` one)
+    and would price it as plain tensor parallelism, while the executor splits and gathers its stream all the same.
+
+    Example:
+        >>> _check_plain_pairs({"b.ln": "sequence", "b.attn.qkv": "colwise:8+4+4", "b.attn.o": "rowwise"}, "b")
+        Traceback (most recent call last):
+        ...
+        ValueError: sequence-parallel layer 'b' holds 'b.attn.qkv' with the style 'colwise:8+4+4', not a plain colwise or rowwise linear: sequence parallelism is priced only on layers whose pairs are plain colwise and rowwise linears (the only ones the planner offers it on), so this plan would run 'b' sequence-parallel but be priced without it; set sequence_parallel false, or drop the 'sequence' styles of 'b' (['b.ln']) to run that layer with plain tensor parallelism
+    """
+    inside = {f: s for f, s in styles.items() if f.startswith(layer + ".")}
+    other = sorted(f for f, s in inside.items() if s not in ("colwise", "rowwise", "sequence"))
+    if other:
+        norms = sorted(f for f, s in inside.items() if s == "sequence")
+        raise ValueError(
+            f"sequence-parallel layer {layer!r} holds {other[0]!r} with the style {inside[other[0]]!r}, not a plain "
+            f"colwise or rowwise linear: sequence parallelism is priced only on layers whose pairs are plain colwise "
+            f"and rowwise linears (the only ones the planner offers it on), so this plan would run {layer!r} "
+            f"sequence-parallel but be priced without it; set sequence_parallel false, or drop the 'sequence' styles "
+            f"of {layer!r} ({norms}) to run that layer with plain tensor parallelism")
