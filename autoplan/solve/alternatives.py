@@ -2,11 +2,13 @@
 error when nothing fits.
 
 For ``plan.explain()``: the best layout of up to three other meshes (and pure data parallelism), of each other
-schedule and of the other data-parallel kind on the chosen mesh, and of the chosen strategy without recompute,
-each solved briefly (:data:`ALTERNATIVE_TIME_LIMIT_S` of CP-SAT's deterministic time) unless the search already
-knows it; these solves are independent and run side by side, one thread each. They are judged when first read
-(:class:`LazyAlternatives`, the value of ``plan.search.alternatives``): a plan that is only applied never pays
-for them, and the report is the same whenever it is read, because the search's state is frozen once the plan is
+schedule and of the other data-parallel kind on the chosen mesh, of the chosen strategy with FSDP's other
+``fsdp_reshard`` (where both can run and it is not pinned; labelled ``…, fsdp_reshard='step'`` or
+``'microbatch'``), and of the chosen strategy without recompute, each solved briefly
+(:data:`ALTERNATIVE_TIME_LIMIT_S` of CP-SAT's deterministic time) unless the search already knows it; these
+solves are independent and run side by side, one thread each. They are judged when first read
+(:class:`LazyAlternatives`, the value of ``plan.search.alternatives``): a plan that is only applied never pays for
+them, and the report is the same whenever it is read, because the search's state is frozen once the plan is
 chosen. When no layout fits, :class:`autoplan.InfeasiblePlanError` quotes the leanest layout found, the
 capacity and what to relax.
 
@@ -27,6 +29,7 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..cluster import Cluster
@@ -120,8 +123,8 @@ class LazyAlternatives(Sequence):
 
 
 def judge_alternatives(state: "_Search") -> list[Alternative]:
-    """The best layout of other meshes, schedules, the other DP kind, and without recompute, each with why it
-    lost."""
+    """The best layout of other meshes, schedules, the other DP kind, the other FSDP resharding, and without
+    recompute, each with why it lost."""
     state.complete()
     chosen_i = state.best
     chosen = state.tables[chosen_i].strategy
@@ -148,6 +151,9 @@ def judge_alternatives(state: "_Search") -> list[Alternative]:
                 and state.tables[i].strategy.schedule == chosen.schedule]
     if other_dp:
         groups.append(("dp", other_dp))
+    twin = _fsdp_reshard_twin(state, same_mesh, chosen)
+    if twin:
+        groups.append(("fsdp_reshard", twin))
     # The groups share no strategy, so their CP-SAT solves are independent: each is deterministic (one worker,
     # deterministic time), and they run side by side on the machine's cores, then are recorded in group order.
     picks = [_pick(state, members) for _, members in groups]
@@ -161,13 +167,31 @@ def judge_alternatives(state: "_Search") -> list[Alternative]:
         for i in solve:
             state.take(i, solving[i].result())
         lean_result = lean_solve.result() if lean_solve is not None else None
-    judged = [(kind, _judged(state, i, members, best)) for (kind, members), i in zip(groups, picks)]
+    judged = [(kind, _judged(state, i, members, best, _reshard_suffix(state, members) if kind == "fsdp_reshard"
+                             else "")) for (kind, members), i in zip(groups, picks)]
     meshes = sorted((a for kind, a in judged if kind == "mesh" and a is not None),
                     key=lambda a: (a.step_time_s is None, a.step_time_s or 0.0))
     out = meshes + [a for kind, a in judged if kind != "mesh"]
     if lean is not None:
         out.append(_without_recompute(state, chosen_i, best, lean, lean_result))
     return [a for a in out if a is not None]
+
+
+def _fsdp_reshard_twin(state: "_Search", same_mesh: list[int], chosen: Strategy) -> list[int]:
+    """The chosen strategy with FSDP's other way between microbatches (``Plan.fsdp_reshard``: keep the gathered
+    weights through the step, or reshard every microbatch), as one group; empty where the search has no such
+    strategy: DDP, dp = 1, a pipeline or one microbatch (where the two run alike, or only one can run:
+    :func:`autoplan.cost.check_fsdp_reshard`), or ``fsdp_reshard`` pinned (like a pinned mesh or schedule, a pin
+    leaves nothing to compare)."""
+    if chosen.data_parallel != "fsdp":
+        return []
+    other = replace(chosen, fsdp_reshard="step" if chosen.fsdp_reshard == "microbatch" else "microbatch")
+    return [i for i in same_mesh if state.tables[i].strategy == other]
+
+
+def _reshard_suffix(state: "_Search", twin: list[int]) -> str:
+    """What names the FSDP twin beside its description: the plan key and value that pin its mode."""
+    return f", fsdp_reshard={state.tables[twin[0]].strategy.fsdp_reshard!r}"
 
 
 def _known_s(state: "_Search", i: int) -> float:
@@ -196,15 +220,17 @@ def _pick(state: "_Search", members: list[int]) -> int | None:
     return pick
 
 
-def _judged(state: "_Search", pick: int | None, members: list[int], best: PlanCost) -> Alternative | None:
-    """How the picked strategy of ``members`` (solved by now) compares with the chosen plan."""
+def _judged(state: "_Search", pick: int | None, members: list[int], best: PlanCost,
+            suffix: str = "") -> Alternative | None:
+    """How the picked strategy of ``members`` (solved by now) compares with the chosen plan (``suffix`` follows its
+    description)."""
     if pick is not None:
         rec = state.records[pick]
         if rec.cost is not None:
-            return Alternative(state.tables[pick].strategy.describe(), rec.cost.step_time_s,
+            return Alternative(state.tables[pick].strategy.describe() + suffix, rec.cost.step_time_s,
                                _why_slower(rec.cost, best, state.tables[pick].strategy, state.cluster))
     i = min(members, key=lambda j: (state.records[j].memory_lower_bound_bytes, j))
-    return Alternative(state.tables[i].strategy.describe(), None, _why_no_fit(state.tables[i]))
+    return Alternative(state.tables[i].strategy.describe() + suffix, None, _why_no_fit(state.tables[i]))
 
 
 def _no_recompute_tables(state: "_Search", i: int) -> tuple:
