@@ -9,9 +9,9 @@ then ``autoplan.plan(model, inputs, cluster=autoplan.Cluster.from_dict(json.load
 
 What is measured, each figure the one the cost model reads (docs/cost_model.md, "Calibration"):
 
-- ``compute_concurrency``: ranks that compute at full speed at once. A tiny GPT block's forward + backward and a
-  matmul are timed on rank 0 alone (the others wait in a barrier) and on every rank at once; concurrency =
-  ranks × rate(all) / rate(alone). When it is near the world size and the ranks have a core each, every rank has
+- ``compute_concurrency``: ranks that compute at full speed at once. A fixed amount of a tiny GPT block's forward +
+  backward and of matmuls is timed on rank 0 alone (the others wait in a barrier) and on every rank at once, from
+  a common barrier until the last rank is done; concurrency = ranks × time(alone) / time(all). When it is near the world size and the ranks have a core each, every rank has
   its own device and it is stored as 0; below (four gloo ranks on two cores) the device figures below are one rank's alone and the cost
   model stretches them by the ranks busy at once (:func:`autoplan.cost.compute_contention`).
 - matmul FLOP/s per precision (``peak_flops``, rank 0 alone): the best rate over square ``n×n @ n×n`` matmuls
@@ -27,6 +27,8 @@ What is measured, each figure the one the cost model reads (docs/cost_model.md, 
   the largest group's), each the extra time per forward-equivalent (backward runs about twice the forward's
   kernels: a third of forward + backward) once its collectives (priced at that group size from the table below)
   and the ranks' sharing are taken out.
+- the pipeline runtime's fixed time per stage and microbatch (``pipeline_stage_overhead_s``): a 2-stage 1F1B
+  pipeline of tiny blocks over pairs of ranks, less what the cost model prices for it without the figure.
 - robustness: the concurrency's and the overheads' timings are medians of interleaved rounds (a burst of load
   from other jobs slows one sample of each figure, not every sample of one), with more rounds while they
   disagree; ``calibrate.last_spread`` reports each figure's spread.
@@ -50,6 +52,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from dataclasses import replace
 from typing import Callable
 
@@ -65,7 +68,7 @@ from .microbench import (COLLECTIVE_SIZES_BYTES, _timed, _tiny_block, allreduce_
 from .vocabulary import PRECISIONS
 
 # The measurements themselves live in autoplan.microbench; they are re-exported here, where they are composed.
-__all__ = ["main", "calibrate", "group_overheads_s", "monotone", "matmul_flops", "matmul_efficiency",
+__all__ = ["main", "calibrate", "group_overheads_s", "pipeline_stage_overhead_from_s", "monotone", "matmul_flops", "matmul_efficiency",
            "memory_bandwidth_Bps", "interleaved_medians", "layer_overhead_time_s", "block_step_time_s", "optimizer_tensor_time_s", "allreduce_time_s",
            "collective_time_s", "ring_bandwidth_Bps", "overlap_fraction"]
 
@@ -117,15 +120,32 @@ def _group_sizes(local: int) -> list[int]:
     return [n for n in (2 ** k for k in range(1, local.bit_length())) if local % n == 0]
 
 
+def _busy_step_s(block: torch.nn.Module, x: torch.Tensor, device: torch.device,
+                 window_s: float) -> Callable[[], float]:
+    """A measure of ``block``'s forward + backward on every rank at once: seconds per call of the makespan
+    (:func:`_makespan_s`) of as many calls as take about ``window_s``, the same count on every rank (the block may
+    issue collectives). A rank's own time over a few calls is often a window it ran uncontended: measured so, a
+    block without collectives once read faster with every rank busy than alone."""
+    x = x.detach().requires_grad_(True)
+    calls = max(3, round(window_s / _slowest(block_step_time_s(block, x, iters=2, repeats=1), device)))
+
+    def run() -> None:
+        for _ in range(calls):
+            block(x).sum().backward()
+
+    return lambda: _makespan_s(run, device, busy=True) / calls
+
+
 def _framework_overheads(device: torch.device, plain_s: float, contention: float, cluster: Cluster,
-                         rounds: int = 3) -> tuple[dict, float, dict[str, float]]:
+                         rounds: int = 3, window_s: float = 0.05) -> tuple[dict, float, dict[str, float]]:
     """Extra fixed seconds per forward of a tiny block made tensor-parallel with DTensor (the executor's
     ``ColwiseParallel`` → ``RowwiseParallel`` pairs), wrapped by FSDP2 ``fully_shard`` (resharding after forward,
     and keeping its weights with the gradient sync off: "fsdp_keep") and by ``replicate`` with the gradient sync
     off, at every group size
     n of :func:`_group_sizes` (the world cut into groups of n consecutive ranks, all groups at once, as the
     executor's meshes place them): the block's time with every rank busy, less its collectives priced at n from
-    the cluster's table, divided by ``contention`` (the ranks' sharing), a third of it (forward 1×, backward 2×)
+    the cluster's table, divided by ``contention`` (the ranks' sharing; the block's time is the makespan of about
+    ``window_s`` of calls, :func:`_busy_step_s`), a third of it (forward 1×, backward 2×)
     less the plain block's ``plain_s``. The collectives' cost and the hooks' both depend on n (on ranks sharing
     cores a collective waits for every member to be scheduled), so one size's figure misprices the others.
     Every figure is the median of ``rounds`` interleaved samples (:func:`interleaved_medians`).
@@ -164,8 +184,7 @@ def _framework_overheads(device: torch.device, plain_s: float, contention: float
         replicate_block.set_requires_gradient_sync(False)
         blocks = {"tp": tp_block, "fsdp": fsdp_block, "fsdp_keep": keep_block, "replicate": replicate_block}
         for kind, block in blocks.items():
-            measures[f"{kind}{n}"] = lambda b=block, x=x: _slowest(block_step_time_s(b, x, iters=3, repeats=1),
-                                                                   device)
+            measures[f"{kind}{n}"] = _busy_step_s(block, x, device, window_s)
         comm_s[f"tp{n}"] = 4 * group_allreduce_s(out_bytes, cluster, n, 1)  # forward g and backward f, two pairs
         comm_s[f"fsdp{n}"] = (2 * group_allgather_s(param_bytes, cluster, n, 1)
                               + group_reduce_scatter_s(param_bytes, cluster, n, 1))
@@ -175,6 +194,61 @@ def _framework_overheads(device: torch.device, plain_s: float, contention: float
     _, x = _tiny_block(device)
     dtensor_optimizer_s = _slowest(optimizer_tensor_time_s(fsdp_block, x, iters=9), device) / contention
     return table, dtensor_optimizer_s, spread
+
+
+def _pipeline_stage_overhead_s(device: torch.device, plain_s: float, cluster: Cluster, rounds: int = 3,
+                               microbatches: int = 8) -> tuple[float, dict[str, float]]:
+    """(the pipeline runtime's fixed seconds per stage and microbatch, one rank alone; spreads): a 2-stage
+    ``Schedule1F1B`` of one tiny block per stage over every pair of consecutive ranks at once, ``microbatches``
+    of one sample each (the executor's runtime: ``torch.distributed.pipelining``), its makespan less what the
+    cost model prices without the figure — (m + 1) stage-times of the block's forward + backward alone
+    (3·``plain_s``) stretched by the pipeline's contention, and the first stage's sends — divided by those
+    stage-times and the contention (:func:`pipeline_stage_overhead_from_s`). 0 with fewer than 2 ranks or an
+    odd world. Collective."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+    from .cost import compute_contention
+    from .cost.collectives import group_p2p_s
+
+    world, me = dist.get_world_size(), dist.get_rank()
+    if world < 2 or world % 2:
+        return 0.0, {}
+    group, _ = _groups([[r, r + 1] for r in range(0, world, 2)], me)
+    block, x = _tiny_block(device)
+    stage = PipelineStage(block, me % 2, 2, device, group=group)
+    schedule = Schedule1F1B(stage, n_microbatches=microbatches, loss_fn=lambda out, target: out.sum())
+    batch = x.repeat(microbatches, 1, 1)
+
+    def step() -> None:
+        if me % 2 == 0:
+            schedule.step(batch)
+        else:
+            schedule.step(target=batch)
+
+    step()  # warm-up: the stage's shape inference and buffers
+    medians, spread = interleaved_medians({"pipeline": lambda: _makespan_s(step, device, busy=True)},
+                                          rounds=rounds)
+    contention = compute_contention(cluster, pp=2, microbatches=microbatches, schedule="1f1b")
+    sends_s = 2 * group_p2p_s(x.numel() * x.element_size(), cluster, 2, 1)
+    return pipeline_stage_overhead_from_s(medians["pipeline"], microbatches, 3 * plain_s, sends_s,
+                                          contention), spread
+
+
+def pipeline_stage_overhead_from_s(makespan_s: float, microbatches: int, stage_s: float, sends_s: float,
+                                   contention: float) -> float:
+    """The pipeline runtime's fixed seconds per stage and microbatch, one rank alone, from a 2-stage pipeline's
+    measured ``makespan_s``: the cost model prices such a step at (m + 1) stage-times of ``stage_s`` (a stage's
+    forward + backward alone) × ``contention`` + ``sends_s`` (the first stage's, per microbatch) without the
+    figure, and at (m + 1)·f·contention more with it (:func:`autoplan.cost.pipeline_runtime_s`); f makes the
+    two equal, at least 0.
+
+    Example (8 microbatches of 1 ms stages at contention 2, 0.5 ms of sends: 9 × 2.5 ms priced, 36 ms run):
+        >>> round(pipeline_stage_overhead_from_s(0.036, 8, 1e-3, 5e-4, 2.0) * 1e3, 3)
+        0.75
+    """
+    stage_times = microbatches + 1
+    priced_s = stage_times * (stage_s * contention + sends_s)
+    return max(0.0, (makespan_s - priced_s) / (stage_times * contention))
 
 
 def group_overheads_s(totals_s: dict[str, float], comm_s: dict[str, float], contention: float,
@@ -199,26 +273,46 @@ def group_overheads_s(totals_s: dict[str, float], comm_s: dict[str, float], cont
     return table
 
 
-def _concurrency(device: torch.device, ranks: int, rounds: int = 3) -> tuple[float, float, dict[str, float]]:
+def _makespan_s(fn: Callable[[], object], device: torch.device, busy: bool) -> float:
+    """Seconds from a common barrier until the last rank has finished ``fn()`` (every rank when ``busy``, rank 0
+    alone otherwise, the others waiting); the same value on every rank."""
+    dist.barrier()
+    start = time.perf_counter()
+    if busy or dist.get_rank() == 0:
+        fn()
+    dist.barrier()
+    return _slowest(time.perf_counter() - start, device)
+
+
+def _concurrency(device: torch.device, ranks: int, rounds: int = 3,
+                 window_s: float = 0.1) -> tuple[float, float, dict[str, float]]:
     """(ranks × rate with every rank busy / rate of rank 0 alone, the plain block's fixed forward seconds alone,
     spreads). Taken over a tiny block's forward + backward (the dispatch-bound work) and a 256² matmul (the
-    compute-bound work), the mean of the two, each timing the median of ``rounds`` interleaved samples (a load
-    spike from other jobs during one "alone" sample would otherwise read as sharing or as independence), at most
-    ``ranks``. It is not capped at the cores: under other jobs' load rank 0 alone gets less than a core too, and
-    what the cost model needs is the ratio of the two rates as measured (the alone figures × ranks / concurrency
-    = every rank busy). The block alone, a third of its forward + backward, is the plain layer overhead
-    (:func:`layer_overhead_time_s`)."""
+    compute-bound work), the mean of the two. Each is a fixed amount of work, about ``window_s`` of it alone, timed
+    from a common barrier until the last rank is done: a rank's own time over a window shorter than the
+    scheduler's slices (a few ms) is often a window it happened to run uncontended, which once read 2.7 ranks
+    computing at once on a 2-core machine where four busy ranks each ran at exactly half speed. Each timing is the
+    median of ``rounds`` interleaved samples (a load spike from other jobs during one "alone" sample would
+    otherwise read as sharing or as independence), at most ``ranks``. It is not capped at the cores: under other
+    jobs' load rank 0 alone gets less than a core too, and what the cost model needs is the ratio of the two rates
+    as measured (the alone figures × ranks / concurrency = every rank busy). The block alone, a third of its
+    forward + backward, is the plain layer overhead (:func:`layer_overhead_time_s`)."""
     block, x = _tiny_block(device)
     a = torch.randn(256, 256, device=device)
-    work = {"block": lambda: block_step_time_s(block, x, iters=10, repeats=3),
-            "matmul": lambda: _timed(lambda: a @ a, device, 0.05)}
+    per_call = {"block": (lambda: block_step_time_s(block, x, iters=10, repeats=3)),
+                "matmul": (lambda: _timed(lambda: a @ a, device, 0.02))}
+    plain_block_s = _alone(per_call["block"], device)
+    calls = {"block": max(1, round(window_s / plain_block_s)),
+             "matmul": max(1, round(window_s / _alone(per_call["matmul"], device)))}
+    work = {"block": lambda: [block(x).sum().backward() for _ in range(calls["block"])],
+            "matmul": lambda: [a @ a for _ in range(calls["matmul"])]}
     measures = {}
     for name, fn in work.items():
-        measures[f"{name} alone"] = lambda fn=fn: _alone(fn, device)
-        measures[f"{name} together"] = lambda fn=fn: (dist.barrier(), _slowest(fn(), device))[1]
+        measures[f"{name} alone"] = lambda fn=fn: _makespan_s(fn, device, busy=False)
+        measures[f"{name} together"] = lambda fn=fn: _makespan_s(fn, device, busy=True)
     medians, spread = interleaved_medians(measures, rounds=rounds)
     measured = statistics.mean(ranks * medians[f"{name} alone"] / medians[f"{name} together"] for name in work)
-    return min(float(ranks), measured), medians["block alone"] / 3, spread
+    return min(float(ranks), measured), medians["block alone"] / calls["block"] / 3, spread
 
 
 def _cores_per_rank_short(device: torch.device, ranks: int) -> bool:
@@ -317,6 +411,9 @@ def calibrate(size_bytes: int, matmul_n: int, rounds: int = 3) -> Cluster:
         table, dtensor_optimizer_s, spread = _framework_overheads(device, plain_s, contention, measured, rounds)
         calibrate.last_spread.update(spread)
         # the size-free figures: the largest group's (what a reader of the older fields gets)
+        device_fields["pipeline_stage_overhead_s"], pipeline_spread = _pipeline_stage_overhead_s(
+            device, plain_s, measured, rounds)
+        calibrate.last_spread.update(pipeline_spread)
         device_fields.update(tp_layer_overhead_s=table["tp"][max(table["tp"])],
                              fsdp_layer_overhead_s=table["fsdp"][max(table["fsdp"])],
                              group_layer_overhead=table, dtensor_optimizer_tensor_overhead_s=dtensor_optimizer_s)

@@ -45,6 +45,10 @@ class Device:
             tensor whatever its size (the foreach kernels' per-tensor launches and Python), plain tensors.
         dtensor_optimizer_tensor_overhead_s: the same per DTensor parameter (FSDP2, ``replicate`` or tensor
             parallelism): every optimizer op dispatches through DTensor.
+        pipeline_stage_overhead_s: fixed seconds the pipeline runtime costs per stage and microbatch beyond the
+            stage's layers and sends (``torch.distributed.pipelining``'s schedule actions, microbatch splitting,
+            the receive buffers and the loss call), one rank alone; charged per stage-time of a step with pp > 1
+            (:func:`autoplan.cost.pipeline_runtime_s`). 0 (the presets): none.
         matmul_efficiency: per precision, measured ``(flops_per_matmul, fraction_of_peak)`` points, increasing in
             FLOPs; the cost model interpolates the fraction for each matmul's size (log-linear, clamped at the
             ends) in place of ``achievable_flops_fraction``. Empty (the presets): one fraction for every size.
@@ -71,6 +75,7 @@ class Device:
     fsdp_layer_overhead_s: float = 0.0  # extra fixed forward seconds of an FSDP2-wrapped layer (hooks)
     optimizer_tensor_overhead_s: float = 0.0  # fixed optimizer-step seconds per parameter tensor
     dtensor_optimizer_tensor_overhead_s: float = 0.0  # the same per DTensor parameter
+    pipeline_stage_overhead_s: float = 0.0  # pipeline runtime's fixed seconds per stage and microbatch
     # precision → ((flops_per_matmul, fraction_of_peak), ...), measured by autoplan.calibrate
     matmul_efficiency: tuple[tuple[str, tuple[tuple[float, float], ...]], ...] = ()
     group_layer_overhead: tuple[tuple[str, tuple[tuple[int, float], ...]], ...] = ()  # kind → ((n, s), ...)
@@ -100,7 +105,8 @@ class Device:
         if self.kind not in DEVICE_KINDS:
             raise ValueError(f"Device.kind must be one of {DEVICE_KINDS}, got {self.kind!r}")
         for attr in ("layer_overhead_s", "tp_layer_overhead_s", "fsdp_layer_overhead_s",
-                     "optimizer_tensor_overhead_s", "dtensor_optimizer_tensor_overhead_s"):
+                     "optimizer_tensor_overhead_s", "dtensor_optimizer_tensor_overhead_s",
+                     "pipeline_stage_overhead_s"):
             if not getattr(self, attr) >= 0:
                 raise ValueError(f"Device.{attr} must be ≥ 0 seconds, got {getattr(self, attr)}")
         object.__setattr__(self, "matmul_efficiency", _efficiency_table(self.matmul_efficiency))
@@ -112,7 +118,7 @@ class Device:
                      self.achievable_flops_fraction, self.memory_headroom_bytes, self.memory_bandwidth_Bps,
                      self.kind, self.layer_overhead_s, self.tp_layer_overhead_s, self.fsdp_layer_overhead_s,
                      self.optimizer_tensor_overhead_s, self.dtensor_optimizer_tensor_overhead_s,
-                     self.matmul_efficiency, self.group_layer_overhead))
+                     self.pipeline_stage_overhead_s, self.matmul_efficiency, self.group_layer_overhead))
 
     @property
     def usable_memory_bytes(self) -> int:
@@ -387,7 +393,8 @@ class Cluster:
         """
         data = asdict(self)
         for key in ("layer_overhead_s", "tp_layer_overhead_s", "fsdp_layer_overhead_s",
-                    "optimizer_tensor_overhead_s", "dtensor_optimizer_tensor_overhead_s"):
+                    "optimizer_tensor_overhead_s", "dtensor_optimizer_tensor_overhead_s",
+                    "pipeline_stage_overhead_s"):
             if data["device"][key] == 0:
                 del data["device"][key]
         if self.device.matmul_efficiency:

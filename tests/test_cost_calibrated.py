@@ -185,6 +185,33 @@ def test_fsdp_units_that_keep_their_weights_and_stage_roots_pay_their_own_measur
     assert sum(rank_tail_s(s, hooks, 10**6)) == pytest.approx(alpha_s + beta_s * 10**6)
 
 
+def test_the_pipeline_runtime_is_paid_per_stage_time_and_the_calibration_gives_its_pipeline_back():
+    from autoplan.calibrate import pipeline_stage_overhead_from_s
+    from autoplan.cost import pipeline_runtime_s, stage_times_per_step
+    from autoplan.cost.plan_cost import rank_tail_s, rank_tail_terms
+
+    runtime = replace(GROUPED, device=replace(GROUPED.device, pipeline_stage_overhead_s=1e-3))
+    for pp, m, v in ((2, 4, 1), (4, 8, 2)):
+        schedule = "interleaved" if v > 1 else "1f1b"
+        contention = compute_contention(runtime, pp=pp, microbatches=m, schedule=schedule, virtual_stages=v)
+        charged = pipeline_runtime_s(runtime, pp=pp, microbatches=m, schedule=schedule, virtual_stages=v)
+        assert charged == pytest.approx((m * v + pp - 1) * 1e-3 * contention)
+        assert stage_times_per_step(pp, m, v) == m * v + pp - 1
+        # a per-step constant of the layout: in the tail, so in the solver's α as well as in estimate()
+        s = Strategy(pp, 1, 1, 1, m, schedule, "ddp", virtual_stages=v, precision="fp32")
+        assert rank_tail_terms(s, runtime)[0] - rank_tail_terms(s, GROUPED)[0] == pytest.approx(charged)
+        assert sum(rank_tail_s(s, runtime, 10**6)) - sum(rank_tail_s(s, GROUPED, 10**6)) == pytest.approx(charged)
+    assert pipeline_runtime_s(runtime, pp=1, microbatches=8, schedule="1f1b") == 0.0  # no pipeline
+    assert pipeline_runtime_s(GROUPED, pp=4, microbatches=8, schedule="1f1b") == 0.0  # not measured
+    # the figure calibrate derives from a 2-stage pipeline's makespan prices that pipeline back at its makespan
+    m, stage_s, sends_s = 8, 2e-3, 4e-4
+    contention = compute_contention(runtime, pp=2, microbatches=m, schedule="1f1b")
+    makespan_s = 0.08
+    f = pipeline_stage_overhead_from_s(makespan_s, m, stage_s, sends_s, contention)
+    assert (m + 1) * (stage_s * contention + sends_s) + (m + 1) * f * contention == pytest.approx(makespan_s)
+    assert pipeline_stage_overhead_from_s(1e-3, m, stage_s, sends_s, contention) == 0.0  # never negative
+
+
 def test_group_overheads_come_from_the_tiny_block_s_time_at_each_size():
     # the block's forward + backward at tp = 2 and 4 (every rank busy) less its collectives at that size, over
     # the contention, a third, less the plain block: the cost model then gives each size its measured time back

@@ -6,6 +6,8 @@ Every formula cites its source. Units are in the names (``_s``, ``_bytes``, ``_f
 - :mod:`~autoplan.cost.memory`: model states (ZeRO), autocast weight copies, loss buffers.
 - :mod:`~autoplan.cost.layer`: one layer's compute, tensor-parallel communication and activation bytes.
 - :mod:`~autoplan.cost.step`: pipeline schedule terms, data-parallel sync, the optimizer update.
+- :mod:`~autoplan.cost.runtime`: the runtime wrappers' fixed costs per step (stage roots' data-parallel hooks,
+  the pipeline runtime's schedule actions).
 - :mod:`~autoplan.cost.strategy`: a layout's discrete choices and the per-rank terms they fix (tail, model
   states, weight copy, loss buffers, sends, microbatches in flight).
 - :mod:`~autoplan.cost.plan_cost`: a whole plan's step time and per-stage memory (``compose``), the cost the
@@ -20,10 +22,12 @@ Example:
 from . import collectives as _collectives
 from . import layer as _layer
 from . import memory as _memory
+from . import runtime as _runtime
 from . import step as _step
 from .collectives import *  # noqa: F401,F403
 from .layer import *  # noqa: F401,F403
 from .memory import *  # noqa: F401,F403
 from .step import *  # noqa: F401,F403
+from .runtime import *  # noqa: F401,F403
 
-__all__ = [name for m in (_collectives, _layer, _memory, _step) for name in m.__all__ if name != "check_group"]
+__all__ = [name for m in (_collectives, _layer, _memory, _step, _runtime) for name in m.__all__ if name != "check_group"]

@@ -22,8 +22,7 @@ __all__ = ["GRAD_REDUCE_BYTES", "check_fsdp_reshard", "fsdp_keeps_weights",
            "fsdp_held_bytes_per_param", "data_parallel_collectives", "data_parallel_sync_s",
            "data_parallel_sync_terms", "optimizer_step_bytes_per_param",
            "optimizer_step_s",
-           "in_flight_microbatches", "bubble_microbatches", "compute_contention", "layer_step_overhead_s",
-           "data_parallel_root_kind", "data_parallel_root_s"]
+           "in_flight_microbatches", "bubble_microbatches", "compute_contention", "layer_step_overhead_s"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -400,61 +399,3 @@ def layer_step_overhead_s(cluster: Cluster, *, param_tensors: int, dtensor: bool
                                             microbatches=microbatches, pp=pp, reshard=reshard)
         total_s += sum(c.count * collective_latency_s(cluster, c.kind, dp, stride) for c in records)
     return total_s / microbatches
-
-
-def data_parallel_root_kind(*, dp: int, data_parallel: str, tp: int, pp: int, microbatches: int,
-                            reshard: str = "step") -> str | None:
-    """The FSDP2 wrapper on each pipeline stage's root module (:mod:`autoplan.execute.data_parallel`), as a
-    :data:`autoplan.cluster_tables.GROUP_OVERHEAD_KINDS` figure: ``fully_shard`` under FSDP ("fsdp", or
-    "fsdp_keep" when :func:`fsdp_keeps_weights`), ``replicate`` under DDP composed with tensor or pipeline
-    parallelism, none for classic DDP (its reducer's hooks are per gradient bucket, inside autograd) or dp = 1.
-
-    Example:
-        >>> [data_parallel_root_kind(dp=2, data_parallel=k, tp=1, pp=2, microbatches=4) for k in ("ddp", "fsdp")]
-        ['replicate', 'fsdp_keep']
-        >>> data_parallel_root_kind(dp=4, data_parallel="ddp", tp=1, pp=1, microbatches=4) is None
-        True
-    """
-    if dp == 1:
-        return None
-    if data_parallel == "fsdp":
-        return "fsdp_keep" if fsdp_keeps_weights(microbatches, pp, reshard) else "fsdp"
-    return "replicate" if tp > 1 or pp > 1 else None
-
-
-def data_parallel_root_s(cluster: Cluster, *, dp: int, data_parallel: str, tp: int, pp: int, microbatches: int,
-                         schedule: str, virtual_stages: int = 1, reshard: str = "step") -> float:
-    """Seconds a step spends in the hooks of the stage roots' data-parallel wrappers
-    (:func:`data_parallel_root_kind`) on its critical path.
-
-    FSDP2's ``fully_shard`` and ``replicate`` put one state on each stage's root module, whose pre- and
-    post-forward and pre- and post-backward hooks run for every microbatch of every stage (torch's pipeline
-    stages call the root once per microbatch), whatever layers the root holds; the layers that are FSDP units of
-    their own pay their own hooks (:func:`autoplan.cost.layer_cost`). Each root costs the wrapper's measured
-    figure f at the data-parallel group's size (``Device.group_layer_overhead``, per forward-equivalent: forward
-    1×, backward 2×, as a layer's overhead) stretched by :func:`compute_contention`, c: 3·f·c per stage and
-    microbatch. A pipeline rank runs v stages per microbatch, and the bubble is (pp − 1) stage-times
-    (:func:`autoplan.cost.plan_cost.compose`), so a step pays (m·v + pp − 1)·3·f·c — the same for every rank,
-    hence a per-step constant of the layout. 0 without a measured figure (the presets).
-
-    Example (pp = 2, dp = 2 under DDP: ``replicate`` roots; 1 ms of hooks per forward, no sharing):
-        >>> from dataclasses import replace
-        >>> c = Cluster.preset("cpu")
-        >>> c = replace(c, device=replace(c.device, group_layer_overhead={"replicate": {"2": 1e-3}}))
-        >>> round(data_parallel_root_s(c, dp=2, data_parallel="ddp", tp=1, pp=2, microbatches=4,
-        ...                            schedule="1f1b") * 1e3, 3)                    # (4 + 1) × 3 × 1 ms
-        15.0
-    """
-    from ..cluster_tables import group_layer_overhead_s
-
-    kind = data_parallel_root_kind(dp=dp, data_parallel=data_parallel, tp=tp, pp=pp, microbatches=microbatches,
-                                   reshard=reshard)
-    if kind is None:
-        return 0.0
-    per_forward_s = group_layer_overhead_s(cluster.device, kind, dp)
-    if per_forward_s == 0:
-        return 0.0
-    contention = compute_contention(cluster, pp=pp, microbatches=microbatches, schedule=schedule,
-                                    virtual_stages=virtual_stages)
-    stage_times = microbatches * virtual_stages + pp - 1
-    return stage_times * 3 * per_forward_s * contention

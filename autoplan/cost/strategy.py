@@ -78,8 +78,8 @@ class Strategy:
 
 def rank_tail_s(strategy: Strategy, cluster: Cluster, num_params: float) -> tuple[float, float]:
     """(data-parallel sync, optimizer step) seconds of a pipeline rank holding ``num_params`` after TP. The sync
-    includes the stage roots' data-parallel hooks over the step (:func:`autoplan.cost.data_parallel_root_s`,
-    0 on the presets).
+    includes the runtime wrappers' fixed costs over the step (:mod:`autoplan.cost.runtime`: the stage roots'
+    data-parallel hooks and the pipeline runtime's schedule actions, 0 on the presets).
 
     FSDP runs the optimizer on its 1/dp shard only (ZeRO-3, Rajbhandari et al. 2020 §5.3).
 
@@ -99,11 +99,15 @@ def rank_tail_s(strategy: Strategy, cluster: Cluster, num_params: float) -> tupl
 
 
 def _root_s(strategy: Strategy, cluster: Cluster) -> float:
-    """The stage roots' data-parallel hooks over a step (:func:`autoplan.cost.data_parallel_root_s`): a per-step
-    constant of the layout, so it joins the data-parallel tail, where the solver sees it in α."""
-    return cost.data_parallel_root_s(cluster, dp=strategy.dp, data_parallel=strategy.data_parallel, tp=strategy.tp,
-                                     pp=strategy.pp, microbatches=strategy.microbatches, schedule=strategy.schedule,
-                                     virtual_stages=strategy.virtual_stages, reshard=strategy.fsdp_reshard)
+    """The runtime wrappers' fixed costs over a step (:mod:`autoplan.cost.runtime`): the stage roots'
+    data-parallel hooks and the pipeline runtime's schedule actions, per-step constants of the layout, so they
+    join the tail, where the solver sees them in α."""
+    return (cost.data_parallel_root_s(cluster, dp=strategy.dp, data_parallel=strategy.data_parallel,
+                                      tp=strategy.tp, pp=strategy.pp, microbatches=strategy.microbatches,
+                                      schedule=strategy.schedule, virtual_stages=strategy.virtual_stages,
+                                      reshard=strategy.fsdp_reshard)
+            + cost.pipeline_runtime_s(cluster, pp=strategy.pp, microbatches=strategy.microbatches,
+                                      schedule=strategy.schedule, virtual_stages=strategy.virtual_stages))
 
 
 def rank_tail_terms(strategy: Strategy, cluster: Cluster) -> tuple[float, float]:
