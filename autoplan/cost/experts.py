@@ -36,6 +36,7 @@ Example (a synthetic two-layer graph whose first layer holds 8 experts of 1000 w
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import replace
 
 from .. import cost
@@ -46,9 +47,11 @@ from ..vocabulary import LOW_PRECISIONS, PRECISION_BYTES
 from .collectives import Collective
 
 __all__ = ["expert_params", "dispatch_collectives", "element_bytes", "expert_parallel_collectives",
-           "expert_parallel_refusal", "with_expert_parallel"]
+           "expert_parallel_refusal", "with_expert_parallel", "experts_kernel", "kept_expert_copy_params"]
 
 INDEX_BYTES = 8  # top-k indices are int64
+# torch's grouped matmul as the trace records it: the aten op, or transformers' custom op it falls back to
+GROUPED_MM_OPS = frozenset({"_grouped_mm", "grouped_mm", "grouped_mm_fallback"})
 
 
 def expert_params(graph: ModelGraph, layers=None) -> int:
@@ -61,6 +64,82 @@ def expert_params(graph: ModelGraph, layers=None) -> int:
     """
     wanted = None if layers is None else set(layers)
     return sum(e.num_params for name, e in graph.experts.items() if wanted is None or name in wanted)
+
+
+def experts_kernel(graph: ModelGraph, layer: str) -> str:
+    """How the traced experts modules of ``layer`` multiply by their weights: ``"grouped_mm"`` (one grouped matmul
+    over the 3-D weights, transformers' default), ``"batched_mm"`` (each routed pair's expert weights gathered by
+    index, then ``bmm``) or ``"other"`` (any other op on the weights: ``F.linear`` per expert, ``einsum``). Read
+    from the op graph; a stack traced once and replicated names only its first block's modules, whose kernel the
+    others share.
+
+    Example (a synthetic layer has no experts ops: "other"):
+        >>> from autoplan.graph import ExpertsLayer
+        >>> from autoplan.synthetic import mlp_graph
+        >>> graph = mlp_graph(widths=(8, 8), batch=2)
+        >>> graph.experts = {"layers.0": ExpertsLayer(1, 4, 2, 100, tokens=2, hidden=8, names=("layers.0",))}
+        >>> experts_kernel(graph, "layers.0")
+        'other'
+    """
+    found = _ops_in(graph, graph.experts[layer].names) or _ops_in(
+        graph, tuple(n for e in graph.experts.values() for n in e.names))
+    if found & GROUPED_MM_OPS:
+        return "grouped_mm"
+    if {"bmm", "index"} <= found:
+        return "batched_mm"
+    return "other"
+
+
+# the op names inside some modules, per op graph: the planner prices many plans of one graph
+_OPS_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _ops_in(graph: ModelGraph, names: tuple[str, ...]) -> frozenset[str]:
+    """The ops (their names without overload) the op graph records inside the modules ``names``."""
+    cached = _OPS_CACHE.setdefault(graph.nx_graph, {})
+    if names not in cached:
+        cached[names] = frozenset(str(d.get("target", "")).split(".")[0] for _, d in graph.nx_graph.nodes(data=True)
+                                  if any(in_module(d.get("module", ""), name) for name in names))
+    return cached[names]
+
+
+def kept_expert_copy_params(graph: ModelGraph, layer: str, mixed_precision: str, ep: int = 1) -> int:
+    """The expert weights of ``layer`` (its ``1/ep`` share) whose low-precision copy autograd keeps from a
+    microbatch's forward to its backward on one rank, under ``mixed_precision``
+    (:func:`autoplan.plan.mixed_precision_mode`), by the experts' kernel (:func:`experts_kernel`):
+
+    - ``"autocast"`` (DDP, dp = 1): ``grouped_mm`` has no autocast kernel (transformers casts the tokens to the
+      weights' fp32 instead), so it saves the fp32 parameters themselves: no copy; ``batched_mm`` casts each routed
+      pair's gathered weights, which the trace counts as activations: no copy of the experts; any other kernel
+      (``F.linear`` per expert, ``einsum``) goes through autocast's matmuls, which cast the weights' slices and
+      save them: a copy of every expert (slices are not leaves, so autocast's cache does not share them).
+    - ``"fsdp"``: without expert parallelism FSDP gathers low-precision experts with the layer and frees them after
+      it (the layer's transient); with it the dispatch casts the local experts itself
+      (:mod:`autoplan.execute.experts`): ``grouped_mm`` and the other kernels save that cast, ``batched_mm`` only
+      indexes it (index saves no source): a copy except under ``batched_mm``.
+    - ``"replicate"`` (DDP with TP or PP): its unsharded low-precision parameters, experts included, stay from
+      forward to backward whatever the kernel: a copy.
+    - ``"fp32"``: nothing is cast.
+
+    Example:
+        >>> from autoplan.graph import ExpertsLayer
+        >>> from autoplan.synthetic import mlp_graph
+        >>> graph = mlp_graph(widths=(8, 8), batch=2)
+        >>> graph.experts = {"layers.0": ExpertsLayer(1, 4, 2, 100, tokens=2, hidden=8, names=("layers.0",))}
+        >>> [kept_expert_copy_params(graph, "layers.0", m) for m in ("fp32", "autocast", "fsdp", "replicate")]
+        [0, 100, 0, 100]
+        >>> kept_expert_copy_params(graph, "layers.0", "fsdp", ep=4)
+        25
+    """
+    e = graph.experts[layer]
+    if mixed_precision == "fp32" or (mixed_precision == "fsdp" and ep <= 1):
+        return 0
+    if mixed_precision not in ("autocast", "fsdp", "replicate"):
+        raise ValueError(f"unknown mixed precision {mixed_precision!r}; use what autoplan.plan.mixed_precision_mode "
+                         f"returns")
+    kernel = experts_kernel(graph, layer)
+    kept = {"autocast": kernel == "other", "fsdp": kernel != "batched_mm", "replicate": True}[mixed_precision]
+    return e.num_params // max(ep, 1) if kept else 0
 
 
 def dispatch_collectives(graph: ModelGraph, layer: str, ep: int, microbatch_size: int,
@@ -215,9 +294,10 @@ def with_expert_parallel(graph: ModelGraph, plan, base):
         + rank_tail_s(strategy, cluster, dense)[0]
     updated = (-(-dense // strategy.dp) if fsdp else dense) + experts // ep  # FSDP updates its shard only
     optimizer_s = cost.optimizer_step_s(updated, cluster, strategy.precision, strategy.optimizer)
-    # in low precision the experts' matmuls read a cast copy of the local experts (autocast's, or the dispatch's
-    # under FSDP), which autograd keeps from a microbatch's forward to its backward: every layer's at once
-    copy = experts // ep * PRECISION_BYTES[plan.precision] if plan.precision in LOW_PRECISIONS else 0
+    # in low precision the local experts' cast copy that their kernel saves, every layer's at once (autocast's under
+    # DDP, the dispatch's under FSDP; kept_expert_copy_params)
+    copy = sum(kept_expert_copy_params(graph, name, strategy.mixed_precision, ep)
+               for name in graph.experts) * PRECISION_BYTES[plan.precision]
     new = replace(rank, num_params=held, tp_comm_s=rank.tp_comm_s + comm_s, dp_sync_s=sync_s,
                   optimizer_s=optimizer_s, model_state_bytes=state, transient_bytes=transient,
                   weight_copy_bytes=rank.weight_copy_bytes + copy)
