@@ -53,3 +53,22 @@ def test_every_other_colwise_form_is_refused_alike(gqa, style):
     styles = {**plan.tensor_parallel, "blocks.0.attn.qkv": style, "blocks.0.ln": "sequence"}
     with pytest.raises(ValueError, match=f"with the style '{style}', not a plain colwise or rowwise linear"):
         plan.replace(sequence_parallel=True, tensor_parallel=styles)
+
+
+def test_a_plan_whose_sequence_marks_differ_from_what_is_priced_is_refused():
+    """The executor splits the stream of the layers whose norms the plan marks; the cost model prices the layers
+    the trace allows, with all of their norms. An edited plan where they differ is refused by estimate()."""
+    from dataclasses import replace
+
+    from autoplan.synthetic import gpt_like_graph
+
+    graph = gpt_like_graph(layers=2, hidden=64, seq=16, heads=4, vocab=100)
+    plan = search(graph, autoplan.Cluster.preset("cpu", devices_per_node=2),
+                  PlanOptions(global_batch_size=4, precision="fp32", mesh={"tp": 2}, sequence_parallel=True))
+    marks = {f for f, s in plan.tensor_parallel.items() if s == "sequence" and f.startswith("blocks.1.")}
+    assert marks and estimate(graph, plan).step_time_s > 0
+    dropped = next(iter(sorted(marks)))
+    edited = replace(plan, tensor_parallel={f: s for f, s in plan.tensor_parallel.items() if f != dropped})
+    with pytest.raises(ValueError, match=r"plan marks .* of layer 'blocks\.1' as 'sequence', but sequence "
+                                         r"parallelism is priced on that layer with its norms"):
+        estimate(graph, edited)

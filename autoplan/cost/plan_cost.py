@@ -402,10 +402,30 @@ def _layer_choices(graph: ModelGraph, plan: Plan) -> list[list[tuple[Layer, bool
         for name in stage.layers:
             layer = by_name[name]
             tp_on = plan.mesh.tp > 1 and any(fqn in plan.tensor_parallel for g in layer.tp_groups for fqn in g.styles)
+            _check_sequence_marks(plan, layer, tp_on)
             option = next((o for o in layer.recompute_options if o.module in wanted), None)
             rows.append((layer, tp_on, option))
         stages.append(rows)
     return stages
+
+
+def _check_sequence_marks(plan: Plan, layer: Layer, tp_on: bool) -> None:
+    """The executor runs a layer sequence-parallel on the norms the plan marks "sequence"; the cost model prices
+    sequence parallelism on a layer whose trace allows it at the plan's tp, with all of its norms. A hand-edited
+    plan where the two differ would be priced for what does not run: refused."""
+    from .sequence import sequence_parallel_applies
+
+    prefix = layer.name + "."
+    marked = {f[len(prefix):] for f, style in plan.tensor_parallel.items()
+              if style == "sequence" and f.startswith(prefix)}
+    priced = plan.sequence_parallel and tp_on and sequence_parallel_applies(layer, plan.mesh.tp)
+    expected = set(layer.sequence_parallel.norms) if priced else set()
+    if marked != expected:
+        raise ValueError(
+            f"plan marks {sorted(marked)} of layer {layer.name!r} as 'sequence', but sequence parallelism is priced "
+            f"on that layer {'with its norms ' + str(sorted(expected)) if expected else 'not at all'} (its trace at "
+            f"tp={plan.mesh.tp}, with its tensor-parallel pairs {'on' if tp_on else 'off'}); mark exactly those "
+            f"norms, or re-plan with autoplan.plan(..., sequence_parallel=...)")
 
 
 def estimate_breakdown(graph: ModelGraph, plan: Plan) -> PlanCost:
