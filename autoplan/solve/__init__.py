@@ -17,7 +17,7 @@
    greedy layout as hint, the incumbent as cutoff and the bound as floor. The first bound at or above the
    incumbent stops the search: nothing after it can win.
 5. The chosen layout drops recompute that buys nothing; the best layouts of other meshes, schedules, the
-   other DP kind and no recompute are judged for ``plan.explain()`` (:mod:`autoplan.solve.alternatives`) when
+   other DP kind, no recompute and (FSDP) the other ``fsdp_reshard`` mode are judged for ``plan.explain()`` (:mod:`autoplan.solve.alternatives`) when
    ``plan.search.alternatives`` is first read (the same report as judging them at once; ``search.wall_s``
    counts the search up to the chosen plan).
 
