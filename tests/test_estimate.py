@@ -99,13 +99,24 @@ def test_last_rank_holds_the_loss_buffers_of_one_microbatch_of_gathered_logits()
 
 
 def test_autocast_weight_copy_is_one_low_precision_copy_of_the_matmul_weights():
-    plan = make_plan()
+    plan = make_plan()  # DDP composed with pp and tp runs replicate(): a bf16 copy of every parameter it holds
     b = estimate_breakdown(GRAPH, plan)
     s = Strategy.of(plan)
+    assert s.mixed_precision == "replicate"
     for rank, stage in zip(b.ranks, plan.stages):
-        matmul = sum(layer_choice_cost(GRAPH, GRAPH.layer(n), CLUSTER, s, n == "blocks.0", None).matmul_params
-                     for n in stage.layers)
-        assert rank.weight_copy_bytes == 2 * matmul > 0  # bf16, once per rank, not per microbatch in flight
+        costs = [layer_choice_cost(GRAPH, GRAPH.layer(n), CLUSTER, s, n == "blocks.0", None) for n in stage.layers]
+        # the stage's parameters; on the last stage the head holds the embedding's tied weight, which it owns none of
+        held = sum(max(c.num_params, c.matmul_params) for c in costs)
+        assert rank.weight_copy_bytes == 2 * held > 2 * sum(c.matmul_params for c in costs) - 1  # once per rank
+    names = [l.name for l in GRAPH.layers]
+    alone = make_plan(mesh=Mesh(pp=1, dp=16, tp=1), microbatches=1, stages=(Stage(tuple(names)),),
+                      tensor_parallel={})  # classic DDP: autocast, a copy of the matmuls' weights only
+    classic = Strategy.of(alone)
+    assert classic.mixed_precision == "autocast"
+    matmul = sum(layer_choice_cost(GRAPH, layer, CLUSTER, classic, False, None).matmul_params
+                 for layer in GRAPH.layers)
+    (rank,) = estimate_breakdown(GRAPH, alone).ranks
+    assert rank.weight_copy_bytes == 2 * matmul > 0
     # blocks.0 is tensor-parallel: its linears' copy is sharded; the tied head copies the embedding weight
     block = GRAPH.layer("blocks.1")
     assert layer_choice_cost(GRAPH, block, CLUSTER, s, True, None).matmul_params * 2 == \

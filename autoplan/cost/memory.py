@@ -133,7 +133,8 @@ def autocast_weight_copy_bytes(matmul_params: int, precision: str, data_parallel
     ``fully_shard`` docs, ``reshard_after_forward``), so there is no separate copy. DDP composed with tensor or
     pipeline parallelism runs FSDP2's ``replicate`` with the same policy instead of autocast: its bf16
     unsharded parameters stay from forward to backward (replicate does not reshard), again one copy, of every
-    parameter (norms and embeddings too, which this count leaves out). fp32 casts nothing. The routed experts of a
+    parameter (norms, embeddings and routed experts too: :func:`autoplan.cost.plan_cost.weight_copy_bytes`). fp32
+    casts nothing. The routed experts of a
     mixture-of-experts layer are not among the matmul parameters: whether a copy of them is kept depends on their
     kernel (:func:`autoplan.cost.experts.kept_expert_copy_params`).
 

@@ -35,7 +35,8 @@ microbatch's backward, ``in_flight_r`` in those units (interleaved chunks count 
 the layer's gathered weights and unsharded gradients), and the p2p buffers one microbatch's received input
 and sent output per stage. ``W_r`` is the low-precision copy of the rank's matmul weights that autocast keeps
 for backward (mixed precision without FSDP sharding: :func:`autoplan.cost.autocast_weight_copy_bytes`, one
-copy, not one per microbatch, because autocast caches the cast). The last rank, ``(S − 1) mod pp``, runs the
+copy, not one per microbatch, because autocast caches the cast), or under ``replicate`` of all its parameters
+(:func:`weight_copy_bytes`). The last rank, ``(S − 1) mod pp``, runs the
 loss: the executor applies ``loss_fn`` to the model output, the final layer's output, and a cross-entropy
 over it holds fp32 buffers for one microbatch of logits at the end of forward / start of backward
 (:func:`autoplan.cost.cross_entropy_bytes`; the vocabulary-parallel head gathers the logits, so they are not
@@ -73,12 +74,12 @@ from .row_exchange import exchanged_elements
 from .tied import tied_gradient_sync_s
 from .strategy import (Strategy, fsdp_gather_bytes, in_flight, loss_bytes, p2p_link, rank_state_bytes,
                        rank_state_bytes_per_param, rank_tail_s, rank_tail_terms, stage_p2p_s,
-                       weight_copy_bytes_per_param)
+                       weight_copy_bytes, weight_copy_bytes_per_param)
 
 __all__ = ["Strategy", "RankCost", "PlanCost", "estimate", "estimate_breakdown", "compose", "layer_choice_cost",
            "owns_tied_weight",
            "layer_cost_context", "rank_tail_s", "rank_tail_terms", "rank_state_bytes", "rank_state_bytes_per_param",
-           "weight_copy_bytes_per_param", "loss_bytes", "fsdp_gather_bytes", "p2p_link", "stage_p2p_s", "in_flight"]
+           "weight_copy_bytes_per_param", "weight_copy_bytes", "loss_bytes", "fsdp_gather_bytes", "p2p_link", "stage_p2p_s", "in_flight"]
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ class RankCost:
     activation_bytes: int  # in flight, all of them
     transient_bytes: int
     p2p_buffer_bytes: int
-    weight_copy_bytes: int = 0  # autocast's low-precision copy of the rank's matmul weights
+    weight_copy_bytes: int = 0  # the low-precision weight copy kept for backward (weight_copy_bytes)
     loss_bytes: int = 0  # the loss's buffers for one microbatch (the last rank only)
 
     @property
@@ -330,7 +331,6 @@ def compose(strategy: Strategy, cluster: Cluster, stages: Sequence[Sequence[cost
     # a cut's price on the stage before it: the sends, and a sequence-parallel run gathered and split there
     cut_s = [stage_p2p_s(strategy, cluster, boundary[k]) + stages[k][-1].cut_s if k < last else 0.0
              for k in range(len(stages))]
-    copy_per_param = weight_copy_bytes_per_param(strategy)
     ranks = []
     for r in range(strategy.pp):
         own = [k for k in range(len(stages)) if k % strategy.pp == r]
@@ -352,7 +352,7 @@ def compose(strategy: Strategy, cluster: Cluster, stages: Sequence[Sequence[cost
             activation_bytes=int(flight * sum(c.activation_bytes for c in layers)),
             transient_bytes=max(c.transient_bytes + fsdp_gather_bytes(strategy, c.num_params) for c in layers),
             p2p_buffer_bytes=buffers,
-            weight_copy_bytes=copy_per_param * sum(c.matmul_params for c in layers),
+            weight_copy_bytes=sum(weight_copy_bytes(strategy, c) for c in layers),
             loss_bytes=loss_bytes(strategy, stages[last][-1]) if r == last_rank else 0,
         ))
     slow = max(ranks, key=lambda r: (r.microbatch_s, -r.rank))

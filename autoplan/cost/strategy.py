@@ -20,7 +20,7 @@ from ..plan import Mesh, Plan, mixed_precision_mode
 from ..vocabulary import PRECISION_BYTES
 
 __all__ = ["Strategy", "rank_tail_s", "rank_tail_terms", "rank_state_bytes", "rank_state_bytes_per_param",
-           "weight_copy_bytes_per_param", "loss_bytes", "fsdp_gather_bytes", "p2p_link", "stage_p2p_s", "in_flight"]
+           "weight_copy_bytes_per_param", "weight_copy_bytes", "loss_bytes", "fsdp_gather_bytes", "p2p_link", "stage_p2p_s", "in_flight"]
 
 
 @dataclass(frozen=True)
@@ -173,6 +173,28 @@ def weight_copy_bytes_per_param(strategy: Strategy) -> int:
         [2, 0]
     """
     return PRECISION_BYTES[strategy.precision] if cost.holds_weight_copy(strategy.mixed_precision) else 0
+
+
+def weight_copy_bytes(strategy: Strategy, layer: cost.LayerCost) -> int:
+    """Bytes of the low-precision weight copy ``layer`` keeps from forward to backward on one device under
+    ``strategy``: autocast's copy of its matmul weights (``layer.matmul_params``); under ``replicate`` (DDP with
+    TP or PP) FSDP2's unsharded low-precision copy of every parameter the layer holds — norms, embeddings and
+    routed experts too: its ``MixedPrecisionPolicy`` casts the whole module and ``replicate`` keeps the copy until
+    backward — and of a tied weight its matmul reads (a head tied to the embedding owns none of its parameters but
+    holds the weight on its pipeline stage): the larger of the two counts; none in fp32 or under sharded FSDP
+    (:func:`weight_copy_bytes_per_param`). A tied pair on one pipeline rank (pp = 1) shares one tensor, which this
+    counts for both layers.
+
+    Example (a layer of 1,000 parameters, 800 of them in matmuls, in bf16):
+        >>> lc = cost.LayerCost(0.0, 0.0, 0.0, 0.0, num_params=1000, activation_bytes=0, transient_bytes=0,
+        ...                     boundary_bytes=0, matmul_params=800)
+        >>> [weight_copy_bytes(Strategy(pp, 2, 1, 1, 4, "1f1b", "ddp"), lc) for pp in (1, 2)]  # autocast, replicate
+        [1600, 2000]
+    """
+    per_param = weight_copy_bytes_per_param(strategy)
+    if strategy.mixed_precision == "replicate":
+        return per_param * max(layer.num_params, layer.matmul_params)
+    return per_param * layer.matmul_params
 
 
 def loss_bytes(strategy: Strategy, final: cost.LayerCost) -> int:

@@ -24,7 +24,7 @@ from .. import cost
 from ..cluster import Cluster
 from ..cost.plan_cost import (PlanCost, Strategy, compose, fsdp_gather_bytes, in_flight, layer_choice_cost,
                               layer_cost_context, loss_bytes, owns_tied_weight, rank_state_bytes_per_param,
-                              rank_tail_terms, stage_p2p_s, weight_copy_bytes_per_param)
+                              rank_tail_terms, stage_p2p_s, weight_copy_bytes)
 from ..cost.sequence import sequence_edge_payers
 from ..graph import Layer, ModelGraph
 from ..options import PlanOptions
@@ -157,7 +157,7 @@ class ChoiceCost:
     num_params: int
     activation_bytes: int
     transient_bytes: int
-    copy_bytes: int = 0  # autocast's low-precision copy of the layer's matmul weights (once per rank, not per
+    copy_bytes: int = 0  # the low-precision copy of the layer's weights kept for backward (once per rank, not per
     # microbatch: it sits beside the model states)
 
     def fixed_bytes(self, sigma: float) -> float:
@@ -207,7 +207,7 @@ class StrategyTables:
                 lc = cache.get(layer, seg.signature, strategy, choice, relaxed)
                 rows.append(ChoiceCost(choice, lc, lc.total_s, lc.num_params, lc.activation_bytes,
                                        lc.transient_bytes + fsdp_gather_bytes(strategy, lc.num_params),
-                                       weight_copy_bytes_per_param(strategy) * lc.matmul_params))
+                                       weight_copy_bytes(strategy, lc)))
             self.choices.append(_sorted(rows) if g in tied else _non_dominated(rows))
         self.bubble = strategy.bubble_stage_times / strategy.virtual_stages  # rank-times, balanced stages
         # The loss buffers sit on the last stage's rank; the final layer's output is the same for every choice.
