@@ -36,6 +36,9 @@ What is measured, each figure the one the cost model reads (docs/cost_model.md, 
   over groups of 2 consecutive ranks and of every rank of a node, all groups of a size at once, as
   (bytes, seconds) points; and the alpha-beta figures of the intra- and inter-node links from a 4-byte and a
   large all-reduce (a ring moves 2(n−1)/n·B per rank: nccl-tests' bus bandwidth, docs/PERFORMANCE.md there).
+- the data-parallel wrappers' gradient sync as it runs in a step (``collective_times`` kinds "ddp_all_reduce" and
+  "replicate_all_reduce"): a chain of linears of 1 MiB and ``--size-mb`` under ``DistributedDataParallel`` and
+  under FSDP2's ``replicate``, every rank busy, less the chain without the sync.
 - ``comm_overlap``: whether an all-reduce launched asynchronously runs while the rank computes (printed and
   returned by :func:`overlap_fraction`; it is 0 on ranks sharing cores, see docs/cost_model.md).
 
@@ -112,7 +115,48 @@ def _collective_table(local: int, nodes: int, sizes: list[int], me: int, device:
         for kind in ("all_reduce", "all_gather", "reduce_scatter") + (("send",) if n == 2 else ()):
             times = [_slowest(collective_time_s(kind, b, group, device), device) for b in sizes]
             table.setdefault(kind, {})[str(n)] = list(zip(sizes, monotone(times)))
+        ddp_sizes = sorted({min(2**20, sizes[-1]), sizes[-1]})
+        for wrapper in ("ddp", "replicate"):
+            times = monotone([_sync_in_step_s(wrapper, b, group, n, device) for b in ddp_sizes])
+            table.setdefault(f"{wrapper}_all_reduce", {})[str(n)] = list(zip(ddp_sizes, times))
     return table
+
+
+def _sync_in_step_s(wrapper: str, num_bytes: int, group: dist.ProcessGroup, n: int, device: torch.device,
+                    rounds: int = 3) -> float:
+    """Seconds a data-parallel wrapper's gradient synchronisation adds to a step for ``num_bytes`` of gradients
+    over ``group`` of ``n`` consecutive ranks (every group of its size at once, every rank busy): a chain of square
+    linears holding that many bytes, run on a tiny input, under ``DistributedDataParallel`` ("ddp": its buckets,
+    copies and all-reduces, against the chain plain) or FSDP2's ``replicate`` ("replicate", what DDP composed with
+    TP or PP runs: with its gradient sync on, against off), each the makespan of a forward + backward
+    (:func:`_makespan_s`), the median of ``rounds`` interleaved samples. The all-reduce alone, measured with
+    nothing else running, misses what the wrappers add: DDP on 4 ranks sharing 2 cores took 10.3, 16.3 and 43.2 ms
+    for 1, 4 and 16 MiB against 7.9, 10.2 and 29.0 ms for back-to-back all-reduces. Collective."""
+    side = max(2, int((num_bytes / 4 / 4) ** 0.5))  # 4 linears of side² fp32 weights
+
+    def chain() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(*[torch.nn.Linear(side, side, bias=False) for _ in range(4)]).to(device)
+
+    x = torch.randn(2, side, device=device)
+    if wrapper == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        plain, synced = chain(), DistributedDataParallel(chain(), process_group=group)
+    else:
+        from torch.distributed._composable.replicate_with_fsdp import replicate
+        from torch.distributed.device_mesh import init_device_mesh
+
+        world = dist.get_world_size()
+        mesh = init_device_mesh(device.type, (world // n, n), mesh_dim_names=("rest", "group"))["group"]
+        plain, synced = replicate(chain(), mesh=mesh), replicate(chain(), mesh=mesh)
+        plain.set_requires_gradient_sync(False)
+    for module in (plain, synced):  # warm-up: DDP's first backward builds its buckets
+        module(x).sum().backward()
+    medians, _ = interleaved_medians(
+        {name: lambda m=m: _makespan_s(lambda: m(x).sum().backward(), device, busy=True)
+         for name, m in (("plain", plain), ("synced", synced))}, rounds=rounds)
+    return max(1e-9, medians["synced"] - medians["plain"])
 
 
 def _group_sizes(local: int) -> list[int]:

@@ -42,15 +42,15 @@ def _interpolate_log(points: tuple[tuple[float, float], ...], x: float) -> float
 def _collective_table(table) -> tuple[tuple[str, int, tuple[tuple[float, float], ...]], ...]:
     """``collective_times`` as sorted, hashable tuples, from the JSON dict ``{kind: {"n": [[bytes, s], ...]}}``
     or from triples; checked."""
-    from .cost.collectives import COLLECTIVE_KINDS
+    from .cost.collectives import COLLECTIVE_KINDS, MEASURED_SYNC_KINDS
 
     if isinstance(table, dict):
         table = [(kind, int(n), pts) for kind, sizes in table.items() for n, pts in sizes.items()]
     out = []
     for kind, n, points in table:
-        if kind not in COLLECTIVE_KINDS or int(n) < 2:
+        if kind not in COLLECTIVE_KINDS + MEASURED_SYNC_KINDS or int(n) < 2:
             raise ValueError(f"Cluster.collective_times: unknown kind {kind!r} or group size {n!r} < 2; kinds are "
-                             f"{COLLECTIVE_KINDS}")
+                             f"{COLLECTIVE_KINDS + MEASURED_SYNC_KINDS}")
         pts = tuple(sorted((float(b), float(t)) for b, t in points))
         if not pts or any(not (b >= 0 and t > 0) for b, t in pts):
             raise ValueError(f"Cluster.collective_times[{kind!r}][{n}] needs (bytes ≥ 0, seconds > 0) points, "

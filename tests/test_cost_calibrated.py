@@ -185,6 +185,32 @@ def test_fsdp_units_that_keep_their_weights_and_stage_roots_pay_their_own_measur
     assert sum(rank_tail_s(s, hooks, 10**6)) == pytest.approx(alpha_s + beta_s * 10**6)
 
 
+def test_ddp_s_sync_is_priced_as_its_wrapper_runs_it_in_a_step_where_measured():
+    from autoplan.cost import data_parallel_sync_s
+
+    ddp_line = {**TABLE, "ddp_all_reduce": {"4": [[1e3, 5e-3], [1e6, 30e-3]]}}
+    measured = replace(MEASURED, collective_times=ddp_line)
+
+    def sync(cluster, **layout):
+        return data_parallel_sync_s(10**6, cluster, data_parallel="ddp", precision="fp32", **layout)
+
+    # DistributedDataParallel itself (no tp, no pp): its buckets and copies as measured, 4 MB of gradients
+    slope = (30e-3 - 5e-3) / (1e6 - 1e3)
+    assert sync(measured, dp=4, stride=1) == pytest.approx(30e-3 + slope * (4e6 - 1e6))
+    assert sync(MEASURED, dp=4, stride=1) == pytest.approx(12e-3 + (12e-3 - 3e-3) / (1e6 - 1e3) * 3e6)
+    # composed with tp or pp the executor runs replicate(): its own line, and the all-reduce's where not measured
+    assert sync(measured, dp=2, stride=2) == sync(MEASURED, dp=2, stride=2)
+    assert sync(measured, dp=4, stride=1, pp=2) == sync(MEASURED, dp=4, stride=1, pp=2)
+    replicated = replace(measured, collective_times={**ddp_line, "replicate_all_reduce": {"4": [[1e3, 1e-3],
+                                                                                               [1e6, 2e-3]]}})
+    assert sync(replicated, dp=4, stride=1, pp=2) == pytest.approx(2e-3 + (1e-3 / (1e6 - 1e3)) * 3e6)
+    assert sync(replicated, dp=4, stride=1) == sync(measured, dp=4, stride=1)
+    # a group size with no measured line falls back to the all-reduce's
+    assert sync(measured, dp=2, stride=1) == sync(MEASURED, dp=2, stride=1)
+    assert json.loads(json.dumps(measured.to_dict())) == measured.to_dict()
+    assert Cluster.from_dict(measured.to_dict()) == measured
+
+
 def test_the_pipeline_runtime_is_paid_per_stage_time_and_the_calibration_gives_its_pipeline_back():
     from autoplan.calibrate import pipeline_stage_overhead_from_s
     from autoplan.cost import pipeline_runtime_s, stage_times_per_step

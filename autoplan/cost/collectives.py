@@ -17,6 +17,11 @@ from ..cluster import Cluster
 
 #: What the cost model charges and what ``tests/comm_counter.py`` counts on the wire, one spelling for both.
 COLLECTIVE_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "send", "all_to_all")
+#: What a wrapper's whole gradient synchronisation costs in a step, measured as it runs (``Cluster.collective_times``
+#: only; not a collective the executor issues by that name): "ddp_all_reduce" is DDP's bucketed all-reduce with its
+#: copies, "replicate_all_reduce" FSDP2 ``replicate``'s (DDP composed with TP or PP), every rank busy
+#: (:mod:`autoplan.calibrate`). Priced as an all-reduce where it was not measured.
+MEASURED_SYNC_KINDS = ("ddp_all_reduce", "replicate_all_reduce")
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class Collective:
 __all__ = [
     "Collective",
     "COLLECTIVE_KINDS",
+    "MEASURED_SYNC_KINDS",
     "allreduce_s",
     "allgather_s",
     "reduce_scatter_s",
@@ -391,8 +397,8 @@ def collective_terms(cluster: Cluster, kind: str, group_size: int, stride: int) 
         >>> [round(x * 1e6, 1) for x in collective_terms(c, "all_reduce", 4, 1)[:1]]   # 6 ring steps
         [30.0]
     """
-    if kind not in COLLECTIVE_KINDS:
-        raise ValueError(f"unknown collective kind {kind!r}; use one of {COLLECTIVE_KINDS}")
+    if kind not in COLLECTIVE_KINDS + MEASURED_SYNC_KINDS:
+        raise ValueError(f"unknown collective kind {kind!r}; use one of {COLLECTIVE_KINDS + MEASURED_SYNC_KINDS}")
     check_group(cluster, group_size, stride)
     if group_size == 1:
         return 0.0, 0.0
@@ -401,6 +407,8 @@ def collective_terms(cluster: Cluster, kind: str, group_size: int, stride: int) 
         (x0, y0), (x1, y1) = points[-2], points[-1]
         slope = max(0.0, (y1 - y0) / (x1 - x0))
         return max(0.0, y1 - slope * x1), slope
+    if kind in MEASURED_SYNC_KINDS:
+        return collective_terms(cluster, "all_reduce", group_size, stride)
     if kind == "send":
         bandwidth_Bps, latency_s = group_link(cluster, group_size, stride)
         return latency_s, 1 / bandwidth_Bps

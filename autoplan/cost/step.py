@@ -188,7 +188,10 @@ def data_parallel_sync_terms(cluster: Cluster, *, dp: int, stride: int, data_par
     :func:`autoplan.cost.collective_terms`: measured per kind and group size when the cluster was calibrated,
     else the ring formulas, where an all-reduce is two all-gathers' time and a reduce-scatter one. DDP:
     AR(g·Ψ); FSDP: k·AG(p·Ψ) + j·RS(g·Ψ) with k = 2·m, j = m (m microbatches resharding each, one without a
-    pipeline), or k = j = 1 when :func:`fsdp_keeps_weights`.
+    pipeline), or k = j = 1 when :func:`fsdp_keeps_weights`. DDP reads the calibrated line of its wrapper where
+    there is one — "ddp_all_reduce" for ``DistributedDataParallel`` (``stride`` = ``pp`` = 1),
+    "replicate_all_reduce" for FSDP2's ``replicate`` (DDP composed with TP or PP): the sync as it runs in a step,
+    buckets and copies included (:data:`autoplan.cost.collectives.MEASURED_SYNC_KINDS`).
 
     Example:
         >>> c = Cluster.preset("a100-80gb")
@@ -209,7 +212,11 @@ def data_parallel_sync_terms(cluster: Cluster, *, dp: int, stride: int, data_par
     records = data_parallel_collectives(1, dp=dp, data_parallel=data_parallel, precision=precision,
                                         microbatches=microbatches, pp=pp, reshard=reshard,
                                         grad_reduce_bytes=grad_reduce_bytes)
-    terms = [(c, collective_terms(cluster, c.kind, dp, stride)) for c in records]
+    # DDP's all-reduce at its measured cost in a step where calibrated: DistributedDataParallel itself without tp
+    # or pp, FSDP2's replicate with them (autoplan.execute.data_parallel)
+    sync_kind = ("ddp_all_reduce" if stride == 1 and pp == 1 else "replicate_all_reduce") \
+        if data_parallel == "ddp" else None
+    terms = [(c, collective_terms(cluster, sync_kind or c.kind, dp, stride)) for c in records]
     return (sum(c.count * latency_s for c, (latency_s, _) in terms),
             sum(c.count * c.nbytes * per_byte for c, (_, per_byte) in terms))
 
