@@ -55,7 +55,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from dataclasses import replace
 from typing import Callable
 
@@ -68,18 +67,14 @@ from .microbench import (COLLECTIVE_SIZES_BYTES, _timed, _tiny_block, allreduce_
                          collective_time_s, interleaved_medians, layer_overhead_time_s, matmul_efficiency,
                          matmul_flops, memory_bandwidth_Bps, monotone, optimizer_tensor_time_s, overlap_fraction,
                          ring_bandwidth_Bps)
+from .busy_bench import (busy_step_s, group_of, makespan_s, pipeline_stage_overhead_from_s,
+                         pipeline_stage_overhead_s, slowest, sync_in_step_s)
 from .vocabulary import PRECISIONS
 
 # The measurements themselves live in autoplan.microbench; they are re-exported here, where they are composed.
 __all__ = ["main", "calibrate", "group_overheads_s", "pipeline_stage_overhead_from_s", "monotone", "matmul_flops", "matmul_efficiency",
            "memory_bandwidth_Bps", "interleaved_medians", "layer_overhead_time_s", "block_step_time_s", "optimizer_tensor_time_s", "allreduce_time_s",
            "collective_time_s", "ring_bandwidth_Bps", "overlap_fraction"]
-
-
-def _slowest(value: float, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t)
 
 
 def _alone(fn: Callable[[], float], device: torch.device) -> float:
@@ -90,18 +85,13 @@ def _alone(fn: Callable[[], float], device: torch.device) -> float:
     return float(t)
 
 
-def _groups(ranks: list[list[int]], me: int) -> tuple[dist.ProcessGroup, list[int]]:
-    groups = [dist.new_group(r) for r in ranks]  # new_group is collective: all ranks create every group
-    return next((g, r) for g, r in zip(groups, ranks) if me in r)
-
-
 def _link(num_bytes: int, ranks: list[list[int]], me: int, device: torch.device) -> tuple[float, float] | None:
     """(latency_s, bandwidth_Bps) over the group among ``ranks`` that holds ``me``; every rank calls this."""
-    group, members = _groups(ranks, me)
+    group, members = group_of(ranks, me)
     if len(members) < 2:
         return None
-    latency = _slowest(allreduce_time_s(4, group, device, iters=20), device)
-    total = _slowest(allreduce_time_s(num_bytes, group, device), device)
+    latency = slowest(allreduce_time_s(4, group, device, iters=20), device)
+    total = slowest(allreduce_time_s(num_bytes, group, device), device)
     return latency, ring_bandwidth_Bps(num_bytes, len(members), total, latency)
 
 
@@ -111,73 +101,20 @@ def _collective_table(local: int, nodes: int, sizes: list[int], me: int, device:
     for n in sorted({2, local}):
         if n < 2 or local % n:
             continue
-        group, _ = _groups([list(range(s, s + n)) for s in range(0, nodes * local, n)], me)
+        group, _ = group_of([list(range(s, s + n)) for s in range(0, nodes * local, n)], me)
         for kind in ("all_reduce", "all_gather", "reduce_scatter") + (("send",) if n == 2 else ()):
-            times = [_slowest(collective_time_s(kind, b, group, device), device) for b in sizes]
+            times = [slowest(collective_time_s(kind, b, group, device), device) for b in sizes]
             table.setdefault(kind, {})[str(n)] = list(zip(sizes, monotone(times)))
         ddp_sizes = sorted({min(2**20, sizes[-1]), sizes[-1]})
         for wrapper in ("ddp", "replicate"):
-            times = monotone([_sync_in_step_s(wrapper, b, group, n, device) for b in ddp_sizes])
+            times = monotone([sync_in_step_s(wrapper, b, group, n, device) for b in ddp_sizes])
             table.setdefault(f"{wrapper}_all_reduce", {})[str(n)] = list(zip(ddp_sizes, times))
     return table
-
-
-def _sync_in_step_s(wrapper: str, num_bytes: int, group: dist.ProcessGroup, n: int, device: torch.device,
-                    rounds: int = 3) -> float:
-    """Seconds a data-parallel wrapper's gradient synchronisation adds to a step for ``num_bytes`` of gradients
-    over ``group`` of ``n`` consecutive ranks (every group of its size at once, every rank busy): a chain of square
-    linears holding that many bytes, run on a tiny input, under ``DistributedDataParallel`` ("ddp": its buckets,
-    copies and all-reduces, against the chain plain) or FSDP2's ``replicate`` ("replicate", what DDP composed with
-    TP or PP runs: with its gradient sync on, against off), each the makespan of a forward + backward
-    (:func:`_makespan_s`), the median of ``rounds`` interleaved samples. The all-reduce alone, measured with
-    nothing else running, misses what the wrappers add: DDP on 4 ranks sharing 2 cores took 10.3, 16.3 and 43.2 ms
-    for 1, 4 and 16 MiB against 7.9, 10.2 and 29.0 ms for back-to-back all-reduces. Collective."""
-    side = max(2, int((num_bytes / 4 / 4) ** 0.5))  # 4 linears of side² fp32 weights
-
-    def chain() -> torch.nn.Module:
-        torch.manual_seed(0)
-        return torch.nn.Sequential(*[torch.nn.Linear(side, side, bias=False) for _ in range(4)]).to(device)
-
-    x = torch.randn(2, side, device=device)
-    if wrapper == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        plain, synced = chain(), DistributedDataParallel(chain(), process_group=group)
-    else:
-        from torch.distributed._composable.replicate_with_fsdp import replicate
-        from torch.distributed.device_mesh import init_device_mesh
-
-        world = dist.get_world_size()
-        mesh = init_device_mesh(device.type, (world // n, n), mesh_dim_names=("rest", "group"))["group"]
-        plain, synced = replicate(chain(), mesh=mesh), replicate(chain(), mesh=mesh)
-        plain.set_requires_gradient_sync(False)
-    for module in (plain, synced):  # warm-up: DDP's first backward builds its buckets
-        module(x).sum().backward()
-    medians, _ = interleaved_medians(
-        {name: lambda m=m: _makespan_s(lambda: m(x).sum().backward(), device, busy=True)
-         for name, m in (("plain", plain), ("synced", synced))}, rounds=rounds)
-    return max(1e-9, medians["synced"] - medians["plain"])
 
 
 def _group_sizes(local: int) -> list[int]:
     """Group sizes the per-group figures are measured at: 2, 4, … up to the ranks of a node, each dividing it."""
     return [n for n in (2 ** k for k in range(1, local.bit_length())) if local % n == 0]
-
-
-def _busy_step_s(block: torch.nn.Module, x: torch.Tensor, device: torch.device,
-                 window_s: float) -> Callable[[], float]:
-    """A measure of ``block``'s forward + backward on every rank at once: seconds per call of the makespan
-    (:func:`_makespan_s`) of as many calls as take about ``window_s``, the same count on every rank (the block may
-    issue collectives). A rank's own time over a few calls is often a window it ran uncontended: measured so, a
-    block without collectives once read faster with every rank busy than alone."""
-    x = x.detach().requires_grad_(True)
-    calls = max(3, round(window_s / _slowest(block_step_time_s(block, x, iters=2, repeats=1), device)))
-
-    def run() -> None:
-        for _ in range(calls):
-            block(x).sum().backward()
-
-    return lambda: _makespan_s(run, device, busy=True) / calls
 
 
 def _framework_overheads(device: torch.device, plain_s: float, contention: float, cluster: Cluster,
@@ -189,7 +126,7 @@ def _framework_overheads(device: torch.device, plain_s: float, contention: float
     n of :func:`_group_sizes` (the world cut into groups of n consecutive ranks, all groups at once, as the
     executor's meshes place them): the block's time with every rank busy, less its collectives priced at n from
     the cluster's table, divided by ``contention`` (the ranks' sharing; the block's time is the makespan of about
-    ``window_s`` of calls, :func:`_busy_step_s`), a third of it (forward 1×, backward 2×)
+    ``window_s`` of calls, :func:`busy_step_s`), a third of it (forward 1×, backward 2×)
     less the plain block's ``plain_s``. The collectives' cost and the hooks' both depend on n (on ranks sharing
     cores a collective waits for every member to be scheduled), so one size's figure misprices the others.
     Every figure is the median of ``rounds`` interleaved samples (:func:`interleaved_medians`).
@@ -228,7 +165,7 @@ def _framework_overheads(device: torch.device, plain_s: float, contention: float
         replicate_block.set_requires_gradient_sync(False)
         blocks = {"tp": tp_block, "fsdp": fsdp_block, "fsdp_keep": keep_block, "replicate": replicate_block}
         for kind, block in blocks.items():
-            measures[f"{kind}{n}"] = _busy_step_s(block, x, device, window_s)
+            measures[f"{kind}{n}"] = busy_step_s(block, x, device, window_s)
         comm_s[f"tp{n}"] = 4 * group_allreduce_s(out_bytes, cluster, n, 1)  # forward g and backward f, two pairs
         comm_s[f"fsdp{n}"] = (2 * group_allgather_s(param_bytes, cluster, n, 1)
                               + group_reduce_scatter_s(param_bytes, cluster, n, 1))
@@ -236,63 +173,8 @@ def _framework_overheads(device: torch.device, plain_s: float, contention: float
     totals, spread = interleaved_medians(measures, rounds=rounds)
     table = group_overheads_s(totals, comm_s, contention, plain_s)
     _, x = _tiny_block(device)
-    dtensor_optimizer_s = _slowest(optimizer_tensor_time_s(fsdp_block, x, iters=9), device) / contention
+    dtensor_optimizer_s = slowest(optimizer_tensor_time_s(fsdp_block, x, iters=9), device) / contention
     return table, dtensor_optimizer_s, spread
-
-
-def _pipeline_stage_overhead_s(device: torch.device, plain_s: float, cluster: Cluster, rounds: int = 3,
-                               microbatches: int = 8) -> tuple[float, dict[str, float]]:
-    """(the pipeline runtime's fixed seconds per stage and microbatch, one rank alone; spreads): a 2-stage
-    ``Schedule1F1B`` of one tiny block per stage over every pair of consecutive ranks at once, ``microbatches``
-    of one sample each (the executor's runtime: ``torch.distributed.pipelining``), its makespan less what the
-    cost model prices without the figure — (m + 1) stage-times of the block's forward + backward alone
-    (3·``plain_s``) stretched by the pipeline's contention, and the first stage's sends — divided by those
-    stage-times and the contention (:func:`pipeline_stage_overhead_from_s`). 0 with fewer than 2 ranks or an
-    odd world. Collective."""
-    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
-
-    from .cost import compute_contention
-    from .cost.collectives import group_p2p_s
-
-    world, me = dist.get_world_size(), dist.get_rank()
-    if world < 2 or world % 2:
-        return 0.0, {}
-    group, _ = _groups([[r, r + 1] for r in range(0, world, 2)], me)
-    block, x = _tiny_block(device)
-    stage = PipelineStage(block, me % 2, 2, device, group=group)
-    schedule = Schedule1F1B(stage, n_microbatches=microbatches, loss_fn=lambda out, target: out.sum())
-    batch = x.repeat(microbatches, 1, 1)
-
-    def step() -> None:
-        if me % 2 == 0:
-            schedule.step(batch)
-        else:
-            schedule.step(target=batch)
-
-    step()  # warm-up: the stage's shape inference and buffers
-    medians, spread = interleaved_medians({"pipeline": lambda: _makespan_s(step, device, busy=True)},
-                                          rounds=rounds)
-    contention = compute_contention(cluster, pp=2, microbatches=microbatches, schedule="1f1b")
-    sends_s = 2 * group_p2p_s(x.numel() * x.element_size(), cluster, 2, 1)
-    return pipeline_stage_overhead_from_s(medians["pipeline"], microbatches, 3 * plain_s, sends_s,
-                                          contention), spread
-
-
-def pipeline_stage_overhead_from_s(makespan_s: float, microbatches: int, stage_s: float, sends_s: float,
-                                   contention: float) -> float:
-    """The pipeline runtime's fixed seconds per stage and microbatch, one rank alone, from a 2-stage pipeline's
-    measured ``makespan_s``: the cost model prices such a step at (m + 1) stage-times of ``stage_s`` (a stage's
-    forward + backward alone) × ``contention`` + ``sends_s`` (the first stage's, per microbatch) without the
-    figure, and at (m + 1)·f·contention more with it (:func:`autoplan.cost.pipeline_runtime_s`); f makes the
-    two equal, at least 0.
-
-    Example (8 microbatches of 1 ms stages at contention 2, 0.5 ms of sends: 9 × 2.5 ms priced, 36 ms run):
-        >>> round(pipeline_stage_overhead_from_s(0.036, 8, 1e-3, 5e-4, 2.0) * 1e3, 3)
-        0.75
-    """
-    stage_times = microbatches + 1
-    priced_s = stage_times * (stage_s * contention + sends_s)
-    return max(0.0, (makespan_s - priced_s) / (stage_times * contention))
 
 
 def group_overheads_s(totals_s: dict[str, float], comm_s: dict[str, float], contention: float,
@@ -315,17 +197,6 @@ def group_overheads_s(totals_s: dict[str, float], comm_s: dict[str, float], cont
         extra = (total - comm_s[key]) / contention / 3 - plain_s
         table.setdefault(kind, {})[n] = round(max(0.0, extra), 12)
     return table
-
-
-def _makespan_s(fn: Callable[[], object], device: torch.device, busy: bool) -> float:
-    """Seconds from a common barrier until the last rank has finished ``fn()`` (every rank when ``busy``, rank 0
-    alone otherwise, the others waiting); the same value on every rank."""
-    dist.barrier()
-    start = time.perf_counter()
-    if busy or dist.get_rank() == 0:
-        fn()
-    dist.barrier()
-    return _slowest(time.perf_counter() - start, device)
 
 
 def _concurrency(device: torch.device, ranks: int, rounds: int = 3,
@@ -352,8 +223,8 @@ def _concurrency(device: torch.device, ranks: int, rounds: int = 3,
             "matmul": lambda: [a @ a for _ in range(calls["matmul"])]}
     measures = {}
     for name, fn in work.items():
-        measures[f"{name} alone"] = lambda fn=fn: _makespan_s(fn, device, busy=False)
-        measures[f"{name} together"] = lambda fn=fn: _makespan_s(fn, device, busy=True)
+        measures[f"{name} alone"] = lambda fn=fn: makespan_s(fn, device, busy=False)
+        measures[f"{name} together"] = lambda fn=fn: makespan_s(fn, device, busy=True)
     medians, spread = interleaved_medians(measures, rounds=rounds)
     measured = statistics.mean(ranks * medians[f"{name} alone"] / medians[f"{name} together"] for name in work)
     return min(float(ranks), measured), medians["block alone"] / calls["block"] / 3, spread
@@ -372,21 +243,21 @@ def _overlap(device: torch.device, num_bytes: int) -> float:
     meanwhile (collective; the slowest rank's times)."""
     buf = torch.zeros(num_bytes // 4, device=device)
     a = torch.randn(256, 256, device=device)
-    comm = _slowest(collective_time_s("all_reduce", num_bytes, None, device, iters=3), device)
+    comm = slowest(collective_time_s("all_reduce", num_bytes, None, device, iters=3), device)
     reps = max(1, round(comm / _timed(lambda: a @ a, device, 0.02)))
 
     def compute():
         for _ in range(reps):
             a @ a
 
-    compute_s = _slowest(_timed(compute, device, 0, 3), device)
+    compute_s = slowest(_timed(compute, device, 0, 3), device)
 
     def both():
         work = dist.all_reduce(buf, async_op=True)
         compute()
         work.wait()
 
-    return overlap_fraction(comm, compute_s, _slowest(_timed(both, device, 0, 3), device))
+    return overlap_fraction(comm, compute_s, slowest(_timed(both, device, 0, 3), device))
 
 
 def calibrate(size_bytes: int, matmul_n: int, rounds: int = 3) -> Cluster:
@@ -415,7 +286,7 @@ def calibrate(size_bytes: int, matmul_n: int, rounds: int = 3) -> Cluster:
         """One rank's figure: rank 0 alone when ranks share processors, else the slowest of all at once."""
         if not world.distributed:
             return fn()
-        return _alone(fn, device) if shared else _slowest(fn(), device)
+        return _alone(fn, device) if shared else slowest(fn(), device)
 
     flops, efficiency = {}, {}
     for precision in PRECISIONS:
@@ -455,7 +326,7 @@ def calibrate(size_bytes: int, matmul_n: int, rounds: int = 3) -> Cluster:
         table, dtensor_optimizer_s, spread = _framework_overheads(device, plain_s, contention, measured, rounds)
         calibrate.last_spread.update(spread)
         # the size-free figures: the largest group's (what a reader of the older fields gets)
-        device_fields["pipeline_stage_overhead_s"], pipeline_spread = _pipeline_stage_overhead_s(
+        device_fields["pipeline_stage_overhead_s"], pipeline_spread = pipeline_stage_overhead_s(
             device, plain_s, measured, rounds)
         calibrate.last_spread.update(pipeline_spread)
         device_fields.update(tp_layer_overhead_s=table["tp"][max(table["tp"])],
