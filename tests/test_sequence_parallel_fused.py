@@ -72,3 +72,13 @@ def test_a_plan_whose_sequence_marks_differ_from_what_is_priced_is_refused():
     with pytest.raises(ValueError, match=r"plan marks .* of layer 'blocks\.1' as 'sequence', but sequence "
                                          r"parallelism is priced on that layer with its norms"):
         estimate(graph, edited)
+
+
+def test_a_layer_with_a_fused_and_a_plain_pair_says_why_it_cannot_run_sequence_parallel():
+    """nanoGPT's block: a fused qkv (colwise:3) beside a plain MLP pair. The reason names the fused module, not a
+    vocabulary-parallel one it does not hold."""
+    import nanogpt
+
+    graph = autoplan.trace(nanogpt.build(), (nanogpt.batches(1)[0][0],))
+    blocker = graph.layer("transformer.h.0").sequence_parallel.blocker
+    assert "transformer.h.0.attn.c_attn (colwise:3" in blocker and "vocabulary" not in blocker

@@ -129,7 +129,13 @@ def sequence_parallel_layer(model: nn.Module, name: str, groups: list[TensorPara
         return _blocked("the model's root is the layer; sequence parallelism splits a layer's input, so it needs "
                         "the pairs inside a submodule (a block)")
     if len(pairs) != len(groups):
-        return _blocked("the layer also holds a vocabulary-parallel module")
+        others = {fqn: style for g in groups if g not in pairs for fqn, style in g.styles.items()
+                  if style not in ("colwise", "rowwise")}
+        if any(tp_style_kind(style) in ("vocab_embedding", "vocab_head") for style in others.values()):
+            return _blocked("the layer also holds a vocabulary-parallel module")
+        listed = ", ".join(f"{fqn} ({style})" for fqn, style in sorted(others.items()))
+        return _blocked(f"the layer also holds {listed or 'a group that is not a colwise → rowwise pair'}; sequence "
+                        f"parallelism is built on plain colwise → rowwise pairs only")
     recorded = m.inputs.get(name)
     args = recorded[0] if recorded else ()
     first = args[0] if args else None
