@@ -25,6 +25,9 @@ def main(out: str) -> None:
     if dist.get_rank() == 0:
         torch.save({"styles": pm.plan.tensor_parallel, "losses": losses, "state": state,
                     "notes": list(pm.plan.search.notes)}, out)
+    # gloo's threads are joined here, not torn down at interpreter exit (which once aborted a rank)
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
