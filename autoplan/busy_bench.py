@@ -20,7 +20,7 @@ import torch.distributed as dist
 from .cluster import Cluster
 from .microbench import _sync, _tiny_block, block_step_time_s, interleaved_medians
 
-__all__ = ["slowest", "group_of", "makespan_s", "busy_step_s", "sync_in_step_s", "pipeline_stage_overhead_s",
+__all__ = ["slowest", "group_of", "group_mesh", "makespan_s", "busy_step_s", "sync_in_step_s", "pipeline_stage_overhead_s",
            "pipeline_stage_overhead_from_s"]
 
 
@@ -42,6 +42,18 @@ def group_of(ranks: list[list[int]], me: int) -> tuple[dist.ProcessGroup, list[i
     """
     groups = [dist.new_group(r) for r in ranks]  # new_group is collective: all ranks create every group
     return next((g, r) for g, r in zip(groups, ranks) if me in r)
+
+
+def group_mesh(device: torch.device, n: int):
+    """The 1-D device mesh of this rank's group when the world is cut into groups of ``n`` consecutive ranks, as
+    the executor's meshes place an inner dimension (every rank creates every group).
+
+    Example (under torchrun, 4 ranks): ``group_mesh(torch.device("cpu"), 2).get_group()``
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    return init_device_mesh(device.type, (world // n, n), mesh_dim_names=("rest", "group"))["group"]
 
 
 def makespan_s(fn: Callable[[], object], device: torch.device, busy: bool) -> float:
@@ -79,10 +91,9 @@ def busy_step_s(block: torch.nn.Module, x: torch.Tensor, device: torch.device,
     return lambda: makespan_s(run, device, busy=True) / calls
 
 
-def sync_in_step_s(wrapper: str, num_bytes: int, group: dist.ProcessGroup, n: int, device: torch.device,
-                   rounds: int = 3) -> float:
+def sync_in_step_s(wrapper: str, num_bytes: int, mesh, device: torch.device, rounds: int = 3) -> float:
     """Seconds a data-parallel wrapper's gradient synchronisation adds to a step for ``num_bytes`` of gradients
-    over ``group`` of ``n`` consecutive ranks (every group of its size at once, every rank busy): a chain of square
+    over the group of ``mesh`` (:func:`group_mesh`; every group of its size at once, every rank busy): a chain of square
     linears holding that many bytes, run on a tiny input, under ``DistributedDataParallel`` ("ddp": its buckets,
     copies and all-reduces, against the chain plain) or FSDP2's ``replicate`` ("replicate", what DDP composed with
     TP or PP runs: with its gradient sync on, against off), each the makespan of a forward + backward
@@ -90,7 +101,7 @@ def sync_in_step_s(wrapper: str, num_bytes: int, group: dist.ProcessGroup, n: in
     nothing else running, misses what the wrappers add: DDP on 4 ranks sharing 2 cores took 10.3, 16.3 and 43.2 ms
     for 1, 4 and 16 MiB against 7.9, 10.2 and 29.0 ms for back-to-back all-reduces.
 
-    Example (under torchrun, 4 ranks): ``sync_in_step_s("ddp", 2**22, group_of([[0, 1, 2, 3]], 0)[0], 4, cpu)``
+    Example (under torchrun, 4 ranks): ``sync_in_step_s("ddp", 2**22, group_mesh(cpu, 4), cpu)``
     """
     side = max(2, int((num_bytes / 4 / 4) ** 0.5))  # 4 linears of side² fp32 weights
 
@@ -102,13 +113,10 @@ def sync_in_step_s(wrapper: str, num_bytes: int, group: dist.ProcessGroup, n: in
     if wrapper == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        plain, synced = chain(), DistributedDataParallel(chain(), process_group=group)
+        plain, synced = chain(), DistributedDataParallel(chain(), process_group=mesh.get_group())
     else:
         from torch.distributed._composable.replicate_with_fsdp import replicate
-        from torch.distributed.device_mesh import init_device_mesh
 
-        world = dist.get_world_size()
-        mesh = init_device_mesh(device.type, (world // n, n), mesh_dim_names=("rest", "group"))["group"]
         plain, synced = replicate(chain(), mesh=mesh), replicate(chain(), mesh=mesh)
         plain.set_requires_gradient_sync(False)
     for module in (plain, synced):  # warm-up: DDP's first backward builds its buckets

@@ -67,7 +67,7 @@ from .microbench import (COLLECTIVE_SIZES_BYTES, _timed, _tiny_block, allreduce_
                          collective_time_s, interleaved_medians, layer_overhead_time_s, matmul_efficiency,
                          matmul_flops, memory_bandwidth_Bps, monotone, optimizer_tensor_time_s, overlap_fraction,
                          ring_bandwidth_Bps)
-from .busy_bench import (busy_step_s, group_of, makespan_s, pipeline_stage_overhead_from_s,
+from .busy_bench import (busy_step_s, group_mesh, group_of, makespan_s, pipeline_stage_overhead_from_s,
                          pipeline_stage_overhead_s, slowest, sync_in_step_s)
 from .vocabulary import PRECISIONS
 
@@ -95,19 +95,20 @@ def _link(num_bytes: int, ranks: list[list[int]], me: int, device: torch.device)
     return latency, ring_bandwidth_Bps(num_bytes, len(members), total, latency)
 
 
-def _collective_table(local: int, nodes: int, sizes: list[int], me: int, device: torch.device) -> dict:
+def _collective_table(local: int, sizes: list[int], device: torch.device) -> dict:
     """{kind: {n: [(bytes, seconds)]}} inside a node for n = 2 and n = ranks per node, all groups at once."""
     table: dict = {}
     for n in sorted({2, local}):
         if n < 2 or local % n:
             continue
-        group, _ = group_of([list(range(s, s + n)) for s in range(0, nodes * local, n)], me)
+        mesh = group_mesh(device, n)  # groups of n consecutive ranks, all at once
+        group = mesh.get_group()
         for kind in ("all_reduce", "all_gather", "reduce_scatter") + (("send",) if n == 2 else ()):
             times = [slowest(collective_time_s(kind, b, group, device), device) for b in sizes]
             table.setdefault(kind, {})[str(n)] = list(zip(sizes, monotone(times)))
         ddp_sizes = sorted({min(2**20, sizes[-1]), sizes[-1]})
         for wrapper in ("ddp", "replicate"):
-            times = monotone([sync_in_step_s(wrapper, b, group, n, device) for b in ddp_sizes])
+            times = monotone([sync_in_step_s(wrapper, b, mesh, device) for b in ddp_sizes])
             table.setdefault(f"{wrapper}_all_reduce", {})[str(n)] = list(zip(ddp_sizes, times))
     return table
 
@@ -134,7 +135,6 @@ def _framework_overheads(device: torch.device, plain_s: float, contention: float
     Returns ({"tp": {n: s}, "fsdp": {n: s}, "fsdp_keep": {n: s}, "replicate": {n: s}}, the optimizer's seconds per DTensor parameter (the world-size FSDP
     block's, divided by ``contention``), {figure: relative spread}). Collective."""
     from torch.distributed._composable.replicate_with_fsdp import replicate
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -145,7 +145,7 @@ def _framework_overheads(device: torch.device, plain_s: float, contention: float
     measures, comm_s = {}, {}
     fsdp_block = None
     for n in sizes:
-        mesh = init_device_mesh(device.type, (world // n, n), mesh_dim_names=("rest", "group"))["group"]
+        mesh = group_mesh(device, n)
         tp_block, x = _tiny_block(device)
         out_bytes = x.numel() * 4
         parallelize_module(tp_block, mesh, {"attn.qkv": ColwiseParallel(), "attn.proj": RowwiseParallel(),
@@ -320,7 +320,7 @@ def calibrate(size_bytes: int, matmul_n: int, rounds: int = 3) -> Cluster:
         if inter:
             changes.update(inter_node_latency_s=inter[0], inter_node_bandwidth_Bps=inter[1])
         sizes = sorted({b for b in COLLECTIVE_SIZES_BYTES if b < size_bytes} | {size_bytes})
-        changes["collective_times"] = _collective_table(local, nodes, sizes, world.rank, device)
+        changes["collective_times"] = _collective_table(local, sizes, device)
         changes["compute_concurrency"] = concurrency if shared else 0.0
         measured = replace(cluster, **changes)
         table, dtensor_optimizer_s, spread = _framework_overheads(device, plain_s, contention, measured, rounds)
