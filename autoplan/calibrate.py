@@ -27,6 +27,8 @@ What is measured, each figure the one the cost model reads (docs/cost_model.md, 
   the largest group's), each the extra time per forward-equivalent (backward runs about twice the forward's
   kernels: a third of forward + backward) once its collectives (priced at that group size from the table below)
   and the ranks' sharing are taken out.
+- the optimizer's fixed time per parameter tensor (``optimizer_tensor_overhead_s``, and
+  ``dtensor_optimizer_tensor_overhead_s`` for DTensor parameters: the FSDP2 block's), one rank alone.
 - the pipeline runtime's fixed time per stage and microbatch (``pipeline_stage_overhead_s``): a 2-stage 1F1B
   pipeline of tiny blocks over pairs of ranks, less what the cost model prices for it without the figure.
 - robustness: the concurrency's and the overheads' timings are medians of interleaved rounds (a burst of load
@@ -38,7 +40,9 @@ What is measured, each figure the one the cost model reads (docs/cost_model.md, 
   large all-reduce (a ring moves 2(n−1)/n·B per rank: nccl-tests' bus bandwidth, docs/PERFORMANCE.md there).
 - the data-parallel wrappers' gradient sync as it runs in a step (``collective_times`` kinds "ddp_all_reduce" and
   "replicate_all_reduce"): a chain of linears of 1 MiB and ``--size-mb`` under ``DistributedDataParallel`` and
-  under FSDP2's ``replicate``, every rank busy, less the chain without the sync.
+  under FSDP2's ``replicate``, every rank busy, less the chain without the sync; one FSDP2 unit's all-gather and
+  reduce-scatter the same way ("fsdp_all_gather", "fsdp_reduce_scatter", per unit of a quarter of those sizes):
+  a chain of 4 ``fully_shard`` units, resharding against keeping its weights, reducing against not.
 - ``comm_overlap``: whether an all-reduce launched asynchronously runs while the rank computes (printed and
   returned by :func:`overlap_fraction`; it is 0 on ranks sharing cores, see docs/cost_model.md).
 
@@ -68,7 +72,7 @@ from .microbench import (COLLECTIVE_SIZES_BYTES, _timed, _tiny_block, allreduce_
                          matmul_flops, memory_bandwidth_Bps, monotone, optimizer_tensor_time_s, overlap_fraction,
                          ring_bandwidth_Bps)
 from .busy_bench import (busy_step_s, group_mesh, group_of, makespan_s, pipeline_stage_overhead_from_s,
-                         pipeline_stage_overhead_s, slowest, sync_in_step_s)
+                         fsdp_collectives_in_step_s, pipeline_stage_overhead_s, slowest, sync_in_step_s)
 from .vocabulary import PRECISIONS
 
 # The measurements themselves live in autoplan.microbench; they are re-exported here, where they are composed.
@@ -110,6 +114,10 @@ def _collective_table(local: int, sizes: list[int], device: torch.device) -> dic
         for wrapper in ("ddp", "replicate"):
             times = monotone([sync_in_step_s(wrapper, b, mesh, device) for b in ddp_sizes])
             table.setdefault(f"{wrapper}_all_reduce", {})[str(n)] = list(zip(ddp_sizes, times))
+        unit_sizes = [b // 4 for b in ddp_sizes]
+        gathers, scatters = zip(*(fsdp_collectives_in_step_s(b, mesh, device) for b in unit_sizes))
+        table.setdefault("fsdp_all_gather", {})[str(n)] = list(zip(unit_sizes, monotone(list(gathers))))
+        table.setdefault("fsdp_reduce_scatter", {})[str(n)] = list(zip(unit_sizes, monotone(list(scatters))))
     return table
 
 
@@ -119,7 +127,8 @@ def _group_sizes(local: int) -> list[int]:
 
 
 def _framework_overheads(device: torch.device, plain_s: float, contention: float, cluster: Cluster,
-                         rounds: int = 3, window_s: float = 0.05) -> tuple[dict, float, dict[str, float]]:
+                         alone: Callable[[Callable[[], float]], float], rounds: int = 3,
+                         window_s: float = 0.05) -> tuple[dict, float, dict[str, float]]:
     """Extra fixed seconds per forward of a tiny block made tensor-parallel with DTensor (the executor's
     ``ColwiseParallel`` → ``RowwiseParallel`` pairs), wrapped by FSDP2 ``fully_shard`` (resharding after forward,
     and keeping its weights with the gradient sync off: "fsdp_keep") and by ``replicate`` with the gradient sync
@@ -132,13 +141,15 @@ def _framework_overheads(device: torch.device, plain_s: float, contention: float
     cores a collective waits for every member to be scheduled), so one size's figure misprices the others.
     Every figure is the median of ``rounds`` interleaved samples (:func:`interleaved_medians`).
 
-    Returns ({"tp": {n: s}, "fsdp": {n: s}, "fsdp_keep": {n: s}, "replicate": {n: s}}, the optimizer's seconds per DTensor parameter (the world-size FSDP
-    block's, divided by ``contention``), {figure: relative spread}). Collective."""
+    Returns ({"tp": {n: s}, "fsdp": {n: s}, "fsdp_keep": {n: s}, "replicate": {n: s}}, the optimizer's seconds per
+    DTensor parameter (the largest group's FSDP block, timed by ``alone``: one rank's figure, as the plain
+    optimizer's; a rank's own median with every rank busy, divided by the contention, read it 2–4× low, 74–212
+    µs against 360 µs alone), {figure: relative spread}). Collective."""
     from torch.distributed._composable.replicate_with_fsdp import replicate
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    from .cost.collectives import group_allgather_s, group_allreduce_s, group_reduce_scatter_s
+    from .cost.collectives import fsdp_unit_collective_s, group_allreduce_s
 
     world = dist.get_world_size()
     sizes = _group_sizes(cluster.devices_per_node if world > cluster.devices_per_node else world)
@@ -167,14 +178,13 @@ def _framework_overheads(device: torch.device, plain_s: float, contention: float
         for kind, block in blocks.items():
             measures[f"{kind}{n}"] = busy_step_s(block, x, device, window_s)
         comm_s[f"tp{n}"] = 4 * group_allreduce_s(out_bytes, cluster, n, 1)  # forward g and backward f, two pairs
-        comm_s[f"fsdp{n}"] = (2 * group_allgather_s(param_bytes, cluster, n, 1)
-                              + group_reduce_scatter_s(param_bytes, cluster, n, 1))
+        comm_s[f"fsdp{n}"] = (2 * fsdp_unit_collective_s(cluster, "all_gather", param_bytes, n, 1)
+                              + fsdp_unit_collective_s(cluster, "reduce_scatter", param_bytes, n, 1))
         comm_s[f"fsdp_keep{n}"] = comm_s[f"replicate{n}"] = 0.0
     totals, spread = interleaved_medians(measures, rounds=rounds)
-    table = group_overheads_s(totals, comm_s, contention, plain_s)
-    _, x = _tiny_block(device)
-    dtensor_optimizer_s = slowest(optimizer_tensor_time_s(fsdp_block, x, iters=9), device) / contention
-    return table, dtensor_optimizer_s, spread
+    # zeros stand in for the gradients (no collective), so that one rank can time the step while the others wait
+    dtensor_optimizer_s = alone(lambda: optimizer_tensor_time_s(fsdp_block, iters=9))
+    return group_overheads_s(totals, comm_s, contention, plain_s), dtensor_optimizer_s, spread
 
 
 def group_overheads_s(totals_s: dict[str, float], comm_s: dict[str, float], contention: float,
@@ -305,7 +315,7 @@ def calibrate(size_bytes: int, matmul_n: int, rounds: int = 3) -> Cluster:
         efficiency = holder[0]
     if plain_s is None or not shared:  # the concurrency's block alone is rank 0's figure, right when shared
         plain_s = alone(lambda: layer_overhead_time_s(device, iters=10, repeats=5))
-    optimizer_s = alone(lambda: optimizer_tensor_time_s(*_tiny_block(device)))
+    optimizer_s = alone(lambda: optimizer_tensor_time_s(_tiny_block(device)[0]))
     bandwidth_Bps = 1 / alone(lambda: 1 / memory_bandwidth_Bps(device, num_bytes=2**26, iters=3))
     device_fields = dict(peak_flops=flops, layer_overhead_s=plain_s, memory_bandwidth_Bps=bandwidth_Bps,
                          matmul_efficiency=efficiency, optimizer_tensor_overhead_s=optimizer_s)
@@ -323,7 +333,8 @@ def calibrate(size_bytes: int, matmul_n: int, rounds: int = 3) -> Cluster:
         changes["collective_times"] = _collective_table(local, sizes, device)
         changes["compute_concurrency"] = concurrency if shared else 0.0
         measured = replace(cluster, **changes)
-        table, dtensor_optimizer_s, spread = _framework_overheads(device, plain_s, contention, measured, rounds)
+        table, dtensor_optimizer_s, spread = _framework_overheads(device, plain_s, contention, measured, alone,
+                                                                  rounds)
         calibrate.last_spread.update(spread)
         # the size-free figures: the largest group's (what a reader of the older fields gets)
         device_fields["pipeline_stage_overhead_s"], pipeline_spread = pipeline_stage_overhead_s(

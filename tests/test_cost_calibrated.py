@@ -211,6 +211,37 @@ def test_ddp_s_sync_is_priced_as_its_wrapper_runs_it_in_a_step_where_measured():
     assert Cluster.from_dict(measured.to_dict()) == measured
 
 
+def test_fsdp_s_collectives_are_priced_as_they_run_between_its_units_where_measured():
+    from autoplan.cost import data_parallel_sync_terms, fsdp_unit_collective_s
+
+    in_step = {**TABLE, "fsdp_all_gather": {"4": [[2.5e5, 6e-3], [1e6, 9e-3]]},
+               "fsdp_reduce_scatter": {"4": [[2.5e5, 7e-3], [1e6, 10e-3]]}}
+    measured = replace(MEASURED, collective_times=in_step)
+    gather_slope, gather_latency = 3e-3 / 7.5e5, 6e-3 - 2.5e5 * 3e-3 / 7.5e5
+    # one unit's collective: the in-step line (its intercept is the unit's latency), else the plain collective
+    assert fsdp_unit_collective_s(measured, "all_gather", 0, 4, 1) == pytest.approx(gather_latency)
+    assert fsdp_unit_collective_s(measured, "all_gather", 5e5, 4, 1) == pytest.approx(7e-3)
+    assert fsdp_unit_collective_s(MEASURED, "all_gather", 0, 4, 1) == 2e-3  # the smallest message measured
+    assert fsdp_unit_collective_s(MEASURED, "reduce_scatter", 1e6, 4, 1) == pytest.approx(6e-3)
+    assert fsdp_unit_collective_s(measured, "all_gather", 5e5, 2, 1) == fsdp_unit_collective_s(
+        MEASURED, "all_gather", 5e5, 2, 1)  # no line at that group size
+    with pytest.raises(ValueError, match="all_gather and reduce_scatter"):
+        fsdp_unit_collective_s(measured, "all_reduce", 0, 4, 1)
+    # each unit pays its latency per step, the step's sync its bytes at the in-step slopes
+    kwargs = dict(param_tensors=4, dtensor=False, fsdp_unit=True, dp=4, stride=1, precision="fp32", microbatches=1,
+                  pp=1)
+    assert layer_step_overhead_s(measured, **kwargs) - layer_step_overhead_s(MEASURED, **kwargs) == pytest.approx(
+        2 * (gather_latency - 2e-3) + (10e-3 - 1e6 * 3e-3 / 7.5e5) - 2.5e-3)
+    fsdp = dict(dp=4, stride=1, data_parallel="fsdp", precision="fp32")
+    latency_s, per_param_s = data_parallel_sync_terms(measured, **fsdp)
+    plain_latency_s, _ = data_parallel_sync_terms(MEASURED, **fsdp)
+    assert latency_s == plain_latency_s
+    assert per_param_s == pytest.approx(2 * 4 * gather_slope + 4 * 3e-3 / 7.5e5)  # fp32 weights and gradients
+    assert data_parallel_sync_terms(measured, dp=4, stride=1, data_parallel="ddp", precision="fp32") == \
+        data_parallel_sync_terms(MEASURED, dp=4, stride=1, data_parallel="ddp", precision="fp32")
+    assert Cluster.from_dict(measured.to_dict()) == measured
+
+
 def test_the_pipeline_runtime_is_paid_per_stage_time_and_the_calibration_gives_its_pipeline_back():
     from autoplan.calibrate import pipeline_stage_overhead_from_s
     from autoplan.cost import pipeline_runtime_s, stage_times_per_step

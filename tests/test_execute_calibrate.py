@@ -65,7 +65,8 @@ def test_two_ranks_measure_the_intra_node_link(tmp_path):
     points = cluster.collective_points("all_reduce", 2)
     assert len(points) >= 3 and all(t > 0 for _, t in points)
     assert [t for _, t in points] == sorted(t for _, t in points)
-    assert {"all_gather", "reduce_scatter", "send", "ddp_all_reduce", "replicate_all_reduce"} <= {kind for kind, _, _ in cluster.collective_times}
+    assert {"all_gather", "reduce_scatter", "send", "ddp_all_reduce", "replicate_all_reduce", "fsdp_all_gather",
+            "fsdp_reduce_scatter"} <= {kind for kind, _, _ in cluster.collective_times}
     table = dict(cluster.device.matmul_efficiency)["fp32"]
     assert len(table) >= 3 and max(e for _, e in table) == 1.0
     d = cluster.device

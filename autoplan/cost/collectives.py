@@ -19,9 +19,13 @@ from ..cluster import Cluster
 COLLECTIVE_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "send", "all_to_all")
 #: What a wrapper's whole gradient synchronisation costs in a step, measured as it runs (``Cluster.collective_times``
 #: only; not a collective the executor issues by that name): "ddp_all_reduce" is DDP's bucketed all-reduce with its
-#: copies, "replicate_all_reduce" FSDP2 ``replicate``'s (DDP composed with TP or PP), every rank busy
-#: (:mod:`autoplan.calibrate`). Priced as an all-reduce where it was not measured.
-MEASURED_SYNC_KINDS = ("ddp_all_reduce", "replicate_all_reduce")
+#: copies, "replicate_all_reduce" FSDP2 ``replicate``'s (DDP composed with TP or PP), "fsdp_all_gather" and
+#: "fsdp_reduce_scatter" FSDP2's per-unit gathers and scatters between its units' compute, every rank busy
+#: (:mod:`autoplan.calibrate`). Each is priced as the collective of :data:`MEASURED_SYNC_BASE` where it was not
+#: measured.
+MEASURED_SYNC_KINDS = ("ddp_all_reduce", "replicate_all_reduce", "fsdp_all_gather", "fsdp_reduce_scatter")
+MEASURED_SYNC_BASE = {"ddp_all_reduce": "all_reduce", "replicate_all_reduce": "all_reduce",
+                      "fsdp_all_gather": "all_gather", "fsdp_reduce_scatter": "reduce_scatter"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ __all__ = [
     "Collective",
     "COLLECTIVE_KINDS",
     "MEASURED_SYNC_KINDS",
+    "MEASURED_SYNC_BASE",
     "allreduce_s",
     "allgather_s",
     "reduce_scatter_s",
@@ -72,6 +77,7 @@ __all__ = [
     "group_alltoall_s",
     "collective_terms",
     "collective_latency_s",
+    "fsdp_unit_collective_s",
     "measured_collective_s",
     "check_group",
 ]
@@ -385,6 +391,30 @@ def collective_latency_s(cluster: Cluster, kind: str, group_size: int, stride: i
     return collective_terms(cluster, kind, group_size, stride)[0]
 
 
+def fsdp_unit_collective_s(cluster: Cluster, kind: str, nbytes: float, group_size: int, stride: int) -> float:
+    """Seconds of one FSDP unit's ``kind`` ("all_gather" or "reduce_scatter") of ``nbytes``: its calibrated line as
+    it runs in a step ("fsdp_all_gather", "fsdp_reduce_scatter": :func:`autoplan.busy_bench.fsdp_collectives_in_step_s`,
+    the line through its two points), else the collective's own time (:func:`group_allgather_s`,
+    :func:`group_reduce_scatter_s`). With ``nbytes`` = 0 this is the unit's latency.
+
+    Example:
+        >>> c = Cluster.preset("a100-80gb")
+        >>> fsdp_unit_collective_s(c, "all_gather", 0, 8, 1) == collective_latency_s(c, "all_gather", 8, 1)
+        True
+    """
+    measured = f"fsdp_{kind}"
+    if measured not in MEASURED_SYNC_KINDS:
+        raise ValueError(f"FSDP units issue all_gather and reduce_scatter, not {kind!r}")
+    if (group_size > 1 and group_size * stride <= cluster.devices_per_node
+            and cluster.collective_points(measured, group_size)):
+        latency_s, per_byte = collective_terms(cluster, measured, group_size, stride)
+        return latency_s + nbytes * per_byte
+    if nbytes == 0:
+        return collective_latency_s(cluster, kind, group_size, stride)
+    price = group_allgather_s if kind == "all_gather" else group_reduce_scatter_s
+    return price(nbytes, cluster, group_size, stride)
+
+
 def collective_terms(cluster: Cluster, kind: str, group_size: int, stride: int) -> tuple[float, float]:
     """(latency_s, seconds_per_byte) of one ``kind`` collective over a group laid out as in :func:`group_link`,
     as an affine function of its bytes (what the data-parallel sync, linear in a rank's parameters, is priced
@@ -408,7 +438,7 @@ def collective_terms(cluster: Cluster, kind: str, group_size: int, stride: int) 
         slope = max(0.0, (y1 - y0) / (x1 - x0))
         return max(0.0, y1 - slope * x1), slope
     if kind in MEASURED_SYNC_KINDS:
-        return collective_terms(cluster, "all_reduce", group_size, stride)
+        return collective_terms(cluster, MEASURED_SYNC_BASE[kind], group_size, stride)
     if kind == "send":
         bandwidth_Bps, latency_s = group_link(cluster, group_size, stride)
         return latency_s, 1 / bandwidth_Bps

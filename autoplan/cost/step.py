@@ -15,7 +15,7 @@ from ..cluster import Cluster
 from ..vocabulary import DATA_PARALLEL_KINDS, FSDP_RESHARD_MODES, PRECISION_BYTES, SCHEDULES
 from .collectives import Collective
 from .collectives import check_group as _check_group
-from .collectives import collective_terms
+from .collectives import MEASURED_SYNC_KINDS, collective_terms
 from .memory import state_bytes_per_param
 
 __all__ = ["GRAD_REDUCE_BYTES", "check_fsdp_reshard", "fsdp_keeps_weights",
@@ -191,7 +191,9 @@ def data_parallel_sync_terms(cluster: Cluster, *, dp: int, stride: int, data_par
     pipeline), or k = j = 1 when :func:`fsdp_keeps_weights`. DDP reads the calibrated line of its wrapper where
     there is one — "ddp_all_reduce" for ``DistributedDataParallel`` (``stride`` = ``pp`` = 1),
     "replicate_all_reduce" for FSDP2's ``replicate`` (DDP composed with TP or PP): the sync as it runs in a step,
-    buckets and copies included (:data:`autoplan.cost.collectives.MEASURED_SYNC_KINDS`).
+    buckets and copies included (:data:`autoplan.cost.collectives.MEASURED_SYNC_KINDS`). FSDP's bytes read the
+    slope of "fsdp_all_gather" and "fsdp_reduce_scatter" where calibrated (its collectives between its units'
+    compute and hooks), their latency the plain collective's.
 
     Example:
         >>> c = Cluster.preset("a100-80gb")
@@ -217,6 +219,12 @@ def data_parallel_sync_terms(cluster: Cluster, *, dp: int, stride: int, data_par
     sync_kind = ("ddp_all_reduce" if stride == 1 and pp == 1 else "replicate_all_reduce") \
         if data_parallel == "ddp" else None
     terms = [(c, collective_terms(cluster, sync_kind or c.kind, dp, stride)) for c in records]
+    if data_parallel == "fsdp":
+        # FSDP's bytes at their measured cost between its units' compute; each unit's latency stays the plain
+        # collective's (layer_step_overhead_s charges one per unit, the line's intercept holds the chain's four)
+        terms = [(c, (latency_s, collective_terms(cluster, f"fsdp_{c.kind}", dp, stride)[1]
+                      if f"fsdp_{c.kind}" in MEASURED_SYNC_KINDS else per_byte))
+                 for c, (latency_s, per_byte) in terms]
     return (sum(c.count * latency_s for c, (latency_s, _) in terms),
             sum(c.count * c.nbytes * per_byte for c, (_, per_byte) in terms))
 
@@ -373,8 +381,9 @@ def layer_step_overhead_s(cluster: Cluster, *, param_tensors: int, dtensor: bool
       DTensors (FSDP2, ``replicate``, tensor parallelism), whose every op dispatches through DTensor; this is
       the rank's own compute, stretched by ``contention`` (:func:`compute_contention`) like the rest of it;
     - an FSDP unit of its own issues its own all-gathers and reduce-scatter per step
-      (:func:`data_parallel_collectives`' counts per unit): each pays the latency of one collective, the time
-      of the smallest message measured (or the ring formula's α). The data-parallel sync of the step prices
+      (:func:`data_parallel_collectives`' counts per unit): each pays the latency of one FSDP unit's
+      collective (:func:`autoplan.cost.fsdp_unit_collective_s` of 0 bytes: the intercept of its line measured
+      in a step, else the smallest message measured, else the ring formula's α). The data-parallel sync of the step prices
       their bytes, once for all units. Collectives are measured with every rank taking part, so their time is
       not stretched (multiplying it by the contention, as this did before, charged dp4 FSDP's latencies about
       three times on the 2-core machine: +37 … +42% in the benchmark runs that used one microbatch).
@@ -400,9 +409,9 @@ def layer_step_overhead_s(cluster: Cluster, *, param_tensors: int, dtensor: bool
     per_tensor_s = device.dtensor_optimizer_tensor_overhead_s if dtensor else device.optimizer_tensor_overhead_s
     total_s = contention * param_tensors * per_tensor_s
     if fsdp_unit and dp > 1:
-        from .collectives import collective_latency_s
+        from .collectives import fsdp_unit_collective_s
 
         records = data_parallel_collectives(1, dp=dp, data_parallel="fsdp", precision=precision,
                                             microbatches=microbatches, pp=pp, reshard=reshard)
-        total_s += sum(c.count * collective_latency_s(cluster, c.kind, dp, stride) for c in records)
+        total_s += sum(c.count * fsdp_unit_collective_s(cluster, c.kind, 0, dp, stride) for c in records)
     return total_s / microbatches
