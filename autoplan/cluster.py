@@ -19,6 +19,11 @@ __all__ = ["Device", "Cluster", "PRESETS"]
 
 GiB = 2**30
 DEVICE_KINDS = ("cuda", "cpu")
+#: The device's measured fixed costs, in seconds: ≥ 0, and left out of the JSON while 0 (the presets'), so that a
+#: cluster without them writes the JSON it wrote before they existed.
+MEASURED_SECONDS_FIELDS = ("layer_overhead_s", "tp_layer_overhead_s", "fsdp_layer_overhead_s",
+                           "optimizer_tensor_overhead_s", "dtensor_optimizer_tensor_overhead_s", "optimizer_param_s",
+                           "pipeline_stage_overhead_s")
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,10 @@ class Device:
             tensor whatever its size (the foreach kernels' per-tensor launches and Python), plain tensors.
         dtensor_optimizer_tensor_overhead_s: the same per DTensor parameter (FSDP2, ``replicate`` or tensor
             parallelism): every optimizer op dispatches through DTensor.
+        optimizer_param_s: seconds the optimizer step costs per parameter as torch runs it on this device (the
+            default ``torch.optim.AdamW``: several passes over each tensor, with temporaries), one rank alone; in
+            place of the fused kernel's bytes over ``memory_bandwidth_Bps``
+            (:func:`autoplan.cost.optimizer_step_s`). 0 (the presets): the fused kernel's.
         pipeline_stage_overhead_s: fixed seconds the pipeline runtime costs per stage and microbatch beyond the
             stage's layers and sends (``torch.distributed.pipelining``'s schedule actions, microbatch splitting,
             the receive buffers and the loss call), one rank alone; charged per stage-time of a step with pp > 1
@@ -75,6 +84,7 @@ class Device:
     fsdp_layer_overhead_s: float = 0.0  # extra fixed forward seconds of an FSDP2-wrapped layer (hooks)
     optimizer_tensor_overhead_s: float = 0.0  # fixed optimizer-step seconds per parameter tensor
     dtensor_optimizer_tensor_overhead_s: float = 0.0  # the same per DTensor parameter
+    optimizer_param_s: float = 0.0  # optimizer-step seconds per parameter as run here (0: fused kernel's bytes)
     pipeline_stage_overhead_s: float = 0.0  # pipeline runtime's fixed seconds per stage and microbatch
     # precision → ((flops_per_matmul, fraction_of_peak), ...), measured by autoplan.calibrate
     matmul_efficiency: tuple[tuple[str, tuple[tuple[float, float], ...]], ...] = ()
@@ -104,9 +114,7 @@ class Device:
             raise ValueError(f"Device.memory_bandwidth_Bps must be positive, got {self.memory_bandwidth_Bps}")
         if self.kind not in DEVICE_KINDS:
             raise ValueError(f"Device.kind must be one of {DEVICE_KINDS}, got {self.kind!r}")
-        for attr in ("layer_overhead_s", "tp_layer_overhead_s", "fsdp_layer_overhead_s",
-                     "optimizer_tensor_overhead_s", "dtensor_optimizer_tensor_overhead_s",
-                     "pipeline_stage_overhead_s"):
+        for attr in MEASURED_SECONDS_FIELDS:
             if not getattr(self, attr) >= 0:
                 raise ValueError(f"Device.{attr} must be ≥ 0 seconds, got {getattr(self, attr)}")
         object.__setattr__(self, "matmul_efficiency", _efficiency_table(self.matmul_efficiency))
@@ -118,7 +126,7 @@ class Device:
                      self.achievable_flops_fraction, self.memory_headroom_bytes, self.memory_bandwidth_Bps,
                      self.kind, self.layer_overhead_s, self.tp_layer_overhead_s, self.fsdp_layer_overhead_s,
                      self.optimizer_tensor_overhead_s, self.dtensor_optimizer_tensor_overhead_s,
-                     self.pipeline_stage_overhead_s, self.matmul_efficiency, self.group_layer_overhead))
+                     self.optimizer_param_s, self.pipeline_stage_overhead_s, self.matmul_efficiency, self.group_layer_overhead))
 
     @property
     def usable_memory_bytes(self) -> int:
@@ -392,9 +400,7 @@ class Cluster:
             True
         """
         data = asdict(self)
-        for key in ("layer_overhead_s", "tp_layer_overhead_s", "fsdp_layer_overhead_s",
-                    "optimizer_tensor_overhead_s", "dtensor_optimizer_tensor_overhead_s",
-                    "pipeline_stage_overhead_s"):
+        for key in MEASURED_SECONDS_FIELDS:
             if data["device"][key] == 0:
                 del data["device"][key]
         if self.device.matmul_efficiency:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from .vocabulary import torch_dtype
 
 __all__ = ["matmul_flops", "matmul_efficiency", "memory_bandwidth_Bps", "layer_overhead_time_s", "block_step_time_s",
-           "optimizer_tensor_time_s", "allreduce_time_s", "collective_time_s", "ring_bandwidth_Bps",
+           "optimizer_tensor_time_s", "optimizer_param_time_s", "allreduce_time_s", "collective_time_s", "ring_bandwidth_Bps",
            "overlap_fraction", "monotone", "interleaved_medians", "relative_spread", "MATMUL_SIZES",
            "COLLECTIVE_SIZES_BYTES"]
 
@@ -147,6 +147,28 @@ def optimizer_tensor_time_s(block: torch.nn.Module, iters: int = 10) -> float:
         opt.zero_grad(set_to_none=False)
 
     return _median_call_s(step, params[0].device, iters) / len(params)
+
+
+def optimizer_param_time_s(per_tensor_s: float, device: torch.device | None = None, tensors: int = 32,
+                           tensor_params: int = 2**16, iters: int = 5) -> float:
+    """Seconds per parameter of one ``torch.optim.AdamW`` step (its default implementation on ``device``) over
+    ``tensors`` fp32 tensors of ``tensor_params`` each (the median call), less ``per_tensor_s`` per tensor (the
+    fixed part, :func:`optimizer_tensor_time_s`): the update as torch runs it here, whose passes and
+    temporaries move far more bytes than a fused kernel's 28 per parameter (about 150 on this project's CPU
+    machine). Tensors of 256 KiB, the size of a small model's matrices: one tensor of 2²¹ parameters costs
+    1.5× more per parameter (its temporaries fault in fresh pages), 2¹⁰-parameter tensors are launch-bound.
+
+    Example:
+        >>> 0 < optimizer_param_time_s(0.0, tensors=2, tensor_params=4096, iters=2) < 1e-5
+        True
+    """
+    params = [torch.nn.Parameter(torch.zeros(tensor_params, device=device or torch.device("cpu")))
+              for _ in range(tensors)]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt = torch.optim.AdamW(params, lr=1e-6)
+    step_s = _median_call_s(opt.step, params[0].device, iters)
+    return max(0.0, step_s - tensors * per_tensor_s) / (tensors * tensor_params)
 
 
 def layer_overhead_time_s(device: torch.device | None = None, iters: int = 20, repeats: int = 5) -> float:

@@ -242,6 +242,27 @@ def test_fsdp_s_collectives_are_priced_as_they_run_between_its_units_where_measu
     assert Cluster.from_dict(measured.to_dict()) == measured
 
 
+def test_the_optimizer_step_runs_at_its_measured_rate_and_is_stretched_like_the_rank_s_compute():
+    from autoplan.cost import optimizer_param_s, optimizer_step_s
+    from autoplan.cost.plan_cost import rank_tail_s, rank_tail_terms
+
+    measured = replace(MEASURED, device=replace(MEASURED.device, optimizer_param_s=6e-9))
+    assert optimizer_step_s(10**6, measured, "fp32", "adamw") == pytest.approx(6e-3)
+    assert optimizer_param_s(measured, "bf16", "sgd") == pytest.approx(6e-9 * 20 / 28)  # fp32 states: SGD's bytes
+    assert optimizer_step_s(10**6, MEASURED, "fp32", "adamw") == pytest.approx(28e6 / MEASURED.device.memory_bandwidth_Bps)
+    ddp, fsdp = (Strategy(1, 4, 1, 1, 2, "1f1b", kind, precision="fp32") for kind in ("ddp", "fsdp"))
+    contention = compute_contention(measured, pp=1, microbatches=2, schedule="1f1b")
+    assert contention == 2.0  # 4 ranks, concurrency 2
+    assert rank_tail_s(ddp, measured, 10**6)[1] == pytest.approx(6e-3 * contention)
+    assert rank_tail_s(fsdp, measured, 10**6)[1] == pytest.approx(6e-3 * contention / 4)  # its shard only
+    for s in (ddp, fsdp):  # the solver's line carries the same factor
+        alpha_s, beta_s = rank_tail_terms(s, measured)
+        assert sum(rank_tail_s(s, measured, 10**6)) == pytest.approx(alpha_s + beta_s * 10**6)
+    # one device per rank (the presets): no stretch
+    gpu = Cluster.preset("a100-80gb")
+    assert rank_tail_s(ddp, gpu, 10**9)[1] == pytest.approx(optimizer_step_s(10**9, gpu, "fp32", "adamw"))
+
+
 def test_the_pipeline_runtime_is_paid_per_stage_time_and_the_calibration_gives_its_pipeline_back():
     from autoplan.calibrate import pipeline_stage_overhead_from_s
     from autoplan.cost import pipeline_runtime_s, stage_times_per_step

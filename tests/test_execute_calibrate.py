@@ -72,6 +72,7 @@ def test_two_ranks_measure_the_intra_node_link(tmp_path):
     d = cluster.device
     assert min(d.tp_layer_overhead_s, d.fsdp_layer_overhead_s, d.optimizer_tensor_overhead_s,
                d.dtensor_optimizer_tensor_overhead_s, d.pipeline_stage_overhead_s) >= 0
+    assert 0 < d.optimizer_param_s < 1e-6  # seconds per parameter of AdamW as torch runs it
     assert 0 <= cluster.compute_concurrency <= 2
     # the DTensor and FSDP2 overheads per group size: a world of 2 has groups of 2 only
     assert {kind: [n for n, _ in pts] for kind, pts in d.group_layer_overhead} == {

@@ -262,6 +262,7 @@ def with_expert_parallel(graph: ModelGraph, plan, base):
     if reason is not None:
         raise PlanMismatchError(f"cannot price expert parallelism: {reason}; re-plan with expert_parallel=False")
     from .plan_cost import _layer_choices, layer_choice_cost, rank_state_bytes, rank_tail_s
+    from .strategy import rank_optimizer_s
     from .strategy import fsdp_gather_bytes
 
     ep, strategy, cluster = plan.expert_parallel, base.strategy, plan.cluster
@@ -293,7 +294,7 @@ def with_expert_parallel(graph: ModelGraph, plan, base):
     sync_s = rank.dp_sync_s - rank_tail_s(strategy, cluster, rank.num_params)[0] \
         + rank_tail_s(strategy, cluster, dense)[0]
     updated = (-(-dense // strategy.dp) if fsdp else dense) + experts // ep  # FSDP updates its shard only
-    optimizer_s = cost.optimizer_step_s(updated, cluster, strategy.precision, strategy.optimizer)
+    optimizer_s = rank_optimizer_s(strategy, cluster, updated)
     # in low precision the local experts' cast copy that their kernel saves, every layer's at once (autocast's under
     # DDP, the dispatch's under FSDP; kept_expert_copy_params)
     copy = sum(kept_expert_copy_params(graph, name, strategy.mixed_precision, ep)

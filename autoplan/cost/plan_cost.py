@@ -230,8 +230,7 @@ def layer_cost_context(graph: ModelGraph, layer: Layer, cluster: Cluster, strate
         ...  for kind in ("ddp", "fsdp")]
         [0, 4]
     """
-    contention = cost.compute_contention(cluster, pp=strategy.pp, microbatches=strategy.microbatches,
-                                         schedule=strategy.schedule, virtual_stages=strategy.virtual_stages)
+    contention = strategy.contention(cluster)
     fsdp_unit = strategy.dp if _fsdp_unit(graph, layer, strategy, largest_layer_params) else 0
     per_step_s = cost.layer_step_overhead_s(
         cluster, param_tensors=len(layer.param_names), dtensor=_dtensor_params(strategy, tp_on),

@@ -21,7 +21,7 @@ from .memory import state_bytes_per_param
 __all__ = ["GRAD_REDUCE_BYTES", "check_fsdp_reshard", "fsdp_keeps_weights",
            "fsdp_held_bytes_per_param", "data_parallel_collectives", "data_parallel_sync_s",
            "data_parallel_sync_terms", "optimizer_step_bytes_per_param",
-           "optimizer_step_s",
+           "optimizer_step_s", "optimizer_param_s",
            "in_flight_microbatches", "bubble_microbatches", "compute_contention", "layer_step_overhead_s"]
 
 
@@ -252,10 +252,8 @@ def optimizer_step_bytes_per_param(precision: str, optimizer: str) -> int:
 
 
 def optimizer_step_s(num_params: int, cluster: Cluster, precision: str, optimizer: str) -> float:
-    """The optimizer update of ``num_params`` on one device, memory-bandwidth bound.
-
-    Time = num_params × :func:`optimizer_step_bytes_per_param` / device.memory_bandwidth_Bps (an elementwise
-    update does ~1 FLOP per byte, far below any GPU's FLOP/byte ridge point: roofline, Williams et al. 2009).
+    """The optimizer update of ``num_params`` on one device, one rank alone: ``num_params`` ×
+    :func:`optimizer_param_s`.
 
     Example:
         >>> c = Cluster.preset("h100-80gb")               # 3.35 TB/s HBM3
@@ -264,7 +262,33 @@ def optimizer_step_s(num_params: int, cluster: Cluster, precision: str, optimize
     """
     if isinstance(num_params, bool) or not isinstance(num_params, int) or num_params < 0:
         raise ValueError(f"num_params must be an int ≥ 0, got {num_params!r}")
-    return num_params * optimizer_step_bytes_per_param(precision, optimizer) / cluster.device.memory_bandwidth_Bps
+    return num_params * optimizer_param_s(cluster, precision, optimizer)
+
+
+def optimizer_param_s(cluster: Cluster, precision: str, optimizer: str) -> float:
+    """Seconds per parameter of the optimizer update, memory-bandwidth bound: an elementwise update does ~1 FLOP
+    per byte, far below any GPU's FLOP/byte ridge point (roofline, Williams et al. 2009).
+
+    On a calibrated device, the update as torch runs it there (``device.optimizer_param_s``: the default
+    ``torch.optim.AdamW``, whose passes and temporaries move far more than a fused kernel's bytes — 147 bytes
+    per parameter on this project's CPU machine against 28), scaled by the optimizer's fused bytes against
+    AdamW's (the states are fp32 under every precision the executor runs); otherwise the fused kernel's
+    :func:`optimizer_step_bytes_per_param` over the memory bandwidth.
+
+    Example:
+        >>> from dataclasses import replace
+        >>> c = Cluster.preset("h100-80gb")
+        >>> round(optimizer_param_s(c, "bf16", "adamw") * 1e12, 2)          # 28 B / 3.35 TB/s, in ps
+        8.36
+        >>> measured = replace(c, device=replace(c.device, optimizer_param_s=2e-11))
+        >>> round(optimizer_param_s(measured, "bf16", "sgd") * 1e12, 2)     # 20 B of AdamW's 28
+        14.29
+    """
+    measured_s = cluster.device.optimizer_param_s
+    if measured_s > 0:
+        return measured_s * (optimizer_step_bytes_per_param("fp32", optimizer)
+                             / optimizer_step_bytes_per_param("fp32", "adamw"))
+    return optimizer_step_bytes_per_param(precision, optimizer) / cluster.device.memory_bandwidth_Bps
 
 
 # ---------------------------------------------------------------------------------------------------------------
