@@ -255,7 +255,11 @@ def test_the_optimizer_step_runs_at_its_measured_rate_and_is_stretched_like_the_
     assert contention == 2.0  # 4 ranks, concurrency 2
     assert rank_tail_s(ddp, measured, 10**6)[1] == pytest.approx(6e-3 * contention)
     assert rank_tail_s(fsdp, measured, 10**6)[1] == pytest.approx(6e-3 * contention / 4)  # its shard only
-    for s in (ddp, fsdp):  # the solver's line carries the same factor
+    # every rank steps at once after its pipeline has drained: all busy, whatever the pipeline's average
+    piped = Strategy(4, 1, 1, 1, 2, "1f1b", "ddp", precision="fp32")
+    assert compute_contention(measured, pp=4, microbatches=2, schedule="1f1b") == 1.0
+    assert rank_tail_s(piped, measured, 10**6)[1] == pytest.approx(6e-3 * contention)
+    for s in (ddp, fsdp, piped):  # the solver's line carries the same factor
         alpha_s, beta_s = rank_tail_terms(s, measured)
         assert sum(rank_tail_s(s, measured, 10**6)) == pytest.approx(alpha_s + beta_s * 10**6)
     # one device per rank (the presets): no stretch

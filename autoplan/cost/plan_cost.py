@@ -232,10 +232,11 @@ def layer_cost_context(graph: ModelGraph, layer: Layer, cluster: Cluster, strate
     """
     contention = strategy.contention(cluster)
     fsdp_unit = strategy.dp if _fsdp_unit(graph, layer, strategy, largest_layer_params) else 0
-    per_step_s = cost.layer_step_overhead_s(
+    per_step_s = cost.layer_step_overhead_s(  # its optimizer launches run with every rank stepping at once
         cluster, param_tensors=len(layer.param_names), dtensor=_dtensor_params(strategy, tp_on),
         fsdp_unit=fsdp_unit, dp=strategy.dp, stride=strategy.tp, precision=strategy.precision,
-        microbatches=strategy.microbatches, pp=strategy.pp, contention=contention, reshard=strategy.fsdp_reshard)
+        microbatches=strategy.microbatches, pp=strategy.pp, contention=strategy.step_end_contention(cluster),
+        reshard=strategy.fsdp_reshard)
     return contention, fsdp_unit, per_step_s
 
 

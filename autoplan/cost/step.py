@@ -403,7 +403,8 @@ def layer_step_overhead_s(cluster: Cluster, *, param_tensors: int, dtensor: bool
     - the optimizer step and ``zero_grad`` launch per parameter tensor whatever its size:
       ``param_tensors`` × ``device.optimizer_tensor_overhead_s``, or the DTensor figure when the parameters are
       DTensors (FSDP2, ``replicate``, tensor parallelism), whose every op dispatches through DTensor; this is
-      the rank's own compute, stretched by ``contention`` (:func:`compute_contention`) like the rest of it;
+      the rank's own compute, stretched by ``contention`` (the caller passes every rank's being busy: all
+      ranks step at once, after a pipeline has drained);
     - an FSDP unit of its own issues its own all-gathers and reduce-scatter per step
       (:func:`data_parallel_collectives`' counts per unit): each pays the latency of one FSDP unit's
       collective (:func:`autoplan.cost.fsdp_unit_collective_s` of 0 bytes: the intercept of its line measured

@@ -47,9 +47,16 @@ class Strategy:
 
     def contention(self, cluster: Cluster) -> float:
         """:func:`autoplan.cost.compute_contention` of this layout on ``cluster``: how much slower than alone its
-        ranks compute when they share processors (1 on a cluster with a device per rank)."""
+        ranks compute when they share processors (1 on a cluster with a device per rank), averaged over the
+        microbatches' schedule, where a pipeline's waiting ranks hand their processor to the busy ones."""
         return cost.compute_contention(cluster, pp=self.pp, microbatches=self.microbatches, schedule=self.schedule,
                                        virtual_stages=self.virtual_stages)
+
+    @staticmethod
+    def step_end_contention(cluster: Cluster) -> float:
+        """How much slower than alone a rank runs the work every rank does at once after the microbatches (the
+        optimizer step), when ranks share processors: every rank busy, whatever the pipeline."""
+        return cost.compute_contention(cluster, pp=1, microbatches=1, schedule="1f1b")
 
     @property
     def num_stages(self) -> int:
@@ -105,8 +112,9 @@ def rank_tail_s(strategy: Strategy, cluster: Cluster, num_params: float) -> tupl
 
 def rank_optimizer_s(strategy: Strategy, cluster: Cluster, updated_params: int) -> float:
     """The optimizer step of a rank that updates ``updated_params``: :func:`autoplan.cost.optimizer_step_s`, the
-    rank's own memory-bound work, stretched by the contention like its compute (:meth:`Strategy.contention`;
-    four ranks on two cores ran the GPT's AdamW step in 14–15 ms against 4–5 ms for one rank alone).
+    rank's own memory-bound work, stretched like its compute when ranks share processors — with every rank busy,
+    as every rank steps at once after its pipeline has drained (:meth:`Strategy.step_end_contention`; four ranks
+    on two cores ran the GPT's AdamW step in 14–15 ms against 4–5 ms for one rank alone).
 
     Example:
         >>> from autoplan import Cluster
@@ -114,7 +122,7 @@ def rank_optimizer_s(strategy: Strategy, cluster: Cluster, updated_params: int) 
         0.0137
     """
     return (cost.optimizer_step_s(updated_params, cluster, strategy.precision, strategy.optimizer)
-            * strategy.contention(cluster))
+            * strategy.step_end_contention(cluster))
 
 
 def _root_s(strategy: Strategy, cluster: Cluster) -> float:
@@ -153,7 +161,7 @@ def rank_tail_terms(strategy: Strategy, cluster: Cluster) -> tuple[float, float]
     latency_s += _root_s(strategy, cluster)
     shard = strategy.dp if strategy.data_parallel == "fsdp" else 1
     optimizer_per_param_s = (cost.optimizer_param_s(cluster, strategy.precision, strategy.optimizer)
-                             * strategy.contention(cluster) / shard)
+                             * strategy.step_end_contention(cluster) / shard)
     return latency_s, sync_per_param_s + optimizer_per_param_s
 
 
