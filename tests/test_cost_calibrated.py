@@ -69,11 +69,19 @@ def test_smaller_tensor_parallel_matmuls_run_at_a_lower_measured_efficiency():
 def test_ranks_sharing_processors_slow_compute_and_shrink_the_bubble():
     # 4 ranks, 2 at full speed at once: without a pipeline every rank is busy, 2× slower than alone
     assert compute_contention(MEASURED, pp=1, microbatches=4, schedule="1f1b") == 2.0
-    # pp = 4, m = 8, 1F1B: (m + pp − 1) × contention = max(critical path, total work / 2 processors) = 16 stage-times
+    # pp = 4, m = 8, 1F1B: each of the m + pp − 1 stage-times stretched by its own busy ranks over 2 processors
+    # (1, 2, 3, 4 × 5, 3, 2, 1 busy: 1, 1, 1.5, 2 × 5, 1.5, 1, 1), between the critical path and the total work
     contention = compute_contention(MEASURED, pp=4, microbatches=8, schedule="1f1b")
-    assert (8 + 3) * contention == pytest.approx(max(8 + 3, 8 * 4 / 2))
-    # few microbatches: the critical path alone bounds the step, no slowdown
+    assert (8 + 3) * contention == pytest.approx(17)
+    assert 8 + 3 < (8 + 3) * contention < 8 + 3 + 8 * 4 / 2
+    # few microbatches, at most 2 ranks busy at once: no slowdown
     assert compute_contention(MEASURED, pp=4, microbatches=2, schedule="gpipe") == 1.0
+    # ... but above the processors in some stage-times: those stretch, though the mean busy count (1.6) is below 1.7
+    tight = replace(MEASURED, compute_concurrency=1.7)
+    assert compute_contention(tight, pp=4, microbatches=2, schedule="gpipe") == pytest.approx((2 + 3 * 2 / 1.7) / 5)
+    # interleaved: m·v + pp − 1 stage-times of T/v each; pp = 2 of 4 ranks: 2 ranks per stage (1, 2, 2, 2, 1 stages)
+    assert compute_contention(MEASURED, pp=2, microbatches=2, schedule="interleaved", virtual_stages=2) == \
+        pytest.approx((1 + 2 + 2 + 2 + 1) / 5)
     assert compute_contention(CPU, pp=1, microbatches=4, schedule="1f1b") == 1.0  # a device per rank
 
 
