@@ -91,15 +91,19 @@ def busy_step_s(block: torch.nn.Module, x: torch.Tensor, device: torch.device,
     return lambda: makespan_s(run, device, busy=True) / calls
 
 
+_CHAIN_LINEARS = 4
+
+
 def _chain_side(num_bytes: int) -> int:
-    return max(2, int((num_bytes / 4 / 4) ** 0.5))
+    return max(2, int((num_bytes / 4 / _CHAIN_LINEARS) ** 0.5))
 
 
 def _linear_chain(num_bytes: int, device: torch.device) -> torch.nn.Sequential:
-    """4 square fp32 linears (no bias) holding ``num_bytes`` together, the same weights on every rank."""
+    """``_CHAIN_LINEARS`` square fp32 linears (no bias) holding ``num_bytes`` together, the same weights on every
+    rank."""
     side = _chain_side(num_bytes)
     torch.manual_seed(0)
-    return torch.nn.Sequential(*[torch.nn.Linear(side, side, bias=False) for _ in range(4)]).to(device)
+    return torch.nn.Sequential(*[torch.nn.Linear(side, side, bias=False) for _ in range(_CHAIN_LINEARS)]).to(device)
 
 
 def _step_medians(modules: dict[str, torch.nn.Module], num_bytes: int, device: torch.device,
@@ -159,7 +163,7 @@ def fsdp_collectives_in_step_s(unit_bytes: int, mesh, device: torch.device, roun
     """
     from torch.distributed.fsdp import fully_shard
 
-    units = 4
+    units = _CHAIN_LINEARS
 
     def chain(keep: bool, reduce: bool) -> torch.nn.Module:
         module = _linear_chain(units * unit_bytes, device)

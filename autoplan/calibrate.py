@@ -78,9 +78,9 @@ from .busy_bench import (busy_step_s, fsdp_collectives_in_step_s, group_mesh, gr
 from .vocabulary import PRECISIONS
 
 # The measurements themselves live in autoplan.microbench; they are re-exported here, where they are composed.
-__all__ = ["main", "calibrate", "group_overheads_s", "pipeline_stage_overhead_from_s", "monotone", "matmul_flops", "matmul_efficiency",
-           "memory_bandwidth_Bps", "interleaved_medians", "layer_overhead_time_s", "block_step_time_s", "optimizer_tensor_time_s",
-           "optimizer_param_time_s", "allreduce_time_s",
+__all__ = ["main", "calibrate", "group_overheads_s", "pipeline_stage_overhead_from_s", "monotone", "matmul_flops",
+           "matmul_efficiency", "memory_bandwidth_Bps", "interleaved_medians", "layer_overhead_time_s",
+           "block_step_time_s", "optimizer_tensor_time_s", "optimizer_param_time_s", "allreduce_time_s",
            "collective_time_s", "ring_bandwidth_Bps", "overlap_fraction"]
 
 

@@ -126,7 +126,8 @@ class Device:
                      self.achievable_flops_fraction, self.memory_headroom_bytes, self.memory_bandwidth_Bps,
                      self.kind, self.layer_overhead_s, self.tp_layer_overhead_s, self.fsdp_layer_overhead_s,
                      self.optimizer_tensor_overhead_s, self.dtensor_optimizer_tensor_overhead_s,
-                     self.optimizer_param_s, self.pipeline_stage_overhead_s, self.matmul_efficiency, self.group_layer_overhead))
+                     self.optimizer_param_s, self.pipeline_stage_overhead_s, self.matmul_efficiency,
+                     self.group_layer_overhead))
 
     @property
     def usable_memory_bytes(self) -> int:

@@ -18,7 +18,8 @@ import torch.distributed as dist
 from .vocabulary import torch_dtype
 
 __all__ = ["matmul_flops", "matmul_efficiency", "memory_bandwidth_Bps", "layer_overhead_time_s", "block_step_time_s",
-           "optimizer_tensor_time_s", "optimizer_param_time_s", "allreduce_time_s", "collective_time_s", "ring_bandwidth_Bps",
+           "optimizer_tensor_time_s", "optimizer_param_time_s", "allreduce_time_s", "collective_time_s",
+           "ring_bandwidth_Bps",
            "overlap_fraction", "monotone", "interleaved_medians", "relative_spread", "MATMUL_SIZES",
            "COLLECTIVE_SIZES_BYTES"]
 

@@ -417,8 +417,8 @@ def layer_step_overhead_s(cluster: Cluster, *, param_tensors: int, dtensor: bool
     - an FSDP unit of its own issues its own all-gathers and reduce-scatter per step
       (:func:`data_parallel_collectives`' counts per unit): each pays the latency of one FSDP unit's
       collective (:func:`autoplan.cost.fsdp_unit_collective_s` of 0 bytes: the intercept of its line measured
-      in a step, else the smallest message measured, else the ring formula's α). The data-parallel sync of the step prices
-      their bytes, once for all units. Collectives are measured with every rank taking part, so their time is
+      in a step, else the smallest message measured, else the ring formula's α). The data-parallel sync of the
+      step prices their bytes, once for all units. Collectives are measured with every rank taking part, so their time is
       not stretched (multiplying it by the contention, as this did before, charged dp4 FSDP's latencies about
       three times on the 2-core machine: +37 … +42% in the benchmark runs that used one microbatch).
 

@@ -19,8 +19,9 @@ from ..cluster import Cluster
 from ..plan import Mesh, Plan, mixed_precision_mode
 from ..vocabulary import PRECISION_BYTES
 
-__all__ = ["Strategy", "rank_tail_s", "rank_tail_terms", "rank_optimizer_s", "rank_state_bytes", "rank_state_bytes_per_param",
-           "weight_copy_bytes_per_param", "weight_copy_bytes", "loss_bytes", "fsdp_gather_bytes", "p2p_link", "stage_p2p_s", "in_flight"]
+__all__ = ["Strategy", "rank_tail_s", "rank_tail_terms", "rank_optimizer_s", "rank_state_bytes",
+           "rank_state_bytes_per_param", "weight_copy_bytes_per_param", "weight_copy_bytes", "loss_bytes",
+           "fsdp_gather_bytes", "p2p_link", "stage_p2p_s", "in_flight"]
 
 
 @dataclass(frozen=True)

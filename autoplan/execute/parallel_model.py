@@ -288,12 +288,12 @@ class ParallelModel:
         loss = torch.stack([l.detach().float() for l in losses]).mean() if last else torch.zeros((), device=a.device)
         pp = a.plan.mesh.pp
         src = rank_at(a.plan.mesh, (len(a.plan.stages) - 1) % pp, a.coords["dp"], a.coords["tp"])
-        dist.broadcast(loss, src=src, group=a.mesh["pp"].get_group())
+        dist.broadcast(loss, src=src, group=a.mesh.get_group("pp"))  # no sub-mesh built per step
         return loss
 
     def _global_mean(self, a: AppliedPlan, loss: torch.Tensor) -> float:
         if a.plan.mesh.dp > 1:
-            dist.all_reduce(loss, group=a.mesh["dp"].get_group())
+            dist.all_reduce(loss, group=a.mesh.get_group("dp"))
             loss = loss / a.plan.mesh.dp
         return float(loss)
 
