@@ -20,14 +20,16 @@ Example:
 """
 
 from . import collectives as _collectives
+from . import contention as _contention
 from . import layer as _layer
 from . import memory as _memory
 from . import runtime as _runtime
 from . import step as _step
 from .collectives import *  # noqa: F401,F403
+from .contention import *  # noqa: F401,F403
 from .layer import *  # noqa: F401,F403
 from .memory import *  # noqa: F401,F403
 from .step import *  # noqa: F401,F403
 from .runtime import *  # noqa: F401,F403
 
-__all__ = [name for m in (_collectives, _layer, _memory, _step, _runtime) for name in m.__all__ if name != "check_group"]
+__all__ = [name for m in (_collectives, _contention, _layer, _memory, _step, _runtime) for name in m.__all__ if name != "check_group"]

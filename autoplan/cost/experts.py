@@ -262,8 +262,7 @@ def with_expert_parallel(graph: ModelGraph, plan, base):
     if reason is not None:
         raise PlanMismatchError(f"cannot price expert parallelism: {reason}; re-plan with expert_parallel=False")
     from .plan_cost import _layer_choices, layer_choice_cost, rank_state_bytes, rank_tail_s
-    from .strategy import rank_optimizer_s
-    from .strategy import fsdp_gather_bytes
+    from .strategy import fsdp_gather_bytes, rank_optimizer_s
 
     ep, strategy, cluster = plan.expert_parallel, base.strategy, plan.cluster
     (rank,) = base.ranks  # pp = 1

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from ..cluster import Cluster
 from ..cluster_tables import group_layer_overhead_s
-from .step import compute_contention, fsdp_keeps_weights
+from .contention import compute_contention
+from .step import fsdp_keeps_weights
 
 __all__ = ["data_parallel_root_kind", "data_parallel_root_s", "pipeline_runtime_s", "stage_times_per_step"]
 

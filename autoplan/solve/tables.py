@@ -105,9 +105,7 @@ class LayerCostCache:
         shape = (strategy.pp, strategy.microbatches, strategy.schedule, strategy.virtual_stages)
         hit = self._contention.get(shape)
         if hit is None:
-            hit = self._contention[shape] = cost.compute_contention(
-                self.cluster, pp=strategy.pp, microbatches=strategy.microbatches, schedule=strategy.schedule,
-                virtual_stages=strategy.virtual_stages)
+            hit = self._contention[shape] = strategy.contention(self.cluster)
         return hit
 
     def get(self, layer: Layer, signature: tuple, strategy: Strategy, choice: LayerChoice,
