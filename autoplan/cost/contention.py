@@ -15,7 +15,19 @@ from ..cluster import Cluster
 from .._checks import check_positive_int as _check_positive_int
 from .step import _check_schedule
 
-__all__ = ["compute_contention"]
+__all__ = ["compute_contention", "stage_times_per_step"]
+
+
+def stage_times_per_step(pp: int, microbatches: int, virtual_stages: int = 1) -> int:
+    """Stage-times on a pipeline rank's critical path over a step: m·v of its own and pp − 1 of fill and drain
+    (the bubble, :func:`autoplan.cost.plan_cost.compose`); what a fixed cost per stage and microbatch is paid
+    over.
+
+    Example:
+        >>> stage_times_per_step(pp=4, microbatches=8), stage_times_per_step(pp=4, microbatches=8, virtual_stages=2)
+        (11, 19)
+    """
+    return microbatches * virtual_stages + pp - 1
 
 
 def compute_contention(cluster: Cluster, *, pp: int, microbatches: int, schedule: str,
@@ -27,7 +39,7 @@ def compute_contention(cluster: Cluster, *, pp: int, microbatches: int, schedule
     Processor sharing gives each of k runnable ranks min(1, c / k) of a processor, so a stage-time in which k
     ranks compute stretches by max(1, k / c). Without a pipeline every rank is busy all along: W / c (W = the
     world size). A pipeline's step is n = m·v + pp − 1 stage-times on a rank's critical path
-    (:func:`autoplan.cost.stage_times_per_step`), and in stage-time j the pipeline stages busy are those the
+    (:func:`stage_times_per_step`), and in stage-time j the pipeline stages busy are those the
     wave of microbatches has reached and not yet left, min(j + 1, pp, n − j, m·v), each with W / pp ranks (its
     data- and tensor-parallel peers): the contention is the mean of max(1, k_j / c) over the n stage-times. A
     pipeline's waiting ranks hand their processor to the busy ones, so its fill and drain cost less than on
@@ -56,6 +68,6 @@ def compute_contention(cluster: Cluster, *, pp: int, microbatches: int, schedule
         return max(1.0, cluster.world_size / concurrency)
     _check_schedule(schedule, pp, virtual_stages)
     chunks = microbatches * virtual_stages
-    slots = chunks + pp - 1
+    slots = stage_times_per_step(pp, microbatches, virtual_stages)
     per_stage = cluster.world_size / pp
     return sum(max(1.0, per_stage * min(j + 1, pp, slots - j, chunks) / concurrency) for j in range(slots)) / slots

@@ -13,22 +13,10 @@ from __future__ import annotations
 
 from ..cluster import Cluster
 from ..cluster_tables import group_layer_overhead_s
-from .contention import compute_contention
+from .contention import compute_contention, stage_times_per_step
 from .step import fsdp_keeps_weights
 
-__all__ = ["data_parallel_root_kind", "data_parallel_root_s", "pipeline_runtime_s", "stage_times_per_step"]
-
-
-def stage_times_per_step(pp: int, microbatches: int, virtual_stages: int = 1) -> int:
-    """Stage-times on a pipeline rank's critical path over a step: m·v of its own and pp − 1 of fill and drain
-    (the bubble, :func:`autoplan.cost.plan_cost.compose`); what a fixed cost per stage and microbatch is paid
-    over.
-
-    Example:
-        >>> stage_times_per_step(pp=4, microbatches=8), stage_times_per_step(pp=4, microbatches=8, virtual_stages=2)
-        (11, 19)
-    """
-    return microbatches * virtual_stages + pp - 1
+__all__ = ["data_parallel_root_kind", "data_parallel_root_s", "pipeline_runtime_s"]
 
 
 def data_parallel_root_kind(*, dp: int, data_parallel: str, tp: int, pp: int, microbatches: int,

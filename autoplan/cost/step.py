@@ -220,8 +220,8 @@ def data_parallel_sync_terms(cluster: Cluster, *, dp: int, stride: int, data_par
         if data_parallel == "ddp" else None
     terms = [(c, collective_terms(cluster, sync_kind or c.kind, dp, stride)) for c in records]
     if data_parallel == "fsdp":
-        # FSDP's bytes at their measured cost between its units' compute; each unit's latency stays the plain
-        # collective's (layer_step_overhead_s charges one per unit, the line's intercept holds the chain's four)
+        # FSDP's bytes at their measured cost between its units' compute; the step's latency stays the plain
+        # collective's (each unit's own in-step latency, the line's intercept, is layer_step_overhead_s's)
         terms = [(c, (latency_s, collective_terms(cluster, f"fsdp_{c.kind}", dp, stride)[1]
                       if f"fsdp_{c.kind}" in MEASURED_SYNC_KINDS else per_byte))
                  for c, (latency_s, per_byte) in terms]
