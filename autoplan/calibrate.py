@@ -36,8 +36,8 @@ What is measured, each figure the one the cost model reads (docs/cost_model.md, 
 - robustness: the concurrency's and the overheads' timings are medians of interleaved rounds (a burst of load
   from other jobs slows one sample of each figure, not every sample of one), with more rounds while they
   disagree; ``calibrate.last_spread`` reports each figure's spread.
-- collectives (``collective_times``): all-reduce, all-gather, reduce-scatter and send of several message sizes
-  over groups of 2 consecutive ranks and of every rank of a node, all groups of a size at once, as
+- collectives (``collective_times``): all-reduce, all-gather, reduce-scatter, broadcast and send of several
+  message sizes over groups of 2 consecutive ranks and of every rank of a node, all groups of a size at once, as
   (bytes, seconds) points; and the alpha-beta figures of the intra- and inter-node links from a 4-byte and a
   large all-reduce (a ring moves 2(n−1)/n·B per rank: nccl-tests' bus bandwidth, docs/PERFORMANCE.md there).
 - the data-parallel wrappers' gradient sync as it runs in a step (``collective_times`` kinds "ddp_all_reduce" and
@@ -110,7 +110,7 @@ def _collective_table(local: int, sizes: list[int], device: torch.device) -> dic
             continue
         mesh = group_mesh(device, n)  # groups of n consecutive ranks, all at once
         group = mesh.get_group()
-        for kind in ("all_reduce", "all_gather", "reduce_scatter") + (("send",) if n == 2 else ()):
+        for kind in ("all_reduce", "all_gather", "reduce_scatter", "broadcast") + (("send",) if n == 2 else ()):
             times = [slowest(collective_time_s(kind, b, group, device), device) for b in sizes]
             table.setdefault(kind, {})[str(n)] = list(zip(sizes, monotone(times)))
         ddp_sizes = sorted({min(2**20, sizes[-1]), sizes[-1]})

@@ -272,7 +272,7 @@ class Cluster:
     Measured figures (``autoplan.calibrate`` writes them; empty/0 for the presets, which use the formulas):
 
     - ``collective_times``: per collective kind (``"all_reduce"``, ``"all_gather"``, ``"reduce_scatter"``,
-      ``"send"``) and group size, measured ``(bytes, seconds)`` points of one collective inside a node, all
+      ``"send"``, ``"broadcast"``) and group size, measured ``(bytes, seconds)`` points of one collective inside a node, all
       groups of that size busy at once. The cost model interpolates them linearly in bytes (beyond the largest,
       along the last segment) in place of the alpha-beta formula for intra-node groups of a measured size.
     - ``compute_concurrency``: how many ranks compute at full speed at once when ranks share processors (a CPU

@@ -202,8 +202,8 @@ def memory_bandwidth_Bps(device: torch.device | None = None, num_bytes: int = 2*
 def collective_time_s(kind: str, num_bytes: int, group: dist.ProcessGroup | None, device: torch.device,
                       iters: int = 7) -> float:
     """Median seconds of one ``kind`` collective of ``num_bytes`` over ``group`` (after one warm-up); collective.
-    ``num_bytes`` is an all-reduce's buffer, an all-gather's result, a reduce-scatter's input; for ``"send"``
-    the group's first rank sends ``num_bytes`` to its second.
+    ``num_bytes`` is an all-reduce's buffer, an all-gather's result, a reduce-scatter's input, a broadcast's payload
+    (from the group's first rank); for ``"send"`` the group's first rank sends ``num_bytes`` to its second.
 
     Example (under torchrun): ``collective_time_s("all_gather", 2**20, None, torch.device("cpu"))``
     """
@@ -217,6 +217,8 @@ def collective_time_s(kind: str, num_bytes: int, group: dist.ProcessGroup | None
         def op(): dist.all_gather_into_tensor(full, part, group=group)
     elif kind == "reduce_scatter":
         def op(): dist.reduce_scatter_tensor(part, full, group=group)
+    elif kind == "broadcast":
+        def op(): dist.broadcast(full, group_src=0, group=group)
     elif kind == "send":
         ranks = dist.get_process_group_ranks(group) if group is not None else list(range(n))
         me = dist.get_rank()
@@ -226,7 +228,8 @@ def collective_time_s(kind: str, num_bytes: int, group: dist.ProcessGroup | None
             elif me == ranks[1]:
                 dist.recv(full, ranks[0])
     else:
-        raise ValueError(f"unknown collective kind {kind!r}; use all_reduce, all_gather, reduce_scatter or send")
+        raise ValueError(f"unknown collective kind {kind!r}; use all_reduce, all_gather, reduce_scatter, broadcast "
+                         f"or send")
     op()  # warm-up: connections and buffers
     times = []
     for _ in range(iters):  # the median of single operations: a loaded machine delays some of them by far more

@@ -41,7 +41,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import autoplan  # noqa: E402
-from autoplan.cost.plan_cost import _layer_choices, estimate_breakdown, layer_choice_cost  # noqa: E402
+from autoplan.cost.plan_cost import estimate_breakdown, layer_choice_cost, plan_layer_choices  # noqa: E402
 from autoplan.cost.strategy import Strategy  # noqa: E402
 from autoplan.cost.layer import compute_s  # noqa: E402
 from autoplan.cost.sequence import backward_regathers, collectives_s, sequence_parallel_applies  # noqa: E402
@@ -226,7 +226,7 @@ def predict_2022(row: dict, published: dict, graph: autoplan.ModelGraph | None =
         slow, m = cost.slowest_rank, cost.strategy.microbatches
         regather_s = 0.0  # the gathers again in backward on one rank (its layers / pp blocks), priced exposed
         if sequence_parallel:
-            (layer, _, option), = [c for c in _layer_choices(graph, plan)[0] if c[0].name == "blocks.0"]
+            (layer, _, option), = [c for c in plan_layer_choices(graph, plan)[0] if c[0].name == "blocks.0"]
             regathers = backward_regathers(layer, traced_batch_size=graph.batch_size,
                                            traced_dtype_bytes=graph.dtype_bytes, tp=row["tp"],
                                            microbatch_size=row["mbs"], precision="bf16", recompute=option)
@@ -272,7 +272,7 @@ def predict_layer_2022(row: dict, published_rows: list[dict], graph: autoplan.Mo
     for published in published_rows:
         sequence_parallel, recompute = LAYER_SETTINGS_2022[published["experiment"]]
         plan = published_plan(graph, row, virtual=1, sequence_parallel=sequence_parallel, recompute=recompute)
-        (layer, tp_on, option), = [c for c in _layer_choices(graph, plan)[0] if c[0].name == "blocks.0"]
+        (layer, tp_on, option), = [c for c in plan_layer_choices(graph, plan)[0] if c[0].name == "blocks.0"]
         c = layer_choice_cost(graph, layer, plan.cluster, Strategy.of(plan), tp_on, option)
         hidden_s = megatron_hidden_regather_s(graph, layer, plan, option) if sequence_parallel else 0.0
         # forward's collectives mirror backward's (all-reduce for all-reduce, gather for scatter), less the

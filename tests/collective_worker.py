@@ -61,8 +61,9 @@ def run_case(case: dict) -> dict:
     if case.get("numerics"):  # the reference's steps: also the warm-up
         _, losses, state = train_parallel(pm, _batches(case["kind"]))
         numerics = {"losses": losses, "state": state}
-    else:
-        pm.train_step(inputs, targets)  # warm-up: DDP rebuilds its buckets after the first step
+    else:  # warm-up: DDP rebuilds its buckets at the first forward after its first synced backward, in the second
+        for _ in range(2):  # step, and broadcasts their indices from rank 0 then, once
+            pm.train_step(inputs, targets)
     if plan.sequence_parallel:  # as after opt.zero_grad(): a norm's partial gradient is reduced once per step
         for p in pm.parameters():
             p.grad = None

@@ -14,6 +14,7 @@ input shapes and dtypes. This reads them into :class:`autoplan.cost.Collective` 
 - send: ``gloo:send`` (pipeline activations and gradients);
 - all-to-all: ``gloo:all_to_all``, whose one shape is the rank's send buffer (the row exchange of a projection of
   unequal fused parts, autoplan.execute.tp_styles.FusedRowsColwise).
+- broadcast: ``gloo:broadcast`` (the pipeline's loss, from its last stage).
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def collectives_of(events) -> list[Collective]:
             out.append(Collective("send", _bytes(e.shapes()[0], e.dtypes()[0])))
         elif name == "gloo:all_to_all":
             out.append(Collective("all_to_all", _bytes(e.shapes()[0], e.dtypes()[0])))
+        elif name == "gloo:broadcast":
+            out.append(Collective("broadcast", _bytes(e.shapes()[0], e.dtypes()[0])))
     if sum(scattered.values()):
         raise AssertionError(f"reduce-scatters without their gloo all-reduce: {dict(scattered)}")
     return out
@@ -82,13 +85,3 @@ def counted_collectives() -> Iterator[list[Collective]]:
         yield found
     found.extend(collectives_of(prof.profiler.kineto_results.events()))
 
-
-def summary(collectives: list[Collective], min_bytes: int = 0) -> dict[str, tuple[int, int]]:
-    """{kind: (count, bytes)} of the collectives of at least ``min_bytes`` each."""
-    table: dict[str, list[int]] = {}
-    for c in collectives:
-        if c.nbytes >= min_bytes:
-            row = table.setdefault(c.kind, [0, 0])
-            row[0] += c.count
-            row[1] += int(c.total_bytes)
-    return {kind: (count, nbytes) for kind, (count, nbytes) in sorted(table.items())}

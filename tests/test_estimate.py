@@ -54,13 +54,14 @@ def test_step_time_worked_by_hand():
     """1000 FLOP/s, 1000 B/s links and memory. Per microbatch a layer runs 1000 forward + 2000 backward FLOPs: 3 s;
     stage 0 also sends 40 bytes forward and receives 40 back: 2 × 0.04 s. Step = 4 microbatches × 3.08 s + 1
     bubble stage-time (pp − 1) × 3.08 s + the AdamW update of 10 fp32 parameters, 10 × 28 B / 1000 B/s = 0.28 s
-    (no data parallelism: no gradient sync)."""
+    (no data parallelism: no gradient sync) + the loss's broadcast from the last stage, 4 B / 1000 B/s = 0.004 s."""
     graph = _two_layer_graph(activation_bytes=0)
     predicted = estimate(graph, _two_stage_plan(graph))
-    assert predicted.step_time_s == pytest.approx(4 * 3.08 + 3.08 + 0.28, rel=1e-12)
+    assert predicted.step_time_s == pytest.approx(4 * 3.08 + 3.08 + 0.28 + 0.004, rel=1e-12)
     assert (predicted.compute_s, predicted.bubble_s, predicted.optimizer_s) == pytest.approx((12.0, 3.08, 0.28))
-    assert predicted.comm_s == pytest.approx(4 * 0.08)  # the sends of the slowest rank, every microbatch
-    assert predicted.samples_per_s == pytest.approx(4 / 15.68)
+    assert predicted.comm_s == pytest.approx(4 * 0.08 + 0.004)  # the sends of the slowest rank, every microbatch,
+    # and the loss's broadcast
+    assert predicted.samples_per_s == pytest.approx(4 / 15.684)
 
 
 def test_memory_worked_by_hand():

@@ -306,13 +306,15 @@ def test_dp2_with_experts_sharded_matches_one_process(tmp_path):
 def _issued_equal_charged(got: dict, per_unit: dict) -> None:
     """Every collective of an EP + FSDP step, counted at the process group, against the cost model's list
     (``autoplan.cost.traffic.plan_collectives``): the dispatch per microbatch, then FSDP's all-gathers and
-    reduce-scatters of the dense weights, ``per_unit`` of each per unit and step — the experts' weights in neither."""
+    reduce-scatters of the dense weights, ``per_unit`` of each per unit and step — the experts' weights in neither —
+    and the loss's mean, one 4-byte all-reduce."""
     dispatch = [(kind, nbytes, count * 2, axis) for kind, nbytes, count, axis in got["dispatch"]]  # 2 microbatches
     assert got["charged"][:len(dispatch)] == dispatch
-    fsdp = got["charged"][len(dispatch):]
+    fsdp, loss = got["charged"][len(dispatch):-1], got["charged"][-1]
     assert {kind: count for kind, _, count, _ in fsdp} == per_unit  # kept through the step, or resharded
+    assert loss == ("all_reduce", 4, 1, "dp")
     want_count, want_bytes = Counter(), Counter()
-    for kind, nbytes, count, _ in dispatch:
+    for kind, nbytes, count, _ in dispatch + [loss]:
         want_count[kind] += count
         want_bytes[kind] += nbytes * count
     for kind, nbytes, count, _ in fsdp:  # the records sum the bytes over units: per unit, the count
@@ -320,8 +322,6 @@ def _issued_equal_charged(got: dict, per_unit: dict) -> None:
         want_bytes[kind] += (nbytes + got["padding_bytes"]) * count  # FSDP2 also moves its dim-0 padding
     issued_count, issued_bytes = Counter(), Counter()
     for kind, nbytes in got["counts"]:
-        if kind != "all_reduce":  # the loss's mean, 4 bytes
-            issued_count[kind] += 1
-            issued_bytes[kind] += nbytes
-    assert got["counts"].count(("all_reduce", 4)) == len([k for k, _ in got["counts"] if k == "all_reduce"])
+        issued_count[kind] += 1
+        issued_bytes[kind] += nbytes
     assert (issued_count, issued_bytes) == (want_count, want_bytes)

@@ -2,14 +2,16 @@
 
 Every formula cites its source. Units are in the names (``_s``, ``_bytes``, ``_flops``, ``_Bps``).
 
-- :mod:`~autoplan.cost.collectives`: alpha-beta times of the collectives, per group placement.
+- :mod:`~autoplan.cost.alpha_beta`: the alpha-beta times of one collective on one link.
+- :mod:`~autoplan.cost.collectives`: the collectives' times per group placement, measured or alpha-beta.
 - :mod:`~autoplan.cost.memory`: model states (ZeRO), autocast weight copies, loss buffers.
 - :mod:`~autoplan.cost.layer`: one layer's compute, tensor-parallel communication and activation bytes.
 - :mod:`~autoplan.cost.step`: pipeline schedule terms, data-parallel sync, the optimizer update.
-- :mod:`~autoplan.cost.runtime`: the runtime wrappers' fixed costs per step (stage roots' data-parallel hooks,
-  the pipeline runtime's schedule actions).
+- :mod:`~autoplan.cost.runtime`: the runtime's fixed costs per step (stage roots' data-parallel hooks, the
+  pipeline runtime's schedule actions, the loss collectives).
 - :mod:`~autoplan.cost.strategy`: a layout's discrete choices and the per-rank terms they fix (tail, model
   states, weight copy, loss buffers, sends, microbatches in flight).
+- :mod:`~autoplan.cost.layer_choice`: one layer's cost under a layout's choices, and a plan's choice per layer.
 - :mod:`~autoplan.cost.plan_cost`: a whole plan's step time and per-stage memory (``compose``), the cost the
   solver minimises.
 

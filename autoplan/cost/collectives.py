@@ -1,4 +1,5 @@
-"""Collectives under the alpha-beta model, flat and across nodes.
+"""Collectives per group placement: measured inside a node where :mod:`autoplan.calibrate` timed them, else the
+alpha-beta formulas of :mod:`autoplan.cost.alpha_beta`, flat and across nodes.
 
 Example:
     >>> from autoplan.cost.collectives import allreduce_s
@@ -10,13 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .._checks import check_link as _check_link
 from .._checks import check_non_negative as _check_non_negative
 from .._checks import check_positive_int as _check_positive_int
 from ..cluster import Cluster
+from .alpha_beta import allgather_s, allreduce_s, alltoall_s, broadcast_s, p2p_s, reduce_scatter_s
 
 #: What the cost model charges and what ``tests/comm_counter.py`` counts on the wire, one spelling for both.
-COLLECTIVE_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "send", "all_to_all")
+COLLECTIVE_KINDS = ("all_reduce", "all_gather", "reduce_scatter", "send", "all_to_all", "broadcast")
 #: What a wrapper's whole gradient synchronisation costs in a step, measured as it runs (``Cluster.collective_times``
 #: only; not a collective the executor issues by that name): "ddp_all_reduce" is DDP's bucketed all-reduce with its
 #: copies, "replicate_all_reduce" FSDP2 ``replicate``'s (DDP composed with TP or PP), "fsdp_all_gather" and
@@ -31,7 +32,8 @@ MEASURED_SYNC_BASE = {"ddp_all_reduce": "all_reduce", "replicate_all_reduce": "a
 @dataclass(frozen=True)
 class Collective:
     """``count`` collectives of one ``kind`` per step on one device, each of ``nbytes`` (an all-gather's
-    result, a reduce-scatter's input, an all-reduce's buffer, a send's payload, an all-to-all's send buffer), over
+    result, a reduce-scatter's input, an all-reduce's buffer, a send's or a broadcast's payload, an all-to-all's send
+    buffer), over
     ``group_size`` ranks of the mesh axis ``axis``.
 
     The time functions below price exactly these records, so the count and bytes a plan is charged for can be
@@ -68,6 +70,7 @@ __all__ = [
     "reduce_scatter_s",
     "p2p_s",
     "alltoall_s",
+    "broadcast_s",
     "group_link",
     "group_allreduce_s",
     "group_allgather_s",
@@ -75,90 +78,13 @@ __all__ = [
     "group_reduce_scatter_s",
     "group_p2p_s",
     "group_alltoall_s",
+    "group_broadcast_s",
     "collective_terms",
     "collective_latency_s",
     "fsdp_unit_collective_s",
     "measured_collective_s",
     "check_group",
 ]
-
-# ---------------------------------------------------------------------------------------------------------------
-# Collectives: the alpha-beta (latency-bandwidth) model of ring algorithms, Thakur, Rabenseifner & Gropp,
-# "Optimization of Collective Communication Operations in MPICH" (IJHPCA 2005), §4; the same step counts give
-# NCCL's "bus bandwidth" factors (NCCL tests, doc/PERFORMANCE.md: all-reduce 2(n−1)/n, all-gather and
-# reduce-scatter (n−1)/n). ``bandwidth_Bps`` is one direction of one rank's link.
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def allreduce_s(nbytes: float, n: int, *, bandwidth_Bps: float, latency_s: float) -> float:
-    """Ring all-reduce: 2(n−1) steps of nbytes/n (Thakur et al. 2005; NCCL performance docs).
-
-    Time = 2(n−1)/n · nbytes / bandwidth + 2(n−1) · latency; 0 for n == 1.
-
-    Example:
-        >>> round(allreduce_s(1e9, 8, bandwidth_Bps=100e9, latency_s=1e-6) * 1e3, 3)   # 17.5 ms + 14 µs
-        17.514
-    """
-    # A ring all-reduce is a reduce-scatter followed by an all-gather (Thakur et al. 2005, §4.4).
-    return 2 * allgather_s(nbytes, n, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
-
-
-def allgather_s(nbytes: float, n: int, *, bandwidth_Bps: float, latency_s: float) -> float:
-    """Ring all-gather of a result of ``nbytes`` in total: (n−1) steps of nbytes/n.
-
-    Time = (n−1)/n · nbytes / bandwidth + (n−1) · latency; 0 for n == 1.
-
-    Example:
-        >>> round(allgather_s(1e9, 4, bandwidth_Bps=100e9, latency_s=0.0), 4)   # 3/4 GB / 100 GB/s
-        0.0075
-    """
-    _check_positive_int("n", n)
-    _check_non_negative("nbytes", nbytes)
-    _check_link(bandwidth_Bps, latency_s)
-    if n == 1:
-        return 0.0
-    return (n - 1) / n * nbytes / bandwidth_Bps + (n - 1) * latency_s
-
-
-def reduce_scatter_s(nbytes: float, n: int, *, bandwidth_Bps: float, latency_s: float) -> float:
-    """Ring reduce-scatter of an input of ``nbytes``: (n−1) steps of nbytes/n.
-
-    Time = (n−1)/n · nbytes / bandwidth + (n−1) · latency; 0 for n == 1 (the mirror of all-gather).
-
-    Example:
-        >>> round(reduce_scatter_s(1e9, 4, bandwidth_Bps=100e9, latency_s=0.0), 4)
-        0.0075
-    """
-    return allgather_s(nbytes, n, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
-
-
-def p2p_s(nbytes: float, *, bandwidth_Bps: float, latency_s: float) -> float:
-    """One point-to-point send: latency + nbytes / bandwidth.
-
-    Example:
-        >>> round(p2p_s(50e6, bandwidth_Bps=25e9, latency_s=10e-6) * 1e3, 3)   # 2 ms + 10 µs
-        2.01
-    """
-    _check_non_negative("nbytes", nbytes)
-    _check_link(bandwidth_Bps, latency_s)
-    return latency_s + nbytes / bandwidth_Bps
-
-
-def alltoall_s(nbytes: float, n: int, *, bandwidth_Bps: float, latency_s: float) -> float:
-    """All-to-all of a send buffer of ``nbytes`` per rank, a 1/n share for each of the n ranks (its own included),
-    by pairwise exchange: (n−1) steps, in each of which a rank sends one share to one other rank and receives one.
-
-    Time = (n−1)/n · nbytes / bandwidth + (n−1) · latency; 0 for n == 1: the pairwise-exchange algorithm of Thakur,
-    Rabenseifner & Gropp 2005 (§4, all-to-all, long messages), and NCCL's all-to-all bus bandwidth factor (n−1)/n
-    (NCCL tests, doc/PERFORMANCE.md). The same as a ring all-gather of that buffer: each rank moves what is not its
-    own, (n−1)/n of it, through its link.
-
-    Example:
-        >>> round(alltoall_s(1e9, 4, bandwidth_Bps=100e9, latency_s=0.0), 4)   # 3/4 GB / 100 GB/s
-        0.0075
-    """
-    return allgather_s(nbytes, n, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
-
 
 def check_group(cluster: Cluster, group_size: int, stride: int) -> None:
     # the common, valid case in one test: the planner asks this ~100,000 times per search
@@ -339,6 +265,22 @@ def group_alltoall_s(nbytes: float, cluster: Cluster, group_size: int, stride: i
     return alltoall_s(nbytes, group_size, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
 
 
+def group_broadcast_s(nbytes: float, cluster: Cluster, group_size: int, stride: int) -> float:
+    """A broadcast of ``nbytes`` from one member to a group laid out as in :func:`group_link`: measured
+    (``cluster.collective_times["broadcast"]``) inside a node, else :func:`broadcast_s` on the group's link (a
+    chain that crosses nodes runs at its slowest hop).
+
+    Example:
+        >>> round(group_broadcast_s(4, Cluster.preset("a100-80gb"), 4, 1) * 1e6, 1)   # 3 hops of 5 µs
+        15.0
+    """
+    measured = measured_collective_s(cluster, "broadcast", group_size, stride, nbytes)
+    if measured is not None:
+        return measured
+    bandwidth_Bps, latency_s = group_link(cluster, group_size, stride)
+    return broadcast_s(nbytes, group_size, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
+
+
 def measured_collective_s(cluster: Cluster, kind: str, group_size: int, stride: int, nbytes: float,
                           span: int | None = None) -> float | None:
     """Seconds of one ``kind`` collective of ``nbytes`` over ``group_size`` ranks ``stride`` apart from the
@@ -419,8 +361,8 @@ def collective_terms(cluster: Cluster, kind: str, group_size: int, stride: int) 
     """(latency_s, seconds_per_byte) of one ``kind`` collective over a group laid out as in :func:`group_link`,
     as an affine function of its bytes (what the data-parallel sync, linear in a rank's parameters, is priced
     from). From measured points: the line through the two largest (data-parallel messages are large); else the
-    alpha-beta formulas (an all-reduce costs two all-gathers, a reduce-scatter one; a send one hop; an all-to-all
-    (n−1) steps on the group's link, :func:`group_alltoall_s`).
+    alpha-beta formulas (an all-reduce costs two all-gathers, a reduce-scatter one; a send one hop; a broadcast n−1
+    hops and its bytes once; an all-to-all (n−1) steps on the group's link, :func:`group_alltoall_s`).
 
     Example:
         >>> c = Cluster.preset("a100-80gb")                          # 8 GPUs, 300 GB/s NVLink, 5 µs
@@ -439,9 +381,9 @@ def collective_terms(cluster: Cluster, kind: str, group_size: int, stride: int) 
         return max(0.0, y1 - slope * x1), slope
     if kind in MEASURED_SYNC_KINDS:
         return collective_terms(cluster, MEASURED_SYNC_BASE[kind], group_size, stride)
-    if kind == "send":
+    if kind in ("send", "broadcast"):
         bandwidth_Bps, latency_s = group_link(cluster, group_size, stride)
-        return latency_s, 1 / bandwidth_Bps
+        return (1 if kind == "send" else group_size - 1) * latency_s, 1 / bandwidth_Bps
     if kind == "all_to_all":
         bandwidth_Bps, latency_s = group_link(cluster, group_size, stride)
         return (group_size - 1) * latency_s, (group_size - 1) / group_size / bandwidth_Bps

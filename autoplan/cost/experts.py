@@ -261,7 +261,8 @@ def with_expert_parallel(graph: ModelGraph, plan, base):
     reason = expert_parallel_refusal(graph, plan)
     if reason is not None:
         raise PlanMismatchError(f"cannot price expert parallelism: {reason}; re-plan with expert_parallel=False")
-    from .plan_cost import _layer_choices, layer_choice_cost, rank_state_bytes, rank_tail_s
+    from .layer_choice import layer_choice_cost, plan_layer_choices
+    from .plan_cost import rank_state_bytes, rank_tail_s
     from .strategy import fsdp_gather_bytes, rank_optimizer_s
 
     ep, strategy, cluster = plan.expert_parallel, base.strategy, plan.cluster
@@ -282,7 +283,7 @@ def with_expert_parallel(graph: ModelGraph, plan, base):
     # each layer's transient: FSDP gathers its dense weights only; a layer with experts holds the group's gathered
     # tokens and partial sums
     element = element_bytes(graph, plan)
-    (rows,) = _layer_choices(graph, plan)
+    (rows,) = plan_layer_choices(graph, plan)
     for layer, tp_on, option in rows:
         c = layer_choice_cost(graph, layer, cluster, strategy, tp_on, option)
         e = graph.experts.get(layer.name)

@@ -67,17 +67,18 @@ from typing import Sequence
 from .. import cost
 from ..vocabulary import PRECISION_BYTES
 from ..cluster import Cluster
-from ..graph import Layer, ModelGraph, RecomputeOption
+from ..graph import ModelGraph
 from ..plan import Plan, Predicted, RankFigures, StageTime
-# A strategy and its per-rank terms live in .strategy; they are re-exported here, where compose uses them.
-from .row_exchange import exchanged_elements
-from .tied import tied_gradient_sync_s
+# A strategy and its per-rank terms live in .strategy, a layer's cost under it in .layer_choice; they are
+# re-exported here, where compose and estimate use them.
+from .layer_choice import layer_choice_cost, layer_cost_context, owns_tied_weight, plan_layer_choices
+from .tied import tied_copy_params, tied_gradient_sync_s
 from .strategy import (Strategy, fsdp_gather_bytes, in_flight, loss_bytes, p2p_link, rank_state_bytes,
                        rank_state_bytes_per_param, rank_tail_s, rank_tail_terms, stage_p2p_s,
                        weight_copy_bytes, weight_copy_bytes_per_param)
 
 __all__ = ["Strategy", "RankCost", "PlanCost", "estimate", "estimate_breakdown", "compose", "layer_choice_cost",
-           "owns_tied_weight",
+           "owns_tied_weight", "plan_layer_choices",
            "layer_cost_context", "rank_tail_s", "rank_tail_terms", "rank_state_bytes", "rank_state_bytes_per_param",
            "weight_copy_bytes_per_param", "weight_copy_bytes", "loss_bytes", "fsdp_gather_bytes", "p2p_link", "stage_p2p_s", "in_flight"]
 
@@ -184,134 +185,12 @@ def rank_figures(strategy: Strategy, rank: RankCost) -> RankFigures:
     )
 
 
-def layer_choice_cost(graph: ModelGraph, layer: Layer, cluster: Cluster, strategy: Strategy, tp_on: bool,
-                      recompute: RecomputeOption | None,
-                      context: tuple[float, int, float] | None = None) -> cost.LayerCost:
-    """:func:`autoplan.cost.layer_cost` of ``layer`` under ``strategy``, sharded by ``tp`` iff ``tp_on``.
-    ``context``: :func:`layer_cost_context`'s answer, when the caller has it (or, for a lower bound, a relaxed
-    one: no FSDP unit and no per-step seconds only remove non-negative terms).
-
-    Example (a GPT block at h = 64: tp = 2 halves its 12h² matmul weights, not its 13h norms and biases):
-        >>> from autoplan import Cluster
-        >>> from autoplan.synthetic import gpt_like_graph
-        >>> graph = gpt_like_graph(layers=1, hidden=64, seq=16, heads=4, vocab=100)
-        >>> s, block = Strategy(1, 1, 2, 1, 1, "1f1b", "ddp"), graph.layer("blocks.0")
-        >>> [layer_choice_cost(graph, block, Cluster.preset("a100-80gb"), s, tp_on, None).num_params
-        ...  for tp_on in (False, True)]
-        [49984, 25408]
-    """
-    contention, fsdp_unit, per_step_s = context or layer_cost_context(graph, layer, cluster, strategy, tp_on)
-    result = cost.layer_cost(
-        layer, traced_batch_size=graph.batch_size, traced_dtype_bytes=graph.dtype_bytes, cluster=cluster,
-        tp=strategy.tp if tp_on else 1, microbatch_size=strategy.microbatch_size, precision=strategy.precision,
-        recompute=recompute, tp_stride=1, contention=contention, fsdp_unit=fsdp_unit, per_step_s=per_step_s,
-        fsdp_keeps_weights=strategy.fsdp_keeps_weights, exchanged_elements=exchanged_elements(graph, layer),
-    )
-    if strategy.sequence_parallel:
-        result = _with_sequence_parallel(graph, layer, cluster, strategy, tp_on, recompute, result)
-    return result
-
-
-def layer_cost_context(graph: ModelGraph, layer: Layer, cluster: Cluster, strategy: Strategy, tp_on: bool,
-                       largest_layer_params: int | None = None) -> tuple[float, int, float]:
-    """What :func:`layer_choice_cost` reads from the whole strategy besides its tp degree, microbatch size,
-    precision and sequence parallelism: ``(contention, fsdp_unit, per_step_s)`` — ranks sharing processors
-    (pp, microbatches, schedule), the size of ``layer``'s FSDP group when it is an FSDP unit of its own (dp,
-    data-parallel kind; 0 when it is not: the per-layer hooks cost per group size) and its fixed per-step
-    seconds. A memo of layer costs across strategies must key on these too.
-    ``largest_layer_params``: the graph's largest layer, when the caller has it (saves a scan per call).
-
-    Example (FSDP over 4 ranks makes the block a unit of its own, of 4 ranks; DDP does not):
-        >>> from autoplan import Cluster
-        >>> from autoplan.synthetic import gpt_like_graph
-        >>> graph = gpt_like_graph(layers=2, hidden=64, seq=16, heads=4, vocab=100)
-        >>> block, c = graph.layer("blocks.0"), Cluster.preset("a100-80gb")
-        >>> [layer_cost_context(graph, block, c, Strategy(1, 4, 1, 1, 1, "1f1b", kind), False)[1]
-        ...  for kind in ("ddp", "fsdp")]
-        [0, 4]
-    """
-    contention = strategy.contention(cluster)
-    fsdp_unit = strategy.dp if _fsdp_unit(graph, layer, strategy, largest_layer_params) else 0
-    per_step_s = cost.layer_step_overhead_s(  # its optimizer launches run with every rank stepping at once
-        cluster, param_tensors=len(layer.param_names), dtensor=_dtensor_params(strategy, tp_on),
-        fsdp_unit=fsdp_unit, dp=strategy.dp, stride=strategy.tp, precision=strategy.precision,
-        microbatches=strategy.microbatches, pp=strategy.pp, contention=strategy.step_end_contention(cluster),
-        reshard=strategy.fsdp_reshard)
-    return contention, fsdp_unit, per_step_s
-
-
-def _with_sequence_parallel(graph: ModelGraph, layer: Layer, cluster: Cluster, strategy: Strategy, tp_on: bool,
-                            recompute: RecomputeOption | None, base: cost.LayerCost) -> cost.LayerCost:
-    """``base`` under sequence parallelism (:mod:`autoplan.cost.sequence`): a sharded layer that allows it splits
-    its stream and pays, spread over the step's microbatches, the per-step all-reduce of its norm weights'
-    gradients. The last layer of a run pays the run's entry and exit; any other layer of a run prices a pipeline
-    cut after it (``cut_s``): the stage before the cut gathers the stream and the stage after splits it again,
-    the same two all-gathers, so each stage's piece of a run pays one entry and one exit."""
-    from dataclasses import replace
-
-    from . import sequence
-
-    if not (tp_on and sequence.sequence_parallel_applies(layer, strategy.tp)):
-        return base
-    figures = dict(traced_batch_size=graph.batch_size, traced_dtype_bytes=graph.dtype_bytes, cluster=cluster,
-                   tp=strategy.tp, microbatch_size=strategy.microbatch_size, precision=strategy.precision)
-    result = sequence.sequence_parallel_cost(layer, base, recompute=recompute, **figures)
-    # the row exchanges of unequal fused parts (autoplan.cost.row_exchange) run as without the split stream
-    rows = tuple(c for c in base.tp_collectives if c.kind == "all_to_all")
-    if rows and result is not base:
-        rows_s = sum(c.count * cost.group_alltoall_s(c.nbytes, cluster, c.group_size, 1, c.moved) for c in rows)
-        result = replace(result, tp_collectives=result.tp_collectives + rows, tp_comm_s=result.tp_comm_s + rows_s)
-    scale = strategy.microbatch_size / graph.batch_size * PRECISION_BYTES[strategy.precision] / graph.dtype_bytes
-    edges = sequence.sequence_edge_collectives(layer.output_bytes * scale, strategy.tp)
-    edges_s = sequence.collectives_s(edges, cluster)
-    norms_s = sequence.collectives_s(sequence.norm_gradient_collectives([layer], strategy.tp), cluster)
-    tp_comm_s = result.tp_comm_s + norms_s / strategy.microbatches
-    following = graph.layers[layer.index + 1] if layer.index + 1 < len(graph.layers) else None
-    if following is None or not sequence.sequence_parallel_applies(following, strategy.tp):
-        return replace(result, tp_collectives=result.tp_collectives + edges, tp_comm_s=tp_comm_s + edges_s)
-    return replace(result, tp_comm_s=tp_comm_s, cut_s=edges_s, cut_collectives=edges)
-
-
-def _dtensor_params(strategy: Strategy, tp_on: bool) -> bool:
-    """Whether the layer's parameters are DTensors: tensor-parallel, or data-parallel by FSDP2 / ``replicate``
-    (DDP composed with tensor or pipeline parallelism, :mod:`autoplan.execute.data_parallel`)."""
-    composed = strategy.tp > 1 or strategy.pp > 1
-    return tp_on or (strategy.dp > 1 and (strategy.data_parallel == "fsdp" or composed))
-
-
-def owns_tied_weight(graph: ModelGraph, layer: Layer) -> bool:
-    """Whether ``layer`` holds a parameter tied to another (``graph.tied_parameters``): the executor leaves such a
-    layer with its stage root instead of an FSDP unit of its own.
-
-    Example:
-        >>> from dataclasses import replace
-        >>> from autoplan.synthetic import gpt_like_graph
-        >>> g = gpt_like_graph(layers=1)
-        >>> g.tied_parameters = [("tok.weight", "head.weight")]
-        >>> tok, block = replace(g.layers[0], param_names=("tok.weight",)), g.layers[2]
-        >>> owns_tied_weight(g, tok), owns_tied_weight(g, block)
-        (True, False)
-    """
-    return any(name in group for group in graph.tied_parameters for name in layer.param_names)
-
-
-def _fsdp_unit(graph: ModelGraph, layer: Layer, strategy: Strategy, largest_layer_params: int | None = None) -> bool:
-    """Whether the executor wraps ``layer`` in an FSDP unit of its own: FSDP over dp > 1, the layer owns no tied
-    weight (those stay with the stage root, ``autoplan.execute.data_parallel.shardable_layers``) and holds at
-    least 1/8 of the largest layer's parameters (``autoplan.execute.data_parallel.UNIT_MIN_FRACTION``)."""
-    if strategy.data_parallel != "fsdp" or strategy.dp == 1 or layer.num_params == 0:
-        return False
-    if owns_tied_weight(graph, layer):
-        return False  # a GPT's tied token embedding: its hooks are the root's (cost.data_parallel_root_s)
-    if largest_layer_params is None:
-        largest_layer_params = max(l.num_params for l in graph.layers)
-    return layer.num_params * 8 >= largest_layer_params
-
-
 def compose(strategy: Strategy, cluster: Cluster, stages: Sequence[Sequence[cost.LayerCost]],
-            global_batch_size: int, tied_sync_s: Sequence[float] = ()) -> PlanCost:
+            global_batch_size: int, tied_sync_s: Sequence[float] = (),
+            tied_copy_params: Sequence[int] = ()) -> PlanCost:
     """The step time and memory of ``stages`` (per stage, the costs of its layers in order); ``tied_sync_s``:
-    per pipeline rank, the per-step all-reduce of weights tied across ranks (:mod:`autoplan.cost.tied`).
+    per pipeline rank, the per-step all-reduce of weights tied across ranks, and ``tied_copy_params`` the copies
+    of them a rank holds beside its layers' parameters (:mod:`autoplan.cost.tied`).
 
     Example (one device, one microbatch: the step is the layers' time plus the optimizer update):
         >>> from autoplan import Cluster
@@ -335,7 +214,7 @@ def compose(strategy: Strategy, cluster: Cluster, stages: Sequence[Sequence[cost
     for r in range(strategy.pp):
         own = [k for k in range(len(stages)) if k % strategy.pp == r]
         layers = [c for k in own for c in stages[k]]
-        params = sum(c.num_params for c in layers)
+        params = sum(c.num_params for c in layers) + (tied_copy_params[r] if tied_copy_params else 0)
         sync, opt = rank_tail_s(strategy, cluster, params)
         sync += tied_sync_s[r] if tied_sync_s else 0.0  # tied weights across pipeline ranks (autoplan.cost.tied)
         flight = in_flight(strategy, r)
@@ -374,60 +253,6 @@ def compose(strategy: Strategy, cluster: Cluster, stages: Sequence[Sequence[cost
     )
 
 
-def _layer_choices(graph: ModelGraph, plan: Plan) -> list[list[tuple[Layer, bool, RecomputeOption | None]]]:
-    """Each stage's layers with their tensor-parallel flag and recompute option, as the plan states them."""
-    by_name = {layer.name: layer for layer in graph.layers}
-    unknown = [name for name in plan.layers if name not in by_name]
-    if unknown:
-        raise ValueError(f"plan names layers {unknown[:5]} that the model graph does not have; "
-                         f"re-plan for this model")
-    missing = [layer.name for layer in graph.layers if layer.name not in set(plan.layers)]
-    if missing:
-        raise ValueError(f"plan leaves out layers {missing[:5]}; every layer must be in exactly one stage")
-    order = [by_name[name].index for name in plan.layers]
-    if order != sorted(order):
-        raise ValueError("plan stages must list layers in model order (pipeline stages are contiguous)")
-    stages = []
-    for stage in plan.stages:
-        wanted = set(stage.recompute)
-        offered = {o.module for name in stage.layers for o in by_name[name].recompute_options}
-        unpriced = sorted(wanted - offered)
-        if unpriced:
-            # pricing such a module as "no recompute" would be a wrong number with no error
-            raise ValueError(
-                f"plan recomputes {unpriced[:5]}, which no layer of its stage offers as a recompute option (offered: "
-                f"{sorted(offered)[:8]}); recompute a whole layer or one of the children its trace lists, or re-plan"
-            )
-        rows = []
-        for name in stage.layers:
-            layer = by_name[name]
-            tp_on = plan.mesh.tp > 1 and any(fqn in plan.tensor_parallel for g in layer.tp_groups for fqn in g.styles)
-            _check_sequence_marks(plan, layer, tp_on)
-            option = next((o for o in layer.recompute_options if o.module in wanted), None)
-            rows.append((layer, tp_on, option))
-        stages.append(rows)
-    return stages
-
-
-def _check_sequence_marks(plan: Plan, layer: Layer, tp_on: bool) -> None:
-    """The executor runs a layer sequence-parallel on the norms the plan marks "sequence"; the cost model prices
-    sequence parallelism on a layer whose trace allows it at the plan's tp, with all of its norms. A hand-edited
-    plan where the two differ would be priced for what does not run: refused."""
-    from .sequence import sequence_parallel_applies
-
-    prefix = layer.name + "."
-    marked = {f[len(prefix):] for f, style in plan.tensor_parallel.items()
-              if style == "sequence" and f.startswith(prefix)}
-    priced = plan.sequence_parallel and tp_on and sequence_parallel_applies(layer, plan.mesh.tp)
-    expected = set(layer.sequence_parallel.norms) if priced else set()
-    if marked != expected:
-        raise ValueError(
-            f"plan marks {sorted(marked)} of layer {layer.name!r} as 'sequence', but sequence parallelism is priced "
-            f"on that layer {'with its norms ' + str(sorted(expected)) if expected else 'not at all'} (its trace at "
-            f"tp={plan.mesh.tp}, with its tensor-parallel pairs {'on' if tp_on else 'off'}); mark exactly those "
-            f"norms, or re-plan with autoplan.plan(..., sequence_parallel=...)")
-
-
 def estimate_breakdown(graph: ModelGraph, plan: Plan) -> PlanCost:
     """Everything :func:`estimate` computes, per pipeline rank, for explanations and tests.
 
@@ -447,10 +272,10 @@ def estimate_breakdown(graph: ModelGraph, plan: Plan) -> PlanCost:
     strategy = Strategy.of(plan)
     stages = [
         [layer_choice_cost(graph, layer, plan.cluster, strategy, tp_on, option) for layer, tp_on, option in rows]
-        for rows in _layer_choices(graph, plan)
+        for rows in plan_layer_choices(graph, plan)
     ]
     result = compose(strategy, plan.cluster, stages, plan.global_batch_size,
-                     tied_gradient_sync_s(graph, plan, plan.cluster))
+                     tied_gradient_sync_s(graph, plan, plan.cluster), tied_copy_params(graph, plan))
     if plan.expert_parallel > 1:  # experts sharded over dp ranks (autoplan.cost.experts)
         from .experts import with_expert_parallel
 

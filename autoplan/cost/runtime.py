@@ -1,7 +1,7 @@
-"""Fixed costs of the runtime wrappers a layout runs under, per step: the stage roots' data-parallel hooks and
-the pipeline runtime's schedule actions. Both are measured by :mod:`autoplan.calibrate` (0 on the presets) and
-are per-step constants of a layout, the same on every pipeline rank, so they join the rank's tail
-(:func:`autoplan.cost.plan_cost.rank_tail_s`), where the solver sees them in α.
+"""Fixed costs of the runtime a layout runs under, per step: the stage roots' data-parallel hooks, the pipeline
+runtime's schedule actions and the step's loss collectives. The first two are measured by :mod:`autoplan.calibrate`
+(0 on the presets); all three are per-step constants of a layout, the same on every pipeline rank, so they join the
+rank's tail (:func:`autoplan.cost.plan_cost.rank_tail_s`), where the solver sees them in α.
 
 Example:
     >>> from autoplan import Cluster
@@ -13,10 +13,44 @@ from __future__ import annotations
 
 from ..cluster import Cluster
 from ..cluster_tables import group_layer_overhead_s
+from .collectives import Collective, group_allreduce_s, group_broadcast_s
 from .contention import compute_contention, stage_times_per_step
 from .step import fsdp_keeps_weights
 
-__all__ = ["data_parallel_root_kind", "data_parallel_root_s", "pipeline_runtime_s"]
+__all__ = ["data_parallel_root_kind", "data_parallel_root_s", "pipeline_runtime_s", "loss_collectives",
+           "loss_sync_s", "LOSS_BYTES"]
+
+#: The step's loss as the executor reduces it: one fp32 scalar (the mean over microbatches, cast up under autocast).
+LOSS_BYTES = 4
+
+
+def loss_collectives(*, pp: int, dp: int) -> tuple[Collective, ...]:
+    """What every rank issues once per step to report the step's loss (:meth:`autoplan.ParallelModel.train_step`):
+    with a pipeline the last stage broadcasts its mean loss to the other pipeline ranks, then with data
+    parallelism the replicas all-reduce it to the global mean. Tensor-parallel ranks hold the same loss already.
+
+    Example:
+        >>> [(c.kind, c.nbytes, c.group_size, c.axis) for c in loss_collectives(pp=2, dp=4)]
+        [('broadcast', 4, 2, 'pp'), ('all_reduce', 4, 4, 'dp')]
+        >>> loss_collectives(pp=1, dp=1)
+        ()
+    """
+    out = [Collective("broadcast", LOSS_BYTES, 1, pp, "pp")] if pp > 1 else []
+    out += [Collective("all_reduce", LOSS_BYTES, 1, dp, "dp")] if dp > 1 else []
+    return tuple(out)
+
+
+def loss_sync_s(cluster: Cluster, *, pp: int, dp: int, tp: int) -> float:
+    """Seconds of :func:`loss_collectives`: latency-bound messages, priced on their groups' placement (the pipeline
+    group's ranks dp·tp apart, the data-parallel group's tp apart), measured where calibrated.
+
+    Example (one A100 node: the broadcast over pp = 2 ranks is one hop, the all-reduce over dp = 4 six ring steps):
+        >>> round(loss_sync_s(Cluster.preset("a100-80gb"), pp=2, dp=4, tp=1) * 1e6)   # 5 µs + 6 × 5 µs
+        35
+    """
+    return sum(group_broadcast_s(c.nbytes, cluster, c.group_size, dp * tp) if c.kind == "broadcast"
+               else group_allreduce_s(c.nbytes, cluster, c.group_size, tp)
+               for c in loss_collectives(pp=pp, dp=dp))
 
 
 def data_parallel_root_kind(*, dp: int, data_parallel: str, tp: int, pp: int, microbatches: int,

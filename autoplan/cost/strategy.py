@@ -93,15 +93,16 @@ class Strategy:
 def rank_tail_s(strategy: Strategy, cluster: Cluster, num_params: float) -> tuple[float, float]:
     """(data-parallel sync, optimizer step) seconds of a pipeline rank holding ``num_params`` after TP. The sync
     includes the runtime wrappers' fixed costs over the step (:mod:`autoplan.cost.runtime`: the stage roots'
-    data-parallel hooks and the pipeline runtime's schedule actions, 0 on the presets).
+    data-parallel hooks and the pipeline runtime's schedule actions, 0 on the presets) and the step's loss
+    collectives.
 
     FSDP runs the optimizer on its 1/dp shard only (ZeRO-3, Rajbhandari et al. 2020 §5.3).
 
     Example (10⁹ parameters, DDP over one 8-GPU A100 node):
         >>> from autoplan import Cluster
         >>> [round(x, 4) for x in rank_tail_s(Strategy(1, 8, 1, 1, 1, "1f1b", "ddp"), Cluster.preset("a100-80gb"),
-        ...                                   10**9)]          # 2·7/8·4 GB / 300 GB/s; 28 GB / 2.039 TB/s
-        [0.0234, 0.0137]
+        ...                                   10**9)]          # 2·7/8·4 GB / 300 GB/s + the loss's 70 µs; 28 GB
+        [0.0235, 0.0137]
     """
     sync = cost.data_parallel_sync_s(int(num_params), cluster, dp=strategy.dp, stride=strategy.tp,
                                      data_parallel=strategy.data_parallel, precision=strategy.precision,
@@ -127,21 +128,23 @@ def rank_optimizer_s(strategy: Strategy, cluster: Cluster, updated_params: int) 
 
 
 def _root_s(strategy: Strategy, cluster: Cluster) -> float:
-    """The runtime wrappers' fixed costs over a step (:mod:`autoplan.cost.runtime`): the stage roots'
-    data-parallel hooks and the pipeline runtime's schedule actions, per-step constants of the layout, so they
+    """The runtime's fixed costs over a step (:mod:`autoplan.cost.runtime`): the stage roots' data-parallel hooks,
+    the pipeline runtime's schedule actions and the loss collectives, per-step constants of the layout, so they
     join the tail, where the solver sees them in α."""
     return (cost.data_parallel_root_s(cluster, dp=strategy.dp, data_parallel=strategy.data_parallel,
                                       tp=strategy.tp, pp=strategy.pp, microbatches=strategy.microbatches,
                                       schedule=strategy.schedule, virtual_stages=strategy.virtual_stages,
                                       reshard=strategy.fsdp_reshard)
             + cost.pipeline_runtime_s(cluster, pp=strategy.pp, microbatches=strategy.microbatches,
-                                      schedule=strategy.schedule, virtual_stages=strategy.virtual_stages))
+                                      schedule=strategy.schedule, virtual_stages=strategy.virtual_stages)
+            + cost.loss_sync_s(cluster, pp=strategy.pp, dp=strategy.dp, tp=strategy.tp))
 
 
 def rank_tail_terms(strategy: Strategy, cluster: Cluster) -> tuple[float, float]:
     """(alpha_s, beta_s_per_param): :func:`rank_tail_s` as an affine function α + β·P of a rank's parameters.
 
-    α is the data-parallel collectives' latency (:func:`autoplan.cost.data_parallel_sync_terms`); β adds their
+    α is the data-parallel collectives' latency (:func:`autoplan.cost.data_parallel_sync_terms`) and the runtime's
+    fixed costs (:mod:`autoplan.cost.runtime`, the loss collectives among them); β adds the collectives'
     seconds per parameter and the optimizer's bytes per parameter over the memory bandwidth
     (:func:`autoplan.cost.optimizer_step_bytes_per_param`), divided by dp under FSDP, which updates its shard only.
     The solver's tail constraint is this line; :func:`rank_tail_s` differs from it only by FSDP's rounding of
@@ -150,9 +153,9 @@ def rank_tail_terms(strategy: Strategy, cluster: Cluster) -> tuple[float, float]
     Example:
         >>> from autoplan import Cluster
         >>> s, c = Strategy(1, 8, 1, 1, 1, "1f1b", "ddp"), Cluster.preset("a100-80gb")
-        >>> alpha_s, beta_s = rank_tail_terms(s, c)      # 14 ring steps of 5 µs; per 10⁹ parameters:
-        >>> round(alpha_s * 1e6), round(beta_s * 1e9 * 1e3, 2)   # 23.33 ms all-reduce + 28 GB / 2.039 TB/s
-        (70, 37.07)
+        >>> alpha_s, beta_s = rank_tail_terms(s, c)   # 14 ring steps of 5 µs, twice (gradients, loss); per 10⁹
+        >>> round(alpha_s * 1e6), round(beta_s * 1e9 * 1e3, 2)   # parameters: 23.33 ms all-reduce + 28 GB / 2.039 TB/s
+        (140, 37.07)
         >>> abs(sum(rank_tail_s(s, c, 10**9)) - (alpha_s + beta_s * 10**9)) < 1e-15
         True
     """

@@ -1,4 +1,4 @@
-"""The gradient sync of weights tied across pipeline stages (a GPT's token embedding and its head).
+"""Weights tied across pipeline stages (a GPT's token embedding and its head): their gradient sync and the copies.
 
 When the layers that share one tensor sit on different pipeline ranks, each rank holds a copy and the executor
 (:func:`autoplan.execute.pipeline.sync_tied_gradients`) sums the copies' gradients once per step, after the
@@ -8,6 +8,11 @@ rank holds it: divided by tp when the holding module is tensor-parallel (a vocab
 head), and by dp under FSDP (each rank syncs its shard). Pipeline ranks are ``dp·tp`` devices apart, so the
 group spans ``dp·tp`` times the pipeline distance from its first holder to its last: it is priced as a group of
 its size spread evenly over that span (inter-node as soon as the span leaves a node).
+
+The trace counts a tied tensor once, in the layer holding its first name (the embedding); every other pipeline
+rank that holds one of its modules (the head) holds a copy of its own: weights, gradients and optimizer states,
+synced by its data-parallel wrapper and stepped by its optimizer like the rest of that rank's parameters
+(:func:`tied_copy_params`, the tied tensor's elements, ÷ tp when the module is vocabulary-parallel there).
 
 Example (a GPT-like chain with the head tied to the embedding, embedding and head on two pipeline ranks):
     >>> import autoplan
@@ -25,11 +30,13 @@ Example (a GPT-like chain with the head tied to the embedding, embedding and hea
     >>> first, last = tied_gradient_sync_s(g, plan, plan.cluster)
     >>> first == last > 0
     True
+    >>> tied_copy_params(g, plan)       # the head's rank holds the embedding's 100 × 64 elements again
+    (0, 6400)
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from ..cluster import Cluster
 from ..graph import ModelGraph
@@ -38,7 +45,8 @@ from ..plan import Mesh, Plan
 from .collectives import Collective, group_allreduce_s
 from .step import GRAD_REDUCE_BYTES
 
-__all__ = ["tied_gradient_collectives", "tied_gradient_sync_s", "tied_sync_by_rank"]
+__all__ = ["tied_gradient_collectives", "tied_gradient_sync_s", "tied_sync_by_rank", "tied_copy_params",
+           "tied_copies_by_rank"]
 
 
 def _plan_holder(plan: Plan) -> Callable[[str], tuple[int, bool] | None]:
@@ -54,26 +62,39 @@ def _plan_holder(plan: Plan) -> Callable[[str], tuple[int, bool] | None]:
     return holder
 
 
+class _TiedGroup(NamedTuple):
+    ranks: list[int]  # the pipeline ranks holding one of the group's modules, in order
+    nbytes: int  # the gradient bytes each of them all-reduces
+    copies: dict[int, int]  # pipeline rank → elements of the copy it holds without the layer that counts them
+
+
 def _groups(graph: ModelGraph, mesh: Mesh, fsdp: bool,
-            holder: Callable[[str], tuple[int, bool] | None]) -> list[tuple[list[int], int]]:
-    """Per tied group held on two pipeline ranks or more: (the holding pipeline ranks, gradient bytes a rank
-    syncs). ``holder(module)``: the pipeline rank holding a tied weight's module and whether it is sharded there."""
+            holder: Callable[[str], tuple[int, bool] | None]) -> list[_TiedGroup]:
+    """Per tied group held on two pipeline ranks or more: the holding ranks, the gradient bytes a rank syncs and
+    the copies. ``holder(module)``: the pipeline rank holding a tied weight's module and whether it is sharded
+    there. A group's first name is the one the trace counts (``named_parameters`` yields each tensor once, under
+    that name): the ranks holding only the others hold copies."""
     if mesh.pp == 1:
         return []
     out = []
     for names, numel in zip(graph.tied_parameters, graph.tied_numels):
         holders: dict[int, bool] = {}
-        for name in names:
+        owners: set[int] = set()
+        for k, name in enumerate(names):
             held = holder(name.rpartition(".")[0])
             if held is None:
                 continue
             rank, sharded = held
             holders[rank] = holders.get(rank, False) or sharded
+            if k == 0:
+                owners.add(rank)
         if len(holders) < 2:
             continue
         tp_sharded = any(holders.values())
         shards = (mesh.tp if tp_sharded and mesh.tp > 1 else 1) * (mesh.dp if fsdp else 1)
-        out.append((sorted(holders), numel * GRAD_REDUCE_BYTES // shards))
+        copies = {r: numel // (mesh.tp if sharded and mesh.tp > 1 else 1)
+                  for r, sharded in holders.items() if owners and r not in owners}
+        out.append(_TiedGroup(sorted(holders), numel * GRAD_REDUCE_BYTES // shards, copies))
     return out
 
 
@@ -81,7 +102,7 @@ def tied_gradient_collectives(graph: ModelGraph, plan: Plan) -> tuple[tuple[Coll
     """Per pipeline rank, the tied-weight gradient all-reduces one of its devices issues per step (see the
     module docstring)."""
     per_rank: list[list[Collective]] = [[] for _ in range(plan.mesh.pp)]
-    for ranks, nbytes in _groups(graph, plan.mesh, plan.data_parallel == "fsdp", _plan_holder(plan)):
+    for ranks, nbytes, _ in _groups(graph, plan.mesh, plan.data_parallel == "fsdp", _plan_holder(plan)):
         for r in ranks:
             per_rank[r].append(Collective("all_reduce", nbytes, 1, len(ranks), "pp"))
     return tuple(tuple(rank) for rank in per_rank)
@@ -98,6 +119,37 @@ def tied_gradient_sync_s(graph: ModelGraph, plan: Plan, cluster: Cluster) -> tup
         (0.0,)
     """
     return tied_sync_by_rank(graph, cluster, plan.mesh, plan.data_parallel == "fsdp", _plan_holder(plan))
+
+
+def tied_copy_params(graph: ModelGraph, plan: Plan) -> tuple[int, ...]:
+    """Per pipeline rank, the elements of tied weights it holds as copies (see the module docstring): parameters
+    of that rank that no layer's ``num_params`` counts.
+
+    Example: a plan without a pipeline holds no copy.
+        >>> import autoplan
+        >>> from autoplan.synthetic import gpt_like_graph
+        >>> tied_copy_params(gpt_like_graph(layers=2), autoplan.Plan.example())
+        (0,)
+    """
+    return tied_copies_by_rank(graph, plan.mesh, _plan_holder(plan))
+
+
+def tied_copies_by_rank(graph: ModelGraph, mesh: Mesh,
+                        holder: Callable[[str], tuple[int, bool] | None]) -> tuple[int, ...]:
+    """:func:`tied_copy_params` of a layout given as ``holder`` (see :func:`tied_sync_by_rank`).
+
+    Example: the embedding on pipeline rank 0, the vocabulary-parallel head on rank 1, tp = 2.
+        >>> from autoplan.synthetic import gpt_like_graph
+        >>> g = gpt_like_graph(layers=2, hidden=64, seq=16, heads=4, vocab=100)
+        >>> g.tied_parameters, g.tied_numels = [("tok.weight", "head.weight")], [100 * 64]
+        >>> tied_copies_by_rank(g, Mesh(pp=2, tp=2), lambda m: (int(m == "head"), m == "head"))
+        (0, 3200)
+    """
+    copies = [0] * mesh.pp
+    for group in _groups(graph, mesh, False, holder):
+        for r, numel in group.copies.items():
+            copies[r] += numel
+    return tuple(copies)
 
 
 def tied_sync_by_rank(graph: ModelGraph, cluster: Cluster, mesh: Mesh, fsdp: bool,
@@ -119,7 +171,7 @@ def tied_sync_by_rank(graph: ModelGraph, cluster: Cluster, mesh: Mesh, fsdp: boo
     """
     seconds = [0.0] * mesh.pp
     step = mesh.dp * mesh.tp
-    for ranks, nbytes in _groups(graph, mesh, fsdp, holder):
+    for ranks, nbytes, _ in _groups(graph, mesh, fsdp, holder):
         # the pipeline ranks tied are not evenly spaced over the world (0 and pp − 1): price them as a group
         # of their size spread over the ranks they span, so that it leaves a node exactly when they do
         stride = max(1, step * (ranks[-1] - ranks[0] + 1) // len(ranks))

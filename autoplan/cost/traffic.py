@@ -2,8 +2,9 @@
 
 Tensor-parallel collectives come from :func:`autoplan.cost.layer_cost` (``LayerCost.tp_collectives``, one
 microbatch, recompute included), data-parallel ones from :func:`autoplan.cost.data_parallel_collectives`, and
-pipeline sends are each stage's output forward and its input's gradient back, once per microbatch. The
-executor's collective counts are compared with these in ``tests/test_collective_counts.py``.
+pipeline sends are each stage's output forward and its input's gradient back, once per microbatch; the loss is
+broadcast over the pipeline and all-reduced over the replicas once per step (:func:`autoplan.cost.loss_collectives`).
+The executor's collective counts are compared with these in ``tests/test_collective_counts.py``.
 
 Example:
     >>> from autoplan.synthetic import gpt_like_graph
@@ -13,8 +14,8 @@ Example:
     >>> graph = gpt_like_graph(layers=2, hidden=256, seq=128, vocab=1000)
     >>> plan = search(graph, autoplan.Cluster.preset("a100-80gb"), PlanOptions(global_batch_size=8,
     ...               mesh={"dp": 8}, data_parallel="ddp"))
-    >>> [(c.kind, c.count) for c in plan_collectives(graph, plan)[0]]
-    [('all_reduce', 1)]
+    >>> [(c.kind, c.count, c.nbytes) for c in plan_collectives(graph, plan)[0]]   # the gradients, the loss
+    [('all_reduce', 1, 7475200), ('all_reduce', 1, 4)]
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ from dataclasses import replace
 from ..graph import ModelGraph
 from ..plan import Plan
 from .collectives import Collective
-from .plan_cost import Strategy, _layer_choices, layer_choice_cost
+from .layer_choice import layer_choice_cost, plan_layer_choices
+from .strategy import Strategy
+from .runtime import loss_collectives
 from .sequence import norm_gradient_collectives
 from .step import data_parallel_collectives
-from .tied import tied_gradient_collectives
+from .tied import tied_copy_params, tied_gradient_collectives
 
 __all__ = ["plan_collectives"]
 
@@ -38,10 +41,10 @@ def plan_collectives(graph: ModelGraph, plan: Plan) -> tuple[tuple[Collective, .
     strategy = Strategy.of(plan)
     m = strategy.microbatches
     stages = [[layer_choice_cost(graph, layer, plan.cluster, strategy, tp_on, option)
-               for layer, tp_on, option in rows] for rows in _layer_choices(graph, plan)]
+               for layer, tp_on, option in rows] for rows in plan_layer_choices(graph, plan)]
     last = len(stages) - 1
     per_rank: list[list[Collective]] = [[] for _ in range(strategy.pp)]
-    params = [0] * strategy.pp
+    params = list(tied_copy_params(graph, plan))  # copies of tied weights: synced like the rank's own parameters
     for k, costs in enumerate(stages):
         out = per_rank[k % strategy.pp]
         for c in costs:
@@ -53,7 +56,7 @@ def plan_collectives(graph: ModelGraph, plan: Plan) -> tuple[tuple[Collective, .
         if k > 0:  # the gradient of the stage's input, back
             out.append(Collective("send", stages[k - 1][-1].boundary_bytes, m, 2, "pp"))
     if strategy.sequence_parallel:  # once per step: the norm weights' partial gradients (autoplan.cost.sequence)
-        for k, rows in enumerate(_layer_choices(graph, plan)):
+        for k, rows in enumerate(plan_layer_choices(graph, plan)):
             per_rank[k % strategy.pp] += norm_gradient_collectives([layer for layer, tp_on, _ in rows if tp_on],
                                                                    strategy.tp)
     if plan.expert_parallel > 1:  # the experts' dispatch per microbatch; their weights leave the dp collectives
@@ -68,4 +71,6 @@ def plan_collectives(graph: ModelGraph, plan: Plan) -> tuple[tuple[Collective, .
                                                  reshard=strategy.fsdp_reshard)
     for r, tied in enumerate(tied_gradient_collectives(graph, plan)):  # once per step (autoplan.cost.tied)
         per_rank[r] += tied
+    for r in range(strategy.pp):  # the step's loss, reported on every rank (autoplan.cost.loss_collectives)
+        per_rank[r] += loss_collectives(pp=strategy.pp, dp=strategy.dp)
     return tuple(tuple(rank) for rank in per_rank)

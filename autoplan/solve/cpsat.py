@@ -22,10 +22,11 @@ Constraints (one helper per family):
     T_r ≥ a_rj + b_rj·Σ_{k≡r} n_kG                                refined-bound cuts: n layers of   _bound_cuts
                                                                  the largest segment G need ≥ need_r(n), convex
     α + β·Σ_{k≡r} Σ_gc P_gc·m_kgc + τ_r ≤ tail_max                DP sync + optimizer of rank r     _rank_tail
-                                                                 (τ_r: tied-weight sync)          _tied_ticks
+                                                                 (τ_r: tied-weight sync + β·copy)  _tied_ticks
     Σ_{k≡r} Σ_gc (σ·P_gc + W_gc + f_r·A_gc)·m_kgc + R_r + Σ_{k≡r}(o_{k−1} + o_k)
-        + [r = (S−1) mod pp]·loss ≤ C,  R_r ≥ R_gc·u_kgc for k ≡ r  memory of rank r (loss buffers:   _rank_memory
-                                                                 a constant of the last rank)
+        + [r = (S−1) mod pp]·loss + σ·copy_r ≤ C,                 memory of rank r (loss buffers:   _rank_memory
+        R_r ≥ R_gc·u_kgc for k ≡ r                                a constant of the last rank; copy_r:
+                                                                 its tied weights' copies)
 Objective:
     minimise M·t_max + b·s_max + tail_max      (s_max = t_max when v = 1)                          _objective
 
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ortools.sat.python import cp_model
 
@@ -145,8 +147,8 @@ def solve_strategy(tables: StrategyTables, bound: RefinedBound, *, cutoff_s: flo
     s_max = model.new_int_var(0, horizon, "s_max")
     tail_hi = scale.ticks(alpha_s) + sum(max(tail_ticks[g, c] for c in range(len(rows))) * seg.size
                                          for g, (rows, seg) in enumerate(zip(tables.choices, tables.segments)))
-    tied = _tied_ticks(tables, scale, v)
-    tail_hi += max((sum(max(off, on) for off, on, _ in terms) for terms in tied), default=0)
+    tied = _tied_ticks(tables, scale, v, beta_s)
+    tail_hi += max((sum(max(t.off, t.on) for t in terms) for terms in tied), default=0)
     tail_max = model.new_int_var(0, tail_hi, "tail_max")
     need, need_table = _need_rows(bound, scale, s.virtual_stages, horizon, tables.num_layers)
     for r in range(s.pp):
@@ -154,9 +156,9 @@ def solve_strategy(tables: StrategyTables, bound: RefinedBound, *, cutoff_s: flo
         if need is not None:
             _bound_cuts(model, tables, v, r, time_r, bound.segments or (bound.segment,), need[r],
                         need_table[r] if need_table is not None else None, horizon)
-        tied_r = sum(off + (on - off) * x if x is not None else off for off, on, x in tied[r]) if tied else 0
+        tied_r = sum(_chosen(t.off, t.on, t.sharded) for t in tied[r]) if tied else 0
         model.add(scale.ticks(alpha_s) + _rank_tail(tables, v, tail_ticks, r) + tied_r <= tail_max)
-        _rank_memory(model, tables, scale, v, r)
+        _rank_memory(model, tables, scale, v, r, tied[r] if tied else [])
     objective = _objective(model, tables, scale, t_max, s_max, tail_max, cutoff_s, lower_bound_s)
     if hint is not None:
         _add_hint(model, tables, hint, v)
@@ -291,25 +293,43 @@ def _rank_tail(tables: StrategyTables, v: _Vars, tail_ticks: dict, r: int):
                for g in range(len(tables.segments)) for c in range(len(tables.choices[g])))
 
 
-def _tied_ticks(tables: StrategyTables, scale: Scale, v: _Vars) -> list[list[tuple[int, int, object]]]:
-    """Per rank, the tied-weight sync (:attr:`StrategyTables.tied_sync_terms`) as (ticks unsharded, ticks
-    sharded, the 0/1 expression "sharded", or None when fixed): the term rank r adds to its tail."""
+class _TiedRank(NamedTuple):
+    off: int  # tail ticks unsharded: the gradient sync + β·copy
+    on: int  # sharded
+    mem_off: int  # memory units of the copy's model states, unsharded
+    mem_on: int
+    sharded: object  # the 0/1 expression "sharded", or None when fixed
+
+
+def _chosen(off: int, on: int, sharded: object):
+    return off + (on - off) * sharded if sharded is not None else off
+
+
+def _tied_ticks(tables: StrategyTables, scale: Scale, v: _Vars, beta_s: float) -> list[list[_TiedRank]]:
+    """Per rank, the tied weights (:attr:`StrategyTables.tied_sync_terms`): the term rank r adds to its tail (the
+    gradient sync, and the copy's sync and optimizer step at β per parameter) and to its memory (the copy's model
+    states at σ per parameter), unsharded and sharded."""
     terms = tables.tied_sync_terms
     if not terms:
         return []
-    out: list[list[tuple[int, int, object]]] = [[] for _ in range(tables.strategy.pp)]
-    for decider, off, on in terms:
+    sigma = tables.state_bytes_per_param
+    out: list[list[_TiedRank]] = [[] for _ in range(tables.strategy.pp)]
+    for term in terms:
         x = None
-        if decider is not None:
-            x = sum(v.m[k, decider, c] for k in range(tables.strategy.num_stages)
-                    for c, ch in enumerate(tables.choices[decider]) if ch.choice.tp_on)
+        if term.decider is not None:
+            x = sum(v.m[k, term.decider, c] for k in range(tables.strategy.num_stages)
+                    for c, ch in enumerate(tables.choices[term.decider]) if ch.choice.tp_on)
         for r in range(tables.strategy.pp):
-            out[r].append((scale.ticks(off[r]), scale.ticks(on[r]), x))
+            out[r].append(_TiedRank(scale.ticks(term.off_s[r] + beta_s * term.off_copy[r]),
+                                    scale.ticks(term.on_s[r] + beta_s * term.on_copy[r]),
+                                    scale.memory_units_up(sigma * term.off_copy[r]),
+                                    scale.memory_units_up(sigma * term.on_copy[r]), x))
     return out
 
 
-def _rank_memory(model: cp_model.CpModel, tables: StrategyTables, scale: Scale, v: _Vars, r: int) -> None:
-    """Σ_{k≡r} Σ_gc (σ·P_gc + W_gc + f_r·A_gc)·m_kgc + R_r + Σ_{k≡r}(o_{k−1} + o_k) + [r = last]·loss ≤ C,
+def _rank_memory(model: cp_model.CpModel, tables: StrategyTables, scale: Scale, v: _Vars, r: int,
+                 tied: list[_TiedRank]) -> None:
+    """Σ_{k≡r} Σ_gc (σ·P_gc + W_gc + f_r·A_gc)·m_kgc + R_r + Σ_{k≡r}(o_{k−1} + o_k) + [r = last]·loss + σ·copy_r ≤ C,
     with R_r ≥ R_gc·u_kgc for k ≡ r."""
     S = tables.strategy.num_stages
     sigma, flight = tables.state_bytes_per_param, tables.in_flight[r]
@@ -327,6 +347,7 @@ def _rank_memory(model: cp_model.CpModel, tables: StrategyTables, scale: Scale, 
             mem_r.append(v.send_o[k - 1])
     if r == tables.last_rank and tables.loss_bytes:
         mem_r.append(scale.memory_units_up(tables.loss_bytes))
+    mem_r += [_chosen(t.mem_off, t.mem_on, t.sharded) for t in tied if t.mem_off or t.mem_on]
     if transient:
         r_max = model.new_int_var(0, max(value for value, _ in transient), f"transient{r}")
         for value, used in transient:

@@ -12,9 +12,9 @@ Example:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
-from ..cost.tied import tied_sync_by_rank
+from ..cost.tied import tied_copies_by_rank, tied_sync_by_rank
 from ..graph import ModelGraph
 from ..names import owner_index
 from ..plan import Mesh
@@ -22,7 +22,7 @@ from ..plan import Mesh
 if TYPE_CHECKING:  # pragma: no cover
     from .tables import Assignment, StrategyTables
 
-__all__ = ["tied_layer_groups", "tied_modules", "tied_sync_s", "tied_sync_terms"]
+__all__ = ["tied_layer_groups", "tied_modules", "tied_sync_s", "tied_copies", "tied_sync_terms", "TiedTerm"]
 
 
 def tied_layer_groups(graph: ModelGraph) -> list[list[int]]:
@@ -60,9 +60,10 @@ def tied_modules(graph: ModelGraph) -> list[dict[str, tuple[int, bool]]]:
     return out
 
 
-def _sync(tables: "StrategyTables", holders: dict[int, tuple[int, bool]], group: int | None = None) -> tuple[float, ...]:
-    """:func:`autoplan.cost.tied.tied_sync_by_rank` with ``holders[layer] = (stage, tensor-parallel on)`` (only
-    group ``group`` when given)."""
+def _holder(tables: "StrategyTables", holders: dict[int, tuple[int, bool]],
+            group: int | None) -> Callable[[str], tuple[int, bool] | None]:
+    """The ``holder`` of :mod:`autoplan.cost.tied` for ``holders[layer] = (stage, tensor-parallel on)`` (only group
+    ``group`` when given)."""
     s = tables.strategy
     modules = {m: v for k, owned in enumerate(tables.cache.tied_modules) if group in (None, k)
                for m, v in owned.items()}
@@ -74,7 +75,25 @@ def _sync(tables: "StrategyTables", holders: dict[int, tuple[int, bool]], group:
         stage, tp_on = holders[owner[0]]
         return stage % s.pp, tp_on and owner[1] and s.tp > 1
 
-    return tied_sync_by_rank(tables.graph, tables.cluster, Mesh(s.pp, s.dp, s.tp), s.data_parallel == "fsdp", holder)
+    return holder
+
+
+def _sync(tables: "StrategyTables", holders: dict[int, tuple[int, bool]], group: int | None = None) -> tuple[float, ...]:
+    """:func:`autoplan.cost.tied.tied_sync_by_rank` with ``holders[layer] = (stage, tensor-parallel on)``."""
+    s = tables.strategy
+    return tied_sync_by_rank(tables.graph, tables.cluster, Mesh(s.pp, s.dp, s.tp), s.data_parallel == "fsdp",
+                             _holder(tables, holders, group))
+
+
+def _copies(tables: "StrategyTables", holders: dict[int, tuple[int, bool]], group: int | None = None) -> tuple[int, ...]:
+    """:func:`autoplan.cost.tied.tied_copies_by_rank` with ``holders[layer] = (stage, tensor-parallel on)``."""
+    s = tables.strategy
+    return tied_copies_by_rank(tables.graph, Mesh(s.pp, s.dp, s.tp), _holder(tables, holders, group))
+
+
+def _assignment_holders(tables: "StrategyTables", assignment: "Assignment") -> dict[int, tuple[int, bool]]:
+    owners = {i for owned in tables.cache.tied_modules for i, _ in owned.values()}
+    return {i: (k, choice.tp_on) for k, stage in enumerate(assignment) for i, choice in stage if i in owners}
 
 
 def tied_sync_s(tables: "StrategyTables", assignment: "Assignment") -> tuple[float, ...]:
@@ -93,17 +112,44 @@ def tied_sync_s(tables: "StrategyTables", assignment: "Assignment") -> tuple[flo
     """
     if tables.strategy.pp == 1 or not tables.cache.tied_modules:
         return ()
-    owners = {i for owned in tables.cache.tied_modules for i, _ in owned.values()}
-    holders = {i: (k, choice.tp_on) for k, stage in enumerate(assignment) for i, choice in stage if i in owners}
-    return _sync(tables, holders)
+    return _sync(tables, _assignment_holders(tables, assignment))
 
 
-def tied_sync_terms(tables: "StrategyTables") -> list[tuple[int | None, tuple[float, ...], tuple[float, ...]]]:
-    """The tied-weight sync as the CP-SAT model prices it: per tied group whose owning layers are the chain's
-    first or last (so on pipeline rank 0 and the last stage's rank whatever the cuts), (the segment whose
-    tensor-parallel choice decides whether it is sharded, or None when that is fixed; per-rank seconds
-    unsharded; sharded). A group owned by an inner layer (its rank follows the cuts) is not listed: the model
-    counts 0 for it, a lower bound, while :meth:`autoplan.solve.tables.StrategyTables.evaluate` prices it exactly.
+def tied_copies(tables: "StrategyTables", assignment: "Assignment") -> tuple[int, ...]:
+    """Per pipeline rank, the elements of tied weights it holds as copies under ``assignment``
+    (:func:`autoplan.cost.tied.tied_copy_params`); empty when there is none.
+
+    Example: embedding and head tied, on the two ranks of a 2-stage pipeline: the head's rank holds a copy.
+        >>> from autoplan.solve.tables import example_tables
+        >>> t = example_tables(mesh={"pp": 2, "tp": 1}, microbatch_size=1)
+        >>> t.cache.tied_modules = [{"tok": (0, True), "head": (7, True)}]
+        >>> t.graph.tied_parameters, t.graph.tied_numels = [("tok.weight", "head.weight")], [1000 * 256]
+        >>> tied_copies(t, [[(i, t.choices[t.segment_of[i]][0].choice) for i in range(a, b)]
+        ...                 for a, b in ((0, 4), (4, 8))])
+        (0, 256000)
+    """
+    if tables.strategy.pp == 1 or not tables.cache.tied_modules:
+        return ()
+    return _copies(tables, _assignment_holders(tables, assignment))
+
+
+class TiedTerm(NamedTuple):
+    """One tied group as the CP-SAT model prices it (:func:`tied_sync_terms`)."""
+
+    decider: int | None  # the segment whose tensor-parallel choice decides whether it is sharded; None: fixed
+    off_s: tuple[float, ...]  # per rank, the gradient sync's seconds, unsharded
+    on_s: tuple[float, ...]  # sharded
+    off_copy: tuple[int, ...]  # per rank, the elements of the copy it holds (autoplan.cost.tied), unsharded
+    on_copy: tuple[int, ...]  # sharded
+
+
+def tied_sync_terms(tables: "StrategyTables") -> list[TiedTerm]:
+    """The tied weights as the CP-SAT model prices them: per tied group whose owning layers are the chain's first or
+    last (so on pipeline rank 0 and the last stage's rank whatever the cuts), a :class:`TiedTerm`: per rank, the
+    gradient sync's seconds and the copy's elements (whose model states, data-parallel sync and optimizer step the
+    rank pays like its own parameters'), unsharded and sharded. A group owned by an inner layer (its rank follows
+    the cuts) is not listed: the model counts 0 for it, a lower bound, while
+    :meth:`autoplan.solve.tables.StrategyTables.evaluate` prices it exactly.
 
     Example: no tied weight, nothing to price.
         >>> from autoplan.solve.tables import example_tables
@@ -119,8 +165,10 @@ def tied_sync_terms(tables: "StrategyTables") -> list[tuple[int | None, tuple[fl
         if len(layers) < 2 or not layers <= {0, last_layer}:
             continue
         stage = {0: 0, last_layer: s.num_stages - 1}
-        off = _sync(tables, {i: (stage[i], False) for i in layers}, k)
-        on = _sync(tables, {i: (stage[i], True) for i in layers}, k)
+        unsharded = {i: (stage[i], False) for i in layers}
+        sharded = {i: (stage[i], True) for i in layers}
+        off = (_sync(tables, unsharded, k), _copies(tables, unsharded, k))
+        on = (_sync(tables, sharded, k), _copies(tables, sharded, k))
         decider = None
         if off != on:
             first = tables.segment_of[min(layers)]
@@ -129,5 +177,5 @@ def tied_sync_terms(tables: "StrategyTables") -> list[tuple[int | None, tuple[fl
                 off = on
             elif flags == {True, False}:
                 decider = first  # a singleton segment (the chain's first layer), agreeing with its tied peers
-        terms.append((decider, off, on))
+        terms.append(TiedTerm(decider, off[0], on[0], off[1], on[1]))
     return terms
