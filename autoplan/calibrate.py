@@ -27,6 +27,9 @@ What is measured, each figure the one the cost model reads (docs/cost_model.md, 
   the largest group's), each the extra time per forward-equivalent (backward runs about twice the forward's
   kernels: a third of forward + backward) once its collectives (priced at that group size from the table below)
   and the ranks' sharing are taken out.
+- recompute's fixed time per recomputed layer and microbatch beyond the forward it runs again
+  (``recompute_overhead_s``): the tiny block recomputed as the executor does (non-reentrant checkpoint) against
+  plain, rank 0 alone.
 - the optimizer's fixed time per parameter tensor (``optimizer_tensor_overhead_s``, and
   ``dtensor_optimizer_tensor_overhead_s`` for DTensor parameters: the FSDP2 block's) and its time per parameter
   (``optimizer_param_s``: ``torch.optim.AdamW`` over 32 tensors of 2¹⁶ parameters, less their fixed part), one
@@ -72,7 +75,7 @@ from .execute.world import World
 from .microbench import (COLLECTIVE_SIZES_BYTES, _timed, _tiny_block, allreduce_time_s, block_step_time_s,
                          collective_time_s, interleaved_medians, layer_overhead_time_s, matmul_efficiency,
                          matmul_flops, memory_bandwidth_Bps, monotone, optimizer_param_time_s,
-                         optimizer_tensor_time_s, overlap_fraction, ring_bandwidth_Bps)
+                         optimizer_tensor_time_s, overlap_fraction, recompute_overhead_time_s, ring_bandwidth_Bps)
 from .busy_bench import (busy_step_s, fsdp_collectives_in_step_s, group_mesh, group_of, makespan_s,
                          pipeline_stage_overhead_from_s, pipeline_stage_overhead_s, slowest, sync_in_step_s)
 from .vocabulary import PRECISIONS
@@ -318,12 +321,13 @@ def calibrate(size_bytes: int, matmul_n: int, rounds: int = 3) -> Cluster:
         efficiency = holder[0]
     if plain_s is None or not shared:  # the concurrency's block alone is rank 0's figure, right when shared
         plain_s = alone(lambda: layer_overhead_time_s(device, iters=10, repeats=5))
+    recompute_s = alone(lambda: recompute_overhead_time_s(device, iters=10, repeats=5))
     optimizer_s = alone(lambda: optimizer_tensor_time_s(_tiny_block(device)[0]))
     optimizer_param_s = alone(lambda: optimizer_param_time_s(optimizer_s, device))
     bandwidth_Bps = 1 / alone(lambda: 1 / memory_bandwidth_Bps(device, num_bytes=2**26, iters=3))
     device_fields = dict(peak_flops=flops, layer_overhead_s=plain_s, memory_bandwidth_Bps=bandwidth_Bps,
                          matmul_efficiency=efficiency, optimizer_tensor_overhead_s=optimizer_s,
-                         optimizer_param_s=optimizer_param_s)
+                         optimizer_param_s=optimizer_param_s, recompute_overhead_s=recompute_s)
     changes: dict = {}
     calibrate.last_overlap = None
     if world.distributed:

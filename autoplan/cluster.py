@@ -23,7 +23,7 @@ DEVICE_KINDS = ("cuda", "cpu")
 #: cluster without them writes the JSON it wrote before they existed.
 MEASURED_SECONDS_FIELDS = ("layer_overhead_s", "tp_layer_overhead_s", "fsdp_layer_overhead_s",
                            "optimizer_tensor_overhead_s", "dtensor_optimizer_tensor_overhead_s", "optimizer_param_s",
-                           "pipeline_stage_overhead_s")
+                           "pipeline_stage_overhead_s", "recompute_overhead_s")
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,9 @@ class Device:
             stage's layers and sends (``torch.distributed.pipelining``'s schedule actions, microbatch splitting,
             the receive buffers and the loss call), one rank alone; charged per stage-time of a step with pp > 1
             (:func:`autoplan.cost.pipeline_runtime_s`). 0 (the presets): none.
+        recompute_overhead_s: fixed seconds the executor's recompute (non-reentrant ``torch.utils.checkpoint``)
+            adds per recomputed layer and microbatch beyond running the layer's forward again (its saved-tensor
+            pack and unpack hooks, the RNG state it keeps), one rank alone. 0 (the presets): none.
         matmul_efficiency: per precision, measured ``(flops_per_matmul, fraction_of_peak)`` points, increasing in
             FLOPs; the cost model interpolates the fraction for each matmul's size (log-linear, clamped at the
             ends) in place of ``achievable_flops_fraction``. Empty (the presets): one fraction for every size.
@@ -86,6 +89,7 @@ class Device:
     dtensor_optimizer_tensor_overhead_s: float = 0.0  # the same per DTensor parameter
     optimizer_param_s: float = 0.0  # optimizer-step seconds per parameter as run here (0: fused kernel's bytes)
     pipeline_stage_overhead_s: float = 0.0  # pipeline runtime's fixed seconds per stage and microbatch
+    recompute_overhead_s: float = 0.0  # checkpoint's fixed seconds per recomputed layer and microbatch
     # precision → ((flops_per_matmul, fraction_of_peak), ...), measured by autoplan.calibrate
     matmul_efficiency: tuple[tuple[str, tuple[tuple[float, float], ...]], ...] = ()
     group_layer_overhead: tuple[tuple[str, tuple[tuple[int, float], ...]], ...] = ()  # kind → ((n, s), ...)
@@ -126,7 +130,8 @@ class Device:
                      self.achievable_flops_fraction, self.memory_headroom_bytes, self.memory_bandwidth_Bps,
                      self.kind, self.layer_overhead_s, self.tp_layer_overhead_s, self.fsdp_layer_overhead_s,
                      self.optimizer_tensor_overhead_s, self.dtensor_optimizer_tensor_overhead_s,
-                     self.optimizer_param_s, self.pipeline_stage_overhead_s, self.matmul_efficiency,
+                     self.optimizer_param_s, self.pipeline_stage_overhead_s, self.recompute_overhead_s,
+                     self.matmul_efficiency,
                      self.group_layer_overhead))
 
     @property

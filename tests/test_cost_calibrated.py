@@ -276,6 +276,19 @@ def test_the_optimizer_step_runs_at_its_measured_rate_and_is_stretched_like_the_
     assert rank_tail_s(ddp, gpu, 10**9)[1] == pytest.approx(optimizer_step_s(10**9, gpu, "fp32", "adamw"))
 
 
+def test_a_recompute_pays_the_checkpoint_s_measured_fixed_time_stretched_like_compute():
+    graph = gpt_like_graph(layers=1, hidden=64, seq=16, heads=4, vocab=100)
+    block = graph.layer("blocks.0")
+    (option,) = [o for o in block.recompute_options if o.module == block.name] or block.recompute_options[:1]
+    s = Strategy(1, 4, 1, 1, 1, "1f1b", "ddp")
+    hooks = replace(MEASURED, device=replace(MEASURED.device, recompute_overhead_s=2e-3))
+    bare, with_hooks = (layer_choice_cost(graph, block, c, s, False, option) for c in (MEASURED, hooks))
+    contention = s.contention(MEASURED)
+    assert contention == 2.0 and with_hooks.recompute_s - bare.recompute_s == pytest.approx(2e-3 * contention)
+    assert with_hooks.forward_s == bare.forward_s and with_hooks.backward_s == bare.backward_s
+    assert layer_choice_cost(graph, block, hooks, s, False, None).recompute_s == 0.0  # no recompute, no hooks
+
+
 def test_the_pipeline_runtime_is_paid_per_stage_time_and_the_calibration_gives_its_pipeline_back():
     from autoplan.calibrate import pipeline_stage_overhead_from_s
     from autoplan.cost import pipeline_runtime_s, stage_times_per_step

@@ -195,7 +195,8 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
     (kernel launches, Python and autograd dispatch), backward twice that — backward runs about two kernels per
     forward one (the gradient of a linear is two matmuls, Narayanan et al. SC'21 §5.1's 2× backward FLOPs, and
     autograd adds its own dispatch per node) — and a recompute one more forward's worth. This is what makes many
-    small microbatches cost more than few large ones. A tensor-parallel layer adds ``tp_layer_overhead_s``
+    small microbatches cost more than few large ones. A recompute also pays ``recompute_overhead_s``, the
+    checkpoint's own fixed time (its saved-tensor hooks). A tensor-parallel layer adds ``tp_layer_overhead_s``
     (DTensor dispatch) and, with ``fsdp_unit``, a layer wrapped by ``fully_shard`` adds
     ``fsdp_layer_overhead_s`` (its hooks), each charged like ``layer_overhead_s``; a calibrated device holds
     both per group size (:func:`autoplan.cluster_tables.group_layer_overhead_s`), read at ``tp`` and at
@@ -291,7 +292,7 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
         recompute_s = contention * (recompute.forward_flops * batch_scale * flops_ratio * seconds_per_flop
                                     + memory_bound_s(FORWARD_PASSES * (activation - kept_activation) * bytes_scale,
                                                      cluster)
-                                    + overhead_s)
+                                    + overhead_s + device.recompute_overhead_s)
         inside = [g for g in groups if all(in_module(m, recompute.module) for m in g.styles)]
         # Non-reentrant checkpointing (what the executor uses) stops recomputing once every saved tensor is back
         # (torch.utils.checkpoint's early stop): the module's last all-reduce feeds only the residual add, which
