@@ -101,9 +101,6 @@ def broadcast_s(nbytes: float, n: int, *, bandwidth_Bps: float, latency_s: float
         >>> round(broadcast_s(4, 4, bandwidth_Bps=100e9, latency_s=5e-6) * 1e6, 1)   # a loss scalar: 3 hops
         15.0
     """
-    _check_positive_int("n", n)
-    _check_non_negative("nbytes", nbytes)
-    _check_link(bandwidth_Bps, latency_s)
-    if n == 1:
-        return 0.0
-    return nbytes / bandwidth_Bps + (n - 1) * latency_s
+    # the ring all-gather's n−1 hops, each rank's link carrying the whole payload: an all-gather of n/(n−1) of it
+    scale = n / (n - 1) if n > 1 else 1.0
+    return allgather_s(nbytes * scale, n, bandwidth_Bps=bandwidth_Bps, latency_s=latency_s)
