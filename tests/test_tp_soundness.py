@@ -8,7 +8,8 @@ from torch import nn
 
 import autoplan
 from autoplan.trace.opgraph import build_op_graph
-from autoplan.trace.tp_check import check_tp_groups, divide_head_attributes
+from autoplan.trace.tp_check import check_tp_groups
+from autoplan.trace.tp_heads import divide_head_attributes
 from autoplan.trace.tp_groups import detect_tp_groups
 
 import models_hf

@@ -51,7 +51,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..errors import PlanMismatchError
 from ..names import tied_parameter_names  # noqa: F401  (re-exported: apply and data_parallel use it)
-from ..trace.tp_check import divide_head_attributes, local_head_owners
+from ..trace.tp_heads import divide_head_attributes, local_head_owners
 from ..vocabulary import keeps_dtensor, tp_style_kind
 from .sp_gather import SEQUENCE_DIM, keep_colwise_inputs_sharded
 from .tp_dtensor import keep_fused_parts_local, register_cpu_attention_sharding

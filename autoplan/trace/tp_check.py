@@ -43,7 +43,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import types
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -58,8 +57,9 @@ from .opgraph import is_conv1d
 from .tp_check_global import INSIDE_A_WORLD, KEPT_AS_DTENSOR, as_dtensor_styles, or_global_verdict as _or_global
 from .tp_check_key import VERDICTS, verdict_key
 from .tp_groups import DetectedGroup
+from .tp_heads import divide_head_attributes, local_head_owners
 
-__all__ = ["DroppedGroup", "check_tp_groups", "record_parents", "TOLERANCE", "local_head_owners", "divide_head_attributes"]
+__all__ = ["DroppedGroup", "check_tp_groups", "record_parents", "TOLERANCE"]
 
 #: a parent module with more parameters is checked on the meta device (shapes, not numbers): its real-valued
 #: check would take seconds and gigabytes (a 175B model's MLP holds 1.2 billion parameters)
@@ -76,76 +76,6 @@ class DroppedGroup:
 
     styles: dict[str, str]
     reason: str
-
-
-#: attributes that hold an attention module's head count: a module with one of them computes per head
-HEAD_COUNT_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_head", "n_heads")
-#: attributes of such a module that count heads or features over all heads: divided by t on a t-way shard (as
-#: torchtitan sets ``n_heads // tp`` on its attention modules), so ``view(B, T, num_heads, head_dim)`` sees the
-#: local heads
-HEAD_SCALED_ATTRIBUTES = HEAD_COUNT_ATTRIBUTES + ("num_key_value_heads", "n_kv_heads", "embed_dim", "all_head_size",
-                                                  "inner_dim", "hidden_size", "n_embd", "split_size")
-
-
-#: head counts of a transformers config that attention code may read through ``self.config``
-CONFIG_HEAD_ATTRIBUTES = ("num_attention_heads", "num_key_value_heads")
-
-
-def local_head_owners(root: nn.Module, colwise_fqns) -> list[nn.Module]:
-    """The distinct modules directly owning a colwise linear that count attention heads in attributes (their own
-    or their ``config``'s).
-
-    Example:
-        >>> from torch import nn
-        >>> attn = nn.Module(); attn.q = nn.Linear(8, 8); attn.num_heads = 4
-        >>> root = nn.Module(); root.attn = attn
-        >>> [type(m).__name__ for m in local_head_owners(root, ["attn.q"])]
-        ['Module']
-    """
-    owners: dict[int, nn.Module] = {}
-    for fqn in colwise_fqns:
-        owner_name = fqn.rpartition(".")[0]
-        owner = root.get_submodule(owner_name) if owner_name else root
-        config = getattr(owner, "config", None)
-        # an attention module (it has a head_dim) may read its head counts from the model's config instead
-        attention = isinstance(getattr(owner, "head_dim", None), int)
-        if any(isinstance(getattr(owner, a, None), int) for a in HEAD_COUNT_ATTRIBUTES) or attention and any(
-                isinstance(getattr(config, a, None), int) for a in CONFIG_HEAD_ATTRIBUTES):
-            owners.setdefault(id(owner), owner)
-    return list(owners.values())
-
-
-def divide_head_attributes(owners: list[nn.Module], t: int) -> list[tuple[nn.Module, str, int]]:
-    """Divide each owner's head/feature counts by ``t`` in place (an owner that holds a ``config`` with head counts
-    gets a copy of it with local counts); returns ``(module, name, old value)`` to undo.
-
-    Example:
-        >>> from torch import nn
-        >>> attn = nn.Module(); attn.num_heads, attn.embed_dim, attn.head_dim = 4, 32, 8
-        >>> undo = divide_head_attributes([attn], 2)
-        >>> attn.num_heads, attn.embed_dim, attn.head_dim
-        (2, 16, 8)
-    """
-    undo = []
-    for owner in owners:
-        config = getattr(owner, "config", None) if isinstance(getattr(owner, "head_dim", None), int) else None
-        counts = {a: getattr(config, a, None) for a in CONFIG_HEAD_ATTRIBUTES}
-        if config is not None and all(isinstance(v, int) and v % t == 0 for v in counts.values() if v is not None) \
-                and any(isinstance(v, int) for v in counts.values()):
-            # the module reads head counts from the model-wide config (Phi-3: config.num_attention_heads *
-            # head_dim): it gets a copy of its own with its local counts; every other module keeps the shared one
-            local = copy.copy(config)
-            for name, value in counts.items():
-                if isinstance(value, int):
-                    setattr(local, name, value // t)
-            undo.append((owner, "config", config))
-            owner.config = local
-        for name in HEAD_SCALED_ATTRIBUTES:
-            value = getattr(owner, name, None)
-            if isinstance(value, int) and not isinstance(value, bool) and value % t == 0:
-                undo.append((owner, name, value))
-                setattr(owner, name, value // t)
-    return undo
 
 
 def _parent_of(fqns) -> str:
