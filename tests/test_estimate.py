@@ -129,6 +129,41 @@ def test_autocast_weight_copy_is_one_low_precision_copy_of_the_matmul_weights():
     assert [r.weight_copy_bytes for r in fsdp.ranks + fp32.ranks] == [0] * 4  # gathered bf16 weights instead
 
 
+def test_the_head_s_rank_holds_its_own_copy_of_the_tied_weight():
+    """The embedding's rank counts the tied weight in its layer; the head's rank holds a copy it steps and syncs too:
+    model states, DDP (replicate) all-reduce bytes and optimizer, here 8192 × 512 elements (the head is not
+    vocabulary-parallel in this plan), and the search prices the same."""
+    from dataclasses import replace
+
+    from autoplan.cost.traffic import plan_collectives
+    from autoplan.solve.tables import LayerCostCache, StrategyTables, segments_of
+
+    tied = replace(GRAPH, tied_parameters=[("tok.weight", "head.weight")], tied_numels=[8192 * 512])
+    plan = make_plan()
+    plain, copied = estimate_breakdown(GRAPH, plan), estimate_breakdown(tied, plan)
+    copy = 8192 * 512
+    assert [b.num_params - a.num_params for a, b in zip(plain.ranks, copied.ranks)] == [0, copy]
+    assert copied.ranks[1].model_state_bytes - plain.ranks[1].model_state_bytes == 16 * copy  # bf16 AdamW states
+    assert copied.ranks[1].optimizer_s > plain.ranks[1].optimizer_s and copied.ranks[0] == replace(
+        plain.ranks[0], dp_sync_s=copied.ranks[0].dp_sync_s)  # rank 0 only adds the tied all-reduce
+    before, after = plan_collectives(GRAPH, plan)[1], plan_collectives(tied, plan)[1]
+    dp_bytes = [sum(c.nbytes for c in got if c.axis == "dp" and c.nbytes > 4) for got in (before, after)]
+    assert dp_bytes[1] - dp_bytes[0] == 4 * copy  # its fp32 gradient in the replicas' all-reduce
+    tables = StrategyTables(tied, CLUSTER, Strategy.of(plan), segments_of(tied.layers), LayerCostCache(tied, CLUSTER),
+                            "none", 32)
+    index = {layer.name: layer.index for layer in tied.layers}
+
+    def unsharded(name: str):
+        return next(c.choice for c in tables.choices[tables.segment_of[index[name]]] if not c.choice.tp_on)
+
+    assignment = [[(index[n], unsharded(n)) for n in stage.layers] for stage in plan.stages]
+    assert tables.tied_copies(assignment) == (0, copy)
+    assert tables.evaluate(assignment).ranks[1].num_params - copy == sum(
+        tables._cost(i, choice).num_params for i, choice in assignment[1])
+    (term,) = tables.tied_sync_terms  # CP-SAT's memory and tail: the copy on the last stage's rank
+    assert term.off_copy == (0, copy)
+
+
 def test_interleaved_ranks_hold_chunk_activations_at_one_vth_of_the_rank_each():
     names = [l.name for l in GRAPH.layers]
     plan = make_plan(schedule="interleaved", virtual_stages=2, microbatches=4, tensor_parallel={}, stages=(
