@@ -157,7 +157,7 @@ def test_the_head_s_rank_holds_its_own_copy_of_the_tied_weight():
         return next(c.choice for c in tables.choices[tables.segment_of[index[name]]] if not c.choice.tp_on)
 
     assignment = [[(index[n], unsharded(n)) for n in stage.layers] for stage in plan.stages]
-    assert tables.tied_copies(assignment) == (0, copy)
+    assert tables.tied_costs(assignment)[1] == (0, copy)
     assert tables.evaluate(assignment).ranks[1].num_params - copy == sum(
         tables._cost(i, choice).num_params for i, choice in assignment[1])
     (term,) = tables.tied_sync_terms  # CP-SAT's memory and tail: the copy on the last stage's rank

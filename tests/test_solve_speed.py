@@ -178,7 +178,7 @@ def test_search_objective_prices_the_tied_weight_sync_as_the_plan_predicts():
     checked = 0
     for tables in build_tables(graph, cluster, options):
         assignment, cost = greedy(tables)
-        tied = tables.tied_sync_s(assignment)
+        tied, _ = tables.tied_costs(assignment)
         assert len(tied) == 2 and min(tied) > 1e-4 * cost.step_time_s  # embedding and head apart: both pay
         result = solve_strategy(tables, refined_bound(tables), cutoff_s=None, hint=None, time_limit_s=5.0)
         solved = tables.evaluate(result.assignment)

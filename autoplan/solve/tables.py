@@ -29,7 +29,7 @@ from ..cost.sequence import sequence_edge_payers
 from ..graph import Layer, ModelGraph
 from ..options import PlanOptions
 from .space import LayerChoice, enumerate_strategies, global_batch_size, layer_choices
-from .tied import TiedTerm, tied_copies, tied_layer_groups, tied_modules, tied_sync_s, tied_sync_terms
+from .tied import TiedTerm, tied_costs, tied_layer_groups, tied_modules, tied_sync_terms
 
 __all__ = ["Segment", "segments_of", "LayerCostCache", "ChoiceCost", "StrategyTables", "Assignment",
            "build_tables", "LazyTables", "example_tables", "tied_layer_groups"]
@@ -242,15 +242,10 @@ class StrategyTables:
         return rank_state_bytes_per_param(self.strategy)
 
     # -- tied weights (autoplan.solve.tied) ---------------------------------------------------------------
-    def tied_sync_s(self, assignment: Assignment) -> tuple[float, ...]:
-        """Per pipeline rank, the all-reduce of weights tied across pipeline ranks under ``assignment``
-        (:func:`autoplan.solve.tied.tied_sync_s`)."""
-        return tied_sync_s(self, assignment)
-
-    def tied_copies(self, assignment: Assignment) -> tuple[int, ...]:
-        """Per pipeline rank, the elements of the tied weights' copies it holds under ``assignment``
-        (:func:`autoplan.solve.tied.tied_copies`)."""
-        return tied_copies(self, assignment)
+    def tied_costs(self, assignment: Assignment) -> tuple[tuple[float, ...], tuple[int, ...]]:
+        """Per pipeline rank, the all-reduce of weights tied across pipeline ranks under ``assignment`` and the
+        elements of their copies it holds (:func:`autoplan.solve.tied.tied_costs`)."""
+        return tied_costs(self, assignment)
 
     @cached_property
     def tied_sync_terms(self) -> list[TiedTerm]:
@@ -262,8 +257,7 @@ class StrategyTables:
         """The exact cost (:func:`autoplan.cost.plan_cost.compose`) of an assignment, the tied weights' sync and
         copies included (as :func:`autoplan.cost.plan_cost.estimate` prices the plan)."""
         stages = [[self._cost(i, choice) for i, choice in stage] for stage in assignment]
-        return compose(self.strategy, self.cluster, stages, self.global_batch_size, self.tied_sync_s(assignment),
-                       self.tied_copies(assignment))
+        return compose(self.strategy, self.cluster, stages, self.global_batch_size, *self.tied_costs(assignment))
 
     def _cost(self, i: int, choice: LayerChoice) -> cost.LayerCost:
         for c in self.choices[self.segment_of[i]]:

@@ -22,7 +22,7 @@ from ..plan import Mesh
 if TYPE_CHECKING:  # pragma: no cover
     from .tables import Assignment, StrategyTables
 
-__all__ = ["tied_layer_groups", "tied_modules", "tied_sync_s", "tied_copies", "tied_sync_terms", "TiedTerm"]
+__all__ = ["tied_layer_groups", "tied_modules", "tied_costs", "tied_sync_terms", "TiedTerm"]
 
 
 def tied_layer_groups(graph: ModelGraph) -> list[list[int]]:
@@ -96,41 +96,25 @@ def _assignment_holders(tables: "StrategyTables", assignment: "Assignment") -> d
     return {i: (k, choice.tp_on) for k, stage in enumerate(assignment) for i, choice in stage if i in owners}
 
 
-def tied_sync_s(tables: "StrategyTables", assignment: "Assignment") -> tuple[float, ...]:
-    """Per pipeline rank, the all-reduce of weights tied across pipeline ranks (:mod:`autoplan.cost.tied`) under
-    ``assignment``; empty when there is none to pay (one pipeline rank, no tied weight).
+def tied_costs(tables: "StrategyTables", assignment: "Assignment") -> tuple[tuple[float, ...], tuple[int, ...]]:
+    """Per pipeline rank, under ``assignment``: the all-reduce of weights tied across pipeline ranks, and the
+    elements of the copies of them it holds (:mod:`autoplan.cost.tied`); both empty when there is none (one
+    pipeline rank, no tied weight).
 
-    Example: embedding and head tied, on the two ranks of a 2-stage pipeline.
+    Example: embedding and head tied, on the two ranks of a 2-stage pipeline: both sync, the head's rank holds a copy.
         >>> from autoplan.solve.tables import example_tables
         >>> t = example_tables(mesh={"pp": 2, "tp": 1}, microbatch_size=1)
         >>> t.cache.tied_modules = [{"tok": (0, True), "head": (7, True)}]
         >>> t.graph.tied_parameters, t.graph.tied_numels = [("tok.weight", "head.weight")], [1000 * 256]
-        >>> first, last = tied_sync_s(t, [[(i, t.choices[t.segment_of[i]][0].choice) for i in range(a, b)]
-        ...                               for a, b in ((0, 4), (4, 8))])
-        >>> first == last > 0
-        True
+        >>> (first, last), copies = tied_costs(t, [[(i, t.choices[t.segment_of[i]][0].choice) for i in range(a, b)]
+        ...                                        for a, b in ((0, 4), (4, 8))])
+        >>> first == last > 0, copies
+        (True, (0, 256000))
     """
     if tables.strategy.pp == 1 or not tables.cache.tied_modules:
-        return ()
-    return _sync(tables, _assignment_holders(tables, assignment))
-
-
-def tied_copies(tables: "StrategyTables", assignment: "Assignment") -> tuple[int, ...]:
-    """Per pipeline rank, the elements of tied weights it holds as copies under ``assignment``
-    (:func:`autoplan.cost.tied.tied_copy_params`); empty when there is none.
-
-    Example: embedding and head tied, on the two ranks of a 2-stage pipeline: the head's rank holds a copy.
-        >>> from autoplan.solve.tables import example_tables
-        >>> t = example_tables(mesh={"pp": 2, "tp": 1}, microbatch_size=1)
-        >>> t.cache.tied_modules = [{"tok": (0, True), "head": (7, True)}]
-        >>> t.graph.tied_parameters, t.graph.tied_numels = [("tok.weight", "head.weight")], [1000 * 256]
-        >>> tied_copies(t, [[(i, t.choices[t.segment_of[i]][0].choice) for i in range(a, b)]
-        ...                 for a, b in ((0, 4), (4, 8))])
-        (0, 256000)
-    """
-    if tables.strategy.pp == 1 or not tables.cache.tied_modules:
-        return ()
-    return _copies(tables, _assignment_holders(tables, assignment))
+        return (), ()
+    holders = _assignment_holders(tables, assignment)
+    return _sync(tables, holders), _copies(tables, holders)
 
 
 class TiedTerm(NamedTuple):
