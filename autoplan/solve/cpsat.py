@@ -24,9 +24,8 @@ Constraints (one helper per family):
     α + β·Σ_{k≡r} Σ_gc P_gc·m_kgc + τ_r ≤ tail_max                DP sync + optimizer of rank r     _rank_tail
                                                                  (τ_r: tied-weight sync + β·copy)  _tied_ticks
     Σ_{k≡r} Σ_gc (σ·P_gc + W_gc + f_r·A_gc)·m_kgc + R_r + Σ_{k≡r}(o_{k−1} + o_k)
-        + [r = (S−1) mod pp]·loss + σ·copy_r ≤ C,                 memory of rank r (loss buffers:   _rank_memory
-        R_r ≥ R_gc·u_kgc for k ≡ r                                a constant of the last rank; copy_r:
-                                                                 its tied weights' copies)
+        + [r = (S−1) mod pp]·loss + σ·copy_r ≤ C,                 memory of rank r (loss: the last   _rank_memory
+        R_r ≥ R_gc·u_kgc for k ≡ r                                rank's; copy_r: its tied copies)
 Objective:
     minimise M·t_max + b·s_max + tail_max      (s_max = t_max when v = 1)                          _objective
 
