@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from typing import Callable
@@ -195,9 +196,7 @@ def recompute_overhead_time_s(device: torch.device | None = None, iters: int = 2
         >>> 0 <= recompute_overhead_time_s(iters=2, repeats=1) < 0.1
         True
     """
-    import copy
-
-    from .execute.recompute import apply_recompute
+    from .execute.recompute import apply_recompute  # loads the executor package only when this is measured
 
     block, x = _tiny_block(device or torch.device("cpu"))
     recomputed = torch.nn.Sequential(copy.deepcopy(block))

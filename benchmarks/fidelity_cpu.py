@@ -224,7 +224,8 @@ def main() -> None:
             print(f"round {k}: load {load[k]:.1f}→{load[k + 1]:.1f}; calibrated concurrency "
                   f"{c.get('compute_concurrency', 0):.2f}, layer overhead {d['layer_overhead_s'] * 1e6:.0f} µs "
                   f"(+ {groups} µs), pipeline stage {d.get('pipeline_stage_overhead_s', 0) * 1e6:.0f} µs, recompute "
-                  f"{d.get('recompute_overhead_s', 0) * 1e6:.0f} µs, fp32 {d['peak_flops']['fp32'] / 1e9:.1f} GFLOP/s; worst spread "
+                  f"{d.get('recompute_overhead_s', 0) * 1e6:.0f} µs, fp32 {d['peak_flops']['fp32'] / 1e9:.1f} GFLOP/s; "
+                  f"worst spread "
                   f"{max(spreads[k].values(), default=0):.2f}; alone: Spearman {figures['spearman']:.2f}, "
                   f"median |error| {figures['median_abs_error']:.0%}")
         print(f"all-reduce/compute overlap {overlap:.2f}")

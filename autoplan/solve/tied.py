@@ -78,14 +78,16 @@ def _holder(tables: "StrategyTables", holders: dict[int, tuple[int, bool]],
     return holder
 
 
-def _sync(tables: "StrategyTables", holders: dict[int, tuple[int, bool]], group: int | None = None) -> tuple[float, ...]:
+def _sync(tables: "StrategyTables", holders: dict[int, tuple[int, bool]],
+          group: int | None = None) -> tuple[float, ...]:
     """:func:`autoplan.cost.tied.tied_sync_by_rank` with ``holders[layer] = (stage, tensor-parallel on)``."""
     s = tables.strategy
     return tied_sync_by_rank(tables.graph, tables.cluster, Mesh(s.pp, s.dp, s.tp), s.data_parallel == "fsdp",
                              _holder(tables, holders, group))
 
 
-def _copies(tables: "StrategyTables", holders: dict[int, tuple[int, bool]], group: int | None = None) -> tuple[int, ...]:
+def _copies(tables: "StrategyTables", holders: dict[int, tuple[int, bool]],
+            group: int | None = None) -> tuple[int, ...]:
     """:func:`autoplan.cost.tied.tied_copies_by_rank` with ``holders[layer] = (stage, tensor-parallel on)``."""
     s = tables.strategy
     return tied_copies_by_rank(tables.graph, Mesh(s.pp, s.dp, s.tp), _holder(tables, holders, group))
