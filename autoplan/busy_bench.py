@@ -133,10 +133,10 @@ def sync_in_step_s(wrapper: str, num_bytes: int, mesh, device: torch.device, rou
     Example (under torchrun, 4 ranks): ``sync_in_step_s("ddp", 2**22, group_mesh(cpu, 4), cpu)``
     """
     if wrapper == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
+        from .execute.data_parallel import distributed_data_parallel  # the executor's DDP, as it syncs
 
         plain = _linear_chain(num_bytes, device)
-        synced = DistributedDataParallel(_linear_chain(num_bytes, device), process_group=mesh.get_group())
+        synced = distributed_data_parallel(_linear_chain(num_bytes, device), mesh.get_group())
     else:
         from torch.distributed._composable.replicate_with_fsdp import replicate
 

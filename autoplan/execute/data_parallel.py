@@ -5,7 +5,7 @@
   which would otherwise cost an all-gather and a reduce-scatter of its own), as torchtitan does with its blocks.
   Parameters become DTensors sharded on dim 0 over "dp" (2-D with tensor parallelism).
 - ``ddp`` alone (no tensor or pipeline parallelism): ``torch.nn.parallel.DistributedDataParallel`` over the dp
-  process group.
+  process group, its gradients views of its communication buckets (:func:`distributed_data_parallel`).
 - ``ddp`` with tensor or pipeline parallelism: torch's FSDP2-based ``replicate`` (all-reduce, no sharding). It
   accepts DTensor parameters and keeps ``parameters()`` stable, where classic DDP would need parameters swapped
   around each forward, and pipelining drives its gradient reduction once per step (classic DDP's reducer fails
@@ -36,7 +36,7 @@ from ..vocabulary import LOW_PRECISIONS, torch_dtype
 from .tensor_parallel import tied_parameter_names
 from .tp_styles import fsdp_placement
 
-__all__ = ["shardable_layers", "apply_data_parallel", "low_precision_dtype"]
+__all__ = ["shardable_layers", "apply_data_parallel", "distributed_data_parallel", "low_precision_dtype"]
 
 
 
@@ -126,7 +126,26 @@ def apply_data_parallel(root: nn.Module, kind: str, dp_mesh: DeviceMesh, layers:
 
         replicate(root, mesh=dp_mesh, mp_policy=_mp_policy(precision))
         return root
-    device = next(root.parameters()).device
-    return DistributedDataParallel(
-        root, process_group=dp_mesh.get_group(), device_ids=[device.index] if device.type == "cuda" else None,
-    )
+    return distributed_data_parallel(root, dp_mesh.get_group())
+
+
+def distributed_data_parallel(module: nn.Module, group) -> DistributedDataParallel:
+    """``module`` under classic DDP over ``group``, its gradients views of DDP's communication buckets
+    (``gradient_as_bucket_view=True``): the buckets are the gradients, so a rank holds one gradient-sized buffer,
+    as the cost model's 4 bytes of gradient per parameter count, where DDP's default keeps the buckets beside the
+    gradients (one more gradient-sized buffer, a quarter more model states under AdamW) and copies between them
+    in every step. Calibration times DDP's sync through this too.
+
+    Example (a world of one):
+        >>> import torch.distributed as dist
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> ddp = distributed_data_parallel(torch.nn.Linear(4, 4), dist.group.WORLD)
+        >>> ddp(torch.ones(2, 4)).sum().backward()
+        >>> w, b = ddp.module.weight.grad, ddp.module.bias.grad
+        >>> w.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()     # one bucket holds both
+        True
+        >>> dist.destroy_process_group()
+    """
+    device = next(module.parameters()).device
+    return DistributedDataParallel(module, process_group=group, gradient_as_bucket_view=True,
+                                   device_ids=[device.index] if device.type == "cuda" else None)
