@@ -69,6 +69,22 @@ class RecomputeOption:
     module: str
     saved_activation_bytes: int
     forward_flops: int
+    #: modules inside ``module`` whose output the recomputation never reaches: non-reentrant checkpointing stops
+    #: once every tensor the module saved is back, so the work after the last save (a pre-norm block's last
+    #: projection's output: the residual add saves nothing) does not run again, nor the collectives at those
+    #: outputs. Empty: everything runs again (a post-norm block's last norm saves the sum)
+    unreached: tuple[str, ...] = ()
+
+    def reaches(self, modules) -> bool:
+        """Whether the recomputation runs past the outputs of all of ``modules`` (FQNs inside the option's
+        module), so that the collectives at their outputs run again.
+
+        Example:
+            >>> o = RecomputeOption("b", 1, 1, unreached=("b.mlp.proj",))
+            >>> o.reaches(["b.attn.qkv", "b.attn.proj"]), o.reaches(["b.mlp.fc", "b.mlp.proj"])
+            (True, False)
+        """
+        return not any(m in self.unreached for m in modules)
 
 
 @dataclass(frozen=True)

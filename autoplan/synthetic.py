@@ -49,7 +49,9 @@ def _block(i: int, h: int, s: int, a: int, b: int, dtype_bytes: int) -> Layer:
                                                 shared_input_bytes=2 * out, gathered_bytes=2 * out,
                                                 norm_params=(h, h, h, h)),
         recompute_options=(
-            RecomputeOption(name, saved_activation_bytes=activation - out, forward_flops=flops),
+            # pre-norm: nothing after the MLP's projection saves a tensor, so recompute stops there
+            RecomputeOption(name, saved_activation_bytes=activation - out, forward_flops=flops,
+                            unreached=(f"{name}.mlp", f"{name}.mlp.proj")),
             RecomputeOption(f"{name}.attn.core", saved_activation_bytes=attn_scores,
                             forward_flops=4 * b * s * s * h),
         ),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from autoplan.models import GPT, MLP, Attention, GPTConfig
+from autoplan.models import GPT, MLP, Attention, Block, GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("execute_worker.py")
@@ -60,11 +60,30 @@ def with_nested_cores(model: GPT, cfg: GPTConfig) -> GPT:
     return model
 
 
+class PostNormBlock(Block):
+    """The GPT block with its norms after the residual adds (the original Transformer's and BERT's order): the
+    second norm saves the sum, so a checkpoint's recomputation runs through the block's last projection."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ln1(x + self.attn(x))
+        return self.ln2(x + self.mlp(x))
+
+
+def with_post_norm(model: GPT) -> GPT:
+    """``model`` with each block's forward in :class:`PostNormBlock`'s order (same modules, same weights)."""
+    for block in model.blocks:
+        block.__class__ = PostNormBlock
+    return model
+
+
 def build_model(kind: str) -> torch.nn.Module:
-    """``gpt``, ``gpt-core`` (the same GPT, its attention cores nested modules) or ``mlp``."""
+    """``gpt``, ``gpt-core`` (the same GPT, its attention cores nested modules), ``gpt-postnorm`` (the same GPT,
+    its blocks post-norm) or ``mlp``."""
     torch.manual_seed(1234)
     if kind == "gpt-core":
         return with_nested_cores(GPT(GPT_CONFIG), GPT_CONFIG)
+    if kind == "gpt-postnorm":
+        return with_post_norm(GPT(GPT_CONFIG))
     return GPT(GPT_CONFIG) if kind == "gpt" else MLP(16, 32, depth=MLP_DEPTH)
 
 

@@ -49,6 +49,12 @@ def _gqa_case(name: str, *, pp=1, dp=1, data_parallel="ddp", recompute=False, pr
                          recompute=["blocks.0", "blocks.1"] if recompute else [])}
 
 
+def _post_norm_case(name: str, **kw) -> dict:
+    """A case of the post-norm GPT: its checkpoints re-run every block's last all-reduce (or reduce-scatter)."""
+    case = layout("gpt", name, recompute=True, **kw)
+    return {**case, "kind": "gpt-postnorm", "name": case["name"].replace("gpt:", "gpt-postnorm:"), "numerics": True}
+
+
 CASES = [
     _case("ddp4", 2, dp=4),
     _case("fsdp4", 1, dp=4, data_parallel="fsdp"),
@@ -64,6 +70,8 @@ CASES = [
     _case("tp4-sp", 2, tp=4, sequence_parallel=True),
     _case("tp2xdp2-sp", 2, tp=2, dp=2, recompute=True, sequence_parallel=True),
     _case("pp2xtp2-1f1b-sp", 4, pp=2, tp=2, sequence_parallel=True),  # a run cut by the stages: each splits and gathers
+    _post_norm_case("tp2xdp2", tp=2, dp=2),  # the last all-reduce of each block again in its recompute
+    _post_norm_case("tp4-sp", tp=4, sequence_parallel=True),  # the last reduce-scatter again
     _gqa_case("dp2xtp2:recompute", dp=2, recompute=True, numerics=True),  # the exchange again in each recompute
     _gqa_case("fsdp2xtp2:bf16", dp=2, data_parallel="fsdp", precision="bf16"),  # the gathered bf16 weight moves
     _gqa_case("pp2xtp2:bf16", pp=2, precision="bf16"),  # autocast: the fp32 share is cast before it moves
@@ -103,7 +111,7 @@ def test_issued_collectives_equal_charged(tmp_path):
             if problems:
                 failures.append(f"{case['name']} rank {rank['rank']} {rank['coords']}: " + "; ".join(problems))
     assert not failures, "\n".join(failures)
-    refs = {"gpt": reference("gpt")}
+    refs = {"gpt": reference("gpt"), "gpt-postnorm": reference("gpt-postnorm")}
     refs["gqa"] = dict(zip(("losses", "state"), train_one_process(build_gqa(), gqa_batches(GLOBAL_BATCH, STEPS))))
     for case in (c for c in CASES if c.get("numerics")):
         got, ref = results[case["name"]][0], refs[case["kind"]]

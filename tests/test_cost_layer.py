@@ -21,8 +21,11 @@ ATTN = TensorParallelGroup({"blocks.0.attn.qkv": "colwise", "blocks.0.attn.proj"
 MLP = TensorParallelGroup({"blocks.0.mlp.fc": "colwise", "blocks.0.mlp.proj": "rowwise"}, divisor=16,
                           num_params=50, forward_flops=500, activation_bytes=400, output_bytes=64,
                           input_bytes=64)
-FULL = RecomputeOption("blocks.0", saved_activation_bytes=700, forward_flops=1000)
-SELECTIVE = RecomputeOption("blocks.0.attn", saved_activation_bytes=150, forward_flops=300)
+# pre-norm, as traced: nothing after each option's last projection saves a tensor
+FULL = RecomputeOption("blocks.0", saved_activation_bytes=700, forward_flops=1000,
+                       unreached=("blocks.0.mlp", "blocks.0.mlp.proj"))
+SELECTIVE = RecomputeOption("blocks.0.attn", saved_activation_bytes=150, forward_flops=300,
+                            unreached=("blocks.0.attn.proj",))
 BLOCK = Layer("blocks.0", 1, "block", forward_flops=1000, backward_flops=2000, num_params=100, param_bytes=400,
               activation_bytes=800, output_bytes=64, tp_groups=(ATTN, MLP), recompute_options=(FULL, SELECTIVE))
 
@@ -111,6 +114,9 @@ def test_full_recompute_keeps_only_the_replicated_input():
     # Two pairs × (forward + backward) + the first pair's forward all-reduce again while recomputing (the last
     # one feeds no saved tensor, so checkpointing's early stop skips it); 2·3/4·64 B each.
     assert tp.tp_comm_s == pytest.approx(5 * 0.096)
+    # Post-norm (the last norm saves the sum): the recomputation reaches the last all-reduce too.
+    post = cost(tp=4, recompute=replace(FULL, unreached=("blocks.0.ln2",)))
+    assert post.tp_comm_s == pytest.approx(6 * 0.096)
 
 
 def test_selective_recompute_frees_its_bytes_as_sharded_when_they_fit_in_the_pairs():

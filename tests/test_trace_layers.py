@@ -71,6 +71,33 @@ def test_recompute_options_full_and_selective():
     assert all(0 < o.forward_flops < block.flops for o in selective)
 
 
+def test_recompute_stops_after_the_last_saved_tensor():
+    """Non-reentrant checkpointing stops once every saved tensor is back: a pre-norm block's recompute never
+    reaches its MLP projection's output (the residual add saves nothing), a post-norm block's runs through it
+    (its last norm saves the sum), so the collectives at that output run again only there. A deep stack, traced
+    through one block of each kind and copied, names each copy's own modules."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from distributed_helpers import with_post_norm
+
+    x = torch.randint(0, CFG.vocab_size, (BATCH, CFG.seq_len))
+    pre = autoplan.trace(GPT(CFG), x).layer("blocks.1")
+    post = autoplan.trace(with_post_norm(GPT(CFG)), x).layer("blocks.1")
+    attn, mlp = (g.styles for g in pre.tp_groups)
+    assert pre.recompute_options[0].unreached == ("blocks.1.mlp", "blocks.1.mlp.proj")
+    assert pre.recompute_options[0].reaches(attn) and not pre.recompute_options[0].reaches(mlp)
+    assert post.recompute_options[0].unreached == ("blocks.1.ln2",)
+    assert post.recompute_options[0].reaches(attn) and post.recompute_options[0].reaches(mlp)
+    # a selective option stops after its own projection either way
+    assert {o.module: o.unreached for o in post.recompute_options[1:]} == {
+        "blocks.1.attn": ("blocks.1.attn.proj",), "blocks.1.mlp": ("blocks.1.mlp.proj",)}
+    deep = GPTConfig(vocab_size=64, seq_len=8, hidden=32, layers=12, heads=4)
+    graph = autoplan.trace(GPT(deep), torch.randint(0, 64, (2, 8)))
+    assert graph.layer("blocks.7").recompute_options[0].unreached == ("blocks.7.mlp", "blocks.7.mlp.proj")
+
+
 def test_containers_are_opened_and_wrappers_split():
     class Wrapper(torch.nn.Module):
         def __init__(self):

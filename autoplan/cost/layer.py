@@ -293,12 +293,12 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
                                     + memory_bound_s(FORWARD_PASSES * (activation - kept_activation) * bytes_scale,
                                                      cluster)
                                     + overhead_s + device.recompute_overhead_s)
-        inside = [g for g in groups if all(in_module(m, recompute.module) for m in g.styles)]
         # Non-reentrant checkpointing (what the executor uses) stops recomputing once every saved tensor is back
-        # (torch.utils.checkpoint's early stop): the module's last all-reduce feeds only the residual add, which
-        # saves nothing, so it is not re-run (counted on gloo in tests/test_collective_counts.py). This holds for
-        # pre-norm blocks, whose last group's output leaves the module unnormalised.
-        recompute_groups = tuple(inside[:-1])
+        # (torch.utils.checkpoint's early stop): a pre-norm block's last all-reduce feeds only the residual add,
+        # which saves nothing, so it is not re-run; a post-norm block's last norm saves the sum, so every
+        # all-reduce is (both counted on gloo in tests/test_collective_counts.py).
+        recompute_groups = tuple(g for g in groups if all(in_module(m, recompute.module) for m in g.styles)
+                                 and recompute.reaches(g.styles))
 
     tp_forward: list[Collective] = []
     tp_backward: list[Collective] = []

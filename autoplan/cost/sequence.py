@@ -168,11 +168,12 @@ def sequence_parallel_cost(layer: Layer, base: LayerCost, *, traced_batch_size: 
     again: list[Collective] = []
     if recompute is not None:
         inside = [g for g in layer.tp_groups if all(in_module(m, recompute.module) for m in g.styles)]
-        for i, group in enumerate(inside):
+        for group in inside:
             (gather_in, scatter_out), _ = _pair_collectives(group, scale, tp)
-            # Non-reentrant checkpointing stops once every saved tensor is back: the last rowwise linear's
-            # reduce-scatter only feeds the residual add, which saves nothing (as for plain TP's all-reduce).
-            again += [gather_in] + ([scatter_out] if i < len(inside) - 1 else [])
+            # Non-reentrant checkpointing stops once every saved tensor is back: a pre-norm block's last rowwise
+            # linear's reduce-scatter only feeds the residual add, which saves nothing (as for plain TP's
+            # all-reduce); a post-norm block's last norm saves the sum, so it runs again.
+            again += [gather_in] + ([scatter_out] if recompute.reaches(group.styles) else [])
     collectives = tuple(c for c in forward + backward + again if c.count)
     # Bytes the split stream saves less (the traced figures, scaled): the norms' side over t, and each pair's
     # input kept as its shard (module docstring). A checkpoint re-running a colwise linear holds its gathered

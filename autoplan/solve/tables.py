@@ -43,8 +43,8 @@ def _signature(layer: Layer) -> tuple:
             layer.activation_bytes, layer.output_bytes, layer.tp_groups and tuple(
                 (g.divisor, g.num_params, g.forward_flops, g.activation_bytes, g.output_bytes,
                  tuple(sorted(g.styles.values()))) for g in layer.tp_groups),
-            tuple((o.module == layer.name, o.saved_activation_bytes, o.forward_flops)
-                  for o in layer.recompute_options))
+            tuple((o.module == layer.name, o.saved_activation_bytes, o.forward_flops,
+                   tuple(o.reaches(g.styles) for g in layer.tp_groups)) for o in layer.recompute_options))
 
 
 @dataclass(frozen=True)

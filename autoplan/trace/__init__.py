@@ -275,7 +275,7 @@ def _recompute_options(model, name, layer_act, layer_fwd, m, module_fwd, module_
         return ()
     call = m.calls.get(name)
     kept = call.input_bytes if call is not None else 0
-    options = [RecomputeOption(name, layer_act - kept, layer_fwd)] if layer_act > kept else []
+    options = [RecomputeOption(name, layer_act - kept, layer_fwd, _unreached(m, name))] if layer_act > kept else []
     module = model.get_submodule(name) if name else model
     for relative, _ in module.named_modules():
         fqn = f"{name}.{relative}" if name else relative
@@ -284,7 +284,7 @@ def _recompute_options(model, name, layer_act, layer_fwd, m, module_fwd, module_
             continue
         saved = max(0, module_bytes - m.calls[fqn].input_bytes)
         if saved > 0:
-            options.append(RecomputeOption(fqn, saved, module_fwd.get(fqn, 0)))
+            options.append(RecomputeOption(fqn, saved, module_fwd.get(fqn, 0), _unreached(m, fqn)))
 
     def pairs(option: RecomputeOption) -> frozenset[int]:
         return frozenset(i for i, g in enumerate(groups) if all(in_module(s, option.module) for s in g.styles))
@@ -299,6 +299,18 @@ def _recompute_options(model, name, layer_act, layer_fwd, m, module_fwd, module_
     first = 1 if options and options[0].module == name else 0  # the full option is always offered
     return tuple(o for j, o in enumerate(options)
                  if j < first or not any(beats(k, j) for k in range(len(options)) if k != j))
+
+
+def _unreached(m: Measurement, module: str) -> tuple[str, ...]:
+    """The modules inside ``module`` whose output its recomputation does not reach
+    (:attr:`autoplan.graph.RecomputeOption.unreached`): those whose first call ends at or after the last
+    position at which ``module``'s first call saved a tensor (an op's saves come one position after it)."""
+    call = m.calls.get(module)
+    if call is None:
+        return ()
+    last = max((p for p in m.pack_positions if call.start < p <= call.end), default=call.start)
+    return tuple(sorted(fqn for fqn, c in m.calls.items()
+                        if fqn != module and in_module(fqn, module) and c.end >= last))
 
 
 def _bias_numel(model, fqn: str) -> int:

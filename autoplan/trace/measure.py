@@ -131,6 +131,9 @@ class Measurement:
     forward_ops: list[OpRecord] = field(default_factory=list)
     backward_ops: list[OpRecord] = field(default_factory=list)
     saved: list[SavedRecord] = field(default_factory=list)
+    # forward position of every tensor autograd saves, each save (repeats and parameters too): non-reentrant
+    # checkpointing's recomputation stops at the last of a module's (see RecomputeOption.unreached)
+    pack_positions: list[int] = field(default_factory=list)
     calls: dict[str, ModuleCall] = field(default_factory=dict)  # module FQN → its first call
     num_forward_ops: int = 0
     # FQN → (args, kwargs) of the first call of each module asked for, tensors described by describe_tensor
@@ -309,6 +312,7 @@ def measure(model: torch.nn.Module, args: tuple, kwargs: dict, record_inputs: se
             call.end = s.position
 
     def pack(t: torch.Tensor):
+        s.result.pack_positions.append(s.position)
         key = storage_key(t)
         if key not in s.seen_saved and key not in s.excluded:
             s.seen_saved.add(key)

@@ -38,7 +38,7 @@ import networkx as nx
 import torch
 from torch import nn
 
-from ..graph import Layer, ModelGraph, RecomputeOption
+from ..graph import Layer, ModelGraph
 from ..names import in_module, tied_parameter_names
 
 __all__ = ["RepeatedStack", "repeated_stack", "block_signature", "trace_repeated", "TRACED_BLOCKS",
@@ -264,7 +264,7 @@ def _renamed_layer(layer: Layer, stack: RepeatedStack, src: int, dst: int, index
     return replace(
         layer, name=ren(layer.name), index=index, param_names=tuple(ren(n) for n in layer.param_names),
         tp_groups=tuple(replace(g, styles={ren(k): v for k, v in g.styles.items()}) for g in layer.tp_groups),
-        recompute_options=tuple(RecomputeOption(ren(o.module), o.saved_activation_bytes, o.forward_flops)
+        recompute_options=tuple(replace(o, module=ren(o.module), unreached=tuple(ren(u) for u in o.unreached))
                                 for o in layer.recompute_options),
     )
 
