@@ -101,6 +101,9 @@ def test_a_wrapper_that_frees_what_its_child_frees_offers_one_option():
 
     graph = autoplan.trace(nn.Sequential(Residual(), Residual()), torch.randn(8, 16))
     options = graph.layer("0").recompute_options
-    # ff.0 frees ff's bytes for ff's FLOPs: left out; attn frees less than ff but re-runs another pair: kept
-    assert [o.module for o in options] == ["0", "0.attn", "0.ff"]
+    # ff.0 frees ff's bytes for ff's FLOPs: left out. attn frees less than ff for as many FLOPs, and neither
+    # re-runs its pair's all-reduce (each recomputation stops at its last linear, the last to save): left out too
+    assert [g.styles for g in graph.layer("0").tp_groups] == [{"0.attn.0": "colwise", "0.attn.2": "rowwise"},
+                                                              {"0.ff.0.0": "colwise", "0.ff.0.2": "rowwise"}]
+    assert [o.module for o in options] == ["0", "0.ff"]
     assert len({(o.saved_activation_bytes, o.forward_flops) for o in options}) == len(options)

@@ -262,7 +262,8 @@ def _recompute_options(model, name, layer_act, layer_fwd, m, module_fwd, module_
 
     A module's option is measured as the layer's: its saved bytes (its own and its descendants') less its input,
     which stays alive, and its forward FLOPs. An option is left out when another one frees at least its bytes for
-    no more FLOPs and re-runs no more tensor-parallel pairs (``groups``): a wrapper around a single child, T5's
+    no more FLOPs and re-runs the output collectives of no more tensor-parallel pairs (``groups`` whose output its
+    recomputation reaches, :attr:`RecomputeOption.unreached`): a wrapper around a single child, T5's
     ``SelfAttention`` beside the ``layer.0`` holding it and its norm. The cost model prices an option by those
     figures (memory freed; time: its FLOPs, one memory-bound pass over the bytes it frees, the pairs' collectives),
     so the option left out could win only by the pass over the bytes it does not free, which are exactly what
@@ -286,8 +287,9 @@ def _recompute_options(model, name, layer_act, layer_fwd, m, module_fwd, module_
         if saved > 0:
             options.append(RecomputeOption(fqn, saved, module_fwd.get(fqn, 0), _unreached(m, fqn)))
 
-    def pairs(option: RecomputeOption) -> frozenset[int]:
-        return frozenset(i for i, g in enumerate(groups) if all(in_module(s, option.module) for s in g.styles))
+    def pairs(option: RecomputeOption) -> frozenset[int]:  # the groups whose output collectives it re-runs
+        return frozenset(i for i, g in enumerate(groups)
+                         if all(in_module(s, option.module) for s in g.styles) and option.reaches(g.styles))
 
     def beats(k: int, j: int) -> bool:  # options[k] makes options[j] useless (a tie keeps the earlier one)
         a, b = options[k], options[j]
