@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Mapping
 from dataclasses import replace
@@ -310,7 +311,10 @@ def _unreached(m: Measurement, module: str) -> tuple[str, ...]:
     call = m.calls.get(module)
     if call is None:
         return ()
-    last = max((p for p in m.pack_positions if call.start < p <= call.end), default=call.start)
+    # positions only grow in forward, so the last save in the call is the last at or before its end
+    before_end = bisect.bisect_right(m.pack_positions, call.end)
+    last = m.pack_positions[before_end - 1] if before_end and m.pack_positions[before_end - 1] > call.start \
+        else call.start
     return tuple(sorted(fqn for fqn, c in m.calls.items()
                         if fqn != module and in_module(fqn, module) and c.end >= last))
 
