@@ -49,6 +49,12 @@ class TensorParallelGroup:
     activation_bytes: int  # saved-for-backward bytes that become sharded (divided by t)
     output_bytes: int  # bytes of the group's output tensor (all-reduced, or all-gathered for a head), example batch
     input_bytes: int  # bytes entering its first module (a head's input gradient is all-reduced), example batch
+    # the same two as the model runs under autocast (autoplan.trace.autocast_bytes: a linear's output in the low
+    # precision, a residual stream in the weights'); None where not traced: the precision's bytes are charged
+    autocast_output_bytes: int | None = None
+    autocast_input_bytes: int | None = None
+    # what a pair all-reduces in backward, its input's gradient; None: output_bytes (one shape, one dtype traced)
+    input_gradient_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -153,6 +159,7 @@ class Layer:
     tp_groups: tuple[TensorParallelGroup, ...] = ()
     recompute_options: tuple[RecomputeOption, ...] = ()
     sequence_parallel: SequenceParallelLayer | None = None  # None: no Megatron pair to build on
+    autocast_output_bytes: int | None = None  # output_bytes under autocast (TensorParallelGroup's, same rule)
 
     @property
     def flops(self) -> int:

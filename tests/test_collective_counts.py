@@ -5,9 +5,11 @@ Counted with tests/comm_counter.py (torch.profiler over c10d). Every collective 
 loss's 4-byte broadcast over the pipeline and all-reduce over the replicas included. When the embedding and the
 head sit on different pipeline ranks, the all-reduce that keeps them tied is charged, and so is the copy of the
 weight the head's rank holds, which FSDP gathers and scatters there with the rest of its root (autoplan.cost.tied).
-The ``gqa`` cases (tests/models_gqa.py: a fused qkv of unequal parts, ``colwise:32+16+16``) count
-the all-to-alls that hand each rank its rows of every part (autoplan.cost.row_exchange): fp32 under DDP with
-recompute, bf16 under FSDP's mixed precision and under autocast (pp2×tp2).
+Under bf16 autocast (no data parallelism) the residual stream, the pipeline's sends and a pair's input gradient
+stay fp32 while a pair's output is bf16 (autoplan.trace.autocast_bytes). The ``gqa`` cases (tests/models_gqa.py:
+a fused qkv of unequal parts, ``colwise:32+16+16``) count the all-to-alls that hand each rank its rows of every
+part (autoplan.cost.row_exchange): fp32 under DDP with recompute, bf16 under FSDP's mixed precision and under
+autocast (pp2×tp2).
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ CASES = [
     _case("tp4-sp", 2, tp=4, sequence_parallel=True),
     _case("tp2xdp2-sp", 2, tp=2, dp=2, recompute=True, sequence_parallel=True),
     _case("pp2xtp2-1f1b-sp", 4, pp=2, tp=2, sequence_parallel=True),  # a run cut by the stages: each splits and gathers
+    # bf16 by autocast (no data parallelism): the stream and the boundaries it crosses stay fp32, a pair's output
+    # is bf16 and its input gradient fp32
+    _case("pp4-1f1b", 4, pp=4, precision="bf16"),
+    _case("pp2xtp2-1f1b", 4, pp=2, tp=2, precision="bf16"),
     _post_norm_case("tp2xdp2", tp=2, dp=2),  # the last all-reduce of each block again in its recompute
     _post_norm_case("tp4-sp", tp=4, sequence_parallel=True),  # the last reduce-scatter again
     _gqa_case("dp2xtp2:recompute", dp=2, recompute=True, numerics=True),  # the exchange again in each recompute

@@ -135,8 +135,8 @@ def _group_kind(group: TensorParallelGroup) -> str:
     return "pair"  # colwise feeding rowwise (a lone colwise/rowwise is costed as a pair: the conservative case)
 
 
-def _tp_group_collectives(group: TensorParallelGroup, nbytes: float, tp: int,
-                          input_bytes: float) -> tuple[tuple[Collective, ...], tuple[Collective, ...]]:
+def _tp_group_collectives(group: TensorParallelGroup, nbytes: float, tp: int, input_bytes: float,
+                          input_gradient_bytes: float) -> tuple[tuple[Collective, ...], tuple[Collective, ...]]:
     """(forward, backward) collectives of one tensor-parallel group for one microbatch.
 
     Megatron-LM (Shoeybi et al. 2019 §3; Narayanan et al. SC'21 §3, the "f" and "g" operators): a colwise →
@@ -150,7 +150,9 @@ def _tp_group_collectives(group: TensorParallelGroup, nbytes: float, tp: int,
     if kind == "vocab_head":
         return (Collective("all_gather", nbytes, 1, tp, "tp"),), (Collective("all_reduce", input_bytes, 1, tp, "tp"),)
     forward = (Collective("all_reduce", nbytes, 1, tp, "tp"),)
-    return forward, (() if kind == "vocab_embedding" else forward)
+    if kind == "vocab_embedding":
+        return forward, ()
+    return forward, (Collective("all_reduce", input_gradient_bytes, 1, tp, "tp"),)
 
 
 def _priced_s(collectives: tuple[Collective, ...], cluster: Cluster, tp_stride: int) -> float:
@@ -305,8 +307,10 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
     tp_recompute: list[Collective] = []
     for group in groups:
         nbytes = group.output_bytes * bytes_scale
-        # the head's input gradient has the size of its input, which the tracer recorded
-        fwd, bwd = _tp_group_collectives(group, nbytes, tp, group.input_bytes * bytes_scale)
+        # the head's input gradient has the size of its input, which the tracer recorded; a pair's has its output's
+        # shape, in its input's dtype (which autocast may keep wider than the output's)
+        fwd, bwd = _tp_group_collectives(group, nbytes, tp, group.input_bytes * bytes_scale,
+                                         (group.input_gradient_bytes or group.output_bytes) * bytes_scale)
         tp_forward += fwd
         tp_backward += bwd
         if group in recompute_groups:

@@ -13,6 +13,8 @@ Example (a GPT block at h = 64: tp = 2 halves its 12h² matmul weights, not its 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .. import cost
 from ..cluster import Cluster
 from ..graph import Layer, ModelGraph, RecomputeOption
@@ -21,7 +23,7 @@ from ..vocabulary import PRECISION_BYTES
 from .row_exchange import exchanged_elements
 from .strategy import Strategy
 
-__all__ = ["layer_choice_cost", "layer_cost_context", "owns_tied_weight", "plan_layer_choices"]
+__all__ = ["layer_choice_cost", "layer_cost_context", "as_autocast_runs", "owns_tied_weight", "plan_layer_choices"]
 
 
 def layer_choice_cost(graph: ModelGraph, layer: Layer, cluster: Cluster, strategy: Strategy, tp_on: bool,
@@ -41,6 +43,8 @@ def layer_choice_cost(graph: ModelGraph, layer: Layer, cluster: Cluster, strateg
         [49984, 25408]
     """
     contention, fsdp_unit, per_step_s = context or layer_cost_context(graph, layer, cluster, strategy, tp_on)
+    if strategy.mixed_precision == "autocast":
+        layer = as_autocast_runs(layer, graph.dtype_bytes, strategy.precision)
     result = cost.layer_cost(
         layer, traced_batch_size=graph.batch_size, traced_dtype_bytes=graph.dtype_bytes, cluster=cluster,
         tp=strategy.tp if tp_on else 1, microbatch_size=strategy.microbatch_size, precision=strategy.precision,
@@ -50,6 +54,39 @@ def layer_choice_cost(graph: ModelGraph, layer: Layer, cluster: Cluster, strateg
     if strategy.sequence_parallel:
         result = _with_sequence_parallel(graph, layer, cluster, strategy, tp_on, recompute, result)
     return result
+
+
+def as_autocast_runs(layer: Layer, traced_dtype_bytes: int, precision: str) -> Layer:
+    """``layer`` with its boundary and its tensor-parallel groups' tensors at the bytes autocast gives them
+    (:mod:`autoplan.trace.autocast_bytes`), written as traced bytes: :func:`autoplan.cost.layer_cost` scales traced
+    bytes by the precision's element size, so a tensor that autocast keeps in the weights' precision (a residual
+    stream, a pipeline boundary, the input gradient a pair all-reduces) is written back at twice its bytes for
+    bf16. A figure the trace did not record keeps the traced one (the precision's bytes are charged).
+
+    Example (a GPT block under bf16 autocast: its output stays fp32, its projections' outputs are bf16):
+        >>> from autoplan.graph import Layer, TensorParallelGroup
+        >>> pair = TensorParallelGroup({"b.fc": "colwise", "b.proj": "rowwise"}, 4, 10, 10, 10, output_bytes=4096,
+        ...                            input_bytes=4096, autocast_output_bytes=2048, autocast_input_bytes=4096)
+        >>> block = Layer("b", 0, "block", 10, 20, 10, 40, 100, output_bytes=4096, tp_groups=(pair,),
+        ...               autocast_output_bytes=4096)
+        >>> runs = as_autocast_runs(block, 4, "bf16")
+        >>> runs.output_bytes, runs.tp_groups[0].output_bytes, runs.tp_groups[0].input_bytes
+        (8192, 4096, 8192)
+    """
+    unscale = traced_dtype_bytes / PRECISION_BYTES[precision]
+
+    def at(traced: int, autocast: int | None) -> int:
+        return traced if autocast is None else round(autocast * unscale)
+
+    def gradient(g) -> int | None:  # the output's shape in the input's dtype (autocast's fp32 stream)
+        if g.autocast_input_bytes is None or not g.input_bytes:
+            return g.input_gradient_bytes
+        return round((g.input_gradient_bytes or g.output_bytes) * g.autocast_input_bytes / g.input_bytes * unscale)
+
+    groups = tuple(replace(g, output_bytes=at(g.output_bytes, g.autocast_output_bytes),
+                           input_bytes=at(g.input_bytes, g.autocast_input_bytes), input_gradient_bytes=gradient(g))
+                   for g in layer.tp_groups)
+    return replace(layer, output_bytes=at(layer.output_bytes, layer.autocast_output_bytes), tp_groups=groups)
 
 
 def layer_cost_context(graph: ModelGraph, layer: Layer, cluster: Cluster, strategy: Strategy, tp_on: bool,
@@ -87,8 +124,6 @@ def _with_sequence_parallel(graph: ModelGraph, layer: Layer, cluster: Cluster, s
     gradients. The last layer of a run pays the run's entry and exit; any other layer of a run prices a pipeline
     cut after it (``cut_s``): the stage before the cut gathers the stream and the stage after splits it again,
     the same two all-gathers, so each stage's piece of a run pays one entry and one exit."""
-    from dataclasses import replace
-
     from . import sequence
 
     if not (tp_on and sequence.sequence_parallel_applies(layer, strategy.tp)):

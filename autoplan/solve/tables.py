@@ -40,9 +40,10 @@ Assignment = list[list[tuple[int, LayerChoice]]]
 
 def _signature(layer: Layer) -> tuple:
     return (layer.kind, layer.forward_flops, layer.backward_flops, layer.num_params, layer.param_bytes,
-            layer.activation_bytes, layer.output_bytes, layer.tp_groups and tuple(
-                (g.divisor, g.num_params, g.forward_flops, g.activation_bytes, g.output_bytes,
-                 tuple(sorted(g.styles.values()))) for g in layer.tp_groups),
+            layer.activation_bytes, layer.output_bytes, layer.autocast_output_bytes, layer.tp_groups and tuple(
+                (g.divisor, g.num_params, g.forward_flops, g.activation_bytes, g.output_bytes, g.input_bytes,
+                 g.autocast_output_bytes, g.autocast_input_bytes, tuple(sorted(g.styles.values())))
+                for g in layer.tp_groups),
             tuple((o.module == layer.name, o.saved_activation_bytes, o.forward_flops,
                    tuple(o.reaches(g.styles) for g in layer.tp_groups)) for o in layer.recompute_options))
 

@@ -32,7 +32,8 @@ from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["FakeKernels", "TensorSpec", "describe_tensor", "OpRecord", "SavedRecord", "ModuleCall", "Measurement", "measure", "storage_key"]
+__all__ = ["FakeKernels", "TensorSpec", "describe_tensor", "OpRecord", "SavedRecord", "ModuleCall", "Measurement",
+           "measure", "storage_key", "floating_bytes"]
 
 aten = torch.ops.aten
 
@@ -124,6 +125,10 @@ class ModuleCall:
     end: int  # one past the last
     input_bytes: int  # distinct storages of the tensors passed in (what recompute keeps alive)
     order: int  # rank of the first call among all module calls
+    # floating tensors passed in positionally and returned, each whole (autoplan.trace.autocast_bytes compares
+    # them with the same call under autocast)
+    floating_input_bytes: int = 0
+    floating_output_bytes: int = 0
 
 
 @dataclass
@@ -241,6 +246,17 @@ def _distinct_bytes(tree: Any) -> int:
     return sum(seen.values())
 
 
+def floating_bytes(tree: Any) -> int:
+    """Bytes of the floating tensors in ``tree``, each tensor as large as it is (views whole, repeats again).
+
+    Example:
+        >>> floating_bytes((torch.zeros(2, 3), torch.zeros(4, dtype=torch.long), [torch.ones(1).bfloat16()]))
+        26
+    """
+    return sum(t.numel() * t.element_size() for t in pytree.tree_leaves(tree)
+               if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
 def fake_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Fake copies of every parameter and buffer under all of its names (tied tensors stay tied).
 
@@ -299,7 +315,8 @@ def measure(model: torch.nn.Module, args: tuple, kwargs: dict, record_inputs: se
             return
         s.stack.append(name)
         if name not in s.result.calls:
-            s.result.calls[name] = ModuleCall(s.position, s.position, _distinct_bytes(inputs), len(s.result.calls))
+            s.result.calls[name] = ModuleCall(s.position, s.position, _distinct_bytes(inputs), len(s.result.calls),
+                                              floating_input_bytes=floating_bytes(inputs))
 
     def post_hook(mod, inputs, output):
         name = s.names.get(id(mod))
@@ -310,6 +327,7 @@ def measure(model: torch.nn.Module, args: tuple, kwargs: dict, record_inputs: se
         call = s.result.calls[name]
         if call.end == call.start:
             call.end = s.position
+            call.floating_output_bytes = floating_bytes(output)
 
     def pack(t: torch.Tensor):
         s.result.pack_positions.append(s.position)
