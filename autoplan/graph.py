@@ -160,6 +160,7 @@ class Layer:
     recompute_options: tuple[RecomputeOption, ...] = ()
     sequence_parallel: SequenceParallelLayer | None = None  # None: no Megatron pair to build on
     autocast_output_bytes: int | None = None  # output_bytes under autocast (TensorParallelGroup's, same rule)
+    autocast_activation_bytes: int | None = None  # activation_bytes under autocast, the same way
 
     @property
     def flops(self) -> int:

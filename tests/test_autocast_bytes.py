@@ -23,6 +23,8 @@ def test_the_stream_stays_fp32_and_a_linear_output_is_bf16():
     graph = _gpt_graph()
     block = graph.layer("blocks.0")
     assert block.autocast_output_bytes == block.output_bytes  # the residual stream: fp32 under autocast
+    # saved for backward: more than half (the norms' inputs stay fp32), less than all (the linears' inputs are bf16)
+    assert block.activation_bytes // 2 < block.autocast_activation_bytes < block.activation_bytes
     for group in block.tp_groups:  # the rowwise output halves; the pair's input (a norm's output) stays fp32
         assert (group.autocast_output_bytes, group.autocast_input_bytes) == (group.output_bytes // 2,
                                                                              group.input_bytes)
@@ -44,6 +46,8 @@ def test_autocast_layouts_price_what_autocast_sends_and_the_others_halve():
     by_policy = layer_choice_cost(graph, block, cluster, policy, True, None)
     fp32_stream = block.output_bytes  # 4 samples traced, microbatch of 4, 4 bytes an element
     assert (by_autocast.boundary_bytes, by_policy.boundary_bytes) == (fp32_stream, fp32_stream // 2)
+    tp_share = by_policy.activation_bytes / (block.activation_bytes // 2)  # what tp = 2 leaves of the halved bytes
+    assert by_autocast.activation_bytes == round(block.autocast_activation_bytes * tp_share)
     # each pair: its output all-reduced in bf16 forward, its input gradient in fp32 backward
     assert sorted(c.nbytes for c in by_autocast.tp_collectives) == [fp32_stream // 2] * 2 + [fp32_stream] * 2
     assert sorted(c.nbytes for c in by_policy.tp_collectives) == [fp32_stream // 2] * 4
@@ -51,3 +55,18 @@ def test_autocast_layouts_price_what_autocast_sends_and_the_others_halve():
     plain = without_autocast_bytes([block])[0]
     graph.layers[block.index] = plain
     assert layer_choice_cost(graph, plain, cluster, autocast, True, None).boundary_bytes == fp32_stream // 2
+
+
+def test_the_solvers_cost_cache_keeps_autocast_and_bf16_weights_apart():
+    """One cache serves every strategy of a search: two that differ only in how bf16 runs share no cost."""
+    from autoplan.solve.space import LayerChoice
+    from autoplan.solve.tables import LayerCostCache, _signature
+
+    graph = _gpt_graph()
+    block, cluster = graph.layer("blocks.0"), autoplan.Cluster.preset("a100-80gb")
+    cache = LayerCostCache(graph, cluster)
+    choice = LayerChoice(tp_on=True, recompute=None)
+    autocast = Strategy(2, 1, 2, 4, 1, "1f1b", "ddp", precision="bf16")
+    policy = Strategy(2, 2, 2, 4, 1, "1f1b", "ddp", precision="bf16")
+    got = [cache.get(block, _signature(block), s, choice).boundary_bytes for s in (autocast, policy, autocast)]
+    assert got == [block.output_bytes, block.output_bytes // 2, block.output_bytes]

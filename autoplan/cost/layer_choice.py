@@ -57,11 +57,13 @@ def layer_choice_cost(graph: ModelGraph, layer: Layer, cluster: Cluster, strateg
 
 
 def as_autocast_runs(layer: Layer, traced_dtype_bytes: int, precision: str) -> Layer:
-    """``layer`` with its boundary and its tensor-parallel groups' tensors at the bytes autocast gives them
-    (:mod:`autoplan.trace.autocast_bytes`), written as traced bytes: :func:`autoplan.cost.layer_cost` scales traced
-    bytes by the precision's element size, so a tensor that autocast keeps in the weights' precision (a residual
-    stream, a pipeline boundary, the input gradient a pair all-reduces) is written back at twice its bytes for
-    bf16. A figure the trace did not record keeps the traced one (the precision's bytes are charged).
+    """``layer`` with its boundary, its saved activations and its tensor-parallel groups' tensors at the bytes
+    autocast gives them (:mod:`autoplan.trace.autocast_bytes`), written as traced bytes: :func:`autoplan.cost.
+    layer_cost` scales traced bytes by the precision's element size, so a tensor that autocast keeps in the weights'
+    precision (a residual stream, a pipeline boundary, the input gradient a pair all-reduces, a norm's saved input)
+    is written back at twice its bytes for bf16. The parts of the saved bytes (a pair's, a recompute option's,
+    sequence parallelism's) take the layer's ratio. A figure the trace did not record keeps the traced one (the
+    precision's bytes are charged).
 
     Example (a GPT block under bf16 autocast: its output stays fp32, its projections' outputs are bf16):
         >>> from autoplan.graph import Layer, TensorParallelGroup
@@ -83,10 +85,25 @@ def as_autocast_runs(layer: Layer, traced_dtype_bytes: int, precision: str) -> L
             return g.input_gradient_bytes
         return round((g.input_gradient_bytes or g.output_bytes) * g.autocast_input_bytes / g.input_bytes * unscale)
 
+    # what the layer saves: its own figure, and the parts of it (a pair's share, a recompute option's) at its ratio
+    saved = 1.0 if layer.autocast_activation_bytes is None or not layer.activation_bytes \
+        else layer.autocast_activation_bytes / layer.activation_bytes * unscale
+
+    def part(nbytes: int) -> int:
+        return round(nbytes * saved)
+
     groups = tuple(replace(g, output_bytes=at(g.output_bytes, g.autocast_output_bytes),
-                           input_bytes=at(g.input_bytes, g.autocast_input_bytes), input_gradient_bytes=gradient(g))
+                           input_bytes=at(g.input_bytes, g.autocast_input_bytes), input_gradient_bytes=gradient(g),
+                           activation_bytes=part(g.activation_bytes))
                    for g in layer.tp_groups)
-    return replace(layer, output_bytes=at(layer.output_bytes, layer.autocast_output_bytes), tp_groups=groups)
+    options = tuple(replace(o, saved_activation_bytes=part(o.saved_activation_bytes)) for o in layer.recompute_options)
+    sp = layer.sequence_parallel
+    if sp is not None:
+        sp = replace(sp, sharded_bytes=part(sp.sharded_bytes), shared_input_bytes=part(sp.shared_input_bytes),
+                     gathered_bytes=part(sp.gathered_bytes))
+    return replace(layer, output_bytes=at(layer.output_bytes, layer.autocast_output_bytes), tp_groups=groups,
+                   activation_bytes=at(layer.activation_bytes, layer.autocast_activation_bytes),
+                   recompute_options=options, sequence_parallel=sp)
 
 
 def layer_cost_context(graph: ModelGraph, layer: Layer, cluster: Cluster, strategy: Strategy, tp_on: bool,

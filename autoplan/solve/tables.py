@@ -40,7 +40,8 @@ Assignment = list[list[tuple[int, LayerChoice]]]
 
 def _signature(layer: Layer) -> tuple:
     return (layer.kind, layer.forward_flops, layer.backward_flops, layer.num_params, layer.param_bytes,
-            layer.activation_bytes, layer.output_bytes, layer.autocast_output_bytes, layer.tp_groups and tuple(
+            layer.activation_bytes, layer.output_bytes, layer.autocast_output_bytes, layer.autocast_activation_bytes,
+            layer.tp_groups and tuple(
                 (g.divisor, g.num_params, g.forward_flops, g.activation_bytes, g.output_bytes, g.input_bytes,
                  g.autocast_output_bytes, g.autocast_input_bytes, tuple(sorted(g.styles.values())))
                 for g in layer.tp_groups),
@@ -136,8 +137,9 @@ class LayerCostCache:
                     self.graph, layer, self.cluster, strategy, choice.tp_on, self._largest_params)
         # an FSDP unit's hooks cost what the way it runs them costs: keeping its weights, or resharding
         keeps = context[1] > 0 and strategy.fsdp_keeps_weights
+        # autocast keeps some tensors wide where bf16 weights do not (autoplan.cost.layer_choice.as_autocast_runs)
         key = (sig_id, strategy.tp if choice.tp_on else 1, strategy.microbatch_size, strategy.precision,
-               choice.recompute, sp, context, keeps)
+               strategy.mixed_precision == "autocast", choice.recompute, sp, context, keeps)
         hit = self._memo.get(key)
         if hit is None:
             hit = layer_choice_cost(self.graph, layer, self.cluster, strategy, choice.tp_on, choice.option(layer),

@@ -44,7 +44,7 @@ from .tp_groups import DetectedGroup, detect_tp_groups
 from .tp_check import check_tp_groups, record_parents
 from .opgraph import build_op_graph, measure_error
 from .autocast_bytes import with_autocast_bytes
-from .measure import Measurement, measure
+from .measure import Measurement, charge_with_ancestors, measure
 from .adapters import trace_kwargs
 from .stages import pipeline_split_blocker
 from .sequence import input_owners, sequence_parallel_layer
@@ -185,7 +185,7 @@ def _trace_all(model: torch.nn.Module, args: tuple, kwargs: dict, batch_size: in
             )
         )
 
-    layers = with_autocast_bytes(layers, m, model, args, kwargs)
+    layers = with_autocast_bytes(layers, m, module_act, model, args, kwargs)
     tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
     return ModelGraph(
         model_name=type(model).__name__,
@@ -246,14 +246,8 @@ def _per_module(m: Measurement) -> tuple[dict[str, int], dict[str, int]]:
     for table, records, attr in ((fwd, m.forward_ops, "flops"), (act, m.saved, "nbytes")):
         for rec in records:
             value = getattr(rec, attr)
-            if not value:
-                continue
-            probe = rec.module
-            while True:
-                table[probe] = table.get(probe, 0) + value
-                if probe == "":
-                    break
-                probe = probe.rpartition(".")[0]
+            if value:
+                charge_with_ancestors(table, rec.module, value)
     return fwd, act
 
 

@@ -13,8 +13,8 @@ Example:
     >>> import torch
     >>> from autoplan.models import GPT, GPTConfig
     >>> ids = torch.randint(0, 256, (2, 16))
-    >>> got = autocast_call_bytes(GPT(GPTConfig()), (ids,), {}, ["blocks.0", "blocks.0.mlp.proj"])
-    >>> got["blocks.0"], got["blocks.0.mlp.proj"]      # (input, output): the block's stream fp32, a linear's bf16
+    >>> calls, saved = autocast_pass(GPT(GPTConfig()), (ids,), {}, ["blocks.0", "blocks.0.mlp.proj"])
+    >>> calls["blocks.0"], calls["blocks.0.mlp.proj"]   # (input, output): the block's stream fp32, a linear's bf16
     ((4096, 4096), (8192, 2048))
 """
 
@@ -26,47 +26,86 @@ from typing import Iterable
 import torch
 
 from ..graph import Layer, TensorParallelGroup
-from .measure import FakeKernels, Measurement, fake_inputs, fake_state, floating_bytes
+from .measure import (FakeKernels, Measurement, charge_with_ancestors, fake_inputs, fake_state, floating_bytes,
+                      storage_key)
 
-__all__ = ["autocast_call_bytes", "with_autocast_bytes", "without_autocast_bytes", "AUTOCAST_DTYPE"]
+__all__ = ["autocast_pass", "with_autocast_bytes", "without_autocast_bytes", "AUTOCAST_DTYPE"]
 
 #: The low precision the pass runs; fp16 autocast casts the same ops, so its bytes are the same.
 AUTOCAST_DTYPE = torch.bfloat16
 
 
-def autocast_call_bytes(model: torch.nn.Module, args: tuple, kwargs: dict,
-                        fqns: Iterable[str]) -> dict[str, tuple[int, int]]:
-    """{module FQN: (floating bytes passed in positionally, floating bytes returned)} of the first call of each of
-    ``fqns``, the model run once forward under CPU autocast on fake tensors (the model's own tensors are never
-    touched). A module the forward does not call is left out.
+class _CastTracker(FakeKernels):
+    """Follows the low-precision copies autocast makes of the weights: the linears save them for backward, but
+    the cost model counts that copy on its own (:func:`autoplan.cost.autocast_weight_copy_bytes`)."""
+
+    def __init__(self, weights: set[int]):
+        super().__init__()
+        self.weights = weights
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        if func is torch.ops.aten._to_copy.default and isinstance(out, torch.Tensor) \
+                and storage_key(args[0]) in self.weights:
+            self.weights.add(storage_key(out))
+        return out
+
+
+def autocast_pass(model: torch.nn.Module, args: tuple, kwargs: dict,
+                  fqns: Iterable[str]) -> tuple[dict[str, tuple[int, int]], dict[str, int]]:
+    """The model run once forward under CPU autocast on fake tensors (its own tensors are never touched):
+    ({module FQN: (floating bytes passed in positionally, floating bytes returned)} of the first call of each of
+    ``fqns``, a module the forward does not call left out; {module FQN: bytes autograd saved while it ran, its
+    children's included}), each storage counted once, where it was first saved, the weights and autocast's
+    copies of them excluded, as :func:`autoplan.trace.measure.measure` counts the plain run.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.nn.modules import module as module_mod
 
     wanted = set(fqns)
+    names = {id(mod): name for name, mod in model.named_modules(remove_duplicate=False)}
     seen: dict[str, tuple[int, int]] = {}
-    handles = []
+    saved: dict[str, int] = {}
+    stack: list[str] = [""]
+    packed: set[int] = set()
 
-    def hook_for(fqn: str):
-        def hook(module, inputs, output):
-            if fqn not in seen:
-                seen[fqn] = (floating_bytes(inputs), floating_bytes(output))
-        return hook
+    def pre_hook(module, inputs):
+        if id(module) in names:
+            stack.append(names[id(module)])
+
+    def post_hook(module, inputs, output):
+        name = names.get(id(module))
+        if name is None:
+            return
+        if stack[-1] == name:
+            stack.pop()
+        if name in wanted and name not in seen:
+            seen[name] = (floating_bytes(inputs), floating_bytes(output))
 
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake_mode:
+        state = fake_state(model)
+        f_args, f_kwargs = fake_inputs(args, kwargs)
+    weights = {storage_key(t) for t in state.values()}
+
+    def pack(t: torch.Tensor):
+        key = storage_key(t)
+        if key not in packed and key not in weights:
+            packed.add(key)
+            charge_with_ancestors(saved, stack[-1], t.untyped_storage().nbytes())
+        return t
+
+    handles = [module_mod.register_module_forward_pre_hook(pre_hook),
+               module_mod.register_module_forward_hook(post_hook)]
     try:
-        for fqn, module in model.named_modules():
-            if fqn in wanted:
-                handles.append(module.register_forward_hook(hook_for(fqn)))
-        with fake_mode:
-            state = fake_state(model)
-            f_args, f_kwargs = fake_inputs(args, kwargs)
-        # FakeKernels: the grouped matmuls of routed experts, which autocast leaves in fp32, as the trace runs them
-        with fake_mode, FakeKernels(), torch.no_grad(), torch.autocast("cpu", dtype=AUTOCAST_DTYPE):
+        # the grouped matmuls of routed experts, which autocast leaves in fp32, run as the trace runs them
+        with fake_mode, _CastTracker(weights), torch.autocast("cpu", dtype=AUTOCAST_DTYPE), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             torch.func.functional_call(model, state, f_args, f_kwargs, strict=False)
     finally:
         for h in handles:
             h.remove()
-    return seen
+    return seen, saved
 
 
 def _scaled(traced_bytes: int, plain: int, autocast: int) -> int | None:
@@ -74,13 +113,15 @@ def _scaled(traced_bytes: int, plain: int, autocast: int) -> int | None:
     return round(traced_bytes * autocast / plain) if plain > 0 else None
 
 
-def with_autocast_bytes(layers: list[Layer], m: Measurement, model: torch.nn.Module, args: tuple,
-                        kwargs: dict) -> list[Layer]:
-    """``layers`` with what autocast makes of their boundaries and tensor-parallel groups: each layer's
-    ``autocast_output_bytes`` (its output), each group's ``autocast_output_bytes`` (its last module's output, what
-    forward all-reduces) and ``autocast_input_bytes`` (its first module's input, whose gradient backward
-    all-reduces). Each is the traced figure at the ratio of the module's floating bytes under autocast to the same
-    call traced plain (``m``). A model this pass cannot run keeps ``None`` (the precision's bytes are charged)."""
+def with_autocast_bytes(layers: list[Layer], m: Measurement, module_saved: dict[str, int], model: torch.nn.Module,
+                        args: tuple, kwargs: dict) -> list[Layer]:
+    """``layers`` with what autocast makes of them: each layer's ``autocast_output_bytes`` (its output) and
+    ``autocast_activation_bytes`` (what it saves for backward), each group's ``autocast_output_bytes`` (its last
+    module's output, what forward all-reduces) and ``autocast_input_bytes`` (its first module's input, whose
+    gradient backward all-reduces). Each is the traced figure at the ratio of the module's bytes under autocast
+    (:func:`autocast_pass`) to the same call traced plain (``m``; ``module_saved``: the plain run's saved bytes per
+    module, children included). A model this pass cannot run keeps ``None`` (the precision's bytes are
+    charged)."""
     by_order = lambda fqn: m.calls[fqn].order if fqn in m.calls else -1  # noqa: E731
     ends = {}
     for layer in layers:
@@ -90,7 +131,7 @@ def with_autocast_bytes(layers: list[Layer], m: Measurement, model: torch.nn.Mod
                 ends[id(group)] = (modules[0], modules[-1])
     wanted = {layer.name for layer in layers} | {f for first_last in ends.values() for f in first_last}
     try:
-        seen = autocast_call_bytes(model, args, kwargs, wanted)
+        seen, saved = autocast_pass(model, args, kwargs, wanted)
     except Exception:  # noqa: BLE001 - the plain trace stands; autocast plans keep the precision's bytes
         return layers
 
@@ -108,6 +149,8 @@ def with_autocast_bytes(layers: list[Layer], m: Measurement, model: torch.nn.Mod
                        autocast_input_bytes=ratio_bytes(group.input_bytes, first, 0))
 
     return [replace(layer, autocast_output_bytes=ratio_bytes(layer.output_bytes, layer.name, 1),
+                    autocast_activation_bytes=_scaled(layer.activation_bytes, module_saved.get(layer.name, 0),
+                                                      saved.get(layer.name, 0)),
                     tp_groups=tuple(group_bytes(g) for g in layer.tp_groups)) for layer in layers]
 
 
@@ -120,9 +163,9 @@ def without_autocast_bytes(layers: list[Layer]) -> list[Layer]:
         >>> import torch, autoplan
         >>> from autoplan.models import GPT, GPTConfig
         >>> layers = autoplan.trace(GPT(GPTConfig()), torch.randint(0, 256, (2, 16))).layers
-        >>> {l.autocast_output_bytes for l in without_autocast_bytes(layers)}
-        {None}
+        >>> {(l.autocast_output_bytes, l.autocast_activation_bytes) for l in without_autocast_bytes(layers)}
+        {(None, None)}
     """
-    return [replace(layer, autocast_output_bytes=None, tp_groups=tuple(
+    return [replace(layer, autocast_output_bytes=None, autocast_activation_bytes=None, tp_groups=tuple(
         replace(g, autocast_output_bytes=None, autocast_input_bytes=None) for g in layer.tp_groups))
         for layer in layers]

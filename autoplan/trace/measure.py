@@ -33,7 +33,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["FakeKernels", "TensorSpec", "describe_tensor", "OpRecord", "SavedRecord", "ModuleCall", "Measurement",
-           "measure", "storage_key", "floating_bytes"]
+           "measure", "storage_key", "floating_bytes", "charge_with_ancestors"]
 
 aten = torch.ops.aten
 
@@ -244,6 +244,23 @@ def _distinct_bytes(tree: Any) -> int:
         if isinstance(t, torch.Tensor):
             seen[storage_key(t)] = t.untyped_storage().nbytes()
     return sum(seen.values())
+
+
+def charge_with_ancestors(table: dict[str, int], module: str, value: int) -> None:
+    """Add ``value`` to ``module`` and to every module holding it, the root ``""`` last.
+
+    Example:
+        >>> t = {}
+        >>> charge_with_ancestors(t, "blocks.0.mlp", 5)
+        >>> t
+        {'blocks.0.mlp': 5, 'blocks.0': 5, 'blocks': 5, '': 5}
+    """
+    probe = module
+    while True:
+        table[probe] = table.get(probe, 0) + value
+        if probe == "":
+            break
+        probe = probe.rpartition(".")[0]
 
 
 def floating_bytes(tree: Any) -> int:
