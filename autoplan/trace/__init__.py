@@ -44,7 +44,7 @@ from .tp_groups import DetectedGroup, detect_tp_groups
 from .tp_check import check_tp_groups, record_parents
 from .opgraph import build_op_graph, measure_error
 from .autocast_bytes import with_autocast_bytes
-from .measure import Measurement, charge_with_ancestors, measure
+from .measure import Measurement, measure, per_module
 from .adapters import trace_kwargs
 from .stages import pipeline_split_blocker
 from .sequence import input_owners, sequence_parallel_layer
@@ -156,7 +156,7 @@ def _trace_all(model: torch.nn.Module, args: tuple, kwargs: dict, batch_size: in
 
     sound, dropped = check_tp_groups(model, candidates, args, kwargs, recorded=m.inputs)
     groups_by_layer = _tp_groups_by_layer(sound, model, m, op_graph, locator)
-    module_fwd, module_act = _per_module(m)
+    module_fwd, module_act = per_module(m)
 
     layers = []
     returned: dict = {}  # one fake forward per block structure and inputs (sequence parallelism's check)
@@ -239,18 +239,6 @@ def _tied_numels(model: torch.nn.Module) -> list[int]:
     return [model.get_parameter(names[0]).numel() for names in tied_parameter_names(model)]
 
 
-def _per_module(m: Measurement) -> tuple[dict[str, int], dict[str, int]]:
-    """Forward FLOPs and saved bytes of each module including its children."""
-    fwd: dict[str, int] = {}
-    act: dict[str, int] = {}
-    for table, records, attr in ((fwd, m.forward_ops, "flops"), (act, m.saved, "nbytes")):
-        for rec in records:
-            value = getattr(rec, attr)
-            if value:
-                charge_with_ancestors(table, rec.module, value)
-    return fwd, act
-
-
 def _recompute_options(model, name, layer_act, layer_fwd, m, module_fwd, module_act,
                        groups=()) -> tuple[RecomputeOption, ...]:
     """The layer itself (full recompute) first, then each module inside it at any depth (pre-order) that saves at
@@ -321,7 +309,7 @@ def _bias_numel(model, fqn: str) -> int:
 
 
 def _tp_groups_by_layer(groups: list[DetectedGroup], model, m: Measurement, op_graph, locator: LayerLocator):
-    module_fwd, _ = _per_module(m)
+    module_fwd, _ = per_module(m)
     out: dict[int, list[TensorParallelGroup]] = {}
     for group in groups:
         first, last = group.window

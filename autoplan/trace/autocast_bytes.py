@@ -26,8 +26,7 @@ from typing import Iterable
 import torch
 
 from ..graph import Layer, TensorParallelGroup
-from .measure import (FakeKernels, Measurement, charge_with_ancestors, fake_inputs, fake_state, floating_bytes,
-                      storage_key)
+from .measure import Measurement, measure, per_module
 
 __all__ = ["autocast_pass", "with_autocast_bytes", "without_autocast_bytes", "AUTOCAST_DTYPE"]
 
@@ -35,77 +34,18 @@ __all__ = ["autocast_pass", "with_autocast_bytes", "without_autocast_bytes", "AU
 AUTOCAST_DTYPE = torch.bfloat16
 
 
-class _CastTracker(FakeKernels):
-    """Follows the low-precision copies autocast makes of the weights: the linears save them for backward, but
-    the cost model counts that copy on its own (:func:`autoplan.cost.autocast_weight_copy_bytes`)."""
-
-    def __init__(self, weights: set[int]):
-        super().__init__()
-        self.weights = weights
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = super().__torch_dispatch__(func, types, args, kwargs)
-        if func is torch.ops.aten._to_copy.default and isinstance(out, torch.Tensor) \
-                and storage_key(args[0]) in self.weights:
-            self.weights.add(storage_key(out))
-        return out
-
-
 def autocast_pass(model: torch.nn.Module, args: tuple, kwargs: dict,
                   fqns: Iterable[str]) -> tuple[dict[str, tuple[int, int]], dict[str, int]]:
-    """The model run once forward under CPU autocast on fake tensors (its own tensors are never touched):
-    ({module FQN: (floating bytes passed in positionally, floating bytes returned)} of the first call of each of
-    ``fqns``, a module the forward does not call left out; {module FQN: bytes autograd saved while it ran, its
-    children's included}), each storage counted once, where it was first saved, the weights and autocast's
-    copies of them excluded, as :func:`autoplan.trace.measure.measure` counts the plain run.
+    """The model run once forward under CPU autocast on fake tensors (its own tensors are never touched), by
+    :func:`autoplan.trace.measure.measure`: ({module FQN: (floating bytes passed in positionally, floating bytes
+    returned)} of the first call of each of ``fqns``, a module the forward does not call left out; {module FQN:
+    bytes autograd saved while it ran, its children's included}), each storage counted once, where it was first
+    saved, the weights and autocast's copies of them excluded, as the plain run counts them.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.nn.modules import module as module_mod
-
-    wanted = set(fqns)
-    names = {id(mod): name for name, mod in model.named_modules(remove_duplicate=False)}
-    seen: dict[str, tuple[int, int]] = {}
-    saved: dict[str, int] = {}
-    stack: list[str] = [""]
-    packed: set[int] = set()
-
-    def pre_hook(module, inputs):
-        if id(module) in names:
-            stack.append(names[id(module)])
-
-    def post_hook(module, inputs, output):
-        name = names.get(id(module))
-        if name is None:
-            return
-        if stack[-1] == name:
-            stack.pop()
-        if name in wanted and name not in seen:
-            seen[name] = (floating_bytes(inputs), floating_bytes(output))
-
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with fake_mode:
-        state = fake_state(model)
-        f_args, f_kwargs = fake_inputs(args, kwargs)
-    weights = {storage_key(t) for t in state.values()}
-
-    def pack(t: torch.Tensor):
-        key = storage_key(t)
-        if key not in packed and key not in weights:
-            packed.add(key)
-            charge_with_ancestors(saved, stack[-1], t.untyped_storage().nbytes())
-        return t
-
-    handles = [module_mod.register_module_forward_pre_hook(pre_hook),
-               module_mod.register_module_forward_hook(post_hook)]
-    try:
-        # the grouped matmuls of routed experts, which autocast leaves in fp32, run as the trace runs them
-        with fake_mode, _CastTracker(weights), torch.autocast("cpu", dtype=AUTOCAST_DTYPE), \
-                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            torch.func.functional_call(model, state, f_args, f_kwargs, strict=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen, saved
+    m = measure(model, args, kwargs, autocast_dtype=AUTOCAST_DTYPE)
+    calls = {fqn: (m.calls[fqn].floating_input_bytes, m.calls[fqn].floating_output_bytes)
+             for fqn in fqns if fqn in m.calls}
+    return calls, per_module(m)[1]
 
 
 def _scaled(traced_bytes: int, plain: int, autocast: int) -> int | None:

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["FakeKernels", "TensorSpec", "describe_tensor", "OpRecord", "SavedRecord", "ModuleCall", "Measurement",
-           "measure", "storage_key", "floating_bytes", "charge_with_ancestors"]
+           "measure", "per_module", "storage_key", "floating_bytes"]
 
 aten = torch.ops.aten
 
@@ -157,6 +158,7 @@ class _State:
         self.producer: dict[int, int] = {}
         self.seen_saved: set[int] = set()
         self.excluded: set[int] = set()  # parameter and buffer storages
+        self.excludes_casts = False  # under autocast: its low-precision copies of them too
         self.result = Measurement()
 
 
@@ -175,6 +177,10 @@ class _DispatchRecorder(TorchDispatchMode):
             s.result.backward_ops.append(OpRecord(module, position, flops))
             return out
         s.result.forward_ops.append(OpRecord(s.stack[-1], s.position, flops))
+        if s.excludes_casts and func is aten._to_copy.default and storage_key(args[0]) in s.excluded:
+            # autocast's copy of a weight, which a linear saves: the cost model counts it on its own
+            # (autoplan.cost.autocast_weight_copy_bytes), not as an activation
+            s.excluded.add(storage_key(out))
         inputs = {storage_key(t) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
@@ -246,21 +252,28 @@ def _distinct_bytes(tree: Any) -> int:
     return sum(seen.values())
 
 
-def charge_with_ancestors(table: dict[str, int], module: str, value: int) -> None:
-    """Add ``value`` to ``module`` and to every module holding it, the root ``""`` last.
+def per_module(m: Measurement) -> tuple[dict[str, int], dict[str, int]]:
+    """Forward FLOPs and saved bytes of each module including its children (the root ``""`` holds all).
 
     Example:
-        >>> t = {}
-        >>> charge_with_ancestors(t, "blocks.0.mlp", 5)
-        >>> t
-        {'blocks.0.mlp': 5, 'blocks.0': 5, 'blocks': 5, '': 5}
+        >>> fwd, act = per_module(measure(torch.nn.Sequential(torch.nn.Linear(8, 4)), (torch.randn(2, 8),), {}))
+        >>> fwd["0"], fwd[""]
+        (128, 128)
     """
-    probe = module
-    while True:
-        table[probe] = table.get(probe, 0) + value
-        if probe == "":
-            break
-        probe = probe.rpartition(".")[0]
+    fwd: dict[str, int] = {}
+    act: dict[str, int] = {}
+    for table, records, attr in ((fwd, m.forward_ops, "flops"), (act, m.saved, "nbytes")):
+        for rec in records:
+            value = getattr(rec, attr)
+            if not value:
+                continue
+            probe = rec.module
+            while True:
+                table[probe] = table.get(probe, 0) + value
+                if probe == "":
+                    break
+                probe = probe.rpartition(".")[0]
+    return fwd, act
 
 
 def floating_bytes(tree: Any) -> int:
@@ -315,9 +328,12 @@ def describe_tensor(x: Any) -> Any:
     return TensorSpec(tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else x
 
 
-def measure(model: torch.nn.Module, args: tuple, kwargs: dict, record_inputs: set[str] = frozenset()) -> Measurement:
+def measure(model: torch.nn.Module, args: tuple, kwargs: dict, record_inputs: set[str] = frozenset(),
+            autocast_dtype: torch.dtype | None = None) -> Measurement:
     """Run ``model(*args, **kwargs)`` and its backward on fake tensors, recording FLOPs and saved storages (and
-    the inputs of the first call of each module named in ``record_inputs``)."""
+    the inputs of the first call of each module named in ``record_inputs``). With ``autocast_dtype``, the forward
+    alone, under CPU autocast to that dtype, autocast's copies of the weights not counted as saved
+    (:mod:`autoplan.trace.autocast_bytes`)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.nn.modules import module as module_mod
 
@@ -363,6 +379,7 @@ def measure(model: torch.nn.Module, args: tuple, kwargs: dict, record_inputs: se
             state = fake_state(model)
             f_args, f_kwargs = fake_inputs(args, kwargs)
         s.excluded = {storage_key(t) for t in state.values()}
+        s.excludes_casts = autocast_dtype is not None
         handles = [
             module_mod.register_module_forward_pre_hook(pre_hook),
             module_mod.register_module_forward_hook(post_hook),
@@ -370,14 +387,17 @@ def measure(model: torch.nn.Module, args: tuple, kwargs: dict, record_inputs: se
         for fqn in record_inputs:
             handles.append(model.get_submodule(fqn).register_forward_pre_hook(_input_recorder(s, fqn),
                                                                                with_kwargs=True))
-        with fake_mode, _DispatchRecorder(s), _AutogradTagger(s):
+        # forward alone under autocast: no backward to tag autograd's nodes for
+        autocast, tagger = ((torch.autocast("cpu", dtype=autocast_dtype), nullcontext()) if autocast_dtype is not None
+                            else (nullcontext(), _AutogradTagger(s)))
+        with fake_mode, _DispatchRecorder(s), tagger, autocast:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 out = torch.func.functional_call(model, state, f_args, f_kwargs, strict=False)
         for h in handles:
             h.remove()
         handles = []
         s.result.num_forward_ops = s.position
-        leaves = [
+        leaves = [] if autocast_dtype is not None else [
             t for t in _output_leaves(out)
             if isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point()
         ]
