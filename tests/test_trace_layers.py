@@ -6,6 +6,7 @@ import torch
 
 import autoplan
 from autoplan.models import GPT, MLP, GPTConfig
+from distributed_helpers import with_post_norm
 
 CFG = GPTConfig(vocab_size=512, seq_len=32, hidden=64, layers=3, heads=4)
 BATCH = 2
@@ -76,12 +77,6 @@ def test_recompute_stops_after_the_last_saved_tensor():
     reaches its MLP projection's output (the residual add saves nothing), a post-norm block's runs through it
     (its last norm saves the sum), so the collectives at that output run again only there. A deep stack, traced
     through one block of each kind and copied, names each copy's own modules."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from distributed_helpers import with_post_norm
-
     x = torch.randint(0, CFG.vocab_size, (BATCH, CFG.seq_len))
     pre = autoplan.trace(GPT(CFG), x).layer("blocks.1")
     post = autoplan.trace(with_post_norm(GPT(CFG)), x).layer("blocks.1")
