@@ -396,3 +396,29 @@ def test_skeleton_split_refuses_unsound_models_with_the_reason(model, reason):
 
     assert analyse_cuts(model, ["a", "b"], (torch.randn(2, 4),), {}).blocker is not None
     assert reason.replace("\\", "") in analyse_cuts(model, ["a", "b"], (torch.randn(2, 4),), {}).blocker
+
+
+class CachingMLP(torch.nn.Module):
+    """A forward that takes ``use_cache`` (as transformers' causal LMs do) and records what it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+        self.seen: list = []
+
+    def forward(self, x, use_cache=True):
+        self.seen.append(use_cache)
+        return self.fc(x)
+
+
+def test_steps_run_without_a_generation_cache_as_the_plan_was_traced():
+    """The trace passes use_cache=False (a generation cache is no training output); a training or evaluation step
+    does too, so that what runs is what was priced, unless the caller set it."""
+    model = CachingMLP()
+    x, y = torch.randn(2, 4), torch.randn(2, 4)
+    pm = autoplan.parallelize(model, plan=manual_plan(model, [["fc"]], global_batch_size=2))
+    pm.train_step(x, y)
+    pm.evaluate(x, y)
+    pm.train_step({"x": x, "use_cache": True}, y)
+    pm(x)  # a plain call is the caller's forward: left as given
+    assert model.seen == [False, False, True, True]

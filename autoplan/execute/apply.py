@@ -35,6 +35,7 @@ from .materialize import check_loadable, held_tensors, init_weights_by_module, o
 from .mesh import build_mesh, mesh_coordinates
 from .pipeline import TiedGradientGroup, build_schedule, local_stage_indices, tied_gradient_groups
 from .recompute import apply_recompute
+from ..trace.adapters import trace_kwargs
 from ..trace.skeleton import stands_in
 from ..trace.stages import split_into_stages
 from .tensor_parallel import apply_tensor_parallel, check_stage_outputs_whole, tied_parameter_names
@@ -73,6 +74,9 @@ class AppliedPlan:
     tied: list[list[str]] = field(default_factory=list)  # names of each weight tied in the original model
     inputs_to_every_stage: bool = False  # skeleton stages: every stage takes the microbatch's model inputs
     uninitialized: bool = False  # built on meta with init_weights=False: load a state dict or checkpoint first
+    # keyword inputs a training or evaluation step adds to the model's unless given (use_cache=False: the trace ran
+    # so, autoplan.trace.adapters), where the model's own forward takes the microbatch
+    step_kwargs: dict = field(default_factory=dict)
 
 
 def _held_styles(root: nn.Module, styles: dict[str, str]) -> dict[str, str]:
@@ -105,6 +109,7 @@ def apply_plan(model: nn.Module, plan: Plan, loss_fn=None, init_weights: Callabl
     """
     world = World.current()
     check_not_parallelized(model)
+    step_kwargs = trace_kwargs(model, {})
     check_plan_matches(plan, model, world.size)
     check_expert_parallel(model, plan)
     if init_weights is not None and init_weights is not False and not callable(init_weights):
@@ -126,6 +131,8 @@ def apply_plan(model: nn.Module, plan: Plan, loss_fn=None, init_weights: Callabl
     with fail_together("autoplan.parallelize"):
         applied = _apply(model, parts, plan, loss_fn, init_weights, meta, sync_batch_norm)
     applied.inputs_to_every_stage = any(getattr(part, "takes_model_inputs", False) for part in parts)
+    if plan.mesh.pp == 1 or applied.inputs_to_every_stage:
+        applied.step_kwargs = step_kwargs
     mark_parallelized(model)
     return applied
 

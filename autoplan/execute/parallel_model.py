@@ -161,6 +161,8 @@ class ParallelModel:
         guard_token_ids(self.modules_on_rank)
         dp, dp_rank = a.plan.mesh.dp, a.coords["dp"]
         batch = batch.chunk(dp, dp_rank).map(lambda v: _to(v, a.device))
+        if a.step_kwargs:  # e.g. no generation cache in a training step, as the plan was traced
+            batch = Inputs(batch.args, {**a.step_kwargs, **batch.kwargs})
         return batch, _to(Inputs((targets,)).chunk(dp, dp_rank).args[0], a.device)
 
     def train_step(self, inputs: Any, targets: torch.Tensor) -> float:
