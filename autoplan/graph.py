@@ -26,8 +26,26 @@ from .vocabulary import fused_parts
 if TYPE_CHECKING:  # pragma: no cover
     import networkx
 
-__all__ = ["TensorParallelGroup", "RecomputeOption", "SequenceParallelLayer", "ExpertsLayer", "Layer", "ModelGraph",
-           "fsdp_blocks_tensor_parallel"]
+__all__ = ["LowPrecisionBytes", "TensorParallelGroup", "RecomputeOption", "SequenceParallelLayer", "ExpertsLayer",
+           "Layer", "ModelGraph", "fsdp_blocks_tensor_parallel"]
+
+
+@dataclass(frozen=True)
+class LowPrecisionBytes:
+    """Bytes of a layer's (or a tensor-parallel group's) tensors, over the example batch, as one way of running a
+    low precision makes them (:mod:`autoplan.trace.low_precision_bytes`): ``torch.autocast`` keeps a residual
+    stream in the weights' precision and casts a linear's output down; bf16 weights (FSDP2's and ``replicate``'s
+    ``MixedPrecisionPolicy``) make bf16 everything but what the model upcasts itself (an RMSNorm's fp32 inside).
+    A figure left ``None`` was not seen: the precision's bytes (the traced fp32 bytes halved) are charged.
+
+    Example:
+        >>> LowPrecisionBytes(output_bytes=4096, activation_bytes=10_000).input_bytes is None
+        True
+    """
+
+    output_bytes: int | None = None  # what crosses the boundary after it (a group: what it all-reduces)
+    input_bytes: int | None = None  # a group's: what enters its first module (whose gradient backward all-reduces)
+    activation_bytes: int | None = None  # a layer's: saved for backward, each storage once, its weights' casts not
 
 
 @dataclass(frozen=True)
@@ -49,10 +67,9 @@ class TensorParallelGroup:
     activation_bytes: int  # saved-for-backward bytes that become sharded (divided by t)
     output_bytes: int  # bytes of the group's output tensor (all-reduced, or all-gathered for a head), example batch
     input_bytes: int  # bytes entering its first module (a head's input gradient is all-reduced), example batch
-    # the same two as the model runs under autocast (autoplan.trace.autocast_bytes: a linear's output in the low
-    # precision, a residual stream in the weights'); None where not traced: the precision's bytes are charged
-    autocast_output_bytes: int | None = None
-    autocast_input_bytes: int | None = None
+    # the same two as autocast and as bf16 weights run the model (None where not traced: the precision's bytes)
+    autocast: LowPrecisionBytes | None = None
+    bf16_weights: LowPrecisionBytes | None = None
     # what a pair all-reduces in backward, its input's gradient; None: output_bytes (one shape, one dtype traced)
     input_gradient_bytes: int | None = None
 
@@ -159,8 +176,9 @@ class Layer:
     tp_groups: tuple[TensorParallelGroup, ...] = ()
     recompute_options: tuple[RecomputeOption, ...] = ()
     sequence_parallel: SequenceParallelLayer | None = None  # None: no Megatron pair to build on
-    autocast_output_bytes: int | None = None  # output_bytes under autocast (TensorParallelGroup's, same rule)
-    autocast_activation_bytes: int | None = None  # activation_bytes under autocast, the same way
+    # output_bytes and activation_bytes as autocast and as bf16 weights run the layer (None: the precision's bytes)
+    autocast: LowPrecisionBytes | None = None
+    bf16_weights: LowPrecisionBytes | None = None
 
     @property
     def flops(self) -> int:

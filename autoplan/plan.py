@@ -23,7 +23,7 @@ from .plan_checks import check as _check
 from .plan_checks import check_sequence_parallel, check_tp_pairs
 from .vocabulary import OPTIMIZERS, PRECISIONS, SCHEDULES, TP_STYLES, tp_style_kind
 
-__all__ = ["Mesh", "mixed_precision_mode",
+__all__ = ["Mesh", "mixed_precision_mode", "low_precision_run",
            "Stage", "StageTime", "RankFigures", "MEMORY_KINDS", "Predicted", "SearchInfo", "Alternative",
            "ModelInfo", "Plan", "PLAN_VERSION"]
 
@@ -75,6 +75,22 @@ def mixed_precision_mode(precision: str, data_parallel: str, mesh: Mesh) -> str:
     if mesh.dp == 1 or (data_parallel == "ddp" and mesh.tp == 1 and mesh.pp == 1):
         return "autocast"
     return "fsdp" if data_parallel == "fsdp" else "replicate"
+
+
+def low_precision_run(mixed_precision: str) -> str | None:
+    """Which of the ways a low precision runs (``"autocast"``, ``"bf16_weights"``: the
+    :class:`autoplan.graph.Layer` fields :mod:`autoplan.trace.low_precision_bytes` fills) prices a layout's bytes,
+    from how it runs its precision (:func:`mixed_precision_mode`); None for fp32 (the traced bytes as they are).
+
+    Example:
+        >>> [low_precision_run(m) for m in ("fp32", "autocast", "fsdp", "replicate")]
+        [None, 'autocast', 'bf16_weights', 'bf16_weights']
+    """
+    runs = {"fp32": None, "autocast": "autocast", "fsdp": "bf16_weights", "replicate": "bf16_weights"}
+    if mixed_precision not in runs:
+        raise ValueError(f"unknown mixed precision {mixed_precision!r}; use what autoplan.plan.mixed_precision_mode "
+                         f"returns: {', '.join(runs)}")
+    return runs[mixed_precision]
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from autoplan.cost.strategy import Strategy  # noqa: E402
 from autoplan.cost.layer import compute_s  # noqa: E402
 from autoplan.cost.sequence import backward_regathers, collectives_s, sequence_parallel_applies  # noqa: E402
 from autoplan.models import Attention, Block, gpt  # noqa: E402
-from autoplan.trace.autocast_bytes import without_autocast_bytes  # noqa: E402
+from autoplan.trace.low_precision_bytes import as_bf16_weights_everywhere  # noqa: E402
 from autoplan.plan import Mesh, ModelInfo, Plan, SearchInfo, Stage  # noqa: E402
 
 TABLE = Path(REPO.parent / "shared" / "calibration" / "megatron_sc21_table1.json")
@@ -128,9 +128,9 @@ def trace_row(row: dict, core_module: bool = False) -> autoplan.ModelGraph:
             block.attn.__class__ = MegatronAttention
     graph = autoplan.trace(model, inputs)
     # Megatron-LM's bf16 runs keep bf16 weights, so their residual stream, pipeline sends and input gradients are
-    # bf16 too: the precision's bytes. autoplan's executor would run the dp = 1 rows under autocast, whose fp32
-    # stream the traced autocast bytes price (docs/cost_model.md, What autocast keeps wide).
-    graph.layers = without_autocast_bytes(graph.layers)
+    # bf16 too, at every dp. autoplan's executor would run the dp = 1 rows under autocast, whose fp32 stream the
+    # traced autocast bytes price (docs/cost_model.md, What a low precision keeps wide).
+    graph.layers = as_bf16_weights_everywhere(graph.layers)
     return graph
 
 

@@ -181,7 +181,7 @@ def layer_cost(layer: Layer, *, traced_batch_size: int, traced_dtype_bytes: int,
 
     Scaling: FLOPs × microbatch_size / traced_batch_size; bytes of activations, outputs and collectives also
     × bytes(precision) / traced_dtype_bytes (a bf16 run of an fp32 trace halves them, as bf16 weights run it;
-    :func:`autoplan.cost.layer_choice.as_autocast_runs` gives a layout that runs autocast the bytes it keeps
+    :func:`autoplan.cost.layer_choice.as_low_precision_runs` gives a layout that runs autocast the bytes it keeps
     wide). Backward FLOPs are
     TP-sharded in the same proportion as forward FLOPs. A recompute option frees its saved activations (TP-sharded
     in the layer's proportion; full recompute — ``recompute.module == layer.name`` — keeps only the layer input,

@@ -17,13 +17,13 @@ from dataclasses import replace
 
 from .. import cost
 from ..cluster import Cluster
-from ..graph import Layer, ModelGraph, RecomputeOption
-from ..plan import Plan
+from ..graph import Layer, LowPrecisionBytes, ModelGraph, RecomputeOption, TensorParallelGroup
+from ..plan import Plan, low_precision_run
 from ..vocabulary import PRECISION_BYTES
 from .row_exchange import exchanged_elements
 from .strategy import Strategy
 
-__all__ = ["layer_choice_cost", "layer_cost_context", "as_autocast_runs", "owns_tied_weight", "plan_layer_choices"]
+__all__ = ["layer_choice_cost", "layer_cost_context", "as_low_precision_runs", "owns_tied_weight", "plan_layer_choices"]
 
 
 def layer_choice_cost(graph: ModelGraph, layer: Layer, cluster: Cluster, strategy: Strategy, tp_on: bool,
@@ -43,8 +43,9 @@ def layer_choice_cost(graph: ModelGraph, layer: Layer, cluster: Cluster, strateg
         [49984, 25408]
     """
     contention, fsdp_unit, per_step_s = context or layer_cost_context(graph, layer, cluster, strategy, tp_on)
-    if strategy.mixed_precision == "autocast":
-        layer = as_autocast_runs(layer, graph.dtype_bytes, strategy.precision)
+    run = low_precision_run(strategy.mixed_precision)
+    if run is not None:
+        layer = as_low_precision_runs(layer, graph.dtype_bytes, strategy.precision, run)
     result = cost.layer_cost(
         layer, traced_batch_size=graph.batch_size, traced_dtype_bytes=graph.dtype_bytes, cluster=cluster,
         tp=strategy.tp if tp_on else 1, microbatch_size=strategy.microbatch_size, precision=strategy.precision,
@@ -56,53 +57,57 @@ def layer_choice_cost(graph: ModelGraph, layer: Layer, cluster: Cluster, strateg
     return result
 
 
-def as_autocast_runs(layer: Layer, traced_dtype_bytes: int, precision: str) -> Layer:
+def as_low_precision_runs(layer: Layer, traced_dtype_bytes: int, precision: str, run: str) -> Layer:
     """``layer`` with its boundary, its saved activations and its tensor-parallel groups' tensors at the bytes
-    autocast gives them (:mod:`autoplan.trace.autocast_bytes`), written as traced bytes: :func:`autoplan.cost.
-    layer_cost` scales traced bytes by the precision's element size, so a tensor that autocast keeps in the weights'
-    precision (a residual stream, a pipeline boundary, the input gradient a pair all-reduces, a norm's saved input)
-    is written back at twice its bytes for bf16. The parts of the saved bytes (a pair's, a recompute option's,
-    sequence parallelism's) take the layer's ratio. A figure the trace did not record keeps the traced one (the
-    precision's bytes are charged).
+    ``run`` (``"autocast"`` or ``"bf16_weights"``, :func:`autoplan.plan.low_precision_run`)
+    gives them (:mod:`autoplan.trace.low_precision_bytes`), written as traced bytes: :func:`autoplan.cost.
+    layer_cost` scales traced bytes by the precision's element size, so a tensor kept in fp32 (autocast's residual
+    stream, pipeline boundary, the input gradient a pair all-reduces, a norm's saved input; an RMSNorm's upcast
+    under bf16 weights) is written back at twice its bytes for bf16. The parts of the saved bytes (a pair's, a
+    recompute option's, sequence parallelism's) take the layer's ratio. A figure the trace did not record keeps the
+    traced one (the precision's bytes are charged).
 
     Example (a GPT block under bf16 autocast: its output stays fp32, its projections' outputs are bf16):
-        >>> from autoplan.graph import Layer, TensorParallelGroup
+        >>> from autoplan.graph import Layer, LowPrecisionBytes, TensorParallelGroup
         >>> pair = TensorParallelGroup({"b.fc": "colwise", "b.proj": "rowwise"}, 4, 10, 10, 10, output_bytes=4096,
-        ...                            input_bytes=4096, autocast_output_bytes=2048, autocast_input_bytes=4096)
+        ...                            input_bytes=4096, autocast=LowPrecisionBytes(2048, 4096))
         >>> block = Layer("b", 0, "block", 10, 20, 10, 40, 100, output_bytes=4096, tp_groups=(pair,),
-        ...               autocast_output_bytes=4096)
-        >>> runs = as_autocast_runs(block, 4, "bf16")
+        ...               autocast=LowPrecisionBytes(output_bytes=4096))
+        >>> runs = as_low_precision_runs(block, 4, "bf16", "autocast")
         >>> runs.output_bytes, runs.tp_groups[0].output_bytes, runs.tp_groups[0].input_bytes
         (8192, 4096, 8192)
+        >>> as_low_precision_runs(block, 4, "bf16", "bf16_weights").output_bytes  # not traced: halved when priced
+        4096
     """
     unscale = traced_dtype_bytes / PRECISION_BYTES[precision]
+    seen = getattr(layer, run) or LowPrecisionBytes()
 
-    def at(traced: int, autocast: int | None) -> int:
-        return traced if autocast is None else round(autocast * unscale)
+    def at(traced: int, low: int | None) -> int:
+        return traced if low is None else round(low * unscale)
 
-    def gradient(g) -> int | None:  # the output's shape in the input's dtype (autocast's fp32 stream)
-        if g.autocast_input_bytes is None or not g.input_bytes:
-            return g.input_gradient_bytes
-        return round((g.input_gradient_bytes or g.output_bytes) * g.autocast_input_bytes / g.input_bytes * unscale)
+    def group(g: TensorParallelGroup) -> TensorParallelGroup:
+        low = getattr(g, run) or LowPrecisionBytes()
+        gradient = g.input_gradient_bytes  # the output's shape in the input's dtype (autocast's fp32 stream)
+        if low.input_bytes is not None and g.input_bytes:
+            gradient = round((g.input_gradient_bytes or g.output_bytes) * low.input_bytes / g.input_bytes * unscale)
+        return replace(g, output_bytes=at(g.output_bytes, low.output_bytes), input_bytes=at(g.input_bytes,
+                       low.input_bytes), input_gradient_bytes=gradient, activation_bytes=part(g.activation_bytes))
 
     # what the layer saves: its own figure, and the parts of it (a pair's share, a recompute option's) at its ratio
-    saved = 1.0 if layer.autocast_activation_bytes is None or not layer.activation_bytes \
-        else layer.autocast_activation_bytes / layer.activation_bytes * unscale
+    saved = 1.0 if seen.activation_bytes is None or not layer.activation_bytes \
+        else seen.activation_bytes / layer.activation_bytes * unscale
 
     def part(nbytes: int) -> int:
         return round(nbytes * saved)
 
-    groups = tuple(replace(g, output_bytes=at(g.output_bytes, g.autocast_output_bytes),
-                           input_bytes=at(g.input_bytes, g.autocast_input_bytes), input_gradient_bytes=gradient(g),
-                           activation_bytes=part(g.activation_bytes))
-                   for g in layer.tp_groups)
     options = tuple(replace(o, saved_activation_bytes=part(o.saved_activation_bytes)) for o in layer.recompute_options)
     sp = layer.sequence_parallel
     if sp is not None:
         sp = replace(sp, sharded_bytes=part(sp.sharded_bytes), shared_input_bytes=part(sp.shared_input_bytes),
                      gathered_bytes=part(sp.gathered_bytes))
-    return replace(layer, output_bytes=at(layer.output_bytes, layer.autocast_output_bytes), tp_groups=groups,
-                   activation_bytes=at(layer.activation_bytes, layer.autocast_activation_bytes),
+    return replace(layer, output_bytes=at(layer.output_bytes, seen.output_bytes),
+                   tp_groups=tuple(group(g) for g in layer.tp_groups),
+                   activation_bytes=at(layer.activation_bytes, seen.activation_bytes),
                    recompute_options=options, sequence_parallel=sp)
 
 

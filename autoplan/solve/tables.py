@@ -28,6 +28,7 @@ from ..cost.plan_cost import (PlanCost, Strategy, compose, fsdp_gather_bytes, in
 from ..cost.sequence import sequence_edge_payers
 from ..graph import Layer, ModelGraph
 from ..options import PlanOptions
+from ..plan import low_precision_run
 from .space import LayerChoice, enumerate_strategies, global_batch_size, layer_choices
 from .tied import TiedTerm, tied_costs, tied_layer_groups, tied_modules, tied_sync_terms
 
@@ -40,10 +41,10 @@ Assignment = list[list[tuple[int, LayerChoice]]]
 
 def _signature(layer: Layer) -> tuple:
     return (layer.kind, layer.forward_flops, layer.backward_flops, layer.num_params, layer.param_bytes,
-            layer.activation_bytes, layer.output_bytes, layer.autocast_output_bytes, layer.autocast_activation_bytes,
+            layer.activation_bytes, layer.output_bytes, layer.autocast, layer.bf16_weights,
             layer.tp_groups and tuple(
                 (g.divisor, g.num_params, g.forward_flops, g.activation_bytes, g.output_bytes, g.input_bytes,
-                 g.autocast_output_bytes, g.autocast_input_bytes, tuple(sorted(g.styles.values())))
+                 g.autocast, g.bf16_weights, tuple(sorted(g.styles.values())))
                 for g in layer.tp_groups),
             tuple((o.module == layer.name, o.saved_activation_bytes, o.forward_flops,
                    tuple(o.reaches(g.styles) for g in layer.tp_groups)) for o in layer.recompute_options))
@@ -137,9 +138,9 @@ class LayerCostCache:
                     self.graph, layer, self.cluster, strategy, choice.tp_on, self._largest_params)
         # an FSDP unit's hooks cost what the way it runs them costs: keeping its weights, or resharding
         keeps = context[1] > 0 and strategy.fsdp_keeps_weights
-        # autocast keeps some tensors wide where bf16 weights do not (autoplan.cost.layer_choice.as_autocast_runs)
+        # autocast and bf16 weights keep different tensors wide (autoplan.cost.layer_choice.as_low_precision_runs)
         key = (sig_id, strategy.tp if choice.tp_on else 1, strategy.microbatch_size, strategy.precision,
-               strategy.mixed_precision == "autocast", choice.recompute, sp, context, keeps)
+               low_precision_run(strategy.mixed_precision), choice.recompute, sp, context, keeps)
         hit = self._memo.get(key)
         if hit is None:
             hit = layer_choice_cost(self.graph, layer, self.cluster, strategy, choice.tp_on, choice.option(layer),

@@ -43,7 +43,7 @@ from .chain import (
 from .tp_groups import DetectedGroup, detect_tp_groups
 from .tp_check import check_tp_groups, record_parents
 from .opgraph import build_op_graph, measure_error
-from .autocast_bytes import with_autocast_bytes
+from .low_precision_bytes import with_low_precision_bytes
 from .measure import Measurement, measure, per_module
 from .adapters import trace_kwargs
 from .stages import pipeline_split_blocker
@@ -185,7 +185,7 @@ def _trace_all(model: torch.nn.Module, args: tuple, kwargs: dict, batch_size: in
             )
         )
 
-    layers = with_autocast_bytes(layers, m, module_act, model, args, kwargs)
+    layers = with_low_precision_bytes(layers, m, model, args, kwargs)
     tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
     return ModelGraph(
         model_name=type(model).__name__,

@@ -126,8 +126,8 @@ class ModuleCall:
     end: int  # one past the last
     input_bytes: int  # distinct storages of the tensors passed in (what recompute keeps alive)
     order: int  # rank of the first call among all module calls
-    # floating tensors passed in positionally and returned, each whole (autoplan.trace.autocast_bytes compares
-    # them with the same call under autocast)
+    # floating tensors passed in positionally and returned, each whole (autoplan.trace.low_precision_bytes compares
+    # them with the same call run in a low precision)
     floating_input_bytes: int = 0
     floating_output_bytes: int = 0
 
@@ -234,11 +234,12 @@ class _AutogradTagger(TorchFunctionMode):
         return prehook
 
 
-def _fake_like(t: torch.Tensor) -> torch.Tensor:
+def _fake_like(t: torch.Tensor, floating_dtype: torch.dtype | None = None) -> torch.Tensor:
     # Built inside FakeTensorMode, so no memory is allocated. Everything runs as CPU: the autograd engine runs
     # CPU backward on the calling thread, where the recorders are active, and meta inputs would pick SDPA's
     # math kernel, whose saved tensors differ from the fused kernels used in training.
-    fake = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype, device="cpu")
+    dtype = floating_dtype if floating_dtype is not None and t.is_floating_point() else t.dtype
+    fake = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=dtype, device="cpu")
     if t.requires_grad:
         fake.requires_grad_(True)
     return fake
@@ -287,25 +288,29 @@ def floating_bytes(tree: Any) -> int:
                if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
-def fake_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Fake copies of every parameter and buffer under all of its names (tied tensors stay tied).
+def fake_state(model: torch.nn.Module, param_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Fake copies of every parameter and buffer under all of its names (tied tensors stay tied), the floating
+    parameters in ``param_dtype`` when given (buffers keep theirs, as under FSDP2's mixed precision).
 
     Must be called inside an active ``FakeTensorMode``.
     """
     fakes: dict[int, torch.Tensor] = {}
     state: dict[str, torch.Tensor] = {}
-    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
-    for name, t in named:
+    params = model.named_parameters(remove_duplicate=False)
+    named = [(n, t, param_dtype) for n, t in params] + [(n, t, None) for n, t in
+                                                         model.named_buffers(remove_duplicate=False)]
+    for name, t, dtype in named:
         if id(t) not in fakes:
-            fakes[id(t)] = _fake_like(t)
+            fakes[id(t)] = _fake_like(t, dtype)
         state[name] = fakes[id(t)]
     return state
 
 
-def fake_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Fake copies of the example inputs (same shapes, dtypes, strides); call inside ``FakeTensorMode``."""
+def fake_inputs(args: tuple, kwargs: dict, floating_dtype: torch.dtype | None = None) -> tuple[tuple, dict]:
+    """Fake copies of the example inputs (same shapes, dtypes, strides; floating ones in ``floating_dtype`` when
+    given); call inside ``FakeTensorMode``."""
     def conv(x):
-        return _fake_like(x) if isinstance(x, torch.Tensor) else x
+        return _fake_like(x, floating_dtype) if isinstance(x, torch.Tensor) else x
 
     return pytree.tree_map(conv, args), pytree.tree_map(conv, kwargs)
 
@@ -329,11 +334,12 @@ def describe_tensor(x: Any) -> Any:
 
 
 def measure(model: torch.nn.Module, args: tuple, kwargs: dict, record_inputs: set[str] = frozenset(),
-            autocast_dtype: torch.dtype | None = None) -> Measurement:
+            autocast_dtype: torch.dtype | None = None, param_dtype: torch.dtype | None = None) -> Measurement:
     """Run ``model(*args, **kwargs)`` and its backward on fake tensors, recording FLOPs and saved storages (and
     the inputs of the first call of each module named in ``record_inputs``). With ``autocast_dtype``, the forward
-    alone, under CPU autocast to that dtype, autocast's copies of the weights not counted as saved
-    (:mod:`autoplan.trace.autocast_bytes`)."""
+    alone, under CPU autocast to that dtype, autocast's copies of the weights not counted as saved; with
+    ``param_dtype``, the forward alone with the floating parameters and inputs in that dtype and the buffers as
+    they are, as FSDP2's ``MixedPrecisionPolicy`` runs it (:mod:`autoplan.trace.low_precision_bytes`)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.nn.modules import module as module_mod
 
@@ -376,8 +382,8 @@ def measure(model: torch.nn.Module, args: tuple, kwargs: dict, record_inputs: se
     handles = []
     try:
         with fake_mode:
-            state = fake_state(model)
-            f_args, f_kwargs = fake_inputs(args, kwargs)
+            state = fake_state(model, param_dtype)
+            f_args, f_kwargs = fake_inputs(args, kwargs, param_dtype)
         s.excluded = {storage_key(t) for t in state.values()}
         s.excludes_casts = autocast_dtype is not None
         handles = [
@@ -387,9 +393,10 @@ def measure(model: torch.nn.Module, args: tuple, kwargs: dict, record_inputs: se
         for fqn in record_inputs:
             handles.append(model.get_submodule(fqn).register_forward_pre_hook(_input_recorder(s, fqn),
                                                                                with_kwargs=True))
-        # forward alone under autocast: no backward to tag autograd's nodes for
-        autocast, tagger = ((torch.autocast("cpu", dtype=autocast_dtype), nullcontext()) if autocast_dtype is not None
-                            else (nullcontext(), _AutogradTagger(s)))
+        # a low-precision pass runs forward alone: no backward to tag autograd's nodes for
+        forward_only = autocast_dtype is not None or param_dtype is not None
+        autocast = torch.autocast("cpu", dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+        tagger = nullcontext() if forward_only else _AutogradTagger(s)
         with fake_mode, _DispatchRecorder(s), tagger, autocast:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 out = torch.func.functional_call(model, state, f_args, f_kwargs, strict=False)
@@ -397,7 +404,7 @@ def measure(model: torch.nn.Module, args: tuple, kwargs: dict, record_inputs: se
             h.remove()
         handles = []
         s.result.num_forward_ops = s.position
-        leaves = [] if autocast_dtype is not None else [
+        leaves = [] if forward_only else [
             t for t in _output_leaves(out)
             if isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point()
         ]
