@@ -1,6 +1,7 @@
 """What a low precision keeps wide: the trace's autocast and bf16-weights passes (autoplan.trace.low_precision_bytes)
-and the prices they feed (autoplan.cost.layer_choice.as_low_precision_runs). The executor's collectives under autocast are counted against
-these prices on 4 gloo ranks in tests/test_collective_counts.py (the GPT's pp4 and pp2×tp2 in bf16)."""
+and the prices they feed (autoplan.cost.layer_choice.as_low_precision_runs). The executor's collectives under
+autocast are counted against these prices on 4 gloo ranks in tests/test_collective_counts.py (the GPT's pp4 and
+pp2×tp2 in bf16)."""
 
 from __future__ import annotations
 

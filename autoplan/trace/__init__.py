@@ -45,7 +45,7 @@ from .tp_check import check_tp_groups, record_parents
 from .opgraph import build_op_graph, measure_error
 from .low_precision_bytes import with_low_precision_bytes
 from .measure import Measurement, measure, per_module
-from .adapters import trace_kwargs
+from .adapters import fake_run_kwargs, trace_kwargs
 from .stages import pipeline_split_blocker
 from .sequence import input_owners, sequence_parallel_layer
 from .repeat import trace_repeated
@@ -110,25 +110,30 @@ def trace(model: torch.nn.Module, example_inputs: Any = None) -> ModelGraph:
     """
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"trace expects a torch.nn.Module, got {type(model).__name__}")
-    args, kwargs, batch_size = normalize_inputs(example_inputs)
-    kwargs = trace_kwargs(model, kwargs)  # e.g. use_cache=False: a generation cache is no training output
+    args, given, batch_size = normalize_inputs(example_inputs)
+    kwargs = trace_kwargs(model, given)  # e.g. use_cache=False: a generation cache is no training output
+    fake = fake_run_kwargs(model, given)  # the fake forwards keep it: transformers then decides as on real tensors
     started = time.perf_counter()
     # a stack of identical blocks is traced at reduced depth and replicated (autoplan.trace.repeat), else in full
-    graph = trace_repeated(model, lambda copy: _trace_all(copy, args, kwargs, batch_size, started),
+    graph = trace_repeated(model, lambda copy: _trace_all(copy, args, kwargs, batch_size, started, fake),
                            lambda expanded, whole: _whole_model(expanded, whole, args, kwargs, started))
-    graph = graph if graph is not None else _trace_all(model, args, kwargs, batch_size, started)
+    graph = graph if graph is not None else _trace_all(model, args, kwargs, batch_size, started, fake)
     graph.experts = experts_by_layer(model, graph)  # routed experts: what expert parallelism would shard
     return graph
 
 
-def _trace_all(model: torch.nn.Module, args: tuple, kwargs: dict, batch_size: int, started: float) -> ModelGraph:
-    """Every module of ``model`` traced: the op graph, one fake forward and backward, the layer chain."""
+def _trace_all(model: torch.nn.Module, args: tuple, kwargs: dict, batch_size: int, started: float,
+               fake_kwargs: dict | None = None) -> ModelGraph:
+    """Every module of ``model`` traced: the op graph (on ``kwargs``), one fake forward and backward and the
+    low-precision passes (on ``fake_kwargs``, default ``kwargs``: :func:`autoplan.trace.adapters.fake_run_kwargs`),
+    the layer chain."""
+    fake_kwargs = kwargs if fake_kwargs is None else fake_kwargs
     export_args, export_kwargs = _on_model_device(model, args, kwargs)
     op_graph = build_op_graph(model, export_args, export_kwargs)
     refused: list = []  # pairs whose parent hands out another head-shaped tensor: never offered, reported
     candidates = detect_tp_groups(op_graph, model, refused)
     try:
-        m = measure(model, args, kwargs, record_inputs=record_parents(model, candidates)
+        m = measure(model, args, fake_kwargs, record_inputs=record_parents(model, candidates)
                     | input_owners([c.styles for c in candidates]))
     except Exception as error:  # noqa: BLE001 - reworded with the module and line, chained
         raise measure_error(model, error) from error
@@ -185,7 +190,7 @@ def _trace_all(model: torch.nn.Module, args: tuple, kwargs: dict, batch_size: in
             )
         )
 
-    layers = with_low_precision_bytes(layers, m, model, args, kwargs)
+    layers = with_low_precision_bytes(layers, m, model, args, fake_kwargs)
     tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
     return ModelGraph(
         model_name=type(model).__name__,

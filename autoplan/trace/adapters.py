@@ -6,6 +6,13 @@ and it is no tensor tree that ``torch.export`` can return; so when ``forward`` a
 did not set it, tracing passes ``use_cache=False``. Nothing else in the model changes: a forward without the cache
 computes the same outputs and saves the same activations.
 
+The trace's fake forwards (what is saved, FLOPs) run with the cache on instead (:func:`fake_run_kwargs`):
+without a cache, transformers checks the position ids for packed sequences before it skips the causal mask, a check
+it cannot make on fake tensors, so it builds the mask a real forward skips, and with it SDPA leaves its
+grouped-query path and saves keys and values repeated to every query head. The cache, whose keys and values are
+the ones autograd saves anyway, skips the check as a real forward of unpacked sequences does. Recorded inputs hold
+no cache object (:func:`without_caches`): the numeric checks run the modules without one.
+
 Example:
     >>> import torch
     >>> class Causal(torch.nn.Module):
@@ -22,10 +29,12 @@ Example:
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
+import torch.utils._pytree as pytree
 from torch import nn
 
-__all__ = ["trace_kwargs", "accepts_keyword"]
+__all__ = ["trace_kwargs", "fake_run_kwargs", "without_caches", "accepts_keyword"]
 
 
 def accepts_keyword(module: nn.Module, name: str) -> bool:
@@ -50,3 +59,38 @@ def trace_kwargs(module: nn.Module, kwargs: dict) -> dict:
     if "use_cache" not in kwargs and accepts_keyword(module, "use_cache"):
         return {**kwargs, "use_cache": False}
     return dict(kwargs)
+
+
+def fake_run_kwargs(module: nn.Module, kwargs: dict) -> dict:
+    """``kwargs`` plus ``use_cache=True`` when ``module.forward`` accepts it and the caller left it unset: what the
+    trace's fake forwards run with (see the module docstring).
+
+    Example:
+        >>> import torch
+        >>> class Causal(torch.nn.Module):
+        ...     def forward(self, input_ids, use_cache=None):
+        ...         return input_ids
+        >>> fake_run_kwargs(Causal(), {}), fake_run_kwargs(Causal(), {"use_cache": False})
+        ({'use_cache': True}, {'use_cache': False})
+    """
+    if "use_cache" not in kwargs and accepts_keyword(module, "use_cache"):
+        return {**kwargs, "use_cache": True}
+    return dict(kwargs)
+
+
+def without_caches(tree: Any) -> Any:
+    """``tree`` (a module call's recorded ``(args, kwargs)``) with every generation cache object replaced by None:
+    one recognised by the methods transformers' ``Cache`` classes have (``update``, ``get_seq_length``).
+
+    Example:
+        >>> class Cache:
+        ...     def update(self): ...
+        ...     def get_seq_length(self): ...
+        >>> without_caches(((1,), {"past_key_values": Cache(), "x": 2}))
+        ((1,), {'past_key_values': None, 'x': 2})
+    """
+    def strip(value):
+        return None if callable(getattr(value, "update", None)) and callable(
+            getattr(value, "get_seq_length", None)) else value
+
+    return pytree.tree_map(strip, tree)

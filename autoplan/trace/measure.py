@@ -33,6 +33,8 @@ from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sdpa_flop_count
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .adapters import without_caches
+
 __all__ = ["FakeKernels", "TensorSpec", "describe_tensor", "OpRecord", "SavedRecord", "ModuleCall", "Measurement",
            "measure", "per_module", "storage_key", "floating_bytes"]
 
@@ -422,7 +424,7 @@ def measure(model: torch.nn.Module, args: tuple, kwargs: dict, record_inputs: se
 def _input_recorder(s: _State, fqn: str):
     def hook(module, args, kwargs):
         if fqn not in s.result.inputs:
-            s.result.inputs[fqn] = pytree.tree_map(describe_tensor, (args, kwargs))
+            s.result.inputs[fqn] = pytree.tree_map(describe_tensor, without_caches((args, kwargs)))
 
     return hook
 
