@@ -5,6 +5,7 @@ pp2×tp2 in bf16)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import autoplan
@@ -169,3 +170,18 @@ def test_bf16_weights_save_what_fsdp2_mixed_precision_saves():
     assert fsdp.mixed_precision == "fsdp"
     assert layer_choice_cost(graph, block, cluster, fsdp, False, None).activation_bytes == \
         block.bf16_weights.activation_bytes
+
+
+def test_bf16_weights_of_a_transformers_llama_are_what_fsdp2_saves():
+    """transformers' Llama (grouped key/value heads, RMSNorms that normalise in fp32): the pass reads, to the byte,
+    what the executor's FSDP2 bf16 wrapper saves over a forward run as a step runs it."""
+    pytest.importorskip("transformers", reason="the transformers case needs transformers")
+    import models_hf
+
+    model, inputs = models_hf.hf_llama()
+    graph = autoplan.trace(model, inputs)
+    predicted = sum(layer.bf16_weights.activation_bytes or 0 for layer in graph.layers)
+    fresh, _ = models_hf.hf_llama()
+    units = [layer.name for layer in graph.layers if layer.name.startswith("model.layers.")]
+    assert predicted == saved_bytes_under_fsdp_bf16(fresh, inputs["input_ids"], units)
+    assert predicted > 1.05 * sum(layer.activation_bytes for layer in graph.layers) // 2
