@@ -6,7 +6,8 @@ and it is no tensor tree that ``torch.export`` can return; so when ``forward`` a
 did not set it, tracing passes ``use_cache=False``. Nothing else in the model changes: a forward without the cache
 computes the same outputs and saves the same activations.
 
-The trace's fake forwards (what is saved, FLOPs) run with the cache on instead (:func:`fake_run_kwargs`):
+The trace's fake forwards (what is saved, FLOPs) of a transformers model run with the cache on instead
+(:func:`fake_run_kwargs`):
 without a cache, transformers checks the position ids for packed sequences before it skips the causal mask, a check
 it cannot make on fake tensors, so it builds the mask a real forward skips, and with it SDPA leaves its
 grouped-query path and saves keys and values repeated to every query head. The cache, whose keys and values are
@@ -62,20 +63,25 @@ def trace_kwargs(module: nn.Module, kwargs: dict) -> dict:
 
 
 def fake_run_kwargs(module: nn.Module, kwargs: dict) -> dict:
-    """``kwargs`` plus ``use_cache=True`` when ``module.forward`` accepts it and the caller left it unset: what the
-    trace's fake forwards run with (see the module docstring).
+    """What the trace's fake forwards run with (see the module docstring): ``kwargs``, plus ``use_cache=True`` for a
+    transformers model whose forward accepts it when the caller left it unset; any other model's forward gets what
+    ``torch.export`` gets (:func:`trace_kwargs`), whatever its ``use_cache`` means.
 
     Example:
         >>> import torch
         >>> class Causal(torch.nn.Module):
         ...     def forward(self, input_ids, use_cache=None):
         ...         return input_ids
+        >>> fake_run_kwargs(Causal(), {})                       # not a transformers model
+        {'use_cache': False}
+        >>> Causal.__module__ = "transformers.models.toy"
         >>> fake_run_kwargs(Causal(), {}), fake_run_kwargs(Causal(), {"use_cache": False})
         ({'use_cache': True}, {'use_cache': False})
     """
-    if "use_cache" not in kwargs and accepts_keyword(module, "use_cache"):
+    from_transformers = any(cls.__module__.startswith("transformers.") for cls in type(module).__mro__)
+    if from_transformers and "use_cache" not in kwargs and accepts_keyword(module, "use_cache"):
         return {**kwargs, "use_cache": True}
-    return dict(kwargs)
+    return trace_kwargs(module, kwargs)
 
 
 def without_caches(tree: Any) -> Any:
