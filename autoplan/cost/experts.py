@@ -106,7 +106,7 @@ def _ops_in(graph: ModelGraph, names: tuple[str, ...]) -> frozenset[str]:
 def kept_expert_copy_params(graph: ModelGraph, layer: str, mixed_precision: str, ep: int = 1) -> int:
     """The expert weights of ``layer`` (its ``1/ep`` share) whose low-precision copy autograd keeps from a
     microbatch's forward to its backward on one rank, under ``mixed_precision``
-    (:func:`autoplan.plan.mixed_precision_mode`), by the experts' kernel (:func:`experts_kernel`):
+    (:func:`autoplan.mixed_precision.mixed_precision_mode`), by the experts' kernel (:func:`experts_kernel`):
 
     - ``"autocast"`` (DDP, dp = 1): ``grouped_mm`` has no autocast kernel (transformers casts the tokens to the
       weights' fp32 instead), so it saves the fp32 parameters themselves: no copy; ``batched_mm`` casts each routed
@@ -135,8 +135,8 @@ def kept_expert_copy_params(graph: ModelGraph, layer: str, mixed_precision: str,
     if mixed_precision == "fp32" or (mixed_precision == "fsdp" and ep <= 1):
         return 0
     if mixed_precision not in ("autocast", "fsdp", "replicate"):
-        raise ValueError(f"unknown mixed precision {mixed_precision!r}; use what autoplan.plan.mixed_precision_mode "
-                         f"returns")
+        raise ValueError(f"unknown mixed precision {mixed_precision!r}; use what "
+                         f"autoplan.mixed_precision.mixed_precision_mode returns")
     kernel = experts_kernel(graph, layer)
     kept = {"autocast": kernel == "other", "fsdp": kernel != "batched_mm", "replicate": True}[mixed_precision]
     return e.num_params // max(ep, 1) if kept else 0

@@ -18,7 +18,8 @@ from dataclasses import replace
 from .. import cost
 from ..cluster import Cluster
 from ..graph import Layer, LowPrecisionBytes, ModelGraph, RecomputeOption, TensorParallelGroup
-from ..plan import Plan, low_precision_run
+from ..mixed_precision import low_precision_run
+from ..plan import Plan
 from ..vocabulary import PRECISION_BYTES
 from .row_exchange import exchanged_elements
 from .strategy import Strategy
@@ -59,7 +60,7 @@ def layer_choice_cost(graph: ModelGraph, layer: Layer, cluster: Cluster, strateg
 
 def as_low_precision_runs(layer: Layer, traced_dtype_bytes: int, precision: str, run: str) -> Layer:
     """``layer`` with its boundary, its saved activations and its tensor-parallel groups' tensors at the bytes
-    ``run`` (``"autocast"`` or ``"bf16_weights"``, :func:`autoplan.plan.low_precision_run`)
+    ``run`` (``"autocast"`` or ``"bf16_weights"``, :func:`autoplan.mixed_precision.low_precision_run`)
     gives them (:mod:`autoplan.trace.low_precision_bytes`), written as traced bytes: :func:`autoplan.cost.
     layer_cost` scales traced bytes by the precision's element size, so a tensor kept in fp32 (autocast's residual
     stream, pipeline boundary, the input gradient a pair all-reduces, a norm's saved input; an RMSNorm's upcast

@@ -15,7 +15,8 @@ from .._checks import ceil_div as _ceil_div
 from .._checks import check_non_negative as _check_non_negative
 from .._checks import check_positive_int as _check_positive_int
 from .._checks import check_precision as _check_precision
-from ..plan import Mesh, mixed_precision_mode
+from ..mixed_precision import mixed_precision_mode
+from ..plan import Mesh
 from ..vocabulary import DATA_PARALLEL_KINDS, OPTIMIZERS, PRECISION_BYTES
 
 __all__ = ["StateBytes", "state_bytes_per_param", "zero_model_state_bytes", "model_state_bytes",
@@ -157,7 +158,7 @@ def autocast_weight_copy_bytes(matmul_params: int, precision: str, data_parallel
 
 
 def holds_weight_copy(mixed_precision: str) -> bool:
-    """Whether a layout run in ``mixed_precision`` (:func:`autoplan.plan.mixed_precision_mode`) keeps a
+    """Whether a layout run in ``mixed_precision`` (:func:`autoplan.mixed_precision.mixed_precision_mode`) keeps a
     low-precision copy of its matmul weights from forward to backward: autocast and ``replicate`` do; fp32 casts
     nothing and FSDP frees its gathered low-precision weights after each layer.
 

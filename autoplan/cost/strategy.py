@@ -16,7 +16,8 @@ from functools import cached_property
 
 from .. import cost
 from ..cluster import Cluster
-from ..plan import Mesh, Plan, mixed_precision_mode
+from ..mixed_precision import mixed_precision_mode
+from ..plan import Mesh, Plan
 from ..vocabulary import PRECISION_BYTES
 
 __all__ = ["Strategy", "rank_tail_s", "rank_tail_terms", "rank_optimizer_s", "rank_state_bytes",
@@ -65,7 +66,7 @@ class Strategy:
 
     @cached_property  # read for every layer choice of every strategy the search costs
     def mixed_precision(self) -> str:
-        """How the executor runs this layout's precision (:func:`autoplan.plan.mixed_precision_mode`)."""
+        """How the executor runs this layout's precision (:func:`autoplan.mixed_precision.mixed_precision_mode`)."""
         return mixed_precision_mode(self.precision, self.data_parallel, Mesh(self.pp, self.dp, self.tp))
 
     @property

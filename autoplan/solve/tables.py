@@ -28,7 +28,7 @@ from ..cost.plan_cost import (PlanCost, Strategy, compose, fsdp_gather_bytes, in
 from ..cost.sequence import sequence_edge_payers
 from ..graph import Layer, ModelGraph
 from ..options import PlanOptions
-from ..plan import low_precision_run
+from ..mixed_precision import low_precision_run
 from .space import LayerChoice, enumerate_strategies, global_batch_size, layer_choices
 from .tied import TiedTerm, tied_costs, tied_layer_groups, tied_modules, tied_sync_terms
 
