@@ -123,11 +123,9 @@ def trace(model: torch.nn.Module, example_inputs: Any = None) -> ModelGraph:
 
 
 def _trace_all(model: torch.nn.Module, args: tuple, kwargs: dict, batch_size: int, started: float,
-               fake_kwargs: dict | None = None) -> ModelGraph:
+               fake_kwargs: dict) -> ModelGraph:
     """Every module of ``model`` traced: the op graph (on ``kwargs``), one fake forward and backward and the
-    low-precision passes (on ``fake_kwargs``, default ``kwargs``: :func:`autoplan.trace.adapters.fake_run_kwargs`),
-    the layer chain."""
-    fake_kwargs = kwargs if fake_kwargs is None else fake_kwargs
+    low-precision passes (on ``fake_kwargs``: :func:`autoplan.trace.adapters.fake_run_kwargs`), the layer chain."""
     export_args, export_kwargs = _on_model_device(model, args, kwargs)
     op_graph = build_op_graph(model, export_args, export_kwargs)
     refused: list = []  # pairs whose parent hands out another head-shaped tensor: never offered, reported
@@ -143,13 +141,8 @@ def _trace_all(model: torch.nn.Module, args: tuple, kwargs: dict, batch_size: in
     locator = LayerLocator(names, m.calls)
     n = len(names)
 
-    fwd, bwd, act = [0] * n, [0] * n, [0] * n
-    for op in m.forward_ops:
-        fwd[locator.of_op(op.module, op.position)] += op.flops
-    for op in m.backward_ops:
-        bwd[locator.of_op(op.module, op.position)] += op.flops
-    for rec in m.saved:
-        act[locator.of_op(rec.module, rec.position)] += rec.nbytes
+    fwd, bwd = locator.totals(m.forward_ops, "flops"), locator.totals(m.backward_ops, "flops")
+    act = locator.totals(m.saved, "nbytes")
     boundary = layer_output_bytes(op_graph, locator)
 
     first_names = dict(model.named_parameters())  # each tensor once, under its first name

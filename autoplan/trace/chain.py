@@ -135,6 +135,21 @@ class LayerLocator:
         k = bisect.bisect_left(self._starts, position)
         return self._by_start[k][1] if k < len(self._by_start) else 0
 
+    def totals(self, records, attr: str) -> list[int]:
+        """Per layer, the sum of ``attr`` over ``records`` (anything with ``module`` and ``position``: ops,
+        saved storages), each in the layer :meth:`of_op` places it.
+
+        Example:
+            >>> from autoplan.trace.measure import ModuleCall, OpRecord
+            >>> loc = LayerLocator(["a", "b"], {"a": ModuleCall(0, 2, 0, 0), "b": ModuleCall(2, 4, 0, 1)})
+            >>> loc.totals([OpRecord("a", 0, 5), OpRecord("b.fc", 3, 7), OpRecord("", 4, 1)], "flops")
+            [5, 8]
+        """
+        sums = [0] * len(self.names)
+        for rec in records:
+            sums[self.of_op(rec.module, rec.position)] += getattr(rec, attr)
+        return sums
+
 
 def _span(name: str, calls: dict[str, ModuleCall]) -> tuple[int, int]:
     """Window of a module that was never called itself but whose children were (a ModuleList entry...)."""

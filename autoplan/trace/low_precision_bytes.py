@@ -1,8 +1,8 @@
 """What some modules take in, hand out and save when the model runs in a low precision: one fake forward per way
 of running it (:func:`low_precision_pass`), no real compute.
 
-The executor runs bf16 (and fp16) plans two ways (:func:`autoplan.plan.mixed_precision_mode`), and a traced fp32
-byte halved is right for neither everywhere:
+The executor runs bf16 (and fp16) plans two ways (:func:`autoplan.mixed_precision.mixed_precision_mode`), and a
+traced fp32 byte halved is right for neither everywhere:
 
 - ``"autocast"``: ``torch.autocast`` runs matmuls in the low precision and leaves the rest in the weights'
   precision, so a residual stream that starts at an embedding (not autocast) stays fp32, and so do the pipeline
@@ -14,7 +14,8 @@ byte halved is right for neither everywhere:
   its normalised input in fp32 (a Llama decoder layer saves 9.5% more than its fp32 bytes halved), and CPU's SDPA
   math kernel, which dropout selects, computes its scores in fp32 whatever its inputs.
 
-:mod:`autoplan.cost.layer_choice` prices each layout at its way's bytes (:func:`autoplan.plan.low_precision_run`).
+:mod:`autoplan.cost.layer_choice` prices each layout at its way's bytes
+(:func:`autoplan.mixed_precision.low_precision_run`).
 
 Example:
     >>> import torch
@@ -64,11 +65,7 @@ def low_precision_pass(model: torch.nn.Module, args: tuple, kwargs: dict, fqns: 
     m = measure(model, args, kwargs, **dtypes)
     calls = {fqn: (m.calls[fqn].floating_input_bytes, m.calls[fqn].floating_output_bytes)
              for fqn in fqns if fqn in m.calls}
-    saved = dict.fromkeys(layers, 0)
-    if layers:
-        locator = LayerLocator(list(layers), m.calls)
-        for rec in m.saved:
-            saved[locator.names[locator.of_op(rec.module, rec.position)]] += rec.nbytes
+    saved = dict(zip(layers, LayerLocator(list(layers), m.calls).totals(m.saved, "nbytes"))) if layers else {}
     return calls, saved
 
 
